@@ -1,0 +1,2 @@
+//! `hotreloadd`: the daemon's entry point.
+fn main() {}
