@@ -11,3 +11,4 @@
 //!
 //! Subsystems own their state and never call each other; the daemon owns them all and routes
 //! readiness events and expired timers between them.
+pub mod wheel;
