@@ -8,9 +8,9 @@
 //!
 //! # Layout
 //!
-//! There are eleven levels (`LEVELS`) of 64 slots. A slot at level `l` spans `64^l` ms, so a level spans
-//! `64^(l+1)` ms: 1 ms slots over 64 ms at level 0, 64 ms slots over ~4 s at level 1, ~4 s slots
-//! over ~4.5 min at level 2, and so on. Eleven levels give 66 bits, more than the 64 bits of the
+//! There are eleven levels (`LEVELS`) of 64 slots. A slot at level `l` spans `64^l` ms, so a
+//! level spans `64^(l+1)` ms: 1 ms slots over 64 ms at level 0, 64 ms slots over ~4 s at level 1,
+//! ~4 s slots over ~4.5 min at level 2, and so on. Eleven levels give 66 bits, more than the 64 bits of the
 //! timeline, so a deadline anywhere up to `u64::MAX` has a slot and no overflow list is needed.
 //!
 //! A pending timer sits at the level of the highest bit in which its deadline differs from the
