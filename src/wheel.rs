@@ -10,8 +10,9 @@
 //!
 //! There are eleven levels (`LEVELS`) of 64 slots. A slot at level `l` spans `64^l` ms, so a
 //! level spans `64^(l+1)` ms: 1 ms slots over 64 ms at level 0, 64 ms slots over ~4 s at level 1,
-//! ~4 s slots over ~4.5 min at level 2, and so on. Eleven levels give 66 bits, more than the 64 bits of the
-//! timeline, so a deadline anywhere up to `u64::MAX` has a slot and no overflow list is needed.
+//! ~4 s slots over ~4.5 min at level 2, and so on. Eleven levels give 66 bits, more than the 64
+//! bits of the timeline, so a deadline anywhere up to `u64::MAX` has a slot and no overflow list
+//! is needed.
 //!
 //! A pending timer sits at the level of the highest bit in which its deadline differs from the
 //! wheel's current time, in the slot named by the deadline's 6-bit digit at that level. Its digit
@@ -280,8 +281,8 @@ impl<T> TimerWheel<T> {
                 let place = self.place_for(deadline);
                 debug_assert!(
                     matches!(place, Place::Slot { level: lower, .. } if lower < level),
-                    "cascade from level {level} slot {slot} at {} placed deadline {deadline} at {place:?}",
-                    self.now
+                    "cascade from level {level} slot {slot} at {now} placed {deadline} at {place:?}",
+                    now = self.now
                 );
                 self.node_mut(index).place = place;
                 self.link_back(index);
