@@ -281,7 +281,7 @@ impl<T> TimerWheel<T> {
                 let place = self.place_for(deadline);
                 debug_assert!(
                     matches!(place, Place::Slot { level: lower, .. } if lower < level),
-                    "cascade from level {level} slot {slot} at {now} placed {deadline} at {place:?}",
+                    "cascade from level {level} slot {slot} at {now} put {deadline} at {place:?}",
                     now = self.now
                 );
                 self.node_mut(index).place = place;
