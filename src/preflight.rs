@@ -48,7 +48,7 @@ const PT_INTERP: u32 = 3;
 /// `e_phnum` value meaning "the real count is in section header 0's `sh_info`".
 const PN_XNUM: u16 = 0xffff;
 
-/// Why a snapshot cannot run here. Display: "`<path>`: <problem>".
+/// Why a snapshot cannot run here. Display: "`PATH`: PROBLEM".
 #[derive(Debug)]
 pub struct PreflightError {
     path: PathBuf,

@@ -63,7 +63,7 @@ pub enum Step {
 }
 
 impl fmt::Display for Step {
-    /// Phrased to read "failed to <step> `<path>`".
+    /// Phrased to read "failed to STEP `PATH`".
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Step::CreateDir => "create the directory of",
