@@ -1,0 +1,653 @@
+//! Plugin state files: `state.json` (PluginState, written by the daemon) and `runtime.json` (any
+//! JSON value, written by the plugin).
+//!
+//! `state.json` carries a plugin's state across reloads and daemon restarts, so a crash or power
+//! loss at any moment must leave either the old or the new file, never a torn one. Files are
+//! therefore never truncated in place: each write goes to a fresh temp file in the same directory
+//! (rename is atomic only within one file system), is fsynced, renamed over the target, and the
+//! directory is fsynced so the rename itself survives a power loss.
+//!
+//! `runtime.json` is written by a plugin we do not trust to behave: it is opened with
+//! `O_NOFOLLOW` (a planted symlink is refused) and `O_NONBLOCK` (a FIFO cannot stall the daemon),
+//! must be a regular file and is read only up to a size cap.
+
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::snapshot::{OpenFailure, create_private_dir, open_regular};
+
+/// Largest `state.json` [`read_state`] accepts: far beyond any real state, small enough that a
+/// corrupt or hostile file cannot exhaust memory at startup.
+pub const MAX_STATE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// How many temp names to try before giving up on a directory full of leftovers.
+const TEMP_NAME_ATTEMPTS: u32 = 64;
+
+/// Distinguishes temp files created by this process (the pid distinguishes processes).
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// The content of `state.json` (SPEC §4).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PluginState {
+    pub plugin_id: String,
+    /// The plugin's `config` table from `hotreload.toml`.
+    pub configuration: serde_json::Value,
+    /// The last valid JSON found in `runtime.json`; `null` before any was written.
+    pub runtime_data: serde_json::Value,
+    /// RFC 3339 UTC with milliseconds, supplied by the caller.
+    pub last_activity: String,
+    pub version: String,
+    pub status: String,
+}
+
+/// The step of reading or writing a state file that failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    CreateDir,
+    CreateTemp,
+    Write,
+    Fsync,
+    Close,
+    Rename,
+    FsyncDir,
+    Open,
+    Read,
+}
+
+impl fmt::Display for Step {
+    /// Phrased to read "failed to STEP `PATH`".
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Step::CreateDir => "create the directory of",
+            Step::CreateTemp => "create a temp file next to",
+            Step::Write => "write the temp file for",
+            Step::Fsync => "fsync the temp file for",
+            Step::Close => "close the temp file for",
+            Step::Rename => "rename the temp file over",
+            Step::FsyncDir => "fsync the directory of",
+            Step::Open => "open",
+            Step::Read => "read",
+        })
+    }
+}
+
+/// Why a state file could not be written or read.
+#[derive(Debug)]
+pub enum StateError {
+    /// A system call failed; `path` is the state file (not the temp file).
+    Io {
+        path: PathBuf,
+        step: Step,
+        source: io::Error,
+    },
+    /// The file is a symlink (refused, never followed).
+    Symlink { path: PathBuf },
+    /// The file is a directory, FIFO, ... ("a directory").
+    NotRegular { path: PathBuf, what: &'static str },
+    /// The file is larger than the cap.
+    TooBig { path: PathBuf, len: u64, limit: u64 },
+    /// The content is not valid JSON for its type.
+    Invalid {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    /// The value could not be serialized (e.g. a map with non-string keys).
+    Serialize {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+impl StateError {
+    /// The step that failed, for I/O errors.
+    pub fn step(&self) -> Option<Step> {
+        match self {
+            StateError::Io { step, .. } => Some(*step),
+            _ => None,
+        }
+    }
+
+    fn io(path: &Path, step: Step, source: io::Error) -> StateError {
+        StateError::Io {
+            path: path.to_path_buf(),
+            step,
+            source,
+        }
+    }
+}
+
+impl fmt::Display for StateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StateError::Io { path, step, source } => {
+                write!(f, "failed to {step} `{}`: {source}", path.display())
+            }
+            StateError::Symlink { path } => write!(
+                f,
+                "`{}` is a symlink, refused: remove it so the daemon can write a regular file",
+                path.display()
+            ),
+            StateError::NotRegular { path, what } => {
+                write!(f, "`{}` is {what}, not a regular file", path.display())
+            }
+            StateError::TooBig { path, len, limit } => write!(
+                f,
+                "`{}` is {len} bytes, over the {limit} byte limit",
+                path.display()
+            ),
+            StateError::Invalid { path, source } => {
+                write!(f, "`{}` is not valid: {source}", path.display())
+            }
+            StateError::Serialize { path, source } => {
+                write!(
+                    f,
+                    "cannot serialize the state for `{}`: {source}",
+                    path.display()
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for StateError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StateError::Io { source, .. } => Some(source),
+            StateError::Invalid { source, .. } | StateError::Serialize { source, .. } => {
+                Some(source)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// For callers working in `io::Result`: keeps the kind of an I/O failure and the full message.
+impl From<StateError> for io::Error {
+    fn from(e: StateError) -> io::Error {
+        let kind = match &e {
+            StateError::Io { source, .. } => source.kind(),
+            _ => io::ErrorKind::InvalidData,
+        };
+        io::Error::new(kind, e.to_string())
+    }
+}
+
+/// Replace `path` with `bytes` atomically and durably.
+///
+/// Writes a temp file `.<file>.tmp.<pid>.<n>` in the same directory (`O_CREAT|O_EXCL|O_NOFOLLOW`,
+/// mode 0600), fsyncs and closes it, renames it over `path` and fsyncs the directory. On failure
+/// before the rename the temp is removed and the old file is untouched. A symlink at `path` is
+/// replaced, not followed. The parent directory is created (0700) if missing.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    let dir = parent_dir(path);
+    let name = path.file_name().ok_or_else(|| {
+        StateError::io(
+            path,
+            Step::CreateTemp,
+            io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"),
+        )
+    })?;
+    create_private_dir(dir).map_err(|e| StateError::io(path, Step::CreateDir, e))?;
+    let (temp, file) =
+        create_temp(dir, name).map_err(|e| StateError::io(path, Step::CreateTemp, e))?;
+    // After a failed fsync the page cache may have dropped the data ("fsyncgate"): never rename
+    // such a file into place, and never retry the fsync; the caller rewrites from memory.
+    let result = fill(file, bytes, path)
+        .and_then(|()| fs::rename(&temp, path).map_err(|e| StateError::io(path, Step::Rename, e)));
+    if let Err(e) = result {
+        // Best effort: remove_stale_temps() cleans up whatever this leaves.
+        let _ = fs::remove_file(&temp);
+        return Err(e);
+    }
+    sync_dir(dir).map_err(|e| StateError::io(path, Step::FsyncDir, e))
+}
+
+/// Serialize `state` and write it to `path` with [`write_atomic`].
+pub fn write_state(path: &Path, state: &PluginState) -> Result<(), StateError> {
+    let mut bytes = serde_json::to_vec(state).map_err(|source| StateError::Serialize {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    bytes.push(b'\n');
+    write_atomic(path, &bytes)
+}
+
+/// Read `state.json`: `None` when it does not exist; an error when it cannot be read or is not a
+/// valid PluginState (the caller warns and starts fresh).
+pub fn read_state(path: &Path) -> Result<Option<PluginState>, StateError> {
+    let bytes = match read_capped(path, MAX_STATE_BYTES) {
+        Ok(bytes) => bytes,
+        Err(e) if is_missing(&e) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|source| StateError::Invalid {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// What [`read_runtime`] found.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RuntimeRead {
+    /// No `runtime.json`.
+    Missing,
+    /// A regular file within the size cap holding valid JSON.
+    Valid(serde_json::Value),
+    /// Anything else; the reason names the file.
+    Invalid(String),
+}
+
+/// Read a `runtime.json` written by a plugin: any JSON value in a regular file of at most
+/// `max_bytes`. Symlinks and non-regular files are refused without blocking.
+pub fn read_runtime(path: &Path, max_bytes: u64) -> RuntimeRead {
+    let bytes = match read_capped(path, max_bytes) {
+        Ok(bytes) => bytes,
+        Err(e) if is_missing(&e) => return RuntimeRead::Missing,
+        Err(e) => return RuntimeRead::Invalid(e.to_string()),
+    };
+    if bytes.is_empty() {
+        return RuntimeRead::Invalid(format!(
+            "`{}` is empty: write it atomically (temp file + rename)",
+            path.display()
+        ));
+    }
+    match serde_json::from_slice(&bytes) {
+        Ok(value) => RuntimeRead::Valid(value),
+        Err(e) => RuntimeRead::Invalid(format!("`{}` is not valid JSON: {e}", path.display())),
+    }
+}
+
+/// Remove leftover `.*.tmp.*` files in `dir` (a crash mid-write leaves them); returns how many.
+/// A missing `dir` has none.
+pub fn remove_stale_temps(dir: &Path) -> io::Result<usize> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(with_path(e, "cannot list", dir)),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.map_err(|e| with_path(e, "cannot list", dir))?;
+        if !is_temp_name(&entry.file_name()) {
+            continue;
+        }
+        let path = entry.path();
+        if entry
+            .file_type()
+            .map_err(|e| with_path(e, "cannot stat", &path))?
+            .is_dir()
+        {
+            continue;
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(with_path(e, "cannot remove stale temp file", &path)),
+        }
+    }
+    Ok(removed)
+}
+
+/// Remove `path`; a missing file is not an error.
+pub fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(with_path(e, "cannot remove", path)),
+    }
+}
+
+/// The directory holding `path` ("." for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+/// `.<name>.tmp.<pid>.<n>`, the pattern [`remove_stale_temps`] recognizes.
+fn temp_name(name: &OsStr, pid: u32, n: u64) -> OsString {
+    let mut temp = OsString::from(".");
+    temp.push(name);
+    temp.push(format!(".tmp.{pid}.{n}"));
+    temp
+}
+
+fn is_temp_name(name: &OsStr) -> bool {
+    let bytes = name.as_encoded_bytes();
+    bytes.starts_with(b".") && bytes.windows(5).any(|w| w == b".tmp.")
+}
+
+/// Create a fresh temp file for `name` in `dir`: exclusive, never through a symlink, owner-only.
+fn create_temp(dir: &Path, name: &OsStr) -> io::Result<(PathBuf, File)> {
+    let pid = std::process::id();
+    let mut last_error = None;
+    for _ in 0..TEMP_NAME_ATTEMPTS {
+        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let temp = dir.join(temp_name(name, pid, n));
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&temp)
+        {
+            Ok(file) => return Ok((temp, file)),
+            // A leftover from an earlier process with the same pid: try the next name.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last_error = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| io::Error::other("no temp name available")))
+}
+
+/// Write all of `bytes`, fsync and close, reporting each step's failure against `path`.
+fn fill(mut file: File, bytes: &[u8], path: &Path) -> Result<(), StateError> {
+    file.write_all(bytes)
+        .map_err(|e| StateError::io(path, Step::Write, e))?;
+    file.sync_all()
+        .map_err(|e| StateError::io(path, Step::Fsync, e))?;
+    // Dropping a File ignores close(2) errors; some file systems (NFS) report write errors there.
+    nix::unistd::close(OwnedFd::from(file))
+        .map_err(|errno| StateError::io(path, Step::Close, io::Error::from(errno)))
+}
+
+/// fsync a directory so a rename inside it is durable.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(dir)?
+        .sync_all()
+}
+
+/// Read a whole regular file of at most `limit` bytes without following a symlink or blocking.
+fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>, StateError> {
+    let (file, meta) = open_regular(path, libc::O_NOFOLLOW).map_err(|failure| match failure {
+        OpenFailure::NotRegular(what) => StateError::NotRegular {
+            path: path.to_path_buf(),
+            what,
+        },
+        OpenFailure::Io(e) if e.raw_os_error() == Some(libc::ELOOP) => StateError::Symlink {
+            path: path.to_path_buf(),
+        },
+        OpenFailure::Io(e) => StateError::io(path, Step::Open, e),
+    })?;
+    let too_big = |len| StateError::TooBig {
+        path: path.to_path_buf(),
+        len,
+        limit,
+    };
+    if meta.len() > limit {
+        return Err(too_big(meta.len()));
+    }
+    // The file may grow between fstat and read: read one byte past the cap to notice.
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| StateError::io(path, Step::Read, e))?;
+    if bytes.len() as u64 > limit {
+        return Err(too_big(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+fn is_missing(e: &StateError) -> bool {
+    matches!(e, StateError::Io { step: Step::Open, source, .. } if source.kind() == io::ErrorKind::NotFound)
+}
+
+/// Prefix an I/O error with what was being done and the path, keeping its kind.
+fn with_path(e: io::Error, doing: &str, path: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("{doing} `{}`: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::tests::{TestDir, within_deadline};
+    use serde_json::json;
+    use std::os::unix::fs::{PermissionsExt, symlink};
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn sample_state() -> PluginState {
+        PluginState {
+            plugin_id: "ffmpeg_transcoder".to_string(),
+            configuration: json!({"preset": "fast"}),
+            runtime_data: json!({"jobs": 3}),
+            last_activity: "2026-11-27T22:30:45.123Z".to_string(),
+            version: "9f2c4e1a0b3d5c77".to_string(),
+            status: "running".to_string(),
+        }
+    }
+
+    #[test]
+    fn write_atomic_creates_and_replaces() {
+        let t = TestDir::new("state-replace");
+        let path = t.join("state.json");
+        write_atomic(&path, b"old").unwrap();
+        write_atomic(&path, b"new content").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"new content");
+        assert_eq!(names(&t.0), vec!["state.json"]);
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn write_atomic_creates_private_parent() {
+        let t = TestDir::new("state-parent");
+        let path = t.join("plugins/foo/state.json");
+        write_atomic(&path, b"{}").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"{}");
+        let mode = fs::metadata(t.join("plugins/foo"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o700);
+    }
+
+    #[test]
+    fn write_atomic_replaces_a_symlink_instead_of_following_it() {
+        let t = TestDir::new("state-symlink");
+        fs::write(t.join("victim"), b"victim").unwrap();
+        symlink(t.join("victim"), t.join("state.json")).unwrap();
+
+        write_atomic(&t.join("state.json"), b"new").unwrap();
+
+        assert_eq!(fs::read(t.join("victim")).unwrap(), b"victim");
+        let meta = fs::symlink_metadata(t.join("state.json")).unwrap();
+        assert!(meta.is_file());
+        assert_eq!(fs::read(t.join("state.json")).unwrap(), b"new");
+    }
+
+    #[test]
+    fn failed_rename_keeps_old_file_and_removes_temp() {
+        let t = TestDir::new("state-rename-fail");
+        // A non-empty directory at the target path makes rename(2) fail.
+        fs::create_dir(t.join("state.json")).unwrap();
+        fs::write(t.join("state.json/inside"), b"keep").unwrap();
+
+        let err = write_atomic(&t.join("state.json"), b"new").unwrap_err();
+
+        assert_eq!(err.step(), Some(Step::Rename));
+        assert!(
+            err.to_string()
+                .starts_with("failed to rename the temp file over `"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("state.json"), "{err}");
+        assert_eq!(names(&t.0), vec!["state.json"]);
+        assert_eq!(fs::read(t.join("state.json/inside")).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn parent_that_is_a_file_is_a_create_dir_error() {
+        let t = TestDir::new("state-parent-file");
+        fs::write(t.join("plugins"), b"").unwrap();
+        let err = write_atomic(&t.join("plugins/state.json"), b"x").unwrap_err();
+        assert_eq!(err.step(), Some(Step::CreateDir));
+        let io: io::Error = err.into();
+        assert!(io.to_string().contains("plugins/state.json"), "{io}");
+    }
+
+    #[test]
+    fn state_round_trip() {
+        let t = TestDir::new("state-roundtrip");
+        let path = t.join("state.json");
+        let state = sample_state();
+        write_state(&path, &state).unwrap();
+        assert_eq!(read_state(&path).unwrap(), Some(state));
+        let on_disk: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        assert_eq!(on_disk["runtime_data"], json!({"jobs": 3}));
+        assert_eq!(on_disk["last_activity"], "2026-11-27T22:30:45.123Z");
+    }
+
+    #[test]
+    fn read_state_missing_is_none() {
+        let t = TestDir::new("state-missing");
+        assert_eq!(read_state(&t.join("state.json")).unwrap(), None);
+    }
+
+    #[test]
+    fn read_state_invalid_is_an_error_naming_the_file() {
+        let t = TestDir::new("state-invalid");
+        let path = t.join("state.json");
+        for content in [&b""[..], b"{\"plugin_id\": 1", b"{\"plugin_id\": \"x\"}"] {
+            fs::write(&path, content).unwrap();
+            let err = read_state(&path).unwrap_err();
+            assert!(matches!(err, StateError::Invalid { .. }), "{err:?}");
+            assert!(err.to_string().contains("state.json"), "{err}");
+        }
+    }
+
+    #[test]
+    fn read_state_refuses_symlink() {
+        let t = TestDir::new("state-read-symlink");
+        write_state(&t.join("real.json"), &sample_state()).unwrap();
+        symlink(t.join("real.json"), t.join("state.json")).unwrap();
+        let err = read_state(&t.join("state.json")).unwrap_err();
+        assert!(matches!(err, StateError::Symlink { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn runtime_missing_valid_and_invalid() {
+        let t = TestDir::new("runtime");
+        let path = t.join("runtime.json");
+        assert_eq!(read_runtime(&path, 1024), RuntimeRead::Missing);
+
+        fs::write(&path, br#"{"jobs": 3, "queue": [1, 2]}"#).unwrap();
+        assert_eq!(
+            read_runtime(&path, 1024),
+            RuntimeRead::Valid(json!({"jobs": 3, "queue": [1, 2]}))
+        );
+        fs::write(&path, b"42").unwrap();
+        assert_eq!(read_runtime(&path, 1024), RuntimeRead::Valid(json!(42)));
+
+        for content in [&b"{\"jobs\": "[..], b"", b"\xff\xfe", b"{} trailing"] {
+            fs::write(&path, content).unwrap();
+            match read_runtime(&path, 1024) {
+                RuntimeRead::Invalid(reason) => {
+                    assert!(reason.contains("runtime.json"), "{reason}")
+                }
+                other => panic!("{content:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn runtime_too_big() {
+        let t = TestDir::new("runtime-big");
+        let path = t.join("runtime.json");
+        fs::write(&path, format!("\"{}\"", "x".repeat(98))).unwrap();
+        assert!(matches!(read_runtime(&path, 100), RuntimeRead::Valid(_)));
+        fs::write(&path, format!("\"{}\"", "x".repeat(99))).unwrap();
+        assert_eq!(
+            read_runtime(&path, 100),
+            RuntimeRead::Invalid(format!(
+                "`{}` is 101 bytes, over the 100 byte limit",
+                path.display()
+            ))
+        );
+    }
+
+    #[test]
+    fn runtime_symlink_refused() {
+        let t = TestDir::new("runtime-symlink");
+        fs::write(t.join("secret"), b"{}").unwrap();
+        symlink(t.join("secret"), t.join("runtime.json")).unwrap();
+        match read_runtime(&t.join("runtime.json"), 1024) {
+            RuntimeRead::Invalid(reason) => assert!(reason.contains("symlink"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn runtime_fifo_does_not_block() {
+        let t = TestDir::new("runtime-fifo");
+        let path = t.join("runtime.json");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let result = within_deadline(move || read_runtime(&path, 1024));
+        match result {
+            RuntimeRead::Invalid(reason) => assert!(reason.contains("a fifo"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn runtime_directory_is_invalid() {
+        let t = TestDir::new("runtime-dir");
+        fs::create_dir(t.join("runtime.json")).unwrap();
+        assert!(matches!(
+            read_runtime(&t.join("runtime.json"), 1024),
+            RuntimeRead::Invalid(_)
+        ));
+    }
+
+    #[test]
+    fn stale_temps_are_removed() {
+        let t = TestDir::new("state-stale");
+        fs::write(t.join("state.json"), b"{}").unwrap();
+        fs::write(t.join("runtime.json"), b"{}").unwrap();
+        fs::write(t.join(".state.json.tmp.123.0"), b"torn").unwrap();
+        fs::write(t.join(".runtime.json.tmp.9.9"), b"torn").unwrap();
+        assert_eq!(remove_stale_temps(&t.0).unwrap(), 2);
+        assert_eq!(names(&t.0), vec!["runtime.json", "state.json"]);
+        assert_eq!(remove_stale_temps(&t.join("missing")).unwrap(), 0);
+    }
+
+    #[test]
+    fn temp_names_match_the_stale_pattern() {
+        let name = temp_name(OsStr::new("state.json"), 42, 7);
+        assert_eq!(name, ".state.json.tmp.42.7");
+        assert!(is_temp_name(&name));
+        assert!(!is_temp_name(OsStr::new("state.json")));
+        assert!(!is_temp_name(OsStr::new("notes.tmp.txt")));
+    }
+
+    #[test]
+    fn remove_if_exists_tolerates_missing() {
+        let t = TestDir::new("state-remove");
+        fs::write(t.join("state.json"), b"{}").unwrap();
+        remove_if_exists(&t.join("state.json")).unwrap();
+        remove_if_exists(&t.join("state.json")).unwrap();
+        assert!(names(&t.0).is_empty());
+    }
+}
