@@ -1,0 +1,355 @@
+//! The shape of `hotreload.toml` (SPEC §3): serde types carrying the built-in defaults.
+//!
+//! Every table denies unknown keys, so a typo is an error instead of a silently ignored setting.
+//! Location keys (`plugins_dir`, `runtime_dir`, `state_dir`, `control.socket`) are `Option`s
+//! because the environment sits between the file and the built-in default for some of them
+//! (SPEC §2); everything else is filled with its default by serde, so a parsed file is already
+//! "defaults < file". Keys that the SPEC defines but this version does not implement yet keep
+//! their types here and are rejected by `validate::reject_unsupported`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole file as written, with defaults filled in for every key that has one.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub struct FileConfig {
+    /// Directory holding one subdirectory per plugin.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plugins_dir: Option<PathBuf>,
+    /// Socket and snapshots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime_dir: Option<PathBuf>,
+    /// Plugin state files.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub hot_reload: HotReload,
+    #[serde(default)]
+    pub supervisor: SupervisorSettings,
+    #[serde(default)]
+    pub control: ControlFile,
+    /// `[plugins.<id>]` tables, keyed by plugin id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub plugins: BTreeMap<String, PluginConfig>,
+    /// Not supported yet: any `[hooks]` table is rejected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<Hooks>,
+}
+
+/// `[hot_reload]`: when and what to reload.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields, expecting = "a table")]
+pub struct HotReload {
+    /// Watch and reload automatically (runtime toggle: `enable`/`disable`).
+    pub enabled: bool,
+    /// Quiet time after the last change before a reload; 0 = next loop turn.
+    pub debounce_delay_ms: u64,
+    /// Globs on plugin directory names.
+    pub watch_patterns: Vec<String>,
+    /// Globs on file names inside a plugin directory; a matching file never triggers a reload.
+    pub exclude_patterns: Vec<String>,
+    /// Carry state.json/runtime.json across restarts.
+    pub preserve_state: bool,
+    /// Attempts after a failed reload / failed start before giving up.
+    pub max_retries: u32,
+    /// First retry delay; doubles each further attempt (capped at 60 s by the supervisor).
+    pub retry_delay_ms: u64,
+}
+
+impl Default for HotReload {
+    fn default() -> HotReload {
+        HotReload {
+            enabled: true,
+            debounce_delay_ms: 500,
+            watch_patterns: vec!["*".to_owned()],
+            exclude_patterns: [
+                "*.tmp",
+                "*.log",
+                "*.pid",
+                ".git*",
+                "*.swp",
+                "*.swo",
+                "go.mod",
+                "go.sum",
+                "*.go",
+                "plugin.cue",
+                "*.json",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+            preserve_state: true,
+            max_retries: 3,
+            retry_delay_ms: 1000,
+        }
+    }
+}
+
+/// `[supervisor]`: how plugins are started and stopped (each key may be overridden per plugin).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields, expecting = "a table")]
+pub struct SupervisorSettings {
+    /// SIGTERM, then this long, then SIGKILL to the whole process group.
+    pub stop_timeout_ms: u64,
+    /// `ready = "exec"`: the process must stay alive this long to count as started.
+    pub startup_grace_ms: u64,
+    /// `ready = "notify"`: READY=1 must arrive within this.
+    pub ready_timeout_ms: u64,
+    /// What to do after an exit the daemon did not ask for.
+    pub restart: RestartPolicy,
+}
+
+impl Default for SupervisorSettings {
+    fn default() -> SupervisorSettings {
+        SupervisorSettings {
+            stop_timeout_ms: 5000,
+            startup_grace_ms: 500,
+            ready_timeout_ms: 10_000,
+            restart: RestartPolicy::OnFailure,
+        }
+    }
+}
+
+/// `[control]` as written; `mode` is still the octal string and `group = ""` means "no group".
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields, expecting = "a table")]
+pub struct ControlFile {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+    /// Socket file mode as an octal string, e.g. "0660".
+    pub mode: String,
+    /// Socket file group; empty = leave the group alone.
+    pub group: String,
+    pub max_clients: usize,
+    pub max_line_bytes: usize,
+}
+
+impl Default for ControlFile {
+    fn default() -> ControlFile {
+        ControlFile {
+            socket: None,
+            mode: "0660".to_owned(),
+            group: "hotreload".to_owned(),
+            max_clients: 256,
+            max_line_bytes: 65_536,
+        }
+    }
+}
+
+/// One `[plugins.<id>]` table. Every key is optional; absent keys fall back to `[supervisor]`
+/// and the built-in defaults (see `Config::plugin`).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub struct PluginConfig {
+    /// Executable path relative to the plugin dir; default: the id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exec: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    /// Free-form; becomes `PluginState.configuration` (as JSON).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<toml::Table>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ready: Option<ReadyMode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<Strategy>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub autostart: Option<bool>,
+    /// Not supported yet (must be absent or empty).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sockets: Option<Vec<String>>,
+    /// Not supported yet (must be absent or 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watchdog_ms: Option<u64>,
+    /// Not supported yet (must be absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fdstore_max: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub startup_grace_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ready_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restart: Option<RestartPolicy>,
+}
+
+/// `[hooks]`: not supported yet; kept so the schema (and its valid-keys list) is complete.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub struct Hooks {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_reload_start: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_reload_success: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_reload_failure: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// A closed set of string values: one table of names drives parsing, printing and the
+/// "valid values" list in error messages, so the three cannot disagree.
+trait Choice: Copy + PartialEq + 'static {
+    const CHOICES: &'static [(&'static str, Self)];
+
+    fn name(self) -> &'static str {
+        Self::CHOICES
+            .iter()
+            .find(|(_, value)| *value == self)
+            .map(|(name, _)| *name)
+            .expect("every variant is listed in CHOICES")
+    }
+
+    fn from_name(name: &str) -> Result<Self, String> {
+        Self::CHOICES
+            .iter()
+            .find(|(candidate, _)| *candidate == name)
+            .map(|(_, value)| *value)
+            .ok_or_else(|| {
+                let valid: Vec<&str> = Self::CHOICES.iter().map(|(name, _)| *name).collect();
+                format!("{name:?}; valid values: {}", valid.join(", "))
+            })
+    }
+}
+
+/// Declares the string conversions serde uses for a [`Choice`] enum.
+macro_rules! choice_conversions {
+    ($ty:ty) => {
+        impl TryFrom<String> for $ty {
+            type Error = String;
+            fn try_from(name: String) -> Result<Self, String> {
+                <$ty as Choice>::from_name(&name)
+            }
+        }
+        impl From<$ty> for &'static str {
+            fn from(value: $ty) -> &'static str {
+                value.name()
+            }
+        }
+        impl $ty {
+            /// The name as written in `hotreload.toml`.
+            pub fn as_str(self) -> &'static str {
+                self.name()
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+    };
+}
+
+/// `restart`: what happens after an exit the daemon did not ask for (SPEC §5 "Crashes").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "&'static str")]
+pub enum RestartPolicy {
+    /// After a non-zero exit code or a signal.
+    #[default]
+    OnFailure,
+    /// After any exit.
+    Always,
+    /// Never.
+    Never,
+}
+
+impl Choice for RestartPolicy {
+    const CHOICES: &'static [(&'static str, Self)] = &[
+        ("on-failure", Self::OnFailure),
+        ("always", Self::Always),
+        ("never", Self::Never),
+    ];
+}
+choice_conversions!(RestartPolicy);
+
+/// `ready`: when a started instance counts as up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "&'static str")]
+pub enum ReadyMode {
+    /// Alive for `startup_grace_ms` after exec.
+    #[default]
+    Exec,
+    /// Sent READY=1 within `ready_timeout_ms` (not supported yet).
+    Notify,
+}
+
+impl Choice for ReadyMode {
+    const CHOICES: &'static [(&'static str, Self)] =
+        &[("exec", Self::Exec), ("notify", Self::Notify)];
+}
+choice_conversions!(ReadyMode);
+
+/// `strategy`: the order of stopping the old and starting the new instance on a reload.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "&'static str")]
+pub enum Strategy {
+    /// Stop the old instance, then start the new one.
+    #[default]
+    StopStart,
+    /// Start and verify the new instance, then stop the old one (not supported yet).
+    StartStop,
+}
+
+impl Choice for Strategy {
+    const CHOICES: &'static [(&'static str, Self)] = &[
+        ("stop-start", Self::StopStart),
+        ("start-stop", Self::StartStop),
+    ];
+}
+choice_conversions!(Strategy);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choices_round_trip_through_their_names() {
+        for (name, value) in RestartPolicy::CHOICES {
+            assert_eq!(RestartPolicy::try_from(name.to_string()), Ok(*value));
+            assert_eq!(value.as_str(), *name);
+        }
+        assert_eq!(ReadyMode::Notify.to_string(), "notify");
+        assert_eq!(Strategy::StartStop.as_str(), "start-stop");
+    }
+
+    #[test]
+    fn a_bad_choice_lists_the_valid_values() {
+        let err = RestartPolicy::try_from("sometimes".to_owned()).unwrap_err();
+        assert_eq!(
+            err,
+            r#""sometimes"; valid values: on-failure, always, never"#
+        );
+    }
+
+    #[test]
+    fn defaults_are_the_spec_example() {
+        let hot = HotReload::default();
+        assert!(hot.enabled && hot.preserve_state);
+        assert_eq!(hot.debounce_delay_ms, 500);
+        assert_eq!(hot.watch_patterns, ["*"]);
+        assert_eq!(hot.exclude_patterns.len(), 11);
+        assert_eq!((hot.max_retries, hot.retry_delay_ms), (3, 1000));
+        let sup = SupervisorSettings::default();
+        assert_eq!(
+            (
+                sup.stop_timeout_ms,
+                sup.startup_grace_ms,
+                sup.ready_timeout_ms
+            ),
+            (5000, 500, 10_000)
+        );
+        assert_eq!(sup.restart, RestartPolicy::OnFailure);
+        let control = ControlFile::default();
+        assert_eq!(
+            (control.mode.as_str(), control.group.as_str()),
+            ("0660", "hotreload")
+        );
+        assert_eq!((control.max_clients, control.max_line_bytes), (256, 65_536));
+    }
+}
