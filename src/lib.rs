@@ -11,8 +11,18 @@
 //!
 //! Subsystems own their state and never call each other; the daemon owns them all and routes
 //! readiness events and expired timers between them.
+pub mod clock;
 pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod events;
+pub mod logging;
+pub mod notify;
 pub mod preflight;
+pub mod signals;
 pub mod snapshot;
 pub mod state_file;
+pub mod supervisor;
+pub mod token;
+pub mod watch;
 pub mod wheel;

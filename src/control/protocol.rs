@@ -1,0 +1,771 @@
+//! The control socket's wire format (SPEC §6): one request per line, one JSON object per response.
+//!
+//! This module is pure: it turns a line of bytes into a [`Request`] or a [`RequestError`], and
+//! builds response lines. It owns no sockets and knows nothing about plugins, so the server
+//! (`control::mod`) and the client (`hotreloadctl`) can share it and it can be tested as a table.
+//!
+//! A request is either JSON (the first non-blank character is `{`, `[` or `"`; it must be an
+//! object with a string `"cmd"`) or a bare command typed by a person into `socat`
+//! (`trigger my_plugin`). Every problem becomes a `bad_request` or `unknown_command` error that
+//! names what is wrong; the `"id"` of a JSON object is echoed on errors too, so a client that
+//! pipelines requests can match every answer.
+
+use std::fmt;
+
+use serde_json::{Map, Value};
+
+/// One command the daemon understands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    Status,
+    List,
+    Plugin {
+        id: String,
+    },
+    Enable,
+    Disable,
+    /// `wait`: answer when the reload has finished (the default) instead of at once.
+    Trigger {
+        id: String,
+        wait: bool,
+    },
+    /// `plugin`: only events of that plugin (plus `lagged`); `verbose`: `change_ignored` too.
+    Subscribe {
+        plugin: Option<String>,
+        verbose: bool,
+    },
+    ReloadConfig,
+    Help,
+}
+
+impl Command {
+    /// The command's name on the wire (the `"cmd"` value).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Status => "status",
+            Command::List => "list",
+            Command::Plugin { .. } => "plugin",
+            Command::Enable => "enable",
+            Command::Disable => "disable",
+            Command::Trigger { .. } => "trigger",
+            Command::Subscribe { .. } => "subscribe",
+            Command::ReloadConfig => "reload-config",
+            Command::Help => "help",
+        }
+    }
+
+    /// Whether the command changes the daemon's behaviour, and so needs an authorized peer
+    /// (SPEC §6, peer credentials).
+    pub fn is_mutating(&self) -> bool {
+        matches!(
+            self,
+            Command::Enable | Command::Disable | Command::Trigger { .. } | Command::ReloadConfig
+        )
+    }
+}
+
+/// A parsed request: the command and the `"id"` to echo in its response.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    /// `None`: no `"id"` member (or a bare command); `Some(Value::Null)`: `"id": null`, which
+    /// must be echoed as `null`.
+    pub id: Option<Value>,
+    pub command: Command,
+}
+
+/// The `code` member of an error response, exactly as SPEC §6 spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    BadRequest,
+    UnknownCommand,
+    UnknownPlugin,
+    LineTooLong,
+    TooManyClients,
+    PermissionDenied,
+    WatchDisabled,
+    ConfigInvalid,
+    Busy,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownCommand => "unknown_command",
+            ErrorCode::UnknownPlugin => "unknown_plugin",
+            ErrorCode::LineTooLong => "line_too_long",
+            ErrorCode::TooManyClients => "too_many_clients",
+            ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::WatchDisabled => "watch_disabled",
+            ErrorCode::ConfigInvalid => "config_invalid",
+            ErrorCode::Busy => "busy",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A request that could not be parsed; becomes an error line with [`RequestError::to_line`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestError {
+    /// The `"id"` of the request when it was a JSON object carrying one.
+    pub id: Option<Value>,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl RequestError {
+    fn bad_request(id: Option<Value>, message: impl Into<String>) -> Self {
+        RequestError {
+            id,
+            code: ErrorCode::BadRequest,
+            message: message.into(),
+        }
+    }
+
+    /// The error response line for this error.
+    pub fn to_line(&self) -> Vec<u8> {
+        error_line(self.id.as_ref(), self.code, &self.message)
+    }
+}
+
+impl fmt::Display for RequestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for RequestError {}
+
+/// Every command with its bare-word syntax, for `help`. JSON requests spell the same
+/// arguments as fields: `"plugin"`, `"wait"`, `"verbose"`.
+pub const COMMANDS: &[&str] = &[
+    "status",
+    "list",
+    "plugin ID",
+    "enable",
+    "disable",
+    "trigger ID [--no-wait]",
+    "subscribe [ID] [--verbose]",
+    "reload-config",
+    "help",
+];
+
+/// The body of a `help` response: `"commands": [...]`.
+pub fn help_body() -> Map<String, Value> {
+    let commands = COMMANDS.iter().map(|c| Value::from(*c)).collect();
+    let mut body = Map::new();
+    body.insert("commands".to_owned(), Value::Array(commands));
+    body
+}
+
+/// Parses one request line (without or with its trailing `\n`; a trailing `\r` is ignored).
+///
+/// Returns `Ok(None)` for a blank line, which the protocol ignores.
+pub fn parse_line(line: &[u8]) -> Result<Option<Request>, RequestError> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.contains(&0) {
+        return Err(RequestError::bad_request(
+            None,
+            "request contains a NUL byte",
+        ));
+    }
+    let text = std::str::from_utf8(line)
+        .map_err(|_| RequestError::bad_request(None, "request is not valid UTF-8"))?;
+    let text = text.trim();
+    match text.chars().next() {
+        None => Ok(None),
+        Some('{' | '[' | '"') => parse_json(text).map(Some),
+        Some(_) => parse_bare(text).map(Some),
+    }
+}
+
+fn parse_json(text: &str) -> Result<Request, RequestError> {
+    // serde_json's default recursion limit stays on: it turns `[[[[...` into an error instead
+    // of a stack overflow.
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| RequestError::bad_request(None, format!("invalid JSON: {e}")))?;
+    let Value::Object(object) = value else {
+        return Err(RequestError::bad_request(
+            None,
+            format!(
+                "request must be a JSON object like {{\"cmd\": \"status\"}}, got {}",
+                json_kind(&value)
+            ),
+        ));
+    };
+    let id = object.get("id").cloned();
+    match command_from_object(&object) {
+        Ok(command) => Ok(Request { id, command }),
+        Err((code, message)) => Err(RequestError { id, code, message }),
+    }
+}
+
+type FieldError = (ErrorCode, String);
+
+fn command_from_object(object: &Map<String, Value>) -> Result<Command, FieldError> {
+    let cmd = match object.get("cmd") {
+        None => return Err(bad("missing field \"cmd\" (e.g. {\"cmd\": \"status\"})")),
+        Some(Value::String(cmd)) => cmd.as_str(),
+        Some(other) => {
+            return Err(bad(format!(
+                "field \"cmd\" must be a string, got {}",
+                json_kind(other)
+            )));
+        }
+    };
+    Ok(match cmd {
+        "status" => Command::Status,
+        "list" => Command::List,
+        "plugin" => Command::Plugin {
+            id: required_plugin(object, cmd)?,
+        },
+        "enable" => Command::Enable,
+        "disable" => Command::Disable,
+        "trigger" => Command::Trigger {
+            id: required_plugin(object, cmd)?,
+            wait: optional_bool(object, "wait")?.unwrap_or(true),
+        },
+        "subscribe" => Command::Subscribe {
+            plugin: optional_string(object, "plugin")?,
+            verbose: optional_bool(object, "verbose")?.unwrap_or(false),
+        },
+        "reload-config" => Command::ReloadConfig,
+        "help" => Command::Help,
+        other => return Err(unknown_command(other)),
+    })
+}
+
+/// The `"plugin"` field of a command that needs one.
+fn required_plugin(object: &Map<String, Value>, cmd: &str) -> Result<String, FieldError> {
+    optional_string(object, "plugin")?.ok_or_else(|| {
+        bad(format!(
+            "missing field \"plugin\" (e.g. {{\"cmd\": \"{cmd}\", \"plugin\": \"ID\"}})"
+        ))
+    })
+}
+
+/// A string field; `null` counts as absent.
+fn optional_string(object: &Map<String, Value>, field: &str) -> Result<Option<String>, FieldError> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(bad(format!(
+            "field \"{field}\" must be a string, got {}",
+            json_kind(other)
+        ))),
+    }
+}
+
+/// A boolean field; `null` counts as absent.
+fn optional_bool(object: &Map<String, Value>, field: &str) -> Result<Option<bool>, FieldError> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => Err(bad(format!(
+            "field \"{field}\" must be true or false, got {}",
+            json_kind(other)
+        ))),
+    }
+}
+
+fn parse_bare(text: &str) -> Result<Request, RequestError> {
+    let mut words = text.split_ascii_whitespace();
+    let name = words.next().unwrap_or_default();
+    let args: Vec<&str> = words.collect();
+    let command = command_from_words(name, &args).map_err(|(code, message)| RequestError {
+        id: None,
+        code,
+        message,
+    })?;
+    Ok(Request { id: None, command })
+}
+
+fn command_from_words(name: &str, args: &[&str]) -> Result<Command, FieldError> {
+    let usage = |syntax: &str| bad(format!("usage: {syntax}"));
+    Ok(match (name, args) {
+        ("status", []) => Command::Status,
+        ("list", []) => Command::List,
+        ("plugin", [id]) if !is_flag(id) => Command::Plugin {
+            id: (*id).to_owned(),
+        },
+        ("enable", []) => Command::Enable,
+        ("disable", []) => Command::Disable,
+        ("trigger", [id]) if !is_flag(id) => Command::Trigger {
+            id: (*id).to_owned(),
+            wait: true,
+        },
+        ("trigger", [id, "--no-wait"]) if !is_flag(id) => Command::Trigger {
+            id: (*id).to_owned(),
+            wait: false,
+        },
+        ("subscribe", _) => {
+            subscribe_from_words(args).ok_or_else(|| usage("subscribe [ID] [--verbose]"))?
+        }
+        ("reload-config", []) => Command::ReloadConfig,
+        ("help", []) => Command::Help,
+        ("status" | "list" | "enable" | "disable" | "reload-config" | "help", _) => {
+            return Err(usage(name));
+        }
+        ("plugin", _) => return Err(usage("plugin ID")),
+        ("trigger", _) => return Err(usage("trigger ID [--no-wait]")),
+        (other, _) => return Err(unknown_command(other)),
+    })
+}
+
+/// `subscribe [ID] [--verbose]`, the two in any order.
+fn subscribe_from_words(args: &[&str]) -> Option<Command> {
+    let mut plugin = None;
+    let mut verbose = false;
+    for arg in args {
+        match *arg {
+            "--verbose" if !verbose => verbose = true,
+            id if !is_flag(id) && plugin.is_none() => plugin = Some(id.to_owned()),
+            _ => return None,
+        }
+    }
+    Some(Command::Subscribe { plugin, verbose })
+}
+
+/// Plugin ids start with a letter or digit (SPEC §4), so a leading `-` marks an option.
+fn is_flag(word: &str) -> bool {
+    word.starts_with('-')
+}
+
+fn bad(message: impl Into<String>) -> FieldError {
+    (ErrorCode::BadRequest, message.into())
+}
+
+fn unknown_command(name: &str) -> FieldError {
+    let shown: String = name.chars().take(64).collect();
+    (
+        ErrorCode::UnknownCommand,
+        format!("unknown command \"{shown}\"; try \"help\" for the list of commands"),
+    )
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A success response: `{"status":"success","id":...,<body>}` and a newline.
+///
+/// `id` is omitted when `None`. Members of `body` named `status` or `id` are ignored: the
+/// protocol owns them.
+pub fn success(id: Option<&Value>, body: Map<String, Value>) -> Vec<u8> {
+    let mut line = Vec::with_capacity(64);
+    line.extend_from_slice(b"{\"status\":\"success\"");
+    let written = push_member(&mut line, "id", id).and_then(|()| {
+        body.iter()
+            .filter(|(key, _)| key.as_str() != "status" && key.as_str() != "id")
+            .try_for_each(|(key, value)| push_member(&mut line, key, Some(value)))
+    });
+    if let Err(e) = written {
+        // Serialising a `Value` into a `Vec` cannot fail today; if it ever does, the client
+        // still gets one well-formed line.
+        return error_line(
+            id,
+            ErrorCode::BadRequest,
+            &format!("failed to encode the response: {e}"),
+        );
+    }
+    line.extend_from_slice(b"}\n");
+    line
+}
+
+/// An error response: `{"status":"error","id":...,"code":CODE,"error":MESSAGE}` and a newline.
+pub fn error_line(id: Option<&Value>, code: ErrorCode, message: &str) -> Vec<u8> {
+    let mut line = Vec::with_capacity(64 + message.len());
+    line.extend_from_slice(b"{\"status\":\"error\"");
+    let message = Value::from(message);
+    let code = Value::from(code.as_str());
+    let written = push_member(&mut line, "id", id)
+        .and_then(|()| push_member(&mut line, "code", Some(&code)))
+        .and_then(|()| push_member(&mut line, "error", Some(&message)));
+    if written.is_err() {
+        // Only the `id` can be unusual; drop it rather than send a broken line.
+        line.clear();
+        line.extend_from_slice(b"{\"status\":\"error\",\"code\":\"");
+        line.extend_from_slice(code.as_str().unwrap_or_default().as_bytes());
+        line.extend_from_slice(b"\",\"error\":\"failed to encode the response\"");
+    }
+    line.extend_from_slice(b"}\n");
+    line
+}
+
+/// Appends `,"key":value` when `value` is present.
+fn push_member(line: &mut Vec<u8>, key: &str, value: Option<&Value>) -> serde_json::Result<()> {
+    let Some(value) = value else { return Ok(()) };
+    line.push(b',');
+    serde_json::to_writer(&mut *line, key)?;
+    line.push(b':');
+    serde_json::to_writer(&mut *line, value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(line: &str) -> Result<Option<Request>, RequestError> {
+        parse_line(line.as_bytes())
+    }
+
+    fn command(line: &str) -> Command {
+        match parse(line) {
+            Ok(Some(request)) => request.command,
+            other => panic!("{line:?} should parse, got {other:?}"),
+        }
+    }
+
+    fn error(line: &[u8]) -> RequestError {
+        match parse_line(line) {
+            Err(e) => e,
+            Ok(other) => panic!(
+                "{:?} should fail, got {other:?}",
+                String::from_utf8_lossy(line)
+            ),
+        }
+    }
+
+    fn trigger(id: &str, wait: bool) -> Command {
+        Command::Trigger {
+            id: id.to_owned(),
+            wait,
+        }
+    }
+
+    fn subscribe(plugin: Option<&str>, verbose: bool) -> Command {
+        Command::Subscribe {
+            plugin: plugin.map(str::to_owned),
+            verbose,
+        }
+    }
+
+    #[test]
+    fn bare_commands() {
+        let table = [
+            ("status", Command::Status),
+            ("list", Command::List),
+            ("plugin foo", Command::Plugin { id: "foo".into() }),
+            ("enable", Command::Enable),
+            ("disable", Command::Disable),
+            ("trigger foo", trigger("foo", true)),
+            ("trigger foo --no-wait", trigger("foo", false)),
+            ("subscribe", subscribe(None, false)),
+            ("subscribe foo", subscribe(Some("foo"), false)),
+            ("subscribe --verbose", subscribe(None, true)),
+            ("subscribe foo --verbose", subscribe(Some("foo"), true)),
+            ("subscribe --verbose foo", subscribe(Some("foo"), true)),
+            ("reload-config", Command::ReloadConfig),
+            ("help", Command::Help),
+            ("  \tstatus  ", Command::Status),
+            ("trigger   a.b-c_1\t", trigger("a.b-c_1", true)),
+        ];
+        for (line, expected) in table {
+            assert_eq!(command(line), expected, "{line:?}");
+            let request = parse(line).unwrap().unwrap();
+            assert_eq!(request.id, None, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn bare_commands_with_wrong_arguments_are_bad_requests_with_usage() {
+        let table = [
+            ("status now", "usage: status"),
+            ("list all", "usage: list"),
+            ("plugin", "usage: plugin ID"),
+            ("plugin a b", "usage: plugin ID"),
+            ("plugin --x", "usage: plugin ID"),
+            ("trigger", "usage: trigger ID [--no-wait]"),
+            ("trigger a b", "usage: trigger ID [--no-wait]"),
+            ("trigger a --wait", "usage: trigger ID [--no-wait]"),
+            ("subscribe a b", "usage: subscribe [ID] [--verbose]"),
+            (
+                "subscribe --verbose --verbose",
+                "usage: subscribe [ID] [--verbose]",
+            ),
+            ("subscribe --loud", "usage: subscribe [ID] [--verbose]"),
+            ("enable 1", "usage: enable"),
+            ("help me", "usage: help"),
+        ];
+        for (line, message) in table {
+            let e = error(line.as_bytes());
+            assert_eq!(e.code, ErrorCode::BadRequest, "{line:?}");
+            assert_eq!(e.message, message, "{line:?}");
+            assert_eq!(e.id, None);
+        }
+    }
+
+    #[test]
+    fn unknown_bare_and_json_commands() {
+        let e = error(b"reboot");
+        assert_eq!(e.code, ErrorCode::UnknownCommand);
+        assert!(e.message.contains("\"reboot\""), "{}", e.message);
+        let e = error(br#"{"cmd":"STATUS","id":7}"#);
+        assert_eq!(e.code, ErrorCode::UnknownCommand);
+        assert_eq!(e.id, Some(json!(7)));
+    }
+
+    #[test]
+    fn json_commands() {
+        let table = [
+            (r#"{"cmd":"status"}"#, Command::Status),
+            (r#"{"cmd":"list"}"#, Command::List),
+            (
+                r#"{"cmd":"plugin","plugin":"foo"}"#,
+                Command::Plugin { id: "foo".into() },
+            ),
+            (r#"{"cmd":"enable"}"#, Command::Enable),
+            (r#"{"cmd":"disable"}"#, Command::Disable),
+            (r#"{"cmd":"trigger","plugin":"foo"}"#, trigger("foo", true)),
+            (
+                r#"{"cmd":"trigger","plugin":"foo","wait":false}"#,
+                trigger("foo", false),
+            ),
+            (
+                r#"{"cmd":"trigger","plugin":"foo","wait":null}"#,
+                trigger("foo", true),
+            ),
+            (r#"{"cmd":"subscribe"}"#, subscribe(None, false)),
+            (
+                r#"{"cmd":"subscribe","plugin":"x","verbose":true}"#,
+                subscribe(Some("x"), true),
+            ),
+            (
+                r#"{"cmd":"subscribe","plugin":null}"#,
+                subscribe(None, false),
+            ),
+            (r#"{"cmd":"reload-config"}"#, Command::ReloadConfig),
+            (r#"{"cmd":"help"}"#, Command::Help),
+            (
+                r#"  {"cmd" : "status", "extra": [1, {"x": 2}]}  "#,
+                Command::Status,
+            ),
+            (
+                r#"{"cmd":"status","plugin":5,"wait":"no"}"#,
+                Command::Status,
+            ),
+        ];
+        for (line, expected) in table {
+            assert_eq!(command(line), expected, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn json_id_is_kept_including_null_and_nested() {
+        let table = [
+            (r#"{"cmd":"status"}"#, None),
+            (r#"{"cmd":"status","id":null}"#, Some(Value::Null)),
+            (r#"{"id":42,"cmd":"status"}"#, Some(json!(42))),
+            (r#"{"cmd":"status","id":"abc"}"#, Some(json!("abc"))),
+            (
+                r#"{"cmd":"status","id":{"a":[1,{"b":null}]}}"#,
+                Some(json!({"a":[1,{"b":null}]})),
+            ),
+        ];
+        for (line, id) in table {
+            assert_eq!(parse(line).unwrap().unwrap().id, id, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn json_errors_name_the_problem_and_keep_the_id() {
+        let table: [(&str, Option<Value>, &str); 11] = [
+            (r#"{"id":1}"#, Some(json!(1)), "missing field \"cmd\""),
+            (
+                r#"{"id":null,"cmd":3}"#,
+                Some(Value::Null),
+                "field \"cmd\" must be a string, got a number",
+            ),
+            (
+                r#"{"id":"x","cmd":"plugin"}"#,
+                Some(json!("x")),
+                "missing field \"plugin\"",
+            ),
+            (
+                r#"{"cmd":"plugin","plugin":7}"#,
+                None,
+                "field \"plugin\" must be a string, got a number",
+            ),
+            (
+                r#"{"id":[2],"cmd":"trigger"}"#,
+                Some(json!([2])),
+                "missing field \"plugin\"",
+            ),
+            (
+                r#"{"cmd":"trigger","plugin":"a","wait":"yes"}"#,
+                None,
+                "field \"wait\" must be true or false",
+            ),
+            (
+                r#"{"id":5,"cmd":"subscribe","verbose":1}"#,
+                Some(json!(5)),
+                "field \"verbose\"",
+            ),
+            (
+                r#"{"cmd":"subscribe","plugin":["a"]}"#,
+                None,
+                "field \"plugin\" must be a string, got an array",
+            ),
+            (r#"["status"]"#, None, "must be a JSON object"),
+            (r#""status""#, None, "got a string"),
+            (r#"{"cmd":"status""#, None, "invalid JSON"),
+        ];
+        for (line, id, message) in table {
+            let e = error(line.as_bytes());
+            assert_eq!(e.code, ErrorCode::BadRequest, "{line:?}");
+            assert_eq!(e.id, id, "{line:?}");
+            assert!(e.message.contains(message), "{line:?}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn blank_lines_are_ignored() {
+        for line in ["", "\n", "\r\n", "   \t ", " \r"] {
+            assert_eq!(parse(line), Ok(None), "{line:?}");
+        }
+    }
+
+    #[test]
+    fn trailing_carriage_return_is_stripped() {
+        assert_eq!(command("status\r"), Command::Status);
+        assert_eq!(
+            command("plugin foo\r\n"),
+            Command::Plugin { id: "foo".into() }
+        );
+        assert_eq!(command("{\"cmd\":\"list\"}\r"), Command::List);
+    }
+
+    #[test]
+    fn nul_bytes_and_invalid_utf8_are_bad_requests() {
+        for line in [
+            &b"stat\0us"[..],
+            b"{\"cmd\":\"status\"}\0",
+            b"\xff\xfe",
+            b"plugin \xc3\x28",
+        ] {
+            let e = error(line);
+            assert_eq!(e.code, ErrorCode::BadRequest, "{line:?}");
+            assert_eq!(e.id, None);
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(error(deep.as_bytes()).code, ErrorCode::BadRequest);
+        let deep_id = format!(
+            "{{\"cmd\":\"status\",\"id\":{}1{}}}",
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert_eq!(error(deep_id.as_bytes()).code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn names_and_mutating_commands() {
+        let mutating = ["enable", "disable", "trigger x", "reload-config"];
+        let reading = ["status", "list", "plugin x", "subscribe", "help"];
+        for line in mutating {
+            assert!(command(line).is_mutating(), "{line}");
+        }
+        for line in reading {
+            assert!(!command(line).is_mutating(), "{line}");
+        }
+        for line in mutating.iter().chain(&reading) {
+            assert_eq!(command(line).name(), line.split(' ').next().unwrap());
+        }
+    }
+
+    #[test]
+    fn every_help_entry_parses_as_a_bare_command() {
+        for entry in COMMANDS {
+            let line = entry
+                .replace(" [--no-wait]", "")
+                .replace(" [ID] [--verbose]", "")
+                .replace("ID", "x");
+            assert!(parse(&line).unwrap().is_some(), "{entry}");
+        }
+        assert_eq!(
+            help_body()["commands"].as_array().unwrap().len(),
+            COMMANDS.len()
+        );
+    }
+
+    fn decode(line: &[u8]) -> Value {
+        assert_eq!(line.last(), Some(&b'\n'));
+        assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
+        serde_json::from_slice(line).unwrap()
+    }
+
+    #[test]
+    fn success_lines_carry_status_id_and_body() {
+        let mut body = Map::new();
+        body.insert("enabled".into(), json!(true));
+        body.insert("status".into(), json!("ignored"));
+        let line = success(Some(&json!({"n":[1]})), body.clone());
+        assert!(line.starts_with(b"{\"status\":\"success\""));
+        assert_eq!(
+            decode(&line),
+            json!({"status":"success","id":{"n":[1]},"enabled":true})
+        );
+        assert_eq!(
+            decode(&success(Some(&Value::Null), body.clone())),
+            json!({"status":"success","id":null,"enabled":true})
+        );
+        assert_eq!(
+            decode(&success(None, body)),
+            json!({"status":"success","enabled":true})
+        );
+    }
+
+    #[test]
+    fn error_lines_follow_the_spec_format() {
+        let line = error_line(
+            Some(&Value::Null),
+            ErrorCode::LineTooLong,
+            "line \"x\"\nis long",
+        );
+        assert_eq!(
+            decode(&line),
+            json!({"status":"error","id":null,"code":"line_too_long","error":"line \"x\"\nis long"})
+        );
+        let e = error(br#"{"id":"q","cmd":1}"#);
+        assert_eq!(decode(&e.to_line())["id"], json!("q"));
+        assert_eq!(
+            decode(&error_line(None, ErrorCode::Busy, "m")),
+            json!({"status":"error","code":"busy","error":"m"})
+        );
+    }
+
+    #[test]
+    fn error_codes_are_spelled_as_in_the_spec() {
+        let table = [
+            (ErrorCode::BadRequest, "bad_request"),
+            (ErrorCode::UnknownCommand, "unknown_command"),
+            (ErrorCode::UnknownPlugin, "unknown_plugin"),
+            (ErrorCode::LineTooLong, "line_too_long"),
+            (ErrorCode::TooManyClients, "too_many_clients"),
+            (ErrorCode::PermissionDenied, "permission_denied"),
+            (ErrorCode::WatchDisabled, "watch_disabled"),
+            (ErrorCode::ConfigInvalid, "config_invalid"),
+            (ErrorCode::Busy, "busy"),
+        ];
+        for (code, text) in table {
+            assert_eq!(code.as_str(), text);
+        }
+    }
+}
