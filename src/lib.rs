@@ -11,3 +11,5 @@
 //!
 //! Subsystems own their state and never call each other; the daemon owns them all and routes
 //! readiness events and expired timers between them.
+
+pub mod ctl;
