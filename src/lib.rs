@@ -14,6 +14,7 @@
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod ctl;
 pub mod daemon;
 pub mod events;
 pub mod logging;

@@ -1,0 +1,847 @@
+//! `hotreloadctl install ID FILE [--wait]`: put a new build in place atomically, so the daemon
+//! never sees a half-written executable, and optionally wait for the reload it causes.
+//!
+//! The daemon is asked where the executable lives (`plugin ID` → `exec`; for a new plugin `status`
+//! → `plugins_dir`, then `<plugins_dir>/<ID>/<ID>`). FILE is copied to `.hotreload-<random hex>` in
+//! the same directory (a name the daemon's watcher ignores), hashed in the same pass, chmod-ed like
+//! FILE, fsync-ed and renamed over the executable; the directory is fsync-ed last. The rename is
+//! what the daemon sees, as one `IN_MOVED_TO`. To wait, events are subscribed on a second
+//! connection *before* the rename, so the outcome cannot be missed (see `wait`).
+
+use std::fs::{self, File, OpenOptions, Permissions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use super::client::{Client, os_text};
+use super::commands;
+use super::wait::{Waiter, wait_for_outcome};
+use super::{CtlError, Io, Outcome};
+
+/// Prefix of the temporary file; the daemon never counts changes to files named like this.
+pub const TEMP_PREFIX: &str = ".hotreload-";
+
+/// Whether `id` is a valid plugin id: `^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$` (SPEC §4).
+pub fn valid_plugin_id(id: &str) -> bool {
+    let mut chars = id.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    first_ok
+        && id.len() <= 64
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// The version of a build: the first 16 hex digits of its BLAKE3 hash, as `b3sum` prints it.
+pub fn file_version(path: &Path) -> std::io::Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(File::open(path)?)?;
+    Ok(version_of(&hasher))
+}
+
+fn version_of(hasher: &blake3::Hasher) -> String {
+    hasher.finalize().to_hex()[..16].to_string()
+}
+
+/// Removes the temporary file when dropped, unless it was renamed into place.
+struct TempGuard(Option<PathBuf>);
+
+impl TempGuard {
+    /// The file was renamed into place: nothing to remove any more.
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+/// 16 random hex digits from the kernel's CSPRNG.
+fn random_hex() -> Result<String, String> {
+    let mut bytes = [0u8; 8];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| format!("cannot read /dev/urandom: {}", os_text(&e)))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Copies `source` over `target` atomically (temp file in the target's directory, fsync, chmod
+/// like `source`, rename, fsync the directory) and returns the installed version. On failure no
+/// temporary file is left behind and the message names the paths involved.
+pub fn install_atomically(source: &Path, target: &Path) -> Result<String, String> {
+    let show = |p: &Path| p.display().to_string();
+    let mut src =
+        File::open(source).map_err(|e| format!("cannot open {}: {}", show(source), os_text(&e)))?;
+    let meta = src
+        .metadata()
+        .map_err(|e| format!("cannot stat {}: {}", show(source), os_text(&e)))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", show(source)));
+    }
+    let dir = match target.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let temp = dir.join(format!("{TEMP_PREFIX}{}", random_hex()?));
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temp)
+        .map_err(|e| format!("cannot create {}: {}", show(&temp), os_text(&e)))?;
+    let guard = TempGuard(Some(temp.clone()));
+    let version = copy_hashing(&mut src, source, &mut file, &temp)?;
+    // Permissions before fsync, so the mode is as durable as the content.
+    file.set_permissions(Permissions::from_mode(meta.permissions().mode() & 0o7777))
+        .map_err(|e| format!("cannot chmod {}: {}", show(&temp), os_text(&e)))?;
+    file.sync_all()
+        .map_err(|e| format!("cannot fsync {}: {}", show(&temp), os_text(&e)))?;
+    drop(file);
+    fs::rename(&temp, target).map_err(|e| {
+        format!(
+            "cannot rename {} over {}: {}",
+            show(&temp),
+            show(target),
+            os_text(&e)
+        )
+    })?;
+    guard.disarm();
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| {
+        format!(
+            "installed {} but cannot fsync directory {}: {}",
+            show(target),
+            show(dir),
+            os_text(&e)
+        )
+    })?;
+    Ok(version)
+}
+
+/// Copies all of `src` to `dst`, hashing as it goes, so the version is that of the bytes installed.
+fn copy_hashing(
+    src: &mut File,
+    src_path: &Path,
+    dst: &mut File,
+    dst_path: &Path,
+) -> Result<String, String> {
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 128 * 1024];
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(format!(
+                    "cannot read {}: {}",
+                    src_path.display(),
+                    os_text(&e)
+                ));
+            }
+        };
+        hasher.update(&buf[..n]);
+        dst.write_all(&buf[..n])
+            .map_err(|e| format!("cannot write {}: {}", dst_path.display(), os_text(&e)))?;
+    }
+    Ok(version_of(&hasher))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Where to install, and what to expect afterwards
+
+/// What the daemon told us about the plugin before the install.
+#[derive(Debug)]
+struct Target {
+    /// The executable path to rename over.
+    exec: PathBuf,
+    /// The plugin's running version, if it is known and has one.
+    version: Option<String>,
+    /// Expect a first start rather than a reload (new, missing, stopped or failed plugin).
+    first_start: bool,
+    /// The directory must be created (a new plugin).
+    create_dir: bool,
+    /// `hot_reload.enabled` from `status`.
+    hot_reload: bool,
+    /// For a new plugin: the id matches none of `watch_patterns`, so the daemon will ignore it.
+    unwatched: Option<String>,
+}
+
+impl Target {
+    /// Why the daemon will not load the new build by itself, if it will not.
+    fn obstacle(&self, id: &str) -> Option<String> {
+        if let Some(patterns) = &self.unwatched {
+            return Some(format!(
+                "{id} matches none of the daemon's watch_patterns ({patterns}), so it will not be started"
+            ));
+        }
+        (!self.hot_reload).then(|| {
+            format!(
+                "hot reload is disabled, so the daemon will not load the new build; \
+                 run `hotreloadctl trigger {id}` or `hotreloadctl enable`"
+            )
+        })
+    }
+}
+
+/// Asks the daemon where plugin `id`'s executable lives and what state it is in.
+fn locate(client: &mut Client, id: &str) -> Result<Target, CtlError> {
+    let plugin = client.request(&json!({"cmd": "plugin", "plugin": id}))?;
+    let known = match plugin.value["code"].as_str() {
+        Some("unknown_plugin") => None,
+        _ => Some(plugin.into_success()?.value),
+    };
+    let status = client
+        .request(&json!({"cmd": "status"}))?
+        .into_success()?
+        .value;
+    let hot_reload = status["hot_reload"]["enabled"].as_bool().unwrap_or(true);
+    if let Some(reply) = known {
+        let p = &reply["plugin"];
+        let exec = p["exec"]
+            .as_str()
+            .map(PathBuf::from)
+            .filter(|e| e.is_absolute())
+            .ok_or_else(|| {
+                CtlError::Failed(format!(
+                    "the daemon reported no absolute exec path for plugin {id}: {}",
+                    p["exec"]
+                ))
+            })?;
+        let state = p["state"].as_str().unwrap_or("");
+        return Ok(Target {
+            exec,
+            version: p["version"].as_str().map(str::to_string),
+            first_start: matches!(state, "missing" | "stopped" | "failed"),
+            create_dir: false,
+            hot_reload,
+            unwatched: None,
+        });
+    }
+    let plugins_dir = status["daemon"]["plugins_dir"]
+        .as_str()
+        .map(PathBuf::from)
+        .ok_or_else(|| {
+            CtlError::Failed(
+                "the daemon's status has no daemon.plugins_dir; cannot place a new plugin"
+                    .to_string(),
+            )
+        })?;
+    Ok(Target {
+        exec: plugins_dir.join(id).join(id),
+        version: None,
+        first_start: true,
+        create_dir: true,
+        hot_reload,
+        unwatched: unwatched(id, &status["hot_reload"]["watch_patterns"]),
+    })
+}
+
+/// `Some(patterns)` when `id` matches none of the daemon's `watch_patterns` globs.
+fn unwatched(id: &str, patterns: &Value) -> Option<String> {
+    let patterns: Vec<&str> = patterns
+        .as_array()?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let matches = |p: &&str| globset::Glob::new(p).is_ok_and(|g| g.compile_matcher().is_match(id));
+    if patterns.iter().any(matches) {
+        None
+    } else {
+        Some(patterns.join(", "))
+    }
+}
+
+/// Where to rename to: the executable itself, or a symlinked executable's target (SPEC §5,
+/// symlinked builds), so a developer's symlink is not replaced by a copy.
+fn rename_target(exec: &Path) -> Result<PathBuf, CtlError> {
+    match fs::symlink_metadata(exec) {
+        Ok(meta) if meta.file_type().is_symlink() => fs::canonicalize(exec).map_err(|e| {
+            CtlError::Failed(format!(
+                "{} is a symlink whose target cannot be resolved: {}; fix or remove the link",
+                exec.display(),
+                os_text(&e)
+            ))
+        }),
+        _ => Ok(exec.to_path_buf()),
+    }
+}
+
+/// Runs `install ID FILE [--wait]`.
+pub(super) fn run(
+    id: &str,
+    file: &Path,
+    wait: bool,
+    socket: &Path,
+    json: bool,
+    io: &mut Io<'_>,
+) -> Result<Outcome, CtlError> {
+    // Unlike other commands, install prints no raw daemon replies, so an error reply must be
+    // reported as a message even with `--json`.
+    install(id, file, wait, socket, json, io).map_err(|e| match e {
+        CtlError::Daemon { code, message } => CtlError::Failed(format!("{message} ({code})")),
+        other => other,
+    })
+}
+
+fn install(
+    id: &str,
+    file: &Path,
+    wait: bool,
+    socket: &Path,
+    json: bool,
+    io: &mut Io<'_>,
+) -> Result<Outcome, CtlError> {
+    if !valid_plugin_id(id) {
+        return Err(CtlError::Usage(format!(
+            "invalid plugin id {id:?}: use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )));
+    }
+    let mut client = Client::connect(socket)?;
+    let target = locate(&mut client, id)?;
+    if target.create_dir {
+        create_plugin_dir(&target.exec)?;
+    }
+    let mut events = if wait {
+        let mut events = Client::connect(socket)?;
+        commands::subscribe(&mut events, Some(id), false, false, io)?;
+        Some(events)
+    } else {
+        None
+    };
+    let dest = rename_target(&target.exec)?;
+    warn_if_not_executable(file, io)?;
+    let version = install_atomically(file, &dest).map_err(CtlError::Failed)?;
+    let mut report = Report::new(id, &dest, &version, json);
+    if target.version.as_deref() == Some(version.as_str()) {
+        report.unchanged = true;
+        return report.finish(
+            Ok(format!(
+                "{id}: version {version} unchanged, nothing to reload"
+            )),
+            io,
+        );
+    }
+    let installed = format!("{id}: installed {} (version {version})", dest.display());
+    let obstacle = target.obstacle(id);
+    let Some(events) = events.as_mut() else {
+        if let Some(why) = &obstacle
+            && !json
+        {
+            writeln!(io.err, "hotreloadctl: warning: {why}")?;
+        }
+        return report.finish(Ok(installed), io);
+    };
+    if !json {
+        writeln!(io.out, "{installed}")?;
+    }
+    if let Some(why) = obstacle {
+        return report.finish(Err(why), io);
+    }
+    let mut waiter = Waiter::new(id, &version, target.first_start, io.style());
+    let waited = wait_for_outcome(events, &mut waiter, json, io)?;
+    report.events = waited.events;
+    report.finish(waited.result, io)
+}
+
+fn create_plugin_dir(exec: &Path) -> Result<(), CtlError> {
+    let Some(dir) = exec.parent() else {
+        return Ok(());
+    };
+    match fs::create_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(CtlError::Failed(format!(
+            "cannot create plugin directory {}: {}",
+            dir.display(),
+            os_text(&e)
+        ))),
+    }
+}
+
+fn warn_if_not_executable(file: &Path, io: &mut Io<'_>) -> Result<(), CtlError> {
+    let mode = fs::metadata(file)
+        .map(|m| m.permissions().mode())
+        .unwrap_or(0o755);
+    if mode & 0o111 == 0 {
+        writeln!(
+            io.err,
+            "hotreloadctl: warning: {} is not executable, so the daemon will reject it; chmod +x it and install again",
+            file.display()
+        )?;
+    }
+    Ok(())
+}
+
+/// Collects what `install` did, for the final line (human) or object (`--json`).
+struct Report {
+    plugin: String,
+    path: PathBuf,
+    version: String,
+    unchanged: bool,
+    json: bool,
+    /// The events that decided the outcome (`--json` shows them).
+    events: Vec<Value>,
+}
+
+impl Report {
+    fn new(plugin: &str, path: &Path, version: &str, json: bool) -> Report {
+        Report {
+            plugin: plugin.to_string(),
+            path: path.to_path_buf(),
+            version: version.to_string(),
+            unchanged: false,
+            json,
+            events: Vec::new(),
+        }
+    }
+
+    /// Prints the outcome: on stdout for success, as an error otherwise (exit 1).
+    fn finish(self, result: Result<String, String>, io: &mut Io<'_>) -> Result<Outcome, CtlError> {
+        if self.json {
+            let (status, error) = match &result {
+                Ok(_) => ("success", Value::Null),
+                Err(e) => ("error", json!(e)),
+            };
+            let summary = json!({"status": status, "plugin": self.plugin, "path": self.path,
+                "version": self.version, "unchanged": self.unchanged, "events": self.events,
+                "error": error});
+            writeln!(io.out, "{summary}")?;
+            return Ok(if result.is_ok() {
+                Outcome::Success
+            } else {
+                Outcome::Failure
+            });
+        }
+        match result {
+            Ok(line) => {
+                writeln!(io.out, "{line}")?;
+                Ok(Outcome::Success)
+            }
+            Err(message) => Err(CtlError::Failed(message)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::{FakeDaemon, run_capture, temp_dir};
+    use super::*;
+
+    #[test]
+    fn plugin_id_rule() {
+        for ok in ["a", "p1", "ffmpeg_transcoder", "A.b-c_d", &"x".repeat(64)] {
+            assert!(valid_plugin_id(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".hidden",
+            "-x",
+            "_x",
+            "a/b",
+            "a b",
+            "é",
+            "..",
+            &"x".repeat(65),
+        ] {
+            assert!(!valid_plugin_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn version_is_b3sum_prefix() {
+        let dir = temp_dir("version");
+        let path = dir.join("f");
+        fs::write(&path, b"abc").unwrap();
+        // b3sum of "abc" is 6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85.
+        assert_eq!(file_version(&path).unwrap(), "6437b3ac38465133");
+        fs::write(&path, b"").unwrap();
+        assert_eq!(file_version(&path).unwrap(), "af1349b9f5f9a1a6");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn atomic_install_copies_content_and_mode() {
+        let dir = temp_dir("atomic");
+        let src = dir.join("build");
+        fs::write(&src, b"#!/bin/sh\necho new\n").unwrap();
+        fs::set_permissions(&src, Permissions::from_mode(0o750)).unwrap();
+        let plugin_dir = dir.join("p1");
+        fs::create_dir(&plugin_dir).unwrap();
+        let target = plugin_dir.join("p1");
+        fs::write(&target, b"old").unwrap();
+        let old_inode = fs::metadata(&target).unwrap();
+        let version = install_atomically(&src, &target).unwrap();
+        assert_eq!(version, file_version(&src).unwrap());
+        assert_eq!(fs::read(&target).unwrap(), b"#!/bin/sh\necho new\n");
+        let meta = fs::metadata(&target).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o750);
+        use std::os::unix::fs::MetadataExt;
+        assert_ne!(
+            meta.ino(),
+            old_inode.ino(),
+            "replaced by rename, not written in place"
+        );
+        assert_eq!(entries(&plugin_dir), vec!["p1"]);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn temp_name_is_dot_hotreload_random_hex() {
+        let a = random_hex().unwrap();
+        assert_eq!(a.len(), 16);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, random_hex().unwrap());
+        // The rename fails (the target is a non-empty directory), so the temp file stays visible
+        // in the error message, and must be gone afterwards.
+        let dir = temp_dir("tempname");
+        let src = dir.join("build");
+        fs::write(&src, b"x").unwrap();
+        let target = dir.join("p1");
+        fs::create_dir(&target).unwrap();
+        fs::write(target.join("keep"), b"").unwrap();
+        let err = install_atomically(&src, &target).unwrap_err();
+        let temp = err.split_whitespace().nth(2).unwrap();
+        let name = Path::new(temp).file_name().unwrap().to_str().unwrap();
+        assert!(name.starts_with(TEMP_PREFIX), "{err}");
+        assert_eq!(name.len(), TEMP_PREFIX.len() + 16, "{err}");
+        assert!(err.contains(&target.display().to_string()), "{err}");
+        assert_eq!(entries(&dir), vec!["build", "p1"], "no temp file left");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn missing_source_names_it_and_leaves_nothing() {
+        let dir = temp_dir("nosource");
+        let err = install_atomically(&dir.join("nope"), &dir.join("p1")).unwrap_err();
+        assert!(
+            err.starts_with("cannot open ") && err.contains("nope"),
+            "{err}"
+        );
+        assert!(entries(&dir).is_empty());
+        let err = install_atomically(&dir, &dir.join("p1")).unwrap_err();
+        assert!(err.contains("is not a regular file"), "{err}");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unwatched_ids_are_detected() {
+        assert_eq!(unwatched("p1", &json!(["*"])), None);
+        assert_eq!(
+            unwatched("x_scanner", &json!(["*_transcoder", "*_scanner"])),
+            None
+        );
+        assert_eq!(
+            unwatched("p1", &json!(["*_transcoder", "*_scanner"])),
+            Some("*_transcoder, *_scanner".into())
+        );
+        assert_eq!(unwatched("p1", &Value::Null), None);
+    }
+
+    /// A fake daemon for install: `plugin` answers from `plugin` (or unknown_plugin when null),
+    /// `status` gives `plugins_dir`, `subscribe` acknowledges and sends `events`.
+    fn install_daemon(plugin: Value, plugins_dir: &Path, events: Vec<Value>) -> FakeDaemon {
+        let plugins_dir = plugins_dir.display().to_string();
+        FakeDaemon::answering(move |req| {
+            let reply = match req["cmd"].as_str() {
+                Some("plugin") if plugin.is_null() => {
+                    json!({"status": "error", "code": "unknown_plugin", "error": "no such plugin"})
+                }
+                Some("plugin") => json!({"status": "success", "plugin": plugin}),
+                Some("status") => json!({"status": "success",
+                    "hot_reload": {"enabled": true, "watch_patterns": ["*"]},
+                    "daemon": {"plugins_dir": plugins_dir}}),
+                Some("subscribe") => {
+                    let mut lines =
+                        vec![json!({"status": "success", "subscribed": true}).to_string()];
+                    lines.extend(events.iter().map(Value::to_string));
+                    return lines;
+                }
+                _ => json!({"status": "error", "code": "unknown_command", "error": "?"}),
+            };
+            vec![reply.to_string()]
+        })
+    }
+
+    fn build(dir: &Path, content: &str) -> (PathBuf, String) {
+        let src = dir.join("build");
+        fs::write(&src, content).unwrap();
+        fs::set_permissions(&src, Permissions::from_mode(0o755)).unwrap();
+        let version = file_version(&src).unwrap();
+        (src, version)
+    }
+
+    #[test]
+    fn install_wait_reload_succeeds() {
+        let dir = temp_dir("install-ok");
+        fs::create_dir_all(dir.join("plugins/p1")).unwrap();
+        let exec = dir.join("plugins/p1/p1");
+        fs::write(&exec, "old").unwrap();
+        let (src, version) = build(&dir, "#!/bin/sh\nexec sleep 100\n");
+        let plugin =
+            json!({"id": "p1", "state": "running", "exec": exec, "version": "0123abcd00000000"});
+        let events = vec![
+            json!({"event": "reload_started", "plugin": "p1", "trigger": "watch"}),
+            json!({"event": "reload_succeeded", "plugin": "p1", "old_version": "0123abcd00000000",
+                   "new_version": version, "duration_ms": 12}),
+        ];
+        let daemon = install_daemon(plugin, &dir.join("plugins"), events);
+        let run = run_capture(
+            &["install", "p1", src.to_str().unwrap(), "--wait"],
+            &daemon,
+            "",
+        );
+        assert_eq!(run.code, 0, "{run:?}");
+        assert_eq!(
+            daemon.requests(),
+            vec![
+                json!({"cmd": "plugin", "plugin": "p1"}),
+                json!({"cmd": "status"}),
+                json!({"cmd": "subscribe", "plugin": "p1"}),
+            ]
+        );
+        assert_eq!(
+            fs::read_to_string(&exec).unwrap(),
+            "#!/bin/sh\nexec sleep 100\n"
+        );
+        assert_eq!(
+            fs::metadata(&exec).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        assert!(
+            run.out.ends_with(&format!(
+                "p1: reloaded 0123abcd… -> {}… in 12 ms\n",
+                &version[..8]
+            )),
+            "{}",
+            run.out
+        );
+        assert_eq!(entries(&dir.join("plugins/p1")), vec!["p1"]);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn install_wait_final_failure_shows_rollback_and_exits_1() {
+        let dir = temp_dir("install-fail");
+        fs::create_dir_all(dir.join("plugins/p1")).unwrap();
+        let exec = dir.join("plugins/p1/p1");
+        let (src, _) = build(&dir, "#!/bin/sh\nexit 1\n");
+        let plugin =
+            json!({"id": "p1", "state": "running", "exec": exec, "version": "0123abcd00000000"});
+        let events = vec![
+            json!({"event": "reload_failed", "plugin": "p1", "error": "exited with code 1", "attempt": 1,
+                   "retry_in_ms": 1000}),
+            json!({"event": "reload_failed", "plugin": "p1", "error": "exited with code 1", "attempt": 2,
+                   "retry_in_ms": null}),
+            json!({"event": "rolled_back", "plugin": "p1", "version": "0123abcd00000000"}),
+        ];
+        let daemon = install_daemon(plugin, &dir.join("plugins"), events);
+        let run = run_capture(
+            &["install", "p1", src.to_str().unwrap(), "--wait"],
+            &daemon,
+            "",
+        );
+        assert_eq!(run.code, 1, "{run:?}");
+        assert!(
+            run.err
+                .contains("attempt 1 failed: exited with code 1; retrying in 1000 ms"),
+            "{}",
+            run.err
+        );
+        assert!(
+            run.err
+                .contains("hotreloadctl: p1: reload failed: exited with code 1"),
+            "{}",
+            run.err
+        );
+        assert!(
+            run.out
+                .contains("p1: rolled back to version 0123abcd00000000"),
+            "{}",
+            run.out
+        );
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn install_new_plugin_creates_dir_and_waits_for_start() {
+        let dir = temp_dir("install-new");
+        fs::create_dir_all(dir.join("plugins")).unwrap();
+        let (src, version) = build(&dir, "#!/bin/sh\nexec sleep 100\n");
+        let events = vec![
+            json!({"event": "plugin_added", "plugin": "p2"}),
+            json!({"event": "plugin_started", "plugin": "p2", "pid": 42, "version": version}),
+            json!({"event": "plugin_ready", "plugin": "p2"}),
+        ];
+        let daemon = install_daemon(Value::Null, &dir.join("plugins"), events);
+        let run = run_capture(
+            &["install", "p2", src.to_str().unwrap(), "--wait"],
+            &daemon,
+            "",
+        );
+        assert_eq!(run.code, 0, "{run:?}");
+        assert_eq!(
+            fs::read_to_string(dir.join("plugins/p2/p2")).unwrap(),
+            "#!/bin/sh\nexec sleep 100\n"
+        );
+        assert!(
+            run.out
+                .ends_with(&format!("p2: started version {version} (pid 42)\n")),
+            "{}",
+            run.out
+        );
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn install_same_version_does_not_wait() {
+        let dir = temp_dir("install-same");
+        fs::create_dir_all(dir.join("plugins/p1")).unwrap();
+        let exec = dir.join("plugins/p1/p1");
+        let (src, version) = build(&dir, "same");
+        let plugin = json!({"id": "p1", "state": "running", "exec": exec, "version": version});
+        let daemon = install_daemon(plugin, &dir.join("plugins"), Vec::new());
+        let run = run_capture(
+            &["install", "p1", src.to_str().unwrap(), "--wait"],
+            &daemon,
+            "",
+        );
+        assert_eq!(run.code, 0, "{run:?}");
+        assert_eq!(
+            run.out,
+            format!("p1: version {version} unchanged, nothing to reload\n")
+        );
+        let run = run_capture(
+            &["--json", "install", "p1", src.to_str().unwrap()],
+            &daemon,
+            "",
+        );
+        let summary: Value = serde_json::from_str(run.out.trim()).unwrap();
+        assert_eq!(summary["unchanged"], true);
+        assert_eq!(summary["version"], json!(version));
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn install_without_wait_only_installs() {
+        let dir = temp_dir("install-nowait");
+        fs::create_dir_all(dir.join("plugins/p1")).unwrap();
+        let exec = dir.join("plugins/p1/p1");
+        let (src, version) = build(&dir, "new");
+        let plugin =
+            json!({"id": "p1", "state": "running", "exec": exec, "version": "0123abcd00000000"});
+        let daemon = install_daemon(plugin, &dir.join("plugins"), Vec::new());
+        let run = run_capture(&["install", "p1", src.to_str().unwrap()], &daemon, "");
+        assert_eq!(run.code, 0, "{run:?}");
+        assert_eq!(
+            run.out,
+            format!("p1: installed {} (version {version})\n", exec.display())
+        );
+        assert_eq!(daemon.requests().len(), 2, "no subscription without --wait");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn install_wait_with_hot_reload_disabled_installs_then_exits_1() {
+        let dir = temp_dir("install-disabled");
+        fs::create_dir_all(dir.join("plugins/p1")).unwrap();
+        let exec = dir.join("plugins/p1/p1");
+        let (src, _) = build(&dir, "new");
+        let plugin =
+            json!({"id": "p1", "state": "running", "exec": exec, "version": "0123abcd00000000"});
+        let daemon = FakeDaemon::answering(move |req| {
+            let reply = match req["cmd"].as_str() {
+                Some("plugin") => json!({"status": "success", "plugin": plugin}),
+                Some("status") => json!({"status": "success", "hot_reload": {"enabled": false}}),
+                Some("subscribe") => json!({"status": "success", "subscribed": true}),
+                _ => json!({"status": "error", "code": "unknown_command", "error": "?"}),
+            };
+            vec![reply.to_string()]
+        });
+        let run = run_capture(
+            &["install", "p1", src.to_str().unwrap(), "--wait"],
+            &daemon,
+            "",
+        );
+        assert_eq!(run.code, 1, "{run:?}");
+        assert!(run.err.contains("hot reload is disabled"), "{}", run.err);
+        assert_eq!(fs::read_to_string(&exec).unwrap(), "new");
+        let run = run_capture(&["install", "p1", src.to_str().unwrap()], &daemon, "");
+        assert_eq!(run.code, 0, "without --wait only a warning: {run:?}");
+        assert!(
+            run.err.contains("warning: hot reload is disabled"),
+            "{}",
+            run.err
+        );
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn install_reports_daemon_errors_even_with_json() {
+        let daemon = FakeDaemon::answering(|_| {
+            vec![
+                json!({"status": "error", "code": "busy", "error": "the daemon is shutting down"})
+                    .to_string(),
+            ]
+        });
+        let run = run_capture(&["--json", "install", "p1", "/bin/sh"], &daemon, "");
+        assert_eq!(run.code, 1, "{run:?}");
+        assert!(
+            run.err.contains("the daemon is shutting down (busy)"),
+            "{}",
+            run.err
+        );
+    }
+
+    #[test]
+    fn install_rejects_bad_id_with_64() {
+        let daemon = install_daemon(Value::Null, Path::new("/nonexistent"), Vec::new());
+        let run = run_capture(&["install", "../etc", "/bin/sh"], &daemon, "");
+        assert_eq!(run.code, 64, "{run:?}");
+        assert!(
+            run.err.contains("invalid plugin id \"../etc\""),
+            "{}",
+            run.err
+        );
+        assert!(daemon.requests().is_empty());
+    }
+
+    #[test]
+    fn install_follows_symlinked_exec() {
+        let dir = temp_dir("install-link");
+        fs::create_dir_all(dir.join("plugins/p1")).unwrap();
+        fs::create_dir_all(dir.join("src")).unwrap();
+        let real = dir.join("src/p1");
+        fs::write(&real, "old").unwrap();
+        let exec = dir.join("plugins/p1/p1");
+        std::os::unix::fs::symlink(&real, &exec).unwrap();
+        let (src, _) = build(&dir, "new");
+        let plugin =
+            json!({"id": "p1", "state": "running", "exec": exec, "version": "0123abcd00000000"});
+        let daemon = install_daemon(plugin, &dir.join("plugins"), Vec::new());
+        let run = run_capture(&["install", "p1", src.to_str().unwrap()], &daemon, "");
+        assert_eq!(run.code, 0, "{run:?}");
+        assert!(
+            fs::symlink_metadata(&exec)
+                .unwrap()
+                .file_type()
+                .is_symlink(),
+            "link kept"
+        );
+        assert_eq!(fs::read_to_string(&real).unwrap(), "new");
+        fs::remove_dir_all(dir).unwrap();
+    }
+}

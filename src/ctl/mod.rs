@@ -1,0 +1,335 @@
+//! `hotreloadctl`, the client of the control socket (SPEC §6, §8), as a library so every part of it
+//! can be unit-tested and the binary stays a one-line `main`.
+//!
+//! The client speaks the daemon's JSON-lines protocol over a blocking `UnixStream`, one connection
+//! per command (`install --wait` and `interactive` use two). Replies are handled as
+//! `serde_json::Value`: the client only reads the fields it shows, so it keeps working when the
+//! daemon adds new ones.
+//!
+//! Errors become exit codes in one place, [`CtlError::exit_code`]: 0 success, 1 the daemon answered
+//! with an error or the reload failed, 64 usage, 69 daemon not reachable, 78 configuration error.
+
+pub mod cli;
+pub mod client;
+mod commands;
+pub mod install;
+mod interactive;
+pub mod render;
+#[cfg(test)]
+mod testutil;
+mod wait;
+
+use std::ffi::OsString;
+use std::fmt;
+use std::io::{self, BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use render::Style;
+
+/// Exit code: the daemon answered with an error, or the reload failed.
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit code: bad command line (sysexits `EX_USAGE`).
+pub const EXIT_USAGE: u8 = 64;
+/// Exit code: the daemon is not reachable (sysexits `EX_UNAVAILABLE`).
+pub const EXIT_UNAVAILABLE: u8 = 69;
+/// Exit code: configuration or environment error (sysexits `EX_CONFIG`).
+pub const EXIT_CONFIG: u8 = 78;
+
+/// Why a command did not succeed; [`CtlError::exit_code`] maps each kind to its exit code.
+#[derive(Debug)]
+pub enum CtlError {
+    /// A command-line argument is invalid beyond what clap checks (e.g. a plugin id): exit 64.
+    Usage(String),
+    /// The daemon cannot be reached, or closed the connection or spoke garbage: exit 69.
+    Unreachable(String),
+    /// The daemon answered `{"status":"error",...}`: exit 1.
+    Daemon {
+        /// The `code` member, e.g. `unknown_plugin`.
+        code: String,
+        /// The `error` member, a human message.
+        message: String,
+    },
+    /// Anything else that failed on our side (install I/O, a failed reload, a timeout): exit 1.
+    Failed(String),
+    /// The socket path could not be resolved from the environment or configuration: exit 78.
+    Config(String),
+    /// Writing to stdout failed; a closed pipe (`hotreloadctl events | head`) is not an error.
+    Output(io::Error),
+}
+
+impl CtlError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CtlError::Usage(_) => EXIT_USAGE,
+            CtlError::Unreachable(_) => EXIT_UNAVAILABLE,
+            CtlError::Daemon { .. } | CtlError::Failed(_) => EXIT_FAILURE,
+            CtlError::Config(_) => EXIT_CONFIG,
+            // Unix convention: a reader that went away ends the writer quietly.
+            CtlError::Output(e) if e.kind() == io::ErrorKind::BrokenPipe => 0,
+            CtlError::Output(_) => EXIT_FAILURE,
+        }
+    }
+}
+
+impl fmt::Display for CtlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CtlError::Usage(m)
+            | CtlError::Unreachable(m)
+            | CtlError::Failed(m)
+            | CtlError::Config(m) => f.write_str(m),
+            CtlError::Daemon { code, message } => write!(f, "{message} ({code})"),
+            CtlError::Output(e) => write!(f, "cannot write to stdout: {e}"),
+        }
+    }
+}
+
+impl From<io::Error> for CtlError {
+    fn from(e: io::Error) -> Self {
+        CtlError::Output(e)
+    }
+}
+
+/// How a command that ran to completion ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Exit 0.
+    Success,
+    /// Exit 1, already reported on stdout (e.g. "p1: reload failed: ...").
+    Failure,
+}
+
+/// The process's streams and terminal facts, passed in so tests can capture everything.
+pub struct Io<'a> {
+    /// Standard output; `Send` because `interactive`'s event watch prints from a second thread.
+    pub out: &'a mut (dyn Write + Send),
+    /// Standard error.
+    pub err: &'a mut dyn Write,
+    /// Standard input (used by `interactive` only).
+    pub input: &'a mut dyn BufRead,
+    /// Whether stdout is a terminal: colours, truncation to `width`.
+    pub stdout_tty: bool,
+    /// Whether stdin is a terminal: `interactive` prints its prompt only then.
+    pub stdin_tty: bool,
+    /// Terminal width in columns, when stdout is a terminal.
+    pub width: Option<usize>,
+    /// `NO_COLOR` is set (<https://no-color.org>): never colour.
+    pub no_color: bool,
+    /// Show event times in local time (tests use UTC for stable output).
+    pub local_time: bool,
+}
+
+impl Io<'_> {
+    /// The rendering style for a command starting now.
+    fn style(&self) -> Style {
+        Style {
+            color: self.stdout_tty && !self.no_color,
+            width: if self.stdout_tty { self.width } else { None },
+            local_time: self.local_time,
+            now: std::time::SystemTime::now(),
+        }
+    }
+}
+
+/// Runs `hotreloadctl` with `args` (including the program name) and returns the exit code.
+pub fn run<I, T>(args: I, io: &mut Io<'_>) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match cli::parse(args) {
+        cli::Parsed::Run(cli) => cli,
+        cli::Parsed::Exit {
+            code,
+            text,
+            to_stdout,
+        } => {
+            let stream: &mut dyn Write = if to_stdout { io.out } else { io.err };
+            // Nothing useful can be done when printing help itself fails.
+            let _ = stream.write_all(text.as_bytes());
+            return code;
+        }
+    };
+    let result = resolve_socket(cli.socket.as_deref())
+        .map_err(CtlError::Config)
+        .and_then(|socket| commands::execute(&cli.command, &socket, cli.json, io));
+    match result {
+        Ok(Outcome::Success) => 0,
+        Ok(Outcome::Failure) => EXIT_FAILURE,
+        Err(e) => report(&e, cli.json, io),
+    }
+}
+
+/// Prints `e` on stderr (unless `--json` already printed the daemon's error reply) and returns its
+/// exit code.
+fn report(e: &CtlError, json: bool, io: &mut Io<'_>) -> u8 {
+    let quiet = match e {
+        CtlError::Daemon { .. } => json,
+        CtlError::Output(io_err) => io_err.kind() == io::ErrorKind::BrokenPipe,
+        _ => false,
+    };
+    if !quiet {
+        let _ = writeln!(io.err, "hotreloadctl: {e}");
+    }
+    e.exit_code()
+}
+
+/// The binary's entry point: real stdio, real terminal checks.
+pub fn main() -> ExitCode {
+    let stdout_tty = io::stdout().is_terminal();
+    let stdin_tty = io::stdin().is_terminal();
+    let mut out = io::stdout();
+    let mut err = io::stderr();
+    let mut input = io::stdin().lock();
+    let mut io = Io {
+        out: &mut out,
+        err: &mut err,
+        input: &mut input,
+        stdout_tty,
+        stdin_tty,
+        width: if stdout_tty {
+            render::terminal_width()
+        } else {
+            None
+        },
+        no_color: std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty()),
+        local_time: true,
+    };
+    ExitCode::from(run(std::env::args_os(), &mut io))
+}
+
+/// Resolves the control socket path: `--socket`, then `$HOTRELOAD_SOCKET`, then the daemon's
+/// default location.
+// MERGE: replace the fallback (`default_socket`) with `hotreload::config::client_socket(cli, &env)`
+// once the config module lands, so the client also honours the config file's `control.socket`;
+// its `ConfigError` maps to `CtlError::Config` (exit 78) as the `Err(String)` here already does.
+pub fn resolve_socket(cli: Option<&Path>) -> Result<PathBuf, String> {
+    socket_from(
+        cli,
+        |name| std::env::var_os(name),
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getuid().as_raw(),
+    )
+}
+
+/// [`resolve_socket`] with the environment and ids passed in, for tests.
+fn socket_from(
+    cli: Option<&Path>,
+    env: impl Fn(&str) -> Option<OsString>,
+    euid: u32,
+    uid: u32,
+) -> Result<PathBuf, String> {
+    if let Some(path) = cli {
+        return Ok(path.to_path_buf());
+    }
+    if let Some(value) = env("HOTRELOAD_SOCKET") {
+        if value.is_empty() {
+            return Err(
+                "HOTRELOAD_SOCKET is set but empty; unset it or set it to the control \
+                        socket path"
+                    .to_string(),
+            );
+        }
+        return Ok(PathBuf::from(value));
+    }
+    Ok(default_socket(env, euid, uid))
+}
+
+/// TEMPORARY (see the MERGE note on [`resolve_socket`]): the runtime-dir rule of SPEC §2 without
+/// the config file.
+fn default_socket(env: impl Fn(&str) -> Option<OsString>, euid: u32, uid: u32) -> PathBuf {
+    if euid == 0 {
+        return PathBuf::from("/run/hotreload/control.sock");
+    }
+    // The XDG base directory spec says relative values are invalid and must be ignored.
+    if let Some(xdg) = env("XDG_RUNTIME_DIR").map(PathBuf::from)
+        && xdg.is_absolute()
+    {
+        return xdg.join("hotreload/control.sock");
+    }
+    PathBuf::from(format!("/tmp/hotreload-{uid}/control.sock"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<OsString> {
+        move |name| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| OsString::from(v))
+        }
+    }
+
+    #[test]
+    fn socket_flag_wins_over_everything() {
+        let env = env_of(&[
+            ("HOTRELOAD_SOCKET", "/env.sock"),
+            ("XDG_RUNTIME_DIR", "/xdg"),
+        ]);
+        let got = socket_from(Some(Path::new("/cli.sock")), env, 1000, 1000);
+        assert_eq!(got, Ok(PathBuf::from("/cli.sock")));
+    }
+
+    #[test]
+    fn env_wins_over_default() {
+        let env = env_of(&[
+            ("HOTRELOAD_SOCKET", "/env.sock"),
+            ("XDG_RUNTIME_DIR", "/xdg"),
+        ]);
+        assert_eq!(socket_from(None, env, 0, 0), Ok(PathBuf::from("/env.sock")));
+    }
+
+    #[test]
+    fn empty_env_is_a_config_error_naming_the_variable() {
+        let env = env_of(&[("HOTRELOAD_SOCKET", "")]);
+        let err = socket_from(None, env, 1000, 1000).unwrap_err();
+        assert!(err.contains("HOTRELOAD_SOCKET"), "{err}");
+    }
+
+    #[test]
+    fn root_uses_run_dir() {
+        let env = env_of(&[("XDG_RUNTIME_DIR", "/run/user/0")]);
+        assert_eq!(
+            socket_from(None, env, 0, 0),
+            Ok(PathBuf::from("/run/hotreload/control.sock"))
+        );
+    }
+
+    #[test]
+    fn user_uses_xdg_runtime_dir_then_tmp() {
+        let env = env_of(&[("XDG_RUNTIME_DIR", "/run/user/1000")]);
+        assert_eq!(
+            socket_from(None, env, 1000, 1000),
+            Ok(PathBuf::from("/run/user/1000/hotreload/control.sock"))
+        );
+        assert_eq!(
+            socket_from(None, env_of(&[]), 1000, 1000),
+            Ok(PathBuf::from("/tmp/hotreload-1000/control.sock"))
+        );
+        let relative = env_of(&[("XDG_RUNTIME_DIR", "run")]);
+        assert_eq!(
+            socket_from(None, relative, 1000, 1000),
+            Ok(PathBuf::from("/tmp/hotreload-1000/control.sock"))
+        );
+    }
+
+    #[test]
+    fn exit_codes_per_error_kind() {
+        assert_eq!(CtlError::Usage(String::new()).exit_code(), 64);
+        assert_eq!(CtlError::Unreachable(String::new()).exit_code(), 69);
+        let daemon = CtlError::Daemon {
+            code: "busy".into(),
+            message: "shutting down".into(),
+        };
+        assert_eq!(daemon.exit_code(), 1);
+        assert_eq!(CtlError::Failed(String::new()).exit_code(), 1);
+        assert_eq!(CtlError::Config(String::new()).exit_code(), 78);
+        let pipe = CtlError::Output(io::Error::from(io::ErrorKind::BrokenPipe));
+        assert_eq!(pipe.exit_code(), 0);
+    }
+}

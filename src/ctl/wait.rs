@@ -1,0 +1,313 @@
+//! Waiting for the outcome of `hotreloadctl install --wait`: which of the plugin's events mean
+//! success or failure, as a pure state machine with the clock passed in ([`Waiter`]), and the loop
+//! that feeds it events from a subscribed connection until it decides or time runs out.
+//!
+//! A reload ends with `reload_succeeded` for the installed version or a final `reload_failed`
+//! (`retry_in_ms` null, possibly followed by `rolled_back`). A plugin that was not running before
+//! ends with its first start: `plugin_ready`, or `plugin_started` and no exit for [`SETTLE`].
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::client::{Client, ReadError, parse_reply};
+use super::render::{self, Style, text};
+use super::{CtlError, Io};
+
+/// How long `--wait` waits for a reload result (retries with backoff included).
+pub const WAIT_LIMIT: Duration = Duration::from_secs(120);
+/// How long a new plugin must stay up after `plugin_started` to count as started when no
+/// `plugin_ready` arrives.
+const SETTLE: Duration = Duration::from_secs(3);
+/// How long to wait for `rolled_back` after a final `reload_failed`.
+const ROLLBACK_GRACE: Duration = Duration::from_secs(5);
+
+/// What one event means for an install that is waiting for its outcome.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Step {
+    /// Nothing to report.
+    Continue,
+    /// Worth telling the user while waiting (a retry, an early exit).
+    Note(String),
+    /// Decided: the success or failure line.
+    Done(Result<String, String>),
+}
+
+/// Decides the outcome of an install from the plugin's events: a pure state machine, time passed in.
+#[derive(Debug)]
+pub(super) struct Waiter {
+    style: Style,
+    plugin: String,
+    version: String,
+    first_start: bool,
+    /// When `plugin_started` for our version arrived, and the pid (first-start mode).
+    started: Option<(Instant, Value)>,
+}
+
+impl Waiter {
+    pub(super) fn new(plugin: &str, version: &str, first_start: bool, style: Style) -> Waiter {
+        Waiter {
+            style,
+            plugin: plugin.to_string(),
+            version: version.to_string(),
+            first_start,
+            started: None,
+        }
+    }
+
+    fn on_event(&mut self, ev: &Value, now: Instant) -> Step {
+        if ev["plugin"].as_str() != Some(self.plugin.as_str()) {
+            return Step::Continue;
+        }
+        let p = &self.plugin;
+        let ours = |key: &str| ev[key].as_str().is_none_or(|v| v == self.version);
+        match ev["event"].as_str().unwrap_or("") {
+            // A reload of an earlier build that was already under way is not ours.
+            "reload_succeeded" if !ours("new_version") => Step::Continue,
+            "reload_succeeded" => {
+                let result = json!({"plugin": p, "ok": true, "old_version": ev["old_version"],
+                    "new_version": ev["new_version"], "duration_ms": ev["duration_ms"]});
+                Step::Done(Ok(render::trigger_result(&result, &self.style).0))
+            }
+            "reload_failed" if ev["retry_in_ms"].is_null() => {
+                Step::Done(Err(format!("{p}: reload failed: {}", text(&ev["error"]))))
+            }
+            "reload_failed" => Step::Note(format!(
+                "{p}: attempt {} failed: {}; retrying in {} ms",
+                text(&ev["attempt"]),
+                text(&ev["error"]),
+                text(&ev["retry_in_ms"])
+            )),
+            "plugin_started" if self.first_start && ours("version") => {
+                self.started = Some((now, ev["pid"].clone()));
+                Step::Continue
+            }
+            "plugin_ready" if self.first_start && self.started.is_some() => {
+                Step::Done(Ok(self.started_line()))
+            }
+            "plugin_exited" if self.first_start && self.started.take().is_some() => {
+                Step::Note(format!(
+                    "{p}: exited right after starting ({}); waiting for the daemon to retry",
+                    exit_text(ev)
+                ))
+            }
+            _ => Step::Continue,
+        }
+    }
+
+    /// When a started-but-not-ready new plugin counts as started.
+    fn settle_deadline(&self) -> Option<Instant> {
+        self.started.as_ref().map(|(at, _)| *at + SETTLE)
+    }
+
+    fn started_line(&self) -> String {
+        let pid = self
+            .started
+            .as_ref()
+            .map_or(Value::Null, |(_, pid)| pid.clone());
+        format!(
+            "{}: started version {} (pid {})",
+            self.plugin,
+            self.version,
+            text(&pid)
+        )
+    }
+}
+
+fn exit_text(ev: &Value) -> String {
+    match (&ev["code"], &ev["signal"]) {
+        (Value::Null, Value::Null) => "no exit status".to_string(),
+        (Value::Null, signal) => format!("signal {}", text(signal)),
+        (code, _) => format!("exit code {}", text(code)),
+    }
+}
+
+/// What waiting produced: the line to print (or the failure) and the events that decided it.
+#[derive(Debug)]
+pub(super) struct Waited {
+    /// The success line, or the failure message.
+    pub result: Result<String, String>,
+    /// The events that mattered (notes, the outcome, a rollback), for `--json`.
+    pub events: Vec<Value>,
+}
+
+/// Reads the plugin's events until the waiter decides, the daemon goes away or [`WAIT_LIMIT`].
+pub(super) fn wait_for_outcome(
+    events: &mut Client,
+    waiter: &mut Waiter,
+    json: bool,
+    io: &mut Io<'_>,
+) -> Result<Waited, CtlError> {
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + WAIT_LIMIT;
+    loop {
+        let now = Instant::now();
+        if let Some(settled) = waiter.settle_deadline()
+            && now >= settled
+        {
+            return Ok(Waited {
+                result: Ok(waiter.started_line()),
+                events: seen,
+            });
+        }
+        if now >= deadline {
+            let id = &waiter.plugin;
+            let result = Err(format!(
+                "{id}: no reload result after {} s; see `hotreloadctl plugin {id}` and `hotreloadctl events {id}`",
+                WAIT_LIMIT.as_secs()
+            ));
+            return Ok(Waited {
+                result,
+                events: seen,
+            });
+        }
+        let wake = waiter
+            .settle_deadline()
+            .map_or(deadline, |s| s.min(deadline));
+        let Some(ev) = next_event(events, wake - now, &waiter.plugin)? else {
+            continue;
+        };
+        match waiter.on_event(&ev, Instant::now()) {
+            Step::Continue => {}
+            Step::Note(note) => {
+                seen.push(ev);
+                if !json {
+                    writeln!(io.err, "hotreloadctl: {note}")?;
+                }
+            }
+            Step::Done(result) => {
+                seen.push(ev);
+                if result.is_err()
+                    && let Some(rolled_back) = await_rollback(events, waiter)
+                {
+                    if !json {
+                        let version = text(&rolled_back["version"]);
+                        writeln!(
+                            io.out,
+                            "{}: rolled back to version {version}",
+                            waiter.plugin
+                        )?;
+                    }
+                    seen.push(rolled_back);
+                }
+                return Ok(Waited {
+                    result,
+                    events: seen,
+                });
+            }
+        }
+    }
+}
+
+/// After a final failure, the `rolled_back` event if one follows promptly.
+fn await_rollback(events: &mut Client, waiter: &Waiter) -> Option<Value> {
+    let deadline = Instant::now() + ROLLBACK_GRACE;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        // The failure is the news; a connection lost now does not change it.
+        let ev = next_event(events, left, &waiter.plugin).ok()?;
+        if let Some(ev) = ev
+            && ev["event"] == "rolled_back"
+            && ev["plugin"] == waiter.plugin.as_str()
+        {
+            return Some(ev);
+        }
+    }
+    None
+}
+
+/// The next event within `timeout`: `Ok(None)` when the timeout passed first.
+fn next_event(events: &mut Client, timeout: Duration, id: &str) -> Result<Option<Value>, CtlError> {
+    events.set_read_timeout(Some(timeout))?;
+    match events.read_line() {
+        Ok(Some(line)) if line.trim().is_empty() => Ok(None),
+        Ok(Some(line)) => Ok(Some(parse_reply(line, events.path())?.value)),
+        Ok(None) => Err(CtlError::Unreachable(format!(
+            "daemon at {} closed the connection while waiting for {id}'s reload",
+            events.path().display()
+        ))),
+        Err(ReadError::TimedOut) => Ok(None),
+        Err(ReadError::Failed(e)) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plain() -> Style {
+        Style {
+            color: false,
+            width: None,
+            local_time: false,
+            now: std::time::SystemTime::now(),
+        }
+    }
+
+    #[test]
+    fn waiter_reload_mode() {
+        let now = Instant::now();
+        let mut w = Waiter::new("p1", "4567ef0011111111", false, plain());
+        let ev = |v: Value| v;
+        assert_eq!(
+            w.on_event(&ev(json!({"event": "reload_started", "plugin": "p1"})), now),
+            Step::Continue
+        );
+        // An older build's reload finishing is not ours.
+        let older =
+            json!({"event": "reload_succeeded", "plugin": "p1", "new_version": "aaaaaaaaaaaaaaaa"});
+        assert_eq!(w.on_event(&older, now), Step::Continue);
+        let retry = json!({"event": "reload_failed", "plugin": "p1", "error": "boom", "attempt": 1,
+                           "retry_in_ms": 1000});
+        assert_eq!(
+            w.on_event(&retry, now),
+            Step::Note("p1: attempt 1 failed: boom; retrying in 1000 ms".to_string())
+        );
+        // Plain starts do not decide a reload.
+        let started = json!({"event": "plugin_started", "plugin": "p1", "pid": 5, "version": "4567ef0011111111"});
+        assert_eq!(w.on_event(&started, now), Step::Continue);
+        assert_eq!(w.settle_deadline(), None);
+        let ok = json!({"event": "reload_succeeded", "plugin": "p1", "old_version": "0123abcd00000000",
+                        "new_version": "4567ef0011111111", "duration_ms": 12});
+        assert_eq!(
+            w.on_event(&ok, now),
+            Step::Done(Ok(
+                "p1: reloaded 0123abcd… -> 4567ef00… in 12 ms".to_string()
+            ))
+        );
+        let last = json!({"event": "reload_failed", "plugin": "p1", "error": "boom", "attempt": 4,
+                          "retry_in_ms": null});
+        assert_eq!(
+            w.on_event(&last, now),
+            Step::Done(Err("p1: reload failed: boom".to_string()))
+        );
+        let other =
+            json!({"event": "reload_failed", "plugin": "p2", "error": "x", "retry_in_ms": null});
+        assert_eq!(w.on_event(&other, now), Step::Continue);
+    }
+
+    #[test]
+    fn waiter_first_start_mode() {
+        let t0 = Instant::now();
+        let mut w = Waiter::new("p2", "4567ef0011111111", true, plain());
+        let started = json!({"event": "plugin_started", "plugin": "p2", "pid": 42, "version": "4567ef0011111111"});
+        assert_eq!(w.on_event(&started, t0), Step::Continue);
+        assert_eq!(w.settle_deadline(), Some(t0 + SETTLE));
+        let exited = json!({"event": "plugin_exited", "plugin": "p2", "pid": 42, "code": 3, "expected": false});
+        assert_eq!(
+            w.on_event(&exited, t0),
+            Step::Note(
+                "p2: exited right after starting (exit code 3); waiting for the daemon to retry"
+                    .into()
+            )
+        );
+        assert_eq!(w.settle_deadline(), None);
+        assert_eq!(w.on_event(&started, t0), Step::Continue);
+        let ready = json!({"event": "plugin_ready", "plugin": "p2"});
+        assert_eq!(
+            w.on_event(&ready, t0),
+            Step::Done(Ok(
+                "p2: started version 4567ef0011111111 (pid 42)".to_string()
+            ))
+        );
+    }
+}
