@@ -515,6 +515,14 @@ impl ControlServer {
             .count()
     }
 
+    /// Whether any subscriber asked for verbose events (`change_ignored`), so the watcher only
+    /// explains filtered changes when someone will read the explanation.
+    pub fn has_verbose_subscriber(&self) -> bool {
+        self.conns
+            .values()
+            .any(|c| c.subscription.as_ref().is_some_and(|f| f.verbose))
+    }
+
     /// The socket's path, when it has one.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()

@@ -200,123 +200,16 @@ pub fn main() -> ExitCode {
     ExitCode::from(run(std::env::args_os(), &mut io))
 }
 
-/// Resolves the control socket path: `--socket`, then `$HOTRELOAD_SOCKET`, then the daemon's
-/// default location.
-// MERGE: replace the fallback (`default_socket`) with `hotreload::config::client_socket(cli, &env)`
-// once the config module lands, so the client also honours the config file's `control.socket`;
-// its `ConfigError` maps to `CtlError::Config` (exit 78) as the `Err(String)` here already does.
+/// The socket to talk to: `--socket`, then `$HOTRELOAD_SOCKET` (no config read in either case),
+/// else what the daemon's configuration resolves (SPEC §2), so client and daemon always agree.
 pub fn resolve_socket(cli: Option<&Path>) -> Result<PathBuf, String> {
-    socket_from(
-        cli,
-        |name| std::env::var_os(name),
-        nix::unistd::geteuid().as_raw(),
-        nix::unistd::getuid().as_raw(),
-    )
-}
-
-/// [`resolve_socket`] with the environment and ids passed in, for tests.
-fn socket_from(
-    cli: Option<&Path>,
-    env: impl Fn(&str) -> Option<OsString>,
-    euid: u32,
-    uid: u32,
-) -> Result<PathBuf, String> {
-    if let Some(path) = cli {
-        return Ok(path.to_path_buf());
-    }
-    if let Some(value) = env("HOTRELOAD_SOCKET") {
-        if value.is_empty() {
-            return Err(
-                "HOTRELOAD_SOCKET is set but empty; unset it or set it to the control \
-                        socket path"
-                    .to_string(),
-            );
-        }
-        return Ok(PathBuf::from(value));
-    }
-    Ok(default_socket(env, euid, uid))
-}
-
-/// TEMPORARY (see the MERGE note on [`resolve_socket`]): the runtime-dir rule of SPEC §2 without
-/// the config file.
-fn default_socket(env: impl Fn(&str) -> Option<OsString>, euid: u32, uid: u32) -> PathBuf {
-    if euid == 0 {
-        return PathBuf::from("/run/hotreload/control.sock");
-    }
-    // The XDG base directory spec says relative values are invalid and must be ignored.
-    if let Some(xdg) = env("XDG_RUNTIME_DIR").map(PathBuf::from)
-        && xdg.is_absolute()
-    {
-        return xdg.join("hotreload/control.sock");
-    }
-    PathBuf::from(format!("/tmp/hotreload-{uid}/control.sock"))
+    let env = crate::config::Env::from_process();
+    crate::config::client_socket(cli, &env).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<OsString> {
-        move |name| {
-            pairs
-                .iter()
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| OsString::from(v))
-        }
-    }
-
-    #[test]
-    fn socket_flag_wins_over_everything() {
-        let env = env_of(&[
-            ("HOTRELOAD_SOCKET", "/env.sock"),
-            ("XDG_RUNTIME_DIR", "/xdg"),
-        ]);
-        let got = socket_from(Some(Path::new("/cli.sock")), env, 1000, 1000);
-        assert_eq!(got, Ok(PathBuf::from("/cli.sock")));
-    }
-
-    #[test]
-    fn env_wins_over_default() {
-        let env = env_of(&[
-            ("HOTRELOAD_SOCKET", "/env.sock"),
-            ("XDG_RUNTIME_DIR", "/xdg"),
-        ]);
-        assert_eq!(socket_from(None, env, 0, 0), Ok(PathBuf::from("/env.sock")));
-    }
-
-    #[test]
-    fn empty_env_is_a_config_error_naming_the_variable() {
-        let env = env_of(&[("HOTRELOAD_SOCKET", "")]);
-        let err = socket_from(None, env, 1000, 1000).unwrap_err();
-        assert!(err.contains("HOTRELOAD_SOCKET"), "{err}");
-    }
-
-    #[test]
-    fn root_uses_run_dir() {
-        let env = env_of(&[("XDG_RUNTIME_DIR", "/run/user/0")]);
-        assert_eq!(
-            socket_from(None, env, 0, 0),
-            Ok(PathBuf::from("/run/hotreload/control.sock"))
-        );
-    }
-
-    #[test]
-    fn user_uses_xdg_runtime_dir_then_tmp() {
-        let env = env_of(&[("XDG_RUNTIME_DIR", "/run/user/1000")]);
-        assert_eq!(
-            socket_from(None, env, 1000, 1000),
-            Ok(PathBuf::from("/run/user/1000/hotreload/control.sock"))
-        );
-        assert_eq!(
-            socket_from(None, env_of(&[]), 1000, 1000),
-            Ok(PathBuf::from("/tmp/hotreload-1000/control.sock"))
-        );
-        let relative = env_of(&[("XDG_RUNTIME_DIR", "run")]);
-        assert_eq!(
-            socket_from(None, relative, 1000, 1000),
-            Ok(PathBuf::from("/tmp/hotreload-1000/control.sock"))
-        );
-    }
 
     #[test]
     fn exit_codes_per_error_kind() {

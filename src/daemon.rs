@@ -1,0 +1,736 @@
+//! The daemon: one thread, one `mio::Poll`, every subsystem owned here and driven from here.
+//!
+//! `Daemon` holds the poll, the control server and the `Core` (everything else). The split is
+//! what lets the control server call back into the core (`Handler`) while both are borrowed:
+//! the server owns the client connections, the core owns plugins, timers, watches and config.
+//!
+//! Each loop turn: sleep until an fd is ready or the next timer is due (never longer, never a
+//! periodic tick), dispatch every ready source (draining each to WouldBlock), fire due timers,
+//! then publish the events and deferred replies the turn produced.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token};
+use serde_json::{Map, Value, json};
+
+use crate::clock::{self, Clock};
+use crate::config::{self, Config, Env, Overrides};
+use crate::control::protocol::{self, Command, ErrorCode, Request};
+use crate::control::{
+    ClientId, ControlServer, EventRecord, Handler, Limits, Outcome, Peer, SubscribeFilter,
+};
+use crate::events::Event;
+use crate::notify::Notifier;
+use crate::signals::{SignalEvent, SignalSource};
+use crate::supervisor::{Ctx, Outbox, Supervisor, Timer, Trigger, Waiter, reap, spawn};
+use crate::token;
+use crate::watch::{Change, Watcher};
+use crate::wheel::TimerWheel;
+
+/// Why the daemon could not run; each maps to one exit code in the binary.
+#[derive(Debug)]
+pub enum FatalError {
+    /// Configuration problem (exit 78).
+    Config(String),
+    /// Operating-system problem: socket busy, directory not creatable, poll failure (exit 71).
+    Os(String),
+}
+
+impl std::fmt::Display for FatalError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FatalError::Config(m) | FatalError::Os(m) => f.write_str(m),
+        }
+    }
+}
+
+impl FatalError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            FatalError::Config(_) => 78,
+            FatalError::Os(_) => 71,
+        }
+    }
+}
+
+fn os_err(what: impl std::fmt::Display) -> FatalError {
+    FatalError::Os(what.to_string())
+}
+
+pub struct Daemon {
+    poll: Poll,
+    /// The control server's own handle on the poll (the core holds another).
+    registry: Registry,
+    control: ControlServer,
+    core: Core,
+}
+
+/// Everything but the poll and the control server.
+struct Core {
+    registry: Registry,
+    clock: Clock,
+    wheel: TimerWheel<Timer>,
+    signals: SignalSource,
+    watcher: Option<Watcher>,
+    sup: Supervisor,
+    config: Config,
+    overrides: Overrides,
+    env: Env,
+    enabled: bool,
+    started: Instant,
+    shutting_down: bool,
+    outbox: Outbox,
+    /// Connected control clients, refreshed by the daemon around control dispatch.
+    sessions: usize,
+    verbose_listeners: bool,
+    notifier: Notifier,
+    watchdog_interval_ms: Option<u64>,
+}
+
+impl Daemon {
+    /// Set everything up: directories, signals, control socket, watches, initial plugins.
+    pub fn start(config: Config, overrides: Overrides, env: Env) -> Result<Daemon, FatalError> {
+        prepare_dirs(&config)?;
+        if let Err(e) = spawn::become_subreaper() {
+            log::warn!("cannot become a child subreaper ({e}): escaped grandchildren go to init");
+        }
+        let poll = Poll::new().map_err(|e| os_err(format!("cannot create the event loop: {e}")))?;
+        let registry = poll
+            .registry()
+            .try_clone()
+            .map_err(|e| os_err(format!("cannot clone the poll registry: {e}")))?;
+        let signals = SignalSource::new(&registry)
+            .map_err(|e| os_err(format!("cannot handle signals: {e}")))?;
+        let mut control = open_control(&config)?;
+        control
+            .register(&registry)
+            .map_err(|e| os_err(format!("cannot poll the control socket: {e}")))?;
+        let watcher = if config.watch_enabled {
+            let w = Watcher::new(&config.plugins_dir).map_err(os_err)?;
+            registry
+                .register(&mut SourceFd(&w.fd()), token::INOTIFY, Interest::READABLE)
+                .map_err(|e| os_err(format!("cannot poll inotify: {e}")))?;
+            Some(w)
+        } else {
+            log::info!("HOTRELOAD_WATCH is off: supervising only, no file watches");
+            None
+        };
+        let clock = Clock::new();
+        let notifier = Notifier::from_env();
+        let watchdog_interval_ms = notifier.watchdog_interval_ms();
+        let mut core = Core {
+            sup: Supervisor::new(&config.runtime_dir, &config.state_dir),
+            wheel: TimerWheel::new(clock.now_ms()),
+            enabled: config.hot_reload.enabled,
+            registry,
+            clock,
+            signals,
+            watcher,
+            config,
+            overrides,
+            env,
+            started: Instant::now(),
+            shutting_down: false,
+            outbox: Outbox::default(),
+            sessions: 0,
+            verbose_listeners: false,
+            notifier,
+            watchdog_interval_ms,
+        };
+        log::info!(
+            "hotreloadd {} supervising {} (hot reload {})",
+            env!("CARGO_PKG_VERSION"),
+            core.config.plugins_dir.display(),
+            if core.enabled { "on" } else { "off" }
+        );
+        core.scan_plugins_dir();
+        if let Some(ms) = core.watchdog_interval_ms {
+            core.notifier.watchdog();
+            let now = core.clock.now_ms();
+            core.wheel.insert(now + ms, Timer::Watchdog);
+        }
+        let registry = core
+            .registry
+            .try_clone()
+            .map_err(|e| os_err(format!("cannot clone the poll registry: {e}")))?;
+        let mut daemon = Daemon {
+            poll,
+            registry,
+            control,
+            core,
+        };
+        daemon.flush();
+        daemon.core.notifier.ready(&daemon.core.status_line());
+        Ok(daemon)
+    }
+
+    /// Run until SIGTERM/SIGINT has stopped every plugin.
+    pub fn run(mut self) -> Result<(), FatalError> {
+        let mut events = Events::with_capacity(256);
+        loop {
+            let timeout = self.core.poll_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(os_err(format!("event loop failed: {e}")));
+            }
+            for event in events.iter() {
+                self.dispatch(event);
+            }
+            self.core.read_backlog();
+            self.core.fire_timers();
+            self.flush();
+            if self.core.shutting_down && self.core.sup.all_stopped() {
+                break;
+            }
+        }
+        self.control.shutdown(&self.registry);
+        log::info!("all plugins stopped, exiting");
+        Ok(())
+    }
+
+    fn dispatch(&mut self, event: &mio::event::Event) {
+        match event.token() {
+            token::SIGNALS => self.core.on_signals(),
+            token::INOTIFY => self.core.on_inotify(),
+            t if token::is_pipe(t) => self.core.on_pipe(t),
+            t if self.control.owns(t) => {
+                self.core.sessions = self.control.client_count();
+                self.control
+                    .handle_event(&self.registry, event, &mut self.core);
+                self.core.sessions = self.control.client_count();
+            }
+            // A source closed earlier in this batch: nothing to do.
+            _ => {}
+        }
+    }
+
+    /// Deliver what the turn produced: deferred replies (which may unblock pipelined requests,
+    /// which may produce more) and events.
+    fn flush(&mut self) {
+        loop {
+            let replies = std::mem::take(&mut self.core.outbox.replies);
+            let events = std::mem::take(&mut self.core.outbox.events);
+            if replies.is_empty() && events.is_empty() {
+                break;
+            }
+            for event in events {
+                let record = EventRecord {
+                    plugin: event.plugin.clone(),
+                    verbose_only: event.verbose_only,
+                    line: Rc::from(event.to_line()),
+                };
+                self.control.publish(&self.registry, &record);
+            }
+            for (client, line) in replies {
+                self.control
+                    .complete(&self.registry, client, line, &mut self.core);
+            }
+        }
+        self.core.sessions = self.control.client_count();
+        self.core.verbose_listeners = self.control.has_verbose_subscriber();
+    }
+}
+
+fn prepare_dirs(config: &Config) -> Result<(), FatalError> {
+    std::fs::create_dir_all(&config.plugins_dir).map_err(|e| {
+        os_err(format!(
+            "cannot create plugins dir {}: {e}",
+            config.plugins_dir.display()
+        ))
+    })?;
+    for dir in [&config.runtime_dir, &config.state_dir] {
+        create_private_dir(dir)?;
+    }
+    Ok(())
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), FatalError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| os_err(format!("cannot create directory {}: {e}", dir.display())))
+}
+
+fn open_control(config: &Config) -> Result<ControlServer, FatalError> {
+    let limits = Limits {
+        max_clients: config.control.max_clients,
+        max_line_bytes: config.control.max_line_bytes,
+        max_out_bytes: 1024 * 1024,
+    };
+    if let Some(listener) = crate::notify::take_activated_listener() {
+        log::info!("using the control socket passed by the service manager");
+        return ControlServer::from_listener(listener, limits, token::CONTROL_BASE).map_err(os_err);
+    }
+    ControlServer::bind(
+        &config.socket,
+        config.control.mode,
+        config.control.group.as_deref(),
+        limits,
+        token::CONTROL_BASE,
+    )
+    .map_err(|e| {
+        if e.is_address_in_use() {
+            os_err(format!(
+                "another hotreloadd is already listening on {} ({e}); stop it or choose another --socket",
+                config.socket.display()
+            ))
+        } else {
+            os_err(e)
+        }
+    })
+}
+
+impl Core {
+    fn ctx(&mut self) -> (Ctx<'_>, &mut Supervisor) {
+        let ctx = Ctx {
+            now_ms: self.clock.now_ms(),
+            wheel: &mut self.wheel,
+            registry: &self.registry,
+            out: &mut self.outbox,
+            config: &self.config,
+        };
+        (ctx, &mut self.sup)
+    }
+
+    fn poll_timeout(&mut self) -> Option<Duration> {
+        if self.sup.has_backlog() {
+            return Some(Duration::ZERO);
+        }
+        self.wheel
+            .next_deadline()
+            .map(|d| clock::timeout_until(d, self.clock.now_ms()))
+    }
+
+    fn emit(&mut self, event: Event) {
+        self.outbox.events.push(event);
+    }
+
+    // -- sources
+
+    fn on_signals(&mut self) {
+        for sig in self.signals.pending() {
+            match sig {
+                SignalEvent::Child => self.reap(),
+                SignalEvent::Terminate => self.begin_shutdown(),
+                SignalEvent::Reload => {
+                    let _ = self.reload_config();
+                }
+            }
+        }
+    }
+
+    fn reap(&mut self) {
+        let (mut ctx, sup) = self.ctx();
+        for (pid, status) in reap::reap_all() {
+            sup.on_exit(&mut ctx, pid, status);
+        }
+        sup.check_stragglers(&mut ctx);
+    }
+
+    fn on_inotify(&mut self) {
+        let Some(watcher) = self.watcher.as_mut() else {
+            return;
+        };
+        let changes = watcher.drain(&self.config.matchers, self.verbose_listeners);
+        for change in changes {
+            self.on_change(change);
+        }
+    }
+
+    fn on_change(&mut self, change: Change) {
+        match change {
+            Change::DirAdded(name) => self.add_plugin_dir(&name),
+            Change::DirRemoved(name) => self.remove_plugin(&name),
+            Change::PluginDirLost(id) => {
+                if self.config.plugins_dir.join(&id).is_dir() {
+                    self.add_plugin_dir(&id);
+                } else {
+                    self.remove_plugin(&id);
+                }
+            }
+            Change::File { plugin, path } => {
+                if self.sup.get(&plugin).is_some_and(|p| p.exec_path() == path) {
+                    if let Some(w) = self.watcher.as_mut() {
+                        w.refresh_plugin(&plugin);
+                    }
+                }
+                let enabled = self.enabled;
+                let (mut ctx, sup) = self.ctx();
+                sup.on_change(&mut ctx, &plugin, &path, enabled);
+            }
+            Change::Ignored {
+                plugin,
+                path,
+                reason,
+            } => {
+                let ev = Event::new("change_ignored", plugin.as_deref())
+                    .with("path", path.to_string_lossy())
+                    .with("reason", reason);
+                self.emit(ev);
+            }
+            Change::Rescan => self.rescan(),
+        }
+    }
+
+    fn on_pipe(&mut self, token: Token) {
+        let (mut ctx, sup) = self.ctx();
+        sup.on_pipe(&mut ctx, token);
+    }
+
+    fn read_backlog(&mut self) {
+        let (mut ctx, sup) = self.ctx();
+        for token in sup.take_backlog() {
+            sup.on_pipe(&mut ctx, token);
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        loop {
+            let now = self.clock.now_ms();
+            let due = self.wheel.poll(now);
+            if due.is_empty() {
+                break;
+            }
+            for (_, timer) in due {
+                if timer == Timer::Watchdog {
+                    self.on_watchdog();
+                    continue;
+                }
+                let (mut ctx, sup) = self.ctx();
+                sup.on_timer(&mut ctx, timer);
+            }
+        }
+    }
+
+    fn on_watchdog(&mut self) {
+        self.notifier.watchdog();
+        if let Some(ms) = self.watchdog_interval_ms {
+            let now = self.clock.now_ms();
+            self.wheel.insert(now + ms, Timer::Watchdog);
+        }
+    }
+
+    // -- plugins dir
+
+    /// Bring the plugin table in line with the directories in plugins_dir.
+    fn scan_plugins_dir(&mut self) {
+        let names = self.plugin_dir_names();
+        let known: Vec<String> = self.sup.plugins().map(|p| p.id.clone()).collect();
+        for id in known {
+            if !names.contains(&id) {
+                self.remove_plugin(&id);
+            }
+        }
+        for name in names {
+            self.add_plugin_dir(&name);
+        }
+    }
+
+    fn plugin_dir_names(&self) -> Vec<String> {
+        let dir = &self.config.plugins_dir;
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) => {
+                log::error!("cannot list plugins dir {}: {e}", dir.display());
+                return Vec::new();
+            }
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|name| self.config.matchers.is_plugin_dir_name(name))
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn add_plugin_dir(&mut self, name: &str) {
+        if !config::valid_plugin_id(name) {
+            log::warn!(
+                "skipping plugin directory {:?}: a plugin id must match ^[A-Za-z0-9][A-Za-z0-9._-]{{0,63}}$",
+                name
+            );
+            return;
+        }
+        let dir: PathBuf = self.config.plugins_dir.join(name);
+        if !dir.is_dir() {
+            return;
+        }
+        let exec = self.config.plugin(name).exec;
+        if let Some(w) = self.watcher.as_mut() {
+            if !w.is_watching(name) {
+                match w.watch_plugin(name, &dir, &exec) {
+                    Ok(()) => log::info!(
+                        "[{name}] added watch for plugin directory {}",
+                        dir.display()
+                    ),
+                    Err(e) => log::error!("[{name}] {e}"),
+                }
+            }
+        }
+        if !self.sup.contains(name) || self.sup.get(name).is_some_and(|p| p.removing) {
+            let (mut ctx, sup) = self.ctx();
+            sup.add_plugin(&mut ctx, name, dir);
+        }
+    }
+
+    fn remove_plugin(&mut self, id: &str) {
+        if let Some(w) = self.watcher.as_mut() {
+            w.unwatch_plugin(id);
+        }
+        let (mut ctx, sup) = self.ctx();
+        sup.remove_plugin(&mut ctx, id);
+    }
+
+    /// Events were lost: re-read the plugins dir and compare every build with what runs.
+    fn rescan(&mut self) {
+        if let Some(w) = self.watcher.as_mut() {
+            if let Err(e) = w.watch_root() {
+                log::error!("{e}");
+            }
+        }
+        self.scan_plugins_dir();
+        let (mut ctx, sup) = self.ctx();
+        sup.rescan_versions(&mut ctx);
+    }
+
+    // -- config and lifecycle
+
+    /// SIGHUP / reload-config: apply a new configuration, or keep the running one on error.
+    fn reload_config(&mut self) -> Result<(), String> {
+        self.notifier.reloading();
+        let result = config::load(&self.overrides, &self.env);
+        let outcome = match result {
+            Err(e) => {
+                let error = e.to_string();
+                log::error!(
+                    "configuration reload failed, keeping the running configuration: {error}"
+                );
+                self.emit(Event::new("config_rejected", None).with("error", error.as_str()));
+                Err(error)
+            }
+            Ok(new) => {
+                self.apply_config(new);
+                log::info!("configuration reloaded");
+                self.emit(Event::new("config_reloaded", None));
+                Ok(())
+            }
+        };
+        self.notifier.ready(&self.status_line());
+        outcome
+    }
+
+    fn apply_config(&mut self, mut new: Config) {
+        for (what, old, fresh) in [
+            ("plugins_dir", &self.config.plugins_dir, &new.plugins_dir),
+            ("runtime_dir", &self.config.runtime_dir, &new.runtime_dir),
+            ("state_dir", &self.config.state_dir, &new.state_dir),
+            ("control.socket", &self.config.socket, &new.socket),
+        ] {
+            if old != fresh {
+                log::warn!(
+                    "{what} changed to {} but takes effect only after a restart; keeping {}",
+                    fresh.display(),
+                    old.display()
+                );
+            }
+        }
+        new.plugins_dir = self.config.plugins_dir.clone();
+        new.runtime_dir = self.config.runtime_dir.clone();
+        new.state_dir = self.config.state_dir.clone();
+        new.socket = self.config.socket.clone();
+        let patterns_changed =
+            new.hot_reload.watch_patterns != self.config.hot_reload.watch_patterns;
+        if new.hot_reload.enabled != self.config.hot_reload.enabled {
+            self.enabled = new.hot_reload.enabled;
+        }
+        self.config = new;
+        if patterns_changed {
+            self.scan_plugins_dir();
+        }
+        let (mut ctx, sup) = self.ctx();
+        sup.apply_config(&mut ctx);
+        // The executable may have moved (`exec` changed): watch where it lives now.
+        if let Some(w) = self.watcher.as_mut() {
+            for p in self.sup.plugins() {
+                if w.is_watching(&p.id) {
+                    if let Err(e) = w.watch_plugin(&p.id, &p.dir, &p.settings.exec) {
+                        log::warn!("[{}] {e}", p.id);
+                    }
+                }
+            }
+        }
+    }
+
+    fn begin_shutdown(&mut self) {
+        if self.shutting_down {
+            return;
+        }
+        log::info!("stopping all plugins");
+        self.shutting_down = true;
+        self.notifier.stopping();
+        let (mut ctx, sup) = self.ctx();
+        sup.begin_shutdown(&mut ctx);
+    }
+
+    // -- control commands
+
+    fn status_line(&self) -> String {
+        let total = self.sup.plugins().count();
+        format!(
+            "{}/{} plugins running, hot reload {}, {} reloads, {} failed",
+            self.sup.running_count(),
+            total,
+            if self.enabled { "on" } else { "off" },
+            self.sup.totals.reload_count,
+            self.sup.totals.failed_reloads
+        )
+    }
+
+    fn status_body(&self) -> Map<String, Value> {
+        let hr = &self.config.hot_reload;
+        let watching = self.watcher.as_ref().map_or(0, Watcher::dirs_watched);
+        let mut body = Map::new();
+        body.insert(
+            "hot_reload".into(),
+            json!({
+                "enabled": self.enabled,
+                "watching_directories": watching,
+                "last_reload": self.sup.totals.last_reload,
+                "reload_count": self.sup.totals.reload_count,
+                "failed_reloads": self.sup.totals.failed_reloads,
+                "active_sessions": self.sessions,
+                "debounce_delay_ms": hr.debounce_delay_ms,
+                "watch_patterns": hr.watch_patterns,
+                "exclude_patterns": hr.exclude_patterns,
+            }),
+        );
+        body.insert(
+            "daemon".into(),
+            json!({
+                "pid": std::process::id(),
+                "version": env!("CARGO_PKG_VERSION"),
+                "uptime_ms": clock::millis(self.started.elapsed()),
+                "plugins_total": self.sup.plugins().count(),
+                "plugins_running": self.sup.running_count(),
+                "plugins_dir": self.config.plugins_dir.to_string_lossy(),
+                "watch": self.watcher.is_some(),
+            }),
+        );
+        body
+    }
+
+    fn one(key: &str, value: Value) -> Map<String, Value> {
+        let mut body = Map::new();
+        body.insert(key.into(), value);
+        body
+    }
+
+    fn execute(&mut self, client: ClientId, request: Request) -> Outcome {
+        let id = request.id.as_ref();
+        let ok = |body| Outcome::Reply(protocol::success(id, body));
+        let err = |code, msg: &str| Outcome::Reply(protocol::error_line(id, code, msg));
+        if self.shutting_down && request.command.is_mutating() {
+            return err(ErrorCode::Busy, "the daemon is shutting down");
+        }
+        match request.command {
+            Command::Status => ok(self.status_body()),
+            Command::List => {
+                let plugins: Vec<Value> = self.sup.plugins().map(|p| p.list_entry()).collect();
+                ok(Self::one("plugins", Value::Array(plugins)))
+            }
+            Command::Plugin { id: pid } => match self.sup.get(&pid) {
+                None => err(
+                    ErrorCode::UnknownPlugin,
+                    &format!("no plugin named {pid:?}"),
+                ),
+                Some(p) => {
+                    let mut entry = p.list_entry();
+                    entry["state_file"] = self.sup.state_file_json(&pid);
+                    entry["history"] =
+                        Value::Array(p.history.iter().map(|h| h.to_json()).collect());
+                    ok(Self::one("plugin", entry))
+                }
+            },
+            Command::Enable => {
+                if self.watcher.is_none() {
+                    return err(
+                        ErrorCode::WatchDisabled,
+                        "file watching is switched off (HOTRELOAD_WATCH=0): restart the daemon without it to enable hot reload",
+                    );
+                }
+                if !self.enabled {
+                    self.enabled = true;
+                    log::info!("hot reload enabled");
+                    self.emit(Event::new("hot_reload_enabled", None));
+                    let (mut ctx, sup) = self.ctx();
+                    sup.on_enable(&mut ctx);
+                }
+                ok(Self::one("enabled", Value::Bool(true)))
+            }
+            Command::Disable => {
+                if self.enabled {
+                    self.enabled = false;
+                    log::info!("hot reload disabled");
+                    self.emit(Event::new("hot_reload_disabled", None));
+                }
+                ok(Self::one("enabled", Value::Bool(false)))
+            }
+            Command::Trigger { id: pid, wait } => {
+                if !self.sup.contains(&pid) {
+                    return err(
+                        ErrorCode::UnknownPlugin,
+                        &format!("no plugin named {pid:?}"),
+                    );
+                }
+                let waiters = if wait {
+                    vec![Waiter {
+                        client,
+                        request_id: request.id.clone(),
+                    }]
+                } else {
+                    Vec::new()
+                };
+                let (mut ctx, sup) = self.ctx();
+                sup.request(&mut ctx, &pid, Trigger::Manual, Vec::new(), waiters);
+                if wait {
+                    Outcome::Deferred
+                } else {
+                    ok(Self::one("scheduled", Value::Bool(true)))
+                }
+            }
+            Command::Subscribe { plugin, verbose } => {
+                if let Some(p) = &plugin {
+                    if !self.sup.contains(p) {
+                        return err(ErrorCode::UnknownPlugin, &format!("no plugin named {p:?}"));
+                    }
+                }
+                let reply = protocol::success(id, Self::one("subscribed", Value::Bool(true)));
+                Outcome::Subscribed(reply, SubscribeFilter { plugin, verbose })
+            }
+            Command::ReloadConfig => match self.reload_config() {
+                Ok(()) => ok(Self::one("reloaded", Value::Bool(true))),
+                Err(e) => err(ErrorCode::ConfigInvalid, &e),
+            },
+            Command::Help => {
+                let cmds: Vec<Value> = protocol::COMMANDS.iter().map(|c| Value::from(*c)).collect();
+                ok(Self::one("commands", Value::Array(cmds)))
+            }
+        }
+    }
+}
+
+impl Handler for Core {
+    fn handle(&mut self, client: ClientId, _peer: &Peer, request: Request) -> Outcome {
+        self.execute(client, request)
+    }
+}

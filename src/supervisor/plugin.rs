@@ -1,0 +1,278 @@
+//! One supervised plugin: what runs, what is being done to it, and what it has been through.
+//!
+//! The lifecycle is split in two so each half stays small: the *instance* (the process we are
+//! running, if any, and whether it is starting, up or being stopped) and the *job* (the reload,
+//! start, restart or rollback in progress, if any, with its attempt count and waiters). The state
+//! name users see (`missing`, `starting`, `running`, `stopping`, `reloading`, `backoff`, `failed`,
+//! `stopped`) is derived from those two, never stored, so it cannot drift from the truth.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use mio::Token;
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+
+use crate::config::PluginSettings;
+use crate::control::ClientId;
+use crate::wheel::TimerId;
+
+/// Reload history kept per plugin (SPEC §6: the last 20).
+pub const HISTORY_LEN: usize = 20;
+
+/// A snapshot we can start: content version and the copy in the runtime dir.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snap {
+    pub version: String,
+    pub path: PathBuf,
+}
+
+/// What set a reload off (the `trigger` field of events and history).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Watch,
+    Manual,
+    Enable,
+    Rescan,
+    Config,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Watch => "watch",
+            Trigger::Manual => "manual",
+            Trigger::Enable => "enable",
+            Trigger::Rescan => "rescan",
+            Trigger::Config => "config",
+        }
+    }
+}
+
+/// Someone waiting for a job's outcome (`trigger` with wait, `install --wait`).
+#[derive(Debug, Clone)]
+pub struct Waiter {
+    pub client: ClientId,
+    pub request_id: Option<Value>,
+}
+
+/// A running (or starting, or stopping) process.
+#[derive(Debug)]
+pub struct Instance {
+    pub seq: u64,
+    pub pid: Pid,
+    pub pidfd: Option<OwnedFd>,
+    pub version: String,
+    pub started_wall: String,
+    pub started: Instant,
+    /// Startup grace timer while the instance is not yet verified.
+    pub grace: Option<TimerId>,
+    pub verified: bool,
+    pub stop: Option<Stop>,
+    pub pipes: Vec<Token>,
+    /// The leader has been reaped but members of its group may still live.
+    pub reaped: bool,
+}
+
+/// A stop in progress: SIGTERM sent, SIGKILL armed.
+#[derive(Debug)]
+pub struct Stop {
+    pub kill_timer: Option<TimerId>,
+    pub killed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    /// First start of a build (plugin added, daemon start, autostart=false plugin triggered).
+    Start,
+    /// A new build replacing the running one (or a failed one).
+    Reload,
+    /// Restarting the same build after an unexpected exit.
+    Restart,
+    /// Going back to the last good build after a reload finally failed.
+    Rollback,
+}
+
+#[derive(Debug)]
+pub enum JobPhase {
+    /// Waiting for the old instance to exit.
+    StoppingOld,
+    /// New instance `seq` started, waiting for it to prove itself.
+    Verifying { seq: u64 },
+    /// Waiting before the next attempt.
+    Backoff { timer: TimerId, due_ms: u64 },
+}
+
+#[derive(Debug)]
+pub struct Job {
+    pub kind: JobKind,
+    pub trigger: Trigger,
+    pub files: Vec<String>,
+    pub target: Snap,
+    pub old_version: Option<String>,
+    /// 1-based attempt number of the current/next start.
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub started: Instant,
+    pub started_wall: String,
+    pub phase: JobPhase,
+    pub waiters: Vec<Waiter>,
+    pub last_error: Option<String>,
+}
+
+/// A reload asked for while another job runs: exactly one is kept, merged.
+#[derive(Debug, Default)]
+pub struct Queued {
+    pub trigger: Option<Trigger>,
+    pub files: BTreeSet<String>,
+    pub waiters: Vec<Waiter>,
+}
+
+/// Where a plugin rests when nothing runs and nothing is scheduled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rest {
+    Missing,
+    Stopped,
+    Failed,
+}
+
+#[derive(Debug, Clone)]
+pub struct HistoryEntry {
+    pub time: String,
+    pub trigger: Trigger,
+    pub old_version: Option<String>,
+    pub new_version: String,
+    pub ok: bool,
+    pub duration_ms: u64,
+    pub error: Option<String>,
+}
+
+impl HistoryEntry {
+    pub fn to_json(&self) -> Value {
+        json!({
+            "time": self.time, "trigger": self.trigger.as_str(), "old_version": self.old_version,
+            "new_version": self.new_version, "ok": self.ok, "duration_ms": self.duration_ms,
+            "error": self.error,
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct Plugin {
+    pub id: String,
+    pub dir: PathBuf,
+    pub settings: PluginSettings,
+    pub instance: Option<Instance>,
+    pub job: Option<Job>,
+    pub queued: Option<Queued>,
+    pub rest: Rest,
+    /// The build last started (running or not): what "unchanged version" compares against.
+    pub current: Option<Snap>,
+    pub last_good: Option<Snap>,
+    pub restarts: u64,
+    pub reload_count: u64,
+    pub failed_reloads: u64,
+    pub last_error: Option<String>,
+    pub history: VecDeque<HistoryEntry>,
+    /// Last valid JSON the plugin left in runtime.json.
+    pub runtime_data: Value,
+    pub status_text: Option<String>,
+    pub debounce: Option<TimerId>,
+    pub pending_files: BTreeSet<String>,
+    /// Files changed while hot reload was disabled (`enable` reloads these plugins).
+    pub changed_while_disabled: bool,
+    /// Directory gone: stop, then forget.
+    pub removing: bool,
+}
+
+impl Plugin {
+    pub fn new(id: &str, dir: PathBuf, settings: PluginSettings) -> Plugin {
+        Plugin {
+            id: id.to_string(),
+            dir,
+            settings,
+            instance: None,
+            job: None,
+            queued: None,
+            rest: Rest::Missing,
+            current: None,
+            last_good: None,
+            restarts: 0,
+            reload_count: 0,
+            failed_reloads: 0,
+            last_error: None,
+            history: VecDeque::new(),
+            runtime_data: Value::Null,
+            status_text: None,
+            debounce: None,
+            pending_files: BTreeSet::new(),
+            changed_while_disabled: false,
+            removing: false,
+        }
+    }
+
+    pub fn exec_path(&self) -> PathBuf {
+        self.dir.join(&self.settings.exec)
+    }
+
+    /// The state name of SPEC §5, derived from instance and job.
+    pub fn state_name(&self) -> &'static str {
+        let reloading = matches!(
+            self.job.as_ref().map(|j| j.kind),
+            Some(JobKind::Reload | JobKind::Rollback)
+        );
+        if let Some(inst) = &self.instance {
+            if inst.stop.is_some() {
+                return if reloading { "reloading" } else { "stopping" };
+            }
+            if reloading {
+                return "reloading";
+            }
+            return if inst.verified { "running" } else { "starting" };
+        }
+        match &self.job {
+            Some(job) => match job.phase {
+                JobPhase::Backoff { .. } => "backoff",
+                _ if reloading => "reloading",
+                _ => "starting",
+            },
+            None => match self.rest {
+                Rest::Missing => "missing",
+                Rest::Stopped => "stopped",
+                Rest::Failed => "failed",
+            },
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.instance
+            .as_ref()
+            .is_some_and(|i| i.verified && i.stop.is_none())
+    }
+
+    pub fn push_history(&mut self, entry: HistoryEntry) {
+        self.history.push_front(entry);
+        self.history.truncate(HISTORY_LEN);
+    }
+
+    /// The `list` entry of SPEC §6.
+    pub fn list_entry(&self) -> Value {
+        let inst = self.instance.as_ref().filter(|i| !i.reaped);
+        json!({
+            "id": self.id,
+            "state": self.state_name(),
+            "pid": inst.map(|i| i.pid.as_raw()),
+            "version": inst.map(|i| i.version.clone()).or_else(|| self.current.as_ref().map(|s| s.version.clone())),
+            "last_good_version": self.last_good.as_ref().map(|s| s.version.clone()),
+            "started_at": inst.map(|i| i.started_wall.clone()),
+            "restarts": self.restarts,
+            "reload_count": self.reload_count,
+            "failed_reloads": self.failed_reloads,
+            "last_error": self.last_error,
+            "exec": self.exec_path().to_string_lossy(),
+            "status_text": self.status_text,
+        })
+    }
+}

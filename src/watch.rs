@@ -1,0 +1,526 @@
+//! Change detection: one inotify instance, directory watches only, decoded into `Change`s.
+//!
+//! Watched: `plugins_dir` (plugin directories appearing and disappearing), each plugin directory
+//! (new builds), and, when a plugin's executable lives elsewhere (a symlink into a cargo `target/`
+//! dir, or an `exec` in a subdirectory), the directory holding the real file. Files themselves are
+//! never watched: a running executable pins its inode, so a file watch would go stale on the first
+//! rename-over (see linux-pitfalls §4).
+//!
+//! What counts as a new build (SPEC §5): a close after writing, a move into the dir, a hard link
+//! appearing (cargo's unlink + link, which produces no close-write), or an attribute change of the
+//! executable itself (`chmod +x`). A plain IN_CREATE does not count, so a half-written file never
+//! starts, even with a 0 ms debounce. Excluded names and the client's `.hotreload-*` temp files
+//! never count. Every filtered event can be explained (`Change::Ignored`) for verbose subscribers;
+//! the explanation is only built when someone listens, so an event storm stays cheap.
+//!
+//! The watcher owns the inotify fd and the wd → owner map; it never decides what to reload.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
+
+use crate::config::Matchers;
+
+/// Prefix of the temp files `hotreloadctl install` renames into place.
+pub const INSTALL_TEMP_PREFIX: &str = ".hotreload-";
+
+/// One decoded, filtered observation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A directory appeared in `plugins_dir`.
+    DirAdded(String),
+    /// A directory left `plugins_dir` (deleted or moved away).
+    DirRemoved(String),
+    /// A plugin directory's own watch ended (deleted, moved, unmounted).
+    PluginDirLost(String),
+    /// A file change that counts for `plugin`.
+    File { plugin: String, path: PathBuf },
+    /// A change that was filtered out, with the reason (only produced when explaining).
+    Ignored {
+        plugin: Option<String>,
+        path: PathBuf,
+        reason: String,
+    },
+    /// Events were lost (queue overflow) or the root watch ended: everything must be re-examined.
+    Rescan,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Owner {
+    Root,
+    PluginDir(String),
+    /// A directory outside the plugin dir holding the plugin's real executable `file`.
+    Target {
+        plugin: String,
+        file: OsString,
+    },
+}
+
+#[derive(Debug)]
+struct PluginWatch {
+    dir: PathBuf,
+    /// Executable path relative to the plugin dir.
+    exec: PathBuf,
+    wds: Vec<WatchDescriptor>,
+}
+
+pub struct Watcher {
+    inotify: Inotify,
+    root: PathBuf,
+    owners: HashMap<WatchDescriptor, Vec<Owner>>,
+    dirs: HashMap<WatchDescriptor, PathBuf>,
+    plugins: HashMap<String, PluginWatch>,
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watcher")
+            .field("root", &self.root)
+            .field("plugins", &self.plugins.len())
+            .finish()
+    }
+}
+
+const ROOT_MASK: WatchMask = WatchMask::CREATE
+    .union(WatchMask::DELETE)
+    .union(WatchMask::MOVED_FROM)
+    .union(WatchMask::MOVED_TO)
+    .union(WatchMask::DELETE_SELF)
+    .union(WatchMask::MOVE_SELF)
+    .union(WatchMask::ONLYDIR);
+
+const DIR_MASK: WatchMask = WatchMask::CLOSE_WRITE
+    .union(WatchMask::MOVED_TO)
+    .union(WatchMask::CREATE)
+    .union(WatchMask::ATTRIB)
+    .union(WatchMask::DELETE_SELF)
+    .union(WatchMask::MOVE_SELF)
+    .union(WatchMask::ONLYDIR)
+    .union(WatchMask::EXCL_UNLINK);
+
+/// An inotify failure with the remedy spelled out (the kernel's own words mislead: a full watch
+/// table says "No space left on device").
+#[derive(Debug)]
+pub struct WatchError {
+    pub path: PathBuf,
+    pub source: io::Error,
+}
+
+impl std::fmt::Display for WatchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.source.raw_os_error() {
+            Some(libc::ENOSPC) => write!(
+                f,
+                "cannot watch {}: the inotify watch limit is reached (fs.inotify.max_user_watches = {}); raise it, e.g. `sysctl fs.inotify.max_user_watches=524288`",
+                self.path.display(),
+                read_limit("max_user_watches")
+            ),
+            Some(libc::EMFILE) => write!(
+                f,
+                "cannot create an inotify instance: the per-user limit is reached (fs.inotify.max_user_instances = {}); raise it, e.g. `sysctl fs.inotify.max_user_instances=1024`",
+                read_limit("max_user_instances")
+            ),
+            _ => write!(f, "cannot watch {}: {}", self.path.display(), self.source),
+        }
+    }
+}
+
+impl std::error::Error for WatchError {}
+
+fn read_limit(name: &str) -> String {
+    std::fs::read_to_string(format!("/proc/sys/fs/inotify/{name}"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+impl Watcher {
+    /// Create the inotify instance and watch `root` (the plugins dir).
+    pub fn new(root: &Path) -> Result<Watcher, WatchError> {
+        let inotify = Inotify::init().map_err(|source| WatchError {
+            path: root.to_path_buf(),
+            source,
+        })?;
+        let mut w = Watcher {
+            inotify,
+            root: root.to_path_buf(),
+            owners: HashMap::new(),
+            dirs: HashMap::new(),
+            plugins: HashMap::new(),
+            buf: vec![0u8; 64 * 1024],
+        };
+        w.watch_root()?;
+        Ok(w)
+    }
+
+    /// (Re-)add the watch on the plugins dir; harmless when it is already watched.
+    pub fn watch_root(&mut self) -> Result<(), WatchError> {
+        let root = self.root.clone();
+        self.add(&root, ROOT_MASK, Owner::Root)
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.inotify.as_fd().as_raw_fd()
+    }
+
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.inotify.as_fd()
+    }
+
+    /// Number of directories under watch: plugins_dir, each plugin dir, and build dirs that
+    /// symlinked executables point into.
+    pub fn dirs_watched(&self) -> usize {
+        self.owners.len()
+    }
+
+    /// Watch a plugin's directory, and the directory of its real executable when that lies
+    /// elsewhere (a symlinked build or an `exec` in a subdirectory). Calling it again refreshes
+    /// the extra watch (after the symlink was re-pointed).
+    pub fn watch_plugin(&mut self, id: &str, dir: &Path, exec: &Path) -> Result<(), WatchError> {
+        self.unwatch_plugin(id);
+        self.add(dir, DIR_MASK, Owner::PluginDir(id.to_string()))?;
+        let mut wds: Vec<WatchDescriptor> = self.wds_of(&Owner::PluginDir(id.to_string()));
+        if let Some((target_dir, file)) = real_executable_location(dir, exec) {
+            let owner = Owner::Target {
+                plugin: id.to_string(),
+                file,
+            };
+            match self.add(&target_dir, DIR_MASK, owner.clone()) {
+                Ok(()) => wds.extend(self.wds_of(&owner)),
+                // The build output dir may not exist yet: the plugin dir watch still works.
+                Err(e) => log::warn!("[{id}] {e}; changes there will not be noticed"),
+            }
+        }
+        self.plugins.insert(
+            id.to_string(),
+            PluginWatch {
+                dir: dir.to_path_buf(),
+                exec: exec.to_path_buf(),
+                wds,
+            },
+        );
+        Ok(())
+    }
+
+    /// Re-resolve where a plugin's executable really lives (its symlink may have moved).
+    pub fn refresh_plugin(&mut self, id: &str) {
+        if let Some(pw) = self.plugins.get(id) {
+            let (dir, exec) = (pw.dir.clone(), pw.exec.clone());
+            if let Err(e) = self.watch_plugin(id, &dir, &exec) {
+                log::warn!("[{id}] {e}");
+            }
+        }
+    }
+
+    pub fn unwatch_plugin(&mut self, id: &str) {
+        let Some(pw) = self.plugins.remove(id) else {
+            return;
+        };
+        for wd in pw.wds {
+            self.release(wd, |o| owner_plugin(o) == Some(id));
+        }
+    }
+
+    pub fn is_watching(&self, id: &str) -> bool {
+        self.plugins.contains_key(id)
+    }
+
+    fn wds_of(&self, owner: &Owner) -> Vec<WatchDescriptor> {
+        self.owners
+            .iter()
+            .filter(|(_, os)| os.contains(owner))
+            .map(|(wd, _)| wd.clone())
+            .collect()
+    }
+
+    fn add(&mut self, path: &Path, mask: WatchMask, owner: Owner) -> Result<(), WatchError> {
+        let wd = self
+            .inotify
+            .watches()
+            .add(path, mask)
+            .map_err(|source| WatchError {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let owners = self.owners.entry(wd.clone()).or_default();
+        if !owners.contains(&owner) {
+            owners.push(owner);
+        }
+        self.dirs.insert(wd, path.to_path_buf());
+        Ok(())
+    }
+
+    /// Drop the owners matching `which` from `wd`; remove the kernel watch when none is left.
+    fn release(&mut self, wd: WatchDescriptor, which: impl Fn(&Owner) -> bool) {
+        let now_empty = match self.owners.get_mut(&wd) {
+            Some(owners) => {
+                owners.retain(|o| !which(o));
+                owners.is_empty()
+            }
+            None => false,
+        };
+        if now_empty {
+            self.owners.remove(&wd);
+            self.dirs.remove(&wd);
+            // EINVAL when the kernel already dropped it (IN_IGNORED raced us): nothing to do.
+            let _ = self.inotify.watches().remove(wd);
+        }
+    }
+
+    /// Read every queued event (until WouldBlock) and decode it. `explain` asks for
+    /// `Change::Ignored` records; without it filtered events vanish without allocation.
+    pub fn drain(&mut self, matchers: &Matchers, explain: bool) -> Vec<Change> {
+        let mut out = Vec::new();
+        let mut buf = std::mem::take(&mut self.buf);
+        loop {
+            let events = match self.inotify.read_events(&mut buf) {
+                Ok(events) => events,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("reading inotify events failed: {e}; rescanning");
+                    out.push(Change::Rescan);
+                    break;
+                }
+            };
+            for ev in events {
+                self.decode(&ev.wd, ev.mask, ev.name, matchers, explain, &mut out);
+            }
+        }
+        self.buf = buf;
+        out
+    }
+
+    fn decode(
+        &mut self,
+        wd: &WatchDescriptor,
+        mask: EventMask,
+        name: Option<&OsStr>,
+        matchers: &Matchers,
+        explain: bool,
+        out: &mut Vec<Change>,
+    ) {
+        if mask.contains(EventMask::Q_OVERFLOW) {
+            log::warn!("inotify queue overflowed: events were lost, rescanning every plugin");
+            out.push(Change::Rescan);
+            return;
+        }
+        let Some(owners) = self.owners.get(wd).cloned() else {
+            return; // a watch we already dropped: late events are expected
+        };
+        if mask.contains(EventMask::IGNORED) {
+            self.owners.remove(wd);
+            self.dirs.remove(wd);
+            for owner in owners {
+                match owner {
+                    Owner::Root => out.push(Change::Rescan),
+                    Owner::PluginDir(id) => out.push(Change::PluginDirLost(id)),
+                    Owner::Target { .. } => {}
+                }
+            }
+            return;
+        }
+        let Some(dir) = self.dirs.get(wd).cloned() else {
+            return;
+        };
+        for owner in owners {
+            match owner {
+                Owner::Root => decode_root(mask, name, matchers, explain, &dir, out),
+                Owner::PluginDir(id) => {
+                    if let Some(pw) = self.plugins.get(&id) {
+                        decode_plugin_dir(&id, pw, mask, name, matchers, explain, &dir, out);
+                    }
+                }
+                Owner::Target { plugin, file } => {
+                    decode_target(&plugin, &file, mask, name, explain, &dir, out)
+                }
+            }
+        }
+    }
+}
+
+fn owner_plugin(o: &Owner) -> Option<&str> {
+    match o {
+        Owner::Root => None,
+        Owner::PluginDir(id) => Some(id),
+        Owner::Target { plugin, .. } => Some(plugin),
+    }
+}
+
+fn decode_root(
+    mask: EventMask,
+    name: Option<&OsStr>,
+    matchers: &Matchers,
+    explain: bool,
+    dir: &Path,
+    out: &mut Vec<Change>,
+) {
+    if mask.intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF) {
+        log::error!("plugins dir {} was removed or moved away", dir.display());
+        out.push(Change::Rescan);
+        return;
+    }
+    let Some(name) = name.and_then(OsStr::to_str) else {
+        return;
+    };
+    if !mask.contains(EventMask::ISDIR) {
+        if explain {
+            out.push(ignored(
+                None,
+                dir.join(name),
+                "not a plugin directory (a file in plugins_dir)".into(),
+            ));
+        }
+        return;
+    }
+    if !matchers.is_plugin_dir_name(name) {
+        if explain {
+            out.push(ignored(
+                None,
+                dir.join(name),
+                "directory name matches no watch_patterns glob".into(),
+            ));
+        }
+        return;
+    }
+    if mask.intersects(EventMask::CREATE | EventMask::MOVED_TO) {
+        out.push(Change::DirAdded(name.to_string()));
+    } else if mask.intersects(EventMask::DELETE | EventMask::MOVED_FROM) {
+        out.push(Change::DirRemoved(name.to_string()));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decode_plugin_dir(
+    id: &str,
+    pw: &PluginWatch,
+    mask: EventMask,
+    name: Option<&OsStr>,
+    matchers: &Matchers,
+    explain: bool,
+    dir: &Path,
+    out: &mut Vec<Change>,
+) {
+    if mask.intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF) {
+        return; // the root watch reports the removal; IN_IGNORED follows
+    }
+    let Some(name) = name else { return };
+    let path = dir.join(name);
+    let is_exec = dir.join(&pw.exec) == path;
+    match classify(mask, name, &path, is_exec, Some(matchers)) {
+        Ok(()) => out.push(Change::File {
+            plugin: id.to_string(),
+            path,
+        }),
+        Err(reason) => {
+            if explain {
+                out.push(ignored(Some(id), path, reason.into_owned()));
+            }
+        }
+    }
+}
+
+fn decode_target(
+    plugin: &str,
+    file: &OsStr,
+    mask: EventMask,
+    name: Option<&OsStr>,
+    explain: bool,
+    dir: &Path,
+    out: &mut Vec<Change>,
+) {
+    let Some(name) = name else { return };
+    let path = dir.join(name);
+    if name != file {
+        if explain {
+            out.push(ignored(
+                Some(plugin),
+                path,
+                "not the plugin's executable".into(),
+            ));
+        }
+        return;
+    }
+    match classify(mask, name, &path, true, None) {
+        Ok(()) => out.push(Change::File {
+            plugin: plugin.to_string(),
+            path,
+        }),
+        Err(reason) => {
+            if explain {
+                out.push(ignored(Some(plugin), path, reason.into_owned()));
+            }
+        }
+    }
+}
+
+/// Does this event on `name` count as a new build? Err carries the reason it does not.
+fn classify(
+    mask: EventMask,
+    name: &OsStr,
+    path: &Path,
+    is_exec: bool,
+    matchers: Option<&Matchers>,
+) -> Result<(), std::borrow::Cow<'static, str>> {
+    if mask.contains(EventMask::ISDIR) {
+        return Err("a directory, not a file".into());
+    }
+    let name_str = name.to_string_lossy();
+    if name_str.starts_with(INSTALL_TEMP_PREFIX) {
+        return Err("hotreloadctl install temp file".into());
+    }
+    if let Some(glob) = matchers.and_then(|m| m.excluded_by(&name_str)) {
+        return Err(format!("excluded by pattern `{glob}`").into());
+    }
+    if mask.intersects(EventMask::CLOSE_WRITE | EventMask::MOVED_TO) {
+        return Ok(());
+    }
+    if mask.contains(EventMask::CREATE) {
+        // A hard link arrives complete (cargo's unlink + link); a new file is still being written
+        // and counts at its close-write.
+        return match std::fs::metadata(path) {
+            Ok(m) if m.is_file() && m.nlink() > 1 => Ok(()),
+            _ => Err("created, not yet written (counts at close-write)".into()),
+        };
+    }
+    if mask.contains(EventMask::ATTRIB) {
+        return if is_exec {
+            Ok(())
+        } else {
+            Err("attribute change of a file that is not the executable".into())
+        };
+    }
+    Err("event does not indicate a new build".into())
+}
+
+fn ignored(plugin: Option<&str>, path: PathBuf, reason: String) -> Change {
+    Change::Ignored {
+        plugin: plugin.map(str::to_string),
+        path,
+        reason,
+    }
+}
+
+/// Where the executable really lives when that is not directly in the plugin dir: the directory
+/// and file name of the symlink's final target, or of an `exec` in a subdirectory.
+fn real_executable_location(dir: &Path, exec: &Path) -> Option<(PathBuf, OsString)> {
+    let path = dir.join(exec);
+    let is_link = std::fs::symlink_metadata(&path)
+        .map(|m| m.file_type().is_symlink())
+        .unwrap_or(false);
+    let real = if is_link {
+        std::fs::canonicalize(&path).ok()?
+    } else {
+        path
+    };
+    let parent = real.parent()?;
+    if parent == dir {
+        return None;
+    }
+    Some((parent.to_path_buf(), real.file_name()?.to_os_string()))
+}
