@@ -19,6 +19,7 @@ pub mod daemon;
 pub mod events;
 pub mod logging;
 pub mod notify;
+pub mod plugin_notify;
 pub mod preflight;
 pub mod signals;
 pub mod snapshot;
