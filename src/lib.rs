@@ -12,6 +12,8 @@
 //! Subsystems own their state and never call each other; the daemon owns them all and routes
 //! readiness events and expired timers between them.
 pub mod config;
+pub mod hooks;
+pub mod listen;
 pub mod preflight;
 pub mod snapshot;
 pub mod state_file;
