@@ -17,6 +17,8 @@ pub mod control;
 pub mod ctl;
 pub mod daemon;
 pub mod events;
+pub mod hooks;
+pub mod listen;
 pub mod logging;
 pub mod notify;
 pub mod plugin_notify;
