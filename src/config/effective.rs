@@ -53,7 +53,7 @@ impl Config {
                 max_line_bytes: self.control.max_line_bytes,
             },
             plugins: self.plugins.clone(),
-            hooks: None,
+            hooks: self.hooks.clone(),
         }
     }
 }

@@ -4,8 +4,7 @@
 //! Location keys (`plugins_dir`, `runtime_dir`, `state_dir`, `control.socket`) are `Option`s
 //! because the environment sits between the file and the built-in default for some of them
 //! (SPEC §2); everything else is filled with its default by serde, so a parsed file is already
-//! "defaults < file". Keys that the SPEC defines but this version does not implement yet keep
-//! their types here and are rejected by `validate::reject_unsupported`.
+//! "defaults < file".
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -35,9 +34,8 @@ pub struct FileConfig {
     /// `[plugins.<id>]` tables, keyed by plugin id.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub plugins: BTreeMap<String, PluginConfig>,
-    /// Not supported yet: any `[hooks]` table is rejected.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub hooks: Option<Hooks>,
+    #[serde(default)]
+    pub hooks: HookSettings,
 }
 
 /// `[hot_reload]`: when and what to reload.
@@ -160,15 +158,15 @@ pub struct PluginConfig {
     pub strategy: Option<Strategy>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub autostart: Option<bool>,
-    /// Not supported yet (must be absent or empty).
+    /// `tcp:HOST:PORT` / `unix:/path` specs bound once by the daemon and passed as `LISTEN_FDS`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sockets: Option<Vec<String>>,
-    /// Not supported yet (must be absent or 0).
+    /// > 0: the plugin must send `WATCHDOG=1` at least this often; 0 = off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub watchdog_ms: Option<u64>,
-    /// Not supported yet (must be absent).
+    /// How many fds the plugin may park with `FDSTORE=1` across reloads.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub fdstore_max: Option<u32>,
+    pub fdstore_max: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stop_timeout_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -179,18 +177,33 @@ pub struct PluginConfig {
     pub restart: Option<RestartPolicy>,
 }
 
-/// `[hooks]`: not supported yet; kept so the schema (and its valid-keys list) is complete.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, expecting = "a table")]
-pub struct Hooks {
+/// `fdstore_max` when a plugin table does not set it.
+pub const DEFAULT_FDSTORE_MAX: usize = 16;
+
+/// `[hooks]`: commands run on reload events, each an argv array (`argv[0]` absolute or a bare
+/// name looked up in `PATH`, no shell). An absent command means no hook for that event.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields, expecting = "a table")]
+pub struct HookSettings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub on_reload_start: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub on_reload_success: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub on_reload_failure: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub timeout_ms: Option<u64>,
+    /// A hook still running this long after its start is killed.
+    pub timeout_ms: u64,
+}
+
+impl Default for HookSettings {
+    fn default() -> HookSettings {
+        HookSettings {
+            on_reload_start: None,
+            on_reload_success: None,
+            on_reload_failure: None,
+            timeout_ms: 10_000,
+        }
+    }
 }
 
 /// A closed set of string values: one table of names drives parsing, printing and the
@@ -275,7 +288,7 @@ pub enum ReadyMode {
     /// Alive for `startup_grace_ms` after exec.
     #[default]
     Exec,
-    /// Sent READY=1 within `ready_timeout_ms` (not supported yet).
+    /// Sent READY=1 within `ready_timeout_ms`.
     Notify,
 }
 
@@ -292,7 +305,7 @@ pub enum Strategy {
     /// Stop the old instance, then start the new one.
     #[default]
     StopStart,
-    /// Start and verify the new instance, then stop the old one (not supported yet).
+    /// Start and verify the new instance, then stop the old one.
     StartStop,
 }
 
@@ -351,5 +364,9 @@ mod tests {
             ("0660", "hotreload")
         );
         assert_eq!((control.max_clients, control.max_line_bytes), (256, 65_536));
+        let hooks = HookSettings::default();
+        assert_eq!(hooks.timeout_ms, 10_000);
+        assert!(hooks.on_reload_start.is_none() && hooks.on_reload_success.is_none());
+        assert!(hooks.on_reload_failure.is_none());
     }
 }

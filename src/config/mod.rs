@@ -18,6 +18,7 @@ mod locate;
 mod matchers;
 mod parse;
 mod plugin;
+mod socket_spec;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -26,8 +27,8 @@ use std::path::{Path, PathBuf};
 
 pub use error::ConfigError;
 pub use file::{
-    ControlFile, FileConfig, Hooks, HotReload, PluginConfig, ReadyMode, RestartPolicy, Strategy,
-    SupervisorSettings,
+    ControlFile, DEFAULT_FDSTORE_MAX, FileConfig, HookSettings, HotReload, PluginConfig, ReadyMode,
+    RestartPolicy, Strategy, SupervisorSettings,
 };
 pub use locate::{
     CONFIG_FILE_NAME, ConfigFile, ConfigFileOrigin, Env, MAX_SOCKET_PATH_BYTES, Overrides,
@@ -36,7 +37,10 @@ pub use locate::{
 pub use matchers::Matchers;
 pub use parse::parse;
 pub use plugin::PluginSettings;
-pub use validate::{MAX_LINE_BYTES, MAX_MILLIS, MIN_LINE_BYTES, parse_mode, valid_plugin_id};
+pub use socket_spec::valid_socket_spec;
+pub use validate::{
+    MAX_FDSTORE, MAX_LINE_BYTES, MAX_MILLIS, MIN_LINE_BYTES, parse_mode, valid_plugin_id,
+};
 
 /// The resolved configuration the daemon runs with.
 #[derive(Clone, Debug, PartialEq)]
@@ -62,6 +66,8 @@ pub struct Config {
     pub plugins: BTreeMap<String, PluginConfig>,
     /// Compiled `watch_patterns`/`exclude_patterns`.
     pub matchers: Matchers,
+    /// `[hooks]`: commands run on reload events.
+    pub hooks: HookSettings,
 }
 
 /// `[control]` without the socket path (that is [`Config::socket`]).
@@ -122,6 +128,7 @@ pub fn resolve(
         hot_reload,
         control: control_settings(&file.control, source.as_deref())?,
         supervisor: file.supervisor,
+        hooks: file.hooks,
         plugins,
         source,
     })
@@ -129,12 +136,10 @@ pub fn resolve(
 
 /// Runs the value checks `parse` ran, for a `FileConfig` that did not come through `parse`.
 fn check_file(file: &FileConfig, source: Option<&Path>) -> Result<(), ConfigError> {
-    validate::reject_unsupported(file)
-        .and_then(|()| validate::validate(file))
-        .map_err(|problem| match source {
-            Some(path) => ConfigError::new(format!("{}: {}", path.display(), problem.message)),
-            None => ConfigError::new(problem.message),
-        })
+    validate::validate(file).map_err(|problem| match source {
+        Some(path) => ConfigError::new(format!("{}: {}", path.display(), problem.message)),
+        None => ConfigError::new(problem.message),
+    })
 }
 
 fn control_settings(

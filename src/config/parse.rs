@@ -16,8 +16,10 @@ use serde::de::{self, Visitor};
 use toml::de::{DeTable, DeValue};
 
 use super::error::ConfigError;
-use super::file::{ControlFile, FileConfig, Hooks, HotReload, PluginConfig, SupervisorSettings};
-use super::validate::{KeyProblem, describe_key, describe_table, reject_unsupported, validate};
+use super::file::{
+    ControlFile, FileConfig, HookSettings, HotReload, PluginConfig, SupervisorSettings,
+};
+use super::validate::{KeyProblem, describe_key, describe_table, validate};
 
 /// Parses and validates the text of a config file. Pure: `origin` only names the file in messages.
 pub fn parse(text: &str, origin: &Path) -> Result<FileConfig, ConfigError> {
@@ -29,9 +31,7 @@ pub fn parse(text: &str, origin: &Path) -> Result<FileConfig, ConfigError> {
     }
     let file = FileConfig::deserialize(toml::de::Deserializer::from(root))
         .map_err(|error| source.type_error(&index, &error))?;
-    reject_unsupported(&file)
-        .and_then(|()| validate(&file))
-        .map_err(|problem| source.key_error(&index, &problem))?;
+    validate(&file).map_err(|problem| source.key_error(&index, &problem))?;
     Ok(file)
 }
 
@@ -200,7 +200,7 @@ fn first_unknown_key(root: &DeTable<'_>) -> Option<UnknownKey> {
             "hot_reload" => field_names::<HotReload>(),
             "supervisor" => field_names::<SupervisorSettings>(),
             "control" => field_names::<ControlFile>(),
-            "hooks" => field_names::<Hooks>(),
+            "hooks" => field_names::<HookSettings>(),
             "plugins" => {
                 check_plugin_tables(table, &mut found);
                 continue;
@@ -275,7 +275,7 @@ impl<'de> de::Deserializer<'de> for &mut FieldCapture {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::file::{ReadyMode, RestartPolicy};
+    use crate::config::file::{ReadyMode, RestartPolicy, Strategy};
 
     fn origin() -> &'static Path {
         Path::new("/etc/hotreload/hotreload.toml")
@@ -291,7 +291,7 @@ mod tests {
     }
 
     #[test]
-    fn the_spec_example_parses_except_unsupported_keys() {
+    fn the_whole_spec_example_parses() {
         let text = r#"
 plugins_dir = "/var/lib/hotreload/plugins"
 [hot_reload]
@@ -315,10 +315,19 @@ exec = "ffmpeg_transcoder"
 args = ["--verbose"]
 env = { RUST_LOG = "debug" }
 config = { preset = "fast", threads = 4 }
-ready = "exec"
-strategy = "stop-start"
+ready = "notify"
+strategy = "start-stop"
 autostart = false
+sockets  = ["tcp:127.0.0.1:9000", "unix:/run/hotreload/ffmpeg.sock"]
+watchdog_ms = 500
+fdstore_max = 4
 restart = "never"
+
+[hooks]
+on_reload_start   = ["/usr/local/bin/notify-reload", "start"]
+on_reload_success = ["/usr/local/bin/notify-reload", "ok"]
+on_reload_failure = ["notify-reload", "failed"]
+timeout_ms        = 2500
 "#;
         let file = parse(text, origin()).unwrap();
         assert_eq!(
@@ -335,8 +344,32 @@ restart = "never"
         assert_eq!(file.supervisor.startup_grace_ms, 500);
         assert_eq!(file.control.group, "");
         let plugin = &file.plugins["ffmpeg_transcoder"];
-        assert_eq!(plugin.ready, Some(ReadyMode::Exec));
+        assert_eq!(plugin.ready, Some(ReadyMode::Notify));
+        assert_eq!(plugin.strategy, Some(Strategy::StartStop));
+        assert_eq!(
+            plugin.sockets.as_deref(),
+            Some(
+                ["tcp:127.0.0.1:9000", "unix:/run/hotreload/ffmpeg.sock"]
+                    .map(String::from)
+                    .as_slice()
+            )
+        );
+        assert_eq!(
+            (plugin.watchdog_ms, plugin.fdstore_max),
+            (Some(500), Some(4))
+        );
         assert_eq!(plugin.restart, Some(RestartPolicy::Never));
+        let hooks = &file.hooks;
+        assert_eq!(
+            hooks.on_reload_start.as_deref(),
+            Some(
+                ["/usr/local/bin/notify-reload", "start"]
+                    .map(String::from)
+                    .as_slice()
+            )
+        );
+        assert_eq!(hooks.on_reload_failure.as_ref().map(Vec::len), Some(2));
+        assert_eq!(hooks.timeout_ms, 2500);
         assert_eq!(
             plugin.config.as_ref().unwrap()["threads"].as_integer(),
             Some(4)
@@ -556,31 +589,98 @@ restart = "never"
     }
 
     #[test]
-    fn unsupported_keys_are_rejected_by_name() {
+    fn plugin_protocol_keys_are_accepted_one_by_one() {
+        for text in [
+            "[plugins.p]\nready = \"notify\"\n",
+            "[plugins.p]\nstrategy = \"start-stop\"\n",
+            "[plugins.p]\nsockets = [\"tcp:[::1]:9000\", \"tcp:localhost:0\", \"unix:/run/p.sock\"]\n",
+            "[plugins.p]\nwatchdog_ms = 500\n",
+            "[plugins.p]\nfdstore_max = 4\n",
+            "[hooks]\ntimeout_ms = 10000\n",
+            "[hooks]\non_reload_start = [\"logger\", \"-t\", \"hotreload\"]\n",
+            "[hooks]\n",
+        ] {
+            if let Err(err) = parse(text, origin()) {
+                panic!("{text:?} was refused: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn plugin_protocol_errors_point_at_the_key() {
         let cases = [
             (
-                "[plugins.p]\nready = \"notify\"\n",
-                ":2:1: `ready = \"notify\"` in [plugins.p] is not supported yet; use ready = \"exec\"",
+                "[plugins.p]\nsockets = [\"tcp:127.0.0.1:9000\", \"tcp:127.0.0.1:99999\"]\n",
+                "/etc/hotreload/hotreload.toml:2:1: invalid value for `sockets` in [plugins.p]: \
+                 \"tcp:127.0.0.1:99999\"; port \"99999\" is not a number from 0 to 65535; valid forms: \
+                 \"tcp:HOST:PORT\"",
             ),
             (
-                "[plugins.p]\nstrategy = \"start-stop\"\n",
-                ":2:1: `strategy = \"start-stop\"` in [plugins.p] is not supported yet",
+                "[plugins.p]\nsockets = [\"unix:run/p.sock\"]\n",
+                ":2:1: invalid value for `sockets` in [plugins.p]: \"unix:run/p.sock\"; the socket \
+                 path must be absolute; valid forms:",
             ),
             (
-                "[plugins.p]\nsockets = [\"tcp:127.0.0.1:9000\"]\n",
-                ":2:1: `sockets` in [plugins.p] is not supported yet",
+                "[plugins.p]\nsockets = [\"unix:/a\", \"unix:/a\"]\n",
+                ":2:1: invalid value for `sockets` in [plugins.p]: \"unix:/a\" names the same \
+                 socket as \"unix:/a\" earlier in this list",
             ),
             (
-                "[plugins.p]\nwatchdog_ms = 100\n",
-                ":2:1: `watchdog_ms` in [plugins.p] is not supported yet",
+                "[plugins.a]\nsockets = [\"tcp:127.0.0.1:80\"]\n[plugins.b]\n\nsockets = [\"tcp:127.0.0.1:80\"]\n",
+                ":5:1: invalid value for `sockets` in [plugins.b]: \"tcp:127.0.0.1:80\" names the \
+                 same socket as \"tcp:127.0.0.1:80\" in [plugins.a]; list each socket once",
             ),
             (
-                "[plugins.p]\nfdstore_max = 16\n",
-                ":2:1: `fdstore_max` in [plugins.p] is not supported yet",
+                "[plugins.p]\nsockets = \"tcp:127.0.0.1:80\"\n",
+                ":2:11: invalid value for `sockets` in [plugins.p]: invalid type: string \
+                 \"tcp:127.0.0.1:80\", expected an array",
             ),
             (
-                "[hooks]\ntimeout_ms = 10000\n",
-                ":1:2: the [hooks] table is not supported yet; remove it",
+                "[plugins.p]\n  watchdog_ms = 86400001\n",
+                ":2:3: invalid value for `watchdog_ms` in [plugins.p]: 86400001; expected 0 to 86400000",
+            ),
+            (
+                "[plugins.p]\nwatchdog_ms = -5\n",
+                ":2:15: invalid value for `watchdog_ms` in [plugins.p]",
+            ),
+            (
+                "[plugins.p]\nfdstore_max = 1025\n",
+                ":2:1: invalid value for `fdstore_max` in [plugins.p]: 1025; expected 0 to 1024",
+            ),
+            (
+                "[plugins.p]\nfdstore_max = \"many\"\n",
+                ":2:15: invalid value for `fdstore_max` in [plugins.p]: invalid type: string \
+                 \"many\", expected a non-negative integer",
+            ),
+            (
+                "[hooks]\ntimeout_ms = 10000\non_reload_start = []\n",
+                ":3:1: invalid value for `on_reload_start` in [hooks]: []; expected a command and \
+                 its arguments",
+            ),
+            (
+                "[hooks]\non_reload_success = [\"\", \"ok\"]\n",
+                ":2:1: invalid value for `on_reload_success` in [hooks]: the command name is \"\"",
+            ),
+            (
+                "[hooks]\non_reload_failure = [\"scripts/notify\", \"failed\"]\n",
+                ":2:1: invalid value for `on_reload_failure` in [hooks]: \"scripts/notify\" is a \
+                 relative path; give an absolute path, or a bare command name to look up in PATH",
+            ),
+            (
+                "[hooks]\non_reload_start = [\"/bin/echo\", \"a\\u0000b\"]\n",
+                ":2:1: invalid value for `on_reload_start` in [hooks]: \"a\\0b\" contains NUL",
+            ),
+            (
+                "[hooks]\non_reload_start = \"/bin/echo start\"\n",
+                ":2:19: invalid value for `on_reload_start` in [hooks]: invalid type: string",
+            ),
+            (
+                "[hooks]\ntimeout_ms = 0\n",
+                ":2:1: invalid value for `timeout_ms` in [hooks]: 0; expected 1 to 86400000",
+            ),
+            (
+                "hooks.timeout_ms = 86400001\n",
+                ":1:7: invalid value for `timeout_ms` in [hooks]: 86400001",
             ),
         ];
         for (text, expected) in cases {
@@ -590,8 +690,6 @@ restart = "never"
                 "{text:?}\n  gave {err}\n  expected {expected}"
             );
         }
-        let harmless = "[plugins.p]\nsockets = []\nwatchdog_ms = 0\nready = \"exec\"\nstrategy = \"stop-start\"\n";
-        assert!(parse(harmless, origin()).is_ok());
     }
 
     #[test]
@@ -617,6 +715,6 @@ restart = "never"
         assert_eq!(field_names::<HotReload>().len(), 7);
         assert_eq!(field_names::<ControlFile>().len(), 5);
         assert_eq!(field_names::<PluginConfig>().len(), 14);
-        assert_eq!(field_names::<Hooks>().len(), 4);
+        assert_eq!(field_names::<HookSettings>().len(), 4);
     }
 }

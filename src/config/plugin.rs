@@ -7,7 +7,9 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use super::file::{PluginConfig, ReadyMode, RestartPolicy, Strategy, SupervisorSettings};
+use super::file::{
+    DEFAULT_FDSTORE_MAX, PluginConfig, ReadyMode, RestartPolicy, Strategy, SupervisorSettings,
+};
 
 /// Effective settings of one plugin: per-plugin overrides merged over `[supervisor]`/defaults.
 #[derive(Clone, Debug, PartialEq)]
@@ -24,6 +26,13 @@ pub struct PluginSettings {
     pub strategy: Strategy,
     /// `false`: known but not started until triggered.
     pub autostart: bool,
+    /// Listening sockets as written (`tcp:HOST:PORT`, `unix:/path`; validated, distinct), bound
+    /// once by the daemon and passed to every instance as `LISTEN_FDS` in this order.
+    pub sockets: Vec<String>,
+    /// > 0: the plugin must send `WATCHDOG=1` at least this often; 0 = off.
+    pub watchdog_ms: u64,
+    /// How many fds the plugin may park with `FDSTORE=1` across reloads; 0 = none.
+    pub fdstore_max: usize,
     pub stop_timeout_ms: u64,
     pub startup_grace_ms: u64,
     pub ready_timeout_ms: u64,
@@ -49,6 +58,9 @@ pub(crate) fn settings(
         ready: written.ready.unwrap_or_default(),
         strategy: written.strategy.unwrap_or_default(),
         autostart: written.autostart.unwrap_or(true),
+        sockets: written.sockets.clone().unwrap_or_default(),
+        watchdog_ms: written.watchdog_ms.unwrap_or(0),
+        fdstore_max: written.fdstore_max.unwrap_or(DEFAULT_FDSTORE_MAX),
         stop_timeout_ms: written
             .stop_timeout_ms
             .unwrap_or(supervisor.stop_timeout_ms),
@@ -62,29 +74,30 @@ pub(crate) fn settings(
     }
 }
 
-/// A plugin table with every implemented key set to its effective value. `config` stays TOML
-/// (a datetime must stay a datetime), and the not-yet-supported keys (`sockets`, `watchdog_ms`,
-/// `fdstore_max`) stay as written: after validation they are absent or inert.
+/// A plugin table with every key set to its effective value. `config` stays TOML (a datetime
+/// must stay a datetime).
 pub(crate) fn complete(
     id: &str,
     table: Option<&PluginConfig>,
     supervisor: &SupervisorSettings,
 ) -> PluginConfig {
     let effective = settings(id, table, supervisor);
-    let written = table.cloned().unwrap_or_default();
+    let config = table.and_then(|written| written.config.clone());
     PluginConfig {
         exec: Some(effective.exec),
         args: Some(effective.args),
         env: Some(effective.env),
-        config: Some(written.config.clone().unwrap_or_default()),
+        config: Some(config.unwrap_or_default()),
         ready: Some(effective.ready),
         strategy: Some(effective.strategy),
         autostart: Some(effective.autostart),
+        sockets: Some(effective.sockets),
+        watchdog_ms: Some(effective.watchdog_ms),
+        fdstore_max: Some(effective.fdstore_max),
         stop_timeout_ms: Some(effective.stop_timeout_ms),
         startup_grace_ms: Some(effective.startup_grace_ms),
         ready_timeout_ms: Some(effective.ready_timeout_ms),
         restart: Some(effective.restart),
-        ..written
     }
 }
 
@@ -130,6 +143,8 @@ mod tests {
             (ReadyMode::Exec, Strategy::StopStart)
         );
         assert!(settings.autostart);
+        assert!(settings.sockets.is_empty());
+        assert_eq!((settings.watchdog_ms, settings.fdstore_max), (0, 16));
         assert_eq!(
             (
                 settings.stop_timeout_ms,
@@ -182,10 +197,29 @@ mod tests {
         let full = complete("p", Some(&table), &supervisor);
         assert_eq!(full.exec, Some(PathBuf::from("p")));
         assert_eq!(full.config, Some(toml::Table::new()));
-        assert_eq!(full.sockets, None);
+        assert_eq!(full.sockets, Some(Vec::new()));
+        assert_eq!((full.watchdog_ms, full.fdstore_max), (Some(0), Some(16)));
         assert_eq!(
             settings("p", Some(&full), &supervisor),
             settings("p", Some(&table), &supervisor)
+        );
+        let protocol = PluginConfig {
+            ready: Some(ReadyMode::Notify),
+            strategy: Some(Strategy::StartStop),
+            sockets: Some(vec!["unix:/run/p.sock".into(), "tcp:[::1]:9".into()]),
+            watchdog_ms: Some(500),
+            fdstore_max: Some(4),
+            ..PluginConfig::default()
+        };
+        let full = complete("p", Some(&protocol), &supervisor);
+        assert_eq!(full, complete("p", Some(&full), &supervisor));
+        let effective = settings("p", Some(&full), &supervisor);
+        assert_eq!(effective, settings("p", Some(&protocol), &supervisor));
+        assert_eq!(effective.sockets, ["unix:/run/p.sock", "tcp:[::1]:9"]);
+        assert_eq!((effective.watchdog_ms, effective.fdstore_max), (500, 4));
+        assert_eq!(
+            (effective.ready, effective.strategy),
+            (ReadyMode::Notify, Strategy::StartStop)
         );
     }
 

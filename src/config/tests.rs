@@ -73,10 +73,19 @@ fn no_file_means_built_in_defaults() {
     );
     assert!(config.plugins.is_empty());
     assert_eq!(config.matchers.excluded_by("x.swp"), Some("*.swp"));
+    assert_eq!(config.hooks, HookSettings::default());
+    assert_eq!(config.hooks.timeout_ms, 10_000);
     let plugin = config.plugin("anything");
     assert_eq!(plugin.exec, PathBuf::from("anything"));
     assert!(plugin.autostart);
     assert_eq!(plugin.config, serde_json::json!({}));
+    assert_eq!(
+        (plugin.ready, plugin.strategy),
+        (ReadyMode::Exec, Strategy::StopStart)
+    );
+    assert!(plugin.sockets.is_empty());
+    assert_eq!(plugin.watchdog_ms, 0);
+    assert_eq!(plugin.fdstore_max, DEFAULT_FDSTORE_MAX);
 }
 
 #[test]
@@ -405,7 +414,63 @@ fn effective_toml_shows_defaults_and_resolved_locations() {
     assert_eq!(control["mode"].as_str(), Some("0660"));
     assert_eq!(control["group"].as_str(), Some("hotreload"));
     assert_eq!(value["supervisor"]["restart"].as_str(), Some("on-failure"));
+    // [hooks] is always shown, with its timeout; commands only when set (TOML has no null).
+    let hooks = value["hooks"].as_table().unwrap();
+    assert_eq!(hooks.len(), 1);
+    assert_eq!(hooks["timeout_ms"].as_integer(), Some(10_000));
     assert!(text.contains("# read from /t/h.toml"), "{text}");
+}
+
+#[test]
+fn effective_toml_completes_plugin_tables_with_the_protocol_keys() {
+    let env = user_env(Path::new("/t"), &[]);
+    let file = parse(
+        "[plugins.p]\nargs = [\"-v\"]\n[hooks]\non_reload_success = [\"true\"]\n",
+        Path::new("h.toml"),
+    )
+    .unwrap();
+    let config = resolve(file, None, &Overrides::default(), &env).unwrap();
+    let value: toml::Table = toml::from_str(&config.to_effective_toml()).unwrap();
+    let plugin = value["plugins"]["p"].as_table().unwrap();
+    assert_eq!(plugin["ready"].as_str(), Some("exec"));
+    assert_eq!(plugin["strategy"].as_str(), Some("stop-start"));
+    assert_eq!(plugin["sockets"].as_array().map(Vec::len), Some(0));
+    assert_eq!(plugin["watchdog_ms"].as_integer(), Some(0));
+    assert_eq!(plugin["fdstore_max"].as_integer(), Some(16));
+    let hooks = value["hooks"].as_table().unwrap();
+    assert_eq!(hooks["on_reload_success"][0].as_str(), Some("true"));
+    assert!(!hooks.contains_key("on_reload_start"));
+    assert_eq!(hooks["timeout_ms"].as_integer(), Some(10_000));
+    assert_eq!(round_trip(&config, &env), config);
+}
+
+#[test]
+fn resolve_checks_the_protocol_keys_of_a_file_built_in_code() {
+    let env = user_env(Path::new("/t"), &[]);
+    let mut file = FileConfig::default();
+    file.hooks.on_reload_start = Some(vec!["bin/hook".to_owned()]);
+    let err = resolve(file, Some("/x.toml".into()), &Overrides::default(), &env).unwrap_err();
+    assert!(
+        err.message().starts_with(
+            "/x.toml: invalid value for `on_reload_start` in [hooks]: \"bin/hook\" is a relative path"
+        ),
+        "{err}"
+    );
+    let mut file = FileConfig::default();
+    file.plugins.insert(
+        "p".to_owned(),
+        PluginConfig {
+            sockets: Some(vec!["tcp:host:1".to_owned()]),
+            ..PluginConfig::default()
+        },
+    );
+    let err = resolve(file, None, &Overrides::default(), &env).unwrap_err();
+    assert!(
+        err.message()
+            .starts_with("invalid value for `sockets` in [plugins.p]: \"tcp:host:1\""),
+        "{err}"
+    );
+    assert!(err.message().contains("valid forms:"), "{err}");
 }
 
 #[test]
@@ -427,6 +492,18 @@ watchdog_ms = 0
 sockets = []
 [plugins."a.b"]
 exec = "./bin/ab"
+[plugins.proto]
+ready = "notify"
+strategy = "start-stop"
+sockets = ["tcp:127.0.0.1:9000", "tcp:[::1]:9000", "tcp:localhost:0", "unix:/run/hotreload/proto.sock"]
+watchdog_ms = 500
+fdstore_max = 4
+ready_timeout_ms = 3000
+[hooks]
+on_reload_start = ["/usr/local/bin/notify-reload", "start"]
+on_reload_success = ["notify-reload", "ok", "with \"quotes\" and 'apostrophes'"]
+on_reload_failure = ["/bin/sh", "-c", "echo failed", ""]
+timeout_ms = 2500
 "#;
     let env = user_env(
         Path::new("/t"),
@@ -444,6 +521,26 @@ exec = "./bin/ab"
     assert_eq!(again.to_effective_toml(), config.to_effective_toml());
     assert_eq!(again.plugin("p"), config.plugin("p"));
     assert_eq!(again.plugin("a.b").exec, PathBuf::from("./bin/ab"));
+    let proto = again.plugin("proto");
+    assert_eq!(proto, config.plugin("proto"));
+    assert_eq!(
+        (proto.ready, proto.strategy),
+        (ReadyMode::Notify, Strategy::StartStop)
+    );
+    assert_eq!(proto.sockets.len(), 4);
+    assert_eq!(proto.sockets[3], "unix:/run/hotreload/proto.sock");
+    assert_eq!((proto.watchdog_ms, proto.fdstore_max), (500, 4));
+    assert_eq!(proto.ready_timeout_ms, 3000);
+    assert_eq!(again.hooks.timeout_ms, 2500);
+    assert_eq!(
+        again.hooks.on_reload_failure.as_deref(),
+        Some(
+            ["/bin/sh", "-c", "echo failed", ""]
+                .map(String::from)
+                .as_slice()
+        )
+    );
+    assert_eq!(again.hooks, config.hooks);
     assert!(
         config
             .to_effective_toml()

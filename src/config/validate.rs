@@ -1,14 +1,16 @@
 //! Value checks that serde's types cannot express: ranges, octal modes, glob syntax, plugin ids,
-//! executable paths, environment names, and the SPEC keys that are not supported yet.
+//! executable paths, environment names, listening sockets and hook commands.
 //!
 //! Checks work on a deserialised [`FileConfig`] and report the dotted key path of the first
 //! problem; `parse` turns that path back into `file:line:column`. They are also run by `resolve`,
 //! so a `FileConfig` built in code gets the same guarantees as one read from a file.
 
+use std::collections::BTreeMap;
 use std::path::{Component, Path};
 
-use super::file::{ControlFile, FileConfig, HotReload, PluginConfig, ReadyMode, Strategy};
+use super::file::{ControlFile, FileConfig, HookSettings, HotReload, PluginConfig};
 use super::matchers::build_glob;
+use super::socket_spec::{SocketSpec, parse_socket_spec};
 
 /// Upper bound for every millisecond setting: a day is far beyond any sane delay, and a bound keeps
 /// deadline arithmetic (now + delay, doubling backoff) far from overflow.
@@ -17,6 +19,9 @@ pub const MAX_MILLIS: u64 = 86_400_000;
 pub const MIN_LINE_BYTES: usize = 64;
 /// Largest accepted `control.max_line_bytes`: a per-client buffer bound that still protects memory.
 pub const MAX_LINE_BYTES: usize = 64 << 20;
+/// Largest accepted `fdstore_max`: far above any real need, and it bounds how many parked fds
+/// the daemon holds per plugin.
+pub const MAX_FDSTORE: usize = 1024;
 /// Largest accepted `control.mode`: permission bits only (no setuid/setgid/sticky on a socket).
 pub const MAX_MODE: u32 = 0o777;
 
@@ -103,49 +108,6 @@ fn toml_key(key: &str) -> String {
     }
 }
 
-/// The SPEC keys that parse but are not implemented yet. Rejecting them (instead of ignoring them)
-/// keeps a configuration from silently meaning less than it says; when a feature lands, delete
-/// its check here.
-pub(crate) fn reject_unsupported(file: &FileConfig) -> Result<(), KeyProblem> {
-    if file.hooks.is_some() {
-        let message = "the [hooks] table is not supported yet; remove it".to_owned();
-        return Err(KeyProblem::new(&["hooks"], message));
-    }
-    for (id, plugin) in &file.plugins {
-        let unsupported = |key: &str, written: &str, remedy: &str| {
-            let table = describe_table(&["plugins", id.as_str()]);
-            let message = format!("`{written}` in {table} is not supported yet; {remedy}");
-            KeyProblem::new(&["plugins", id.as_str(), key], message)
-        };
-        if plugin.ready == Some(ReadyMode::Notify) {
-            let remedy = "use ready = \"exec\" or remove the key";
-            return Err(unsupported("ready", "ready = \"notify\"", remedy));
-        }
-        if plugin.strategy == Some(Strategy::StartStop) {
-            let remedy = "use strategy = \"stop-start\" or remove the key";
-            return Err(unsupported("strategy", "strategy = \"start-stop\"", remedy));
-        }
-        if plugin
-            .sockets
-            .as_ref()
-            .is_some_and(|sockets| !sockets.is_empty())
-        {
-            return Err(unsupported("sockets", "sockets", "remove the key"));
-        }
-        if plugin.watchdog_ms.is_some_and(|ms| ms > 0) {
-            return Err(unsupported(
-                "watchdog_ms",
-                "watchdog_ms",
-                "remove the key or set it to 0",
-            ));
-        }
-        if plugin.fdstore_max.is_some() {
-            return Err(unsupported("fdstore_max", "fdstore_max", "remove the key"));
-        }
-    }
-    Ok(())
-}
-
 /// Checks every value of an already deserialised file; the first problem wins.
 pub(crate) fn validate(file: &FileConfig) -> Result<(), KeyProblem> {
     let locations = [
@@ -177,10 +139,11 @@ pub(crate) fn validate(file: &FileConfig) -> Result<(), KeyProblem> {
         0,
     )?;
     check_control(&file.control)?;
+    check_hooks(&file.hooks)?;
     for (id, plugin) in &file.plugins {
         check_plugin(id, plugin)?;
     }
-    Ok(())
+    check_sockets_distinct(&file.plugins)
 }
 
 fn check_path_value(path: &[&str], value: &Path) -> Result<(), KeyProblem> {
@@ -276,15 +239,93 @@ fn check_plugin(id: &str, plugin: &PluginConfig) -> Result<(), KeyProblem> {
         let mut path = vec!["plugins", id, "config"];
         check_json_representable(&mut path, config)?;
     }
+    for spec in plugin.sockets.iter().flatten() {
+        parse_socket_spec(spec).map_err(|detail| KeyProblem::invalid(&at("sockets"), detail))?;
+    }
     let millis = [
         ("stop_timeout_ms", plugin.stop_timeout_ms, 1),
         ("startup_grace_ms", plugin.startup_grace_ms, 0),
         ("ready_timeout_ms", plugin.ready_timeout_ms, 0),
+        ("watchdog_ms", plugin.watchdog_ms, 0),
     ];
     for (key, value, min) in millis {
         if let Some(value) = value {
             check_millis(&at(key), value, min)?;
         }
+    }
+    match plugin.fdstore_max {
+        Some(max) if max > MAX_FDSTORE => {
+            let detail = format!("{max}; expected 0 to {MAX_FDSTORE} file descriptors");
+            Err(KeyProblem::invalid(&at("fdstore_max"), detail))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A socket is bound once, so the same address twice (in one plugin or in two) could never
+/// bind; it is refused here with both places named. Runs after every spec is known to be valid.
+fn check_sockets_distinct(plugins: &BTreeMap<String, PluginConfig>) -> Result<(), KeyProblem> {
+    let mut seen: Vec<(SocketSpec<'_>, &str, &str)> = Vec::new();
+    for (id, plugin) in plugins {
+        for written in plugin.sockets.iter().flatten() {
+            let Ok(spec) = parse_socket_spec(written) else {
+                continue;
+            };
+            if !spec.is_exclusive() {
+                continue;
+            }
+            if let Some((_, first, owner)) = seen.iter().find(|(other, ..)| *other == spec) {
+                let place = if owner == id {
+                    "earlier in this list".to_owned()
+                } else {
+                    format!("in {}", describe_table(&["plugins", owner]))
+                };
+                let detail = format!(
+                    "{written:?} names the same socket as {first:?} {place}; list each socket once"
+                );
+                return Err(KeyProblem::invalid(&["plugins", id, "sockets"], detail));
+            }
+            seen.push((spec, written, id));
+        }
+    }
+    Ok(())
+}
+
+fn check_hooks(hooks: &HookSettings) -> Result<(), KeyProblem> {
+    let commands = [
+        ("on_reload_start", &hooks.on_reload_start),
+        ("on_reload_success", &hooks.on_reload_success),
+        ("on_reload_failure", &hooks.on_reload_failure),
+    ];
+    for (key, argv) in commands {
+        if let Some(argv) = argv {
+            check_hook_argv(argv).map_err(|detail| KeyProblem::invalid(&["hooks", key], detail))?;
+        }
+    }
+    check_millis(&["hooks", "timeout_ms"], hooks.timeout_ms, 1)
+}
+
+/// A hook is exec'd directly (no shell) from the daemon's working directory, which is nothing a
+/// configuration should depend on: `argv[0]` is an absolute path or a bare name found in `PATH`.
+fn check_hook_argv(argv: &[String]) -> Result<(), String> {
+    let example = "like [\"/usr/local/bin/notify-reload\", \"start\"]";
+    let Some(program) = argv.first() else {
+        return Err(format!(
+            "[]; expected a command and its arguments, {example}; remove the key for no hook"
+        ));
+    };
+    if let Some(word) = argv.iter().find(|word| word.contains('\0')) {
+        return Err(format!("{word:?} contains NUL"));
+    }
+    if program.is_empty() {
+        return Err(format!(
+            "the command name is \"\"; expected an absolute path or a command name, {example}"
+        ));
+    }
+    if program.contains('/') && !program.starts_with('/') {
+        return Err(format!(
+            "{program:?} is a relative path; give an absolute path, or a bare command name to look up in PATH"
+        ));
     }
     Ok(())
 }
@@ -353,9 +394,8 @@ fn check_json_value<'a>(path: &mut Vec<&'a str>, value: &'a toml::Value) -> Resu
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
+    use crate::config::file::{ReadyMode, Strategy};
 
     #[test]
     fn plugin_ids_follow_the_spec_pattern() {
@@ -419,16 +459,13 @@ mod tests {
         }
     }
 
-    fn problem(file: &FileConfig) -> KeyProblem {
-        reject_unsupported(file)
-            .and_then(|()| validate(file))
-            .unwrap_err()
+    fn first_problem(file: &FileConfig) -> KeyProblem {
+        validate(file).unwrap_err()
     }
 
     #[test]
     fn the_default_file_is_valid() {
         assert_eq!(validate(&FileConfig::default()), Ok(()));
-        assert_eq!(reject_unsupported(&FileConfig::default()), Ok(()));
     }
 
     #[test]
@@ -444,7 +481,7 @@ mod tests {
                 exec: Some(exec.into()),
                 ..PluginConfig::default()
             });
-            let problem = problem(&file);
+            let problem = first_problem(&file);
             assert_eq!(problem.path, ["plugins", "p", "exec"]);
             assert!(
                 problem.message.contains(needle),
@@ -469,7 +506,7 @@ mod tests {
                 env: Some(env),
                 ..PluginConfig::default()
             });
-            let problem = problem(&file);
+            let problem = first_problem(&file);
             assert!(
                 problem.message.contains("environment variable name"),
                 "{}",
@@ -487,68 +524,178 @@ mod tests {
             config: Some(config),
             ..PluginConfig::default()
         });
-        assert_eq!(problem(&file).path, ["plugins", "p", "config", "rate"]);
+        assert_eq!(
+            first_problem(&file).path,
+            ["plugins", "p", "config", "rate"]
+        );
     }
 
     #[test]
-    fn each_unsupported_key_is_named() {
-        let cases = [
-            (
-                PluginConfig {
-                    ready: Some(ReadyMode::Notify),
-                    ..PluginConfig::default()
-                },
-                "ready",
-            ),
-            (
-                PluginConfig {
-                    strategy: Some(Strategy::StartStop),
-                    ..PluginConfig::default()
-                },
-                "strategy",
-            ),
-            (
-                PluginConfig {
-                    sockets: Some(vec!["tcp:127.0.0.1:9000".into()]),
-                    ..PluginConfig::default()
-                },
-                "sockets",
-            ),
-            (
-                PluginConfig {
-                    watchdog_ms: Some(1000),
-                    ..PluginConfig::default()
-                },
-                "watchdog_ms",
-            ),
-            (
-                PluginConfig {
-                    fdstore_max: Some(0),
-                    ..PluginConfig::default()
-                },
-                "fdstore_max",
-            ),
-        ];
-        for (plugin, key) in cases {
-            let err = reject_unsupported(&with_plugin(plugin)).unwrap_err();
-            assert_eq!(err.path, ["plugins", "p", key]);
-            assert!(err.message.contains("not supported yet"), "{}", err.message);
-            assert!(err.message.contains(key), "{}", err.message);
-        }
-        let harmless = PluginConfig {
-            ready: Some(ReadyMode::Exec),
-            strategy: Some(Strategy::StopStart),
-            sockets: Some(Vec::new()),
-            watchdog_ms: Some(0),
+    fn the_plugin_protocol_keys_are_accepted() {
+        let plugin = PluginConfig {
+            ready: Some(ReadyMode::Notify),
+            strategy: Some(Strategy::StartStop),
+            sockets: Some(vec![
+                "tcp:127.0.0.1:9000".into(),
+                "unix:/run/hotreload/p.sock".into(),
+            ]),
+            watchdog_ms: Some(MAX_MILLIS),
+            fdstore_max: Some(MAX_FDSTORE),
             ..PluginConfig::default()
         };
-        assert_eq!(reject_unsupported(&with_plugin(harmless)), Ok(()));
-        let hooks = FileConfig {
-            hooks: Some(Default::default()),
+        let mut file = with_plugin(plugin);
+        file.hooks = HookSettings {
+            on_reload_start: Some(vec!["/usr/local/bin/notify-reload".into(), "start".into()]),
+            on_reload_success: Some(vec!["notify-send".into()]),
+            on_reload_failure: Some(vec!["/bin/sh".into(), "-c".into(), String::new()]),
+            timeout_ms: 1,
+        };
+        assert_eq!(validate(&file), Ok(()));
+    }
+
+    #[test]
+    fn a_bad_socket_names_the_plugin_table_the_value_and_the_valid_forms() {
+        let file = with_plugin(PluginConfig {
+            sockets: Some(vec!["tcp:127.0.0.1:9000".into(), "tcp:1.2.3:80".into()]),
+            ..PluginConfig::default()
+        });
+        let problem = first_problem(&file);
+        assert_eq!(problem.path, ["plugins", "p", "sockets"]);
+        assert!(
+            problem.message.starts_with(
+                "invalid value for `sockets` in [plugins.p]: \"tcp:1.2.3:80\"; host \"1.2.3\""
+            ),
+            "{}",
+            problem.message
+        );
+        assert!(
+            problem.message.contains("valid forms: \"tcp:HOST:PORT\""),
+            "{}",
+            problem.message
+        );
+    }
+
+    #[test]
+    fn the_same_socket_twice_is_refused() {
+        let file = with_plugin(PluginConfig {
+            sockets: Some(vec!["tcp:[::1]:80".into(), "tcp:[0::1]:80".into()]),
+            ..PluginConfig::default()
+        });
+        let problem = first_problem(&file);
+        assert_eq!(problem.path, ["plugins", "p", "sockets"]);
+        assert_eq!(
+            problem.message,
+            "invalid value for `sockets` in [plugins.p]: \"tcp:[0::1]:80\" names the same \
+             socket as \"tcp:[::1]:80\" earlier in this list; list each socket once"
+        );
+        let sockets = |specs: &[&str]| PluginConfig {
+            sockets: Some(specs.iter().map(|spec| (*spec).to_owned()).collect()),
+            ..PluginConfig::default()
+        };
+        let two_plugins = FileConfig {
+            plugins: BTreeMap::from([
+                ("a".to_owned(), sockets(&["unix:/run/x.sock"])),
+                (
+                    "b".to_owned(),
+                    sockets(&["tcp:127.0.0.1:1", "unix:/run/x.sock"]),
+                ),
+            ]),
             ..FileConfig::default()
         };
-        let err = reject_unsupported(&hooks).unwrap_err();
-        assert_eq!(err.path, ["hooks"]);
-        assert!(err.message.contains("[hooks]") && err.message.contains("not supported yet"));
+        let problem = first_problem(&two_plugins);
+        assert_eq!(problem.path, ["plugins", "b", "sockets"]);
+        assert!(
+            problem
+                .message
+                .contains("as \"unix:/run/x.sock\" in [plugins.a]"),
+            "{}",
+            problem.message
+        );
+        let ephemeral = with_plugin(sockets(&["tcp:127.0.0.1:0", "tcp:127.0.0.1:0"]));
+        assert_eq!(
+            validate(&ephemeral),
+            Ok(()),
+            "port 0 binds a fresh port each time"
+        );
+        let distinct = with_plugin(sockets(&[
+            "tcp:127.0.0.1:80",
+            "tcp:[::1]:80",
+            "tcp:localhost:81",
+        ]));
+        assert_eq!(validate(&distinct), Ok(()));
+    }
+
+    #[test]
+    fn watchdog_and_fdstore_are_bounded() {
+        let file = with_plugin(PluginConfig {
+            watchdog_ms: Some(MAX_MILLIS + 1),
+            ..PluginConfig::default()
+        });
+        let problem = first_problem(&file);
+        assert_eq!(problem.path, ["plugins", "p", "watchdog_ms"]);
+        assert!(
+            problem.message.contains("86400001; expected 0 to 86400000"),
+            "{}",
+            problem.message
+        );
+        let file = with_plugin(PluginConfig {
+            fdstore_max: Some(MAX_FDSTORE + 1),
+            ..PluginConfig::default()
+        });
+        let problem = first_problem(&file);
+        assert_eq!(problem.path, ["plugins", "p", "fdstore_max"]);
+        assert_eq!(
+            problem.message,
+            "invalid value for `fdstore_max` in [plugins.p]: 1025; expected 0 to 1024 file descriptors"
+        );
+        let off = with_plugin(PluginConfig {
+            watchdog_ms: Some(0),
+            fdstore_max: Some(0),
+            ..PluginConfig::default()
+        });
+        assert_eq!(validate(&off), Ok(()));
+    }
+
+    #[test]
+    fn hook_commands_must_be_runnable_argvs() {
+        let words = |words: &[&str]| Some(words.iter().map(|w| (*w).to_owned()).collect());
+        for (argv, needle) in [
+            (words(&[]), "[]; expected a command and its arguments"),
+            (words(&[""]), "the command name is \"\""),
+            (words(&["", "x"]), "the command name is \"\""),
+            (words(&["/bin/e\0cho"]), "\"/bin/e\\0cho\" contains NUL"),
+            (words(&["echo", "a\0"]), "\"a\\0\" contains NUL"),
+            (words(&["bin/notify"]), "\"bin/notify\" is a relative path"),
+            (words(&["./notify", "x"]), "\"./notify\" is a relative path"),
+        ] {
+            for key in ["on_reload_start", "on_reload_success", "on_reload_failure"] {
+                let mut file = FileConfig::default();
+                let slot = match key {
+                    "on_reload_start" => &mut file.hooks.on_reload_start,
+                    "on_reload_success" => &mut file.hooks.on_reload_success,
+                    _ => &mut file.hooks.on_reload_failure,
+                };
+                *slot = argv.clone();
+                let problem = first_problem(&file);
+                assert_eq!(problem.path, ["hooks", key]);
+                let prefix = format!("invalid value for `{key}` in [hooks]: ");
+                assert!(
+                    problem.message.starts_with(&prefix) && problem.message.contains(needle),
+                    "{argv:?}: {}",
+                    problem.message
+                );
+            }
+        }
+        let mut file = FileConfig::default();
+        file.hooks.timeout_ms = 0;
+        let problem = first_problem(&file);
+        assert_eq!(problem.path, ["hooks", "timeout_ms"]);
+        assert!(
+            problem.message.contains("0; expected 1 to 86400000"),
+            "{}",
+            problem.message
+        );
+        file.hooks.timeout_ms = MAX_MILLIS + 1;
+        assert_eq!(validate(&file).unwrap_err().path, ["hooks", "timeout_ms"]);
     }
 }
