@@ -382,13 +382,13 @@ impl Core {
 
     fn on_pipe(&mut self, token: Token) {
         let (mut ctx, sup) = self.ctx();
-        sup.on_pipe(&mut ctx, token);
+        sup.on_fd(&mut ctx, token);
     }
 
     fn read_backlog(&mut self) {
         let (mut ctx, sup) = self.ctx();
         for token in sup.take_backlog() {
-            sup.on_pipe(&mut ctx, token);
+            sup.on_fd(&mut ctx, token);
         }
     }
 

@@ -67,13 +67,27 @@ pub struct Instance {
     pub version: String,
     pub started_wall: String,
     pub started: Instant,
-    /// Startup grace timer while the instance is not yet verified.
-    pub grace: Option<TimerId>,
+    /// Startup grace (ready = "exec") or readiness timeout (ready = "notify") while unverified.
+    pub verify_timer: Option<TimerId>,
     pub verified: bool,
+    /// Deadline for the next WATCHDOG=1 (watchdog_ms > 0, once verified).
+    pub watchdog_timer: Option<TimerId>,
     pub stop: Option<Stop>,
     pub pipes: Vec<Token>,
     /// The leader has been reaped but members of its group may still live.
     pub reaped: bool,
+    /// Killed by the daemon for failing verification: its exit fails the job's attempt.
+    pub failure: Option<String>,
+    /// The plugin sent STOPPING=1: its exit is expected, not a crash.
+    pub stopping_announced: bool,
+}
+
+/// Which of a plugin's (at most two) instances: the current one, or the one a `start-stop`
+/// reload is replacing, which keeps serving until the new one is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    Current,
+    Retiring,
 }
 
 /// A stop in progress: SIGTERM sent, SIGKILL armed.
@@ -165,6 +179,8 @@ pub struct Plugin {
     pub dir: PathBuf,
     pub settings: PluginSettings,
     pub instance: Option<Instance>,
+    /// The old instance during a `start-stop` reload.
+    pub retiring: Option<Instance>,
     pub job: Option<Job>,
     pub queued: Option<Queued>,
     pub rest: Rest,
@@ -185,6 +201,10 @@ pub struct Plugin {
     pub changed_while_disabled: bool,
     /// Directory gone: stop, then forget.
     pub removing: bool,
+    /// Descriptors the plugin parked with FDSTORE=1 (name, fd), handed to its next instance.
+    pub fdstore: Vec<(String, OwnedFd)>,
+    /// Listening sockets bound once by the daemon and passed to every instance.
+    pub listen: Vec<crate::listen::ListenSocket>,
 }
 
 impl Plugin {
@@ -194,6 +214,7 @@ impl Plugin {
             dir,
             settings,
             instance: None,
+            retiring: None,
             job: None,
             queued: None,
             rest: Rest::Missing,
@@ -210,7 +231,45 @@ impl Plugin {
             pending_files: BTreeSet::new(),
             changed_while_disabled: false,
             removing: false,
+            fdstore: Vec::new(),
+            listen: Vec::new(),
         }
+    }
+
+    pub fn slot(&self, slot: Slot) -> Option<&Instance> {
+        match slot {
+            Slot::Current => self.instance.as_ref(),
+            Slot::Retiring => self.retiring.as_ref(),
+        }
+    }
+
+    pub fn slot_mut(&mut self, slot: Slot) -> Option<&mut Instance> {
+        match slot {
+            Slot::Current => self.instance.as_mut(),
+            Slot::Retiring => self.retiring.as_mut(),
+        }
+    }
+
+    pub fn take_slot(&mut self, slot: Slot) -> Option<Instance> {
+        match slot {
+            Slot::Current => self.instance.take(),
+            Slot::Retiring => self.retiring.take(),
+        }
+    }
+
+    /// Which slot holds instance `seq`, if any.
+    pub fn slot_of(&self, seq: u64) -> Option<Slot> {
+        if self.instance.as_ref().is_some_and(|i| i.seq == seq) {
+            Some(Slot::Current)
+        } else if self.retiring.as_ref().is_some_and(|i| i.seq == seq) {
+            Some(Slot::Retiring)
+        } else {
+            None
+        }
+    }
+
+    pub fn has_processes(&self) -> bool {
+        self.instance.is_some() || self.retiring.is_some()
     }
 
     pub fn exec_path(&self) -> PathBuf {
@@ -219,10 +278,11 @@ impl Plugin {
 
     /// The state name of SPEC §5, derived from instance and job.
     pub fn state_name(&self) -> &'static str {
-        let reloading = matches!(
-            self.job.as_ref().map(|j| j.kind),
-            Some(JobKind::Reload | JobKind::Rollback)
-        );
+        let reloading = self.retiring.is_some()
+            || matches!(
+                self.job.as_ref().map(|j| j.kind),
+                Some(JobKind::Reload | JobKind::Rollback)
+            );
         if let Some(inst) = &self.instance {
             if inst.stop.is_some() {
                 return if reloading { "reloading" } else { "stopping" };

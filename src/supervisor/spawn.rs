@@ -10,9 +10,11 @@
 //! `std::process::Child` handle is dropped right away and never waited on.
 
 use std::collections::BTreeMap;
+use std::ffi::CString;
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -28,6 +30,11 @@ pub struct SpawnSpec<'a> {
     pub args: &'a [String],
     pub cwd: &'a Path,
     pub env: BTreeMap<OsString, OsString>,
+    /// Descriptors to hand over as fd 3, 4, ... (systemd's `LISTEN_FDS` convention).
+    pub pass_fds: Vec<RawFd>,
+    /// Variables whose value must be the child's own pid (`LISTEN_PID`, `WATCHDOG_PID`): only the
+    /// child knows it, so they are filled in between fork and exec.
+    pub pid_vars: Vec<&'static str>,
 }
 
 /// A freshly started plugin process.
@@ -82,11 +89,22 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let daemon = parent_pid();
+    let mut plan = if spec.pass_fds.is_empty() && spec.pid_vars.is_empty() {
+        None
+    } else {
+        Some(ExecPlan::new(spec).map_err(fail)?)
+    };
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
-    // system calls (setsid, prctl, getppid, kill, sigaction, close_range); it allocates nothing
-    // and touches no lock.
+    // system calls (setsid, prctl, getppid, signal, close_range, fcntl, dup2, execve) and writes
+    // into memory it owns; it allocates nothing and touches no lock.
     unsafe {
-        cmd.pre_exec(move || prepare_child(daemon));
+        cmd.pre_exec(move || {
+            prepare_child(daemon)?;
+            match plan.as_mut() {
+                Some(plan) => Err(plan.exec_in_child()),
+                None => Ok(()),
+            }
+        });
     }
     let mut child = cmd.spawn().map_err(fail)?;
     let pid = Pid::from_raw(child.id() as libc::pid_t);
@@ -105,6 +123,144 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
         stdout,
         stderr,
     })
+}
+
+/// Everything needed to exec by hand in the child, prepared in the parent (allocation is not
+/// allowed after fork): used when descriptors must be placed at fixed numbers or variables must
+/// carry the child's pid. std then never reaches its own exec; it learns of success from its
+/// close-on-exec status pipe as usual, and of failure from our error.
+struct ExecPlan {
+    path: CString,
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    env_bufs: Vec<Vec<u8>>,
+    envp_ptrs: Vec<*const libc::c_char>,
+    /// (index into env_bufs, offset where the pid's digits go)
+    pid_slots: Vec<(usize, usize)>,
+    pass_fds: Vec<RawFd>,
+    /// Scratch space for the parked copies (allocated here: the child must not allocate).
+    parked: Vec<libc::c_int>,
+}
+
+// SAFETY: the raw pointers point into buffers owned by the same struct; the plan is only used by
+// the closure that owns it, in the forked child.
+unsafe impl Send for ExecPlan {}
+// SAFETY: as above; it is never shared between threads in practice.
+unsafe impl Sync for ExecPlan {}
+
+/// Room for a pid's decimal digits plus the terminating NUL.
+const PID_ROOM: usize = 12;
+
+impl ExecPlan {
+    fn new(spec: &SpawnSpec<'_>) -> io::Result<ExecPlan> {
+        let cstr = |b: &[u8]| {
+            CString::new(b).map_err(|_| io::Error::other("NUL byte in argument or environment"))
+        };
+        let path = cstr(spec.program.as_os_str().as_bytes())?;
+        let mut argv = vec![cstr(spec.arg0.as_bytes())?];
+        for a in spec.args {
+            argv.push(cstr(a.as_bytes())?);
+        }
+        let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+        argv_ptrs.push(std::ptr::null());
+        let mut env_bufs = Vec::new();
+        let mut pid_slots = Vec::new();
+        for (k, v) in &spec.env {
+            if spec.pid_vars.iter().any(|p| k.as_bytes() == p.as_bytes()) {
+                continue;
+            }
+            let mut buf = k.as_bytes().to_vec();
+            buf.push(b'=');
+            buf.extend_from_slice(v.as_bytes());
+            if buf.contains(&0) {
+                return Err(io::Error::other("NUL byte in environment"));
+            }
+            buf.push(0);
+            env_bufs.push(buf);
+        }
+        for name in &spec.pid_vars {
+            let mut buf = name.as_bytes().to_vec();
+            buf.push(b'=');
+            let offset = buf.len();
+            buf.resize(offset + PID_ROOM, 0);
+            pid_slots.push((env_bufs.len(), offset));
+            env_bufs.push(buf);
+        }
+        let mut envp_ptrs: Vec<*const libc::c_char> =
+            env_bufs.iter().map(|b| b.as_ptr().cast()).collect();
+        envp_ptrs.push(std::ptr::null());
+        Ok(ExecPlan {
+            path,
+            _argv: argv,
+            argv_ptrs,
+            env_bufs,
+            envp_ptrs,
+            pid_slots,
+            pass_fds: spec.pass_fds.clone(),
+            parked: vec![0; spec.pass_fds.len()],
+        })
+    }
+
+    /// In the child: fill in the pid, move the descriptors to 3.., exec. Returns only on error.
+    fn exec_in_child(&mut self) -> io::Error {
+        // SAFETY: getpid cannot fail.
+        let pid = unsafe { libc::getpid() };
+        for &(index, offset) in &self.pid_slots {
+            write_decimal(&mut self.env_bufs[index][offset..], pid);
+        }
+        let n = self.pass_fds.len();
+        let first_free = 3 + n as libc::c_int;
+        // SAFETY: fcntl/dup2/close_range/execve on descriptors and buffers this process owns;
+        // the pointer arrays are NUL-terminated and point into live buffers.
+        unsafe {
+            // Park every source above the target range first, so a source that already sits at a
+            // target number cannot be clobbered by an earlier dup2.
+            for (i, &fd) in self.pass_fds.iter().enumerate() {
+                let tmp = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, first_free);
+                if tmp < 0 {
+                    return io::Error::last_os_error();
+                }
+                self.parked[i] = tmp;
+            }
+            for (i, &tmp) in self.parked.iter().enumerate() {
+                // dup2 clears FD_CLOEXEC on the new descriptor: exactly what we want.
+                if libc::dup2(tmp, 3 + i as libc::c_int) < 0 {
+                    return io::Error::last_os_error();
+                }
+            }
+            libc::syscall(
+                libc::SYS_close_range,
+                first_free as u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
+            libc::execve(
+                self.path.as_ptr(),
+                self.argv_ptrs.as_ptr(),
+                self.envp_ptrs.as_ptr(),
+            );
+        }
+        io::Error::last_os_error()
+    }
+}
+
+/// Async-signal-safe integer formatting into a NUL-padded slot.
+fn write_decimal(slot: &mut [u8], value: libc::pid_t) {
+    let mut digits = [0u8; PID_ROOM];
+    let mut v = value.max(0) as u32;
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (v % 10) as u8;
+        len += 1;
+        v /= 10;
+        if v == 0 || len == digits.len() - 1 {
+            break;
+        }
+    }
+    for i in 0..len.min(slot.len() - 1) {
+        slot[i] = digits[len - 1 - i];
+    }
+    slot[len.min(slot.len() - 1)] = 0;
 }
 
 /// Runs in the child between fork and exec. Async-signal-safe calls only.
@@ -224,5 +380,19 @@ pub fn become_subreaper() -> io::Result<()> {
         Err(io::Error::last_os_error())
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_formatting_fills_the_slot() {
+        let mut slot = [7u8; PID_ROOM];
+        write_decimal(&mut slot, 4_194_304);
+        assert_eq!(&slot[..8], b"4194304\0");
+        write_decimal(&mut slot, 1);
+        assert_eq!(&slot[..2], b"1\0");
     }
 }

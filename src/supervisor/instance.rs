@@ -1,0 +1,520 @@
+//! Instances: starting a plugin process, verifying it, stopping it, and accounting for its exit.
+//!
+//! A plugin has at most two instances: `Current`, and during a `start-stop` reload the
+//! `Retiring` one that keeps serving until the new one is ready. Every instance has a sequence
+//! number; timers and reaped pids carry it, so a timer or exit that belongs to an instance that
+//! is already gone is recognised and ignored.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::Instant;
+
+use mio::{Interest, unix::SourceFd};
+use nix::unistd::Pid;
+
+use super::output::{LineReader, Stream};
+use super::plugin::{Instance, JobPhase, Plugin, Rest, Slot, Snap, Stop};
+use super::reap::ExitKind;
+use super::{Ctx, Pipe, Supervisor, Timer, cancel_timer, spawn};
+use crate::clock;
+use crate::config::{ReadyMode, RestartPolicy};
+use crate::events::Event;
+
+impl Supervisor {
+    /// Spawn `target` into the Current slot with its pipes, sockets and environment.
+    pub(super) fn spawn_instance(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        id: &str,
+        target: &Snap,
+    ) -> Result<u64, String> {
+        let state_path = self.state_path(id);
+        let runtime_path = self.runtime_path(id);
+        let notify_path = self.notify_path_of(id);
+        let p = self.plugins.get(id).ok_or("plugin vanished")?;
+        let mut env = plugin_env(p, &target.version, &state_path, &runtime_path);
+        let mut pid_vars = Vec::new();
+        if let Some(path) = notify_path {
+            env.insert("NOTIFY_SOCKET".into(), path.into_os_string());
+        }
+        let (pass_fds, names) = passed_fds(p);
+        if !pass_fds.is_empty() {
+            env.insert("LISTEN_FDS".into(), pass_fds.len().to_string().into());
+            env.insert("LISTEN_FDNAMES".into(), names.join(":").into());
+            pid_vars.push("LISTEN_PID");
+        }
+        if p.settings.watchdog_ms > 0 {
+            let usec = p.settings.watchdog_ms.saturating_mul(1000);
+            env.insert("WATCHDOG_USEC".into(), usec.to_string().into());
+            pid_vars.push("WATCHDOG_PID");
+        }
+        let arg0 = p.settings.exec.to_string_lossy().into_owned();
+        let spec = spawn::SpawnSpec {
+            program: &target.path,
+            arg0: &arg0,
+            args: &p.settings.args,
+            cwd: &p.dir,
+            env,
+            pass_fds,
+            pid_vars,
+        };
+        let spawned = spawn::spawn(&spec).map_err(|e| e.to_string())?;
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        let mut pipes = Vec::new();
+        for (fd, stream) in [
+            (spawned.stdout, Stream::Stdout),
+            (spawned.stderr, Stream::Stderr),
+        ] {
+            let token = self.new_token();
+            let reader = LineReader::new(fd);
+            let raw = reader.fd().as_raw_fd();
+            if let Err(e) = ctx
+                .registry
+                .register(&mut SourceFd(&raw), token, Interest::READABLE)
+            {
+                log::warn!("[{id}] cannot poll the plugin's {}: {e}", stream.as_str());
+                continue;
+            }
+            let pipe = Pipe {
+                plugin: id.to_string(),
+                stream,
+                reader,
+            };
+            self.pipes.insert(token, pipe);
+            // Output may already be waiting (edge-triggered: read once now).
+            self.backlog.push(token);
+            pipes.push(token);
+        }
+        let pid = spawned.pid;
+        self.pids.insert(pid, (id.to_string(), seq));
+        let p = self.plugins.get_mut(id).ok_or("plugin vanished")?;
+        let verify_ms = match p.settings.ready {
+            ReadyMode::Exec => p.settings.startup_grace_ms,
+            ReadyMode::Notify => p.settings.ready_timeout_ms,
+        };
+        p.status_text = None;
+        p.instance = Some(Instance {
+            seq,
+            pid,
+            pidfd: spawned.pidfd,
+            version: target.version.clone(),
+            started_wall: clock::wall_rfc3339(),
+            started: Instant::now(),
+            verify_timer: Some(ctx.arm(verify_ms, Timer::Verify(id.to_string(), seq))),
+            verified: false,
+            watchdog_timer: None,
+            stop: None,
+            pipes,
+            reaped: false,
+            failure: None,
+            stopping_announced: false,
+        });
+        log::info!("[{id}] started pid {} version {}", pid, target.version);
+        ctx.emit(
+            Event::new("plugin_started", Some(id))
+                .with("pid", pid.as_raw())
+                .with("version", target.version.as_str()),
+        );
+        Ok(seq)
+    }
+
+    /// Grace passed (exec: verified) or readiness timed out (notify: failed).
+    pub(super) fn on_verify_timer(&mut self, ctx: &mut Ctx<'_>, id: &str, seq: u64) {
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        let Some(inst) = p.instance.as_mut().filter(|i| i.seq == seq) else {
+            return;
+        };
+        inst.verify_timer = None;
+        match p.settings.ready {
+            ReadyMode::Exec => self.mark_verified(ctx, id, seq),
+            ReadyMode::Notify => {
+                let ms = p.settings.ready_timeout_ms;
+                self.abort_instance(
+                    ctx,
+                    id,
+                    format!("no READY=1 within ready_timeout_ms ({ms} ms)"),
+                );
+            }
+        }
+    }
+
+    /// The instance counts as started (grace survived, or READY=1 received).
+    pub(super) fn mark_verified(&mut self, ctx: &mut Ctx<'_>, id: &str, seq: u64) {
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        let watchdog_ms = p.settings.watchdog_ms;
+        let Some(inst) = p.instance.as_mut().filter(|i| i.seq == seq && !i.verified) else {
+            return;
+        };
+        if inst.stop.is_some() || inst.failure.is_some() {
+            return;
+        }
+        cancel_timer(ctx, &mut inst.verify_timer);
+        inst.verified = true;
+        if watchdog_ms > 0 {
+            inst.watchdog_timer =
+                Some(ctx.arm(watchdog_ms, Timer::PluginWatchdog(id.to_string(), seq)));
+        }
+        ctx.emit(Event::new("plugin_ready", Some(id)).with("pid", inst.pid.as_raw()));
+        let verifying = matches!(
+            p.job.as_ref().map(|j| &j.phase),
+            Some(JobPhase::Verifying { seq: s }) if *s == seq
+        );
+        if verifying {
+            self.succeed(ctx, id);
+        }
+    }
+
+    /// Kill an instance that failed verification; its reaped exit fails the job's attempt.
+    pub(super) fn abort_instance(&mut self, ctx: &mut Ctx<'_>, id: &str, why: String) {
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        let Some(inst) = p.instance.as_mut() else {
+            return;
+        };
+        if inst.failure.is_some() {
+            return;
+        }
+        log::warn!("[{id}] pid {}: {why}; killing it", inst.pid);
+        cancel_timer(ctx, &mut inst.verify_timer);
+        cancel_timer(ctx, &mut inst.watchdog_timer);
+        inst.failure = Some(why);
+        if !inst.reaped {
+            let _ = spawn::signal_process(inst.pid, inst.pidfd.as_ref(), libc::SIGKILL);
+        }
+        let _ = spawn::signal_group(inst.pid, libc::SIGKILL);
+        if inst.reaped && !spawn::group_alive(inst.pid) {
+            self.instance_gone(ctx, id, Slot::Current);
+        }
+    }
+
+    /// WATCHDOG=1 did not arrive in time: kill the plugin; its exit is handled like a crash.
+    pub(super) fn on_plugin_watchdog(&mut self, ctx: &mut Ctx<'_>, id: &str, seq: u64) {
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        let ms = p.settings.watchdog_ms;
+        let Some(slot) = p.slot_of(seq) else { return };
+        let Some(inst) = p.slot_mut(slot) else { return };
+        inst.watchdog_timer = None;
+        if inst.stop.is_some() {
+            return;
+        }
+        log::warn!(
+            "[{id}] watchdog timeout: no WATCHDOG=1 for {ms} ms; killing pid {}",
+            inst.pid
+        );
+        ctx.emit(
+            Event::new("plugin_watchdog", Some(id))
+                .with("pid", inst.pid.as_raw())
+                .with("watchdog_ms", ms),
+        );
+        let _ = spawn::signal_process(inst.pid, inst.pidfd.as_ref(), libc::SIGABRT);
+        let _ = spawn::signal_group(inst.pid, libc::SIGKILL);
+    }
+
+    /// Stop every instance of a plugin (shutdown, removal).
+    pub(super) fn stop_all_instances(&mut self, ctx: &mut Ctx<'_>, id: &str) {
+        for slot in [Slot::Retiring, Slot::Current] {
+            self.stop_instance(ctx, id, slot);
+        }
+    }
+
+    /// SIGTERM to the instance's group, SIGKILL after the stop timeout.
+    pub(super) fn stop_instance(&mut self, ctx: &mut Ctx<'_>, id: &str, slot: Slot) {
+        let (version, already) = match self.plugins.get(id).and_then(|p| p.slot(slot)) {
+            Some(inst) => (inst.version.clone(), inst.stop.is_some()),
+            None => return,
+        };
+        if already {
+            return;
+        }
+        // The old instance's latest runtime data, saved before it is asked to go.
+        if slot == Slot::Current {
+            self.fold_runtime(ctx, id);
+            if let Err(e) = self.write_state(ctx, id, &version, "stopping") {
+                log::warn!("[{id}] cannot write state file before stopping: {e}");
+            }
+        }
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        let timeout = p.settings.stop_timeout_ms;
+        let Some(inst) = p.slot_mut(slot) else { return };
+        cancel_timer(ctx, &mut inst.verify_timer);
+        cancel_timer(ctx, &mut inst.watchdog_timer);
+        log::info!("[{id}] stopping pid {}", inst.pid);
+        if let Err(e) = spawn::signal_group(inst.pid, libc::SIGTERM) {
+            log::debug!("[{id}] SIGTERM to group {}: {e}", inst.pid);
+        }
+        let _ = spawn::signal_group(inst.pid, libc::SIGCONT);
+        let kill_timer = ctx.arm(timeout, Timer::Kill(id.to_string(), inst.seq));
+        inst.stop = Some(Stop {
+            kill_timer: Some(kill_timer),
+            killed: false,
+        });
+        if inst.reaped && !spawn::group_alive(inst.pid) {
+            self.instance_gone(ctx, id, slot);
+        }
+    }
+
+    pub(super) fn on_kill_timer(&mut self, ctx: &mut Ctx<'_>, id: &str, seq: u64) {
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        let Some(slot) = p.slot_of(seq) else { return };
+        let Some(inst) = p.slot_mut(slot) else { return };
+        let Some(stop) = inst.stop.as_mut() else {
+            return;
+        };
+        stop.kill_timer = None;
+        stop.killed = true;
+        log::warn!(
+            "[{id}] pid {} did not exit within the stop timeout: sending SIGKILL to its process group",
+            inst.pid
+        );
+        if !inst.reaped {
+            let _ = spawn::signal_process(inst.pid, inst.pidfd.as_ref(), libc::SIGKILL);
+        }
+        let _ = spawn::signal_group(inst.pid, libc::SIGKILL);
+        if inst.reaped {
+            // Only stragglers of the group were left, and SIGKILL cannot be ignored.
+            self.instance_gone(ctx, id, slot);
+        }
+    }
+
+    /// Reaped children from the daemon's waitpid loop.
+    pub fn on_exit(&mut self, ctx: &mut Ctx<'_>, pid: Pid, status: ExitKind) {
+        if self.on_hook_exit(ctx, pid, status) {
+            return;
+        }
+        let Some((id, seq)) = self.pids.remove(&pid) else {
+            log::debug!("reaped pid {pid} ({status}), not a plugin leader");
+            return;
+        };
+        let Some(p) = self.plugins.get_mut(&id) else {
+            return;
+        };
+        let Some(slot) = p.slot_of(seq) else { return };
+        let Some(inst) = p.slot_mut(slot) else { return };
+        inst.reaped = true;
+        inst.pidfd = None;
+        let expected = inst.stop.is_some() || inst.failure.is_some() || inst.stopping_announced;
+        let pid_raw = inst.pid.as_raw();
+        let suffix = if expected { "" } else { " (unexpected)" };
+        log::info!("[{id}] pid {pid_raw} exited with {status}{suffix}");
+        let ev = Event::new("plugin_exited", Some(&id))
+            .with("pid", pid_raw)
+            .with("expected", expected);
+        ctx.emit(match status {
+            ExitKind::Code(c) => ev.with("code", c),
+            ExitKind::Signal(s) => ev.with("signal", s),
+        });
+        if inst.stop.is_some() || inst.failure.is_some() {
+            // Members of the group may outlive the leader: the kill timer sweeps them.
+            let killed = inst.failure.is_some() || inst.stop.as_ref().is_some_and(|s| s.killed);
+            if spawn::group_alive(inst.pid) && !killed {
+                log::debug!("[{id}] leader exited, members of its process group remain");
+                return;
+            }
+            self.instance_gone(ctx, &id, slot);
+        } else {
+            // Anything the plugin left behind in its group goes with it.
+            let _ = spawn::signal_group(inst.pid, libc::SIGKILL);
+            self.unexpected_exit(ctx, &id, slot, status);
+        }
+    }
+
+    /// After any reap: a stopped instance whose leader is gone may have been waiting only for
+    /// members of its group (now reaped by us as subreaper, or exited on their own).
+    pub fn check_stragglers(&mut self, ctx: &mut Ctx<'_>) {
+        let mut done = Vec::new();
+        for p in self.plugins.values() {
+            for slot in [Slot::Current, Slot::Retiring] {
+                if p.slot(slot).is_some_and(|i| {
+                    i.reaped
+                        && (i.stop.is_some() || i.failure.is_some())
+                        && !spawn::group_alive(i.pid)
+                }) {
+                    done.push((p.id.clone(), slot));
+                }
+            }
+        }
+        for (id, slot) in done {
+            self.instance_gone(ctx, &id, slot);
+        }
+    }
+
+    /// A stopped (or aborted) instance and its group are gone: continue whatever asked for it.
+    pub(super) fn instance_gone(&mut self, ctx: &mut Ctx<'_>, id: &str, slot: Slot) {
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        let Some(mut inst) = p.take_slot(slot) else {
+            return;
+        };
+        if let Some(stop) = inst.stop.as_mut() {
+            cancel_timer(ctx, &mut stop.kill_timer);
+        }
+        cancel_timer(ctx, &mut inst.verify_timer);
+        cancel_timer(ctx, &mut inst.watchdog_timer);
+        let overlapping = p.has_processes();
+        if !overlapping {
+            // The last instance is gone: what it left in runtime.json is the state to keep.
+            self.fold_runtime(ctx, id);
+            if let Err(e) = self.write_state(ctx, id, &inst.version, "stopped") {
+                log::warn!("[{id}] cannot write state file: {e}");
+            }
+        }
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        if p.removing {
+            if !p.has_processes() {
+                self.forget(ctx, id);
+            }
+            return;
+        }
+        if let Some(why) = inst.failure {
+            if slot == Slot::Current {
+                self.fail_attempt(ctx, id, why);
+            }
+            return;
+        }
+        if slot == Slot::Retiring {
+            return;
+        }
+        let waiting_for_stop = matches!(
+            p.job.as_ref().map(|j| &j.phase),
+            Some(JobPhase::StoppingOld)
+        );
+        if waiting_for_stop {
+            self.attempt(ctx, id);
+        } else if p.job.is_none() {
+            p.rest = Rest::Stopped;
+            self.run_queued(ctx, id);
+        }
+    }
+
+    fn unexpected_exit(&mut self, ctx: &mut Ctx<'_>, id: &str, slot: Slot, status: ExitKind) {
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        let Some(mut inst) = p.take_slot(slot) else {
+            return;
+        };
+        cancel_timer(ctx, &mut inst.verify_timer);
+        cancel_timer(ctx, &mut inst.watchdog_timer);
+        let seq = inst.seq;
+        let announced = inst.stopping_announced;
+        if !p.has_processes() {
+            self.fold_runtime(ctx, id);
+        }
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        if slot == Slot::Retiring {
+            log::warn!("[{id}] the instance being replaced exited on its own with {status}");
+            return;
+        }
+        let verifying = matches!(
+            p.job.as_ref().map(|j| &j.phase),
+            Some(JobPhase::Verifying { seq: s }) if *s == seq
+        );
+        if verifying {
+            let why = match p.settings.ready {
+                ReadyMode::Exec => format!(
+                    "exited during the {} ms startup grace with {status}",
+                    p.settings.startup_grace_ms
+                ),
+                ReadyMode::Notify => format!("exited before sending READY=1, with {status}"),
+            };
+            self.fail_attempt(ctx, id, why);
+            return;
+        }
+        if self.shutting_down || p.removing {
+            return;
+        }
+        if announced {
+            // It said STOPPING=1 first: a deliberate exit, not a crash.
+            p.rest = Rest::Stopped;
+            return;
+        }
+        if p.job.is_some() {
+            // A job is in flight (e.g. waiting in backoff with nothing running): it decides.
+            return;
+        }
+        let restart = match p.settings.restart {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => !status.is_success(),
+            RestartPolicy::Never => false,
+        };
+        if !restart {
+            p.rest = if status.is_success() {
+                Rest::Stopped
+            } else {
+                Rest::Failed
+            };
+            if !status.is_success() {
+                p.last_error = Some(format!("exited with {status}"));
+            }
+            return;
+        }
+        self.schedule_restart(ctx, id, format!("exited unexpectedly with {status}"));
+    }
+}
+
+/// Sockets the daemon holds for the plugin, then the fds it parked: fd 3, 4, ... in that order.
+fn passed_fds(p: &Plugin) -> (Vec<i32>, Vec<String>) {
+    let mut fds = Vec::new();
+    let mut names = Vec::new();
+    for s in &p.listen {
+        fds.push(s.fd.as_raw_fd());
+        names.push(s.name.clone());
+    }
+    for (name, fd) in &p.fdstore {
+        fds.push(fd.as_raw_fd());
+        names.push(name.clone());
+    }
+    (fds, names)
+}
+
+/// The plugin's environment (SPEC §4): ours minus the service-manager variables, plus the
+/// plugin's `env`, plus the HOTRELOAD_* contract.
+fn plugin_env(
+    p: &Plugin,
+    version: &str,
+    state_path: &Path,
+    runtime_path: &Path,
+) -> BTreeMap<OsString, OsString> {
+    let mut env: BTreeMap<OsString, OsString> = std::env::vars_os()
+        .filter(|(k, _)| {
+            let k = k.to_string_lossy();
+            !(k == "NOTIFY_SOCKET" || k.starts_with("LISTEN_") || k.starts_with("WATCHDOG_"))
+        })
+        .collect();
+    for (k, v) in &p.settings.env {
+        env.insert(k.into(), v.into());
+    }
+    let vars: [(&str, OsString); 5] = [
+        ("HOTRELOAD_PLUGIN_ID", p.id.clone().into()),
+        ("HOTRELOAD_PLUGIN_DIR", p.dir.clone().into_os_string()),
+        ("HOTRELOAD_VERSION", version.into()),
+        ("HOTRELOAD_STATE_FILE", state_path.as_os_str().to_owned()),
+        (
+            "HOTRELOAD_RUNTIME_FILE",
+            runtime_path.as_os_str().to_owned(),
+        ),
+    ];
+    for (k, v) in vars {
+        env.insert(k.into(), v);
+    }
+    env
+}

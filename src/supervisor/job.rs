@@ -1,0 +1,666 @@
+//! Jobs: a reload, first start, crash restart or rollback, from snapshot to success or giving up.
+//!
+//! A job owns the attempt count and the waiters (`trigger` with wait, `install --wait`). Its
+//! phase says what it waits for: the old instance to exit (`StoppingOld`), the new one to prove
+//! itself (`Verifying`), or the next attempt (`Backoff`). Instances are the business of
+//! `instance.rs`; this file decides what to do with them.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::{Value, json};
+
+use super::plugin::{HistoryEntry, Job, JobKind, JobPhase, Plugin, Rest, Slot, Snap};
+use super::{Ctx, MAX_RUNTIME_BYTES, Supervisor, Timer, Trigger, Waiter, retry_delay};
+use crate::config::Strategy;
+use crate::control::protocol;
+use crate::events::Event;
+use crate::hooks::{HookContext, HookKind};
+use crate::{clock, preflight, snapshot, state_file};
+
+/// Why a start attempt did not work out.
+pub(super) type AttemptError = String;
+
+impl Supervisor {
+    /// Snapshot, pre-flight and no-op check; then stop the old instance (stop-start), or start
+    /// the new one beside it (start-stop), or go straight to the first attempt.
+    pub(super) fn begin(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        id: &str,
+        kind: JobKind,
+        trigger: Trigger,
+        files: Vec<String>,
+        waiters: Vec<Waiter>,
+    ) {
+        let snap_dir = self.snapshot_dir(id);
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        let exec = p.exec_path();
+        let old_version = p.current.as_ref().map(|s| s.version.clone());
+        let started = Instant::now();
+        let target = match snapshot::take(&exec, &snap_dir) {
+            Ok(s) => Snap {
+                version: s.version,
+                path: s.path,
+            },
+            Err(e) => {
+                let error = e.to_string();
+                if kind == JobKind::Start {
+                    // No build yet: that is what `missing` means, not an error.
+                    log::info!("[{id}] waiting for a build: {error}");
+                    p.rest = Rest::Missing;
+                    answer_list(ctx, id, &waiters, false, None, None, Some(error), 0);
+                    return;
+                }
+                p.job = Some(new_job(
+                    kind,
+                    trigger,
+                    files,
+                    empty_snap(),
+                    old_version,
+                    1,
+                    waiters,
+                ));
+                self.fail_attempt(ctx, id, format!("cannot snapshot the build: {error}"));
+                return;
+            }
+        };
+        // No-op: only the executable changed and its content is what already runs.
+        let exec_str = exec.to_string_lossy();
+        let only_exec = !files.is_empty() && files.iter().all(|f| *f == exec_str);
+        let unchanged = old_version.as_deref() == Some(target.version.as_str());
+        if unchanged && (only_exec || trigger == Trigger::Rescan || trigger == Trigger::Enable) {
+            log::debug!(
+                "[{id}] build unchanged ({}), nothing to reload",
+                target.version
+            );
+            for f in &files {
+                ctx.emit(
+                    Event::new("change_ignored", Some(id))
+                        .with("path", f.as_str())
+                        .with("reason", format!("unchanged version {}", target.version)),
+                );
+            }
+            let new = Some(target.version.clone());
+            answer_list(ctx, id, &waiters, true, old_version, new, None, 0);
+            return;
+        }
+        if let Err(e) = preflight::check(&target.path) {
+            let error = format!("pre-flight check failed: {e}");
+            let job = new_job(kind, trigger, files, target, old_version, 1, waiters);
+            self.refuse_build(ctx, id, job, error, started);
+            return;
+        }
+        let max_attempts = 1 + ctx.config.hot_reload.max_retries;
+        let p = self
+            .plugins
+            .get_mut(id)
+            .expect("plugin present: checked above");
+        if kind == JobKind::Reload {
+            log::info!(
+                "[{id}] hot reload started ({}): {} -> {}",
+                trigger.as_str(),
+                old_version.as_deref().unwrap_or("none"),
+                target.version
+            );
+            ctx.emit(
+                Event::new("reload_started", Some(id))
+                    .with("trigger", trigger.as_str())
+                    .with("files", files.clone()),
+            );
+        }
+        let new_version = target.version.clone();
+        p.job = Some(new_job(
+            kind,
+            trigger,
+            files,
+            target,
+            old_version.clone(),
+            max_attempts,
+            waiters,
+        ));
+        let overlap = p.settings.strategy == Strategy::StartStop;
+        if kind == JobKind::Reload {
+            let hook = HookContext {
+                plugin: id,
+                old_version: old_version.as_deref(),
+                new_version: Some(&new_version),
+                error: None,
+            };
+            self.run_hook(ctx, HookKind::ReloadStart, &hook);
+        }
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        let old_running = p
+            .instance
+            .as_ref()
+            .is_some_and(|i| i.stop.is_none() && i.failure.is_none());
+        if old_running && overlap && p.retiring.is_none() {
+            // start-stop: the old instance keeps serving until the new one is ready.
+            p.retiring = p.instance.take();
+            self.attempt(ctx, id);
+        } else if p.instance.is_some() {
+            self.stop_instance(ctx, id, Slot::Current);
+        } else {
+            self.attempt(ctx, id);
+        }
+    }
+
+    /// A build that failed pre-flight: nothing was stopped, nothing to retry (the same bytes
+    /// would fail again).
+    fn refuse_build(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        id: &str,
+        job: Job,
+        error: String,
+        started: Instant,
+    ) {
+        let snap_dir = self.snapshot_dir(id);
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        log::warn!("[{id}] hot reload failed: {error}");
+        p.last_error = Some(error.clone());
+        let new_version = Some(job.target.version.clone());
+        if job.kind == JobKind::Start {
+            p.rest = Rest::Missing;
+            answer_list(
+                ctx,
+                id,
+                &job.waiters,
+                false,
+                None,
+                new_version,
+                Some(error),
+                0,
+            );
+            prune_snapshots(&snap_dir, p);
+            return;
+        }
+        p.failed_reloads += 1;
+        self.totals.failed_reloads += 1;
+        let duration_ms = clock::millis(started.elapsed());
+        p.push_history(HistoryEntry {
+            time: clock::wall_rfc3339(),
+            trigger: job.trigger,
+            old_version: job.old_version.clone(),
+            new_version: job.target.version.clone(),
+            ok: false,
+            duration_ms,
+            error: Some(error.clone()),
+        });
+        // The refused snapshot is useless: keep only what runs and the last good one.
+        prune_snapshots(&snap_dir, p);
+        ctx.emit(
+            Event::new("reload_started", Some(id))
+                .with("trigger", job.trigger.as_str())
+                .with("files", job.files.clone()),
+        );
+        ctx.emit(
+            Event::new("reload_failed", Some(id))
+                .with("error", error.as_str())
+                .with("attempt", 1)
+                .with("retry_in_ms", Value::Null),
+        );
+        answer_waiters(ctx, id, &job, false, Some(error.clone()));
+        let hook = HookContext {
+            plugin: id,
+            old_version: job.old_version.as_deref(),
+            new_version: Some(&job.target.version),
+            error: Some(&error),
+        };
+        self.run_hook(ctx, HookKind::ReloadStart, &hook);
+        self.run_hook(ctx, HookKind::ReloadFailure, &hook);
+        self.run_queued(ctx, id);
+    }
+
+    /// One start of the job's target. While an instance is still on its way out (a killed
+    /// failed attempt), the start waits for its reap.
+    pub(super) fn attempt(&mut self, ctx: &mut Ctx<'_>, id: &str) {
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        if p.instance.is_some() {
+            if let Some(job) = p.job.as_mut() {
+                job.phase = JobPhase::StoppingOld;
+            }
+            return;
+        }
+        if let Err(error) = self.try_start(ctx, id) {
+            self.fail_attempt(ctx, id, error);
+        }
+    }
+
+    fn try_start(&mut self, ctx: &mut Ctx<'_>, id: &str) -> Result<(), AttemptError> {
+        let target = {
+            let p = self.plugins.get(id).ok_or("plugin vanished")?;
+            p.job.as_ref().ok_or("no job")?.target.clone()
+        };
+        self.prepare_state(ctx, id, &target.version)?;
+        let seq = self.spawn_instance(ctx, id, &target)?;
+        let p = self.plugins.get_mut(id).ok_or("plugin vanished")?;
+        if let Some(job) = p.job.as_mut() {
+            job.phase = JobPhase::Verifying { seq };
+        }
+        p.current = Some(target);
+        Ok(())
+    }
+
+    /// Carry runtime.json into state.json (or wipe both without preserve_state) before a start.
+    fn prepare_state(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        id: &str,
+        version: &str,
+    ) -> Result<(), AttemptError> {
+        let state_path = self.state_path(id);
+        let runtime_path = self.runtime_path(id);
+        let overlapping = self.plugins.get(id).is_some_and(|p| p.retiring.is_some());
+        if !ctx.config.hot_reload.preserve_state {
+            // With an old instance still running (start-stop) its files are still in use.
+            if !overlapping {
+                for path in [&state_path, &runtime_path] {
+                    state_file::remove_if_exists(path)
+                        .map_err(|e| format!("cannot remove {}: {e}", path.display()))?;
+                }
+                if let Some(p) = self.plugins.get_mut(id) {
+                    p.runtime_data = Value::Null;
+                }
+            }
+            return Ok(());
+        }
+        self.fold_runtime(ctx, id);
+        self.write_state(ctx, id, version, "starting")
+            .map_err(|e| format!("cannot write state file: {e}"))
+    }
+
+    /// Read runtime.json into runtime_data; an invalid file keeps the previous value (warned).
+    pub(super) fn fold_runtime(&mut self, ctx: &mut Ctx<'_>, id: &str) {
+        let path = self.runtime_path(id);
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        match state_file::read_runtime(&path, MAX_RUNTIME_BYTES) {
+            state_file::RuntimeRead::Missing => {}
+            state_file::RuntimeRead::Valid(v) => p.runtime_data = v,
+            state_file::RuntimeRead::Invalid(reason) => {
+                log::warn!("[{id}] keeping the previous runtime_data: {reason}");
+                ctx.emit(
+                    Event::new("state_warning", Some(id))
+                        .with("error", reason.as_str())
+                        .with("path", path.to_string_lossy()),
+                );
+            }
+        }
+    }
+
+    pub(super) fn write_state(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        id: &str,
+        version: &str,
+        status: &str,
+    ) -> Result<(), String> {
+        if !ctx.config.hot_reload.preserve_state {
+            return Ok(());
+        }
+        let path = self.state_path(id);
+        let Some(p) = self.plugins.get(id) else {
+            return Ok(());
+        };
+        let state = state_file::PluginState {
+            plugin_id: id.to_string(),
+            configuration: p.settings.config.clone(),
+            runtime_data: p.runtime_data.clone(),
+            last_activity: clock::wall_rfc3339(),
+            version: version.to_string(),
+            status: status.to_string(),
+        };
+        state_file::write_state(&path, &state).map_err(|e| e.to_string())
+    }
+
+    /// The new instance proved itself: record, answer, retire the old one, run what queued.
+    pub(super) fn succeed(&mut self, ctx: &mut Ctx<'_>, id: &str) {
+        let snap_dir = self.snapshot_dir(id);
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        let Some(job) = p.job.take() else { return };
+        let duration_ms = clock::millis(job.started.elapsed());
+        p.last_good = Some(job.target.clone());
+        p.rest = Rest::Stopped;
+        match job.kind {
+            JobKind::Reload => {
+                p.reload_count += 1;
+                p.last_error = None;
+                self.totals.reload_count += 1;
+                let now = clock::wall_rfc3339();
+                self.totals.last_reload = Some(now.clone());
+                p.push_history(HistoryEntry {
+                    time: now,
+                    trigger: job.trigger,
+                    old_version: job.old_version.clone(),
+                    new_version: job.target.version.clone(),
+                    ok: true,
+                    duration_ms,
+                    error: None,
+                });
+                log::info!(
+                    "[{id}] hot reload completed: {} -> {} in {duration_ms} ms",
+                    job.old_version.as_deref().unwrap_or("none"),
+                    job.target.version
+                );
+                ctx.emit(
+                    Event::new("reload_succeeded", Some(id))
+                        .with("old_version", job.old_version.clone())
+                        .with("new_version", job.target.version.as_str())
+                        .with("duration_ms", duration_ms),
+                );
+            }
+            JobKind::Rollback => {
+                log::warn!("[{id}] rolled back to version {}", job.target.version);
+                ctx.emit(
+                    Event::new("rolled_back", Some(id))
+                        .with("version", job.target.version.as_str()),
+                );
+            }
+            JobKind::Start | JobKind::Restart => {}
+        }
+        if job.kind != JobKind::Rollback {
+            answer_waiters(ctx, id, &job, true, None);
+        }
+        prune_snapshots(&snap_dir, p);
+        if p.retiring.is_some() {
+            self.stop_instance(ctx, id, Slot::Retiring);
+        }
+        let _ = self.write_state(ctx, id, &job.target.version, "running");
+        if job.kind == JobKind::Reload {
+            let hook = HookContext {
+                plugin: id,
+                old_version: job.old_version.as_deref(),
+                new_version: Some(&job.target.version),
+                error: None,
+            };
+            self.run_hook(ctx, HookKind::ReloadSuccess, &hook);
+        }
+        self.run_queued(ctx, id);
+    }
+
+    /// An attempt failed: retry after backoff, or give up (rollback, then `failed`).
+    pub(super) fn fail_attempt(&mut self, ctx: &mut Ctx<'_>, id: &str, error: AttemptError) {
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        let Some(job) = p.job.as_mut() else { return };
+        p.last_error = Some(error.clone());
+        job.last_error = Some(error.clone());
+        let attempt = job.attempt;
+        let last = attempt >= job.max_attempts;
+        let kind = job.kind;
+        // A restart after a crash already waited one base delay before its first attempt.
+        let exponent = attempt - 1 + u32::from(kind == JobKind::Restart);
+        let delay = retry_delay(ctx.config.hot_reload.retry_delay_ms, exponent);
+        if matches!(kind, JobKind::Reload | JobKind::Rollback) {
+            log::warn!("[{id}] hot reload failed (attempt {attempt}): {error}");
+        } else {
+            log::warn!("[{id}] start failed (attempt {attempt}): {error}");
+        }
+        if kind == JobKind::Reload {
+            ctx.emit(
+                Event::new("reload_failed", Some(id))
+                    .with("error", error.as_str())
+                    .with("attempt", attempt)
+                    .with(
+                        "retry_in_ms",
+                        if last {
+                            Value::Null
+                        } else {
+                            Value::from(delay)
+                        },
+                    ),
+            );
+        }
+        if !last {
+            job.attempt += 1;
+            let timer = ctx.arm(delay, Timer::Backoff(id.to_string()));
+            job.phase = JobPhase::Backoff {
+                timer,
+                due_ms: ctx.now_ms + delay,
+            };
+            return;
+        }
+        self.give_up(ctx, id, error);
+    }
+
+    /// The last attempt failed: record it, answer waiters, fall back if there is somewhere to go.
+    fn give_up(&mut self, ctx: &mut Ctx<'_>, id: &str, error: String) {
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        let Some(job) = p.job.take() else { return };
+        let duration_ms = clock::millis(job.started.elapsed());
+        if job.kind == JobKind::Reload {
+            p.failed_reloads += 1;
+            self.totals.failed_reloads += 1;
+            p.push_history(HistoryEntry {
+                time: clock::wall_rfc3339(),
+                trigger: job.trigger,
+                old_version: job.old_version.clone(),
+                new_version: job.target.version.clone(),
+                ok: false,
+                duration_ms,
+                error: Some(error.clone()),
+            });
+        }
+        if job.kind != JobKind::Rollback {
+            answer_waiters(ctx, id, &job, false, Some(error.clone()));
+        }
+        if job.kind == JobKind::Reload {
+            let hook = HookContext {
+                plugin: id,
+                old_version: job.old_version.as_deref(),
+                new_version: Some(&job.target.version),
+                error: Some(&error),
+            };
+            self.run_hook(ctx, HookKind::ReloadFailure, &hook);
+        }
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        // start-stop: the old instance never stopped, so "rolling back" is keeping it.
+        if p.instance.is_none() {
+            if let Some(old) = p.retiring.take() {
+                let version = old.version.clone();
+                p.current = p.last_good.clone();
+                p.instance = Some(old);
+                log::warn!("[{id}] keeping the running version {version}");
+                ctx.emit(Event::new("rolled_back", Some(id)).with("version", version));
+                self.run_queued(ctx, id);
+                return;
+            }
+        }
+        let rollback_to = p.last_good.clone().filter(|good| {
+            job.kind == JobKind::Reload && *good != job.target && good.path.exists()
+        });
+        if let Some(good) = rollback_to {
+            p.current = p.last_good.clone();
+            log::warn!("[{id}] rolling back to last good version {}", good.version);
+            p.job = Some(new_job(
+                JobKind::Rollback,
+                Trigger::Watch,
+                Vec::new(),
+                good,
+                None,
+                1,
+                Vec::new(),
+            ));
+            self.attempt(ctx, id);
+            return;
+        }
+        p.rest = Rest::Failed;
+        log::error!("[{id}] failed: {error}");
+        self.run_queued(ctx, id);
+    }
+
+    pub(super) fn on_backoff(&mut self, ctx: &mut Ctx<'_>, id: &str) {
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        let Some(job) = p.job.as_mut() else { return };
+        if !matches!(job.phase, JobPhase::Backoff { .. }) {
+            return;
+        }
+        job.phase = JobPhase::StoppingOld;
+        self.attempt(ctx, id);
+    }
+
+    /// Start the reload that was asked for while the last job ran.
+    pub(super) fn run_queued(&mut self, ctx: &mut Ctx<'_>, id: &str) {
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        if p.removing || self.shutting_down || p.job.is_some() {
+            return;
+        }
+        let Some(q) = p.queued.take() else { return };
+        let trigger = q.trigger.unwrap_or(Trigger::Watch);
+        self.request(ctx, id, trigger, q.files.into_iter().collect(), q.waiters);
+    }
+
+    /// An unexpected exit of a verified instance: restart per policy after the base delay.
+    pub(super) fn schedule_restart(&mut self, ctx: &mut Ctx<'_>, id: &str, why: String) {
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        let Some(target) = p.current.clone() else {
+            p.rest = Rest::Failed;
+            return;
+        };
+        p.restarts += 1;
+        p.last_error = Some(why.clone());
+        let delay = retry_delay(ctx.config.hot_reload.retry_delay_ms, 0);
+        let timer = ctx.arm(delay, Timer::Backoff(id.to_string()));
+        log::warn!("[{id}] {why}: restarting in {delay} ms");
+        let max_attempts = 1 + ctx.config.hot_reload.max_retries;
+        let old = Some(target.version.clone());
+        let mut job = new_job(
+            JobKind::Restart,
+            Trigger::Watch,
+            Vec::new(),
+            target,
+            old,
+            max_attempts,
+            Vec::new(),
+        );
+        job.phase = JobPhase::Backoff {
+            timer,
+            due_ms: ctx.now_ms + delay,
+        };
+        p.job = Some(job);
+    }
+}
+
+fn new_job(
+    kind: JobKind,
+    trigger: Trigger,
+    files: Vec<String>,
+    target: Snap,
+    old_version: Option<String>,
+    max_attempts: u32,
+    waiters: Vec<Waiter>,
+) -> Job {
+    Job {
+        kind,
+        trigger,
+        files,
+        target,
+        old_version,
+        attempt: 1,
+        max_attempts,
+        started: Instant::now(),
+        started_wall: clock::wall_rfc3339(),
+        phase: JobPhase::StoppingOld,
+        waiters,
+        last_error: None,
+    }
+}
+
+fn empty_snap() -> Snap {
+    Snap {
+        version: String::new(),
+        path: PathBuf::new(),
+    }
+}
+
+pub(super) fn cancel_job_timer(ctx: &mut Ctx<'_>, job: &Job) {
+    if let JobPhase::Backoff { timer, .. } = job.phase {
+        ctx.wheel.cancel(timer);
+    }
+}
+
+pub(super) fn answer_waiters(
+    ctx: &mut Ctx<'_>,
+    id: &str,
+    job: &Job,
+    ok: bool,
+    error: Option<String>,
+) {
+    let new_version = (!job.target.version.is_empty()).then(|| job.target.version.clone());
+    let duration_ms = clock::millis(job.started.elapsed());
+    answer_list(
+        ctx,
+        id,
+        &job.waiters,
+        ok,
+        job.old_version.clone(),
+        new_version,
+        error,
+        duration_ms,
+    );
+}
+
+/// A finished reload is a successful *request* whatever its outcome: `result.ok` says how it went.
+#[allow(clippy::too_many_arguments)]
+fn answer_list(
+    ctx: &mut Ctx<'_>,
+    id: &str,
+    waiters: &[Waiter],
+    ok: bool,
+    old_version: Option<String>,
+    new_version: Option<String>,
+    error: Option<String>,
+    duration_ms: u64,
+) {
+    for w in waiters {
+        let result = json!({
+            "plugin": id, "ok": ok, "old_version": old_version, "new_version": new_version,
+            "duration_ms": duration_ms, "error": error,
+        });
+        let mut body = serde_json::Map::new();
+        body.insert("result".into(), result);
+        ctx.out
+            .replies
+            .push((w.client, protocol::success(w.request_id.as_ref(), body)));
+    }
+}
+
+/// Keep only the running, retiring, current and last-good snapshots of a plugin.
+pub(super) fn prune_snapshots(dir: &Path, p: &Plugin) {
+    let mut keep: Vec<&str> = Vec::new();
+    for inst in [&p.instance, &p.retiring].into_iter().flatten() {
+        keep.push(&inst.version);
+    }
+    for snap in [&p.last_good, &p.current].into_iter().flatten() {
+        keep.push(&snap.version);
+    }
+    if let Some(job) = &p.job {
+        keep.push(&job.target.version);
+    }
+    if let Err(e) = snapshot::prune(dir, &keep) {
+        log::debug!("[{}] pruning snapshots in {}: {e}", p.id, dir.display());
+    }
+}
