@@ -1,1 +1,8 @@
 //! Black-box tests of hotreloadd and hotreloadctl.
+mod config;
+mod control;
+mod ctl;
+mod lifecycle;
+mod reload;
+mod supervise;
+mod util;

@@ -1,0 +1,359 @@
+//! `hotreloadctl` (SPEC §8): every command against a live daemon, its exit codes, `install`
+//! end to end, `interactive` with piped input, and the socket driven by `socat` as a README shows.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use crate::util::{
+    Config, Daemon, EX_UNAVAILABLE, EX_USAGE, Output, Script, TIMEOUT, ctl_bin, expected_version,
+    find_program, sh_quote,
+};
+
+#[track_caller]
+fn assert_exit(out: &Output, code: i32, what: &str) {
+    assert_eq!(
+        out.code(),
+        Some(code),
+        "contract (SPEC §8): {what} exits {code}; saw {out:?}"
+    );
+}
+
+/// The JSON a `--json` command printed.
+#[track_caller]
+fn printed_json(out: &Output) -> Value {
+    assert_exit(out, 0, "a --json command");
+    serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| {
+        panic!("contract (SPEC §8): --json prints the daemon's JSON ({e}): {out:?}")
+    })
+}
+
+#[test]
+fn ctl_status_list_and_plugin_print_human_readable_output() {
+    let mut d = Daemon::new();
+    d.start_running("p1", &Script::new("v1"));
+    for args in [&["status"][..], &["list"], &["plugin", "p1"]] {
+        let out = d.ctl(args);
+        assert_exit(&out, 0, &args.join(" "));
+        assert!(
+            !out.stdout.trim().is_empty(),
+            "{args:?} prints something; saw {out:?}"
+        );
+        let is_json = serde_json::from_str::<Value>(out.stdout.trim()).is_ok();
+        assert!(
+            !is_json,
+            "contract (SPEC §8): human-readable without --json; saw {out:?}"
+        );
+    }
+    assert!(
+        d.ctl(&["list"]).stdout.contains("p1"),
+        "contract: list shows p1"
+    );
+}
+
+#[test]
+fn ctl_json_prints_the_daemons_json() {
+    let mut d = Daemon::new();
+    d.start_running("p1", &Script::new("v1"));
+    let status = printed_json(&d.ctl(&["--json", "status"]));
+    assert!(
+        status["hot_reload"].is_object() && status["daemon"].is_object(),
+        "{status}"
+    );
+    let list = printed_json(&d.ctl(&["--json", "list"]));
+    assert_eq!(
+        list["plugins"][0]["id"], "p1",
+        "contract: --json list; saw {list}"
+    );
+    let plugin = printed_json(&d.ctl(&["--json", "plugin", "p1"]));
+    assert_eq!(
+        plugin["plugin"]["id"], "p1",
+        "contract: --json plugin p1; saw {plugin}"
+    );
+}
+
+#[test]
+fn ctl_disable_and_enable_switch_hot_reload() {
+    let mut d = Daemon::new();
+    d.start();
+    assert_exit(&d.ctl(&["disable"]), 0, "disable");
+    assert_eq!(
+        d.status()["hot_reload"]["enabled"],
+        false,
+        "contract: disabled"
+    );
+    assert_exit(&d.ctl(&["enable"]), 0, "enable");
+    assert_eq!(
+        d.status()["hot_reload"]["enabled"],
+        true,
+        "contract: enabled again"
+    );
+}
+
+#[test]
+fn ctl_trigger_waits_for_the_reload() {
+    let mut d = Daemon::new();
+    d.start_running("p1", &Script::new("v1"));
+    assert_exit(&d.ctl(&["disable"]), 0, "disable");
+    let v2 = d.install("p1", &Script::new("v2"));
+    assert_exit(&d.ctl(&["trigger", "p1"]), 0, "trigger of a good build");
+    let info = d.plugin_info("p1").unwrap_or_default();
+    assert!(
+        info["state"] == "running" && info["version"] == expected_version(&v2),
+        "contract (SPEC §8): trigger returns once the new build runs; list shows {info}"
+    );
+}
+
+#[test]
+fn ctl_trigger_no_wait_only_schedules_the_reload() {
+    let mut d = Daemon::new();
+    d.start_running("p1", &Script::new("v1"));
+    assert_exit(&d.ctl(&["disable"]), 0, "disable");
+    let v2 = d.install("p1", &Script::new("v2"));
+    let resp = printed_json(&d.ctl(&["--json", "trigger", "p1", "--no-wait"]));
+    assert_eq!(
+        resp["scheduled"], true,
+        "contract (SPEC §6): wait false answers at once; {resp}"
+    );
+    d.wait_started("p1", "v2");
+    d.wait_running("p1", &v2);
+}
+
+#[test]
+fn ctl_trigger_of_a_reload_that_fails_exits_1() {
+    let mut d = Daemon::new();
+    d.start_running("p1", &Script::new("v1"));
+    assert_exit(&d.ctl(&["disable"]), 0, "disable");
+    d.install("p1", &Script::new("bad").broken());
+    assert_exit(
+        &d.ctl(&["trigger", "p1"]),
+        1,
+        "trigger of a reload that fails",
+    );
+}
+
+#[test]
+fn ctl_events_follows_the_daemons_events() {
+    let mut d = Daemon::new();
+    d.start_running("p1", &Script::new("v1"));
+    let mut events = d.ctl_follow(&["--json", "events"]);
+    d.wait_sessions(2);
+    d.install("p1", &Script::new("v2"));
+    events.wait_line(TIMEOUT, "a reload_succeeded line for p1", |line| {
+        let event: Value = serde_json::from_str(line).unwrap_or_default();
+        event["event"] == "reload_succeeded" && event["plugin"] == "p1"
+    });
+}
+
+#[test]
+fn ctl_logs_shows_only_plugin_output() {
+    let mut d = Daemon::new();
+    d.start_running("p1", &Script::new("v1"));
+    let mut logs = d.ctl_follow(&["logs", "p1"]);
+    d.wait_sessions(2);
+    d.install("p1", &Script::new("v2").stdout("hello-from-v2"));
+    logs.wait_line(TIMEOUT, "the plugin's output", |line| {
+        line.contains("hello-from-v2")
+    });
+    let lifecycle = [
+        "reload_started",
+        "reload started",
+        "plugin_started",
+        "plugin started",
+    ];
+    let leaked: Vec<&String> = logs
+        .seen
+        .iter()
+        .filter(|l| lifecycle.iter().any(|e| l.to_lowercase().contains(e)))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "contract (SPEC §8): logs shows only output; saw {leaked:?}"
+    );
+}
+
+#[test]
+fn ctl_reload_config_applies_the_changed_file() {
+    let mut d = Daemon::new();
+    d.start();
+    d.write_config(&Config::new().set("hot_reload.debounce_delay_ms", json!(88)));
+    assert_exit(&d.ctl(&["reload-config"]), 0, "reload-config");
+    assert_eq!(
+        d.status()["hot_reload"]["debounce_delay_ms"],
+        88,
+        "contract: applied"
+    );
+}
+
+#[test]
+fn ctl_exits_69_naming_the_socket_when_no_daemon_listens() {
+    let d = Daemon::new();
+    let missing = d.root.join("nobody-here.sock");
+    let path = missing.to_string_lossy().into_owned();
+    let mut by_flag = d.command(ctl_bin());
+    by_flag.arg("--socket").arg(&missing).arg("status");
+    let mut by_env = d.command(ctl_bin());
+    by_env.arg("status").env("HOTRELOAD_SOCKET", &missing);
+    for (how, cmd) in [("--socket", by_flag), ("$HOTRELOAD_SOCKET", by_env)] {
+        let out = d.run(cmd, None, TIMEOUT);
+        assert_exit(
+            &out,
+            EX_UNAVAILABLE,
+            &format!("status with {how} and no daemon"),
+        );
+        assert!(
+            out.text().contains(&path),
+            "contract (SPEC §8): names {path}; saw {out:?}"
+        );
+    }
+}
+
+#[test]
+fn ctl_exits_1_when_the_daemon_answers_an_error() {
+    let mut d = Daemon::new();
+    d.start();
+    for args in [&["trigger", "nope"][..], &["plugin", "nope"]] {
+        let out = d.ctl(args);
+        assert_exit(&out, 1, &args.join(" "));
+        assert!(
+            out.text().contains("nope"),
+            "the message names the plugin; saw {out:?}"
+        );
+    }
+}
+
+#[test]
+fn ctl_exits_64_on_usage_errors() {
+    let mut d = Daemon::new();
+    d.start();
+    for args in [
+        &[][..],
+        &["frobnicate"],
+        &["trigger"],
+        &["--no-such-flag", "status"],
+    ] {
+        assert_exit(&d.ctl(args), EX_USAGE, &format!("hotreloadctl {args:?}"));
+    }
+}
+
+/// Writes build `script` of plugin `id` outside the plugins dir with `mode`; its path and bytes.
+fn build_outside(d: &Daemon, id: &str, script: &Script, mode: u32) -> (PathBuf, Vec<u8>) {
+    let path = d.root.join("build").join(format!("{id}-build"));
+    let content = script.render(&d.root, id);
+    crate::util::install_atomic(&path, &content, mode);
+    (path, content)
+}
+
+/// Checks what `install` left in plugin `id`'s dir: the build, its mode, no temp file.
+#[track_caller]
+fn assert_installed(d: &Daemon, id: &str, content: &[u8], mode: u32) {
+    let exec = d.exec_path(id);
+    assert_eq!(
+        fs::read(&exec).unwrap(),
+        content,
+        "contract (SPEC §8): the build is installed"
+    );
+    let seen = fs::metadata(&exec).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(
+        seen, mode,
+        "contract (SPEC §8): mode copied from the source; saw {seen:o}"
+    );
+    let names: Vec<String> = fs::read_dir(d.plugin_dir(id))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let temps: Vec<&String> = names
+        .iter()
+        .filter(|n| n.starts_with(".hotreload-"))
+        .collect();
+    assert!(
+        temps.is_empty(),
+        "contract: no temp file left behind; saw {temps:?}"
+    );
+}
+
+fn arg(path: &Path) -> &str {
+    path.to_str().expect("test paths are UTF-8")
+}
+
+#[test]
+fn ctl_install_of_a_new_plugin_waits_for_its_first_start() {
+    let mut d = Daemon::new();
+    d.start();
+    let (src, content) = build_outside(&d, "p2", &Script::new("v1"), 0o750);
+    assert_exit(
+        &d.ctl(&["install", "p2", arg(&src), "--wait"]),
+        0,
+        "install --wait",
+    );
+    assert!(
+        !d.starts("p2", Some("v1")).is_empty(),
+        "contract: --wait waits for the first start"
+    );
+    assert_installed(&d, "p2", &content, 0o750);
+    d.wait_started("p2", "v1");
+    d.wait_running("p2", &content);
+}
+
+#[test]
+fn ctl_install_over_an_existing_plugin_waits_for_the_reload() {
+    let mut d = Daemon::new();
+    d.start_running("p1", &Script::new("v1"));
+    let (src, v2) = build_outside(&d, "p1", &Script::new("v2"), 0o755);
+    assert_exit(
+        &d.ctl(&["install", "p1", arg(&src), "--wait"]),
+        0,
+        "install --wait",
+    );
+    let info = d.plugin_info("p1").unwrap_or_default();
+    assert!(
+        info["state"] == "running" && info["version"] == expected_version(&v2),
+        "contract (SPEC §8): install --wait returns once the new build runs; list shows {info}"
+    );
+    assert_installed(&d, "p1", &v2, 0o755);
+}
+
+#[test]
+fn socat_one_liner_from_the_readme_gets_the_status() {
+    let mut d = Daemon::new();
+    if find_program("socat").is_none() {
+        println!("SKIPPED: socat is not installed here (CI installs it)");
+        return;
+    }
+    d.start();
+    let address = sh_quote(&format!("UNIX-CONNECT:{}", arg(&d.socket)));
+    let line = format!("printf 'status\\n' | socat - {address}");
+    let mut cmd = d.command("sh");
+    cmd.arg("-c").arg(&line);
+    let out = d.run(cmd, None, TIMEOUT);
+    assert_exit(&out, 0, &line);
+    let first = out.stdout.lines().next().unwrap_or_default();
+    let resp: Value = serde_json::from_str(first).unwrap_or_default();
+    assert!(
+        resp["status"] == "success" && resp["hot_reload"].is_object(),
+        "saw {out:?}"
+    );
+}
+
+#[test]
+fn ctl_interactive_with_piped_stdin_prints_status_and_list() {
+    let mut d = Daemon::new();
+    d.start_running("p1", &Script::new("v1"));
+    let out = d.ctl_stdin(&["interactive"], b"s\nl\nq\n");
+    assert_exit(&out, 0, "interactive ending with q");
+    assert!(
+        out.stdout.contains("p1"),
+        "contract (SPEC §8): l lists p1; saw {out:?}"
+    );
+    let pid = d.pid().to_string();
+    let dir = d.plugins.to_string_lossy().into_owned();
+    let status_shown = [pid.as_str(), dir.as_str(), "enabled"]
+        .iter()
+        .any(|s| out.stdout.contains(s));
+    assert!(
+        status_shown,
+        "contract (SPEC §8): s prints the status (pid, dir or enabled); {out:?}"
+    );
+}
