@@ -236,11 +236,17 @@ impl Supervisor {
         if already {
             return;
         }
-        // The old instance's latest runtime data, saved before it is asked to go.
+        // The old instance's latest runtime data, saved before it is asked to go. When it has
+        // not changed since the state file was written, the file already preserves it, and the
+        // reload's critical path is spared a durable write.
         if slot == Slot::Current {
+            let before = self.plugins.get(id).map(|p| p.runtime_data.clone());
             self.fold_runtime(ctx, id);
-            if let Err(e) = self.write_state(ctx, id, &version, "stopping") {
-                log::warn!("[{id}] cannot write state file before stopping: {e}");
+            let after = self.plugins.get(id).map(|p| &p.runtime_data);
+            if before.as_ref() != after {
+                if let Err(e) = self.write_state(ctx, id, &version, "stopping") {
+                    log::warn!("[{id}] cannot write state file before stopping: {e}");
+                }
             }
         }
         let Some(p) = self.plugins.get_mut(id) else {
@@ -366,11 +372,19 @@ impl Supervisor {
         cancel_timer(ctx, &mut inst.verify_timer);
         cancel_timer(ctx, &mut inst.watchdog_timer);
         let overlapping = p.has_processes();
+        // A job about to start the next instance writes the state file itself, right away.
+        let next_start = inst.failure.is_none()
+            && matches!(
+                p.job.as_ref().map(|j| &j.phase),
+                Some(JobPhase::StoppingOld)
+            );
         if !overlapping {
             // The last instance is gone: what it left in runtime.json is the state to keep.
             self.fold_runtime(ctx, id);
-            if let Err(e) = self.write_state(ctx, id, &inst.version, "stopped") {
-                log::warn!("[{id}] cannot write state file: {e}");
+            if !next_start {
+                if let Err(e) = self.write_state(ctx, id, &inst.version, "stopped") {
+                    log::warn!("[{id}] cannot write state file: {e}");
+                }
             }
         }
         let Some(p) = self.plugins.get_mut(id) else {

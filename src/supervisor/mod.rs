@@ -222,13 +222,19 @@ impl Supervisor {
         if !ctx.config.hot_reload.preserve_state {
             return Value::Null;
         }
-        match state_file::read_state(&self.state_path(id)) {
+        let saved = match state_file::read_state(&self.state_path(id)) {
             Ok(Some(state)) => state.runtime_data,
             Ok(None) => Value::Null,
             Err(e) => {
                 log::warn!("[{id}] ignoring unreadable state file: {e}");
                 Value::Null
             }
+        };
+        // After a crash of the daemon the plugin's own runtime.json may be newer than the state
+        // file: it is the plugin's durable record, so it wins when valid.
+        match state_file::read_runtime(&self.runtime_path(id), MAX_RUNTIME_BYTES) {
+            state_file::RuntimeRead::Valid(v) => v,
+            _ => saved,
         }
     }
 
