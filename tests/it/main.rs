@@ -3,6 +3,7 @@ mod config;
 mod control;
 mod ctl;
 mod lifecycle;
+mod protocol;
 mod reload;
 mod supervise;
 mod util;
