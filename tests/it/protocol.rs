@@ -481,6 +481,43 @@ fn start_stop_runs_both_instances_until_the_new_one_is_ready() {
     assert_eq!(info["pid"], new, "{info}");
 }
 
+#[test]
+fn start_stop_build_that_never_gets_ready_leaves_the_old_instance_serving() {
+    let config = notify_config(300, 0).set("plugins.p1.strategy", json!("start-stop"));
+    let mut d = Daemon::with_config(&config);
+    let (v1, old) = start_running_py(&mut d, "p1", &Py::new("v1").ready());
+    let mut sub = d.client();
+    sub.subscribe(json!({}));
+    install_py(&d, "p1", &Py::new("v2").log("waiting"));
+    let failed = sub.wait_named("reload_failed", "p1");
+    assert!(
+        failed["retry_in_ms"].is_null(),
+        "max_retries 0: one attempt; {failed}"
+    );
+    let rolled = sub.wait_named("rolled_back", "p1");
+    assert_eq!(rolled["version"], expected_version(&v1), "{rolled}");
+    let info = d.wait_running("p1", &v1);
+    assert!(
+        info["pid"] == old && pid_alive(old) && d.stops("p1", Some("v1")).is_empty(),
+        "contract (SPEC §5 start-stop): the old instance {old} never stopped and still \
+         serves; saw {info}, log {:?}",
+        d.log_lines("p1")
+    );
+    // The plugin is in a consistent state: the next good build replaces the old instance.
+    let v3 = install_py(&d, "p1", &Py::new("v3").ready());
+    let done = sub.wait_named("reload_succeeded", "p1");
+    assert!(
+        done["old_version"] == expected_version(&v1)
+            && done["new_version"] == expected_version(&v3),
+        "contract: the next reload goes from v1 to v3; {done}"
+    );
+    let new = d.wait_started("p1", "v3");
+    assert_eq!(d.wait_running("p1", &v3)["pid"], new);
+    wait_until(TIMEOUT, "v1 stopped after v3 got ready", || {
+        d.stops("p1", Some("v1")).contains(&old).then_some(())
+    });
+}
+
 // ------------------------------------------------------------------------------------------------
 // Zero-downtime reloads of the echo_server example
 
@@ -702,6 +739,28 @@ fn fdstore_memfd_survives_reloads_until_removed_and_listen_vars_name_the_instanc
             );
         }
     }
+}
+
+#[test]
+fn fdstore_keeps_at_most_fdstore_max_descriptors() {
+    let config = Config::new()
+        .set("plugins.p1.ready", json!("notify"))
+        .set("plugins.p1.fdstore_max", json!(1));
+    let mut d = Daemon::with_config(&config);
+    let v1 = Py::new("v1")
+        .store_memfd("first", "kept")
+        .store_memfd("second", "over the limit")
+        .ready();
+    start_running_py(&mut d, "p1", &v1);
+    let v2 = install_py(&d, "p1", &Py::new("v2").ready());
+    let pid = d.wait_started("p1", "v2");
+    d.wait_running("p1", &v2);
+    let listen = listen_record(&d, "p1", pid);
+    assert!(
+        listen["names"] == json!(["first"])
+            && listen["fds"]["first"] == json!({"fd": 3, "content": "kept"}),
+        "contract (SPEC §3 fdstore_max = 1): only the first parked fd is handed on; saw {listen}"
+    );
 }
 
 // ------------------------------------------------------------------------------------------------
