@@ -70,7 +70,17 @@ impl Supervisor {
         // No-op: only the executable changed and its content is what already runs.
         let exec_str = exec.to_string_lossy();
         let only_exec = !files.is_empty() && files.iter().all(|f| *f == exec_str);
-        let unchanged = old_version.as_deref() == Some(target.version.as_str());
+        // Unchanged means: that very build is already running (or already failed, and nothing
+        // new arrived to try instead).
+        let running = p
+            .instance
+            .as_ref()
+            .filter(|i| i.stop.is_none() && i.failure.is_none())
+            .map(|i| i.version.as_str());
+        let failed_same = p.instance.is_none()
+            && p.rest == Rest::Failed
+            && old_version.as_deref() == Some(target.version.as_str());
+        let unchanged = running == Some(target.version.as_str()) || failed_same;
         if unchanged && (only_exec || trigger == Trigger::Rescan || trigger == Trigger::Enable) {
             log::debug!(
                 "[{id}] build unchanged ({}), nothing to reload",

@@ -193,8 +193,12 @@ impl Supervisor {
     /// A plugin directory exists: start knowing it, and start it when it has a good build.
     pub fn add_plugin(&mut self, ctx: &mut Ctx<'_>, id: &str, dir: PathBuf) {
         if let Some(p) = self.plugins.get_mut(id) {
-            // Came back while we were stopping the old one: keep it.
-            p.removing = false;
+            if p.removing {
+                // Came back while its old instance was being stopped: start it again once that
+                // one is gone.
+                p.removing = false;
+                p.queued.get_or_insert_with(Queued::default).trigger = Some(Trigger::Rescan);
+            }
             return;
         }
         let settings = ctx.config.plugin(id);
