@@ -89,7 +89,13 @@ struct Core {
     verbose_listeners: bool,
     notifier: Notifier,
     watchdog_interval_ms: Option<u64>,
+    /// READY=1 went out (after the socket listened and the plugins found at start launched).
+    ready_sent: bool,
 }
+
+/// First starts per loop turn: enough to bring plugins up quickly, few enough that control
+/// clients are answered in between.
+const STARTS_PER_TURN: usize = 16;
 
 impl Daemon {
     /// Set everything up: directories, signals, control socket, watches, initial plugins.
@@ -140,6 +146,7 @@ impl Daemon {
             verbose_listeners: false,
             notifier,
             watchdog_interval_ms,
+            ready_sent: false,
         };
         log::info!(
             "hotreloadd {} supervising {} (hot reload {})",
@@ -164,7 +171,6 @@ impl Daemon {
             core,
         };
         daemon.flush();
-        daemon.core.notifier.ready(&daemon.core.status_line());
         Ok(daemon)
     }
 
@@ -182,6 +188,7 @@ impl Daemon {
             for event in events.iter() {
                 self.dispatch(event);
             }
+            self.core.start_pending();
             self.core.read_backlog();
             self.core.fire_timers();
             self.flush();
@@ -301,7 +308,7 @@ impl Core {
     }
 
     fn poll_timeout(&mut self) -> Option<Duration> {
-        if self.sup.has_backlog() {
+        if self.sup.has_backlog() || self.sup.has_pending_starts() {
             return Some(Duration::ZERO);
         }
         self.wheel
@@ -383,6 +390,16 @@ impl Core {
     fn on_pipe(&mut self, token: Token) {
         let (mut ctx, sup) = self.ctx();
         sup.on_fd(&mut ctx, token);
+    }
+
+    /// First starts, a batch per loop turn; READY=1 once every plugin found has been launched.
+    fn start_pending(&mut self) {
+        let (mut ctx, sup) = self.ctx();
+        let more = sup.start_pending(&mut ctx, STARTS_PER_TURN);
+        if !more && !self.ready_sent {
+            self.ready_sent = true;
+            self.notifier.ready(&self.status_line());
+        }
     }
 
     fn read_backlog(&mut self) {
