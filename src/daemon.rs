@@ -89,6 +89,8 @@ struct Core {
     verbose_listeners: bool,
     notifier: Notifier,
     watchdog_interval_ms: Option<u64>,
+    /// The last `STATUS=` sent, so the summary is re-sent only when it changes.
+    sent_status: String,
 }
 
 impl Daemon {
@@ -140,6 +142,7 @@ impl Daemon {
             verbose_listeners: false,
             notifier,
             watchdog_interval_ms,
+            sent_status: String::new(),
         };
         log::info!(
             "hotreloadd {} supervising {} (hot reload {})",
@@ -164,7 +167,7 @@ impl Daemon {
             core,
         };
         daemon.flush();
-        daemon.core.notifier.ready(&daemon.core.status_line());
+        daemon.core.notify_ready();
         Ok(daemon)
     }
 
@@ -185,6 +188,7 @@ impl Daemon {
             self.core.read_backlog();
             self.core.fire_timers();
             self.flush();
+            self.core.publish_status();
             if self.core.shutting_down && self.core.sup.all_stopped() {
                 break;
             }
@@ -525,8 +529,27 @@ impl Core {
                 Ok(())
             }
         };
-        self.notifier.ready(&self.status_line());
+        self.notify_ready();
         outcome
+    }
+
+    fn notify_ready(&mut self) {
+        self.sent_status = self.status_line();
+        self.notifier.ready(&self.sent_status);
+    }
+
+    /// Keeps systemd's `STATUS=` current: once per loop turn, only when the summary changed (a
+    /// turn happens only when something woke the loop, so an idle daemon stays asleep). After
+    /// `STOPPING=1` the status says "stopping plugins" until the end.
+    fn publish_status(&mut self) {
+        if self.shutting_down {
+            return;
+        }
+        let line = self.status_line();
+        if line != self.sent_status {
+            self.notifier.status(&line);
+            self.sent_status = line;
+        }
     }
 
     fn apply_config(&mut self, mut new: Config) {
