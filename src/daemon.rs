@@ -91,6 +91,8 @@ struct Core {
     watchdog_interval_ms: Option<u64>,
     /// READY=1 went out (after the socket listened and the plugins found at start launched).
     ready_sent: bool,
+    /// The last `STATUS=` sent, so the summary is re-sent only when it changes.
+    sent_status: String,
 }
 
 /// First starts per loop turn: enough to bring plugins up quickly, few enough that control
@@ -147,6 +149,7 @@ impl Daemon {
             notifier,
             watchdog_interval_ms,
             ready_sent: false,
+            sent_status: String::new(),
         };
         log::info!(
             "hotreloadd {} supervising {} (hot reload {})",
@@ -178,6 +181,8 @@ impl Daemon {
     pub fn run(mut self) -> Result<(), FatalError> {
         let mut events = Events::with_capacity(256);
         loop {
+            self.core.start_pending();
+            self.flush();
             let timeout = self.core.poll_timeout();
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -188,10 +193,10 @@ impl Daemon {
             for event in events.iter() {
                 self.dispatch(event);
             }
-            self.core.start_pending();
             self.core.read_backlog();
             self.core.fire_timers();
             self.flush();
+            self.core.publish_status();
             if self.core.shutting_down && self.core.sup.all_stopped() {
                 break;
             }
@@ -398,7 +403,7 @@ impl Core {
         let more = sup.start_pending(&mut ctx, STARTS_PER_TURN);
         if !more && !self.ready_sent {
             self.ready_sent = true;
-            self.notifier.ready(&self.status_line());
+            self.notify_ready();
         }
     }
 
@@ -542,8 +547,27 @@ impl Core {
                 Ok(())
             }
         };
-        self.notifier.ready(&self.status_line());
+        self.notify_ready();
         outcome
+    }
+
+    fn notify_ready(&mut self) {
+        self.sent_status = self.status_line();
+        self.notifier.ready(&self.sent_status);
+    }
+
+    /// Keeps systemd's `STATUS=` current: once per loop turn, only when the summary changed (a
+    /// turn happens only when something woke the loop, so an idle daemon stays asleep). After
+    /// `STOPPING=1` the status says "stopping plugins" until the end.
+    fn publish_status(&mut self) {
+        if self.shutting_down || !self.notifier.is_active() {
+            return;
+        }
+        let line = self.status_line();
+        if line != self.sent_status {
+            self.notifier.status(&line);
+            self.sent_status = line;
+        }
     }
 
     fn apply_config(&mut self, mut new: Config) {

@@ -5,4 +5,5 @@ mod ctl;
 mod lifecycle;
 mod reload;
 mod supervise;
+mod systemd;
 mod util;
