@@ -89,7 +89,15 @@ struct Core {
     verbose_listeners: bool,
     notifier: Notifier,
     watchdog_interval_ms: Option<u64>,
+    /// READY=1 went out (after the socket listened and the plugins found at start launched).
+    ready_sent: bool,
+    /// The last `STATUS=` sent, so the summary is re-sent only when it changes.
+    sent_status: String,
 }
+
+/// First starts per loop turn: enough to bring plugins up quickly, few enough that control
+/// clients are answered in between.
+const STARTS_PER_TURN: usize = 16;
 
 impl Daemon {
     /// Set everything up: directories, signals, control socket, watches, initial plugins.
@@ -140,6 +148,8 @@ impl Daemon {
             verbose_listeners: false,
             notifier,
             watchdog_interval_ms,
+            ready_sent: false,
+            sent_status: String::new(),
         };
         log::info!(
             "hotreloadd {} supervising {} (hot reload {})",
@@ -164,7 +174,6 @@ impl Daemon {
             core,
         };
         daemon.flush();
-        daemon.core.notifier.ready(&daemon.core.status_line());
         Ok(daemon)
     }
 
@@ -172,6 +181,8 @@ impl Daemon {
     pub fn run(mut self) -> Result<(), FatalError> {
         let mut events = Events::with_capacity(256);
         loop {
+            self.core.start_pending();
+            self.flush();
             let timeout = self.core.poll_timeout();
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -185,6 +196,7 @@ impl Daemon {
             self.core.read_backlog();
             self.core.fire_timers();
             self.flush();
+            self.core.publish_status();
             if self.core.shutting_down && self.core.sup.all_stopped() {
                 break;
             }
@@ -301,7 +313,7 @@ impl Core {
     }
 
     fn poll_timeout(&mut self) -> Option<Duration> {
-        if self.sup.has_backlog() {
+        if self.sup.has_backlog() || self.sup.has_pending_starts() {
             return Some(Duration::ZERO);
         }
         self.wheel
@@ -383,6 +395,16 @@ impl Core {
     fn on_pipe(&mut self, token: Token) {
         let (mut ctx, sup) = self.ctx();
         sup.on_fd(&mut ctx, token);
+    }
+
+    /// First starts, a batch per loop turn; READY=1 once every plugin found has been launched.
+    fn start_pending(&mut self) {
+        let (mut ctx, sup) = self.ctx();
+        let more = sup.start_pending(&mut ctx, STARTS_PER_TURN);
+        if !more && !self.ready_sent {
+            self.ready_sent = true;
+            self.notify_ready();
+        }
     }
 
     fn read_backlog(&mut self) {
@@ -525,8 +547,27 @@ impl Core {
                 Ok(())
             }
         };
-        self.notifier.ready(&self.status_line());
+        self.notify_ready();
         outcome
+    }
+
+    fn notify_ready(&mut self) {
+        self.sent_status = self.status_line();
+        self.notifier.ready(&self.sent_status);
+    }
+
+    /// Keeps systemd's `STATUS=` current: once per loop turn, only when the summary changed (a
+    /// turn happens only when something woke the loop, so an idle daemon stays asleep). After
+    /// `STOPPING=1` the status says "stopping plugins" until the end.
+    fn publish_status(&mut self) {
+        if self.shutting_down || !self.notifier.is_active() {
+            return;
+        }
+        let line = self.status_line();
+        if line != self.sent_status {
+            self.notifier.status(&line);
+            self.sent_status = line;
+        }
     }
 
     fn apply_config(&mut self, mut new: Config) {

@@ -93,9 +93,14 @@ pub struct Datagram {
     pub uid: u32,
     pub gid: u32,
     pub message: Message,
-    /// The fds sent with `SCM_RIGHTS`; never empty unless `message.fdstore` is set, because fds
-    /// on any other message are closed on reception. Each is close-on-exec.
+    /// The fds sent with `SCM_RIGHTS`; never empty unless `message.fdstore` is set. Each is
+    /// close-on-exec.
     pub fds: Vec<OwnedFd>,
+    /// Fds that came with a message without FDSTORE=1 (systemd's `BARRIER=1`): closed when the
+    /// datagram is dropped, i.e. after the caller has attributed the batch. A sender blocked on a
+    /// barrier (`systemd-notify --ready`) thus stays alive, and attributable by its process group,
+    /// until its earlier messages have been checked.
+    pub held: Vec<OwnedFd>,
 }
 
 /// The assignments of one sd_notify message that the daemon understands; unknown keys are
@@ -473,19 +478,13 @@ fn accept(raw: RawDatagram, payload: &[u8]) -> Result<(Datagram, Vec<FieldIssue>
         .ok_or(DropReason::NoCredentials)?;
     let (message, issues) =
         parse_message_with_issues(&payload[..raw.len]).map_err(DropReason::Malformed)?;
-    let fds = if message.fdstore {
-        raw.fds
+    let (fds, held) = if message.fdstore {
+        (raw.fds, Vec::new())
     } else {
-        if !raw.fds.is_empty() {
-            log::debug!(
-                "closing {} fds sent by pid {} without FDSTORE=1",
-                raw.fds.len(),
-                creds.pid
-            );
-        }
-        Vec::new()
+        (Vec::new(), raw.fds)
     };
     let datagram = Datagram {
+        held,
         pid: creds.pid,
         uid: creds.uid,
         gid: creds.gid,
@@ -1363,6 +1362,8 @@ mod tests {
         let got = socket.recv_all();
         assert_eq!(got.len(), 1);
         assert!(got[0].fds.is_empty());
+        assert_eq!(got[0].held.len(), 1, "held until the datagram is dropped");
+        drop(got);
         assert!(pipe_reaches_eof(&read_end));
     }
 

@@ -66,7 +66,10 @@ struct PluginWatch {
     dir: PathBuf,
     /// Executable path relative to the plugin dir.
     exec: PathBuf,
-    wds: Vec<WatchDescriptor>,
+    dir_wd: WatchDescriptor,
+    /// Where the real executable lives when not directly in the plugin dir: its directory's
+    /// watch, the directory and the file name.
+    target: Option<(WatchDescriptor, PathBuf, OsString)>,
 }
 
 pub struct Watcher {
@@ -161,7 +164,7 @@ impl Watcher {
     /// (Re-)add the watch on the plugins dir; harmless when it is already watched.
     pub fn watch_root(&mut self) -> Result<(), WatchError> {
         let root = self.root.clone();
-        self.add(&root, ROOT_MASK, Owner::Root)
+        self.add(&root, ROOT_MASK, Owner::Root).map(|_| ())
     }
 
     pub fn fd(&self) -> RawFd {
@@ -179,41 +182,66 @@ impl Watcher {
     }
 
     /// Watch a plugin's directory, and the directory of its real executable when that lies
-    /// elsewhere (a symlinked build or an `exec` in a subdirectory). Calling it again refreshes
-    /// the extra watch (after the symlink was re-pointed).
+    /// elsewhere (a symlinked build or an `exec` in a subdirectory). Calling it again for the same
+    /// directory keeps that watch and only re-resolves the executable's location.
     pub fn watch_plugin(&mut self, id: &str, dir: &Path, exec: &Path) -> Result<(), WatchError> {
-        self.unwatch_plugin(id);
-        self.add(dir, DIR_MASK, Owner::PluginDir(id.to_string()))?;
-        let mut wds: Vec<WatchDescriptor> = self.wds_of(&Owner::PluginDir(id.to_string()));
-        if let Some((target_dir, file)) = real_executable_location(dir, exec) {
-            let owner = Owner::Target {
-                plugin: id.to_string(),
-                file,
-            };
-            match self.add(&target_dir, DIR_MASK, owner.clone()) {
-                Ok(()) => wds.extend(self.wds_of(&owner)),
-                // The build output dir may not exist yet: the plugin dir watch still works.
-                Err(e) => log::warn!("[{id}] {e}; changes there will not be noticed"),
+        if let Some(pw) = self.plugins.get_mut(id) {
+            if pw.dir == dir {
+                pw.exec = exec.to_path_buf();
+                self.refresh_plugin(id);
+                return Ok(());
             }
+            self.unwatch_plugin(id);
         }
+        let owner = Owner::PluginDir(id.to_string());
+        let dir_wd = self.add(dir, DIR_MASK, owner)?;
         self.plugins.insert(
             id.to_string(),
             PluginWatch {
                 dir: dir.to_path_buf(),
                 exec: exec.to_path_buf(),
-                wds,
+                dir_wd,
+                target: None,
             },
         );
+        self.refresh_plugin(id);
         Ok(())
     }
 
-    /// Re-resolve where a plugin's executable really lives (its symlink may have moved).
+    /// Re-resolve where a plugin's executable really lives (its symlink may have been
+    /// re-pointed) and move the extra watch there; nothing changes when it did not move.
     pub fn refresh_plugin(&mut self, id: &str) {
-        if let Some(pw) = self.plugins.get(id) {
-            let (dir, exec) = (pw.dir.clone(), pw.exec.clone());
-            if let Err(e) = self.watch_plugin(id, &dir, &exec) {
-                log::warn!("[{id}] {e}");
+        let Some(pw) = self.plugins.get(id) else {
+            return;
+        };
+        let location = real_executable_location(&pw.dir, &pw.exec);
+        let current = pw.target.as_ref().map(|(_, d, f)| (d.clone(), f.clone()));
+        if location == current {
+            return;
+        }
+        if let Some(pw) = self.plugins.get_mut(id) {
+            if let Some((wd, _, _)) = pw.target.take() {
+                self.release(
+                    wd,
+                    |o| matches!(o, Owner::Target { plugin, .. } if plugin == id),
+                );
             }
+        }
+        let Some((target_dir, file)) = location else {
+            return;
+        };
+        let owner = Owner::Target {
+            plugin: id.to_string(),
+            file: file.clone(),
+        };
+        match self.add(&target_dir, DIR_MASK, owner) {
+            Ok(wd) => {
+                if let Some(pw) = self.plugins.get_mut(id) {
+                    pw.target = Some((wd, target_dir, file));
+                }
+            }
+            // The build output dir may not exist yet: the plugin dir watch still works.
+            Err(e) => log::warn!("[{id}] {e}; changes there will not be noticed"),
         }
     }
 
@@ -221,7 +249,9 @@ impl Watcher {
         let Some(pw) = self.plugins.remove(id) else {
             return;
         };
-        for wd in pw.wds {
+        let mut wds = vec![pw.dir_wd];
+        wds.extend(pw.target.map(|(wd, _, _)| wd));
+        for wd in wds {
             self.release(wd, |o| owner_plugin(o) == Some(id));
         }
     }
@@ -230,15 +260,12 @@ impl Watcher {
         self.plugins.contains_key(id)
     }
 
-    fn wds_of(&self, owner: &Owner) -> Vec<WatchDescriptor> {
-        self.owners
-            .iter()
-            .filter(|(_, os)| os.contains(owner))
-            .map(|(wd, _)| wd.clone())
-            .collect()
-    }
-
-    fn add(&mut self, path: &Path, mask: WatchMask, owner: Owner) -> Result<(), WatchError> {
+    fn add(
+        &mut self,
+        path: &Path,
+        mask: WatchMask,
+        owner: Owner,
+    ) -> Result<WatchDescriptor, WatchError> {
         let wd = self
             .inotify
             .watches()
@@ -251,8 +278,8 @@ impl Watcher {
         if !owners.contains(&owner) {
             owners.push(owner);
         }
-        self.dirs.insert(wd, path.to_path_buf());
-        Ok(())
+        self.dirs.insert(wd.clone(), path.to_path_buf());
+        Ok(wd)
     }
 
     /// Drop the owners matching `which` from `wd`; remove the kernel watch when none is left.
@@ -319,7 +346,11 @@ impl Watcher {
             for owner in owners {
                 match owner {
                     Owner::Root => out.push(Change::Rescan),
-                    Owner::PluginDir(id) => out.push(Change::PluginDirLost(id)),
+                    Owner::PluginDir(id) => {
+                        // Forget the dead watch so the directory can be watched afresh.
+                        self.unwatch_plugin(&id);
+                        out.push(Change::PluginDirLost(id));
+                    }
                     Owner::Target { .. } => {}
                 }
             }

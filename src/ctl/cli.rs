@@ -26,8 +26,9 @@ EXAMPLES:
   socat READLINE UNIX-CONNECT:/run/hotreload/control.sock     # then type: list, subscribe, help
 
 SOCKET:
-  --socket, else $HOTRELOAD_SOCKET, else the daemon's default: /run/hotreload/control.sock for root,
-  $XDG_RUNTIME_DIR/hotreload/control.sock (or /tmp/hotreload-$UID/control.sock) for other users.
+  --socket, else $HOTRELOAD_SOCKET, else where the daemon's configuration puts it (control.socket in
+  hotreload.toml, else <runtime dir>/control.sock: /run/hotreload/control.sock for root,
+  $XDG_RUNTIME_DIR/hotreload/control.sock or /tmp/hotreload-$UID/control.sock for other users).
 
 EXIT STATUS:
   0 success, 1 the daemon answered with an error or the reload failed, 64 usage error,
@@ -42,7 +43,7 @@ EXIT STATUS:
     after_help = EXAMPLES
 )]
 pub struct Cli {
-    /// Control socket of hotreloadd [default: $HOTRELOAD_SOCKET, else the daemon's default]
+    /// Control socket of hotreloadd [default: $HOTRELOAD_SOCKET, else as the daemon's configuration says]
     #[arg(long, value_name = "PATH", global = true)]
     pub socket: Option<PathBuf>,
     /// Print the daemon's JSON replies and events as they are, one object per line

@@ -33,7 +33,7 @@ mod protocol;
 pub mod reap;
 pub mod spawn;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 
 use mio::{Registry, Token, unix::SourceFd};
@@ -125,6 +125,8 @@ pub struct Supervisor {
     hooks: HashMap<Pid, (HookRun, TimerId)>,
     /// Pipes whose read budget ran out: read again next turn.
     backlog: Vec<Token>,
+    /// Plugins found at start (or added) waiting for their first start.
+    pending_starts: VecDeque<String>,
     next_token: usize,
     next_seq: u64,
     pub totals: Totals,
@@ -143,6 +145,7 @@ impl Supervisor {
             notify: HashMap::new(),
             hooks: HashMap::new(),
             backlog: Vec::new(),
+            pending_starts: VecDeque::new(),
             next_token: 0,
             next_seq: 0,
             totals: Totals::default(),
@@ -193,49 +196,83 @@ impl Supervisor {
     /// A plugin directory exists: start knowing it, and start it when it has a good build.
     pub fn add_plugin(&mut self, ctx: &mut Ctx<'_>, id: &str, dir: PathBuf) {
         if let Some(p) = self.plugins.get_mut(id) {
-            // Came back while we were stopping the old one: keep it.
-            p.removing = false;
+            if p.removing {
+                // Came back while its old instance was being stopped: start it again once that
+                // one is gone.
+                p.removing = false;
+                p.queued.get_or_insert_with(Queued::default).trigger = Some(Trigger::Rescan);
+            }
             return;
         }
         let settings = ctx.config.plugin(id);
         let mut plugin = Plugin::new(id, dir, settings);
-        plugin.runtime_data = self.load_preserved_runtime(ctx, id);
+        let (runtime_data, written) = self.load_preserved_state(ctx, id);
+        plugin.runtime_data = runtime_data;
+        plugin.written = written;
         let autostart = plugin.settings.autostart;
         self.plugins.insert(id.to_string(), plugin);
         self.open_plugin_sockets(ctx, id);
         log::info!("[{id}] plugin added");
         ctx.emit(Event::new("plugin_added", Some(id)));
         if autostart {
-            self.begin(
-                ctx,
-                id,
-                plugin::JobKind::Start,
-                Trigger::Rescan,
-                Vec::new(),
-                Vec::new(),
-            );
+            // Started from the loop a few at a time, so that a daemon with a thousand plugins
+            // answers its socket while it brings them up.
+            self.pending_starts.push_back(id.to_string());
         }
     }
 
-    /// The previous run's runtime_data, so state survives a daemon restart too.
-    fn load_preserved_runtime(&self, ctx: &mut Ctx<'_>, id: &str) -> Value {
+    /// Begin up to `max` queued first starts; true while more are waiting.
+    pub fn start_pending(&mut self, ctx: &mut Ctx<'_>, max: usize) -> bool {
+        for _ in 0..max {
+            let Some(id) = self.pending_starts.pop_front() else {
+                break;
+            };
+            let idle = self
+                .plugins
+                .get(&id)
+                .is_some_and(|p| !p.removing && p.job.is_none() && !p.has_processes());
+            if idle {
+                let kind = plugin::JobKind::Start;
+                self.begin(ctx, &id, kind, Trigger::Rescan, Vec::new(), Vec::new());
+            }
+        }
+        !self.pending_starts.is_empty()
+    }
+
+    pub fn has_pending_starts(&self) -> bool {
+        !self.pending_starts.is_empty()
+    }
+
+    /// The previous run's runtime_data (and what its state.json holds), so state survives a
+    /// daemon restart too.
+    fn load_preserved_state(
+        &self,
+        ctx: &mut Ctx<'_>,
+        id: &str,
+    ) -> (Value, Option<plugin::Written>) {
         if !ctx.config.hot_reload.preserve_state {
-            return Value::Null;
+            return (Value::Null, None);
         }
         let saved = match state_file::read_state(&self.state_path(id)) {
-            Ok(Some(state)) => state.runtime_data,
-            Ok(None) => Value::Null,
+            Ok(state) => state,
             Err(e) => {
                 log::warn!("[{id}] ignoring unreadable state file: {e}");
-                Value::Null
+                None
             }
         };
+        let written = saved.as_ref().map(|s| plugin::Written {
+            version: s.version.clone(),
+            configuration: s.configuration.clone(),
+            runtime_data: s.runtime_data.clone(),
+        });
+        let saved_data = saved.map_or(Value::Null, |s| s.runtime_data);
         // After a crash of the daemon the plugin's own runtime.json may be newer than the state
         // file: it is the plugin's durable record, so it wins when valid.
-        match state_file::read_runtime(&self.runtime_path(id), MAX_RUNTIME_BYTES) {
+        let data = match state_file::read_runtime(&self.runtime_path(id), MAX_RUNTIME_BYTES) {
             state_file::RuntimeRead::Valid(v) => v,
-            _ => saved,
-        }
+            _ => saved_data,
+        };
+        (data, written)
     }
 
     /// The plugin directory is gone: stop the plugin, then forget it.

@@ -12,7 +12,7 @@ use std::os::fd::OwnedFd;
 /// Lines longer than this are split (SPEC §4: "lines over 8 KiB split").
 pub const MAX_LINE: usize = 8 * 1024;
 /// Bytes read from one pipe per loop turn before yielding to other work.
-pub const READ_BUDGET: usize = 256 * 1024;
+pub const READ_BUDGET: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stream {

@@ -144,6 +144,14 @@ pub struct Queued {
     pub waiters: Vec<Waiter>,
 }
 
+/// What the daemon last wrote to a plugin's state.json (the parts a plugin reads).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Written {
+    pub version: String,
+    pub configuration: Value,
+    pub runtime_data: Value,
+}
+
 /// Where a plugin rests when nothing runs and nothing is scheduled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rest {
@@ -194,6 +202,8 @@ pub struct Plugin {
     pub history: VecDeque<HistoryEntry>,
     /// Last valid JSON the plugin left in runtime.json.
     pub runtime_data: Value,
+    /// What state.json holds, as far as we know (None: unknown, write next time).
+    pub written: Option<Written>,
     pub status_text: Option<String>,
     pub debounce: Option<TimerId>,
     pub pending_files: BTreeSet<String>,
@@ -226,6 +236,7 @@ impl Plugin {
             last_error: None,
             history: VecDeque::new(),
             runtime_data: Value::Null,
+            written: None,
             status_text: None,
             debounce: None,
             pending_files: BTreeSet::new(),

@@ -6,4 +6,5 @@ mod lifecycle;
 mod protocol;
 mod reload;
 mod supervise;
+mod systemd;
 mod util;

@@ -13,7 +13,7 @@ use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -777,6 +777,17 @@ pub fn processes_with_env(marker: &str) -> Vec<i32> {
         .collect()
 }
 
+/// Live direct children of process `ppid`.
+pub fn children_of(ppid: i32) -> Vec<i32> {
+    let is_child = |pid: i32| {
+        proc_stat_fields(pid).is_some_and(|f| f.get(1).is_some_and(|p| *p == ppid.to_string()))
+    };
+    all_pids()
+        .into_iter()
+        .filter(|&pid| is_child(pid) && pid_alive(pid))
+        .collect()
+}
+
 /// Live members of process group `pgid`.
 pub fn process_group_members(pgid: i32) -> Vec<i32> {
     let in_group = |pid: i32| {
@@ -883,7 +894,7 @@ impl Drop for Follow {
 // The daemon fixture
 
 /// How the daemon is launched.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Launch {
     config_arg: bool,
     dir_args: bool,
@@ -891,6 +902,10 @@ struct Launch {
     cwd: PathBuf,
     /// A `sh -c` script that ends with `exec "$0" "$@"` (the daemon and its arguments).
     wrapper: Option<String>,
+    /// A program and its arguments that run the daemon: `PROGRAM ARGS... hotreloadd ...`.
+    via_program: Vec<OsString>,
+    /// A descriptor handed to the launched process at fd 3 (socket activation), then closed here.
+    fd3: Option<OwnedFd>,
 }
 
 /// One `hotreloadd` in its own temp dir: `plugins/`, `runtime/`, `state/`, `hotreload.toml`,
@@ -940,6 +955,8 @@ impl Daemon {
                 socket_arg: true,
                 cwd: root.clone(),
                 wrapper: None,
+                via_program: Vec::new(),
+                fd3: None,
             },
             child: None,
             root,
@@ -1114,6 +1131,20 @@ impl Daemon {
         self.launch.wrapper = Some(format!("{prelude}; exec \"$0\" \"$@\""));
     }
 
+    /// Launches the daemon as `program args... hotreloadd <daemon args>` (e.g. through
+    /// `systemd-socket-activate`), with the test environment.
+    pub fn launch_via_program(&mut self, program: impl Into<OsString>, args: &[OsString]) {
+        self.launch.via_program = std::iter::once(program.into())
+            .chain(args.iter().cloned())
+            .collect();
+    }
+
+    /// Hands `fd` to the next launched process at fd 3, as a service manager passes an activated
+    /// socket; the test's own copy is closed once the process is started.
+    pub fn pass_fd3(&mut self, fd: OwnedFd) {
+        self.launch.fd3 = Some(fd);
+    }
+
     /// The environment of every process the tests start: the test's own minus anything that
     /// would change the daemon's behaviour, XDG dirs inside the test dir, debug logs.
     pub fn environment(&self) -> Vec<(OsString, OsString)> {
@@ -1197,13 +1228,18 @@ impl Daemon {
     }
 
     pub fn spawn(&mut self) {
-        let mut cmd = match &self.launch.wrapper {
-            Some(script) => {
+        let mut cmd = match (&self.launch.wrapper, self.launch.via_program.split_first()) {
+            (Some(script), _) => {
                 let mut cmd = self.command("sh");
                 cmd.arg("-c").arg(script).arg(daemon_bin());
                 cmd
             }
-            None => self.command(daemon_bin()),
+            (None, Some((program, args))) => {
+                let mut cmd = self.command(program);
+                cmd.args(args).arg(daemon_bin());
+                cmd
+            }
+            (None, None) => self.command(daemon_bin()),
         };
         let stderr = File::options()
             .create(true)
@@ -1216,7 +1252,12 @@ impl Daemon {
             .open(self.root.join("daemon.stdout"));
         cmd.args(self.daemon_args()).current_dir(&self.launch.cwd);
         cmd.stdout(stdout.unwrap()).stderr(stderr).process_group(0);
+        let fd3 = self.launch.fd3.take();
+        if let Some(fd) = &fd3 {
+            pass_at_fd3(&mut cmd, fd.as_raw_fd());
+        }
         self.child = Some(cmd.spawn().unwrap());
+        drop(fd3);
     }
 
     #[track_caller]
@@ -1494,6 +1535,30 @@ impl Daemon {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Makes `fd` the child's fd 3, inheritable across `exec` (`dup2` clears close-on-exec; when `fd`
+/// already is 3, the flag is cleared directly).
+fn pass_at_fd3(cmd: &mut Command, fd: RawFd) {
+    let set_up = move || {
+        // SAFETY: between fork and exec only async-signal-safe calls are allowed; dup2 and fcntl
+        // are, and they touch nothing but descriptors of this (child) process.
+        let result = unsafe {
+            if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            }
+        };
+        if result == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: the closure is async-signal-safe (see above) and allocates nothing.
+    unsafe {
+        cmd.pre_exec(set_up);
     }
 }
 
