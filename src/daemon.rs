@@ -529,6 +529,10 @@ impl Core {
 
     /// SIGHUP / reload-config: apply a new configuration, or keep the running one on error.
     fn reload_config(&mut self) -> Result<(), String> {
+        if self.shutting_down {
+            log::info!("ignoring a configuration reload: the daemon is shutting down");
+            return Err("the daemon is shutting down".into());
+        }
         self.notifier.reloading();
         let result = config::load(&self.overrides, &self.env);
         let outcome = match result {
@@ -547,8 +551,29 @@ impl Core {
                 Ok(())
             }
         };
-        self.notify_ready();
+        // Before start-up finished, the READY=1 of start-up ends the reload too.
+        if self.ready_sent {
+            self.notify_ready();
+        }
         outcome
+    }
+
+    /// Switch automatic reloads on or off (`enable`/`disable`, or `enabled` changed by a config
+    /// reload). Turning them on reloads every plugin whose build changed meanwhile.
+    fn set_enabled(&mut self, on: bool) {
+        if self.enabled == on {
+            return;
+        }
+        self.enabled = on;
+        if on {
+            log::info!("hot reload enabled");
+            self.emit(Event::new("hot_reload_enabled", None));
+            let (mut ctx, sup) = self.ctx();
+            sup.on_enable(&mut ctx);
+        } else {
+            log::info!("hot reload disabled");
+            self.emit(Event::new("hot_reload_disabled", None));
+        }
     }
 
     fn notify_ready(&mut self) {
@@ -591,10 +616,14 @@ impl Core {
         new.socket = self.config.socket.clone();
         let patterns_changed =
             new.hot_reload.watch_patterns != self.config.hot_reload.watch_patterns;
-        if new.hot_reload.enabled != self.config.hot_reload.enabled {
-            self.enabled = new.hot_reload.enabled;
-        }
+        let flip = (new.hot_reload.enabled != self.config.hot_reload.enabled)
+            .then_some(new.hot_reload.enabled);
         self.config = new;
+        match flip {
+            Some(true) => self.set_enabled(true),
+            Some(false) => self.set_enabled(false),
+            None => {}
+        }
         if patterns_changed {
             self.scan_plugins_dir();
         }
@@ -709,21 +738,11 @@ impl Core {
                         "file watching is switched off (HOTRELOAD_WATCH=0): restart the daemon without it to enable hot reload",
                     );
                 }
-                if !self.enabled {
-                    self.enabled = true;
-                    log::info!("hot reload enabled");
-                    self.emit(Event::new("hot_reload_enabled", None));
-                    let (mut ctx, sup) = self.ctx();
-                    sup.on_enable(&mut ctx);
-                }
+                self.set_enabled(true);
                 ok(Self::one("enabled", Value::Bool(true)))
             }
             Command::Disable => {
-                if self.enabled {
-                    self.enabled = false;
-                    log::info!("hot reload disabled");
-                    self.emit(Event::new("hot_reload_disabled", None));
-                }
+                self.set_enabled(false);
                 ok(Self::one("enabled", Value::Bool(false)))
             }
             Command::Trigger { id: pid, wait } => {

@@ -59,6 +59,11 @@ enum Owner {
         plugin: String,
         file: OsString,
     },
+    /// The nearest existing ancestor of a build directory that does not exist (yet): when
+    /// something appears in it, the build directory may be back.
+    Ancestor {
+        plugin: String,
+    },
 }
 
 #[derive(Debug)]
@@ -70,6 +75,8 @@ struct PluginWatch {
     /// Where the real executable lives when not directly in the plugin dir: its directory's
     /// watch, the directory and the file name.
     target: Option<(WatchDescriptor, PathBuf, OsString)>,
+    /// Watch on the nearest existing ancestor while the build directory is missing.
+    ancestor: Option<WatchDescriptor>,
 }
 
 pub struct Watcher {
@@ -106,6 +113,12 @@ const DIR_MASK: WatchMask = WatchMask::CLOSE_WRITE
     .union(WatchMask::MOVE_SELF)
     .union(WatchMask::ONLYDIR)
     .union(WatchMask::EXCL_UNLINK);
+
+/// Something appearing in an ancestor of a missing build directory.
+const ANCESTOR_MASK: WatchMask = WatchMask::CREATE
+    .union(WatchMask::MOVED_TO)
+    .union(WatchMask::DELETE_SELF)
+    .union(WatchMask::ONLYDIR);
 
 /// An inotify failure with the remedy spelled out (the kernel's own words mislead: a full watch
 /// table says "No space left on device").
@@ -202,6 +215,7 @@ impl Watcher {
                 exec: exec.to_path_buf(),
                 dir_wd,
                 target: None,
+                ancestor: None,
             },
         );
         self.refresh_plugin(id);
@@ -209,26 +223,24 @@ impl Watcher {
     }
 
     /// Re-resolve where a plugin's executable really lives (its symlink may have been
-    /// re-pointed) and move the extra watch there; nothing changes when it did not move.
-    pub fn refresh_plugin(&mut self, id: &str) {
+    /// re-pointed, its build directory deleted or recreated) and move the extra watch there;
+    /// nothing changes when it did not move. Returns true when the build directory is watched.
+    pub fn refresh_plugin(&mut self, id: &str) -> bool {
         let Some(pw) = self.plugins.get(id) else {
-            return;
+            return false;
         };
         let location = real_executable_location(&pw.dir, &pw.exec);
         let current = pw.target.as_ref().map(|(_, d, f)| (d.clone(), f.clone()));
-        if location == current {
-            return;
+        if location.is_some() && location == current {
+            return true;
         }
-        if let Some(pw) = self.plugins.get_mut(id) {
-            if let Some((wd, _, _)) = pw.target.take() {
-                self.release(
-                    wd,
-                    |o| matches!(o, Owner::Target { plugin, .. } if plugin == id),
-                );
-            }
+        let waiting = pw.ancestor.is_some() && pw.target.is_none();
+        if waiting && location.as_ref().is_some_and(|(d, _)| !d.exists()) {
+            return false; // still missing: keep waiting on the ancestor
         }
+        self.release_extra(id);
         let Some((target_dir, file)) = location else {
-            return;
+            return false;
         };
         let owner = Owner::Target {
             plugin: id.to_string(),
@@ -239,10 +251,70 @@ impl Watcher {
                 if let Some(pw) = self.plugins.get_mut(id) {
                     pw.target = Some((wd, target_dir, file));
                 }
+                true
             }
-            // The build output dir may not exist yet: the plugin dir watch still works.
-            Err(e) => log::warn!("[{id}] {e}; changes there will not be noticed"),
+            Err(e) if e.source.kind() == std::io::ErrorKind::NotFound => {
+                // `rm -rf target && cargo build`: wait for the build directory to come back.
+                self.watch_ancestor(id, &target_dir);
+                false
+            }
+            Err(e) => {
+                log::warn!("[{id}] {e}; changes there will not be noticed");
+                false
+            }
         }
+    }
+
+    fn watch_ancestor(&mut self, id: &str, missing: &Path) {
+        let Some(existing) = missing.ancestors().skip(1).find(|a| a.is_dir()) else {
+            return;
+        };
+        let owner = Owner::Ancestor {
+            plugin: id.to_string(),
+        };
+        match self.add(existing, ANCESTOR_MASK, owner) {
+            Ok(wd) => {
+                log::debug!(
+                    "[{id}] {} is missing; watching {} until it appears",
+                    missing.display(),
+                    existing.display()
+                );
+                if let Some(pw) = self.plugins.get_mut(id) {
+                    pw.ancestor = Some(wd);
+                }
+            }
+            Err(e) => log::warn!(
+                "[{id}] {e}; a rebuilt {} will not be noticed",
+                missing.display()
+            ),
+        }
+    }
+
+    /// Drop the build-directory and ancestor watches of a plugin.
+    fn release_extra(&mut self, id: &str) {
+        let Some(pw) = self.plugins.get_mut(id) else {
+            return;
+        };
+        let target = pw.target.take().map(|(wd, _, _)| wd);
+        let ancestor = pw.ancestor.take();
+        if let Some(wd) = target {
+            self.release(
+                wd,
+                |o| matches!(o, Owner::Target { plugin, .. } if plugin == id),
+            );
+        }
+        if let Some(wd) = ancestor {
+            self.release(
+                wd,
+                |o| matches!(o, Owner::Ancestor { plugin } if plugin == id),
+            );
+        }
+    }
+
+    /// The plugin's executable path (what a change to its real file is reported as, so the
+    /// no-op check compares like with like).
+    fn exec_path_of(&self, id: &str) -> Option<PathBuf> {
+        self.plugins.get(id).map(|pw| pw.dir.join(&pw.exec))
     }
 
     pub fn unwatch_plugin(&mut self, id: &str) {
@@ -251,6 +323,7 @@ impl Watcher {
         };
         let mut wds = vec![pw.dir_wd];
         wds.extend(pw.target.map(|(wd, _, _)| wd));
+        wds.extend(pw.ancestor);
         for wd in wds {
             self.release(wd, |o| owner_plugin(o) == Some(id));
         }
@@ -351,7 +424,9 @@ impl Watcher {
                         self.unwatch_plugin(&id);
                         out.push(Change::PluginDirLost(id));
                     }
-                    Owner::Target { .. } => {}
+                    Owner::Target { plugin, .. } | Owner::Ancestor { plugin } => {
+                        self.target_moved(&plugin, out);
+                    }
                 }
             }
             return;
@@ -368,7 +443,37 @@ impl Watcher {
                     }
                 }
                 Owner::Target { plugin, file } => {
-                    decode_target(&plugin, &file, mask, name, explain, &dir, out)
+                    let Some(exec) = self.exec_path_of(&plugin) else {
+                        continue;
+                    };
+                    decode_target(&plugin, &file, &exec, mask, name, explain, &dir, out)
+                }
+                Owner::Ancestor { plugin } => self.target_moved(&plugin, out),
+            }
+        }
+    }
+
+    /// The build directory's watch ended, or something appeared where it may come back:
+    /// re-resolve, and when it is watched again, have the build looked at (a no-op by version
+    /// if nothing changed while it was unwatched).
+    fn target_moved(&mut self, plugin: &str, out: &mut Vec<Change>) {
+        if let Some(pw) = self.plugins.get_mut(plugin) {
+            // The kernel already dropped a deleted directory's watch.
+            let dead = pw
+                .target
+                .as_ref()
+                .is_some_and(|(wd, _, _)| !self.owners.contains_key(wd));
+            if dead {
+                pw.target = None;
+            }
+        }
+        if self.refresh_plugin(plugin) {
+            if let Some(path) = self.exec_path_of(plugin) {
+                if path.exists() {
+                    out.push(Change::File {
+                        plugin: plugin.to_string(),
+                        path,
+                    });
                 }
             }
         }
@@ -379,7 +484,7 @@ fn owner_plugin(o: &Owner) -> Option<&str> {
     match o {
         Owner::Root => None,
         Owner::PluginDir(id) => Some(id),
-        Owner::Target { plugin, .. } => Some(plugin),
+        Owner::Target { plugin, .. } | Owner::Ancestor { plugin } => Some(plugin),
     }
 }
 
@@ -456,9 +561,11 @@ fn decode_plugin_dir(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn decode_target(
     plugin: &str,
     file: &OsStr,
+    exec: &Path,
     mask: EventMask,
     name: Option<&OsStr>,
     explain: bool,
@@ -480,7 +587,7 @@ fn decode_target(
     match classify(mask, name, &path, true, None) {
         Ok(()) => out.push(Change::File {
             plugin: plugin.to_string(),
-            path,
+            path: exec.to_path_buf(),
         }),
         Err(reason) => {
             if explain {
@@ -545,7 +652,14 @@ fn real_executable_location(dir: &Path, exec: &Path) -> Option<(PathBuf, OsStrin
         .map(|m| m.file_type().is_symlink())
         .unwrap_or(false);
     let real = if is_link {
-        std::fs::canonicalize(&path).ok()?
+        match std::fs::canonicalize(&path) {
+            Ok(real) => real,
+            // A dangling link (its build was deleted): where it points is where to look.
+            Err(_) => {
+                let target = std::fs::read_link(&path).ok()?;
+                path.parent()?.join(target)
+            }
+        }
     } else {
         path
     };

@@ -403,6 +403,8 @@ impl Supervisor {
             return;
         }
         if slot == Slot::Retiring {
+            // A reload asked for while the old instance was still leaving can go now.
+            self.run_queued(ctx, id);
             return;
         }
         let waiting_for_stop = matches!(
@@ -459,6 +461,7 @@ impl Supervisor {
         if announced {
             // It said STOPPING=1 first: a deliberate exit, not a crash.
             p.rest = Rest::Stopped;
+            self.save_final_state(ctx, id, &inst.version);
             return;
         }
         if p.job.is_some() {
@@ -479,9 +482,19 @@ impl Supervisor {
             if !status.is_success() {
                 p.last_error = Some(format!("exited with {status}"));
             }
+            self.save_final_state(ctx, id, &inst.version);
             return;
         }
         self.schedule_restart(ctx, id, format!("exited unexpectedly with {status}"));
+    }
+}
+
+impl Supervisor {
+    /// A plugin left down: what it left in runtime.json is written to its state file.
+    fn save_final_state(&mut self, ctx: &mut Ctx<'_>, id: &str, version: &str) {
+        if let Err(e) = self.write_state(ctx, id, version, "stopped") {
+            log::warn!("[{id}] cannot write state file: {e}");
+        }
     }
 }
 

@@ -34,6 +34,10 @@ impl Supervisor {
         waiters: Vec<Waiter>,
     ) {
         let snap_dir = self.snapshot_dir(id);
+        if self.shutting_down {
+            answer_failure(ctx, id, &waiters, "the daemon is shutting down");
+            return;
+        }
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
@@ -54,16 +58,11 @@ impl Supervisor {
                     answer_list(ctx, id, &waiters, false, None, None, Some(error), 0);
                     return;
                 }
-                p.job = Some(new_job(
-                    kind,
-                    trigger,
-                    files,
-                    empty_snap(),
-                    old_version,
-                    1,
-                    waiters,
-                ));
-                self.fail_attempt(ctx, id, format!("cannot snapshot the build: {error}"));
+                // Nothing was stopped: like a refused build, the running instance stays. A
+                // later write of the build (an inotify event) starts a new reload.
+                let job = new_job(kind, trigger, files, empty_snap(), old_version, 1, waiters);
+                let error = format!("cannot snapshot the build: {error}");
+                self.refuse_build(ctx, id, job, error, started);
                 return;
             }
         };
@@ -103,11 +102,17 @@ impl Supervisor {
             self.refuse_build(ctx, id, job, error, started);
             return;
         }
-        let max_attempts = 1 + ctx.config.hot_reload.max_retries;
+        let max_attempts = ctx.config.hot_reload.max_retries.saturating_add(1);
         let p = self
             .plugins
             .get_mut(id)
             .expect("plugin present: checked above");
+        // The newest build supersedes a job waiting in backoff: it takes over its waiters.
+        let mut waiters = waiters;
+        if let Some(old) = p.job.take() {
+            cancel_job_timer(ctx, &old);
+            waiters.extend(old.waiters);
+        }
         if kind == JobKind::Reload {
             log::info!(
                 "[{id}] hot reload started ({}): {} -> {}",
@@ -495,7 +500,7 @@ impl Supervisor {
             return;
         };
         // start-stop: the old instance never stopped, so "rolling back" is keeping it.
-        if p.instance.is_none() {
+        if p.instance.is_none() && p.retiring.as_ref().is_some_and(|r| r.stop.is_none()) {
             if let Some(old) = p.retiring.take() {
                 let version = old.version.clone();
                 p.current = p.last_good.clone();
@@ -506,8 +511,9 @@ impl Supervisor {
                 return;
             }
         }
+        let nothing_runs = p.instance.is_none();
         let rollback_to = p.last_good.clone().filter(|good| {
-            job.kind == JobKind::Reload && *good != job.target && good.path.exists()
+            nothing_runs && job.kind == JobKind::Reload && *good != job.target && good.path.exists()
         });
         if let Some(good) = rollback_to {
             p.current = p.last_good.clone();
@@ -568,7 +574,7 @@ impl Supervisor {
         let delay = retry_delay(ctx.config.hot_reload.retry_delay_ms, 0);
         let timer = ctx.arm(delay, Timer::Backoff(id.to_string()));
         log::warn!("[{id}] {why}: restarting in {delay} ms");
-        let max_attempts = 1 + ctx.config.hot_reload.max_retries;
+        let max_attempts = ctx.config.hot_reload.max_retries.saturating_add(1);
         let old = Some(target.version.clone());
         let mut job = new_job(
             JobKind::Restart,
@@ -643,6 +649,20 @@ pub(super) fn answer_waiters(
         new_version,
         error,
         duration_ms,
+    );
+}
+
+/// Answer waiters whose reload will not happen at all.
+pub(super) fn answer_failure(ctx: &mut Ctx<'_>, id: &str, waiters: &[Waiter], why: &str) {
+    answer_list(
+        ctx,
+        id,
+        waiters,
+        false,
+        None,
+        None,
+        Some(why.to_string()),
+        0,
     );
 }
 

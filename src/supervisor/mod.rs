@@ -214,7 +214,7 @@ impl Supervisor {
         self.open_plugin_sockets(ctx, id);
         log::info!("[{id}] plugin added");
         ctx.emit(Event::new("plugin_added", Some(id)));
-        if autostart {
+        if autostart && !self.shutting_down {
             // Started from the loop a few at a time, so that a daemon with a thousand plugins
             // answers its socket while it brings them up.
             self.pending_starts.push_back(id.to_string());
@@ -282,7 +282,9 @@ impl Supervisor {
         };
         p.removing = true;
         cancel_timer(ctx, &mut p.debounce);
-        p.queued = None;
+        if let Some(q) = p.queued.take() {
+            job::answer_failure(ctx, id, &q.waiters, "plugin directory removed");
+        }
         if let Some(job) = p.job.take() {
             job::cancel_job_timer(ctx, &job);
             job::answer_waiters(
@@ -355,20 +357,27 @@ impl Supervisor {
         files: Vec<String>,
         waiters: Vec<Waiter>,
     ) {
-        if self.shutting_down {
-            return;
-        }
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
+        if self.shutting_down || p.removing {
+            let why = if p.removing {
+                "plugin directory removed"
+            } else {
+                "the daemon is shutting down"
+            };
+            job::answer_failure(ctx, id, &waiters, why);
+            return;
+        }
         let in_backoff = matches!(
             p.job.as_ref().map(|j| &j.phase),
             Some(JobPhase::Backoff { .. })
         );
-        let busy_instance = p
-            .instance
-            .as_ref()
-            .is_some_and(|i| i.stop.is_some() || i.failure.is_some());
+        // An instance on its way out (stopping, or killed for failing) must be gone before the
+        // next build starts, or two instances would run where the strategy allows one.
+        let leaving = |i: &plugin::Instance| i.stop.is_some() || i.failure.is_some();
+        let busy_instance =
+            p.instance.as_ref().is_some_and(leaving) || p.retiring.as_ref().is_some_and(leaving);
         if (p.job.is_some() && !in_backoff) || busy_instance {
             let q = p.queued.get_or_insert_with(Queued::default);
             q.trigger = Some(trigger);
@@ -377,18 +386,14 @@ impl Supervisor {
             log::debug!("[{id}] reload queued behind the one in progress");
             return;
         }
-        let mut inherited = Vec::new();
-        if let Some(job) = p.job.take() {
-            job::cancel_job_timer(ctx, &job);
-            inherited = job.waiters;
-        }
-        inherited.extend(waiters);
+        // A job waiting in backoff is superseded by the newest build, but only once that build
+        // has passed snapshot and pre-flight (`begin` takes it over then).
         let kind = if p.current.is_some() || p.instance.is_some() {
             plugin::JobKind::Reload
         } else {
             plugin::JobKind::Start
         };
-        self.begin(ctx, id, kind, trigger, files, inherited);
+        self.begin(ctx, id, kind, trigger, files, waiters);
     }
 
     /// `enable`: reload every plugin whose build changed while hot reload was off.
@@ -507,7 +512,6 @@ impl Supervisor {
             let sockets_changed = p.settings.sockets != settings.sockets;
             p.settings = settings;
             if sockets_changed {
-                p.listen.clear();
                 self.open_listen_sockets(&id);
             }
             let Some(p) = self.plugins.get(&id) else {
@@ -516,7 +520,7 @@ impl Supervisor {
             let exec = p.exec_path().to_string_lossy().into_owned();
             if p.instance.is_some() || p.current.is_some() {
                 let files = vec![exec, "hotreload.toml".into()];
-                self.request(ctx, &id, Trigger::Config, files, Vec::new());
+                self.request(ctx, &id, Trigger::Manual, files, Vec::new());
             }
         }
     }
@@ -524,13 +528,16 @@ impl Supervisor {
     /// SIGTERM/SIGINT: stop every plugin in parallel, preserving state.
     pub fn begin_shutdown(&mut self, ctx: &mut Ctx<'_>) {
         self.shutting_down = true;
+        self.pending_starts.clear();
         let ids: Vec<String> = self.plugins.keys().cloned().collect();
         for id in ids {
             let Some(p) = self.plugins.get_mut(&id) else {
                 continue;
             };
             cancel_timer(ctx, &mut p.debounce);
-            p.queued = None;
+            if let Some(q) = p.queued.take() {
+                job::answer_failure(ctx, &id, &q.waiters, "the daemon is shutting down");
+            }
             if let Some(job) = p.job.take() {
                 job::cancel_job_timer(ctx, &job);
                 let error = Some("the daemon is shutting down".to_string());

@@ -36,7 +36,6 @@ pub enum Trigger {
     Manual,
     Enable,
     Rescan,
-    Config,
 }
 
 impl Trigger {
@@ -46,7 +45,6 @@ impl Trigger {
             Trigger::Manual => "manual",
             Trigger::Enable => "enable",
             Trigger::Rescan => "rescan",
-            Trigger::Config => "config",
         }
     }
 }

@@ -101,20 +101,31 @@ impl Supervisor {
         }
     }
 
-    /// Bind `sockets = [...]` once; a socket that cannot be bound is reported and left out.
+    /// Bind `sockets = [...]` once; after a configuration change, sockets whose spec is unchanged
+    /// are kept (a running instance holds them, and rebinding would fail or drop connections),
+    /// new ones are bound and removed ones closed. A socket that cannot be bound is reported and
+    /// left out.
     pub(super) fn open_listen_sockets(&mut self, id: &str) {
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
-        let specs = p.settings.sockets.clone();
-        for spec in specs {
-            let bound = listen::parse_spec(&spec).and_then(|s| listen::bind(&s));
-            match bound {
+        let mut old = std::mem::take(&mut p.listen);
+        for spec in p.settings.sockets.clone() {
+            let parsed = match listen::parse_spec(&spec) {
+                Ok(parsed) => parsed,
+                Err(e) => {
+                    log::error!("[{id}] cannot listen on {spec}: {e}");
+                    continue;
+                }
+            };
+            if let Some(i) = old.iter().position(|s| s.spec == parsed) {
+                p.listen.push(old.swap_remove(i));
+                continue;
+            }
+            match listen::bind(&parsed) {
                 Ok(sock) => {
-                    log::info!(
-                        "[{id}] listening on {spec} (passed to every instance as fd {})",
-                        3 + p.listen.len()
-                    );
+                    let fd = 3 + p.listen.len();
+                    log::info!("[{id}] listening on {spec} (passed to every instance as fd {fd})");
                     p.listen.push(sock);
                 }
                 Err(e) => {
