@@ -362,8 +362,11 @@ fn slow_subscriber_gets_lagged_while_others_are_served_promptly() {
         let asked = Instant::now();
         assert_success(&other.request_line("status"), "status during the flood");
         let took = asked.elapsed();
+        // A daemon blocked on the slow subscriber would not answer at all while it does not
+        // read; the bound only has to tell that apart from a busy machine. 1 s failed in CI
+        // (1.19 s) with the whole suite running in parallel on two loaded cores.
         assert!(
-            took < Duration::from_secs(1),
+            took < Duration::from_secs(3),
             "contract (SPEC §6): never blocked; took {took:?}"
         );
         answered += 1;

@@ -2,6 +2,7 @@
 mod config;
 mod control;
 mod ctl;
+mod docs;
 mod lifecycle;
 mod protocol;
 mod reload;
