@@ -300,7 +300,21 @@ impl Supervisor {
             return;
         };
         match state_file::read_runtime(&path, MAX_RUNTIME_BYTES) {
-            state_file::RuntimeRead::Missing => {}
+            state_file::RuntimeRead::Missing => {
+                // Only worth saying when there was data to lose: it is kept (SPEC §4).
+                if !p.runtime_data.is_null() {
+                    let reason = format!(
+                        "{} is missing; keeping the previous runtime_data",
+                        path.display()
+                    );
+                    log::warn!("[{id}] {reason}");
+                    ctx.emit(
+                        Event::new("state_warning", Some(id))
+                            .with("error", reason.as_str())
+                            .with("path", path.to_string_lossy()),
+                    );
+                }
+            }
             state_file::RuntimeRead::Valid(v) => p.runtime_data = v,
             state_file::RuntimeRead::Invalid(reason) => {
                 log::warn!("[{id}] keeping the previous runtime_data: {reason}");
