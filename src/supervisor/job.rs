@@ -54,16 +54,12 @@ impl Supervisor {
                     answer_list(ctx, id, &waiters, false, None, None, Some(error), 0);
                     return;
                 }
-                p.job = Some(new_job(
-                    kind,
-                    trigger,
-                    files,
-                    empty_snap(),
-                    old_version,
-                    1,
-                    waiters,
-                ));
-                self.fail_attempt(ctx, id, format!("cannot snapshot the build: {error}"));
+                // Nothing was stopped yet: like a pre-flight failure, the running instance
+                // stays, and the next change of the file brings the next try. (A retry here
+                // would wait for an instance exit that never comes: the job was stuck.)
+                let job = new_job(kind, trigger, files, empty_snap(), old_version, 1, waiters);
+                let error = format!("cannot snapshot the build: {error}");
+                self.refuse_build(ctx, id, job, error, started);
                 return;
             }
         };
