@@ -197,6 +197,10 @@ impl Supervisor {
             p.removing = false;
             return;
         }
+        // Temp files of state writes cut short by a crash (ours or the machine's).
+        if let Err(e) = state_file::remove_stale_temps(&self.state_dir.join(id)) {
+            log::warn!("[{id}] {e}");
+        }
         let settings = ctx.config.plugin(id);
         let mut plugin = Plugin::new(id, dir, settings);
         plugin.runtime_data = self.load_preserved_runtime(ctx, id);
