@@ -193,8 +193,11 @@ impl Supervisor {
     /// A plugin directory exists: start knowing it, and start it when it has a good build.
     pub fn add_plugin(&mut self, ctx: &mut Ctx<'_>, id: &str, dir: PathBuf) {
         if let Some(p) = self.plugins.get_mut(id) {
-            // Came back while we were stopping the old one: keep it.
+            // Came back while we were stopping the old one: keep it, and once that one is gone
+            // start what the dir holds now (the removal cancelled the job, and a dir moved back
+            // in whole makes no event inside it).
             p.removing = false;
+            self.request(ctx, id, Trigger::Watch, Vec::new(), Vec::new());
             return;
         }
         // Temp files of state writes cut short by a crash (ours or the machine's).
