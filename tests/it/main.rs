@@ -2,6 +2,7 @@
 mod config;
 mod control;
 mod ctl;
+mod faults;
 mod lifecycle;
 mod reload;
 mod supervise;
