@@ -23,14 +23,29 @@ pub enum SignalEvent {
     Reload,
 }
 
+/// The signals the daemon reacts to.
+const HANDLED: [libc::c_int; 4] = [SIGCHLD, SIGTERM, SIGINT, SIGHUP];
+
+/// A blocked signal mask is inherited across exec (a careless parent, a shell script, a service
+/// manager bug): with SIGCHLD or SIGTERM blocked the handlers would never run, crashes would go
+/// unnoticed and the daemon would not stop, and every plugin would inherit the mask too. The
+/// daemon blocks nothing, so the whole mask is cleared. (Ignored dispositions need no reset: the
+/// handlers replace them, and plugins get defaults in the spawn.)
+fn clear_signal_mask() -> io::Result<()> {
+    nix::sys::signal::SigSet::empty()
+        .thread_set_mask()
+        .map_err(io::Error::from)
+}
+
 pub struct SignalSource {
     signals: Signals,
 }
 
 impl SignalSource {
     pub fn new(registry: &Registry) -> io::Result<SignalSource> {
-        let mut signals = Signals::new([SIGCHLD, SIGTERM, SIGINT, SIGHUP])?;
+        let mut signals = Signals::new(HANDLED)?;
         registry.register(&mut signals, token::SIGNALS, Interest::READABLE)?;
+        clear_signal_mask()?;
         Ok(SignalSource { signals })
     }
 

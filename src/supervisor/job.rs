@@ -58,8 +58,9 @@ impl Supervisor {
                     answer_list(ctx, id, &waiters, false, None, None, Some(error), 0);
                     return;
                 }
-                // Nothing was stopped: like a refused build, the running instance stays. A
-                // later write of the build (an inotify event) starts a new reload.
+                // Nothing was stopped yet: like a pre-flight failure, the running instance
+                // stays, and the next change of the file brings the next try. (A retry here
+                // would wait for an instance exit that never comes: the job was stuck.)
                 let job = new_job(kind, trigger, files, empty_snap(), old_version, 1, waiters);
                 let error = format!("cannot snapshot the build: {error}");
                 self.refuse_build(ctx, id, job, error, started);
@@ -289,8 +290,19 @@ impl Supervisor {
             return Ok(());
         }
         self.fold_runtime(ctx, id);
-        self.write_state(ctx, id, version, "starting")
-            .map_err(|e| format!("cannot write state file: {e}"))
+        // A full or read-only state dir must not keep the plugin down (it would end `failed`):
+        // it starts with state.json as it was (intact, atomic writes), runtime_data stays in
+        // memory and runtime.json on disk, and the next write that works saves them.
+        if let Err(e) = self.write_state(ctx, id, version, "starting") {
+            let path = self.state_path(id);
+            log::warn!("[{id}] cannot write state file, starting with the one on disk: {e}");
+            ctx.emit(
+                Event::new("state_warning", Some(id))
+                    .with("error", format!("cannot write state file: {e}"))
+                    .with("path", path.to_string_lossy()),
+            );
+        }
+        Ok(())
     }
 
     /// Read runtime.json into runtime_data; an invalid file keeps the previous value (warned).

@@ -204,6 +204,10 @@ impl Supervisor {
             }
             return;
         }
+        // Temp files of state writes cut short by a crash (ours or the machine's).
+        if let Err(e) = state_file::remove_stale_temps(&self.state_dir.join(id)) {
+            log::warn!("[{id}] {e}");
+        }
         let settings = ctx.config.plugin(id);
         let mut plugin = Plugin::new(id, dir, settings);
         let (runtime_data, written) = self.load_preserved_state(ctx, id);

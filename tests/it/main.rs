@@ -3,6 +3,7 @@ mod config;
 mod control;
 mod ctl;
 mod docs;
+mod faults;
 mod lifecycle;
 mod protocol;
 mod reload;

@@ -20,7 +20,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard, mpsc};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -244,6 +244,7 @@ pub struct Script {
     stdout: Vec<String>,
     stderr: Vec<String>,
     flood: u32,
+    shell: Vec<String>,
     ending: Ending,
 }
 
@@ -282,6 +283,7 @@ impl Script {
             stdout: Vec::new(),
             stderr: Vec::new(),
             flood: 0,
+            shell: Vec::new(),
             ending: Ending::Wait,
         }
     }
@@ -327,6 +329,13 @@ impl Script {
     /// Prints `lines` numbered lines on stdout before it is ready.
     pub fn flood(mut self, lines: u32) -> Self {
         self.flood = lines;
+        self
+    }
+
+    /// Runs `code` (POSIX `sh`, may use `$ROOT`, `$ID`, `$LOG`) after the output and before it
+    /// logs `ready`.
+    pub fn shell(mut self, code: &str) -> Self {
+        self.shell.push(code.to_string());
         self
     }
 
@@ -393,6 +402,9 @@ impl Script {
                 "i=0; while [ $i -lt {n} ]; do echo \"flood line $i\"; i=$((i+1)); done"
             )
             .unwrap();
+        }
+        for code in &self.shell {
+            writeln!(s, "{code}").unwrap();
         }
         if self.grandchild {
             s.push_str(
@@ -744,7 +756,7 @@ fn parse_object(line: &[u8]) -> Value {
 // Processes
 
 /// The fields of `/proc/<pid>/stat` after the command name: state, ppid, pgrp, ...
-fn proc_stat_fields(pid: i32) -> Option<Vec<String>> {
+pub fn proc_stat_fields(pid: i32) -> Option<Vec<String>> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, rest) = stat.rsplit_once(')')?;
     Some(rest.split_whitespace().map(str::to_string).collect())
@@ -755,7 +767,7 @@ pub fn pid_alive(pid: i32) -> bool {
     proc_stat_fields(pid).is_some_and(|f| f.first().is_some_and(|s| s != "Z" && s != "X"))
 }
 
-fn all_pids() -> Vec<i32> {
+pub fn all_pids() -> Vec<i32> {
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -906,6 +918,37 @@ struct Launch {
     via_program: Vec<OsString>,
     /// A descriptor handed to the launched process at fd 3 (socket activation), then closed here.
     fd3: Option<OwnedFd>,
+    /// Start the daemon with every signal blocked and the usual ones ignored.
+    signals_blocked: bool,
+}
+
+/// Tests that load the whole machine (a 1 GiB output flood, 200 plugins crashing at once) run
+/// alone, so that the timing assertions of the others stay fair on 2 cores: every fixture holds
+/// this lock shared for its lifetime, theirs (`Daemon::alone`) exclusively.
+static MACHINE: RwLock<()> = RwLock::new(());
+
+/// A fixture's hold on `MACHINE`, released after the daemon has stopped.
+enum Turn {
+    Shared {
+        _guard: RwLockReadGuard<'static, ()>,
+    },
+    Exclusive {
+        _guard: RwLockWriteGuard<'static, ()>,
+    },
+}
+
+impl Turn {
+    fn shared() -> Turn {
+        Turn::Shared {
+            _guard: MACHINE.read().unwrap_or_else(|e| e.into_inner()),
+        }
+    }
+
+    fn exclusive() -> Turn {
+        Turn::Exclusive {
+            _guard: MACHINE.write().unwrap_or_else(|e| e.into_inner()),
+        }
+    }
 }
 
 /// One `hotreloadd` in its own temp dir: `plugins/`, `runtime/`, `state/`, `hotreload.toml`,
@@ -923,6 +966,8 @@ pub struct Daemon {
     env: BTreeMap<String, OsString>,
     launch: Launch,
     child: Option<Child>,
+    /// Dropped after `Drop::drop` has stopped the daemon (fields drop last).
+    _turn: Turn,
 }
 
 impl Daemon {
@@ -937,8 +982,19 @@ impl Daemon {
         d
     }
 
+    /// A fixture that runs while no other fixture exists (for tests that load the machine).
+    pub fn alone(config: &Config) -> Daemon {
+        let mut d = Daemon::with_turn(&config.to_toml(), Turn::exclusive());
+        d.debounce_ms = config.debounce_ms();
+        d
+    }
+
     /// A fixture whose `hotreload.toml` is exactly `text` (valid or not).
     pub fn with_config_text(text: &str) -> Daemon {
+        Daemon::with_turn(text, Turn::shared())
+    }
+
+    fn with_turn(text: &str, turn: Turn) -> Daemon {
         let root = make_test_root();
         let d = Daemon {
             plugins: root.join("plugins"),
@@ -957,8 +1013,10 @@ impl Daemon {
                 wrapper: None,
                 via_program: Vec::new(),
                 fd3: None,
+                signals_blocked: false,
             },
             child: None,
+            _turn: turn,
             root,
         };
         for dir in [&d.plugins, &d.runtime, &d.state] {
@@ -1145,6 +1203,12 @@ impl Daemon {
         self.launch.fd3 = Some(fd);
     }
 
+    /// Starts the daemon with every signal blocked and SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGPIPE
+    /// ignored, as a careless parent (`nohup`, a shell script, a service manager bug) may.
+    pub fn launch_with_signals_blocked(&mut self) {
+        self.launch.signals_blocked = true;
+    }
+
     /// The environment of every process the tests start: the test's own minus anything that
     /// would change the daemon's behaviour, XDG dirs inside the test dir, debug logs.
     pub fn environment(&self) -> Vec<(OsString, OsString)> {
@@ -1255,6 +1319,10 @@ impl Daemon {
         let fd3 = self.launch.fd3.take();
         if let Some(fd) = &fd3 {
             pass_at_fd3(&mut cmd, fd.as_raw_fd());
+        }
+        if self.launch.signals_blocked {
+            // SAFETY: only async-signal-safe calls (sigprocmask, sigaction) between fork and exec.
+            unsafe { cmd.pre_exec(block_and_ignore_signals) };
         }
         self.child = Some(cmd.spawn().unwrap());
         drop(fd3);
@@ -1560,6 +1628,23 @@ fn pass_at_fd3(cmd: &mut Command, fd: RawFd) {
     unsafe {
         cmd.pre_exec(set_up);
     }
+}
+
+/// `pre_exec` of `launch_with_signals_blocked`.
+fn block_and_ignore_signals() -> io::Result<()> {
+    use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, sigprocmask};
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&SigSet::all()), None)?;
+    for sig in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGPIPE,
+    ] {
+        // SAFETY: SIG_IGN installs no handler code; the child execs right after.
+        unsafe { nix::sys::signal::signal(sig, SigHandler::SigIgn) }?;
+    }
+    Ok(())
 }
 
 /// Environment variables and output prefix of the `nobody` client (see `requests_as_nobody`).
