@@ -4,6 +4,7 @@ mod control;
 mod ctl;
 mod lifecycle;
 mod protocol;
+mod regressions;
 mod reload;
 mod supervise;
 mod systemd;
