@@ -91,6 +91,8 @@ struct Core {
     watchdog_interval_ms: Option<u64>,
     /// READY=1 went out (after the socket listened and the plugins found at start launched).
     ready_sent: bool,
+    /// A configuration reload asked to make sure the control socket file still exists.
+    check_socket: bool,
     /// The last `STATUS=` sent, so the summary is re-sent only when it changes.
     sent_status: String,
 }
@@ -149,6 +151,7 @@ impl Daemon {
             notifier,
             watchdog_interval_ms,
             ready_sent: false,
+            check_socket: false,
             sent_status: String::new(),
         };
         log::info!(
@@ -195,6 +198,11 @@ impl Daemon {
             }
             self.core.read_backlog();
             self.core.fire_timers();
+            if std::mem::take(&mut self.core.check_socket) {
+                if let Err(e) = self.control.restore_socket_file(&self.registry) {
+                    log::error!("cannot restore the control socket: {e}");
+                }
+            }
             self.flush();
             self.core.publish_status();
             if self.core.shutting_down && self.core.sup.all_stopped() {
@@ -227,7 +235,11 @@ impl Daemon {
     fn flush(&mut self) {
         loop {
             let replies = std::mem::take(&mut self.core.outbox.replies);
-            let events = std::mem::take(&mut self.core.outbox.events);
+            let mut events = std::mem::take(&mut self.core.outbox.events);
+            // Nobody listens: skip serialising (a plugin flooding its output makes many).
+            if self.control.subscriber_count() == 0 {
+                events.clear();
+            }
             if replies.is_empty() && events.is_empty() {
                 break;
             }
@@ -533,6 +545,8 @@ impl Core {
             log::info!("ignoring a configuration reload: the daemon is shutting down");
             return Err("the daemon is shutting down".into());
         }
+        // A deleted socket file is restored on reload: the way back in without a restart.
+        self.check_socket = true;
         self.notifier.reloading();
         let result = config::load(&self.overrides, &self.env);
         let outcome = match result {

@@ -299,6 +299,9 @@ pub struct ControlServer {
     created: Option<FileId>,
     /// Held for the server's lifetime: a second daemon on the same path fails to take it.
     lock: Option<Flock<File>>,
+    /// Mode and group the socket file was created with (to create it again if it is deleted).
+    mode: u32,
+    gid: Option<Gid>,
     rules: Rules,
     token_base: usize,
     conns: HashMap<Token, Conn>,
@@ -345,7 +348,48 @@ impl ControlServer {
             ino: meta.ino(),
         });
         server.lock = Some(lock);
+        server.mode = mode & 0o777;
+        server.gid = gid;
         Ok(server)
+    }
+
+    /// Put the socket file back if someone deleted it while we ran (a `rm -rf` of the runtime
+    /// dir, a cleanup script): without it no client can reach the daemon. Connected clients are
+    /// unaffected. Only a socket we created is restored, and only when nothing else took its
+    /// path. Returns whether it was restored.
+    pub fn restore_socket_file(&mut self, registry: &Registry) -> Result<bool, ControlError> {
+        let (Some(path), Some(created)) = (self.path.clone(), self.created) else {
+            return Ok(false);
+        };
+        if FileId::of(&path) == Some(created) {
+            return Ok(false);
+        }
+        if fs::symlink_metadata(&path).is_ok() {
+            warn!(
+                "control socket {} was replaced by another file; leaving it alone",
+                path.display()
+            );
+            return Ok(false);
+        }
+        create_parent_dir(&path)?;
+        let mut listener = create_socket(&path, self.mode, self.gid)?;
+        let meta = fs::symlink_metadata(&path)
+            .map_err(|e| ControlError::io(&path, "inspect the new control socket", e))?;
+        let token = self.listener_token();
+        let _ = registry.deregister(&mut self.listener);
+        registry
+            .register(&mut listener, token, Interest::READABLE)
+            .map_err(|e| ControlError::io(&path, "poll the control socket", e))?;
+        self.listener = listener;
+        self.created = Some(FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        });
+        warn!(
+            "control socket {} had been deleted: created it again",
+            path.display()
+        );
+        Ok(true)
     }
 
     /// Uses an already-listening socket passed by systemd (socket activation). Its path, if
@@ -391,6 +435,8 @@ impl ControlServer {
             path: None,
             created: None,
             lock: None,
+            mode: 0o660,
+            gid: None,
             rules: Rules { limits, auth },
             token_base,
             conns: HashMap::new(),

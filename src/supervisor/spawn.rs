@@ -285,13 +285,17 @@ fn prepare_child(daemon: libc::pid_t) -> io::Result<()> {
         if libc::getppid() != daemon {
             libc::_exit(1);
         }
-        // Ignored dispositions survive exec (an ignored SIGCHLD would break the plugin's own
-        // waitpid); caught ones are reset by exec anyway. std already clears the signal mask.
+        // Ignored dispositions and the signal mask survive exec (an ignored SIGCHLD would break
+        // the plugin's own waitpid, a blocked SIGTERM would make it unstoppable); caught ones are
+        // reset by exec anyway.
         for sig in 1..32 {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
                 libc::signal(sig, libc::SIG_DFL);
             }
         }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
         // Descriptors the daemon inherited without CLOEXEC must not reach plugins. Failure
         // (kernel < 5.11) is tolerable: everything the daemon opens itself is CLOEXEC already.
         libc::syscall(
