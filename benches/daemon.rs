@@ -25,8 +25,12 @@ mod fixture;
 mod idle;
 #[path = "daemon/machine.rs"]
 mod machine;
+#[path = "daemon/peers.rs"]
+mod peers;
 #[path = "daemon/plugin.rs"]
 mod plugin;
+#[path = "daemon/probe.rs"]
+mod probe;
 #[path = "daemon/procfs.rs"]
 mod procfs;
 #[path = "daemon/reload.rs"]
@@ -41,6 +45,8 @@ mod stats;
 mod storm;
 #[path = "daemon/tally.rs"]
 mod tally;
+#[path = "daemon/tools.rs"]
+mod tools;
 
 use machine::Machine;
 use report::Report;
@@ -58,7 +64,7 @@ type Run = fn(&Bench) -> Outcome<Report>;
 type SelfCheck = fn() -> Outcome<()>;
 
 /// Every benchmark, in the order they run, with a one-line description for `--list`.
-const BENCHMARKS: [(&str, &str, Run); 6] = [
+const BENCHMARKS: [(&str, &str, Run); 8] = [
     (
         "reload_1mb",
         "rename of a 1 MiB build -> new process running",
@@ -68,6 +74,16 @@ const BENCHMARKS: [(&str, &str, Run); 6] = [
         "reload_50mb",
         "rename of a 50 MiB build -> new process running",
         |b| reload::run(b, &reload::FIFTY_MB),
+    ),
+    (
+        "peers_1mb",
+        "1 MiB builds: hotreloadd vs entr -r vs watchexec --restart",
+        |b| peers::run(b, &peers::ONE_MB),
+    ),
+    (
+        "peers_50mb",
+        "50 MiB builds: hotreloadd vs entr -r vs watchexec --restart",
+        |b| peers::run(b, &peers::FIFTY_MB),
     ),
     (
         "idle",
@@ -202,11 +218,12 @@ fn millis(duration: Duration) -> f64 {
 /// The harness's own checks (no daemon needed): what `cargo test --bench daemon` runs, since a
 /// `harness = false` target has no `#[test]` runner.
 fn self_check() -> ExitCode {
-    let checks: [(&str, SelfCheck); 6] = [
+    let checks: [(&str, SelfCheck); 7] = [
         ("stats", stats::self_check),
         ("report", report::self_check),
         ("procfs", procfs::self_check),
         ("plugin", plugin::self_check),
+        ("probe", probe::self_check),
         ("fixture", fixture::self_check),
         ("storm", storm::self_check),
     ];

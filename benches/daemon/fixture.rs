@@ -43,11 +43,13 @@ pub struct Config {
     pub debounce_ms: u64,
     pub startup_grace_ms: u64,
     pub max_clients: u32,
+    /// The arguments every plugin runs with (`sleep`'s `1000` by default).
+    pub args: Vec<String>,
 }
 
 impl Config {
-    /// A config where every plugin in `ids` runs `sleep 1000` and a failed reload is not retried
-    /// (a failure is counted, not waited out through backoff).
+    /// A config where every plugin in `ids` runs with `args` (`sleep 1000` by default) and a
+    /// failed reload is not retried (a failure is counted, not waited out through backoff).
     pub fn to_toml(&self, ids: &[String]) -> String {
         let mut text = format!(
             "[hot_reload]\ndebounce_delay_ms = {}\nmax_retries = 0\n\n\
@@ -55,7 +57,7 @@ impl Config {
              [control]\nmax_clients = {}\n",
             self.debounce_ms, self.startup_grace_ms, self.max_clients
         );
-        let args: Vec<String> = SLEEP_ARGS.iter().map(|arg| format!("{arg:?}")).collect();
+        let args: Vec<String> = self.args.iter().map(|arg| format!("{arg:?}")).collect();
         for id in ids {
             text.push_str(&format!("\n[plugins.{id}]\nargs = [{}]\n", args.join(", ")));
         }
@@ -69,6 +71,7 @@ impl Default for Config {
             debounce_ms: 100,
             startup_grace_ms: 50,
             max_clients: 256,
+            args: SLEEP_ARGS.iter().map(|arg| (*arg).to_owned()).collect(),
         }
     }
 }
@@ -123,6 +126,29 @@ impl Layout {
             ));
         }
         Ok(layout)
+    }
+
+    /// Puts the state dir in `base` instead (`<base>/hotreload-bench-<pid>-<name>-state`), to
+    /// measure the daemon with its fsync'd state writes on another file system such as tmpfs.
+    /// Dropping the daemon removes it with the rest of the tree.
+    pub fn with_state_in(mut self, base: &Path) -> Outcome<Layout> {
+        let name = self.root.file_name().map_or_else(
+            || "bench".into(),
+            |name| name.to_string_lossy().into_owned(),
+        );
+        let state = base.join(format!(
+            "hotreload-bench-{}-{name}-state",
+            std::process::id()
+        ));
+        if state.exists() {
+            fs::remove_dir_all(&state)
+                .map_err(|e| format!("failed to clear `{}`: {e}", state.display()))?;
+        }
+        fs::create_dir_all(&state)
+            .map_err(|e| format!("failed to create `{}`: {e}", state.display()))?;
+        let _ = fs::remove_dir(&self.state);
+        self.state = state;
+        Ok(self)
     }
 
     /// The executable of plugin `id`: `<plugins>/<id>/<id>` (the default `exec`).
@@ -293,6 +319,9 @@ impl Drop for Daemon {
         self.stop();
         if std::env::var_os("HOTRELOAD_BENCH_KEEP").is_none() {
             let _ = fs::remove_dir_all(&self.layout.root);
+            if !self.layout.state.starts_with(&self.layout.root) {
+                let _ = fs::remove_dir_all(&self.layout.state);
+            }
         }
     }
 }
@@ -319,6 +348,7 @@ pub fn self_check() -> Result<(), String> {
         debounce_ms: 0,
         startup_grace_ms: 1,
         max_clients: 2000,
+        ..Config::default()
     };
     let text = config.to_toml(&plugin::ids(2));
     let table: toml::Table = toml::from_str(&text).map_err(|e| format!("{e}\n{text}"))?;

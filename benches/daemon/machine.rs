@@ -88,7 +88,7 @@ fn cpu_model() -> String {
 }
 
 /// A readable name for the file system holding `dir` (the ones a bench dir is likely to be on).
-fn fs_type(dir: &Path) -> String {
+pub fn fs_type(dir: &Path) -> String {
     let Ok(stat) = statfs(dir) else {
         return "unknown fs".into();
     };

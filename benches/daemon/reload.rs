@@ -8,14 +8,23 @@
 //! version, so a wrong or stale event cannot pass as a reload. Debounce is 0 and startup grace
 //! 1 ms, so `reload_succeeded` follows closely; its `duration_ms` (the daemon's own measure,
 //! grace included) is reported as a second distribution.
+//!
+//! Each case runs twice, side by side in one table: with the daemon's state dir in the bench dir
+//! (the default file system) and on tmpfs (`/dev/shm`). A reload writes state.json durably
+//! (temp + fsync + rename + fsync dir) before the spawn, so on a disk the fsync is on the
+//! critical path; the time of that write sequence alone is measured on each file system and
+//! printed with the figures.
 
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::client::{Event, EventStream};
 use crate::fixture::{self, Config, Daemon, Layout};
 use crate::plugin::{self, Builds};
 use crate::report::{Bound, Report};
-use crate::{Bench, Outcome, millis};
+use crate::{Bench, Outcome, machine, millis};
 
 /// One reload benchmark: the build size and how many reloads to time.
 pub struct Case {
@@ -56,9 +65,47 @@ struct Sample {
     exe_confirmed: bool,
 }
 
+/// The results of one case with the state dir on one file system.
+struct Run {
+    fs: String,
+    samples: Vec<Sample>,
+    failures: Vec<String>,
+    /// An fsync'd 150-byte atomic write (temp + fsync + rename + fsync dir) in that state dir.
+    atomic_write_ms: Vec<f64>,
+}
+
 pub fn run(bench: &Bench, case: &Case) -> Outcome<Report> {
+    let on_bench_fs = measure(bench, case, None)?;
+    let on_tmpfs = match tmpfs_dir() {
+        Some(dir) => Some(measure(bench, case, Some(&dir))?),
+        None => None,
+    };
+    Ok(report(case, &on_bench_fs, on_tmpfs.as_ref()))
+}
+
+/// `$HOTRELOAD_BENCH_TMPFS`, else `/dev/shm` when it is a tmpfs: where the second run of each
+/// reload case keeps the daemon's state dir.
+pub fn tmpfs_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("HOTRELOAD_BENCH_TMPFS") {
+        return Some(PathBuf::from(dir));
+    }
+    let shm = PathBuf::from("/dev/shm");
+    (machine::fs_type(&shm) == "tmpfs").then_some(shm)
+}
+
+/// All reloads of `case`, with the daemon's state dir in the bench dir or in `state_base`.
+fn measure(bench: &Bench, case: &Case, state_base: Option<&Path>) -> Outcome<Run> {
     let mut builds = Builds::new(case.size)?;
-    let layout = Layout::create(&bench.root, case.name)?;
+    let name = match state_base {
+        Some(_) => format!("{}-tmpfs-state", case.name),
+        None => case.name.to_owned(),
+    };
+    let mut layout = Layout::create(&bench.root, &name)?;
+    if let Some(base) = state_base {
+        layout = layout.with_state_in(base)?;
+    }
+    let fs = machine::fs_type(&layout.state);
+    let atomic_write_ms = atomic_writes(&layout.state, 50)?;
     let config = Config {
         debounce_ms: 0,
         startup_grace_ms: 1,
@@ -88,7 +135,38 @@ pub fn run(bench: &Bench, case: &Case) -> Outcome<Report> {
             ));
         }
     }
-    Ok(report(case, &samples, &failures))
+    Ok(Run {
+        fs,
+        samples,
+        failures,
+        atomic_write_ms,
+    })
+}
+
+/// Times `count` durable replacements of a 150-byte file in `dir`, the way the daemon writes
+/// state.json: write a temp file, fsync it, rename it over the target, fsync the directory.
+fn atomic_writes(dir: &Path, count: usize) -> Outcome<Vec<f64>> {
+    let target = dir.join("fsync-probe.json");
+    let temp = dir.join(".fsync-probe.json.tmp");
+    let body = [b'x'; 150];
+    let mut times = Vec::with_capacity(count);
+    for _ in 0..count {
+        let began = Instant::now();
+        let mut file = File::create(&temp)
+            .map_err(|e| format!("failed to create `{}`: {e}", temp.display()))?;
+        file.write_all(&body)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| format!("failed to write and fsync `{}`: {e}", temp.display()))?;
+        drop(file);
+        std::fs::rename(&temp, &target)
+            .map_err(|e| format!("failed to rename `{}`: {e}", temp.display()))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("failed to fsync directory `{}`: {e}", dir.display()))?;
+        times.push(millis(began.elapsed()));
+    }
+    let _ = std::fs::remove_file(&target);
+    Ok(times)
 }
 
 /// How one reload went.
@@ -173,61 +251,89 @@ fn runs_snapshot(started: &Event, version: &str) -> bool {
     crate::procfs::exe(pid).is_ok_and(|exe| exe.ends_with(format!("snapshots/{ID}/{version}")))
 }
 
-fn report(case: &Case, samples: &[Sample], failures: &[String]) -> Report {
+fn report(case: &Case, on_bench_fs: &Run, on_tmpfs: Option<&Run>) -> Report {
     let size_mib = case.size >> 20;
     let title = format!(
         "rename(2) of a new {size_mib} MiB build -> new process running (debounce 0, \
-         startup grace 1 ms)"
+         startup grace 1 ms), state dir on {} and on {}",
+        on_bench_fs.fs,
+        on_tmpfs.map_or("(no tmpfs)", |run| run.fs.as_str())
     );
     let mut report = Report::new(case.name, &title);
+    add_run(&mut report, case, on_bench_fs, "");
+    if let Some(run) = on_tmpfs {
+        add_run(&mut report, case, run, "tmpfs_state_");
+    }
+    report.note(format!(
+        "{} timed reloads after {} warm-up per file system; build = /bin/sleep padded to {} bytes",
+        case.reloads, case.warmup, case.size
+    ));
+    report.note(
+        "the daemon writes state.json durably (temp + fsync + rename + fsync dir) before it \
+         spawns the new version; the 'atomic 150 B write' rows time that sequence alone on each \
+         file system",
+    );
+    report
+}
+
+/// The rows and targets of one file system, keys prefixed with `prefix`.
+fn add_run(report: &mut Report, case: &Case, run: &Run, prefix: &str) {
+    let samples = &run.samples;
+    let fs = &run.fs;
     let column = |pick: fn(&Sample) -> f64| samples.iter().map(pick).collect::<Vec<f64>>();
+    report.distribution(
+        &format!("{prefix}atomic_write_ms"),
+        &format!("[state on {fs}] atomic 150 B write w/ fsync"),
+        "ms",
+        &run.atomic_write_ms,
+    );
     let latency = report.distribution(
-        "rename_to_started_ms",
-        "rename -> plugin_started event",
+        &format!("{prefix}rename_to_started_ms"),
+        &format!("[state on {fs}] rename -> plugin_started"),
         "ms",
         &column(|s| s.to_started_ms),
     );
     report.distribution(
-        "rename_to_succeeded_ms",
-        "rename -> reload_succeeded event",
+        &format!("{prefix}rename_to_succeeded_ms"),
+        &format!("[state on {fs}] rename -> reload_succeeded"),
         "ms",
         &column(|s| s.to_succeeded_ms),
     );
     report.distribution(
-        "daemon_duration_ms",
-        "reload_succeeded.duration_ms (daemon, w/ grace)",
+        &format!("{prefix}daemon_duration_ms"),
+        &format!("[state on {fs}] duration_ms (daemon, w/ grace)"),
         "ms",
         &column(|s| s.daemon_ms),
     );
     report.distribution(
-        "rename_syscall_ms",
-        "  of which the rename(2) call itself",
+        &format!("{prefix}rename_syscall_ms"),
+        &format!("[state on {fs}]   the rename(2) call itself"),
         "ms",
         &column(|s| s.rename_ms),
     );
     let confirmed = samples.iter().filter(|s| s.exe_confirmed).count();
     report.value(
-        "failed_reloads",
-        "failed reloads",
-        failures.len() as f64,
+        &format!("{prefix}failed_reloads"),
+        &format!("[state on {fs}] failed reloads"),
+        run.failures.len() as f64,
         "",
     );
     report.value(
-        "exe_confirmed",
-        "new pid runs the new snapshot (/proc/pid/exe)",
+        &format!("{prefix}exe_confirmed"),
+        &format!("[state on {fs}] new pid runs new snapshot"),
         confirmed as f64,
         "",
     );
     if let Some(latency) = latency {
         report.target(
-            "p50 rename -> plugin_started",
+            &format!("[state on {fs}] p50 rename -> plugin_started"),
             latency.p50,
             Bound::AtMost(case.p50_ms),
             "ms",
         );
         if let Some(p99) = case.p99_ms {
             report.target(
-                "p99 rename -> plugin_started",
+                &format!("[state on {fs}] p99 rename -> plugin_started"),
                 latency.p99,
                 Bound::AtMost(p99),
                 "ms",
@@ -235,17 +341,12 @@ fn report(case: &Case, samples: &[Sample], failures: &[String]) -> Report {
         }
     }
     report.target(
-        "timed reloads with /proc/pid/exe confirmed",
+        &format!("[state on {fs}] timed reloads with /proc/pid/exe confirmed"),
         confirmed as f64,
         Bound::Exactly(case.reloads as f64),
         "",
     );
-    report.note(format!(
-        "{} timed reloads after {} warm-up; build = /bin/sleep padded to {} bytes",
-        case.reloads, case.warmup, case.size
-    ));
-    if let Some(first) = failures.first() {
-        report.note(format!("first failed reload: {first}"));
+    if let Some(first) = run.failures.first() {
+        report.note(format!("[state on {fs}] first failed reload: {first}"));
     }
-    report
 }

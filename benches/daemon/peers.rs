@@ -1,0 +1,668 @@
+//! `hotreloadd` beside `entr -r` and `watchexec --restart` on one workload: a new build renamed
+//! over a plugin's executable, over and over, and the time until the new build runs.
+//!
+//! "Running" is the same signal for every tool: the plugin is the probe of `probe.rs`, whose first
+//! instruction stamps `CLOCK_MONOTONIC` and which then reports that stamp and its build serial on
+//! a FIFO. Latency = probe stamp - stamp taken just before rename(2), on one clock, so neither the
+//! harness's reading nor any tool's own events are in the figure. The records also show every
+//! start, so a tool that starts a build twice (extra restart) or never (missed restart) is
+//! counted, whichever tool it is.
+//!
+//! Pacing is the same for all: after each build started (or a timeout passed), the harness leaves
+//! `GAP` of quiet, then stages the next build (write + flush to an unwatched dir) and renames it
+//! in. The old build stays hard-linked (see `plugin::pin`) during the timed window for every tool.
+//! How each tool is run:
+//! - hotreloadd: `debounce_delay_ms = 0`, `startup_grace_ms = 1`, once with its state dir in the
+//!   bench dir and once on tmpfs (its reload fsyncs state.json on the critical path);
+//! - `entr -nr EXEC FIFO`, fed EXEC on stdin (`-n`: no TTY). entr 5 re-opens a watched file that
+//!   was renamed over (it gets `IN_ATTRIB`, and `IN_DELETE_SELF` once the last link goes), so it
+//!   keeps following the path without `-d` or a restart loop. Its Linux event layer waits until
+//!   50 ms pass with no inotify event before acting; that fixed window cannot be set to 0, so
+//!   entr's figures are also printed less 50 ms ("minus debounce");
+//! - `watchexec --restart --debounce 0ms --shell=none --watch PLUGIN_DIR -- EXEC FIFO`, with no
+//!   ignore files. Its default debounce is 50 ms; 0 is accepted ("highly discouraged").
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+
+use crate::fixture::{Config, Daemon, Layout};
+use crate::probe::{self, ProbeBuilds, Reports, Start};
+use crate::report::{Bound, Report};
+use crate::tools::{self, Tool};
+use crate::{Bench, Outcome, plugin};
+
+/// One size of build and how many to install.
+pub struct Case {
+    pub name: &'static str,
+    pub size: usize,
+    pub warmup: u64,
+    pub reloads: u64,
+    /// Longest wait for one build to start before counting on (a start after it still counts).
+    pub timeout: Duration,
+    pub p50_ms: f64,
+    pub p99_ms: Option<f64>,
+}
+
+pub const ONE_MB: Case = Case {
+    name: "peers_1mb",
+    size: 1 << 20,
+    warmup: 5,
+    reloads: 100,
+    timeout: Duration::from_secs(3),
+    p50_ms: 2.0,
+    p99_ms: Some(5.0),
+};
+
+pub const FIFTY_MB: Case = Case {
+    name: "peers_50mb",
+    size: 50 << 20,
+    warmup: 2,
+    reloads: 30,
+    timeout: Duration::from_secs(10),
+    p50_ms: 40.0,
+    p99_ms: None,
+};
+
+/// Quiet time after a build started, before the next is staged: builds land seconds apart in
+/// real use, and every tool gets the same time to re-arm its watch.
+const GAP: Duration = Duration::from_millis(100);
+
+/// After the last build, how long to keep listening for a late or repeated start.
+const TAIL: Duration = Duration::from_secs(1);
+
+/// entr's fixed quiet window: its Linux kqueue emulation keeps reading inotify events until
+/// `poll` has seen none for 50 ms, and only then acts. Not configurable; every other tool runs
+/// with no debounce (hotreloadd `debounce_delay_ms = 0`, watchexec `--debounce 0ms`).
+const ENTR_QUIET_MS: f64 = 50.0;
+
+const ID: &str = "plugin";
+
+/// The tools compared, in the order they run and are printed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Contender {
+    Hotreloadd,
+    HotreloaddTmpfsState,
+    Entr,
+    Watchexec,
+}
+
+impl Contender {
+    fn label(self) -> &'static str {
+        match self {
+            Contender::Hotreloadd => "hotreloadd",
+            Contender::HotreloaddTmpfsState => "hotreloadd, state on tmpfs",
+            Contender::Entr => "entr -r",
+            Contender::Watchexec => "watchexec --restart",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Contender::Hotreloadd => "hotreloadd",
+            Contender::HotreloaddTmpfsState => "hotreloadd_tmpfs_state",
+            Contender::Entr => "entr",
+            Contender::Watchexec => "watchexec",
+        }
+    }
+
+    /// The debounce built into the tool or configured for it, subtracted from its latency.
+    fn debounce_ms(self) -> f64 {
+        match self {
+            Contender::Entr => ENTR_QUIET_MS,
+            _ => 0.0,
+        }
+    }
+}
+
+/// What one tool did with the builds.
+struct Outcomes {
+    /// Rename -> probe start of each timed build that started.
+    latency_ms: Vec<f64>,
+    builds: u64,
+    missed: u64,
+    extra: u64,
+    /// Why the run of this tool ended early, if it did.
+    ended: Option<String>,
+}
+
+pub fn run(bench: &Bench, case: &Case) -> Outcome<Report> {
+    if !probe::supported() {
+        return Err("the peers benchmark's probe plugin is an x86-64 Linux program".into());
+    }
+    let tmpfs = crate::reload::tmpfs_dir();
+    let entr = tools::entr();
+    let watchexec = tools::watchexec();
+    let mut measured = Vec::new();
+    let mut not_measured = Vec::new();
+    let contenders = [
+        (Contender::Hotreloadd, Ok(None)),
+        (Contender::HotreloaddTmpfsState, Ok(None)),
+        (Contender::Entr, entr.clone().map(Some)),
+        (Contender::Watchexec, watchexec.clone().map(Some)),
+    ];
+    for (contender, tool) in contenders {
+        let result = tool.and_then(|tool| {
+            if contender == Contender::HotreloaddTmpfsState && tmpfs.is_none() {
+                return Err("no tmpfs dir (set HOTRELOAD_BENCH_TMPFS)".into());
+            }
+            measure(bench, case, contender, tool.as_ref(), tmpfs.as_deref())
+        });
+        match result {
+            Ok(outcomes) => measured.push((contender, outcomes)),
+            Err(e) if matches!(contender, Contender::Hotreloadd) => return Err(e),
+            Err(e) => not_measured.push((contender, e)),
+        }
+    }
+    let floor = exec_floor(bench)?;
+    let costs = build_costs(bench, case)?;
+    let mut report = report(case, &measured, &not_measured, &floor, &costs);
+    for tool in [entr, watchexec].into_iter().flatten() {
+        report.note(format!("{}: {}", tool.version, tool.path.display()));
+    }
+    Ok(report)
+}
+
+/// Runs all builds of `case` through one tool.
+fn measure(
+    bench: &Bench,
+    case: &Case,
+    contender: Contender,
+    tool: Option<&Tool>,
+    tmpfs: Option<&Path>,
+) -> Outcome<Outcomes> {
+    let mut layout = Layout::create(&bench.root, &format!("{}-{}", case.name, contender.key()))?;
+    if contender == Contender::HotreloaddTmpfsState
+        && let Some(tmpfs) = tmpfs
+    {
+        layout = layout.with_state_in(tmpfs)?;
+    }
+    let mut builds = ProbeBuilds::new(case.size);
+    layout.install(ID, builds.build(0))?;
+    let reports = Reports::create(&layout.root.join("starts.fifo"))?;
+    let mut running = Running::start(bench, contender, tool, layout, &reports)?;
+    let mut starts: BTreeMap<u64, Vec<Start>> = BTreeMap::new();
+    let first = await_serial(
+        &reports,
+        0,
+        Instant::now() + Duration::from_secs(10),
+        &mut starts,
+    );
+    if first.is_none() {
+        return Err(format!(
+            "{} never started the first build within 10 s{}",
+            contender.label(),
+            running.log_tail()
+        ));
+    }
+
+    let total = case.warmup + case.reloads;
+    let mut renamed_ns = BTreeMap::new();
+    let mut ended = None;
+    for serial in 1..=total {
+        if let Some(exit) = running.exited() {
+            ended = Some(format!(
+                "{} exited ({exit}) before build {serial}{}",
+                contender.label(),
+                running.log_tail()
+            ));
+            break;
+        }
+        // Pacing, not synchronisation: the quiet time every tool gets between builds.
+        std::thread::sleep(GAP);
+        drain(&reports, &mut starts);
+        let layout = running.layout();
+        let staged = plugin::stage(&layout.staging, ID, serial, builds.build(serial))?;
+        let previous = plugin::pin(&layout.exec(ID), &layout.staging)?;
+        let before = probe::now_ns();
+        plugin::swap_in(&staged, &layout.exec(ID))?;
+        renamed_ns.insert(serial, before);
+        await_serial(&reports, serial, Instant::now() + case.timeout, &mut starts);
+        std::fs::remove_file(&previous)
+            .map_err(|e| format!("failed to remove `{}`: {e}", previous.display()))?;
+    }
+    let deadline = Instant::now() + TAIL;
+    while let Some(start) = reports.next_before(deadline) {
+        starts.entry(start.serial).or_default().push(start);
+    }
+    running.stop();
+    kill_leftover_probes(&starts, &reports.path);
+    Ok(tally(case, &renamed_ns, &starts, ended))
+}
+
+/// Records starts until build `serial` has started or `deadline` passes.
+fn await_serial(
+    reports: &Reports,
+    serial: u64,
+    deadline: Instant,
+    starts: &mut BTreeMap<u64, Vec<Start>>,
+) -> Option<Start> {
+    while let Some(start) = reports.next_before(deadline) {
+        starts.entry(start.serial).or_default().push(start);
+        if start.serial == serial {
+            return Some(start);
+        }
+    }
+    None
+}
+
+/// Records the starts that have already arrived.
+fn drain(reports: &Reports, starts: &mut BTreeMap<u64, Vec<Start>>) {
+    while let Ok(start) = reports.starts.try_recv() {
+        starts.entry(start.serial).or_default().push(start);
+    }
+}
+
+/// Missed = a build that never started; extra = every start of a build beyond its first.
+fn tally(
+    case: &Case,
+    renamed_ns: &BTreeMap<u64, u64>,
+    starts: &BTreeMap<u64, Vec<Start>>,
+    ended: Option<String>,
+) -> Outcomes {
+    let total = case.warmup + case.reloads;
+    let missed = (1..=total).filter(|s| !starts.contains_key(s)).count() as u64;
+    let extra = starts
+        .values()
+        .map(|list| list.len().saturating_sub(1) as u64)
+        .sum();
+    let latency_ms = renamed_ns
+        .iter()
+        .filter(|(serial, _)| **serial > case.warmup)
+        .filter_map(|(serial, renamed)| {
+            let first = starts.get(serial)?.iter().map(|s| s.started_ns).min()?;
+            Some(first.saturating_sub(*renamed) as f64 / 1e6)
+        })
+        .collect();
+    Outcomes {
+        latency_ms,
+        builds: total,
+        missed,
+        extra,
+        ended,
+    }
+}
+
+/// SIGKILLs every probe that reported to `fifo` and still runs after its tool stopped (entr puts
+/// its child in a process group of its own, so stopping entr's group does not reach it). The
+/// pid is checked to still be one of our probes first: its cmdline names our FIFO.
+fn kill_leftover_probes(starts: &BTreeMap<u64, Vec<Start>>, fifo: &Path) {
+    let fifo = fifo.to_string_lossy();
+    for start in starts.values().flatten() {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", start.pid)).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(fifo.as_ref()) {
+            let _ = kill(Pid::from_raw(start.pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// A running tool with the probe as its plugin.
+enum Running {
+    Daemon(Daemon),
+    Peer {
+        child: Child,
+        layout: Layout,
+        log: std::path::PathBuf,
+    },
+}
+
+impl Running {
+    fn start(
+        bench: &Bench,
+        contender: Contender,
+        tool: Option<&Tool>,
+        layout: Layout,
+        reports: &Reports,
+    ) -> Outcome<Running> {
+        let exec = layout.exec(ID);
+        let fifo = reports.path.clone();
+        let tool_path = tool.map(|t| t.path.clone());
+        match (contender, tool_path) {
+            (Contender::Hotreloadd | Contender::HotreloaddTmpfsState, _) => {
+                let config = Config {
+                    debounce_ms: 0,
+                    startup_grace_ms: 1,
+                    args: vec![fifo.to_string_lossy().into_owned()],
+                    ..Config::default()
+                };
+                let daemon = Daemon::start(&bench.daemon, layout, &config, &[ID.to_owned()])?;
+                Ok(Running::Daemon(daemon))
+            }
+            (Contender::Entr, Some(entr)) => {
+                let mut command = Command::new(entr);
+                command.arg("-nr").arg(&exec).arg(&fifo);
+                let paths = format!("{}\n", exec.display());
+                Running::spawn_peer(command, layout, Some(paths))
+            }
+            (Contender::Watchexec, Some(watchexec)) => {
+                let mut command = Command::new(watchexec);
+                command
+                    .args(["--restart", "--debounce", "0ms", "--shell=none"])
+                    .args([
+                        "--no-vcs-ignore",
+                        "--no-project-ignore",
+                        "--no-global-ignore",
+                    ])
+                    .args(["--no-discover-ignore", "--no-default-ignore"])
+                    .arg("--watch")
+                    .arg(layout.plugins.join(ID))
+                    .arg("--")
+                    .arg(&exec)
+                    .arg(&fifo);
+                Running::spawn_peer(command, layout, None)
+            }
+            (_, None) => Err(format!("{} is not installed", contender.label())),
+        }
+    }
+
+    /// Starts a peer in a process group of its own, its output in `<root>/tool.log`.
+    fn spawn_peer(
+        mut command: Command,
+        layout: Layout,
+        stdin_text: Option<String>,
+    ) -> Outcome<Running> {
+        let log = layout.root.join("tool.log");
+        let out =
+            File::create(&log).map_err(|e| format!("failed to create `{}`: {e}", log.display()))?;
+        let err = out
+            .try_clone()
+            .map_err(|e| format!("failed to clone the handle of `{}`: {e}", log.display()))?;
+        command
+            .current_dir(&layout.root)
+            .stdin(if stdin_text.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(out)
+            .stderr(err)
+            .process_group(0);
+        let mut child = command
+            .spawn()
+            .map_err(|e| format!("failed to start {command:?}: {e}"))?;
+        if let (Some(text), Some(mut stdin)) = (stdin_text, child.stdin.take()) {
+            use std::io::Write;
+            stdin
+                .write_all(text.as_bytes())
+                .map_err(|e| format!("failed to write the file list to {command:?}: {e}"))?;
+        }
+        Ok(Running::Peer { child, layout, log })
+    }
+
+    fn layout(&self) -> &Layout {
+        match self {
+            Running::Daemon(daemon) => &daemon.layout,
+            Running::Peer { layout, .. } => layout,
+        }
+    }
+
+    /// The tool's exit status, once it has exited.
+    fn exited(&mut self) -> Option<String> {
+        match self {
+            Running::Daemon(daemon) => daemon.ensure_alive().err(),
+            Running::Peer { child, .. } => match child.try_wait() {
+                Ok(Some(status)) => Some(status.to_string()),
+                _ => None,
+            },
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let Running::Peer { log, .. } = self else {
+            return String::new();
+        };
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!(
+            "; its output `{}` ends with:\n  {}",
+            log.display(),
+            lines[lines.len().saturating_sub(5)..].join("\n  ")
+        )
+    }
+
+    /// SIGTERM to the peer's process group, SIGKILL after 5 s (a daemon stops on drop).
+    fn stop(self) {
+        let Running::Peer {
+            mut child, layout, ..
+        } = self
+        else {
+            return;
+        };
+        let group = Pid::from_raw(child.id() as i32);
+        let _ = killpg(group, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = killpg(group, Signal::SIGKILL);
+        let _ = child.wait();
+        if std::env::var_os("HOTRELOAD_BENCH_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&layout.root);
+        }
+    }
+}
+
+/// The floor under every tool: the harness itself spawning the probe (fork + exec + first
+/// instruction), 100 times.
+fn exec_floor(bench: &Bench) -> Outcome<Vec<f64>> {
+    let dir = bench.root.join("peers-floor");
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| format!("failed to create `{}`: {e}", dir.display()))?;
+    let exe = dir.join("probe");
+    drop(plugin::write_executable(
+        &exe,
+        ProbeBuilds::new(0).build(7),
+    )?);
+    let reports = Reports::create(&dir.join("starts.fifo"))?;
+    let mut floor = Vec::new();
+    for _ in 0..100 {
+        let before = probe::now_ns();
+        let mut child = Command::new(&exe)
+            .arg(&reports.path)
+            .spawn()
+            .map_err(|e| format!("failed to run the probe `{}`: {e}", exe.display()))?;
+        let start = reports.next_before(Instant::now() + Duration::from_secs(5));
+        let _ = child.kill();
+        let _ = child.wait();
+        if let Some(start) = start {
+            floor.push(start.started_ns.saturating_sub(before) as f64 / 1e6);
+        }
+    }
+    drop(reports);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(floor)
+}
+
+/// What reading a build costs outside any tool, in the harness: BLAKE3 of it, and a copy of it
+/// the way hotreloadd takes a snapshot (read + write with a 128 KiB buffer, no fsync) into the
+/// bench dir. hotreloadd does both in one pass on every reload; entr and watchexec do neither.
+struct BuildCosts {
+    hash_ms: Vec<f64>,
+    copy_ms: Vec<f64>,
+}
+
+fn build_costs(bench: &Bench, case: &Case) -> Outcome<BuildCosts> {
+    let mut builds = ProbeBuilds::new(case.size);
+    let dir = bench.root.join("peers-costs");
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| format!("failed to create `{}`: {e}", dir.display()))?;
+    let source = dir.join("build");
+    drop(plugin::write_executable(&source, builds.build(1))?);
+    let mut costs = BuildCosts {
+        hash_ms: Vec::new(),
+        copy_ms: Vec::new(),
+    };
+    for round in 0..10 {
+        let began = Instant::now();
+        let bytes = std::fs::read(&source)
+            .map_err(|e| format!("failed to read `{}`: {e}", source.display()))?;
+        std::hint::black_box(blake3::hash(&bytes));
+        costs.hash_ms.push(crate::millis(began.elapsed()));
+        let target = dir.join(format!("copy-{round}"));
+        let began = Instant::now();
+        copy_with_buffer(&source, &target)?;
+        costs.copy_ms.push(crate::millis(began.elapsed()));
+        let _ = std::fs::remove_file(&target);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(costs)
+}
+
+fn copy_with_buffer(source: &Path, target: &Path) -> Outcome<()> {
+    use std::io::{Read, Write};
+    let mut input =
+        File::open(source).map_err(|e| format!("failed to open `{}`: {e}", source.display()))?;
+    let mut output = File::create(target)
+        .map_err(|e| format!("failed to create `{}`: {e}", target.display()))?;
+    let mut buffer = vec![0; 128 * 1024];
+    loop {
+        let n = input
+            .read(&mut buffer)
+            .map_err(|e| format!("failed to read `{}`: {e}", source.display()))?;
+        if n == 0 {
+            return Ok(());
+        }
+        output
+            .write_all(&buffer[..n])
+            .map_err(|e| format!("failed to write `{}`: {e}", target.display()))?;
+    }
+}
+
+fn report(
+    case: &Case,
+    measured: &[(Contender, Outcomes)],
+    not_measured: &[(Contender, String)],
+    floor: &[f64],
+    costs: &BuildCosts,
+) -> Report {
+    let title = format!(
+        "rename(2) of a new {} MiB build -> new process running, hotreloadd vs entr vs watchexec",
+        case.size >> 20
+    );
+    let mut report = Report::new(case.name, &title);
+    let mut ours = None;
+    let mut peers_worst_best: Option<f64> = None;
+    for (contender, outcomes) in measured {
+        let key = contender.key();
+        let latency = report.distribution(
+            &format!("{key}_latency_ms"),
+            &format!("{}: rename -> running", contender.label()),
+            "ms",
+            &outcomes.latency_ms,
+        );
+        if contender.debounce_ms() > 0.0 {
+            let less: Vec<f64> = outcomes
+                .latency_ms
+                .iter()
+                .map(|ms| ms - contender.debounce_ms())
+                .collect();
+            report.distribution(
+                &format!("{key}_latency_minus_debounce_ms"),
+                &format!(
+                    "  minus its fixed {} ms quiet window",
+                    contender.debounce_ms()
+                ),
+                "ms",
+                &less,
+            );
+        }
+        report.value(
+            &format!("{key}_missed"),
+            &format!("  missed restarts (of {} builds)", outcomes.builds),
+            outcomes.missed as f64,
+            "",
+        );
+        report.value(
+            &format!("{key}_extra"),
+            "  extra restarts",
+            outcomes.extra as f64,
+            "",
+        );
+        let faults = (outcomes.missed + outcomes.extra) as f64;
+        match contender {
+            Contender::Hotreloadd => ours = Some((latency, faults)),
+            Contender::Entr | Contender::Watchexec => {
+                peers_worst_best = Some(peers_worst_best.map_or(faults, |f| f.min(faults)));
+            }
+            Contender::HotreloaddTmpfsState => {}
+        }
+        if let Some(ended) = &outcomes.ended {
+            report.note(ended.clone());
+        }
+    }
+    for (contender, why) in not_measured {
+        report.value(
+            &format!("{}_not_measured", contender.key()),
+            &format!("{}: not measured", contender.label()),
+            0.0,
+            "",
+        );
+        report.note(format!("{} not measured: {why}", contender.label()));
+    }
+    report.distribution(
+        "exec_floor_ms",
+        "floor: harness spawns the probe itself",
+        "ms",
+        floor,
+    );
+    report.distribution(
+        "build_read_hash_ms",
+        "context: read + BLAKE3 of one build (harness)",
+        "ms",
+        &costs.hash_ms,
+    );
+    report.distribution(
+        "build_copy_ms",
+        "context: copy of one build, 128 KiB buffer",
+        "ms",
+        &costs.copy_ms,
+    );
+    if let Some((latency, faults)) = ours {
+        if let Some(latency) = latency {
+            report.target(
+                "p50 hotreloadd rename -> running",
+                latency.p50,
+                Bound::AtMost(case.p50_ms),
+                "ms",
+            );
+            if let Some(p99) = case.p99_ms {
+                report.target(
+                    "p99 hotreloadd rename -> running",
+                    latency.p99,
+                    Bound::AtMost(p99),
+                    "ms",
+                );
+            }
+        }
+        if let Some(peers) = peers_worst_best {
+            report.target(
+                "hotreloadd missed + extra restarts vs the better peer",
+                faults,
+                Bound::AtMost(peers),
+                "",
+            );
+        }
+    }
+    report.note(format!(
+        "{} timed builds after {} warm-up; counts cover all {}; {} ms of quiet between builds; \
+         a build not started within {} s is waited for no longer (a later start still counts)",
+        case.reloads,
+        case.warmup,
+        case.warmup + case.reloads,
+        GAP.as_millis(),
+        case.timeout.as_secs()
+    ));
+    report.note(
+        "latency = probe's CLOCK_MONOTONIC at its first instruction - the harness's just before \
+         rename(2); hotreloadd runs with debounce_delay_ms = 0 and watchexec with --debounce 0ms; \
+         entr cannot be told: it waits for 50 ms without inotify events before it acts, so its \
+         figure is also shown less those 50 ms",
+    );
+    report
+}
