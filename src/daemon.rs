@@ -186,6 +186,7 @@ impl Daemon {
         loop {
             self.core.start_pending();
             self.flush();
+            self.core.sup.sync_state_dirs();
             let timeout = self.core.poll_timeout();
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -204,6 +205,7 @@ impl Daemon {
                 }
             }
             self.flush();
+            self.core.sup.sync_state_dirs();
             self.core.publish_status();
             if self.core.shutting_down && self.core.sup.all_stopped() {
                 break;

@@ -187,6 +187,15 @@ impl From<StateError> for io::Error {
 /// before the rename the temp is removed and the old file is untouched. A symlink at `path` is
 /// replaced, not followed. The parent directory is created (0700) if missing.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    write_atomic_unsynced_rename(path, bytes)?;
+    sync_parent(path)
+}
+
+/// [`write_atomic`] without the final directory fsync: the new content is complete on disk
+/// (the temp file was fsynced before the rename) and visible at once, but the rename becomes
+/// durable only with [`sync_parent`]. A crash in between leaves the previous file, whole. Lets a
+/// caller take the directory fsync off a latency-critical path and do it right after.
+pub fn write_atomic_unsynced_rename(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     let dir = parent_dir(path);
     let name = path.file_name().ok_or_else(|| {
         StateError::io(
@@ -207,17 +216,32 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
         let _ = fs::remove_file(&temp);
         return Err(e);
     }
-    sync_dir(dir).map_err(|e| StateError::io(path, Step::FsyncDir, e))
+    Ok(())
+}
+
+/// fsync the directory holding `path`, making a rename of it durable.
+pub fn sync_parent(path: &Path) -> Result<(), StateError> {
+    sync_dir(parent_dir(path)).map_err(|e| StateError::io(path, Step::FsyncDir, e))
 }
 
 /// Serialize `state` and write it to `path` with [`write_atomic`].
 pub fn write_state(path: &Path, state: &PluginState) -> Result<(), StateError> {
+    write_atomic(path, &state_bytes(path, state)?)
+}
+
+/// Serialize `state` and write it with [`write_atomic_unsynced_rename`]; call [`sync_parent`]
+/// soon after.
+pub fn write_state_unsynced_rename(path: &Path, state: &PluginState) -> Result<(), StateError> {
+    write_atomic_unsynced_rename(path, &state_bytes(path, state)?)
+}
+
+fn state_bytes(path: &Path, state: &PluginState) -> Result<Vec<u8>, StateError> {
     let mut bytes = serde_json::to_vec(state).map_err(|source| StateError::Serialize {
         path: path.to_path_buf(),
         source,
     })?;
     bytes.push(b'\n');
-    write_atomic(path, &bytes)
+    Ok(bytes)
 }
 
 /// Read `state.json`: `None` when it does not exist; an error when it cannot be read or is not a

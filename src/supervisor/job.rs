@@ -293,7 +293,9 @@ impl Supervisor {
         // A full or read-only state dir must not keep the plugin down (it would end `failed`):
         // it starts with state.json as it was (intact, atomic writes), runtime_data stays in
         // memory and runtime.json on disk, and the next write that works saves them.
-        if let Err(e) = self.write_state(ctx, id, version, "starting") {
+        // The directory fsync that makes the rename durable waits until the new instance runs
+        // (`sync_state_dirs`): the content itself is on disk before the rename.
+        if let Err(e) = self.write_state_with(ctx, id, version, "starting", true) {
             let path = self.state_path(id);
             log::warn!("[{id}] cannot write state file, starting with the one on disk: {e}");
             ctx.emit(
@@ -350,6 +352,17 @@ impl Supervisor {
         version: &str,
         status: &str,
     ) -> Result<(), String> {
+        self.write_state_with(ctx, id, version, status, false)
+    }
+
+    fn write_state_with(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        id: &str,
+        version: &str,
+        status: &str,
+        defer_dir_sync: bool,
+    ) -> Result<(), String> {
         if !ctx.config.hot_reload.preserve_state {
             return Ok(());
         }
@@ -373,7 +386,12 @@ impl Supervisor {
             version: content.version.clone(),
             status: status.to_string(),
         };
-        state_file::write_state(&path, &state).map_err(|e| e.to_string())?;
+        if defer_dir_sync {
+            state_file::write_state_unsynced_rename(&path, &state).map_err(|e| e.to_string())?;
+            self.dir_syncs.push(path);
+        } else {
+            state_file::write_state(&path, &state).map_err(|e| e.to_string())?;
+        }
         p.written = Some(content);
         Ok(())
     }

@@ -127,6 +127,8 @@ pub struct Supervisor {
     backlog: Vec<Token>,
     /// Plugins found at start (or added) waiting for their first start.
     pending_starts: VecDeque<String>,
+    /// State files renamed into place whose directory fsync is still due (`sync_state_dirs`).
+    dir_syncs: Vec<PathBuf>,
     next_token: usize,
     next_seq: u64,
     pub totals: Totals,
@@ -146,6 +148,7 @@ impl Supervisor {
             hooks: HashMap::new(),
             backlog: Vec::new(),
             pending_starts: VecDeque::new(),
+            dir_syncs: Vec::new(),
             next_token: 0,
             next_seq: 0,
             totals: Totals::default(),
@@ -241,6 +244,16 @@ impl Supervisor {
             }
         }
         !self.pending_starts.is_empty()
+    }
+
+    /// Make the state files written before this turn's starts durable (their directory fsync),
+    /// once the new instances run: off a reload's critical path, still within the same turn.
+    pub fn sync_state_dirs(&mut self) {
+        for path in std::mem::take(&mut self.dir_syncs) {
+            if let Err(e) = state_file::sync_parent(&path) {
+                log::warn!("{e}");
+            }
+        }
     }
 
     pub fn has_pending_starts(&self) -> bool {
