@@ -105,6 +105,10 @@ impl Daemon {
     /// Set everything up: directories, signals, control socket, watches, initial plugins.
     pub fn start(config: Config, overrides: Overrides, env: Env) -> Result<Daemon, FatalError> {
         prepare_dirs(&config)?;
+        match spawn::raise_fd_limit() {
+            Ok(limit) => log::debug!("descriptor limit {limit}"),
+            Err(e) => log::warn!("cannot raise the descriptor limit ({e}): fewer plugins fit"),
+        }
         if let Err(e) = spawn::become_subreaper() {
             log::warn!("cannot become a child subreaper ({e}): escaped grandchildren go to init");
         }

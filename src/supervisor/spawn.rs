@@ -89,6 +89,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let daemon = parent_pid();
+    let inherited_nofile = INHERITED_NOFILE.load(std::sync::atomic::Ordering::Relaxed);
     let mut plan = if spec.pass_fds.is_empty() && spec.pid_vars.is_empty() {
         None
     } else {
@@ -99,7 +100,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
     // into memory it owns; it allocates nothing and touches no lock.
     unsafe {
         cmd.pre_exec(move || {
-            prepare_child(daemon)?;
+            prepare_child(daemon, inherited_nofile)?;
             match plan.as_mut() {
                 Some(plan) => Err(plan.exec_in_child()),
                 None => Ok(()),
@@ -264,10 +265,19 @@ fn write_decimal(slot: &mut [u8], value: libc::pid_t) {
 }
 
 /// Runs in the child between fork and exec. Async-signal-safe calls only.
-fn prepare_child(daemon: libc::pid_t) -> io::Result<()> {
+fn prepare_child(daemon: libc::pid_t, nofile_soft: u64) -> io::Result<()> {
     // SAFETY (whole function): plain system calls on integers; no memory is shared with the parent
     // beyond the copied stack, and none of these can corrupt the child's state.
     unsafe {
+        // The daemon raised its own descriptor limit; plugins get the one it was started with
+        // (select()-based code breaks above 1024).
+        if nofile_soft != 0 {
+            let mut lim: libc::rlimit = std::mem::zeroed();
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                lim.rlim_cur = nofile_soft.min(lim.rlim_max);
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+        }
         if libc::setsid() < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -373,6 +383,34 @@ pub fn signal_group(pgid: Pid, sig: libc::c_int) -> io::Result<()> {
 /// True while any process of the group is alive (zombies count until reaped).
 pub fn group_alive(pgid: Pid) -> bool {
     signal_group(pgid, 0).is_ok()
+}
+
+/// The soft RLIMIT_NOFILE the daemon was started with (0: not raised), restored in plugins.
+static INHERITED_NOFILE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Raise the daemon's soft descriptor limit to its hard limit: every plugin costs the daemon
+/// three descriptors (two pipes and a notify socket), so a thousand plugins need more than the
+/// usual 1024. Plugins still get the limit the daemon was started with.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let original = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            INHERITED_NOFILE.store(original, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    Ok(lim.rlim_cur)
 }
 
 /// Become the reaper of orphaned descendants, so a plugin's double-forked grandchildren are

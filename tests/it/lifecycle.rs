@@ -265,3 +265,27 @@ fn sigkill_of_the_daemon_takes_its_plugins_down() {
         || d.plugin_processes().is_empty().then_some(()),
     );
 }
+
+#[test]
+fn daemon_raises_its_descriptor_limit_but_plugins_keep_the_inherited_one() {
+    let mut d = Daemon::new();
+    // Started with a soft limit of 512: the daemon needs more for many plugins, its plugins
+    // must see what they would have seen without it.
+    d.launch_via_shell("ulimit -S -n 512");
+    let script = Script::new("v1").shell("ulimit -S -n > \"$ROOT/nofile-$ID-$$\"");
+    let (_, pid) = d.start_running("p1", &script);
+    let plugin = fs::read_to_string(d.root.join(format!("nofile-p1-{pid}"))).unwrap();
+    assert_eq!(
+        plugin.trim(),
+        "512",
+        "plugins keep the inherited soft limit"
+    );
+    let limits = fs::read_to_string(format!("/proc/{}/limits", d.pid())).unwrap();
+    let soft: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(soft > 512, "the daemon raised its own soft limit; {limits}");
+}
