@@ -752,6 +752,28 @@ mod tests {
     }
 
     #[test]
+    fn numeric_ids_are_echoed_exactly_as_sent() {
+        // Found by fuzz/control_request: without serde_json's float_roundtrip the echoed id was
+        // one ulp away from the parsed one, so a client matching answers by id lost this one.
+        let request = br#"{"cmd":"plugin","id":555555555555555555555555555555551.1}"#;
+        let e = error(request);
+        let echoed = decode(&e.to_line())["id"].clone();
+        assert_eq!(Some(echoed), e.id);
+        for id in [
+            "0.1",
+            "1e300",
+            "-0.0",
+            "18446744073709551616",
+            "2.2250738585072014e-308",
+        ] {
+            let line = format!(r#"{{"cmd":"status","id":{id}}}"#);
+            let request = parse_line(line.as_bytes()).unwrap().unwrap();
+            let echoed = decode(&success(request.id.as_ref(), Map::new()))["id"].clone();
+            assert_eq!(Some(echoed), request.id, "id {id}");
+        }
+    }
+
+    #[test]
     fn error_codes_are_spelled_as_in_the_spec() {
         let table = [
             (ErrorCode::BadRequest, "bad_request"),
