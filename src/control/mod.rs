@@ -17,7 +17,7 @@
 //! - an event is serialised once and shared by all subscribers, and dropping one costs O(1).
 //!
 //! Binding follows linux-pitfalls §6.1: a lock file, a connect probe to tell a live daemon from
-//! a stale socket file, and a socket created under umask 0177 at a temporary name, given its mode
+//! a stale socket file, and a socket created owner-only at a temporary name, given its mode
 //! and group, then renamed into place, so it is never reachable with wider permissions.
 
 mod conn;
@@ -38,8 +38,11 @@ use log::{debug, info, warn};
 use mio::net::{UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
 use nix::fcntl::{Flock, FlockArg};
-use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-use nix::sys::stat::{Mode, umask};
+use nix::sys::socket::{
+    AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, getsockopt, listen, socket,
+    sockopt::PeerCredentials,
+};
+use nix::sys::stat::{Mode, fchmod};
 use nix::unistd::{Gid, Group};
 
 use conn::{Conn, NextLine};
@@ -1126,8 +1129,8 @@ fn group_to_chown(name: &str) -> Option<Gid> {
 }
 
 /// Binds and listens at `path` so that the socket is never reachable with wider permissions
-/// than `mode`: bound under umask 0177 at a temporary name, given its mode and group, then
-/// renamed into place.
+/// than `mode`: bound owner-only at a temporary name, given its mode and group, then renamed
+/// into place.
 fn create_socket(path: &Path, mode: u32, gid: Option<Gid>) -> Result<UnixListener, ControlError> {
     let temp = temp_name(path);
     let target = temp.as_deref().unwrap_or(path);
@@ -1135,11 +1138,8 @@ fn create_socket(path: &Path, mode: u32, gid: Option<Gid>) -> Result<UnixListene
         // Only a crashed daemon with our pid could have left it; we hold the lock.
         let _ = fs::remove_file(temp);
     }
-    // umask is process-wide: the daemon is still single-threaded when it binds.
-    let old_umask = umask(Mode::from_bits_truncate(0o177));
-    let bound = std::os::unix::net::UnixListener::bind(target);
-    umask(old_umask);
-    let listener = bound.map_err(|e| ControlError::io(path, "bind the control socket", e))?;
+    let listener = bind_owner_only(target)
+        .map_err(|e| ControlError::io(path, "bind the control socket", e))?;
     let published = publish_socket(path, target, mode, gid);
     if published.is_err() && temp.is_some() {
         let _ = fs::remove_file(target);
@@ -1149,6 +1149,24 @@ fn create_socket(path: &Path, mode: u32, gid: Option<Gid>) -> Result<UnixListene
         .set_nonblocking(true)
         .map_err(|e| ControlError::io(path, "set non-blocking mode on the control socket", e))?;
     Ok(UnixListener::from_std(listener))
+}
+
+/// A listening socket bound at `path` whose file is created with mode 0600 (less the umask).
+///
+/// Linux creates a socket file with the mode of the socket's own inode masked by the umask, so
+/// an `fchmod` before `bind` closes the window in which a plain bind would leave the file 0777 &
+/// ~umask, without touching the process-wide umask (which other threads, tests included, see).
+fn bind_owner_only(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
+    let socket = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    fchmod(&socket, Mode::from_bits_truncate(0o600))?;
+    bind(socket.as_raw_fd(), &UnixAddr::new(path)?)?;
+    listen(&socket, Backlog::MAXCONN)?;
+    Ok(std::os::unix::net::UnixListener::from(socket))
 }
 
 /// Gives the bound socket its mode and group, then moves it to `path`.
@@ -1176,7 +1194,7 @@ fn publish_socket(
 }
 
 /// `<dir>/.<name>.<pid>.tmp`, or `None` when that would not fit in a socket address (the
-/// socket is then bound at its final name; the umask still keeps it private until chmod).
+/// socket is then bound at its final name, still owner-only until it is given its mode).
 fn temp_name(path: &Path) -> Option<PathBuf> {
     /// `sun_path` holds 108 bytes including the terminating NUL.
     const SUN_PATH_MAX: usize = 107;
