@@ -8,12 +8,14 @@
 //! what the daemon sees, as one `IN_MOVED_TO`. To wait, events are subscribed on a second
 //! connection *before* the rename, so the outcome cannot be missed (see `wait`).
 
-use std::fs::{self, File, OpenOptions, Permissions};
+use std::fs::{self, File, Permissions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
+
+use crate::fsutil;
 
 use super::client::{Client, os_text};
 use super::commands;
@@ -83,16 +85,9 @@ pub fn install_atomically(source: &Path, target: &Path) -> Result<String, String
     if !meta.is_file() {
         return Err(format!("{} is not a regular file", show(source)));
     }
-    let dir = match target.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = fsutil::parent_dir(target);
     let temp = dir.join(format!("{TEMP_PREFIX}{}", random_hex()?));
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&temp)
+    let mut file = fsutil::create_private_file(&temp)
         .map_err(|e| format!("cannot create {}: {}", show(&temp), os_text(&e)))?;
     let guard = TempGuard(Some(temp.clone()));
     let version = copy_hashing(&mut src, source, &mut file, &temp)?;
@@ -111,7 +106,7 @@ pub fn install_atomically(source: &Path, target: &Path) -> Result<String, String
         )
     })?;
     guard.disarm();
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| {
+    fsutil::sync_dir(dir).map_err(|e| {
         format!(
             "installed {} but cannot fsync directory {}: {}",
             show(target),
@@ -431,6 +426,7 @@ impl Report {
 mod tests {
     use super::super::testutil::{FakeDaemon, run_capture, temp_dir};
     use super::*;
+    use crate::fsutil::tests::sorted_names;
 
     #[test]
     fn plugin_id_rule() {
@@ -464,15 +460,6 @@ mod tests {
         fs::remove_dir_all(dir).unwrap();
     }
 
-    fn entries(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    }
-
     #[test]
     fn atomic_install_copies_content_and_mode() {
         let dir = temp_dir("atomic");
@@ -495,7 +482,7 @@ mod tests {
             old_inode.ino(),
             "replaced by rename, not written in place"
         );
-        assert_eq!(entries(&plugin_dir), vec!["p1"]);
+        assert_eq!(sorted_names(&plugin_dir), vec!["p1"]);
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -519,7 +506,7 @@ mod tests {
         assert!(name.starts_with(TEMP_PREFIX), "{err}");
         assert_eq!(name.len(), TEMP_PREFIX.len() + 16, "{err}");
         assert!(err.contains(&target.display().to_string()), "{err}");
-        assert_eq!(entries(&dir), vec!["build", "p1"], "no temp file left");
+        assert_eq!(sorted_names(&dir), vec!["build", "p1"], "no temp file left");
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -531,7 +518,7 @@ mod tests {
             err.starts_with("cannot open ") && err.contains("nope"),
             "{err}"
         );
-        assert!(entries(&dir).is_empty());
+        assert!(sorted_names(&dir).is_empty());
         let err = install_atomically(&dir, &dir.join("p1")).unwrap_err();
         assert!(err.contains("is not a regular file"), "{err}");
         fs::remove_dir_all(dir).unwrap();
@@ -629,7 +616,7 @@ mod tests {
             "{}",
             run.out
         );
-        assert_eq!(entries(&dir.join("plugins/p1")), vec!["p1"]);
+        assert_eq!(sorted_names(&dir.join("plugins/p1")), vec!["p1"]);
         fs::remove_dir_all(dir).unwrap();
     }
 
