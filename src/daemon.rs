@@ -24,6 +24,7 @@ use crate::control::{
     ClientId, ControlServer, EventRecord, Handler, Limits, Outcome, Peer, SubscribeFilter,
 };
 use crate::events::Event;
+use crate::fsutil;
 use crate::notify::Notifier;
 use crate::signals::{SignalEvent, SignalSource};
 use crate::supervisor::{Ctx, Outbox, Supervisor, Timer, Trigger, Waiter, reap, spawn};
@@ -281,11 +282,7 @@ fn prepare_dirs(config: &Config) -> Result<(), FatalError> {
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), FatalError> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
+    fsutil::create_private_dir(dir)
         .map_err(|e| os_err(format!("cannot create directory {}: {e}", dir.display())))
 }
 

@@ -17,6 +17,7 @@ pub mod control;
 pub mod ctl;
 pub mod daemon;
 pub mod events;
+mod fsutil;
 pub mod hooks;
 pub mod listen;
 pub mod logging;

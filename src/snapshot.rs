@@ -13,13 +13,14 @@
 //! Nothing here calls `fsync`: the runtime dir is scratch space that is rebuilt after a reboot,
 //! and a reload should cost well under a millisecond per megabyte of build.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::fmt;
-use std::fs::{self, DirBuilder, File, FileType, Metadata, OpenOptions, Permissions};
+use std::fs::{self, File, FileType, Metadata, OpenOptions, Permissions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::fsutil::{self, RemovalWords, create_private_dir};
 
 /// Copy buffer: large enough for BLAKE3's SIMD paths to run at full speed and for few syscalls,
 /// small enough to stay in L2.
@@ -28,12 +29,6 @@ const BUF_SIZE: usize = 128 * 1024;
 /// Hex digits of the BLAKE3 hash kept as the version (64 bits: collisions are not a concern for
 /// the handful of builds a plugin has on disk at once).
 const VERSION_HEX_DIGITS: usize = 16;
-
-/// How many temp names to try before giving up on a directory full of leftovers.
-const TEMP_NAME_ATTEMPTS: u32 = 64;
-
-/// Distinguishes temp files created by this process (the pid distinguishes processes).
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A copy of a plugin executable, named after its content.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -201,32 +196,12 @@ pub fn version_of(path: &Path) -> Result<String, SnapshotError> {
 ///
 /// A missing `dir` is not an error. Subdirectories are left alone (the daemon never creates any).
 pub fn prune(dir: &Path, keep: &[&str]) -> io::Result<()> {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(with_path(e, "cannot list snapshot directory", dir)),
+    let words = RemovalWords {
+        listing: "cannot list snapshot directory",
+        removing: "cannot remove stale snapshot",
     };
-    for entry in entries {
-        let entry = entry.map_err(|e| with_path(e, "cannot list snapshot directory", dir))?;
-        let name = entry.file_name();
-        if keep.iter().any(|k| OsStr::new(k) == name) {
-            continue;
-        }
-        let path = entry.path();
-        let is_dir = entry
-            .file_type()
-            .map_err(|e| with_path(e, "cannot stat", &path))?
-            .is_dir();
-        if is_dir {
-            continue;
-        }
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(with_path(e, "cannot remove stale snapshot", &path)),
-        }
-    }
-    Ok(())
+    let stale = |name: &OsStr| !keep.iter().any(|k| OsStr::new(k) == name);
+    fsutil::remove_files_in(dir, stale, &words).map(|_removed| ())
 }
 
 /// Why [`open_regular`] failed.
@@ -291,11 +266,6 @@ pub(crate) fn describe(file_type: FileType) -> &'static str {
     }
 }
 
-/// Create `dir` and any missing parents with mode 0700; an existing directory is fine.
-pub(crate) fn create_private_dir(dir: &Path) -> io::Result<()> {
-    DirBuilder::new().recursive(true).mode(0o700).create(dir)
-}
-
 /// Version and size of the content that went through [`copy_and_hash`].
 struct Summary {
     version: String,
@@ -357,25 +327,7 @@ fn snapshot_mode(source: &Metadata) -> u32 {
 
 /// Create a fresh temp file `<dir>/.tmp.<pid>.<n>` that nobody else can have opened.
 fn create_temp(dir: &Path) -> io::Result<(PathBuf, File)> {
-    let pid = std::process::id();
-    let mut last_error = None;
-    for _ in 0..TEMP_NAME_ATTEMPTS {
-        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = dir.join(format!(".tmp.{pid}.{n}"));
-        match OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-        {
-            Ok(file) => return Ok((path, file)),
-            // A leftover from an earlier process with the same pid: try the next name.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last_error = Some(e),
-            Err(e) => return Err(e),
-        }
-    }
-    Err(last_error.unwrap_or_else(|| io::Error::other("no temp name available")))
+    fsutil::create_temp(dir, |pid, n| OsString::from(format!(".tmp.{pid}.{n}")))
 }
 
 /// Move the finished temp file to its version name, or drop it if an identical snapshot is
@@ -393,17 +345,13 @@ fn install(temp: &Path, path: &Path, summary: &Summary, mode: u32) -> io::Result
     }
 }
 
-/// Prefix an I/O error with what was being done and the path, keeping its kind.
-fn with_path(e: io::Error, doing: &str, path: &Path) -> io::Error {
-    io::Error::new(e.kind(), format!("{doing} `{}`: {e}", path.display()))
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::fsutil::tests::sorted_names;
     use nix::sys::stat::Mode;
     use std::os::unix::fs::symlink;
-    use std::sync::atomic::AtomicU32;
+    use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::mpsc;
     use std::time::Duration;
 
@@ -450,15 +398,6 @@ pub(crate) mod tests {
     fn write_exec(path: &Path, content: &[u8]) {
         fs::write(path, content).unwrap();
         fs::set_permissions(path, Permissions::from_mode(0o755)).unwrap();
-    }
-
-    fn dir_names(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
     }
 
     #[test]
@@ -512,7 +451,7 @@ pub(crate) mod tests {
         assert_eq!(again.path, snap.path);
         let mode = fs::metadata(&again.path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
-        assert_eq!(dir_names(&t.join("snaps")), vec![snap.version]);
+        assert_eq!(sorted_names(&t.join("snaps")), vec![snap.version]);
     }
 
     #[test]
@@ -528,7 +467,7 @@ pub(crate) mod tests {
 
         assert_eq!(first, second);
         assert_eq!(inode(&second.path), first_inode, "existing snapshot kept");
-        assert_eq!(dir_names(&snaps), vec![first.version]);
+        assert_eq!(sorted_names(&snaps), vec![first.version]);
     }
 
     #[test]
@@ -615,7 +554,7 @@ pub(crate) mod tests {
         fs::create_dir(t.join("plugin")).unwrap();
         fs::create_dir(t.join("snaps")).unwrap();
         assert!(take(&t.join("plugin"), &t.join("snaps")).is_err());
-        assert!(dir_names(&t.join("snaps")).is_empty());
+        assert!(sorted_names(&t.join("snaps")).is_empty());
     }
 
     #[test]
@@ -644,7 +583,7 @@ pub(crate) mod tests {
 
         let mut expected = vec![one.version, three.version];
         expected.sort();
-        assert_eq!(dir_names(&snaps), expected);
+        assert_eq!(sorted_names(&snaps), expected);
         assert!(!two.path.exists());
     }
 

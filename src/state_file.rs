@@ -13,26 +13,19 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use crate::snapshot::{OpenFailure, create_private_dir, open_regular};
+use crate::fsutil::{self, RemovalWords, create_private_dir, parent_dir, sync_dir, with_path};
+use crate::snapshot::{OpenFailure, open_regular};
 
 /// Largest `state.json` [`read_state`] accepts: far beyond any real state, small enough that a
 /// corrupt or hostile file cannot exhaust memory at startup.
 pub const MAX_STATE_BYTES: u64 = 64 * 1024 * 1024;
-
-/// How many temp names to try before giving up on a directory full of leftovers.
-const TEMP_NAME_ATTEMPTS: u32 = 64;
-
-/// Distinguishes temp files created by this process (the pid distinguishes processes).
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// The content of `state.json` (SPEC §4).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -294,49 +287,18 @@ pub fn read_runtime(path: &Path, max_bytes: u64) -> RuntimeRead {
 /// Remove leftover `.*.tmp.*` files in `dir` (a crash mid-write leaves them); returns how many.
 /// A missing `dir` has none.
 pub fn remove_stale_temps(dir: &Path) -> io::Result<usize> {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(with_path(e, "cannot list", dir)),
+    let words = RemovalWords {
+        listing: "cannot list",
+        removing: "cannot remove stale temp file",
     };
-    let mut removed = 0;
-    for entry in entries {
-        let entry = entry.map_err(|e| with_path(e, "cannot list", dir))?;
-        if !is_temp_name(&entry.file_name()) {
-            continue;
-        }
-        let path = entry.path();
-        if entry
-            .file_type()
-            .map_err(|e| with_path(e, "cannot stat", &path))?
-            .is_dir()
-        {
-            continue;
-        }
-        match fs::remove_file(&path) {
-            Ok(()) => removed += 1,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(with_path(e, "cannot remove stale temp file", &path)),
-        }
-    }
-    Ok(removed)
+    fsutil::remove_files_in(dir, is_temp_name, &words)
 }
 
 /// Remove `path`; a missing file is not an error.
 pub fn remove_if_exists(path: &Path) -> io::Result<()> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(with_path(e, "cannot remove", path)),
-    }
-}
-
-/// The directory holding `path` ("." for a bare file name).
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    }
+    fsutil::remove_file_if_exists(path)
+        .map(|_existed| ())
+        .map_err(|e| with_path(e, "cannot remove", path))
 }
 
 /// `.<name>.tmp.<pid>.<n>`, the pattern [`remove_stale_temps`] recognizes.
@@ -354,25 +316,7 @@ fn is_temp_name(name: &OsStr) -> bool {
 
 /// Create a fresh temp file for `name` in `dir`: exclusive, never through a symlink, owner-only.
 fn create_temp(dir: &Path, name: &OsStr) -> io::Result<(PathBuf, File)> {
-    let pid = std::process::id();
-    let mut last_error = None;
-    for _ in 0..TEMP_NAME_ATTEMPTS {
-        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let temp = dir.join(temp_name(name, pid, n));
-        match OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&temp)
-        {
-            Ok(file) => return Ok((temp, file)),
-            // A leftover from an earlier process with the same pid: try the next name.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last_error = Some(e),
-            Err(e) => return Err(e),
-        }
-    }
-    Err(last_error.unwrap_or_else(|| io::Error::other("no temp name available")))
+    fsutil::create_temp(dir, |pid, n| temp_name(name, pid, n))
 }
 
 /// Write all of `bytes`, fsync and close, reporting each step's failure against `path`.
@@ -384,15 +328,6 @@ fn fill(mut file: File, bytes: &[u8], path: &Path) -> Result<(), StateError> {
     // Dropping a File ignores close(2) errors; some file systems (NFS) report write errors there.
     nix::unistd::close(OwnedFd::from(file))
         .map_err(|errno| StateError::io(path, Step::Close, io::Error::from(errno)))
-}
-
-/// fsync a directory so a rename inside it is durable.
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY)
-        .open(dir)?
-        .sync_all()
 }
 
 /// Read a whole regular file of at most `limit` bytes without following a symlink or blocking.
@@ -430,26 +365,13 @@ fn is_missing(e: &StateError) -> bool {
     matches!(e, StateError::Io { step: Step::Open, source, .. } if source.kind() == io::ErrorKind::NotFound)
 }
 
-/// Prefix an I/O error with what was being done and the path, keeping its kind.
-fn with_path(e: io::Error, doing: &str, path: &Path) -> io::Error {
-    io::Error::new(e.kind(), format!("{doing} `{}`: {e}", path.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fsutil::tests::sorted_names;
     use crate::snapshot::tests::{TestDir, within_deadline};
     use serde_json::json;
     use std::os::unix::fs::{PermissionsExt, symlink};
-
-    fn names(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    }
 
     fn sample_state() -> PluginState {
         PluginState {
@@ -469,7 +391,7 @@ mod tests {
         write_atomic(&path, b"old").unwrap();
         write_atomic(&path, b"new content").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"new content");
-        assert_eq!(names(&t.0), vec!["state.json"]);
+        assert_eq!(sorted_names(&t.0), vec!["state.json"]);
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
     }
@@ -518,7 +440,7 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("state.json"), "{err}");
-        assert_eq!(names(&t.0), vec!["state.json"]);
+        assert_eq!(sorted_names(&t.0), vec!["state.json"]);
         assert_eq!(fs::read(t.join("state.json/inside")).unwrap(), b"keep");
     }
 
@@ -653,7 +575,7 @@ mod tests {
         fs::write(t.join(".state.json.tmp.123.0"), b"torn").unwrap();
         fs::write(t.join(".runtime.json.tmp.9.9"), b"torn").unwrap();
         assert_eq!(remove_stale_temps(&t.0).unwrap(), 2);
-        assert_eq!(names(&t.0), vec!["runtime.json", "state.json"]);
+        assert_eq!(sorted_names(&t.0), vec!["runtime.json", "state.json"]);
         assert_eq!(remove_stale_temps(&t.join("missing")).unwrap(), 0);
     }
 
@@ -672,6 +594,6 @@ mod tests {
         fs::write(t.join("state.json"), b"{}").unwrap();
         remove_if_exists(&t.join("state.json")).unwrap();
         remove_if_exists(&t.join("state.json")).unwrap();
-        assert!(names(&t.0).is_empty());
+        assert!(sorted_names(&t.0).is_empty());
     }
 }

@@ -97,26 +97,27 @@ impl std::fmt::Debug for Watcher {
     }
 }
 
-const ROOT_MASK: WatchMask = WatchMask::CREATE
-    .union(WatchMask::DELETE)
-    .union(WatchMask::MOVED_FROM)
-    .union(WatchMask::MOVED_TO)
-    .union(WatchMask::DELETE_SELF)
+/// A name arriving in the watched directory: created, or moved in.
+const ARRIVALS: WatchMask = WatchMask::CREATE.union(WatchMask::MOVED_TO);
+
+/// The watched directory itself going away; `ONLYDIR` so a file swapped in is never watched.
+const DIR_GONE: WatchMask = WatchMask::DELETE_SELF
     .union(WatchMask::MOVE_SELF)
     .union(WatchMask::ONLYDIR);
 
-const DIR_MASK: WatchMask = WatchMask::CLOSE_WRITE
-    .union(WatchMask::MOVED_TO)
-    .union(WatchMask::CREATE)
+const ROOT_MASK: WatchMask = ARRIVALS
+    .union(WatchMask::DELETE)
+    .union(WatchMask::MOVED_FROM)
+    .union(DIR_GONE);
+
+const DIR_MASK: WatchMask = ARRIVALS
+    .union(WatchMask::CLOSE_WRITE)
     .union(WatchMask::ATTRIB)
-    .union(WatchMask::DELETE_SELF)
-    .union(WatchMask::MOVE_SELF)
-    .union(WatchMask::ONLYDIR)
+    .union(DIR_GONE)
     .union(WatchMask::EXCL_UNLINK);
 
 /// Something appearing in an ancestor of a missing build directory.
-const ANCESTOR_MASK: WatchMask = WatchMask::CREATE
-    .union(WatchMask::MOVED_TO)
+const ANCESTOR_MASK: WatchMask = ARRIVALS
     .union(WatchMask::DELETE_SELF)
     .union(WatchMask::ONLYDIR);
 

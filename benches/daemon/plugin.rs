@@ -37,15 +37,8 @@ impl Builds {
     }
 
     fn from_program(mut image: Vec<u8>, size: usize) -> Builds {
-        // Pseudo-random padding, so no file system or copy path can shortcut runs of zeros.
-        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
         let len = size.max(image.len() + 8);
-        while image.len() < len {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            image.push(state as u8);
-        }
+        pad_pseudo_random(&mut image, len, 0x9e37_79b9_7f4a_7c15);
         Builds { image }
     }
 
@@ -54,6 +47,18 @@ impl Builds {
         let tail = self.image.len() - 8;
         self.image[tail..].copy_from_slice(&serial.to_le_bytes());
         &self.image
+    }
+}
+
+/// Appends xorshift bytes from `seed` until `image` is `len` bytes long. Pseudo-random padding,
+/// so no file system or copy path can shortcut runs of zeros.
+pub fn pad_pseudo_random(image: &mut Vec<u8>, len: usize, seed: u64) {
+    let mut state = seed;
+    while image.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        image.push(state as u8);
     }
 }
 

@@ -22,7 +22,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crate::Outcome;
+use crate::{Outcome, plugin};
 
 /// The probe's code, assembled from (Intel syntax; entry: `[rsp]` = argc, `[rsp+16]` = argv[1]):
 ///
@@ -92,14 +92,7 @@ impl ProbeBuilds {
         let mut image = elf_headers();
         image.extend_from_slice(&CODE);
         image.extend_from_slice(&[0; 8]);
-        // Pseudo-random padding, so no file system or copy path can shortcut runs of zeros.
-        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
-        while image.len() < size {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            image.push(state as u8);
-        }
+        plugin::pad_pseudo_random(&mut image, size, 0x2545_f491_4f6c_dd1d);
         ProbeBuilds { image }
     }
 

@@ -83,30 +83,11 @@ pub fn run(bench: &Bench) -> Outcome<Report> {
     }
     let on_new = ids
         .iter()
-        .filter(|id| {
-            listed
-                .get(*id)
-                .is_some_and(|(state, v)| state == "running" && *v == expected[*id])
-        })
+        .filter(|id| tally::runs_version(&listed, id, &expected[*id]))
         .count();
-    report.value(
-        "reload_started",
-        "reload_started events",
-        f64::from(tally.total_started()),
-        "",
-    );
-    report.value(
-        "reload_succeeded",
-        "reload_succeeded events",
-        f64::from(tally.succeeded),
-        "",
-    );
-    report.value(
-        "reload_failed",
-        "reload_failed events",
-        f64::from(tally.failed),
-        "",
-    );
+    tally::report_count(&mut report, "reload_started", tally.total_started());
+    tally::report_count(&mut report, "reload_succeeded", tally.succeeded);
+    tally::report_count(&mut report, "reload_failed", tally.failed);
     report.value(
         "running_new_version",
         "plugins running the new version (list)",
@@ -144,11 +125,6 @@ pub fn run(bench: &Bench) -> Outcome<Report> {
     if !all_done {
         report.note("not every plugin finished its reload within 90 s of the first rename");
     }
-    if tally.lagged > 0 {
-        report.note(format!(
-            "the subscriber lagged: {} events dropped, counts are lower bounds",
-            tally.lagged
-        ));
-    }
+    tally.note_lag(&mut report);
     Ok(report)
 }

@@ -170,24 +170,10 @@ pub fn run(bench: &Bench) -> Outcome<Report> {
     let on_last = storm
         .final_versions
         .iter()
-        .filter(|(id, version)| {
-            listed
-                .get(*id)
-                .is_some_and(|(state, v)| state == "running" && v == *version)
-        })
+        .filter(|(id, version)| tally::runs_version(&listed, id, version))
         .count();
-    report.value(
-        "reload_started",
-        "reload_started events",
-        f64::from(tally.total_started()),
-        "",
-    );
-    report.value(
-        "reload_failed",
-        "reload_failed events",
-        f64::from(tally.failed),
-        "",
-    );
+    tally::report_count(&mut report, "reload_started", tally.total_started());
+    tally::report_count(&mut report, "reload_failed", tally.failed);
     report.target(
         "changed plugins reloaded exactly once",
         once as f64,
@@ -223,12 +209,7 @@ pub fn run(bench: &Bench) -> Outcome<Report> {
     if !all_done {
         report.note("not every changed plugin finished a reload within 30 s of the storm");
     }
-    if tally.lagged > 0 {
-        report.note(format!(
-            "the subscriber lagged: {} events dropped, counts are lower bounds",
-            tally.lagged
-        ));
-    }
+    tally.note_lag(&mut report);
     Ok(report)
 }
 

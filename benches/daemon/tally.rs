@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use crate::Outcome;
 use crate::client::{Event, EventStream};
 use crate::fixture::Daemon;
+use crate::report::Report;
 
 /// Reload events seen so far, by plugin.
 #[derive(Default)]
@@ -76,6 +77,16 @@ impl Tally {
         self.started.values().sum()
     }
 
+    /// Notes in `report` that counts are lower bounds, if the subscriber lagged.
+    pub fn note_lag(&self, report: &mut Report) {
+        if self.lagged > 0 {
+            report.note(format!(
+                "the subscriber lagged: {} events dropped, counts are lower bounds",
+                self.lagged
+            ));
+        }
+    }
+
     /// `watch=998 rescan=2`, for a note.
     pub fn describe_triggers(&self) -> String {
         let parts: Vec<String> = self
@@ -87,8 +98,23 @@ impl Tally {
     }
 }
 
+/// Adds how many `event`s came to `report`, keyed by the event's name.
+pub fn report_count(report: &mut Report, event: &str, count: u32) {
+    report.value(event, &format!("{event} events"), f64::from(count), "");
+}
+
+/// `(state, version)` of every plugin by id, from `list`.
+pub type Listed = HashMap<String, (String, String)>;
+
+/// Whether `listed` shows plugin `id` running `version`.
+pub fn runs_version(listed: &Listed, id: &str, version: &str) -> bool {
+    listed
+        .get(id)
+        .is_some_and(|(state, v)| state == "running" && v == version)
+}
+
 /// `(state, version)` of every plugin, from `list`.
-pub fn plugin_versions(daemon: &Daemon) -> Outcome<HashMap<String, (String, String)>> {
+pub fn plugin_versions(daemon: &Daemon) -> Outcome<Listed> {
     let reply = daemon.client()?.command("list")?;
     let plugins = reply["plugins"]
         .as_array()

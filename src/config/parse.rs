@@ -285,6 +285,24 @@ mod tests {
         parse(text, origin()).unwrap_err().to_string()
     }
 
+    /// Asserts that `text` is refused with a message containing `expected`.
+    fn assert_refused_with(text: &str, expected: &str) {
+        let err = error(text);
+        assert!(
+            err.contains(expected),
+            "{text:?}\n  gave {err}\n  expected {expected}"
+        );
+    }
+
+    /// Asserts that `text` is refused with a message ending in `expected`.
+    fn assert_refused_ending(text: &str, expected: &str) {
+        let err = error(text);
+        assert!(
+            err.ends_with(expected),
+            "{text:?}\n  gave {err}\n  expected it to end with {expected}"
+        );
+    }
+
     #[test]
     fn an_empty_file_is_all_defaults() {
         assert_eq!(parse("", origin()).unwrap(), FileConfig::default());
@@ -403,38 +421,33 @@ timeout_ms        = 2500
     fn unknown_plugin_key_is_reported_with_its_table() {
         let err = error("[plugins.foo]\nexec = \"foo\"\nexecutable = \"bar\"\n");
         assert!(err.starts_with("/etc/hotreload/hotreload.toml:3:1: unknown key `executable` in [plugins.foo]; valid keys: exec, args, env, config,"), "{err}");
-        let err = error("[plugins]\n\"a.b\" = { bogus = 1 }\n");
-        assert!(
-            err.contains(":2:11: unknown key `bogus` in [plugins.\"a.b\"]"),
-            "{err}"
+        assert_refused_with(
+            "[plugins]\n\"a.b\" = { bogus = 1 }\n",
+            ":2:11: unknown key `bogus` in [plugins.\"a.b\"]",
         );
     }
 
     #[test]
     fn the_first_unknown_key_in_the_file_wins() {
-        let err = error("[supervisor]\nzzz = 1\n[control]\naaa = 2\n");
-        assert!(
-            err.contains(":2:1: unknown key `zzz` in [supervisor]"),
-            "{err}"
+        assert_refused_with(
+            "[supervisor]\nzzz = 1\n[control]\naaa = 2\n",
+            ":2:1: unknown key `zzz` in [supervisor]",
         );
     }
 
     #[test]
     fn dotted_and_inline_unknown_keys_are_found() {
-        let err = error("hot_reload.nope = 1\n");
-        assert!(
-            err.contains(":1:12: unknown key `nope` in [hot_reload]"),
-            "{err}"
+        assert_refused_with(
+            "hot_reload.nope = 1\n",
+            ":1:12: unknown key `nope` in [hot_reload]",
         );
-        let err = error("control = { mode = \"0600\", sock = \"x\" }\n");
-        assert!(
-            err.contains(":1:28: unknown key `sock` in [control]"),
-            "{err}"
+        assert_refused_with(
+            "control = { mode = \"0600\", sock = \"x\" }\n",
+            ":1:28: unknown key `sock` in [control]",
         );
-        let err = error("[hooks]\non_start = [\"x\"]\n");
-        assert!(
-            err.contains(":2:1: unknown key `on_start` in [hooks]; valid keys: on_reload_start"),
-            "{err}"
+        assert_refused_with(
+            "[hooks]\non_start = [\"x\"]\n",
+            ":2:1: unknown key `on_start` in [hooks]; valid keys: on_reload_start",
         );
     }
 
@@ -453,15 +466,13 @@ timeout_ms        = 2500
             err.ends_with("invalid type: string \"fast\", expected a non-negative integer"),
             "{err}"
         );
-        let err = error("[hot_reload]\nwatch_patterns = [\"a\", 3]\n");
-        assert!(
-            err.contains(":2:24: invalid value for `watch_patterns` in [hot_reload]"),
-            "{err}"
+        assert_refused_with(
+            "[hot_reload]\nwatch_patterns = [\"a\", 3]\n",
+            ":2:24: invalid value for `watch_patterns` in [hot_reload]",
         );
-        let err = error("[plugins.p]\nenv = { A = 1 }\n");
-        assert!(
-            err.contains(":2:13: invalid value for `A` in [plugins.p.env]"),
-            "{err}"
+        assert_refused_with(
+            "[plugins.p]\nenv = { A = 1 }\n",
+            ":2:13: invalid value for `A` in [plugins.p.env]",
         );
         let err = error("[control]\nmax_clients = -1\n");
         assert!(
@@ -469,17 +480,17 @@ timeout_ms        = 2500
                 && err.contains("-1"),
             "{err}"
         );
-        let err = error("hot_reload = 5\n");
-        assert!(err.ends_with(":1:14: invalid value for `hot_reload` at the top level: invalid type: integer `5`, expected a table"), "{err}");
-        let err = error("[plugins.p]\nargs = \"x\"\n");
-        assert!(
-            err.ends_with("invalid type: string \"x\", expected an array"),
-            "{err}"
+        assert_refused_ending(
+            "hot_reload = 5\n",
+            ":1:14: invalid value for `hot_reload` at the top level: invalid type: integer `5`, expected a table",
         );
-        let err = error("[hot_reload]\nmax_retries = 5000000000\n");
-        assert!(
-            err.ends_with("integer `5000000000`, expected an integer from 0 to 4294967295"),
-            "{err}"
+        assert_refused_ending(
+            "[plugins.p]\nargs = \"x\"\n",
+            "invalid type: string \"x\", expected an array",
+        );
+        assert_refused_ending(
+            "[hot_reload]\nmax_retries = 5000000000\n",
+            "integer `5000000000`, expected an integer from 0 to 4294967295",
         );
     }
 
@@ -491,10 +502,9 @@ timeout_ms        = 2500
             "/etc/hotreload/hotreload.toml:2:11: invalid value for `restart` in [supervisor]: \
              \"sometimes\"; valid values: on-failure, always, never"
         );
-        let err = error("[plugins.p]\nready = \"later\"\n");
-        assert!(
-            err.contains("`ready` in [plugins.p]: \"later\"; valid values: exec, notify"),
-            "{err}"
+        assert_refused_with(
+            "[plugins.p]\nready = \"later\"\n",
+            "`ready` in [plugins.p]: \"later\"; valid values: exec, notify",
         );
     }
 
@@ -580,11 +590,7 @@ timeout_ms        = 2500
             ("[control]\nsocket = \"a\\u0000b\"\n", "cannot contain NUL"),
         ];
         for (text, expected) in cases {
-            let err = error(text);
-            assert!(
-                err.contains(expected),
-                "{text:?}\n  gave {err}\n  expected {expected}"
-            );
+            assert_refused_with(text, expected);
         }
     }
 
@@ -684,11 +690,7 @@ timeout_ms        = 2500
             ),
         ];
         for (text, expected) in cases {
-            let err = error(text);
-            assert!(
-                err.contains(expected),
-                "{text:?}\n  gave {err}\n  expected {expected}"
-            );
+            assert_refused_with(text, expected);
         }
     }
 

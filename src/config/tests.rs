@@ -36,6 +36,25 @@ impl Drop for TempDir {
     }
 }
 
+/// Overrides naming only the config file, as `--config PATH` does.
+fn config_flag(path: impl Into<PathBuf>) -> Overrides {
+    Overrides {
+        config: Some(path.into()),
+        ..Overrides::default()
+    }
+}
+
+/// Parses `text`, which must be valid, as if read from `h.toml`.
+fn parse_valid(text: &str) -> FileConfig {
+    parse(text, Path::new("h.toml")).unwrap()
+}
+
+/// Parses and resolves `text`, which must be valid, for a user under `/t` with no variables set.
+fn resolve_valid(text: &str) -> Config {
+    let env = user_env(Path::new("/t"), &[]);
+    resolve(parse_valid(text), None, &Overrides::default(), &env).unwrap()
+}
+
 /// A non-root user whose home is inside `dir`, with no variables set.
 fn user_env(dir: &Path, vars: &[(&str, &str)]) -> Env {
     Env {
@@ -124,10 +143,7 @@ fn a_missing_implicit_file_under_configuration_directory_means_defaults() {
 fn a_missing_explicit_file_is_an_error() {
     let tmp = TempDir::new("explicit");
     let missing = tmp.0.join("nope.toml");
-    let cli = Overrides {
-        config: Some(missing.clone()),
-        ..Overrides::default()
-    };
+    let cli = config_flag(missing.clone());
     let err = load(&cli, &user_env(&tmp.0, &[])).unwrap_err();
     assert_eq!(err.exit_code(), 78);
     assert!(
@@ -148,10 +164,7 @@ fn an_unreadable_config_file_is_an_error() {
     let tmp = TempDir::new("unreadable");
     let dir = tmp.0.join("a-directory.toml");
     fs::create_dir_all(&dir).unwrap();
-    let cli = Overrides {
-        config: Some(dir),
-        ..Overrides::default()
-    };
+    let cli = config_flag(dir);
     let err = load(&cli, &user_env(&tmp.0, &[])).unwrap_err();
     assert!(
         err.message().starts_with("cannot read config file"),
@@ -163,10 +176,7 @@ fn an_unreadable_config_file_is_an_error() {
 fn relative_explicit_paths_are_taken_against_the_cwd() {
     let tmp = TempDir::new("relative");
     let path = tmp.write("cwd/conf/h.toml", "plugins_dir = \"./p\"\n");
-    let cli = Overrides {
-        config: Some("conf/h.toml".into()),
-        ..Overrides::default()
-    };
+    let cli = config_flag("conf/h.toml");
     let config = load(&cli, &user_env(&tmp.0, &[])).unwrap();
     assert_eq!(config.source, Some(path));
     assert_eq!(config.plugins_dir, tmp.0.join("cwd/p"));
@@ -179,10 +189,7 @@ fn parse_errors_from_load_name_the_file() {
         "hotreload.toml",
         "[hot_reload]\ndebounce_delay_ms = 50\nbogus_key = 1\n",
     );
-    let cli = Overrides {
-        config: Some(path.clone()),
-        ..Overrides::default()
-    };
+    let cli = config_flag(path.clone());
     let err = load(&cli, &user_env(&tmp.0, &[])).unwrap_err();
     assert!(
         err.message()
@@ -198,10 +205,7 @@ fn precedence_is_defaults_file_env_command_line() {
     let text = "plugins_dir = \"/f/plugins\"\nruntime_dir = \"/f/run\"\nstate_dir = \"/f/state\"\n\
                 [hot_reload]\nenabled = true\ndebounce_delay_ms = 50\n[control]\nsocket = \"/f/s.sock\"\n";
     let path = tmp.write("h.toml", text);
-    let file_only = Overrides {
-        config: Some(path.clone()),
-        ..Overrides::default()
-    };
+    let file_only = config_flag(path.clone());
     let env = user_env(&tmp.0, &[]);
     let config = load(&file_only, &env).unwrap();
     assert_eq!(config.hot_reload.debounce_delay_ms, 50);
@@ -328,18 +332,7 @@ fn a_too_long_socket_path_is_a_config_error() {
 
 #[test]
 fn group_empty_string_means_no_group() {
-    let file = parse(
-        "[control]\ngroup = \"\"\nmode = \"600\"\n",
-        Path::new("h.toml"),
-    )
-    .unwrap();
-    let config = resolve(
-        file,
-        None,
-        &Overrides::default(),
-        &user_env(Path::new("/t"), &[]),
-    )
-    .unwrap();
+    let config = resolve_valid("[control]\ngroup = \"\"\nmode = \"600\"\n");
     assert_eq!(config.control.group, None);
     assert_eq!(config.control.mode, 0o600);
 }
@@ -349,14 +342,7 @@ fn plugin_settings_merge_table_over_supervisor() {
     let text = "[supervisor]\nstop_timeout_ms = 100\nrestart = \"never\"\n\
                 [plugins.p]\nexec = \"bin/p\"\nargs = [\"-v\"]\nenv = { RUST_LOG = \"debug\" }\n\
                 config = { preset = \"fast\", threads = 4 }\nautostart = false\nstartup_grace_ms = 9\n";
-    let file = parse(text, Path::new("h.toml")).unwrap();
-    let config = resolve(
-        file,
-        None,
-        &Overrides::default(),
-        &user_env(Path::new("/t"), &[]),
-    )
-    .unwrap();
+    let config = resolve_valid(text);
     let p = config.plugin("p");
     assert_eq!(p.exec, PathBuf::from("bin/p"));
     assert_eq!(p.args, ["-v"]);
@@ -387,11 +373,8 @@ fn round_trip(config: &Config, env: &Env) -> Config {
 #[test]
 fn effective_toml_shows_defaults_and_resolved_locations() {
     let env = user_env(Path::new("/t"), &[]);
-    let file = parse(
-        "[hot_reload]\ndebounce_delay_ms = 123\nwatch_patterns = [\"*_scanner\"]\n",
-        Path::new("h.toml"),
-    )
-    .unwrap();
+    let file =
+        parse_valid("[hot_reload]\ndebounce_delay_ms = 123\nwatch_patterns = [\"*_scanner\"]\n");
     let config = resolve(file, Some("/t/h.toml".into()), &Overrides::default(), &env).unwrap();
     let text = config.to_effective_toml();
     let value: toml::Table = toml::from_str(&text).unwrap();
@@ -424,12 +407,8 @@ fn effective_toml_shows_defaults_and_resolved_locations() {
 #[test]
 fn effective_toml_completes_plugin_tables_with_the_protocol_keys() {
     let env = user_env(Path::new("/t"), &[]);
-    let file = parse(
-        "[plugins.p]\nargs = [\"-v\"]\n[hooks]\non_reload_success = [\"true\"]\n",
-        Path::new("h.toml"),
-    )
-    .unwrap();
-    let config = resolve(file, None, &Overrides::default(), &env).unwrap();
+    let config =
+        resolve_valid("[plugins.p]\nargs = [\"-v\"]\n[hooks]\non_reload_success = [\"true\"]\n");
     let value: toml::Table = toml::from_str(&config.to_effective_toml()).unwrap();
     let plugin = value["plugins"]["p"].as_table().unwrap();
     assert_eq!(plugin["ready"].as_str(), Some("exec"));
@@ -513,7 +492,7 @@ timeout_ms = 2500
             ("STATE_DIRECTORY", "/sd"),
         ],
     );
-    let file = parse(text, Path::new("h.toml")).unwrap();
+    let file = parse_valid(text);
     let config = resolve(file, Some("/t/h.toml".into()), &Overrides::default(), &env).unwrap();
     assert_eq!(config.hot_reload.debounce_delay_ms, 42);
     let again = round_trip(&config, &env);

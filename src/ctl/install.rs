@@ -8,12 +8,14 @@
 //! what the daemon sees, as one `IN_MOVED_TO`. To wait, events are subscribed on a second
 //! connection *before* the rename, so the outcome cannot be missed (see `wait`).
 
-use std::fs::{self, File, OpenOptions, Permissions};
+use std::fs::{self, File, Permissions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
+
+use crate::fsutil;
 
 use super::client::{Client, os_text};
 use super::commands;
@@ -83,16 +85,9 @@ pub fn install_atomically(source: &Path, target: &Path) -> Result<String, String
     if !meta.is_file() {
         return Err(format!("{} is not a regular file", show(source)));
     }
-    let dir = match target.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = fsutil::parent_dir(target);
     let temp = dir.join(format!("{TEMP_PREFIX}{}", random_hex()?));
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&temp)
+    let mut file = fsutil::create_private_file(&temp)
         .map_err(|e| format!("cannot create {}: {}", show(&temp), os_text(&e)))?;
     let guard = TempGuard(Some(temp.clone()));
     let version = copy_hashing(&mut src, source, &mut file, &temp)?;
@@ -111,7 +106,7 @@ pub fn install_atomically(source: &Path, target: &Path) -> Result<String, String
         )
     })?;
     guard.disarm();
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| {
+    fsutil::sync_dir(dir).map_err(|e| {
         format!(
             "installed {} but cannot fsync directory {}: {}",
             show(target),
@@ -429,8 +424,9 @@ impl Report {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::{FakeDaemon, run_capture, temp_dir};
+    use super::super::testutil::{Captured, FakeDaemon, run_capture, temp_dir};
     use super::*;
+    use crate::fsutil::tests::sorted_names;
 
     #[test]
     fn plugin_id_rule() {
@@ -464,15 +460,6 @@ mod tests {
         fs::remove_dir_all(dir).unwrap();
     }
 
-    fn entries(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    }
-
     #[test]
     fn atomic_install_copies_content_and_mode() {
         let dir = temp_dir("atomic");
@@ -495,7 +482,7 @@ mod tests {
             old_inode.ino(),
             "replaced by rename, not written in place"
         );
-        assert_eq!(entries(&plugin_dir), vec!["p1"]);
+        assert_eq!(sorted_names(&plugin_dir), vec!["p1"]);
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -519,7 +506,7 @@ mod tests {
         assert!(name.starts_with(TEMP_PREFIX), "{err}");
         assert_eq!(name.len(), TEMP_PREFIX.len() + 16, "{err}");
         assert!(err.contains(&target.display().to_string()), "{err}");
-        assert_eq!(entries(&dir), vec!["build", "p1"], "no temp file left");
+        assert_eq!(sorted_names(&dir), vec!["build", "p1"], "no temp file left");
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -531,7 +518,7 @@ mod tests {
             err.starts_with("cannot open ") && err.contains("nope"),
             "{err}"
         );
-        assert!(entries(&dir).is_empty());
+        assert!(sorted_names(&dir).is_empty());
         let err = install_atomically(&dir, &dir.join("p1")).unwrap_err();
         assert!(err.contains("is not a regular file"), "{err}");
         fs::remove_dir_all(dir).unwrap();
@@ -584,26 +571,64 @@ mod tests {
         (src, version)
     }
 
-    #[test]
-    fn install_wait_reload_succeeds() {
-        let dir = temp_dir("install-ok");
+    /// The version the fake daemon reports `p1` running before the install.
+    const RUNNING_VERSION: &str = "0123abcd00000000";
+
+    /// A test directory with `plugins/p1/` (where `p1`'s executable lives) and a build of
+    /// `content` to install.
+    struct P1Setup {
+        dir: PathBuf,
+        exec: PathBuf,
+        src: PathBuf,
+        version: String,
+    }
+
+    fn p1_setup(name: &str, content: &str) -> P1Setup {
+        let dir = temp_dir(name);
         fs::create_dir_all(dir.join("plugins/p1")).unwrap();
         let exec = dir.join("plugins/p1/p1");
-        fs::write(&exec, "old").unwrap();
-        let (src, version) = build(&dir, "#!/bin/sh\nexec sleep 100\n");
-        let plugin =
-            json!({"id": "p1", "state": "running", "exec": exec, "version": "0123abcd00000000"});
+        let (src, version) = build(&dir, content);
+        P1Setup {
+            dir,
+            exec,
+            src,
+            version,
+        }
+    }
+
+    impl P1Setup {
+        /// A fake daemon (see [`install_daemon`]) reporting `p1` running `running_version`.
+        fn daemon(&self, running_version: &str, events: Vec<Value>) -> FakeDaemon {
+            let plugin = running_p1(&self.exec, running_version);
+            install_daemon(plugin, &self.dir.join("plugins"), events)
+        }
+    }
+
+    /// `p1` as the daemon's `plugin` reply shows it: running `version` from `exec`.
+    fn running_p1(exec: &Path, version: &str) -> Value {
+        json!({"id": "p1", "state": "running", "exec": exec, "version": version})
+    }
+
+    /// Runs `hotreloadctl install p1 SRC` against `daemon`, with `--wait` when asked.
+    fn install_p1(src: &Path, wait: bool, daemon: &FakeDaemon) -> Captured {
+        let mut args = vec!["install", "p1", src.to_str().unwrap()];
+        if wait {
+            args.push("--wait");
+        }
+        run_capture(&args, daemon, "")
+    }
+
+    #[test]
+    fn install_wait_reload_succeeds() {
+        let p1 = p1_setup("install-ok", "#!/bin/sh\nexec sleep 100\n");
+        fs::write(&p1.exec, "old").unwrap();
         let events = vec![
             json!({"event": "reload_started", "plugin": "p1", "trigger": "watch"}),
-            json!({"event": "reload_succeeded", "plugin": "p1", "old_version": "0123abcd00000000",
-                   "new_version": version, "duration_ms": 12}),
+            json!({"event": "reload_succeeded", "plugin": "p1", "old_version": RUNNING_VERSION,
+                   "new_version": p1.version, "duration_ms": 12}),
         ];
-        let daemon = install_daemon(plugin, &dir.join("plugins"), events);
-        let run = run_capture(
-            &["install", "p1", src.to_str().unwrap(), "--wait"],
-            &daemon,
-            "",
-        );
+        let daemon = p1.daemon(RUNNING_VERSION, events);
+        let run = install_p1(&p1.src, true, &daemon);
         assert_eq!(run.code, 0, "{run:?}");
         assert_eq!(
             daemon.requests(),
@@ -614,33 +639,28 @@ mod tests {
             ]
         );
         assert_eq!(
-            fs::read_to_string(&exec).unwrap(),
+            fs::read_to_string(&p1.exec).unwrap(),
             "#!/bin/sh\nexec sleep 100\n"
         );
         assert_eq!(
-            fs::metadata(&exec).unwrap().permissions().mode() & 0o777,
+            fs::metadata(&p1.exec).unwrap().permissions().mode() & 0o777,
             0o755
         );
         assert!(
             run.out.ends_with(&format!(
                 "p1: reloaded 0123abcd… -> {}… in 12 ms\n",
-                &version[..8]
+                &p1.version[..8]
             )),
             "{}",
             run.out
         );
-        assert_eq!(entries(&dir.join("plugins/p1")), vec!["p1"]);
-        fs::remove_dir_all(dir).unwrap();
+        assert_eq!(sorted_names(&p1.dir.join("plugins/p1")), vec!["p1"]);
+        fs::remove_dir_all(p1.dir).unwrap();
     }
 
     #[test]
     fn install_wait_final_failure_shows_rollback_and_exits_1() {
-        let dir = temp_dir("install-fail");
-        fs::create_dir_all(dir.join("plugins/p1")).unwrap();
-        let exec = dir.join("plugins/p1/p1");
-        let (src, _) = build(&dir, "#!/bin/sh\nexit 1\n");
-        let plugin =
-            json!({"id": "p1", "state": "running", "exec": exec, "version": "0123abcd00000000"});
+        let p1 = p1_setup("install-fail", "#!/bin/sh\nexit 1\n");
         let events = vec![
             json!({"event": "reload_failed", "plugin": "p1", "error": "exited with code 1", "attempt": 1,
                    "retry_in_ms": 1000}),
@@ -648,12 +668,8 @@ mod tests {
                    "retry_in_ms": null}),
             json!({"event": "rolled_back", "plugin": "p1", "version": "0123abcd00000000"}),
         ];
-        let daemon = install_daemon(plugin, &dir.join("plugins"), events);
-        let run = run_capture(
-            &["install", "p1", src.to_str().unwrap(), "--wait"],
-            &daemon,
-            "",
-        );
+        let daemon = p1.daemon(RUNNING_VERSION, events);
+        let run = install_p1(&p1.src, true, &daemon);
         assert_eq!(run.code, 1, "{run:?}");
         assert!(
             run.err
@@ -673,7 +689,7 @@ mod tests {
             "{}",
             run.out
         );
-        fs::remove_dir_all(dir).unwrap();
+        fs::remove_dir_all(p1.dir).unwrap();
     }
 
     #[test]
@@ -708,60 +724,47 @@ mod tests {
 
     #[test]
     fn install_same_version_does_not_wait() {
-        let dir = temp_dir("install-same");
-        fs::create_dir_all(dir.join("plugins/p1")).unwrap();
-        let exec = dir.join("plugins/p1/p1");
-        let (src, version) = build(&dir, "same");
-        let plugin = json!({"id": "p1", "state": "running", "exec": exec, "version": version});
-        let daemon = install_daemon(plugin, &dir.join("plugins"), Vec::new());
-        let run = run_capture(
-            &["install", "p1", src.to_str().unwrap(), "--wait"],
-            &daemon,
-            "",
-        );
+        let p1 = p1_setup("install-same", "same");
+        let daemon = p1.daemon(&p1.version, Vec::new());
+        let run = install_p1(&p1.src, true, &daemon);
         assert_eq!(run.code, 0, "{run:?}");
         assert_eq!(
             run.out,
-            format!("p1: version {version} unchanged, nothing to reload\n")
+            format!("p1: version {} unchanged, nothing to reload\n", p1.version)
         );
         let run = run_capture(
-            &["--json", "install", "p1", src.to_str().unwrap()],
+            &["--json", "install", "p1", p1.src.to_str().unwrap()],
             &daemon,
             "",
         );
         let summary: Value = serde_json::from_str(run.out.trim()).unwrap();
         assert_eq!(summary["unchanged"], true);
-        assert_eq!(summary["version"], json!(version));
-        fs::remove_dir_all(dir).unwrap();
+        assert_eq!(summary["version"], json!(p1.version));
+        fs::remove_dir_all(p1.dir).unwrap();
     }
 
     #[test]
     fn install_without_wait_only_installs() {
-        let dir = temp_dir("install-nowait");
-        fs::create_dir_all(dir.join("plugins/p1")).unwrap();
-        let exec = dir.join("plugins/p1/p1");
-        let (src, version) = build(&dir, "new");
-        let plugin =
-            json!({"id": "p1", "state": "running", "exec": exec, "version": "0123abcd00000000"});
-        let daemon = install_daemon(plugin, &dir.join("plugins"), Vec::new());
-        let run = run_capture(&["install", "p1", src.to_str().unwrap()], &daemon, "");
+        let p1 = p1_setup("install-nowait", "new");
+        let daemon = p1.daemon(RUNNING_VERSION, Vec::new());
+        let run = install_p1(&p1.src, false, &daemon);
         assert_eq!(run.code, 0, "{run:?}");
         assert_eq!(
             run.out,
-            format!("p1: installed {} (version {version})\n", exec.display())
+            format!(
+                "p1: installed {} (version {})\n",
+                p1.exec.display(),
+                p1.version
+            )
         );
         assert_eq!(daemon.requests().len(), 2, "no subscription without --wait");
-        fs::remove_dir_all(dir).unwrap();
+        fs::remove_dir_all(p1.dir).unwrap();
     }
 
     #[test]
     fn install_wait_with_hot_reload_disabled_installs_then_exits_1() {
-        let dir = temp_dir("install-disabled");
-        fs::create_dir_all(dir.join("plugins/p1")).unwrap();
-        let exec = dir.join("plugins/p1/p1");
-        let (src, _) = build(&dir, "new");
-        let plugin =
-            json!({"id": "p1", "state": "running", "exec": exec, "version": "0123abcd00000000"});
+        let p1 = p1_setup("install-disabled", "new");
+        let plugin = running_p1(&p1.exec, RUNNING_VERSION);
         let daemon = FakeDaemon::answering(move |req| {
             let reply = match req["cmd"].as_str() {
                 Some("plugin") => json!({"status": "success", "plugin": plugin}),
@@ -771,22 +774,18 @@ mod tests {
             };
             vec![reply.to_string()]
         });
-        let run = run_capture(
-            &["install", "p1", src.to_str().unwrap(), "--wait"],
-            &daemon,
-            "",
-        );
+        let run = install_p1(&p1.src, true, &daemon);
         assert_eq!(run.code, 1, "{run:?}");
         assert!(run.err.contains("hot reload is disabled"), "{}", run.err);
-        assert_eq!(fs::read_to_string(&exec).unwrap(), "new");
-        let run = run_capture(&["install", "p1", src.to_str().unwrap()], &daemon, "");
+        assert_eq!(fs::read_to_string(&p1.exec).unwrap(), "new");
+        let run = install_p1(&p1.src, false, &daemon);
         assert_eq!(run.code, 0, "without --wait only a warning: {run:?}");
         assert!(
             run.err.contains("warning: hot reload is disabled"),
             "{}",
             run.err
         );
-        fs::remove_dir_all(dir).unwrap();
+        fs::remove_dir_all(p1.dir).unwrap();
     }
 
     #[test]
@@ -821,27 +820,22 @@ mod tests {
 
     #[test]
     fn install_follows_symlinked_exec() {
-        let dir = temp_dir("install-link");
-        fs::create_dir_all(dir.join("plugins/p1")).unwrap();
-        fs::create_dir_all(dir.join("src")).unwrap();
-        let real = dir.join("src/p1");
+        let p1 = p1_setup("install-link", "new");
+        fs::create_dir_all(p1.dir.join("src")).unwrap();
+        let real = p1.dir.join("src/p1");
         fs::write(&real, "old").unwrap();
-        let exec = dir.join("plugins/p1/p1");
-        std::os::unix::fs::symlink(&real, &exec).unwrap();
-        let (src, _) = build(&dir, "new");
-        let plugin =
-            json!({"id": "p1", "state": "running", "exec": exec, "version": "0123abcd00000000"});
-        let daemon = install_daemon(plugin, &dir.join("plugins"), Vec::new());
-        let run = run_capture(&["install", "p1", src.to_str().unwrap()], &daemon, "");
+        std::os::unix::fs::symlink(&real, &p1.exec).unwrap();
+        let daemon = p1.daemon(RUNNING_VERSION, Vec::new());
+        let run = install_p1(&p1.src, false, &daemon);
         assert_eq!(run.code, 0, "{run:?}");
         assert!(
-            fs::symlink_metadata(&exec)
+            fs::symlink_metadata(&p1.exec)
                 .unwrap()
                 .file_type()
                 .is_symlink(),
             "link kept"
         );
         assert_eq!(fs::read_to_string(&real).unwrap(), "new");
-        fs::remove_dir_all(dir).unwrap();
+        fs::remove_dir_all(p1.dir).unwrap();
     }
 }

@@ -626,16 +626,12 @@ pub fn log_line(event: &Value, style: &Style) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testutil::plain_style;
     use super::*;
     use serde_json::json;
 
     fn plain() -> Style {
-        Style {
-            color: false,
-            width: None,
-            local_time: false,
-            now: humantime::parse_rfc3339("2026-11-27T22:35:48Z").unwrap(),
-        }
+        plain_style(humantime::parse_rfc3339("2026-11-27T22:35:48Z").unwrap())
     }
 
     fn colored() -> Style {

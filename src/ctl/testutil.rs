@@ -10,7 +10,18 @@ use std::thread::JoinHandle;
 
 use serde_json::Value;
 
+use super::render::Style;
 use super::{Io, run};
+
+/// Output style without colours, width limit or local time, with "now" at `now`.
+pub(crate) fn plain_style(now: std::time::SystemTime) -> Style {
+    Style {
+        color: false,
+        width: None,
+        local_time: false,
+        now,
+    }
+}
 
 /// A fresh, empty directory for one test.
 pub(crate) fn temp_dir(name: &str) -> PathBuf {

@@ -232,15 +232,11 @@ fn next_event(events: &mut Client, timeout: Duration, id: &str) -> Result<Option
 
 #[cfg(test)]
 mod tests {
+    use super::super::testutil::plain_style;
     use super::*;
 
     fn plain() -> Style {
-        Style {
-            color: false,
-            width: None,
-            local_time: false,
-            now: std::time::SystemTime::now(),
-        }
+        plain_style(std::time::SystemTime::now())
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::Instant;
 use serde_json::{Value, json};
 
 use super::plugin::{HistoryEntry, Job, JobKind, JobPhase, Plugin, Rest, Slot, Snap, Written};
-use super::{Ctx, MAX_RUNTIME_BYTES, Supervisor, Timer, Trigger, Waiter, retry_delay};
+use super::{Ctx, MAX_RUNTIME_BYTES, Supervisor, Timer, Totals, Trigger, Waiter, retry_delay};
 use crate::config::Strategy;
 use crate::control::protocol;
 use crate::events::Event;
@@ -197,18 +197,8 @@ impl Supervisor {
             prune_snapshots(&snap_dir, p);
             return;
         }
-        p.failed_reloads += 1;
-        self.totals.failed_reloads += 1;
         let duration_ms = clock::millis(started.elapsed());
-        p.push_history(HistoryEntry {
-            time: clock::wall_rfc3339(),
-            trigger: job.trigger,
-            old_version: job.old_version.clone(),
-            new_version: job.target.version.clone(),
-            ok: false,
-            duration_ms,
-            error: Some(error.clone()),
-        });
+        record_failed_reload(p, &mut self.totals, &job, duration_ms, &error);
         // The refused snapshot is useless: keep only what runs and the last good one.
         prune_snapshots(&snap_dir, p);
         ctx.emit(
@@ -413,15 +403,7 @@ impl Supervisor {
                 self.totals.reload_count += 1;
                 let now = clock::wall_rfc3339();
                 self.totals.last_reload = Some(now.clone());
-                p.push_history(HistoryEntry {
-                    time: now,
-                    trigger: job.trigger,
-                    old_version: job.old_version.clone(),
-                    new_version: job.target.version.clone(),
-                    ok: true,
-                    duration_ms,
-                    error: None,
-                });
+                p.push_history(HistoryEntry::of_reload(&job, now, duration_ms, None));
                 log::info!(
                     "[{id}] hot reload completed: {} -> {} in {duration_ms} ms",
                     job.old_version.as_deref().unwrap_or("none"),
@@ -516,17 +498,7 @@ impl Supervisor {
         let Some(job) = p.job.take() else { return };
         let duration_ms = clock::millis(job.started.elapsed());
         if job.kind == JobKind::Reload {
-            p.failed_reloads += 1;
-            self.totals.failed_reloads += 1;
-            p.push_history(HistoryEntry {
-                time: clock::wall_rfc3339(),
-                trigger: job.trigger,
-                old_version: job.old_version.clone(),
-                new_version: job.target.version.clone(),
-                ok: false,
-                duration_ms,
-                error: Some(error.clone()),
-            });
+            record_failed_reload(p, &mut self.totals, &job, duration_ms, &error);
         }
         if job.kind != JobKind::Rollback {
             answer_waiters(ctx, id, &job, false, Some(error.clone()));
@@ -750,4 +722,19 @@ pub(super) fn prune_snapshots(dir: &Path, p: &Plugin) {
     if let Err(e) = snapshot::prune(dir, &keep) {
         log::debug!("[{}] pruning snapshots in {}: {e}", p.id, dir.display());
     }
+}
+
+/// Counts a failed reload `job` for the plugin and the daemon, and adds it to the history.
+fn record_failed_reload(
+    p: &mut Plugin,
+    totals: &mut Totals,
+    job: &Job,
+    duration_ms: u64,
+    error: &str,
+) {
+    p.failed_reloads += 1;
+    totals.failed_reloads += 1;
+    let entry =
+        HistoryEntry::of_reload(job, clock::wall_rfc3339(), duration_ms, Some(error.into()));
+    p.push_history(entry);
 }

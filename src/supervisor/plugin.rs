@@ -170,6 +170,24 @@ pub struct HistoryEntry {
 }
 
 impl HistoryEntry {
+    /// The entry for reload `job` finishing at `time`: a success unless there is an `error`.
+    pub fn of_reload(
+        job: &Job,
+        time: String,
+        duration_ms: u64,
+        error: Option<String>,
+    ) -> HistoryEntry {
+        HistoryEntry {
+            time,
+            trigger: job.trigger,
+            old_version: job.old_version.clone(),
+            new_version: job.target.version.clone(),
+            ok: error.is_none(),
+            duration_ms,
+            error,
+        }
+    }
+
     pub fn to_json(&self) -> Value {
         json!({
             "time": self.time, "trigger": self.trigger.as_str(), "old_version": self.old_version,

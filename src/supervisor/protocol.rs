@@ -23,6 +23,7 @@ use super::plugin::Slot;
 use super::reap::ExitKind;
 use super::{Ctx, Supervisor, Timer};
 use crate::events::Event;
+use crate::fsutil::create_private_dir;
 use crate::hooks::{self, HookContext, HookKind};
 use crate::listen;
 use crate::plugin_notify::{Datagram, NotifySocket, sender_in_group};
@@ -308,12 +309,4 @@ impl Supervisor {
         );
         hooks::kill_hook(run);
     }
-}
-
-fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
 }

@@ -7,11 +7,12 @@ use std::ffi::OsString;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
-use crate::util::{Config, Daemon, EX_CONFIG, TIMEOUT, assert_success};
+use crate::util::{Client, Config, Daemon, EX_CONFIG, Output, TIMEOUT, assert_success};
 
-#[test]
-fn unknown_key_exits_78_naming_file_line_column_key_and_valid_keys() {
-    let mut d = Daemon::with_config_text("[hot_reload]\ndebounce_delay_ms = 50\n  bogus_key = 1\n");
+/// Starts the daemon, which must refuse its configuration and exit 78 (SPEC §3); returns what
+/// it wrote on stderr.
+#[track_caller]
+fn start_refused(d: &mut Daemon) -> String {
     d.spawn();
     let status = d.wait_exit(TIMEOUT);
     let text = d.stderr_text();
@@ -20,6 +21,23 @@ fn unknown_key_exits_78_naming_file_line_column_key_and_valid_keys() {
         Some(EX_CONFIG),
         "contract (SPEC §3): exit 78; stderr {text}"
     );
+    text
+}
+
+/// Runs `hotreloadd --config <the daemon's file> --check-config`.
+fn check_config(d: &Daemon) -> Output {
+    let args: Vec<OsString> = vec![
+        "--config".into(),
+        d.config_path.clone().into(),
+        "--check-config".into(),
+    ];
+    d.run_daemon(&args)
+}
+
+#[test]
+fn unknown_key_exits_78_naming_file_line_column_key_and_valid_keys() {
+    let mut d = Daemon::with_config_text("[hot_reload]\ndebounce_delay_ms = 50\n  bogus_key = 1\n");
+    let text = start_refused(&mut d);
     assert!(
         text.contains("bogus_key"),
         "contract: names the key; saw {text}"
@@ -41,11 +59,7 @@ fn unknown_key_exits_78_naming_file_line_column_key_and_valid_keys() {
 #[test]
 fn wrongly_typed_value_exits_78_naming_the_key_and_line() {
     let d = Daemon::with_config_text("[supervisor]\nstop_timeout_ms = \"soon\"\n");
-    let out = d.run_daemon(&[
-        "--config".into(),
-        d.config_path.clone().into(),
-        "--check-config".into(),
-    ]);
+    let out = check_config(&d);
     let text = out.text();
     assert_eq!(
         out.code(),
@@ -70,14 +84,7 @@ fn wrongly_typed_value_exits_78_naming_the_key_and_line() {
 fn invalid_environment_value_exits_78_naming_the_variable() {
     let mut d = Daemon::new();
     d.set_env("HOTRELOAD_DEBOUNCE_MS", "soon");
-    d.spawn();
-    let status = d.wait_exit(TIMEOUT);
-    let text = d.stderr_text();
-    assert_eq!(
-        status.code(),
-        Some(EX_CONFIG),
-        "contract (SPEC §3): exit 78; stderr {text}"
-    );
+    let text = start_refused(&mut d);
     assert!(
         text.contains("HOTRELOAD_DEBOUNCE_MS"),
         "contract: names the variable; {text}"
@@ -93,8 +100,7 @@ fn check_config_prints_the_effective_configuration_as_toml_with_defaults() {
     let d = Daemon::with_config_text(
         "[hot_reload]\ndebounce_delay_ms = 123\nwatch_patterns = [\"*_scanner\"]\n",
     );
-    let args: Vec<OsString> = vec!["--config".into(), d.config_path.clone().into()];
-    let out = d.run_daemon(&[args, vec!["--check-config".into()]].concat());
+    let out = check_config(&d);
     assert_eq!(
         out.code(),
         Some(0),
@@ -138,6 +144,12 @@ fn configured(status: &Value) -> Value {
     ])
 }
 
+/// Sends SIGHUP and waits on `sub` (subscribed to all events) for `event`, the daemon's answer.
+fn sighup_answered_by(d: &Daemon, sub: &mut Client, event: &str) -> Value {
+    d.signal(Signal::SIGHUP);
+    sub.wait_event(TIMEOUT, event, |e| e["event"] == event)
+}
+
 #[test]
 fn sighup_with_a_broken_config_keeps_the_running_one() {
     let mut d = Daemon::new();
@@ -146,10 +158,7 @@ fn sighup_with_a_broken_config_keeps_the_running_one() {
     let mut sub = d.client();
     sub.subscribe(json!({}));
     d.write_config_text("[hot_reload]\ndebounce_delay_ms = 77\nbogus = 1\n");
-    d.signal(Signal::SIGHUP);
-    let rejected = sub.wait_event(TIMEOUT, "config_rejected", |e| {
-        e["event"] == "config_rejected"
-    });
+    let rejected = sighup_answered_by(&d, &mut sub, "config_rejected");
     let error = rejected["error"].as_str().unwrap_or_default();
     assert!(
         error.contains("bogus"),
@@ -173,10 +182,7 @@ fn sighup_with_a_good_changed_config_applies_it() {
     let mut sub = d.client();
     sub.subscribe(json!({}));
     d.write_config(&Config::new().set("hot_reload.debounce_delay_ms", json!(77)));
-    d.signal(Signal::SIGHUP);
-    sub.wait_event(TIMEOUT, "config_reloaded", |e| {
-        e["event"] == "config_reloaded"
-    });
+    sighup_answered_by(&d, &mut sub, "config_reloaded");
     let status = d.status();
     assert_success(&status, "status after SIGHUP");
     let debounce = &status["hot_reload"]["debounce_delay_ms"];

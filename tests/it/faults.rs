@@ -23,9 +23,9 @@ use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
 use crate::util::{
-    Client, Config, Daemon, Line, STOP_TIMEOUT_MS, Script, TIMEOUT, all_pids, assert_error,
-    assert_success, expected_version, find_program, install_atomic, is_event, pid_alive,
-    poll_until, proc_stat_fields, process_group_members, send_signal, wait_until,
+    Client, Config, Daemon, Line, Script, TIMEOUT, all_pids, assert_error, assert_success,
+    expected_version, find_program, install_atomic, is_event, pid_alive, poll_until,
+    proc_stat_fields, process_group_members, reload_past_the_stop_timeout, send_signal, wait_until,
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -299,14 +299,7 @@ done"#;
         let pids: Vec<i32> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
         (pids.len() == 6).then_some(pids)
     });
-    let started = Instant::now();
-    let v2 = d.install("p1", &Script::new("v2"));
-    d.wait_started("p1", "v2");
-    d.wait_running("p1", &v2);
-    assert!(
-        started.elapsed() >= Duration::from_millis(STOP_TIMEOUT_MS),
-        "SIGKILL only after the stop timeout"
-    );
+    reload_past_the_stop_timeout(&mut d);
     let alive: Vec<i32> = family.iter().copied().filter(|&p| pid_alive(p)).collect();
     assert!(
         alive.is_empty() && process_group_members(old).is_empty(),

@@ -13,40 +13,20 @@ use std::fs;
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use crate::util::{
-    Config, Daemon, Script, TIMEOUT, expected_version, find_program, install_atomic, is_event,
-    pid_alive, random_hex, wait_until,
+    Config, Daemon, Script, TIMEOUT, expected_version, install_atomic, is_event, pid_alive, python,
+    random_hex, wait_until,
 };
 
 // ------------------------------------------------------------------------------------------------
 // Python test plugins
-
-/// The interpreter's real path (a pyenv shim would add a shell and a fork to every start).
-fn python() -> &'static str {
-    static PYTHON: OnceLock<String> = OnceLock::new();
-    PYTHON.get_or_init(|| {
-        let out = Command::new("python3")
-            .args(["-c", "import sys; print(sys.executable)"])
-            .output();
-        let real = out
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .filter(|p| !p.is_empty());
-        match real.or_else(|| find_program("python3").map(|p| p.display().to_string())) {
-            Some(path) => path,
-            None => panic!("these tests need python3 on PATH (CI machines have it)"),
-        }
-    })
-}
 
 /// What a `Py` plugin does, in order, once it has recorded its start; then it waits forever.
 const PY_PLUGIN: &str = r#"

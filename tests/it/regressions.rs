@@ -6,7 +6,6 @@ use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -14,8 +13,8 @@ use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
 use crate::util::{
-    Client, Config, Daemon, Line, Script, TIMEOUT, expected_version, find_program, install_atomic,
-    is_event, pid_alive, poll_until, random_hex, wait_until,
+    Client, Config, Daemon, Line, Script, TIMEOUT, expected_version, install_atomic, is_event,
+    pid_alive, poll_until, python, random_hex, wait_until,
 };
 
 /// Longer than `TIMEOUT`, for waits that sit through several multi-second backoffs.
@@ -305,25 +304,6 @@ fn trigger_of_a_plugin_whose_dir_was_removed_is_answered_before_its_stop_ends() 
 
 // ------------------------------------------------------------------------------------------------
 // 6. SIGHUP adding a socket keeps the one already passed
-
-/// The interpreter's real path (a pyenv shim would add a shell to every start).
-fn python() -> &'static str {
-    static PYTHON: OnceLock<String> = OnceLock::new();
-    PYTHON.get_or_init(|| {
-        let out = Command::new("python3")
-            .args(["-c", "import sys; print(sys.executable)"])
-            .output();
-        let real = out
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .filter(|p| !p.is_empty());
-        match real.or_else(|| find_program("python3").map(|p| p.display().to_string())) {
-            Some(path) => path,
-            None => panic!("this test needs python3 on PATH"),
-        }
-    })
-}
 
 /// Records `LISTEN_FDS`, `LISTEN_FDNAMES` and each passed socket's inode and address in
 /// `sockets-<id>-<pid>.json`, logs `start`/`ready <label> <pid>` like the `sh` test plugins,

@@ -20,7 +20,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard, mpsc};
+use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard, mpsc};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -821,6 +821,41 @@ pub fn find_program(program: &str) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|dir| dir.join(program))
         .find(|p| p.is_file())
+}
+
+/// Reloads `p1`, whose running build ignores SIGTERM, to a fresh `v2` build and checks the stop
+/// escalated to SIGKILL only after `stop_timeout_ms`.
+#[track_caller]
+pub fn reload_past_the_stop_timeout(d: &mut Daemon) {
+    let started = Instant::now();
+    let v2 = d.install("p1", &Script::new("v2"));
+    d.wait_started("p1", "v2");
+    d.wait_running("p1", &v2);
+    assert!(
+        started.elapsed() >= Duration::from_millis(STOP_TIMEOUT_MS),
+        "contract (SPEC §3 stop_timeout_ms): SIGKILL only after the stop timeout; took {:?}",
+        started.elapsed()
+    );
+}
+
+/// The real path of `python3` (a pyenv shim would add a shell and a fork to every start), for
+/// the tests whose plugins are Python scripts.
+pub fn python() -> &'static str {
+    static PYTHON: OnceLock<String> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let out = Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output();
+        let real = out
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .filter(|p| !p.is_empty());
+        match real.or_else(|| find_program("python3").map(|p| p.display().to_string())) {
+            Some(path) => path,
+            None => panic!("these tests need python3 on PATH (CI machines have it)"),
+        }
+    })
 }
 
 /// A finished command's exit status and output.
