@@ -22,8 +22,7 @@ use crate::{clock, preflight, snapshot, state_file};
 pub(super) type AttemptError = String;
 
 impl Supervisor {
-    /// Snapshot, pre-flight and no-op check; then stop the old instance (stop-start), or start
-    /// the new one beside it (start-stop), or go straight to the first attempt.
+    /// A reload or first start of the plugin's current build: see [`Supervisor::prepare`].
     pub(super) fn begin(
         &mut self,
         ctx: &mut Ctx<'_>,
@@ -33,123 +32,91 @@ impl Supervisor {
         files: Vec<String>,
         waiters: Vec<Waiter>,
     ) {
-        let snap_dir = self.snapshot_dir(id);
+        let Some(p) = self.plugins.get(id) else {
+            return;
+        };
+        let old_version = p.current.as_ref().map(|s| s.version.clone());
+        let max_attempts = ctx.config.hot_reload.max_retries.saturating_add(1);
+        let job = new_job(
+            kind,
+            trigger,
+            files,
+            empty_snap(),
+            old_version,
+            max_attempts,
+            waiters,
+        );
+        self.prepare(ctx, id, job);
+    }
+
+    /// Snapshot, no-op check and pre-flight of the job's build; then stop the old instance
+    /// (stop-start), or start the new one beside it (start-stop), or go straight to the first
+    /// attempt.
+    fn prepare(&mut self, ctx: &mut Ctx<'_>, id: &str, mut job: Job) {
         if self.shutting_down {
-            answer_failure(ctx, id, &waiters, "the daemon is shutting down");
+            answer_failure(ctx, id, &job.waiters, "the daemon is shutting down");
             return;
         }
+        let snap_dir = self.snapshot_dir(id);
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
         let exec = p.exec_path();
-        let old_version = p.current.as_ref().map(|s| s.version.clone());
-        let started = Instant::now();
-        let target = match snapshot::take(&exec, &snap_dir) {
-            Ok(s) => Snap {
-                version: s.version,
-                path: s.path,
-            },
-            Err(e) => {
-                let error = e.to_string();
-                if kind == JobKind::Start {
-                    // No build yet: that is what `missing` means, not an error.
-                    log::info!("[{id}] waiting for a build: {error}");
-                    p.rest = Rest::Missing;
-                    answer_list(ctx, id, &waiters, false, None, None, Some(error), 0);
-                    return;
-                }
-                // Nothing was stopped yet: like a pre-flight failure, the running instance
-                // stays, and the next change of the file brings the next try. (A retry here
-                // would wait for an instance exit that never comes: the job was stuck.)
-                let job = new_job(kind, trigger, files, empty_snap(), old_version, 1, waiters);
-                let error = format!("cannot snapshot the build: {error}");
-                self.refuse_build(ctx, id, job, error, started);
+        match snapshot::take(&exec, &snap_dir) {
+            Ok(s) => {
+                job.target = Snap {
+                    version: s.version,
+                    path: s.path,
+                };
+            }
+            Err(e) if job.kind == JobKind::Start => {
+                // No build yet: that is what `missing` means, not an error.
+                log::info!("[{id}] waiting for a build: {e}");
+                p.rest = Rest::Missing;
+                answer_list(
+                    ctx,
+                    id,
+                    &job.waiters,
+                    false,
+                    None,
+                    None,
+                    Some(e.to_string()),
+                    0,
+                );
                 return;
             }
-        };
-        // No-op: only the executable changed and its content is what already runs.
-        let exec_str = exec.to_string_lossy();
-        let only_exec = !files.is_empty() && files.iter().all(|f| *f == exec_str);
-        // Unchanged means: that very build is already running (or already failed, and nothing
-        // new arrived to try instead).
-        let running = p
-            .instance
-            .as_ref()
-            .filter(|i| i.stop.is_none() && i.failure.is_none())
-            .map(|i| i.version.as_str());
-        let failed_same = p.instance.is_none()
-            && p.rest == Rest::Failed
-            && old_version.as_deref() == Some(target.version.as_str());
-        let unchanged = running == Some(target.version.as_str()) || failed_same;
-        if unchanged && (only_exec || trigger == Trigger::Rescan || trigger == Trigger::Enable) {
-            log::debug!(
-                "[{id}] build unchanged ({}), nothing to reload",
-                target.version
-            );
-            for f in &files {
-                ctx.emit(
-                    Event::new("change_ignored", Some(id))
-                        .with("path", f.as_str())
-                        .with("reason", format!("unchanged version {}", target.version)),
-                );
+            Err(e) => {
+                let error = format!("cannot snapshot the build: {e}");
+                self.snapshot_failed(ctx, id, job, error);
+                return;
             }
-            let new = Some(target.version.clone());
-            answer_list(ctx, id, &waiters, true, old_version, new, None, 0);
+        }
+        if self.build_unchanged(ctx, id, &exec, &job) {
             return;
         }
-        if let Err(e) = preflight::check(&target.path) {
+        if let Err(e) = preflight::check(&job.target.path) {
             let error = format!("pre-flight check failed: {e}");
-            let job = new_job(kind, trigger, files, target, old_version, 1, waiters);
-            self.refuse_build(ctx, id, job, error, started);
+            self.refuse_build(ctx, id, job, error);
             return;
-        }
-        let max_attempts = ctx.config.hot_reload.max_retries.saturating_add(1);
-        let p = self
-            .plugins
-            .get_mut(id)
-            .expect("plugin present: checked above");
-        // The newest build supersedes a job waiting in backoff: it takes over its waiters.
-        let mut waiters = waiters;
-        if let Some(old) = p.job.take() {
-            cancel_job_timer(ctx, &old);
-            waiters.extend(old.waiters);
-        }
-        if kind == JobKind::Reload {
-            log::info!(
-                "[{id}] hot reload started ({}): {} -> {}",
-                trigger.as_str(),
-                old_version.as_deref().unwrap_or("none"),
-                target.version
-            );
-            ctx.emit(
-                Event::new("reload_started", Some(id))
-                    .with("trigger", trigger.as_str())
-                    .with("files", files.clone()),
-            );
-        }
-        let new_version = target.version.clone();
-        p.job = Some(new_job(
-            kind,
-            trigger,
-            files,
-            target,
-            old_version.clone(),
-            max_attempts,
-            waiters,
-        ));
-        let overlap = p.settings.strategy == Strategy::StartStop;
-        if kind == JobKind::Reload {
-            let hook = HookContext {
-                plugin: id,
-                old_version: old_version.as_deref(),
-                new_version: Some(&new_version),
-                error: None,
-            };
-            self.run_hook(ctx, HookKind::ReloadStart, &hook);
         }
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
+        // The newest build supersedes a job waiting in backoff: it takes over its waiters.
+        if let Some(old) = p.job.take() {
+            cancel_job_timer(ctx, &old);
+            job.waiters.extend(old.waiters);
+        }
+        // A retried snapshot announced its reload on the first attempt.
+        let announce = job.kind == JobKind::Reload && job.attempt == 1;
+        if announce {
+            self.announce_reload(ctx, id, &job);
+        }
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        p.job = Some(job);
+        let overlap = p.settings.strategy == Strategy::StartStop;
         let old_running = p
             .instance
             .as_ref()
@@ -165,23 +132,110 @@ impl Supervisor {
         }
     }
 
-    /// A build that failed pre-flight: nothing was stopped, nothing to retry (the same bytes
-    /// would fail again).
-    fn refuse_build(
-        &mut self,
-        ctx: &mut Ctx<'_>,
-        id: &str,
-        job: Job,
-        error: String,
-        started: Instant,
-    ) {
+    /// No-op detection: only the executable changed and its content is what already runs (or
+    /// already failed, with nothing new to try instead). Answers the job's waiters when so.
+    fn build_unchanged(&mut self, ctx: &mut Ctx<'_>, id: &str, exec: &Path, job: &Job) -> bool {
+        let Some(p) = self.plugins.get(id) else {
+            return false;
+        };
+        let exec_str = exec.to_string_lossy();
+        let only_exec = !job.files.is_empty() && job.files.iter().all(|f| *f == exec_str);
+        let version = job.target.version.as_str();
+        let running = p
+            .instance
+            .as_ref()
+            .filter(|i| i.stop.is_none() && i.failure.is_none())
+            .map(|i| i.version.as_str());
+        let failed_same = p.instance.is_none()
+            && p.rest == Rest::Failed
+            && job.old_version.as_deref() == Some(version);
+        let unchanged = running == Some(version) || failed_same;
+        let implicit = matches!(job.trigger, Trigger::Rescan | Trigger::Enable);
+        if !(unchanged && (only_exec || implicit)) {
+            return false;
+        }
+        log::debug!("[{id}] build unchanged ({version}), nothing to reload");
+        for f in &job.files {
+            ctx.emit(
+                Event::new("change_ignored", Some(id))
+                    .with("path", f.as_str())
+                    .with("reason", format!("unchanged version {version}")),
+            );
+        }
+        let new = Some(version.to_owned());
+        answer_list(
+            ctx,
+            id,
+            &job.waiters,
+            true,
+            job.old_version.clone(),
+            new,
+            None,
+            0,
+        );
+        true
+    }
+
+    /// `hot reload started`: the log line, the `reload_started` event and the start hook.
+    fn announce_reload(&mut self, ctx: &mut Ctx<'_>, id: &str, job: &Job) {
+        let new_version = (!awaiting_snapshot(job)).then_some(job.target.version.as_str());
+        log::info!(
+            "[{id}] hot reload started ({}): {} -> {}",
+            job.trigger.as_str(),
+            job.old_version.as_deref().unwrap_or("none"),
+            new_version.unwrap_or("(not copied yet)")
+        );
+        ctx.emit(
+            Event::new("reload_started", Some(id))
+                .with("trigger", job.trigger.as_str())
+                .with("files", job.files.clone()),
+        );
+        let hook = HookContext {
+            plugin: id,
+            old_version: job.old_version.as_deref(),
+            new_version,
+            error: None,
+        };
+        self.run_hook(ctx, HookKind::ReloadStart, &hook);
+    }
+
+    /// The build could not be copied (the runtime dir full, the file gone between the event and
+    /// the copy). Nothing was stopped, so whatever runs keeps running, and the copy is retried
+    /// with the reload backoff (SPEC §5). When a job whose build did copy is already waiting in
+    /// backoff, that one goes on and this change is just refused.
+    fn snapshot_failed(&mut self, ctx: &mut Ctx<'_>, id: &str, mut job: Job, error: String) {
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        if p.job.as_ref().is_some_and(|j| !awaiting_snapshot(j)) {
+            self.refuse_build(ctx, id, job, error);
+            return;
+        }
+        // A newer change restarts the count (it is a newer build).
+        if let Some(old) = p.job.take() {
+            cancel_job_timer(ctx, &old);
+            job.waiters.extend(old.waiters);
+        }
+        if job.attempt == 1 {
+            self.announce_reload(ctx, id, &job);
+        }
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        p.job = Some(job);
+        self.fail_attempt(ctx, id, error);
+    }
+
+    /// A build that failed pre-flight (or could not be copied while another job waits): nothing
+    /// was stopped, nothing to retry (the same bytes would fail again).
+    fn refuse_build(&mut self, ctx: &mut Ctx<'_>, id: &str, job: Job, error: String) {
         let snap_dir = self.snapshot_dir(id);
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
         log::warn!("[{id}] hot reload failed: {error}");
         p.last_error = Some(error.clone());
-        let new_version = Some(job.target.version.clone());
+        let new_version = (!awaiting_snapshot(&job)).then(|| job.target.version.clone());
         if job.kind == JobKind::Start {
             p.rest = Rest::Missing;
             answer_list(
@@ -197,29 +251,26 @@ impl Supervisor {
             prune_snapshots(&snap_dir, p);
             return;
         }
-        let duration_ms = clock::millis(started.elapsed());
+        let duration_ms = clock::millis(job.started.elapsed());
         record_failed_reload(p, &mut self.totals, &job, duration_ms, &error);
         // The refused snapshot is useless: keep only what runs and the last good one.
         prune_snapshots(&snap_dir, p);
-        ctx.emit(
-            Event::new("reload_started", Some(id))
-                .with("trigger", job.trigger.as_str())
-                .with("files", job.files.clone()),
-        );
+        if job.attempt == 1 {
+            self.announce_reload(ctx, id, &job);
+        }
         ctx.emit(
             Event::new("reload_failed", Some(id))
                 .with("error", error.as_str())
-                .with("attempt", 1)
+                .with("attempt", job.attempt)
                 .with("retry_in_ms", Value::Null),
         );
         answer_waiters(ctx, id, &job, false, Some(error.clone()));
         let hook = HookContext {
             plugin: id,
             old_version: job.old_version.as_deref(),
-            new_version: Some(&job.target.version),
+            new_version: new_version.as_deref(),
             error: Some(&error),
         };
-        self.run_hook(ctx, HookKind::ReloadStart, &hook);
         self.run_hook(ctx, HookKind::ReloadFailure, &hook);
         self.run_queued(ctx, id);
     }
@@ -515,6 +566,12 @@ impl Supervisor {
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
+        if awaiting_snapshot(&job) && p.instance.is_some() {
+            // The build never copied, so nothing was stopped: the running instance stays.
+            log::warn!("[{id}] giving up on the build that cannot be copied: {error}");
+            self.run_queued(ctx, id);
+            return;
+        }
         // start-stop: the old instance never stopped, so "rolling back" is keeping it.
         if p.instance.is_none() && p.retiring.as_ref().is_some_and(|r| r.stop.is_none()) {
             if let Some(old) = p.retiring.take() {
@@ -560,6 +617,12 @@ impl Supervisor {
             return;
         }
         job.phase = JobPhase::StoppingOld;
+        if awaiting_snapshot(job) {
+            if let Some(job) = p.job.take() {
+                self.prepare(ctx, id, job);
+            }
+            return;
+        }
         self.attempt(ctx, id);
     }
 
@@ -632,6 +695,11 @@ fn new_job(
         waiters,
         last_error: None,
     }
+}
+
+/// A job whose build has not been copied yet (its snapshot failed and waits for a retry).
+fn awaiting_snapshot(job: &Job) -> bool {
+    job.target.path.as_os_str().is_empty()
 }
 
 fn empty_snap() -> Snap {

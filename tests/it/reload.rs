@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::util::{
-    Config, Daemon, Script, TIMEOUT, expected_version, install_atomic, install_in_place, is_event,
-    is_rfc3339_millis_utc, pid_alive,
+    Config, Daemon, Script, TIMEOUT, assert_success, expected_version, install_atomic,
+    install_in_place, is_event, is_rfc3339_millis_utc, pid_alive,
 };
 
 #[test]
@@ -305,6 +305,53 @@ fn runtime_data_and_configuration_are_carried_into_the_new_instance() {
     assert!(
         state["last_activity"].is_string(),
         "contract: last_activity; saw {state}"
+    );
+}
+
+#[test]
+fn build_that_cannot_be_copied_is_retried_after_backoff_without_a_new_event() {
+    // A long first delay, so the build is back in place before the retry copies it.
+    let config = Config::new().set("hot_reload.retry_delay_ms", json!(1000));
+    let mut d = Daemon::with_config(&config);
+    let (_, old) = d.start_running("p1", &Script::new("v1"));
+    let mut sub = d.client();
+    sub.subscribe(json!({}));
+    // Disabled: the build's return below brings no reload of its own, only the retry can.
+    assert_success(&d.request(&json!({"cmd": "disable"})), "disable");
+    let away = d.root.join("away");
+    fs::rename(d.exec_path("p1"), &away).unwrap();
+    let resp = d.request(&json!({"cmd": "trigger", "plugin": "p1", "wait": false}));
+    assert_success(&resp, "trigger --no-wait");
+    let failed = sub.wait_named("reload_failed", "p1");
+    assert!(
+        failed["attempt"] == 1
+            && failed["retry_in_ms"] == 1000
+            && failed["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("snapshot"),
+        "contract (SPEC §5): a snapshot that cannot be taken is a failed attempt, retried; saw {failed}"
+    );
+    assert!(
+        pid_alive(old),
+        "nothing was stopped: the old instance {old} runs on"
+    );
+    let v2 = Script::new("v2").render(&d.root, "p1");
+    install_atomic(&away, &v2, 0o755);
+    fs::rename(&away, d.exec_path("p1")).unwrap();
+    let done = sub.wait_event(Duration::from_secs(20), "the reload's outcome", |e| {
+        is_event(e, "reload_succeeded", "p1") || is_event(e, "rolled_back", "p1")
+    });
+    assert_eq!(
+        done["event"], "reload_succeeded",
+        "the retry reloads v2; saw {done}"
+    );
+    d.wait_running("p1", &v2);
+    assert!(!pid_alive(old), "the old instance {old} made way for v2");
+    assert_eq!(
+        sub.named("reload_started", "p1").len(),
+        1,
+        "one reload, however many attempts"
     );
 }
 
