@@ -253,6 +253,47 @@ pub fn read_state(path: &Path) -> Result<Option<PluginState>, StateError> {
         })
 }
 
+/// Whether `error` means the file exists but its content cannot be used (as opposed to a file
+/// that cannot be read at all): such a file is worth keeping for a human, see [`set_aside`].
+pub fn is_unusable_content(error: &StateError) -> bool {
+    matches!(
+        error,
+        StateError::Invalid { .. } | StateError::TooBig { .. }
+    )
+}
+
+/// Move an unusable `state.json` out of the way, to `state.json.invalid-<unix seconds>` (with
+/// `.N` added when that exists), so the next write does not destroy what may be the only copy of
+/// a plugin's state. Returns the new name.
+pub fn set_aside(path: &Path) -> io::Result<PathBuf> {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut base = path.as_os_str().to_owned();
+    base.push(format!(".invalid-{secs}"));
+    for n in 0u32..1000 {
+        let mut aside = base.clone();
+        if n > 0 {
+            aside.push(format!(".{n}"));
+        }
+        let aside = PathBuf::from(aside);
+        // Not rename(2): it would replace an earlier copy set aside in the same second.
+        match fs::hard_link(path, &aside) {
+            Ok(()) => {
+                fs::remove_file(path)?;
+                sync_dir(parent_dir(path))?;
+                return Ok(aside);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        "too many copies already set aside",
+    ))
+}
+
 /// What [`read_runtime`] found.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RuntimeRead {
@@ -482,6 +523,22 @@ mod tests {
             assert!(matches!(err, StateError::Invalid { .. }), "{err:?}");
             assert!(err.to_string().contains("state.json"), "{err}");
         }
+    }
+
+    #[test]
+    fn set_aside_keeps_every_unusable_copy() {
+        let t = TestDir::new("state-aside");
+        let path = t.join("state.json");
+        fs::write(&path, b"{broken").unwrap();
+        let first = set_aside(&path).unwrap();
+        fs::write(&path, b"{broken again").unwrap();
+        let second = set_aside(&path).unwrap();
+        assert_ne!(first, second);
+        assert!(!path.exists());
+        assert_eq!(fs::read(&first).unwrap(), b"{broken");
+        assert_eq!(fs::read(&second).unwrap(), b"{broken again");
+        let name = first.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("state.json.invalid-"), "{name}");
     }
 
     #[test]

@@ -44,6 +44,7 @@ use crate::config::Config;
 use crate::events::Event;
 use crate::hooks::HookRun;
 use crate::plugin_notify::NotifySocket;
+use crate::state_file::StateError;
 use crate::wheel::{TimerId, TimerWheel};
 use crate::{snapshot, state_file, token};
 
@@ -270,8 +271,13 @@ impl Supervisor {
         if !ctx.config.hot_reload.preserve_state {
             return (Value::Null, None);
         }
-        let saved = match state_file::read_state(&self.state_path(id)) {
+        let path = self.state_path(id);
+        let saved = match state_file::read_state(&path) {
             Ok(state) => state,
+            Err(e) if state_file::is_unusable_content(&e) => {
+                set_aside_unusable_state(ctx, id, &path, &e);
+                None
+            }
             Err(e) => {
                 log::warn!("[{id}] ignoring unreadable state file: {e}");
                 None
@@ -575,6 +581,26 @@ impl Supervisor {
             _ => Value::Null,
         }
     }
+}
+
+/// A state.json that cannot be used is moved aside, not overwritten by the next write: it may be
+/// the only copy of what the plugin had saved (a torn write by hand, a disk fault).
+fn set_aside_unusable_state(ctx: &mut Ctx<'_>, id: &str, path: &Path, error: &StateError) {
+    let reason = match state_file::set_aside(path) {
+        Ok(aside) => format!(
+            "{error}; moved it to `{}` and starting with empty runtime_data",
+            aside.display()
+        ),
+        Err(e) => {
+            format!("{error}; starting with empty runtime_data (could not move it aside: {e})")
+        }
+    };
+    log::warn!("[{id}] unusable state file: {reason}");
+    ctx.emit(
+        Event::new("state_warning", Some(id))
+            .with("error", reason.as_str())
+            .with("path", path.to_string_lossy()),
+    );
 }
 
 fn retry_delay(base_ms: u64, exponent: u32) -> u64 {

@@ -880,7 +880,8 @@ fn corrupt_state_json_at_start_is_survived_and_rewritten() {
     let mut d = Daemon::new();
     let state = d.state_file("p1");
     fs::create_dir_all(state.parent().unwrap()).unwrap();
-    fs::write(&state, b"{\"plugin_id\": \"p1\", \"runtime_da").unwrap();
+    let torn = b"{\"plugin_id\": \"p1\", \"runtime_da";
+    fs::write(&state, torn).unwrap();
     let (v1, pid) = d.start_running("p1", &Script::new("v1"));
     let seen = d.seen_state("p1", pid).unwrap_or(Value::Null);
     assert_eq!(
@@ -895,6 +896,19 @@ fn corrupt_state_json_at_start_is_survived_and_rewritten() {
     assert!(
         log.lines().any(|l| l.contains("WARN") && l.contains(&path)),
         "the corrupt file is reported by name\n{}",
+        d.stderr_tail()
+    );
+    // Nothing lost: the unusable file is kept beside the new one, byte for byte.
+    let aside: Vec<_> = fs::read_dir(state.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.to_string_lossy().contains("state.json.invalid-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "one copy set aside: {aside:?}");
+    assert_eq!(fs::read(&aside[0]).unwrap(), torn, "{}", aside[0].display());
+    assert!(
+        log.contains(&*aside[0].to_string_lossy()),
+        "the log says where it went\n{}",
         d.stderr_tail()
     );
     assert_serving(&mut d);
