@@ -239,11 +239,13 @@ impl Supervisor {
         // The old instance's latest runtime data, saved before it is asked to go. When it has
         // not changed since the state file was written, the file already preserves it, and the
         // reload's critical path is spared a durable write.
+        let next_version = self.version_started_after_stop(id, slot);
         if slot == Slot::Current {
             let before = self.plugins.get(id).map(|p| p.runtime_data.clone());
             self.fold_runtime(ctx, id);
             let after = self.plugins.get(id).map(|p| &p.runtime_data);
-            if before.as_ref() != after {
+            // With a reload to follow, the write below (after SIGTERM) saves the same data.
+            if before.as_ref() != after && next_version.is_none() {
                 if let Err(e) = self.write_state(ctx, id, &version, "stopping") {
                     log::warn!("[{id}] cannot write state file before stopping: {e}");
                 }
@@ -268,7 +270,26 @@ impl Supervisor {
         });
         if inst.reaped && !spawn::group_alive(inst.pid) {
             self.instance_gone(ctx, id, slot);
+            return;
         }
+        // A stop-start reload: state.json gets the new version while the old instance exits,
+        // so the durable write overlaps the exit instead of sitting between the reap and the
+        // spawn. After the reap, only what the old instance saved on its way out is written.
+        if let Some(version) = next_version
+            && let Err(e) = self.write_state_with(ctx, id, &version, "starting", true)
+        {
+            // prepare_state tries again, and reports, once the old instance is gone.
+            log::debug!("[{id}] cannot write state file while stopping: {e}");
+        }
+    }
+
+    /// The version a stop-start job starts once the instance in `slot` is gone, if any.
+    fn version_started_after_stop(&self, id: &str, slot: Slot) -> Option<String> {
+        let job = self.plugins.get(id)?.job.as_ref()?;
+        let waits_for_this_stop = slot == Slot::Current
+            && matches!(job.phase, JobPhase::StoppingOld)
+            && !super::job::awaiting_snapshot(job);
+        waits_for_this_stop.then(|| job.target.version.clone())
     }
 
     pub(super) fn on_kill_timer(&mut self, ctx: &mut Ctx<'_>, id: &str, seq: u64) {

@@ -396,7 +396,7 @@ impl Supervisor {
         self.write_state_with(ctx, id, version, status, false)
     }
 
-    fn write_state_with(
+    pub(super) fn write_state_with(
         &mut self,
         ctx: &mut Ctx<'_>,
         id: &str,
@@ -698,7 +698,7 @@ fn new_job(
 }
 
 /// A job whose build has not been copied yet (its snapshot failed and waits for a retry).
-fn awaiting_snapshot(job: &Job) -> bool {
+pub(super) fn awaiting_snapshot(job: &Job) -> bool {
     job.target.path.as_os_str().is_empty()
 }
 

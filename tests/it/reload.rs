@@ -309,6 +309,29 @@ fn runtime_data_and_configuration_are_carried_into_the_new_instance() {
 }
 
 #[test]
+fn runtime_data_saved_by_the_old_instance_on_sigterm_reaches_the_new_one() {
+    let mut d = Daemon::new();
+    // Saves its final state in its SIGTERM handler, as a real plugin would.
+    let on_term = r#"trap 'printf "%s" "{\"jobs\":2}" >"$HOTRELOAD_RUNTIME_FILE"; echo "stop v1 $$" >>"$LOG"; exit 0' TERM"#;
+    let v1 = Script::new("v1")
+        .runtime_json(&json!({"jobs": 1}))
+        .shell(on_term);
+    let (_, old) = d.start_running("p1", &v1);
+    let v2 = d.install("p1", &Script::new("v2"));
+    let pid = d.wait_started("p1", "v2");
+    assert!(
+        d.stops("p1", Some("v1")).contains(&old),
+        "v1 ran its handler"
+    );
+    let state = d.seen_state("p1", pid).unwrap_or(Value::Null);
+    assert_eq!(
+        (&state["runtime_data"], &state["version"]),
+        (&json!({"jobs": 2}), &json!(expected_version(&v2))),
+        "contract (SPEC §5): runtime.json is folded in after the old instance is reaped; {state}"
+    );
+}
+
+#[test]
 fn build_that_cannot_be_copied_is_retried_after_backoff_without_a_new_event() {
     // A long first delay, so the build is back in place before the retry copies it.
     let config = Config::new().set("hot_reload.retry_delay_ms", json!(1000));
