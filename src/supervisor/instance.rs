@@ -14,6 +14,7 @@ use std::time::Instant;
 use mio::{Interest, unix::SourceFd};
 use nix::unistd::Pid;
 
+use super::job::DirSync;
 use super::output::{LineReader, Stream};
 use super::plugin::{Instance, JobPhase, Plugin, Rest, Slot, Snap, Stop};
 use super::reap::ExitKind;
@@ -276,7 +277,7 @@ impl Supervisor {
         // so the durable write overlaps the exit instead of sitting between the reap and the
         // spawn. After the reap, only what the old instance saved on its way out is written.
         if let Some(version) = next_version
-            && let Err(e) = self.write_state_with(ctx, id, &version, "starting", true)
+            && let Err(e) = self.write_state_with(ctx, id, &version, "starting", DirSync::AfterStop)
         {
             // prepare_state tries again, and reports, once the old instance is gone.
             log::debug!("[{id}] cannot write state file while stopping: {e}");

@@ -336,7 +336,7 @@ impl Supervisor {
         // memory and runtime.json on disk, and the next write that works saves them.
         // The directory fsync that makes the rename durable waits until the new instance runs
         // (`sync_state_dirs`): the content itself is on disk before the rename.
-        if let Err(e) = self.write_state_with(ctx, id, version, "starting", true) {
+        if let Err(e) = self.write_state_with(ctx, id, version, "starting", DirSync::EndOfTurn) {
             let path = self.state_path(id);
             log::warn!("[{id}] cannot write state file, starting with the one on disk: {e}");
             ctx.emit(
@@ -393,7 +393,7 @@ impl Supervisor {
         version: &str,
         status: &str,
     ) -> Result<(), String> {
-        self.write_state_with(ctx, id, version, status, false)
+        self.write_state_with(ctx, id, version, status, DirSync::Now)
     }
 
     pub(super) fn write_state_with(
@@ -402,7 +402,7 @@ impl Supervisor {
         id: &str,
         version: &str,
         status: &str,
-        defer_dir_sync: bool,
+        dir_sync: DirSync,
     ) -> Result<(), String> {
         if !ctx.config.hot_reload.preserve_state {
             return Ok(());
@@ -427,11 +427,18 @@ impl Supervisor {
             version: content.version.clone(),
             status: status.to_string(),
         };
-        if defer_dir_sync {
-            state_file::write_state_unsynced_rename(&path, &state).map_err(|e| e.to_string())?;
-            self.dir_syncs.push(path);
-        } else {
-            state_file::write_state(&path, &state).map_err(|e| e.to_string())?;
+        match dir_sync {
+            DirSync::Now => state_file::write_state(&path, &state).map_err(|e| e.to_string())?,
+            DirSync::EndOfTurn => {
+                state_file::write_state_unsynced_rename(&path, &state)
+                    .map_err(|e| e.to_string())?;
+                self.dir_syncs.push(path);
+            }
+            DirSync::AfterStop => {
+                state_file::write_state_unsynced_rename(&path, &state)
+                    .map_err(|e| e.to_string())?;
+                self.dir_syncs_after_stop.push((id.to_string(), path));
+            }
         }
         p.written = Some(content);
         Ok(())
@@ -695,6 +702,19 @@ fn new_job(
         waiters,
         last_error: None,
     }
+}
+
+/// When the directory fsync that makes a state file's rename durable happens. The content is
+/// fsynced before the rename in every case, so a crash before the directory fsync leaves the
+/// previous file, whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum DirSync {
+    /// Before the write returns.
+    Now,
+    /// At the end of the loop turn: after the spawn that reads the file.
+    EndOfTurn,
+    /// Once the reload waiting for the old instance's stop has moved on (it spawned).
+    AfterStop,
 }
 
 /// A job whose build has not been copied yet (its snapshot failed and waits for a retry).

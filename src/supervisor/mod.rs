@@ -130,6 +130,9 @@ pub struct Supervisor {
     pending_starts: VecDeque<String>,
     /// State files renamed into place whose directory fsync is still due (`sync_state_dirs`).
     dir_syncs: Vec<PathBuf>,
+    /// The same, for state files written while the plugin's old instance stops: due once no
+    /// reload waits for that stop any more (its new instance spawned, or the reload ended).
+    dir_syncs_after_stop: Vec<(String, PathBuf)>,
     next_token: usize,
     next_seq: u64,
     pub totals: Totals,
@@ -150,6 +153,7 @@ impl Supervisor {
             backlog: Vec::new(),
             pending_starts: VecDeque::new(),
             dir_syncs: Vec::new(),
+            dir_syncs_after_stop: Vec::new(),
             next_token: 0,
             next_seq: 0,
             totals: Totals::default(),
@@ -250,6 +254,18 @@ impl Supervisor {
     /// Make the state files written before this turn's starts durable (their directory fsync),
     /// once the new instances run: off a reload's critical path, still within the same turn.
     pub fn sync_state_dirs(&mut self) {
+        let plugins = &self.plugins;
+        let waits_for_stop = |id: &str| {
+            plugins
+                .get(id)
+                .and_then(|p| p.job.as_ref())
+                .is_some_and(|job| matches!(job.phase, JobPhase::StoppingOld))
+        };
+        let (later, due): (Vec<_>, Vec<_>) = std::mem::take(&mut self.dir_syncs_after_stop)
+            .into_iter()
+            .partition(|(id, _)| waits_for_stop(id));
+        self.dir_syncs_after_stop = later;
+        self.dir_syncs.extend(due.into_iter().map(|(_, path)| path));
         for path in std::mem::take(&mut self.dir_syncs) {
             if let Err(e) = state_file::sync_parent(&path) {
                 log::warn!("{e}");
