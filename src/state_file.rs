@@ -277,16 +277,16 @@ pub fn set_aside(path: &Path) -> io::Result<PathBuf> {
             aside.push(format!(".{n}"));
         }
         let aside = PathBuf::from(aside);
-        // Not rename(2): it would replace an earlier copy set aside in the same second.
+        // link + unlink, not rename(2): a rename would replace an earlier copy set aside in the
+        // same second. File systems without hard links get the rename, after a check.
         match fs::hard_link(path, &aside) {
-            Ok(()) => {
-                fs::remove_file(path)?;
-                sync_dir(parent_dir(path))?;
-                return Ok(aside);
-            }
+            Ok(()) => fs::remove_file(path)?,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
+            Err(_) if fs::symlink_metadata(&aside).is_err() => fs::rename(path, &aside)?,
+            Err(_) => continue,
         }
+        sync_dir(parent_dir(path))?;
+        return Ok(aside);
     }
     Err(io::Error::new(
         io::ErrorKind::AlreadyExists,

@@ -486,6 +486,17 @@ impl Supervisor {
             self.save_final_state(ctx, id, &inst.version);
             return;
         }
+        if p.job.as_ref().is_some_and(super::job::awaiting_snapshot) {
+            // That reload stopped nothing, so this exit is the instance's own: the reload ends
+            // (its next try is the next change of the build) and the restart policy decides.
+            let why = format!(
+                "the running instance exited with {status} before the new build could be copied"
+            );
+            self.abandon_snapshot_retry(ctx, id, why);
+        }
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
         if p.job.is_some() {
             // A job is in flight (e.g. waiting in backoff with nothing running): it decides.
             return;

@@ -91,6 +91,15 @@ impl Supervisor {
                 return;
             }
         }
+        // A job still waiting to copy an older build would only copy this one: this job answers
+        // for both, whatever its outcome.
+        if p.job.as_ref().is_some_and(awaiting_snapshot)
+            && let Some(old) = p.job.take()
+        {
+            cancel_job_timer(ctx, &old);
+            job.waiters.extend(old.waiters);
+            job.announced |= old.announced;
+        }
         if self.build_unchanged(ctx, id, &exec, &job) {
             return;
         }
@@ -107,10 +116,8 @@ impl Supervisor {
             cancel_job_timer(ctx, &old);
             job.waiters.extend(old.waiters);
         }
-        // A retried snapshot announced its reload on the first attempt.
-        let announce = job.kind == JobKind::Reload && job.attempt == 1;
-        if announce {
-            self.announce_reload(ctx, id, &job);
+        if job.kind == JobKind::Reload && !job.announced {
+            self.announce_reload(ctx, id, &mut job);
         }
         let Some(p) = self.plugins.get_mut(id) else {
             return;
@@ -163,21 +170,28 @@ impl Supervisor {
             );
         }
         let new = Some(version.to_owned());
-        answer_list(
-            ctx,
-            id,
-            &job.waiters,
-            true,
-            job.old_version.clone(),
-            new,
-            None,
-            0,
-        );
+        let duration_ms = clock::millis(job.started.elapsed());
+        if job.announced {
+            // Announced when an earlier copy of the build failed: it gets its outcome too.
+            ctx.emit(
+                Event::new("reload_succeeded", Some(id))
+                    .with("old_version", job.old_version.clone())
+                    .with("new_version", version)
+                    .with("duration_ms", duration_ms),
+            );
+            if let Some(p) = self.plugins.get_mut(id) {
+                let entry = HistoryEntry::of_reload(job, clock::wall_rfc3339(), duration_ms, None);
+                p.push_history(entry);
+            }
+        }
+        let old = job.old_version.clone();
+        answer_list(ctx, id, &job.waiters, true, old, new, None, duration_ms);
         true
     }
 
     /// `hot reload started`: the log line, the `reload_started` event and the start hook.
-    fn announce_reload(&mut self, ctx: &mut Ctx<'_>, id: &str, job: &Job) {
+    fn announce_reload(&mut self, ctx: &mut Ctx<'_>, id: &str, job: &mut Job) {
+        job.announced = true;
         let new_version = (!awaiting_snapshot(job)).then_some(job.target.version.as_str());
         log::info!(
             "[{id}] hot reload started ({}): {} -> {}",
@@ -216,8 +230,8 @@ impl Supervisor {
             cancel_job_timer(ctx, &old);
             job.waiters.extend(old.waiters);
         }
-        if job.attempt == 1 {
-            self.announce_reload(ctx, id, &job);
+        if !job.announced {
+            self.announce_reload(ctx, id, &mut job);
         }
         let Some(p) = self.plugins.get_mut(id) else {
             return;
@@ -228,15 +242,15 @@ impl Supervisor {
 
     /// A build that failed pre-flight (or could not be copied while another job waits): nothing
     /// was stopped, nothing to retry (the same bytes would fail again).
-    fn refuse_build(&mut self, ctx: &mut Ctx<'_>, id: &str, job: Job, error: String) {
+    fn refuse_build(&mut self, ctx: &mut Ctx<'_>, id: &str, mut job: Job, error: String) {
         let snap_dir = self.snapshot_dir(id);
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
-        log::warn!("[{id}] hot reload failed: {error}");
         p.last_error = Some(error.clone());
         let new_version = (!awaiting_snapshot(&job)).then(|| job.target.version.clone());
         if job.kind == JobKind::Start {
+            log::warn!("[{id}] cannot start: {error}");
             p.rest = Rest::Missing;
             answer_list(
                 ctx,
@@ -255,9 +269,10 @@ impl Supervisor {
         record_failed_reload(p, &mut self.totals, &job, duration_ms, &error);
         // The refused snapshot is useless: keep only what runs and the last good one.
         prune_snapshots(&snap_dir, p);
-        if job.attempt == 1 {
-            self.announce_reload(ctx, id, &job);
+        if !job.announced {
+            self.announce_reload(ctx, id, &mut job);
         }
+        log::warn!("[{id}] hot reload failed: {error}");
         ctx.emit(
             Event::new("reload_failed", Some(id))
                 .with("error", error.as_str())
@@ -573,8 +588,9 @@ impl Supervisor {
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
-        if awaiting_snapshot(&job) && p.instance.is_some() {
-            // The build never copied, so nothing was stopped: the running instance stays.
+        if awaiting_snapshot(&job) {
+            // The build never copied, so this reload stopped nothing: whatever runs stays, and
+            // a plugin that is down stays down (its own restart policy decided that).
             log::warn!("[{id}] giving up on the build that cannot be copied: {error}");
             self.run_queued(ctx, id);
             return;
@@ -613,6 +629,28 @@ impl Supervisor {
         p.rest = Rest::Failed;
         log::error!("[{id}] failed: {error}");
         self.run_queued(ctx, id);
+    }
+
+    /// Ends a reload waiting to retry the copy of its build as failed, with no further attempt:
+    /// the running instance it would have replaced exited on its own meanwhile.
+    pub(super) fn abandon_snapshot_retry(&mut self, ctx: &mut Ctx<'_>, id: &str, error: String) {
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        let Some(job) = p.job.as_ref().filter(|job| awaiting_snapshot(job)) else {
+            return;
+        };
+        cancel_job_timer(ctx, job);
+        let attempt = job.attempt;
+        p.last_error = Some(error.clone());
+        log::warn!("[{id}] hot reload failed (attempt {attempt}): {error}");
+        ctx.emit(
+            Event::new("reload_failed", Some(id))
+                .with("error", error.as_str())
+                .with("attempt", attempt)
+                .with("retry_in_ms", Value::Null),
+        );
+        self.give_up(ctx, id, error);
     }
 
     pub(super) fn on_backoff(&mut self, ctx: &mut Ctx<'_>, id: &str) {
@@ -701,6 +739,7 @@ fn new_job(
         phase: JobPhase::StoppingOld,
         waiters,
         last_error: None,
+        announced: false,
     }
 }
 

@@ -602,15 +602,13 @@ impl Supervisor {
 /// A state.json that cannot be used is moved aside, not overwritten by the next write: it may be
 /// the only copy of what the plugin had saved (a torn write by hand, a disk fault).
 fn set_aside_unusable_state(ctx: &mut Ctx<'_>, id: &str, path: &Path, error: &StateError) {
-    let reason = match state_file::set_aside(path) {
-        Ok(aside) => format!(
-            "{error}; moved it to `{}` and starting with empty runtime_data",
-            aside.display()
-        ),
-        Err(e) => {
-            format!("{error}; starting with empty runtime_data (could not move it aside: {e})")
-        }
+    let kept = match state_file::set_aside(path) {
+        Ok(aside) => format!("moved it to `{}`", aside.display()),
+        Err(e) => format!("could not move it aside ({e})"),
     };
+    let reason = format!(
+        "{error}; {kept}: the plugin starts with the runtime_data of its runtime.json, if valid"
+    );
     log::warn!("[{id}] unusable state file: {reason}");
     ctx.emit(
         Event::new("state_warning", Some(id))

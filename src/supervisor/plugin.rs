@@ -132,6 +132,8 @@ pub struct Job {
     pub phase: JobPhase,
     pub waiters: Vec<Waiter>,
     pub last_error: Option<String>,
+    /// `reload_started` was emitted for it (or for the job it took over), so it owes an outcome.
+    pub announced: bool,
 }
 
 /// A reload asked for while another job runs: exactly one is kept, merged.
@@ -163,7 +165,8 @@ pub struct HistoryEntry {
     pub time: String,
     pub trigger: Trigger,
     pub old_version: Option<String>,
-    pub new_version: String,
+    /// `None` for a build that could not even be copied (it has no version).
+    pub new_version: Option<String>,
     pub ok: bool,
     pub duration_ms: u64,
     pub error: Option<String>,
@@ -181,7 +184,8 @@ impl HistoryEntry {
             time,
             trigger: job.trigger,
             old_version: job.old_version.clone(),
-            new_version: job.target.version.clone(),
+            new_version: (!job.target.path.as_os_str().is_empty())
+                .then(|| job.target.version.clone()),
             ok: error.is_none(),
             duration_ms,
             error,

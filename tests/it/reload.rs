@@ -6,11 +6,13 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
+
 use serde_json::{Value, json};
 
 use crate::util::{
     Config, Daemon, Script, TIMEOUT, assert_success, expected_version, install_atomic,
-    install_in_place, is_event, is_rfc3339_millis_utc, pid_alive,
+    install_in_place, is_event, is_rfc3339_millis_utc, pid_alive, send_signal,
 };
 
 #[test]
@@ -375,6 +377,73 @@ fn build_that_cannot_be_copied_is_retried_after_backoff_without_a_new_event() {
         sub.named("reload_started", "p1").len(),
         1,
         "one reload, however many attempts"
+    );
+}
+
+#[test]
+fn crash_while_a_copy_retry_waits_ends_that_reload_and_follows_the_restart_policy() {
+    let config = Config::new().set("hot_reload.retry_delay_ms", json!(1000));
+    let mut d = Daemon::with_config(&config);
+    let (v1, old) = d.start_running("p1", &Script::new("v1").exec_sleep());
+    let mut sub = d.client();
+    sub.subscribe(json!({}));
+    fs::rename(d.exec_path("p1"), d.root.join("away")).unwrap();
+    let resp = d.request(&json!({"cmd": "trigger", "plugin": "p1", "wait": false}));
+    assert_success(&resp, "trigger --no-wait");
+    let failed = sub.wait_named("reload_failed", "p1");
+    assert_eq!(
+        failed["retry_in_ms"], 1000,
+        "a retry of the copy is due; saw {failed}"
+    );
+    send_signal(old, Signal::SIGKILL);
+    let last = sub.wait_named("reload_failed", "p1");
+    assert!(
+        last["attempt"] == 2 && last["retry_in_ms"].is_null(),
+        "the reload ends at once, without the retries it had left; saw {last}"
+    );
+    let info = d.wait_plugin("p1", "restarted by its restart policy", |p| {
+        p["state"] == "running" && p["pid"] != old && p["restarts"] == 1
+    });
+    assert_eq!(info["version"], expected_version(&v1), "{info}");
+    assert!(
+        sub.named("rolled_back", "p1").is_empty(),
+        "a reload that stopped nothing rolls nothing back"
+    );
+}
+
+#[test]
+fn reload_whose_copy_failed_ends_with_reload_succeeded_when_the_running_build_returns() {
+    let config = Config::new().set("hot_reload.retry_delay_ms", json!(10_000));
+    let mut d = Daemon::with_config(&config);
+    let (v1, old) = d.start_running("p1", &Script::new("v1"));
+    let mut sub = d.client();
+    sub.subscribe(json!({}));
+    let away = d.root.join("away");
+    fs::rename(d.exec_path("p1"), &away).unwrap();
+    // A change in the plugin dir while the executable is gone: a reload whose copy fails.
+    fs::write(d.plugin_dir("p1").join("data.bin"), b"x").unwrap();
+    let failed = sub.wait_named("reload_failed", "p1");
+    assert_eq!(
+        failed["retry_in_ms"], 10_000,
+        "a retry is due; saw {failed}"
+    );
+    // The same build comes back long before that retry.
+    fs::rename(&away, d.exec_path("p1")).unwrap();
+    let done = sub.wait_event(TIMEOUT, "the reload's outcome", |e| {
+        is_event(e, "reload_succeeded", "p1") || is_event(e, "reload_failed", "p1")
+    });
+    let version = expected_version(&v1);
+    assert!(
+        done["event"] == "reload_succeeded"
+            && done["old_version"] == version.as_str()
+            && done["new_version"] == version.as_str(),
+        "the announced reload gets its outcome; saw {done}"
+    );
+    assert_eq!(sub.named("reload_started", "p1").len(), 1, "one reload");
+    let info = d.wait_running("p1", &v1);
+    assert_eq!(
+        info["pid"], old,
+        "nothing restarted: that build is the one running"
     );
 }
 
