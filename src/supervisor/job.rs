@@ -73,16 +73,7 @@ impl Supervisor {
                 // No build yet: that is what `missing` means, not an error.
                 log::info!("[{id}] waiting for a build: {e}");
                 p.rest = Rest::Missing;
-                answer_list(
-                    ctx,
-                    id,
-                    &job.waiters,
-                    false,
-                    None,
-                    None,
-                    Some(e.to_string()),
-                    0,
-                );
+                answer_not_started(ctx, id, &job.waiters, None, e.to_string());
                 return;
             }
             Err(e) => {
@@ -252,16 +243,7 @@ impl Supervisor {
         if job.kind == JobKind::Start {
             log::warn!("[{id}] cannot start: {error}");
             p.rest = Rest::Missing;
-            answer_list(
-                ctx,
-                id,
-                &job.waiters,
-                false,
-                None,
-                new_version,
-                Some(error),
-                0,
-            );
+            answer_not_started(ctx, id, &job.waiters, new_version, error);
             prune_snapshots(&snap_dir, p);
             return;
         }
@@ -793,6 +775,17 @@ pub(super) fn answer_waiters(
         error,
         duration_ms,
     );
+}
+
+/// Answer the waiters of a first start that found no usable build (`version`: the refused one).
+fn answer_not_started(
+    ctx: &mut Ctx<'_>,
+    id: &str,
+    waiters: &[Waiter],
+    version: Option<String>,
+    error: String,
+) {
+    answer_list(ctx, id, waiters, false, None, version, Some(error), 0);
 }
 
 /// Answer waiters whose reload will not happen at all.
