@@ -82,15 +82,7 @@ impl Supervisor {
                 return;
             }
         }
-        // A job still waiting to copy an older build would only copy this one: this job answers
-        // for both, whatever its outcome.
-        if p.job.as_ref().is_some_and(awaiting_snapshot)
-            && let Some(old) = p.job.take()
-        {
-            cancel_job_timer(ctx, &old);
-            job.waiters.extend(old.waiters);
-            job.announced |= old.announced;
-        }
+        take_over_copy_retry(ctx, p, &mut job);
         if self.build_unchanged(ctx, id, &exec, &job) {
             return;
         }
@@ -217,10 +209,9 @@ impl Supervisor {
             return;
         }
         // A newer change restarts the count (it is a newer build).
-        if let Some(old) = p.job.take() {
-            cancel_job_timer(ctx, &old);
-            job.waiters.extend(old.waiters);
-        }
+        let announced = job.announced;
+        take_over_copy_retry(ctx, p, &mut job);
+        job.announced = announced;
         if !job.announced {
             self.announce_reload(ctx, id, &mut job);
         }
@@ -255,12 +246,7 @@ impl Supervisor {
             self.announce_reload(ctx, id, &mut job);
         }
         log::warn!("[{id}] hot reload failed: {error}");
-        ctx.emit(
-            Event::new("reload_failed", Some(id))
-                .with("error", error.as_str())
-                .with("attempt", job.attempt)
-                .with("retry_in_ms", Value::Null),
-        );
+        emit_reload_failed(ctx, id, &error, job.attempt, None);
         answer_waiters(ctx, id, &job, false, Some(error.clone()));
         let hook = HookContext {
             plugin: id,
@@ -519,19 +505,7 @@ impl Supervisor {
             log::warn!("[{id}] start failed (attempt {attempt}): {error}");
         }
         if kind == JobKind::Reload {
-            ctx.emit(
-                Event::new("reload_failed", Some(id))
-                    .with("error", error.as_str())
-                    .with("attempt", attempt)
-                    .with(
-                        "retry_in_ms",
-                        if last {
-                            Value::Null
-                        } else {
-                            Value::from(delay)
-                        },
-                    ),
-            );
+            emit_reload_failed(ctx, id, &error, attempt, (!last).then_some(delay));
         }
         if !last {
             job.attempt += 1;
@@ -626,12 +600,7 @@ impl Supervisor {
         let attempt = job.attempt;
         p.last_error = Some(error.clone());
         log::warn!("[{id}] hot reload failed (attempt {attempt}): {error}");
-        ctx.emit(
-            Event::new("reload_failed", Some(id))
-                .with("error", error.as_str())
-                .with("attempt", attempt)
-                .with("retry_in_ms", Value::Null),
-        );
+        emit_reload_failed(ctx, id, &error, attempt, None);
         self.give_up(ctx, id, error);
     }
 
@@ -736,6 +705,35 @@ pub(super) enum DirSync {
     EndOfTurn,
     /// Once the reload waiting for the old instance's stop has moved on (it spawned).
     AfterStop,
+}
+
+/// A job still waiting to retry the copy of an older build would only copy the current one:
+/// `job` takes it over (its waiters, and the `reload_started` it already sent) and answers for
+/// both, whatever its outcome.
+fn take_over_copy_retry(ctx: &mut Ctx<'_>, p: &mut Plugin, job: &mut Job) {
+    if p.job.as_ref().is_some_and(awaiting_snapshot)
+        && let Some(old) = p.job.take()
+    {
+        cancel_job_timer(ctx, &old);
+        job.waiters.extend(old.waiters);
+        job.announced |= old.announced;
+    }
+}
+
+/// `reload_failed` for `attempt`, with the delay before the next one (`None`: no retry).
+fn emit_reload_failed(
+    ctx: &mut Ctx<'_>,
+    id: &str,
+    error: &str,
+    attempt: u32,
+    retry_in_ms: Option<u64>,
+) {
+    ctx.emit(
+        Event::new("reload_failed", Some(id))
+            .with("error", error)
+            .with("attempt", attempt)
+            .with("retry_in_ms", retry_in_ms.map_or(Value::Null, Value::from)),
+    );
 }
 
 /// A job whose build has not been copied yet (its snapshot failed and waits for a retry).
