@@ -209,9 +209,7 @@ impl Supervisor {
             return;
         }
         // A newer change restarts the count (it is a newer build).
-        let announced = job.announced;
         take_over_copy_retry(ctx, p, &mut job);
-        job.announced = announced;
         if !job.announced {
             self.announce_reload(ctx, id, &mut job);
         }

@@ -448,6 +448,26 @@ fn reload_whose_copy_failed_ends_with_reload_succeeded_when_the_running_build_re
 }
 
 #[test]
+fn second_change_whose_copy_fails_continues_the_reload_already_announced() {
+    let config = Config::new().set("hot_reload.retry_delay_ms", json!(10_000));
+    let mut d = Daemon::with_config(&config);
+    d.start_running("p1", &Script::new("v1"));
+    let mut sub = d.client();
+    sub.subscribe(json!({}));
+    fs::rename(d.exec_path("p1"), d.root.join("away")).unwrap();
+    for (n, name) in ["data-1.bin", "data-2.bin"].into_iter().enumerate() {
+        fs::write(d.plugin_dir("p1").join(name), b"x").unwrap();
+        let failed = sub.wait_named("reload_failed", "p1");
+        assert_eq!(failed["retry_in_ms"], 10_000, "change {n}: saw {failed}");
+    }
+    assert_eq!(
+        sub.named("reload_started", "p1").len(),
+        1,
+        "the second change takes over the reload waiting to retry, it does not start another"
+    );
+}
+
+#[test]
 fn broken_build_is_retried_with_backoff_then_rolled_back_with_its_state() {
     let mut d = Daemon::new();
     let (good, _) = d.start_running("p1", &Script::new("v1").runtime_json(&json!({"jobs": 3})));
