@@ -315,6 +315,29 @@ fn open_control(config: &Config) -> Result<ControlServer, FatalError> {
     })
 }
 
+/// The configuration keys whose value changed from `old` to `new` but that only a daemon restart
+/// applies: where the daemon's files live and how its control socket was bound.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
+    let (a, b) = (&old.control, &new.control);
+    [
+        ("plugins_dir", old.plugins_dir != new.plugins_dir),
+        ("runtime_dir", old.runtime_dir != new.runtime_dir),
+        ("state_dir", old.state_dir != new.state_dir),
+        ("control.socket", old.socket != new.socket),
+        ("control.mode", a.mode != b.mode),
+        ("control.group", a.group != b.group),
+        ("control.max_clients", a.max_clients != b.max_clients),
+        (
+            "control.max_line_bytes",
+            a.max_line_bytes != b.max_line_bytes,
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, changed)| *changed)
+    .map(|(key, _)| key.to_string())
+    .collect()
+}
+
 impl Core {
     fn ctx(&mut self) -> (Ctx<'_>, &mut Supervisor) {
         let ctx = Ctx {
@@ -543,7 +566,7 @@ impl Core {
     // -- config and lifecycle
 
     /// SIGHUP / reload-config: apply a new configuration, or keep the running one on error.
-    fn reload_config(&mut self) -> Result<(), String> {
+    fn reload_config(&mut self) -> Result<Vec<String>, String> {
         if self.shutting_down {
             log::info!("ignoring a configuration reload: the daemon is shutting down");
             return Err("the daemon is shutting down".into());
@@ -562,10 +585,13 @@ impl Core {
                 Err(error)
             }
             Ok(new) => {
-                self.apply_config(new);
+                let needs_restart = self.apply_config(new);
                 log::info!("configuration reloaded");
-                self.emit(Event::new("config_reloaded", None));
-                Ok(())
+                self.emit(
+                    Event::new("config_reloaded", None)
+                        .with("needs_restart", needs_restart.clone()),
+                );
+                Ok(needs_restart)
             }
         };
         // Before start-up finished, the READY=1 of start-up ends the reload too.
@@ -612,25 +638,22 @@ impl Core {
         }
     }
 
-    fn apply_config(&mut self, mut new: Config) {
-        for (what, old, fresh) in [
-            ("plugins_dir", &self.config.plugins_dir, &new.plugins_dir),
-            ("runtime_dir", &self.config.runtime_dir, &new.runtime_dir),
-            ("state_dir", &self.config.state_dir, &new.state_dir),
-            ("control.socket", &self.config.socket, &new.socket),
-        ] {
-            if old != fresh {
-                log::warn!(
-                    "{what} changed to {} but takes effect only after a restart; keeping {}",
-                    fresh.display(),
-                    old.display()
-                );
-            }
+    /// Apply a validated configuration. Settings bound at start (directories, the control
+    /// socket and its file) keep their running values; the keys whose new value waits for a
+    /// daemon restart are returned (and logged) so `reload-config` can say so.
+    fn apply_config(&mut self, mut new: Config) -> Vec<String> {
+        let needs_restart = restart_only_changes(&self.config, &new);
+        for key in &needs_restart {
+            log::warn!(
+                "{key} changed in the configuration but takes effect only after a daemon restart; \
+                 the running value stays"
+            );
         }
         new.plugins_dir = self.config.plugins_dir.clone();
         new.runtime_dir = self.config.runtime_dir.clone();
         new.state_dir = self.config.state_dir.clone();
         new.socket = self.config.socket.clone();
+        new.control = self.config.control.clone();
         let patterns_changed =
             new.hot_reload.watch_patterns != self.config.hot_reload.watch_patterns;
         let flip = (new.hot_reload.enabled != self.config.hot_reload.enabled)
@@ -656,6 +679,7 @@ impl Core {
                 }
             }
         }
+        needs_restart
     }
 
     fn begin_shutdown(&mut self) {
@@ -795,7 +819,11 @@ impl Core {
                 Outcome::Subscribed(reply, SubscribeFilter { plugin, verbose })
             }
             Command::ReloadConfig => match self.reload_config() {
-                Ok(()) => ok(Self::one("reloaded", Value::Bool(true))),
+                Ok(needs_restart) => {
+                    let mut body = Self::one("reloaded", Value::Bool(true));
+                    body.insert("needs_restart".into(), Value::from(needs_restart));
+                    ok(body)
+                }
                 Err(e) => err(ErrorCode::ConfigInvalid, &e),
             },
             Command::Help => {

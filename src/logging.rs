@@ -4,7 +4,13 @@
 //! syslog priority so `journalctl -p` filters work, and carries no timestamp of our own (the
 //! journal stamps every line). Elsewhere lines get an RFC 3339 timestamp and the level. The filter
 //! comes from `HOTRELOAD_LOG`, then `RUST_LOG`, then `info`.
+//!
+//! Every message is escaped on its way out (SPEC §4): a plugin's output, its `STATUS=` text or a
+//! file name it created may carry `\n`, `\r`, ANSI escapes or NUL, and written raw they would let
+//! a plugin forge daemon log lines or repaint a terminal. One log line is one record, always.
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 
@@ -54,7 +60,7 @@ pub fn init() {
                 buf,
                 "<{}>{}",
                 syslog_priority(record.level()),
-                record.args()
+                escape_controls(&record.args().to_string())
             )
         });
     } else {
@@ -64,7 +70,7 @@ pub fn init() {
                 "{} {:<5} {}",
                 crate::clock::wall_rfc3339(),
                 record.level(),
-                record.args()
+                escape_controls(&record.args().to_string())
             )
         });
     }
@@ -72,9 +78,67 @@ pub fn init() {
     let _ = builder.try_init();
 }
 
+/// `text` with every character that could break a log line or drive a terminal written as a
+/// visible escape: `\n`, `\r`, `\0`, `\x1b` (any C0 or C1 control and DEL as `\xNN`), and
+/// the Unicode line separators and bidirectional overrides as `\u{NNNN}`. Plain text (the usual
+/// case) is returned as is, without a copy.
+pub fn escape_controls(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(needs_escape) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\0' => out.push_str("\\0"),
+            c if u32::from(c) < 0x100 && needs_escape(c) => {
+                let _ = write!(out, "\\x{:02x}", u32::from(c));
+            }
+            c if needs_escape(c) => {
+                let _ = write!(out, "\\u{{{:04x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Controls (C0, DEL, C1), line/paragraph separators, and the bidi embedding/override/isolate
+/// characters that can make a line read differently from what it holds.
+/// A tab stays: it cannot end a line or move the cursor back, and plugins print tables.
+fn needs_escape(c: char) -> bool {
+    (c.is_control() && c != '\t')
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}')
+        || ('\u{202a}'..='\u{202e}').contains(&c)
+        || ('\u{2066}'..='\u{2069}').contains(&c)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_text_is_borrowed_unchanged() {
+        let line = "[p1] hello wörld: 100% done";
+        assert!(matches!(escape_controls(line), Cow::Borrowed(s) if s == line));
+    }
+
+    #[test]
+    fn controls_become_visible_escapes() {
+        assert_eq!(
+            escape_controls("a\rb\nc\td\0e\x1b[31mf\x7fg\u{85}h"),
+            "a\\rb\\nc\td\\0e\\x1b[31mf\\x7fg\\x85h"
+        );
+    }
+
+    #[test]
+    fn separators_and_bidi_overrides_are_escaped() {
+        assert_eq!(
+            escape_controls("x\u{2028}y\u{202e}z\u{2066}"),
+            "x\\u{2028}y\\u{202e}z\\u{2066}"
+        );
+    }
 
     #[test]
     fn priorities_follow_syslog() {

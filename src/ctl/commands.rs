@@ -88,8 +88,8 @@ pub(super) fn one_shot(
             human(io, json, text)
         }
         Command::ReloadConfig => {
-            answer(client, &json!({"cmd": "reload-config"}), json, io)?;
-            human(io, json, "configuration reloaded\n")
+            let reply = answer(client, &json!({"cmd": "reload-config"}), json, io)?;
+            human(io, json, &reloaded_text(&reply["needs_restart"]))
         }
         Command::Trigger { id, no_wait } => trigger(client, id, !no_wait, json, io),
         Command::Events { .. }
@@ -102,6 +102,25 @@ pub(super) fn one_shot(
 }
 
 /// Prints `text` unless `--json` already printed the reply.
+/// What `reload-config` did, naming the changed keys that wait for a daemon restart.
+fn reloaded_text(needs_restart: &Value) -> String {
+    let keys: Vec<&str> = needs_restart
+        .as_array()
+        .map_or(&[][..], Vec::as_slice)
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    if keys.is_empty() {
+        "configuration reloaded\n".to_string()
+    } else {
+        format!(
+            "configuration reloaded; changed but applied only at a daemon restart: {} \
+             (the running values stay until then)\n",
+            keys.join(", ")
+        )
+    }
+}
+
 fn human(io: &mut Io<'_>, json: bool, text: &str) -> Result<Outcome, CtlError> {
     if !json {
         io.out.write_all(text.as_bytes())?;

@@ -570,6 +570,58 @@ fn reload_config_with_a_broken_file_answers_config_invalid_and_keeps_running() {
     );
 }
 
+/// SPEC §6: `reload-config` applies what it can and names, in `needs_restart`, the changed keys
+/// that only a daemon restart applies; their running values stay (the socket keeps its mode).
+#[test]
+fn reload_config_names_the_keys_that_need_a_restart() {
+    let mut d = Daemon::new();
+    d.start();
+    let mode_before = fs::metadata(&d.socket).unwrap().permissions().mode() & 0o7777;
+    d.write_config(&Config::new().set("hot_reload.debounce_delay_ms", json!(70)));
+    let resp = d.request(&json!({"cmd": "reload-config"}));
+    assert_eq!(
+        assert_success(&resp, "reload-config")["needs_restart"],
+        json!([]),
+        "nothing restart-only changed: {resp}"
+    );
+    d.write_config(
+        &Config::new()
+            .set("hot_reload.debounce_delay_ms", json!(80))
+            .set("control.mode", json!("0600"))
+            .set("control.max_clients", json!(7)),
+    );
+    let resp = d.request(&json!({"cmd": "reload-config"}));
+    let body = assert_success(&resp, "reload-config");
+    assert_eq!(body["reloaded"], true, "{resp}");
+    assert_eq!(
+        body["needs_restart"],
+        json!(["control.mode", "control.max_clients"]),
+        "contract (SPEC §6): needs_restart names the changed restart-only keys; {resp}"
+    );
+    assert_eq!(
+        d.status()["hot_reload"]["debounce_delay_ms"],
+        80,
+        "the rest applies"
+    );
+    assert_eq!(
+        fs::metadata(&d.socket).unwrap().permissions().mode() & 0o7777,
+        mode_before,
+        "the running socket keeps its mode until a restart"
+    );
+    wait_until(TIMEOUT, "the restart-only keys logged as warnings", || {
+        let log = d.stderr_text();
+        (log.contains("control.mode changed") && log.contains("control.max_clients changed"))
+            .then_some(())
+    });
+    let out = d.ctl(&["reload-config"]);
+    assert!(
+        out.text()
+            .contains("applied only at a daemon restart: control.mode, control.max_clients"),
+        "hotreloadctl names the keys: {}",
+        out.text()
+    );
+}
+
 #[test]
 fn enable_is_refused_with_watch_disabled_when_watching_is_switched_off() {
     let mut d = Daemon::new();

@@ -169,6 +169,48 @@ fn plugin_output_reaches_the_daemon_log_and_subscribers() {
     });
 }
 
+/// SPEC §4: a plugin's output is logged with its control characters escaped, so a plugin cannot
+/// start a line of its own in the daemon's log (`\r`, a bare `\n` inside a chunk, NUL) or drive
+/// the terminal that shows it (ANSI escapes). Subscribers still get the exact text.
+#[test]
+fn plugin_output_cannot_forge_daemon_log_lines() {
+    let mut d = Daemon::new();
+    d.start();
+    let mut sub = d.client();
+    sub.subscribe(json!({}));
+    let forged = "2026-12-07T00:00:00.000Z ERROR [p2] hot reload failed";
+    let script = Script::new("v1").shell(&format!(
+        r"printf 'evil\r{forged}\n'; printf 'color\033[2K\033[31mred\000nul\n'"
+    ));
+    d.install("p1", &script);
+    let event = sub.wait_event(TIMEOUT, "plugin_output with the carriage return", |e| {
+        is_event(e, "plugin_output", "p1")
+            && e["line"].as_str().is_some_and(|l| l.starts_with("evil"))
+    });
+    assert_eq!(
+        event["line"],
+        format!("evil\r{forged}"),
+        "subscribers get the exact line (JSON escapes it); {event}"
+    );
+    let log = wait_until(TIMEOUT, "both lines in the daemon log", || {
+        let log = d.stderr_text();
+        (log.contains("[p1] evil") && log.contains("[p1] color")).then_some(log)
+    });
+    let expected = format!("[p1] evil\\r{forged}");
+    assert!(
+        log.contains(&expected),
+        "contract (SPEC §4): \\r is escaped in the log; want {expected:?} in:\n{log}"
+    );
+    assert!(
+        log.contains("[p1] color\\x1b[2K\\x1b[31mred\\0nul"),
+        "contract (SPEC §4): ESC and NUL are escaped in the log:\n{log}"
+    );
+    assert!(
+        !log.bytes().any(|b| b == b'\r' || b == 0x1b || b == 0),
+        "no raw control character reaches the log:\n{log:?}"
+    );
+}
+
 /// Removes plugin `p1`'s dir and waits until the daemon stopped and forgot it.
 #[track_caller]
 fn remove_p1_and_wait_forgotten(d: &Daemon, sub: &mut crate::util::Client, pid: i32) {
