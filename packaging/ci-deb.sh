@@ -116,8 +116,8 @@ step "hotreloadd --check-config"
 if out=$(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin /usr/bin/hotreloadd --check-config \
            --config /etc/hotreload/hotreload.toml 2>&1); then
   printf '%s\n' "$out" | sed 's/^/    /'
-  check "effective configuration shows the shipped watch_patterns" \
-    grep -q '_transcoder' <<<"$out"
+  check "effective configuration supervises every plugin dir (watch_patterns = [\"*\"])" \
+    grep -qxF 'watch_patterns = ["*"]' <<<"$out"
   check "effective configuration shows the shipped plugins_dir" \
     grep -q '/var/lib/hotreload/plugins' <<<"$out"
 else

@@ -169,11 +169,6 @@ struct Target {
 impl Target {
     /// Why the daemon will not load the new build by itself, if it will not.
     fn obstacle(&self, id: &str) -> Option<String> {
-        if let Some(patterns) = &self.unwatched {
-            return Some(format!(
-                "{id} matches none of the daemon's watch_patterns ({patterns}), so it will not be started"
-            ));
-        }
         (!self.hot_reload).then(|| {
             format!(
                 "hot reload is disabled, so the daemon will not load the new build; \
@@ -298,6 +293,15 @@ fn install(
     }
     let mut client = Client::connect(socket)?;
     let target = locate(&mut client, id)?;
+    if let Some(patterns) = &target.unwatched {
+        // Refused before anything is written: a dir the daemon ignores would only mislead.
+        return Err(CtlError::Failed(format!(
+            "refusing to install {id}: the daemon supervises only plugin dirs whose names match \
+             watch_patterns ({patterns}), and {id} matches none, so nothing was written; \
+             use a matching id, or add a glob such as \"{id}\" or \"*\" to watch_patterns in \
+             hotreload.toml and run `hotreloadctl reload-config`"
+        )));
+    }
     if target.create_dir {
         create_plugin_dir(&target.exec)?;
     }

@@ -357,3 +357,26 @@ fn ctl_interactive_with_piped_stdin_prints_status_and_list() {
         "contract (SPEC §8): s prints the status (pid, dir or enabled); {out:?}"
     );
 }
+
+#[test]
+fn ctl_install_of_an_id_no_watch_pattern_matches_writes_nothing_and_names_the_patterns() {
+    let config = Config::new().set(
+        "hot_reload.watch_patterns",
+        json!(["*_transcoder", "*_scanner"]),
+    );
+    let mut d = Daemon::with_config(&config);
+    d.start();
+    let (src, _) = build_outside(&d, "demo", &Script::new("v1"), 0o755);
+    let out = d.ctl(&["install", "demo", arg(&src), "--wait"]);
+    assert_exit(&out, 1, "install of an id no watch_patterns glob matches");
+    let text = out.text();
+    assert!(
+        text.contains("*_transcoder") && text.contains("*_scanner") && text.contains("demo"),
+        "contract (SPEC §8): the refusal names the id and the patterns; saw {out:?}"
+    );
+    assert!(
+        !d.plugin_dir("demo").exists(),
+        "contract (SPEC §8): refused before anything is written; {} exists",
+        d.plugin_dir("demo").display()
+    );
+}
