@@ -65,6 +65,20 @@ impl PreflightError {
     pub fn problem(&self) -> &Problem {
         &self.problem
     }
+
+    /// The message as the user needs it: naming `build`, the file in the plugin dir that the
+    /// checked snapshot was copied from, and for a mode problem `build`'s own mode (the snapshot
+    /// is the daemon's private copy, whose path and mode the user never chose).
+    pub fn about_build(&self, build: &Path) -> String {
+        let problem = match (&self.problem, fs::metadata(build)) {
+            (Problem::NotExecutable { .. }, Ok(meta)) => Problem::NotExecutable {
+                mode: meta.permissions().mode() & 0o7777,
+            }
+            .to_string(),
+            (problem, _) => problem.to_string(),
+        };
+        format!("`{}`: {problem}", build.display())
+    }
 }
 
 impl fmt::Display for PreflightError {

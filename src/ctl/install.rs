@@ -19,7 +19,7 @@ use crate::fsutil;
 
 use super::client::{Client, os_text};
 use super::commands;
-use super::wait::{Waiter, wait_for_outcome};
+use super::wait::{Probe, Waiter, wait_for_outcome};
 use super::{CtlError, Io, Outcome};
 
 /// Prefix of the temporary file; the daemon never counts changes to files named like this.
@@ -164,6 +164,8 @@ struct Target {
     hot_reload: bool,
     /// For a new plugin: the id matches none of `watch_patterns`, so the daemon will ignore it.
     unwatched: Option<String>,
+    /// The plugin's `last_error` before the install (`Null` for none or a new plugin).
+    last_error: Value,
 }
 
 impl Target {
@@ -210,6 +212,7 @@ fn locate(client: &mut Client, id: &str) -> Result<Target, CtlError> {
             create_dir: false,
             hot_reload,
             unwatched: None,
+            last_error: p["last_error"].clone(),
         });
     }
     let plugins_dir = status["daemon"]["plugins_dir"]
@@ -228,6 +231,7 @@ fn locate(client: &mut Client, id: &str) -> Result<Target, CtlError> {
         create_dir: true,
         hot_reload,
         unwatched: unwatched(id, &status["hot_reload"]["watch_patterns"]),
+        last_error: Value::Null,
     })
 }
 
@@ -342,7 +346,8 @@ fn install(
         return report.finish(Err(why), io);
     }
     let mut waiter = Waiter::new(id, &version, target.first_start, io.style());
-    let waited = wait_for_outcome(events, &mut waiter, json, io)?;
+    let mut probe = Probe::new(&mut client, target.last_error.clone());
+    let waited = wait_for_outcome(events, &mut waiter, &mut probe, json, io)?;
     report.events = waited.events;
     report.finish(waited.result, io)
 }

@@ -5,6 +5,11 @@
 //! A reload ends with `reload_succeeded` for the installed version or a final `reload_failed`
 //! (`retry_in_ms` null, possibly followed by `rolled_back`). A plugin that was not running before
 //! ends with its first start: `plugin_ready`, or `plugin_started` and no exit for [`SETTLE`].
+//!
+//! Two outcomes have no event of their own, so a second connection asks the daemon (`plugin ID`,
+//! [`Probe`]): whether a rollback can still follow a final `reload_failed` (not when the old build
+//! never stopped, as for a build refused by the pre-flight check), and whether a new plugin's
+//! first start was refused (it stays `missing` with a new `last_error`, and no event says so).
 
 use std::time::{Duration, Instant};
 
@@ -21,6 +26,54 @@ pub const WAIT_LIMIT: Duration = Duration::from_secs(120);
 const SETTLE: Duration = Duration::from_secs(3);
 /// How long to wait for `rolled_back` after a final `reload_failed`.
 const ROLLBACK_GRACE: Duration = Duration::from_secs(5);
+/// How often a first start is checked for a refusal that no event reports.
+const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+/// How long to read events already on their way once the plugin is known to be settled.
+const DRAIN: Duration = Duration::from_millis(100);
+
+/// Asks the daemon about the plugin on a connection of its own, for outcomes no event reports.
+pub(super) struct Probe<'a> {
+    client: &'a mut Client,
+    /// `last_error` before the install: a refusal shows as a different one.
+    error_before: Value,
+}
+
+impl<'a> Probe<'a> {
+    pub(super) fn new(client: &'a mut Client, error_before: Value) -> Probe<'a> {
+        Probe {
+            client,
+            error_before,
+        }
+    }
+
+    /// The plugin as `plugin ID` shows it (`Null` when the daemon does not know it yet).
+    fn plugin(&mut self, id: &str) -> Result<Value, CtlError> {
+        let reply = self
+            .client
+            .request(&json!({"cmd": "plugin", "plugin": id}))?;
+        Ok(reply.value["plugin"].clone())
+    }
+
+    /// A first start the daemon refused: the plugin waits in `missing` or `failed` with a new
+    /// `last_error` (the pre-flight check's message, naming the file).
+    fn refused_start(&mut self, id: &str) -> Result<Option<String>, CtlError> {
+        let p = self.plugin(id)?;
+        let settled = matches!(p["state"].as_str(), Some("missing" | "failed"));
+        let error = &p["last_error"];
+        Ok(
+            (settled && error.is_string() && *error != self.error_before)
+                .then(|| format!("{id}: not started: {}", text(error))),
+        )
+    }
+
+    /// Whether a rollback can still follow a final failure: not when a build other than `ours`
+    /// is running and no job is under way (the old build never stopped).
+    fn rollback_possible(&mut self, id: &str, ours: &str) -> Result<bool, CtlError> {
+        let p = self.plugin(id)?;
+        let old_runs = p["state"] == "running" && p["version"].as_str() != Some(ours);
+        Ok(!old_runs)
+    }
+}
 
 /// What one event means for an install that is waiting for its outcome.
 #[derive(Debug, PartialEq, Eq)]
@@ -135,13 +188,24 @@ pub(super) struct Waited {
 pub(super) fn wait_for_outcome(
     events: &mut Client,
     waiter: &mut Waiter,
+    probe: &mut Probe<'_>,
     json: bool,
     io: &mut Io<'_>,
 ) -> Result<Waited, CtlError> {
     let mut seen = Vec::new();
     let deadline = Instant::now() + WAIT_LIMIT;
+    let mut next_probe = Instant::now() + PROBE_INTERVAL;
     loop {
         let now = Instant::now();
+        if waiter.first_start && waiter.started.is_none() && now >= next_probe {
+            next_probe = now + PROBE_INTERVAL;
+            if let Some(refused) = probe.refused_start(&waiter.plugin)? {
+                return Ok(Waited {
+                    result: Err(refused),
+                    events: seen,
+                });
+            }
+        }
         if let Some(settled) = waiter.settle_deadline()
             && now >= settled
         {
@@ -161,10 +225,14 @@ pub(super) fn wait_for_outcome(
                 events: seen,
             });
         }
-        let wake = waiter
+        let mut wake = waiter
             .settle_deadline()
             .map_or(deadline, |s| s.min(deadline));
-        let Some(ev) = next_event(events, wake - now, &waiter.plugin)? else {
+        if waiter.first_start && waiter.started.is_none() {
+            wake = wake.min(next_probe);
+        }
+        let Some(ev) = next_event(events, wake.saturating_duration_since(now), &waiter.plugin)?
+        else {
             continue;
         };
         match waiter.on_event(&ev, Instant::now()) {
@@ -178,7 +246,7 @@ pub(super) fn wait_for_outcome(
             Step::Done(result) => {
                 seen.push(ev);
                 if result.is_err()
-                    && let Some(rolled_back) = await_rollback(events, waiter)
+                    && let Some(rolled_back) = await_rollback(events, waiter, probe)
                 {
                     if !json {
                         let version = text(&rolled_back["version"]);
@@ -199,9 +267,16 @@ pub(super) fn wait_for_outcome(
     }
 }
 
-/// After a final failure, the `rolled_back` event if one follows promptly.
-fn await_rollback(events: &mut Client, waiter: &Waiter) -> Option<Value> {
-    let deadline = Instant::now() + ROLLBACK_GRACE;
+/// After a final failure, the `rolled_back` event if one follows promptly. When the daemon says
+/// the old build still runs, only events already on their way are read: a refused build is
+/// reported as soon as the daemon refuses it.
+fn await_rollback(events: &mut Client, waiter: &Waiter, probe: &mut Probe<'_>) -> Option<Value> {
+    // A failed probe changes nothing: wait the full grace as if a rollback could follow.
+    let possible = probe
+        .rollback_possible(&waiter.plugin, &waiter.version)
+        .unwrap_or(true);
+    let grace = if possible { ROLLBACK_GRACE } else { DRAIN };
+    let deadline = Instant::now() + grace;
     while let Some(left) = deadline.checked_duration_since(Instant::now()) {
         // The failure is the news; a connection lost now does not change it.
         let ev = next_event(events, left, &waiter.plugin).ok()?;

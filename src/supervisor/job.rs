@@ -87,7 +87,8 @@ impl Supervisor {
             return;
         }
         if let Err(e) = preflight::check(&job.target.path) {
-            let error = format!("pre-flight check failed: {e}");
+            // Name the file the user wrote, not the daemon's private copy.
+            let error = format!("pre-flight check failed: {}", e.about_build(&exec));
             self.refuse_build(ctx, id, job, error);
             return;
         }
@@ -462,7 +463,8 @@ impl Supervisor {
                         .with("version", job.target.version.as_str()),
                 );
             }
-            JobKind::Start | JobKind::Restart => {}
+            // A good build runs again: an earlier refusal or crash is no longer the news.
+            JobKind::Start | JobKind::Restart => p.last_error = None,
         }
         if job.kind != JobKind::Rollback {
             answer_waiters(ctx, id, &job, true, None);

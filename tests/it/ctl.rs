@@ -380,3 +380,89 @@ fn ctl_install_of_an_id_no_watch_pattern_matches_writes_nothing_and_names_the_pa
         d.plugin_dir("demo").display()
     );
 }
+
+/// The pre-flight message of plugin `id` names its file in the plugin dir and that file's mode,
+/// never the daemon's snapshot copy.
+#[track_caller]
+fn assert_names_the_build(d: &Daemon, text: &str, id: &str, mode: &str) {
+    let build = d.exec_path(id);
+    let build = build.to_string_lossy();
+    let snapshots = d.runtime.to_string_lossy();
+    assert!(
+        text.contains(build.as_ref()) && text.contains(mode) && !text.contains(snapshots.as_ref()),
+        "contract (SPEC §5 states): the message names {build} and its mode {mode}, not a \
+         snapshot under {snapshots}; saw {text:?}"
+    );
+}
+
+#[test]
+fn preflight_error_names_the_users_file_and_clears_once_a_good_build_runs() {
+    let mut d = Daemon::new();
+    d.start();
+    let script = Script::new("v1");
+    d.install_mode("noexec", &script, 0o644);
+    let info = d.wait_plugin("noexec", "a last_error", |p| p["last_error"].is_string());
+    let error = info["last_error"].as_str().unwrap_or_default();
+    assert_names_the_build(&d, error, "noexec", "0644");
+    let shown = d.ctl(&["plugin", "noexec"]);
+    assert_names_the_build(&d, &shown.text(), "noexec", "0644");
+    let good = d.install_mode("noexec", &script, 0o755);
+    d.wait_running("noexec", &good);
+    let info = d.wait_plugin("noexec", "last_error cleared", |p| {
+        p["last_error"].is_null()
+    });
+    assert_eq!(
+        info["state"], "running",
+        "contract (SPEC §5 states): once a good build runs, last_error is null; saw {info}"
+    );
+}
+
+/// `time` of an event as the daemon stamped it.
+fn event_time(event: &Value) -> std::time::SystemTime {
+    let text = event["time"].as_str().unwrap_or_default();
+    humantime::parse_rfc3339(text).unwrap_or_else(|e| panic!("event time {text:?}: {e}"))
+}
+
+#[test]
+fn ctl_install_wait_reports_a_refused_build_as_soon_as_the_daemon_refuses_it() {
+    let mut d = Daemon::new();
+    d.start_running("p1", &Script::new("v1"));
+    let mut events = d.client();
+    events.subscribe(json!({"plugin": "p1"}));
+    let (src, _) = build_outside(&d, "p1", &Script::new("v2"), 0o644);
+    let out = d.ctl(&["install", "p1", arg(&src), "--wait"]);
+    let exited = std::time::SystemTime::now();
+    assert_exit(
+        &out,
+        1,
+        "install --wait of a build refused by the pre-flight check",
+    );
+    assert_names_the_build(&d, &out.stderr, "p1", "0644");
+    let refused = events.wait_named("reload_failed", "p1");
+    let late = exited
+        .duration_since(event_time(&refused))
+        .unwrap_or_default();
+    assert!(
+        late < std::time::Duration::from_secs(2),
+        "contract (SPEC §8): install --wait reports the refusal as soon as the daemon \
+         refuses it; it exited {late:?} after the daemon's reload_failed: {out:?}"
+    );
+}
+
+#[test]
+fn ctl_install_wait_of_a_new_plugin_reports_its_refused_first_start() {
+    let mut d = Daemon::new();
+    d.start();
+    let (src, _) = build_outside(&d, "fresh", &Script::new("v1"), 0o600);
+    let out = d.run(
+        d.ctl_command(&["install", "fresh", arg(&src), "--wait"]),
+        None,
+        TIMEOUT,
+    );
+    assert_exit(
+        &out,
+        1,
+        "install --wait of a new plugin whose build is refused",
+    );
+    assert_names_the_build(&d, &out.stderr, "fresh", "0600");
+}
