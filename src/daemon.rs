@@ -709,12 +709,17 @@ impl Core {
 
     fn status_body(&self) -> Map<String, Value> {
         let hr = &self.config.hot_reload;
-        let watching = self.watcher.as_ref().map_or(0, Watcher::dirs_watched);
+        // Plugin directories, as the field says: not the plugins dir itself nor build dirs that
+        // symlinked executables point into, which the watcher also watches.
+        let watching = self.watcher.as_ref().map_or(0, |w| {
+            self.sup.plugins().filter(|p| w.is_watching(&p.id)).count()
+        });
         let mut body = Map::new();
         body.insert(
             "hot_reload".into(),
             json!({
-                "enabled": self.enabled,
+                // With HOTRELOAD_WATCH=0 nothing reloads by itself, whatever the toggle says.
+                "enabled": self.enabled && self.watcher.is_some(),
                 "watching_directories": watching,
                 "last_reload": self.sup.totals.last_reload,
                 "reload_count": self.sup.totals.reload_count,

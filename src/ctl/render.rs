@@ -335,7 +335,10 @@ pub fn status(reply: &Value, style: &Style) -> String {
         ("exclude", list(&hr["exclude_patterns"])),
         (
             "watching",
-            format!("{} plugin directories", text(&hr["watching_directories"])),
+            match hr["watching_directories"].as_u64() {
+                Some(1) => "1 plugin directory".to_string(),
+                _ => format!("{} plugin directories", text(&hr["watching_directories"])),
+            },
         ),
         (
             "reloads",

@@ -466,3 +466,34 @@ fn ctl_install_wait_of_a_new_plugin_reports_its_refused_first_start() {
     );
     assert_names_the_build(&d, &out.stderr, "fresh", "0600");
 }
+
+#[test]
+fn status_counts_plugin_directories_and_says_disabled_without_watches() {
+    let mut d = Daemon::new();
+    // A symlinked build: its directory is watched too, but it is no plugin directory.
+    let build = d.root.join("build").join("p1-build");
+    crate::util::install_atomic(&build, &Script::new("v1").render(&d.root, "p1"), 0o755);
+    fs::create_dir_all(d.plugin_dir("p1")).unwrap();
+    std::os::unix::fs::symlink(&build, d.exec_path("p1")).unwrap();
+    d.start();
+    d.wait_started("p1", "v1");
+    let hot = &d.status()["hot_reload"];
+    assert!(
+        hot["watching_directories"] == 1 && hot["enabled"] == true,
+        "contract (SPEC §6): one plugin, one plugin directory watched; saw {hot}"
+    );
+    let shown = d.ctl(&["status"]).stdout;
+    assert!(
+        shown.contains("1 plugin directory"),
+        "status shows the count; saw {shown}"
+    );
+
+    let mut off = Daemon::new();
+    off.set_env("HOTRELOAD_WATCH", "0");
+    off.start_running("p1", &Script::new("v1"));
+    let hot = &off.status()["hot_reload"];
+    assert!(
+        hot["enabled"] == false && hot["watching_directories"] == 0,
+        "contract (SPEC §6): with HOTRELOAD_WATCH=0 nothing reloads by itself; saw {hot}"
+    );
+}
