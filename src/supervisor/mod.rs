@@ -559,7 +559,7 @@ impl Supervisor {
             let exec = p.exec_path().to_string_lossy().into_owned();
             if p.instance.is_some() || p.current.is_some() {
                 let files = vec![exec, "hotreload.toml".into()];
-                self.request(ctx, &id, Trigger::Manual, files, Vec::new());
+                self.request(ctx, &id, Trigger::Config, files, Vec::new());
             }
         }
     }

@@ -36,6 +36,8 @@ pub enum Trigger {
     Manual,
     Enable,
     Rescan,
+    /// A changed `[plugins.ID]` table (SIGHUP / `reload-config`).
+    Config,
 }
 
 impl Trigger {
@@ -45,6 +47,7 @@ impl Trigger {
             Trigger::Manual => "manual",
             Trigger::Enable => "enable",
             Trigger::Rescan => "rescan",
+            Trigger::Config => "config",
         }
     }
 }

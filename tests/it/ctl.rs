@@ -497,3 +497,25 @@ fn status_counts_plugin_directories_and_says_disabled_without_watches() {
         "contract (SPEC §6): with HOTRELOAD_WATCH=0 nothing reloads by itself; saw {hot}"
     );
 }
+
+#[test]
+fn a_restart_for_a_changed_plugin_table_reports_trigger_config() {
+    let mut d = Daemon::new();
+    d.start_running("p1", &Script::new("v1"));
+    let mut events = d.client();
+    events.subscribe(json!({"plugin": "p1"}));
+    d.write_config(&Config::new().set("plugins.p1.env", json!({"GREETING": "hi"})));
+    assert_exit(&d.ctl(&["reload-config"]), 0, "reload-config");
+    let started = events.wait_named("reload_started", "p1");
+    assert_eq!(
+        started["trigger"], "config",
+        "contract (hotreload.toml(5), SPEC §6): a changed [plugins.ID] restarts with trigger \
+         config; saw {started}"
+    );
+    events.wait_named("reload_succeeded", "p1");
+    let detail = d.request(&json!({"cmd": "plugin", "plugin": "p1"}));
+    assert_eq!(
+        detail["plugin"]["history"][0]["trigger"], "config",
+        "contract (SPEC §6): the history records trigger config; saw {detail}"
+    );
+}
