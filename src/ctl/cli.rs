@@ -106,6 +106,19 @@ pub enum Command {
     Interactive,
 }
 
+impl Command {
+    /// The plugin id the command names, if any.
+    pub fn plugin_id(&self) -> Option<&str> {
+        match self {
+            Command::Plugin { id } | Command::Trigger { id, .. } | Command::Install { id, .. } => {
+                Some(id)
+            }
+            Command::Events { id, .. } | Command::Logs { id } => id.as_deref(),
+            _ => None,
+        }
+    }
+}
+
 /// What parsing the command line produced.
 #[derive(Debug)]
 pub enum Parsed {
@@ -128,7 +141,8 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    match Cli::try_parse_from(args) {
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    match Cli::try_parse_from(&args) {
         Ok(cli) => Parsed::Run(cli),
         Err(e) => {
             let ok = matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion);
@@ -136,12 +150,43 @@ where
             if !text.ends_with('\n') {
                 text.push('\n');
             }
+            if !ok && let Some(hint) = not_yet_hint(&args) {
+                text = format!("error: {hint}\n");
+            }
             Parsed::Exit {
                 code: if ok { 0 } else { EXIT_USAGE },
                 text,
                 to_stdout: ok,
             }
         }
+    }
+}
+
+/// Per-plugin lifecycle commands people reach for that `hotreloadctl` does not have yet: what to
+/// use today instead of clap's bare "unrecognized subcommand".
+fn not_yet_hint(args: &[OsString]) -> Option<String> {
+    let mut words = Vec::new();
+    let mut rest = args.iter().skip(1).filter_map(|a| a.to_str());
+    while let Some(arg) = rest.next() {
+        if arg == "--socket" {
+            rest.next(); // its value
+        } else if !arg.starts_with('-') {
+            words.push(arg);
+        }
+    }
+    let id = words.get(1).copied().unwrap_or("ID");
+    match words.first().copied()? {
+        command @ ("stop" | "start" | "restart") => Some(format!(
+            "there is no `{command}` command yet; to restart plugin {id} on its current build \
+             use `hotreloadctl trigger {id}`; `hotreloadctl disable` / `enable` turn automatic \
+             reloads off and on for all plugins"
+        )),
+        command @ ("enable" | "disable") if words.len() > 1 => Some(format!(
+            "`{command}` takes no plugin id yet: it turns automatic reloads {} for all plugins \
+             (`hotreloadctl {command}`); to reload plugin {id} now use `hotreloadctl trigger {id}`",
+            if command == "enable" { "on" } else { "off" }
+        )),
+        _ => None,
     }
 }
 

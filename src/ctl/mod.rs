@@ -15,6 +15,7 @@ mod commands;
 pub mod install;
 mod interactive;
 pub mod render;
+mod suggest;
 #[cfg(test)]
 mod testutil;
 mod wait;
@@ -154,11 +155,29 @@ where
     };
     let result = resolve_socket(cli.socket.as_deref())
         .map_err(CtlError::Config)
-        .and_then(|socket| commands::execute(&cli.command, &socket, cli.json, io));
+        .and_then(|socket| {
+            commands::execute(&cli.command, &socket, cli.json, io)
+                .map_err(|e| with_suggestion(e, cli.command.plugin_id(), &socket))
+        });
     match result {
         Ok(Outcome::Success) => 0,
         Ok(Outcome::Failure) => EXIT_FAILURE,
         Err(e) => report(&e, cli.json, io),
+    }
+}
+
+/// An `unknown_plugin` error for `typed` gains the closest known id: "did you mean "hello"?".
+fn with_suggestion(e: CtlError, typed: Option<&str>, socket: &Path) -> CtlError {
+    match (e, typed) {
+        (CtlError::Daemon { code, message }, Some(typed)) if code == "unknown_plugin" => {
+            let known = suggest::plugin_ids(socket);
+            let message = match suggest::closest(typed, &known) {
+                Some(id) => format!("{message}; did you mean \"{id}\"?"),
+                None => message,
+            };
+            CtlError::Daemon { code, message }
+        }
+        (e, _) => e,
     }
 }
 
