@@ -298,9 +298,13 @@ mod tests {
         });
         let run = run_capture(&["plugin", "p9"], &daemon, "");
         assert_eq!(run.code, 1, "{run:?}");
+        // The second request looks for a known id to suggest.
         assert_eq!(
             daemon.requests(),
-            vec![json!({"cmd": "plugin", "plugin": "p9"})]
+            vec![
+                json!({"cmd": "plugin", "plugin": "p9"}),
+                json!({"cmd": "list"})
+            ]
         );
         assert_eq!(
             run.err,
