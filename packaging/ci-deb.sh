@@ -88,9 +88,16 @@ for f in /usr/bin/hotreloadd /usr/bin/hotreloadctl \
          /usr/lib/systemd/user/hotreloadd.service /etc/hotreload/hotreload.toml \
          /usr/share/man/man8/hotreloadd.8.gz /usr/share/man/man1/hotreloadctl.1.gz \
          /usr/share/man/man5/hotreload.toml.5.gz /usr/share/doc/$PKG/copyright \
-         /usr/share/doc/$PKG/README.md /usr/share/doc/$PKG/changelog.Debian.gz; do
+         /usr/share/doc/$PKG/README.md /usr/share/doc/$PKG/changelog.Debian.gz \
+         /usr/share/bash-completion/completions/hotreloadctl \
+         /usr/share/zsh/vendor-completions/_hotreloadctl \
+         /usr/share/fish/vendor_completions.d/hotreloadctl.fish; do
   check "installed $f" test -f "$f"
 done
+check "the bash completion loads (complete -p hotreloadctl)" \
+  bash -c 'source /usr/share/bash-completion/completions/hotreloadctl && complete -p hotreloadctl'
+check "the installed completions are those of the installed hotreloadctl" \
+  cmp -s /usr/share/bash-completion/completions/hotreloadctl <(/usr/bin/hotreloadctl completions bash)
 check "/etc/hotreload/hotreload.toml is a conffile" \
   sh -c "dpkg-query -W -f='\${Conffiles}' $PKG | grep -q '^ /etc/hotreload/hotreload.toml '"
 check "group $GROUP exists" getent group "$GROUP"

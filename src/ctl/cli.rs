@@ -9,6 +9,7 @@ use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
 
 use super::EXIT_USAGE;
+use super::completions::Shell;
 
 const EXAMPLES: &str = "\
 EXAMPLES:
@@ -104,6 +105,14 @@ pub enum Command {
     },
     /// A small menu: status, list, reload, watch events, enable, disable
     Interactive,
+    /// Print a shell completion script (commands, flags, and plugin ids from the running daemon)
+    Completions {
+        /// The shell: bash, zsh or fish
+        shell: Shell,
+    },
+    /// The running daemon's plugin ids, one per line; nothing when none answers (for completion)
+    #[command(name = "__plugin-ids", hide = true)]
+    PluginIds,
 }
 
 impl Command {

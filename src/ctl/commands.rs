@@ -95,7 +95,9 @@ pub(super) fn one_shot(
         Command::Events { .. }
         | Command::Logs { .. }
         | Command::Install { .. }
-        | Command::Interactive => Err(CtlError::Failed(format!(
+        | Command::Interactive
+        | Command::Completions { .. }
+        | Command::PluginIds => Err(CtlError::Failed(format!(
             "{command:?} is not a one-shot command"
         ))),
     }

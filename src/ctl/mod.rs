@@ -12,6 +12,7 @@
 pub mod cli;
 pub mod client;
 mod commands;
+pub mod completions;
 pub mod install;
 mod interactive;
 pub mod render;
@@ -153,6 +154,9 @@ where
             return code;
         }
     };
+    if let Some(code) = run_offline(&cli, io) {
+        return code;
+    }
     let result = resolve_socket(cli.socket.as_deref())
         .map_err(CtlError::Config)
         .and_then(|socket| {
@@ -164,6 +168,24 @@ where
         Ok(Outcome::Failure) => EXIT_FAILURE,
         Err(e) => report(&e, cli.json, io),
     }
+}
+
+/// The commands for shell completion, which must never fail loudly: `completions` needs no
+/// daemon, and `__plugin-ids` prints nothing when none answers. `None` for every other command.
+fn run_offline(cli: &cli::Cli, io: &mut Io<'_>) -> Option<u8> {
+    let text = match &cli.command {
+        cli::Command::Completions { shell } => completions::script(*shell),
+        cli::Command::PluginIds => match resolve_socket(cli.socket.as_deref()) {
+            Ok(socket) => suggest::plugin_ids(&socket)
+                .iter()
+                .map(|id| format!("{id}\n"))
+                .collect(),
+            Err(_) => String::new(),
+        },
+        _ => return None,
+    };
+    let written = io.out.write_all(text.as_bytes());
+    Some(written.map_or_else(|e| CtlError::Output(e).exit_code(), |()| 0))
 }
 
 /// An `unknown_plugin` error for `typed` gains the closest known id: "did you mean "hello"?".

@@ -567,3 +567,123 @@ fn a_typoed_plugin_id_suggests_the_closest_known_one() {
         "no suggestion for an id like no other; saw {far:?}"
     );
 }
+
+/// Writes `hotreloadctl completions SHELL` to `<test dir>/<name>`; its path.
+fn completion_script(d: &Daemon, shell: &str, name: &str) -> PathBuf {
+    let out = d.ctl(&["completions", shell]);
+    assert_exit(&out, 0, &format!("completions {shell}"));
+    let dir = d.root.join(format!("completions-{shell}"));
+    fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    fs::write(&path, &out.stdout).unwrap();
+    path
+}
+
+/// Runs `shell -c code` with hotreloadctl on PATH and the test daemon's socket.
+fn in_shell(d: &Daemon, shell: &str, code: &str) -> Output {
+    let bin_dir = Path::new(ctl_bin()).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut cmd = d.command(shell);
+    cmd.arg("-c")
+        .arg(code)
+        .env("PATH", path)
+        .env("HOTRELOAD_SOCKET", &d.socket)
+        .env("HOME", &d.root);
+    d.run(cmd, None, TIMEOUT)
+}
+
+#[test]
+fn completion_scripts_load_in_bash_zsh_and_fish() {
+    let d = Daemon::new();
+    let bash = completion_script(&d, "bash", "hotreloadctl");
+    let out = in_shell(&d, "bash", &format!("bash -n {}", sh_quote(arg(&bash))));
+    assert_exit(&out, 0, "bash -n on the bash completion script");
+    let out = in_shell(
+        &d,
+        "bash",
+        &format!(
+            "source {} && complete -p hotreloadctl",
+            sh_quote(arg(&bash))
+        ),
+    );
+    assert_exit(
+        &out,
+        0,
+        "complete -p hotreloadctl after sourcing the script",
+    );
+    assert!(out.stdout.contains("_hotreloadctl"), "{out:?}");
+
+    let zsh = completion_script(&d, "zsh", "_hotreloadctl");
+    if find_program("zsh").is_some() {
+        let dir = zsh.parent().unwrap();
+        let code = format!(
+            "zsh -n {file} && fpath=({dir} $fpath) && autoload -Uz compinit && compinit -u -D \
+             && [[ $_comps[hotreloadctl] == _hotreloadctl ]]",
+            file = sh_quote(arg(&zsh)),
+            dir = sh_quote(arg(dir)),
+        );
+        assert_exit(&in_shell(&d, "zsh", &code), 0, "zsh loads _hotreloadctl");
+    } else {
+        println!("SKIPPED zsh half: zsh is not installed here");
+    }
+    let fish = completion_script(&d, "fish", "hotreloadctl.fish");
+    if find_program("fish").is_some() {
+        let code = format!(
+            "source {} && complete -C 'hotreloadctl reload-c'",
+            sh_quote(arg(&fish))
+        );
+        let out = in_shell(&d, "fish", &code);
+        assert_exit(&out, 0, "fish loads hotreloadctl.fish");
+        assert!(
+            out.stdout.contains("reload-config"),
+            "fish completes commands; {out:?}"
+        );
+    } else {
+        println!("SKIPPED fish half: fish is not installed here");
+    }
+}
+
+#[test]
+fn completion_offers_the_running_daemons_plugin_ids_and_is_silent_without_one() {
+    let mut d = Daemon::new();
+    d.install("other", &Script::new("v1"));
+    d.start_running("hello", &Script::new("v1"));
+    let bash = completion_script(&d, "bash", "hotreloadctl");
+    let code = format!(
+        "source {} && COMP_WORDS=(hotreloadctl trigger he) COMP_CWORD=2 && _hotreloadctl && \
+         printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        sh_quote(arg(&bash))
+    );
+    let out = in_shell(&d, "bash", &code);
+    assert_exit(&out, 0, "bash completion of `hotreloadctl trigger he`");
+    assert_eq!(
+        out.stdout.lines().collect::<Vec<_>>(),
+        ["hello"],
+        "contract (SPEC §8): ids come from the running daemon; {out:?}"
+    );
+    if find_program("fish").is_some() {
+        let fish = completion_script(&d, "fish", "hotreloadctl.fish");
+        let code = format!(
+            "source {} && complete -C 'hotreloadctl plugin '",
+            sh_quote(arg(&fish))
+        );
+        let out = in_shell(&d, "fish", &code);
+        let ids: Vec<&str> = out.stdout.lines().collect();
+        assert!(
+            ids.contains(&"hello") && ids.contains(&"other"),
+            "fish completes plugin ids; {out:?}"
+        );
+    }
+    let missing = d.root.join("no-daemon.sock");
+    let mut cmd = d.command(ctl_bin());
+    cmd.arg("__plugin-ids").env("HOTRELOAD_SOCKET", &missing);
+    let out = d.run(cmd, None, TIMEOUT);
+    assert!(
+        out.code() == Some(0) && out.text().is_empty(),
+        "completion without a daemon is silent; {out:?}"
+    );
+}
