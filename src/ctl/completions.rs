@@ -243,7 +243,7 @@ fn fish(subs: &[Sub]) -> String {
          complete -c hotreloadctl -l socket -r -F -d 'Control socket of hotreloadd'\n\
          complete -c hotreloadctl -l json -d 'Print the daemon JSON as it is'\n",
     );
-    let quote = |t: &str| t.replace('\\', "").replace('\'', "");
+    let quote = |t: &str| t.replace(['\\', '\''], "");
     for sub in subs {
         let _ = writeln!(
             s,
