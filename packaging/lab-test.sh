@@ -24,6 +24,8 @@
 #      a snapshot, and `hotreloadctl install --wait` reloads it with a new version and pid;
 #   3b reinstalling (the upgrade path: postinst restarts socket and service) leaves a
 #      daemon that answers on the new socket;
+#   3c a first plugin `demo` (the packaged watch_patterns = ["*"]) installed with
+#      `hotreloadctl install demo FILE --wait` runs, and its output is in the journal;
 #   4  its output is in `journalctl -u hotreloadd` at info priority, a skipped plugin dir
 #      shows up at warning priority, and no message carries a literal <N> prefix;
 #   5  `systemctl reload` succeeds and keeps the main pid; with an invalid configuration
@@ -224,6 +226,32 @@ check "service active after the restart" wait_for 10 systemctl is-active -q hotr
 check "socket answers after the restart (daemon has the new socket)" socat_status $SOCK
 check "plugin running after the restart" wait_for 15 plugin_running demo_scanner
 watchdog_since=$(date +%s)
+
+echo "== 3c first use: hotreloadctl install demo FILE --wait with the packaged configuration"
+# Self-contained (issue 13): a user's first plugin, named like nothing in particular, is
+# supervised by the shipped watch_patterns = ["*"]; install creates its dir and waits for
+# its first start; its output reaches the journal. The plugin is removed again afterwards.
+first_use_demo() {
+  local build=$L/demo.build
+  cat >"$build" <<'PLUGIN'
+#!/bin/sh
+echo "demo first-use plugin running as pid $$"
+trap 'exit 0' TERM
+while :; do sleep 1 & wait $!; done
+PLUGIN
+  chmod 755 "$build"
+  if hotreloadctl install demo "$build" --wait; then
+    pass "hotreloadctl install demo FILE --wait"
+  else
+    fail "hotreloadctl install demo FILE --wait"
+  fi
+  check "demo running" wait_for 15 plugin_running demo
+  check "demo's output in journalctl -u hotreloadd" wait_for 10 sh -c \
+    'journalctl -u hotreloadd -o cat --no-pager | grep -qF "[demo] demo first-use plugin running as pid"'
+  rm -rf "$PLUGINS/demo"
+  check "demo gone once its dir is removed" wait_for 10 sh -c '! hotreloadctl plugin demo >/dev/null 2>&1'
+}
+first_use_demo
 
 echo "== 4 journal"
 mkdir -p "$PLUGINS/bad name_scanner"
