@@ -95,7 +95,7 @@ for f in /usr/bin/hotreloadd /usr/bin/hotreloadctl \
   check "installed $f" test -f "$f"
 done
 check "the bash completion loads (complete -p hotreloadctl)" \
-  bash -c 'source /usr/share/bash-completion/completions/hotreloadctl && complete -p hotreloadctl'
+  bash -c 'source /usr/share/bash-completion/completions/hotreloadctl && complete -p hotreloadctl >/dev/null'
 check "the installed completions are those of the installed hotreloadctl" \
   cmp -s /usr/share/bash-completion/completions/hotreloadctl <(/usr/bin/hotreloadctl completions bash)
 check "/etc/hotreload/hotreload.toml is a conffile" \
