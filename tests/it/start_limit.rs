@@ -7,6 +7,7 @@
 //! Starts are counted from the daemon's own `plugin_started` events and from the `start` lines
 //! the test plugins append to their log, never from timing.
 
+use std::ffi::OsString;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -212,5 +213,48 @@ fn watchdog_kills_count_as_automatic_restarts() {
         sub.named("plugin_started", "p1").len() as u64,
         BURST + 1,
         "contract (SPEC §5): a watchdog kill counts as an automatic restart"
+    );
+}
+
+#[test]
+fn check_config_shows_the_start_limit_and_refuses_a_bad_one() {
+    let d = Daemon::with_config_text(
+        "[supervisor]\nstart_limit_burst = 2\n[plugins.p1]\nstart_limit_interval_ms = 0\n",
+    );
+    let check = |d: &Daemon| {
+        let args: [OsString; 3] = [
+            "--config".into(),
+            d.config_path.clone().into(),
+            "--check-config".into(),
+        ];
+        d.run_daemon(&args)
+    };
+    let out = check(&d);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    let effective: toml::Table = toml::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("--check-config prints TOML ({e}): {}", out.stdout));
+    let effective = serde_json::to_value(effective).unwrap();
+    let expected = [
+        ("/supervisor/start_limit_burst", json!(2)),
+        ("/supervisor/start_limit_interval_ms", json!(10_000)),
+        ("/plugins/p1/start_limit_burst", json!(2)),
+        ("/plugins/p1/start_limit_interval_ms", json!(0)),
+    ];
+    for (pointer, value) in expected {
+        assert_eq!(
+            effective.pointer(pointer),
+            Some(&value),
+            "contract (SPEC §3): {pointer}; printed {}",
+            out.stdout
+        );
+    }
+    d.write_config_text("[plugins.p1]\nstart_limit_burst = 100000\n");
+    let out = check(&d);
+    assert_eq!(out.code(), Some(EX_CONFIG), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("`start_limit_burst` in [plugins.p1]: 100000"),
+        "contract (SPEC §3): the error names the key and the value; saw {}",
+        out.stderr
     );
 }
