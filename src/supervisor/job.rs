@@ -11,6 +11,7 @@ use std::time::Instant;
 use serde_json::{Value, json};
 
 use super::plugin::{HistoryEntry, Job, JobKind, JobPhase, Plugin, Rest, Slot, Snap, Written};
+use super::start_limit::LimitHit;
 use super::{Ctx, MAX_RUNTIME_BYTES, Supervisor, Timer, Totals, Trigger, Waiter, retry_delay};
 use crate::config::Strategy;
 use crate::control::protocol;
@@ -485,6 +486,18 @@ impl Supervisor {
 
     /// An attempt failed: retry after backoff, or give up (rollback, then `failed`).
     pub(super) fn fail_attempt(&mut self, ctx: &mut Ctx<'_>, id: &str, error: AttemptError) {
+        // Another try is a start the daemon makes on its own: the start limit may forbid it
+        // (a copy that failed starts nothing, so its retry is not limited).
+        let retry = self
+            .plugins
+            .get(id)
+            .and_then(|p| p.job.as_ref())
+            .filter(|job| job.attempt < job.max_attempts && !awaiting_snapshot(job))
+            .map(|job| job.kind);
+        let limit = retry.and_then(|_| self.start_limit_reached(ctx, id));
+        // A restart after a crash backs off like the crash restarts before it.
+        let restart_delay = (retry == Some(JobKind::Restart) && limit.is_none())
+            .then(|| self.restart_delay(ctx, id));
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
@@ -492,11 +505,10 @@ impl Supervisor {
         p.last_error = Some(error.clone());
         job.last_error = Some(error.clone());
         let attempt = job.attempt;
-        let last = attempt >= job.max_attempts;
+        let last = attempt >= job.max_attempts || limit.is_some();
         let kind = job.kind;
-        // A restart after a crash already waited one base delay before its first attempt.
-        let exponent = attempt - 1 + u32::from(kind == JobKind::Restart);
-        let delay = retry_delay(ctx.config.hot_reload.retry_delay_ms, exponent);
+        let delay = restart_delay
+            .unwrap_or_else(|| retry_delay(ctx.config.hot_reload.retry_delay_ms, attempt - 1));
         if matches!(kind, JobKind::Reload | JobKind::Rollback) {
             log::warn!("[{id}] hot reload failed (attempt {attempt}): {error}");
         } else {
@@ -504,6 +516,10 @@ impl Supervisor {
         }
         if kind == JobKind::Reload {
             emit_reload_failed(ctx, id, &error, attempt, (!last).then_some(delay));
+        }
+        if let Some(hit) = limit {
+            self.give_up_at(ctx, id, error, Some(hit));
+            return;
         }
         if !last {
             job.attempt += 1;
@@ -519,6 +535,19 @@ impl Supervisor {
 
     /// The last attempt failed: record it, answer waiters, fall back if there is somewhere to go.
     fn give_up(&mut self, ctx: &mut Ctx<'_>, id: &str, error: String) {
+        self.give_up_at(ctx, id, error, None);
+    }
+
+    /// [`Supervisor::give_up`], or, with `limited`, giving up because the start limit forbids
+    /// another attempt. A rollback is a start of its own, so the limit may forbid it too.
+    fn give_up_at(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        id: &str,
+        error: String,
+        limited: Option<LimitHit>,
+    ) {
+        let limit = limited.or_else(|| self.start_limit_reached(ctx, id));
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
@@ -565,7 +594,8 @@ impl Supervisor {
         let rollback_to = p.last_good.clone().filter(|good| {
             nothing_runs && job.kind == JobKind::Reload && *good != job.target && good.path.exists()
         });
-        if let Some(good) = rollback_to {
+        let rollback_forbidden = rollback_to.is_some() && limit.is_some();
+        if let Some(good) = rollback_to.filter(|_| limit.is_none()) {
             p.current = p.last_good.clone();
             log::warn!("[{id}] rolling back to last good version {}", good.version);
             p.job = Some(new_job(
@@ -582,6 +612,9 @@ impl Supervisor {
         }
         p.rest = Rest::Failed;
         log::error!("[{id}] failed: {error}");
+        if let Some(hit) = limit.filter(|_| limited.is_some() || rollback_forbidden) {
+            self.announce_start_limit(ctx, id, hit);
+        }
         self.run_queued(ctx, id);
     }
 
@@ -633,8 +666,10 @@ impl Supervisor {
         self.request(ctx, id, trigger, q.files.into_iter().collect(), q.waiters);
     }
 
-    /// An unexpected exit of a verified instance: restart per policy after the base delay.
+    /// An unexpected exit of a verified instance: restart per policy after a delay that doubles
+    /// per restart, unless the start limit says the plugin has been restarted enough.
     pub(super) fn schedule_restart(&mut self, ctx: &mut Ctx<'_>, id: &str, why: String) {
+        let limit = self.start_limit_reached(ctx, id);
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
@@ -642,9 +677,17 @@ impl Supervisor {
             p.rest = Rest::Failed;
             return;
         };
+        if let Some(hit) = limit {
+            log::warn!("[{id}] {why}: not restarted");
+            self.fail_at_start_limit(ctx, id, &target.version, hit);
+            return;
+        }
+        let delay = self.restart_delay(ctx, id);
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
         p.restarts += 1;
         p.last_error = Some(why.clone());
-        let delay = retry_delay(ctx.config.hot_reload.retry_delay_ms, 0);
         let timer = ctx.arm(delay, Timer::Backoff(id.to_string()));
         log::warn!("[{id}] {why}: restarting in {delay} ms");
         let max_attempts = ctx.config.hot_reload.max_retries.saturating_add(1);

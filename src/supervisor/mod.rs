@@ -32,6 +32,7 @@ pub mod plugin;
 mod protocol;
 pub mod reap;
 pub mod spawn;
+mod start_limit;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};

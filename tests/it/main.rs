@@ -8,6 +8,7 @@ mod lifecycle;
 mod protocol;
 mod regressions;
 mod reload;
+mod start_limit;
 mod supervise;
 mod systemd;
 mod util;
