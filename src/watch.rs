@@ -13,6 +13,11 @@
 //! never count. Every filtered event can be explained (`Change::Ignored`) for verbose subscribers;
 //! the explanation is only built when someone listens, so an event storm stays cheap.
 //!
+//! The plugins dir itself may go (deleted, or renamed away by an atomic deploy) and come back.
+//! The path, not the inode, is the truth: once the root watch reports its directory deleted or
+//! moved, the watcher drops it (a moved directory's watch would follow it to `plugins.old`) and,
+//! when asked, watches the nearest existing ancestor for the name to reappear.
+//!
 //! The watcher owns the inotify fd and the wd → owner map; it never decides what to reload.
 
 use std::collections::HashMap;
@@ -46,8 +51,12 @@ pub enum Change {
         path: PathBuf,
         reason: String,
     },
-    /// Events were lost (queue overflow) or the root watch ended: everything must be re-examined.
+    /// Events were lost (queue overflow): everything must be re-examined.
     Rescan,
+    /// The plugins dir was deleted or moved away; its watch is dropped.
+    RootLost,
+    /// Something appeared on the way to the missing plugins dir: it may be back.
+    RootMaybeBack,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +72,11 @@ enum Owner {
     /// something appears in it, the build directory may be back.
     Ancestor {
         plugin: String,
+    },
+    /// The nearest existing ancestor of the missing plugins dir; `next` is the name in it that
+    /// leads to the plugins dir (only that name appearing matters).
+    RootAncestor {
+        next: OsString,
     },
 }
 
@@ -82,6 +96,10 @@ struct PluginWatch {
 pub struct Watcher {
     inotify: Inotify,
     root: PathBuf,
+    /// The plugins dir's watch and the (device, inode) it was added for; None while it is gone.
+    root_wd: Option<(WatchDescriptor, (u64, u64))>,
+    /// The ancestor watch while the plugins dir is gone.
+    root_wait: Option<WatchDescriptor>,
     owners: HashMap<WatchDescriptor, Vec<Owner>>,
     dirs: HashMap<WatchDescriptor, PathBuf>,
     plugins: HashMap<String, PluginWatch>,
@@ -121,6 +139,19 @@ const ANCESTOR_MASK: WatchMask = ARRIVALS
     .union(WatchMask::DELETE_SELF)
     .union(WatchMask::ONLYDIR);
 
+/// The name of the missing plugins dir (or of a directory on the way to it) appearing, or the
+/// watched ancestor itself going away.
+const ROOT_ANCESTOR_MASK: WatchMask = ARRIVALS.union(DIR_GONE);
+
+/// Where the watcher waits for a missing plugins dir.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootWait {
+    /// Its parent is watched: its name appearing there is reported at once.
+    Parent,
+    /// Even its parent is gone: a farther ancestor is watched (or none could be).
+    Farther,
+}
+
 /// An inotify failure with the remedy spelled out (the kernel's own words mislead: a full watch
 /// table says "No space left on device").
 #[derive(Debug)]
@@ -157,7 +188,9 @@ fn read_limit(name: &str) -> String {
 }
 
 impl Watcher {
-    /// Create the inotify instance and watch `root` (the plugins dir).
+    /// Create the inotify instance and watch `root` (the plugins dir). A plugins dir that is
+    /// gone already (swapped away right after it was created) is not an error: `root_watched`
+    /// says so and the caller waits for it.
     pub fn new(root: &Path) -> Result<Watcher, WatchError> {
         let inotify = Inotify::init().map_err(|source| WatchError {
             path: root.to_path_buf(),
@@ -166,19 +199,102 @@ impl Watcher {
         let mut w = Watcher {
             inotify,
             root: root.to_path_buf(),
+            root_wd: None,
+            root_wait: None,
             owners: HashMap::new(),
             dirs: HashMap::new(),
             plugins: HashMap::new(),
             buf: vec![0u8; 64 * 1024],
         };
-        w.watch_root()?;
+        match w.watch_root() {
+            Err(e) if is_missing_dir(&e.source) => {}
+            other => other?,
+        }
         Ok(w)
     }
 
-    /// (Re-)add the watch on the plugins dir; harmless when it is already watched.
+    /// (Re-)add the watch on the plugins dir; harmless when it is already watched. Ends a wait
+    /// for the plugins dir to come back.
     pub fn watch_root(&mut self) -> Result<(), WatchError> {
         let root = self.root.clone();
-        self.add(&root, ROOT_MASK, Owner::Root).map(|_| ())
+        let wd = self.add(&root, ROOT_MASK, Owner::Root)?;
+        let id = std::fs::metadata(&root).map_or((0, 0), |m| (m.dev(), m.ino()));
+        self.root_wd = Some((wd, id));
+        self.stop_waiting_for_root();
+        Ok(())
+    }
+
+    /// The plugins dir is under watch.
+    pub fn root_watched(&self) -> bool {
+        self.root_wd.is_some()
+    }
+
+    /// The watched plugins dir is still the directory at its path (not deleted, not renamed
+    /// away with a new one in its place: events saying so may have been lost in an overflow).
+    pub fn root_is_current(&self) -> bool {
+        let Some((_, id)) = &self.root_wd else {
+            return false;
+        };
+        std::fs::metadata(&self.root).is_ok_and(|m| m.is_dir() && (m.dev(), m.ino()) == *id)
+    }
+
+    /// Drop the plugins dir's watch and every plugin's watches: after a deletion or a swap they
+    /// watch directories that are no longer at their paths.
+    pub fn forget_root(&mut self) {
+        if let Some((wd, _)) = self.root_wd.take() {
+            self.release(wd, |o| *o == Owner::Root);
+        }
+        let ids: Vec<String> = self.plugins.keys().cloned().collect();
+        for id in ids {
+            self.unwatch_plugin(&id);
+        }
+    }
+
+    /// Watch the nearest existing ancestor of the missing plugins dir for the name that leads
+    /// to it. Says whether that ancestor is the parent (then an event will tell when it is
+    /// back) or a farther one (then the caller should also retry on a timer: a mount appearing
+    /// on the way gives no inotify event).
+    pub fn await_root(&mut self) -> RootWait {
+        self.stop_waiting_for_root();
+        let root = self.root.clone();
+        let Some(existing) = root.ancestors().skip(1).find(|a| a.is_dir()) else {
+            return RootWait::Farther;
+        };
+        let next = root
+            .strip_prefix(existing)
+            .ok()
+            .and_then(|rest| rest.components().next())
+            .map(|c| c.as_os_str().to_os_string())
+            .unwrap_or_default();
+        let owner = Owner::RootAncestor { next };
+        match self.add(existing, ROOT_ANCESTOR_MASK, owner) {
+            Ok(wd) => {
+                log::debug!(
+                    "watching {} until plugins dir {} is back",
+                    existing.display(),
+                    root.display()
+                );
+                self.root_wait = Some(wd);
+                if root.parent() == Some(existing) {
+                    RootWait::Parent
+                } else {
+                    RootWait::Farther
+                }
+            }
+            Err(e) => {
+                log::warn!(
+                    "{e}; retrying on a timer until plugins dir {} is back",
+                    root.display()
+                );
+                RootWait::Farther
+            }
+        }
+    }
+
+    fn stop_waiting_for_root(&mut self) {
+        if let Some(wd) = self.root_wait.take() {
+            self.release(wd, |o| matches!(o, Owner::RootAncestor { .. }));
+        }
     }
 
     pub fn fd(&self) -> RawFd {
@@ -419,7 +535,21 @@ impl Watcher {
             self.dirs.remove(wd);
             for owner in owners {
                 match owner {
-                    Owner::Root => out.push(Change::Rescan),
+                    Owner::Root => {
+                        // Unmounted, or deleted with its IN_DELETE_SELF lost: the kernel
+                        // already dropped the watch.
+                        if self.root_wd.as_ref().is_some_and(|(w, _)| w == wd) {
+                            self.root_wd = None;
+                        }
+                        self.forget_root();
+                        out.push(Change::RootLost);
+                    }
+                    Owner::RootAncestor { .. } => {
+                        if self.root_wait.as_ref() == Some(wd) {
+                            self.root_wait = None;
+                        }
+                        out.push(Change::RootMaybeBack);
+                    }
                     Owner::PluginDir(id) => {
                         // Forget the dead watch so the directory can be watched afresh.
                         self.unwatch_plugin(&id);
@@ -437,10 +567,28 @@ impl Watcher {
         };
         for owner in owners {
             match owner {
-                Owner::Root => decode_root(mask, name, matchers, explain, &dir, out),
+                Owner::Root => {
+                    if mask.intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF) {
+                        // A moved directory's watch would follow it: the path is the truth.
+                        self.forget_root();
+                        out.push(Change::RootLost);
+                    } else {
+                        decode_root(&self.root, mask, name, matchers, explain, out);
+                    }
+                }
+                Owner::RootAncestor { next } => {
+                    let gone = mask.intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF);
+                    if gone {
+                        self.stop_waiting_for_root();
+                    }
+                    if gone || name == Some(next.as_os_str()) {
+                        out.push(Change::RootMaybeBack);
+                    }
+                }
                 Owner::PluginDir(id) => {
                     if let Some(pw) = self.plugins.get(&id) {
-                        decode_plugin_dir(&id, pw, mask, name, matchers, explain, &dir, out);
+                        // The plugin's own path: a symlinked plugin dir shares its target's wd.
+                        decode_plugin_dir(&id, pw, mask, name, matchers, explain, &pw.dir, out);
                     }
                 }
                 Owner::Target { plugin, file } => {
@@ -483,33 +631,34 @@ impl Watcher {
 
 fn owner_plugin(o: &Owner) -> Option<&str> {
     match o {
-        Owner::Root => None,
+        Owner::Root | Owner::RootAncestor { .. } => None,
         Owner::PluginDir(id) => Some(id),
         Owner::Target { plugin, .. } | Owner::Ancestor { plugin } => Some(plugin),
     }
 }
 
 fn decode_root(
+    root: &Path,
     mask: EventMask,
     name: Option<&OsStr>,
     matchers: &Matchers,
     explain: bool,
-    dir: &Path,
     out: &mut Vec<Change>,
 ) {
-    if mask.intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF) {
-        log::error!("plugins dir {} was removed or moved away", dir.display());
-        out.push(Change::Rescan);
-        return;
-    }
     let Some(name) = name.and_then(OsStr::to_str) else {
         return;
     };
-    if !mask.contains(EventMask::ISDIR) {
+    let arrived = mask.intersects(EventMask::CREATE | EventMask::MOVED_TO);
+    // A symlink to a plugin dir arrives without IN_ISDIR; one that leaves cannot be examined
+    // any more, so any departing name that may be a plugin counts (unknown ones are no-ops).
+    let may_be_dir = mask.contains(EventMask::ISDIR)
+        || !arrived
+        || std::fs::symlink_metadata(root.join(name)).is_ok_and(|m| m.file_type().is_symlink());
+    if !may_be_dir {
         if explain {
             out.push(ignored(
                 None,
-                dir.join(name),
+                root.join(name),
                 "not a plugin directory (a file in plugins_dir)".into(),
             ));
         }
@@ -519,13 +668,13 @@ fn decode_root(
         if explain {
             out.push(ignored(
                 None,
-                dir.join(name),
+                root.join(name),
                 "directory name matches no watch_patterns glob".into(),
             ));
         }
         return;
     }
-    if mask.intersects(EventMask::CREATE | EventMask::MOVED_TO) {
+    if arrived {
         out.push(Change::DirAdded(name.to_string()));
     } else if mask.intersects(EventMask::DELETE | EventMask::MOVED_FROM) {
         out.push(Change::DirRemoved(name.to_string()));
@@ -620,6 +769,14 @@ fn classify(
         return Ok(());
     }
     if mask.contains(EventMask::CREATE) {
+        // A symlink is never written, so it counts when it appears (`ln -s ~/src/foo/target/
+        // debug/foo plugins/foo/foo`), unless it leads to a directory.
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return match std::fs::metadata(path) {
+                Ok(m) if m.is_dir() => Err("a symlink to a directory, not a file".into()),
+                _ => Ok(()),
+            };
+        }
         // A hard link arrives complete (cargo's unlink + link); a new file is still being written
         // and counts at its close-write.
         return match std::fs::metadata(path) {
@@ -643,6 +800,47 @@ fn ignored(plugin: Option<&str>, path: PathBuf, reason: String) -> Change {
         path,
         reason,
     }
+}
+
+fn is_missing_dir(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
+}
+
+/// What a name in the plugins dir that is a symlink leads to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkedDir {
+    /// A directory inside the plugins dir's tree: followed.
+    Inside,
+    /// Somewhere else (or nowhere): skipped, with this description of where it leads.
+    Outside(String),
+}
+
+/// For a plugin dir `root/name` that is a symlink, where it leads (SPEC §4: followed only when
+/// it points inside the plugins dir's tree); None when it is not a symlink.
+pub fn linked_plugin_dir(root: &Path, name: &str) -> Option<LinkedDir> {
+    let path = root.join(name);
+    let meta = std::fs::symlink_metadata(&path).ok()?;
+    if !meta.file_type().is_symlink() {
+        return None;
+    }
+    let target = std::fs::read_link(&path)
+        .map(|t| t.display().to_string())
+        .unwrap_or_else(|_| "?".into());
+    let real = match std::fs::canonicalize(&path) {
+        Ok(real) => real,
+        Err(e) => {
+            return Some(LinkedDir::Outside(format!(
+                "{target}, which cannot be resolved ({e})"
+            )));
+        }
+    };
+    let inside = std::fs::canonicalize(root)
+        .is_ok_and(|root| real != root && real.starts_with(&root) && real.is_dir());
+    Some(if inside {
+        LinkedDir::Inside
+    } else {
+        LinkedDir::Outside(target)
+    })
 }
 
 /// Where the executable really lives when that is not directly in the plugin dir: the directory
