@@ -868,3 +868,118 @@ fn real_executable_location(dir: &Path, exec: &Path) -> Option<(PathBuf, OsStrin
     }
     Some((parent.to_path_buf(), real.file_name()?.to_os_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    /// A fresh directory per test, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Scratch {
+            let dir =
+                std::env::temp_dir().join(format!("hotreload-watch-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn matchers() -> Matchers {
+        Matchers::new(&["*".to_string()], &[]).unwrap()
+    }
+
+    #[test]
+    fn plugin_dir_links_are_followed_only_inside_the_plugins_dir() {
+        let tmp = Scratch::new("links");
+        let root = tmp.0.join("plugins");
+        std::fs::create_dir_all(root.join("releases/a-1")).unwrap();
+        std::fs::create_dir_all(tmp.0.join("elsewhere")).unwrap();
+        std::fs::create_dir(root.join("plain")).unwrap();
+        symlink("releases/a-1", root.join("a")).unwrap();
+        symlink(tmp.0.join("elsewhere"), root.join("out")).unwrap();
+        symlink(".", root.join("self")).unwrap();
+        symlink("nowhere", root.join("dangling")).unwrap();
+        assert_eq!(linked_plugin_dir(&root, "plain"), None);
+        assert_eq!(linked_plugin_dir(&root, "a"), Some(LinkedDir::Inside));
+        for name in ["out", "self", "dangling"] {
+            assert!(
+                matches!(linked_plugin_dir(&root, name), Some(LinkedDir::Outside(_))),
+                "{name} is not followed"
+            );
+        }
+    }
+
+    #[test]
+    fn a_created_symlink_counts_unless_it_leads_to_a_directory() {
+        let tmp = Scratch::new("classify");
+        let build = tmp.0.join("build");
+        std::fs::write(&build, b"#!/bin/sh\n").unwrap();
+        symlink(&build, tmp.0.join("foo")).unwrap();
+        symlink(&tmp.0, tmp.0.join("dir")).unwrap();
+        std::fs::write(tmp.0.join("new"), b"").unwrap();
+        let create = |name: &str| {
+            let path = tmp.0.join(name);
+            classify(EventMask::CREATE, OsStr::new(name), &path, true, None)
+        };
+        assert_eq!(create("foo"), Ok(()));
+        assert!(create("dir").is_err());
+        assert!(create("new").is_err(), "a new file counts at close-write");
+    }
+
+    #[test]
+    fn a_plugins_dir_renamed_away_is_lost_and_its_name_coming_back_is_reported() {
+        let tmp = Scratch::new("root");
+        let root = tmp.0.join("plugins");
+        std::fs::create_dir_all(root.join("p1")).unwrap();
+        let mut w = Watcher::new(&root).unwrap();
+        w.watch_plugin("p1", &root.join("p1"), Path::new("p1"))
+            .unwrap();
+        assert!(w.root_watched() && w.root_is_current());
+
+        std::fs::rename(&root, tmp.0.join("plugins.old")).unwrap();
+        let changes = w.drain(&matchers(), false);
+        assert!(changes.contains(&Change::RootLost), "{changes:?}");
+        assert!(!w.root_watched() && !w.is_watching("p1"));
+        assert_eq!(w.await_root(), RootWait::Parent);
+        // Activity under the old dir, and other names in the parent, say nothing.
+        std::fs::write(tmp.0.join("plugins.old/p1/p1"), b"x").unwrap();
+        std::fs::create_dir(tmp.0.join("other")).unwrap();
+        assert_eq!(w.drain(&matchers(), false), Vec::new());
+
+        std::fs::create_dir(&root).unwrap();
+        assert_eq!(w.drain(&matchers(), false), vec![Change::RootMaybeBack]);
+        w.watch_root().unwrap();
+        assert!(w.root_is_current());
+        assert_eq!(w.dirs_watched(), 1, "the parent's watch ended");
+    }
+
+    #[test]
+    fn with_the_parent_gone_the_nearest_ancestor_is_watched() {
+        let tmp = Scratch::new("ancestor");
+        let root = tmp.0.join("deploy/plugins");
+        std::fs::create_dir_all(&root).unwrap();
+        let mut w = Watcher::new(&root).unwrap();
+        std::fs::remove_dir_all(tmp.0.join("deploy")).unwrap();
+        assert!(w.drain(&matchers(), false).contains(&Change::RootLost));
+        assert_eq!(w.await_root(), RootWait::Farther);
+        std::fs::create_dir(tmp.0.join("deploy")).unwrap();
+        assert_eq!(w.drain(&matchers(), false), vec![Change::RootMaybeBack]);
+        assert_eq!(w.await_root(), RootWait::Parent);
+    }
+
+    #[test]
+    fn a_plugins_dir_missing_at_start_is_not_an_error() {
+        let tmp = Scratch::new("missing");
+        let w = Watcher::new(&tmp.0.join("plugins")).unwrap();
+        assert!(!w.root_watched());
+    }
+}
