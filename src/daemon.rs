@@ -172,6 +172,7 @@ impl Daemon {
         );
         if core.start_plugins_dir() {
             core.scan_plugins_dir();
+            core.guard_plugins_dir();
         }
         if let Some(ms) = core.watchdog_interval_ms {
             core.notifier.watchdog();
@@ -412,7 +413,7 @@ impl Core {
             }
             Change::Rescan => self.rescan(),
             Change::RootLost => self.on_plugins_dir_lost(),
-            Change::RootMaybeBack => self.on_plugins_dir_maybe_back(),
+            Change::RootCheck => self.on_plugins_dir_check(),
         }
     }
 
@@ -589,7 +590,7 @@ impl Core {
     /// lost events may have said that the plugins dir itself went or was swapped.
     fn rescan(&mut self) {
         if self.plugins_dir.lost {
-            self.on_plugins_dir_maybe_back();
+            self.on_plugins_dir_check();
             return;
         }
         if self.watcher.as_ref().is_some_and(|w| !w.root_is_current()) {

@@ -55,8 +55,9 @@ pub enum Change {
     Rescan,
     /// The plugins dir was deleted or moved away; its watch is dropped.
     RootLost,
-    /// Something appeared on the way to the missing plugins dir: it may be back.
-    RootMaybeBack,
+    /// Something changed on the way to the plugins dir (its name appeared in its parent, an
+    /// ancestor went): it may be back, or replaced.
+    RootCheck,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,8 +99,9 @@ pub struct Watcher {
     root: PathBuf,
     /// The plugins dir's watch and the (device, inode) it was added for; None while it is gone.
     root_wd: Option<(WatchDescriptor, (u64, u64))>,
-    /// The ancestor watch while the plugins dir is gone.
-    root_wait: Option<WatchDescriptor>,
+    /// The watch on the plugins dir's parent (or, while even that is gone, its nearest
+    /// existing ancestor): the directory and its (device, inode).
+    root_wait: Option<(WatchDescriptor, PathBuf, (u64, u64))>,
     owners: HashMap<WatchDescriptor, Vec<Owner>>,
     dirs: HashMap<WatchDescriptor, PathBuf>,
     plugins: HashMap<String, PluginWatch>,
@@ -218,9 +220,7 @@ impl Watcher {
     pub fn watch_root(&mut self) -> Result<(), WatchError> {
         let root = self.root.clone();
         let wd = self.add(&root, ROOT_MASK, Owner::Root)?;
-        let id = std::fs::metadata(&root).map_or((0, 0), |m| (m.dev(), m.ino()));
-        self.root_wd = Some((wd, id));
-        self.stop_waiting_for_root();
+        self.root_wd = Some((wd, dir_id(&root).unwrap_or((0, 0))));
         Ok(())
     }
 
@@ -235,7 +235,7 @@ impl Watcher {
         let Some((_, id)) = &self.root_wd else {
             return false;
         };
-        std::fs::metadata(&self.root).is_ok_and(|m| m.is_dir() && (m.dev(), m.ino()) == *id)
+        dir_id(&self.root) == Some(*id)
     }
 
     /// Drop the plugins dir's watch and every plugin's watches: after a deletion or a swap they
@@ -250,16 +250,31 @@ impl Watcher {
         }
     }
 
-    /// Watch the nearest existing ancestor of the missing plugins dir for the name that leads
-    /// to it. Says whether that ancestor is the parent (then an event will tell when it is
-    /// back) or a farther one (then the caller should also retry on a timer: a mount appearing
-    /// on the way gives no inotify event).
+    /// Watch the nearest existing ancestor of the plugins dir for the name that leads to it:
+    /// while the plugins dir is gone, to see it come back; while it is there (the ancestor is
+    /// then its parent), to see it replaced without an event on its own watch (its parent
+    /// renamed away, a symlinked plugins dir re-pointed). Keeps the watch it has when that is
+    /// still the right one. Says whether the watched ancestor is the parent (then an event will
+    /// tell when the plugins dir is back) or a farther one (then the caller should also retry on
+    /// a timer: a mount appearing on the way gives no inotify event).
     pub fn await_root(&mut self) -> RootWait {
-        self.stop_waiting_for_root();
         let root = self.root.clone();
         let Some(existing) = root.ancestors().skip(1).find(|a| a.is_dir()) else {
+            self.stop_waiting_for_root();
             return RootWait::Farther;
         };
+        let wait = if root.parent() == Some(existing) {
+            RootWait::Parent
+        } else {
+            RootWait::Farther
+        };
+        let id = dir_id(existing);
+        if let Some((_, dir, watched)) = &self.root_wait {
+            if dir == existing && Some(*watched) == id {
+                return wait;
+            }
+        }
+        self.stop_waiting_for_root();
         let next = root
             .strip_prefix(existing)
             .ok()
@@ -267,19 +282,24 @@ impl Watcher {
             .map(|c| c.as_os_str().to_os_string())
             .unwrap_or_default();
         let owner = Owner::RootAncestor { next };
+        let lost = self.root_wd.is_none();
         match self.add(existing, ROOT_ANCESTOR_MASK, owner) {
             Ok(wd) => {
-                log::debug!(
-                    "watching {} until plugins dir {} is back",
-                    existing.display(),
-                    root.display()
-                );
-                self.root_wait = Some(wd);
-                if root.parent() == Some(existing) {
-                    RootWait::Parent
-                } else {
-                    RootWait::Farther
+                if lost {
+                    log::debug!(
+                        "watching {} until plugins dir {} is back",
+                        existing.display(),
+                        root.display()
+                    );
                 }
+                let id = id.unwrap_or((0, 0));
+                self.root_wait = Some((wd, existing.to_path_buf(), id));
+                wait
+            }
+            // Only a safeguard while the plugins dir is there: its own watch still works.
+            Err(e) if !lost => {
+                log::debug!("{e}; a renamed parent of the plugins dir will not be noticed");
+                wait
             }
             Err(e) => {
                 log::warn!(
@@ -292,7 +312,7 @@ impl Watcher {
     }
 
     fn stop_waiting_for_root(&mut self) {
-        if let Some(wd) = self.root_wait.take() {
+        if let Some((wd, _, _)) = self.root_wait.take() {
             self.release(wd, |o| matches!(o, Owner::RootAncestor { .. }));
         }
     }
@@ -306,9 +326,14 @@ impl Watcher {
     }
 
     /// Number of directories under watch: plugins_dir, each plugin dir, and build dirs that
-    /// symlinked executables point into.
+    /// symlinked executables point into (not the plugins dir's parent).
     pub fn dirs_watched(&self) -> usize {
-        self.owners.len()
+        let guard_only = |owners: &Vec<Owner>| {
+            owners
+                .iter()
+                .all(|o| matches!(o, Owner::RootAncestor { .. }))
+        };
+        self.owners.values().filter(|o| !guard_only(o)).count()
     }
 
     /// Watch a plugin's directory, and the directory of its real executable when that lies
@@ -545,10 +570,10 @@ impl Watcher {
                         out.push(Change::RootLost);
                     }
                     Owner::RootAncestor { .. } => {
-                        if self.root_wait.as_ref() == Some(wd) {
+                        if self.root_wait.as_ref().is_some_and(|(w, _, _)| w == wd) {
                             self.root_wait = None;
                         }
-                        out.push(Change::RootMaybeBack);
+                        out.push(Change::RootCheck);
                     }
                     Owner::PluginDir(id) => {
                         // Forget the dead watch so the directory can be watched afresh.
@@ -582,7 +607,7 @@ impl Watcher {
                         self.stop_waiting_for_root();
                     }
                     if gone || name == Some(next.as_os_str()) {
-                        out.push(Change::RootMaybeBack);
+                        out.push(Change::RootCheck);
                     }
                 }
                 Owner::PluginDir(id) => {
@@ -802,6 +827,12 @@ fn ignored(plugin: Option<&str>, path: PathBuf, reason: String) -> Change {
     }
 }
 
+/// (device, inode) of a directory, following symlinks.
+fn dir_id(path: &Path) -> Option<(u64, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    m.is_dir().then(|| (m.dev(), m.ino()))
+}
+
 fn is_missing_dir(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
 }
@@ -956,10 +987,10 @@ mod tests {
         assert_eq!(w.drain(&matchers(), false), Vec::new());
 
         std::fs::create_dir(&root).unwrap();
-        assert_eq!(w.drain(&matchers(), false), vec![Change::RootMaybeBack]);
+        assert_eq!(w.drain(&matchers(), false), vec![Change::RootCheck]);
         w.watch_root().unwrap();
         assert!(w.root_is_current());
-        assert_eq!(w.dirs_watched(), 1, "the parent's watch ended");
+        assert_eq!(w.dirs_watched(), 1, "the parent's watch is not counted");
     }
 
     #[test]
@@ -972,7 +1003,7 @@ mod tests {
         assert!(w.drain(&matchers(), false).contains(&Change::RootLost));
         assert_eq!(w.await_root(), RootWait::Farther);
         std::fs::create_dir(tmp.0.join("deploy")).unwrap();
-        assert_eq!(w.drain(&matchers(), false), vec![Change::RootMaybeBack]);
+        assert_eq!(w.drain(&matchers(), false), vec![Change::RootCheck]);
         assert_eq!(w.await_root(), RootWait::Parent);
     }
 

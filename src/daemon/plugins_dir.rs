@@ -82,10 +82,25 @@ impl Core {
         self.look_for_plugins_dir();
     }
 
-    /// Something appeared on the way to the missing plugins dir, or its retry timer fired.
-    pub(super) fn on_plugins_dir_maybe_back(&mut self) {
+    /// Something changed on the way to the plugins dir: while it is gone, it may be back;
+    /// while it is there, it may have been replaced with no event on its own watch (its parent
+    /// renamed away, a symlinked plugins dir re-pointed).
+    pub(super) fn on_plugins_dir_check(&mut self) {
         if self.plugins_dir.lost {
             self.look_for_plugins_dir();
+        } else if self.watcher.as_ref().is_some_and(|w| !w.root_is_current()) {
+            self.on_plugins_dir_lost();
+        } else {
+            self.guard_plugins_dir();
+        }
+    }
+
+    /// While the plugins dir is there, watch its parent for it being replaced.
+    pub(super) fn guard_plugins_dir(&mut self) {
+        if let Some(w) = self.watcher.as_mut() {
+            if w.root_watched() {
+                w.await_root();
+            }
         }
     }
 
@@ -95,7 +110,9 @@ impl Core {
             self.plugins_dir.stopped = true;
             self.stop_all_plugins();
         }
-        self.on_plugins_dir_maybe_back();
+        if self.plugins_dir.lost {
+            self.look_for_plugins_dir();
+        }
     }
 
     /// Watch the plugins dir if it is there; otherwise stop every plugin and wait for it.
@@ -144,6 +161,7 @@ impl Core {
             self.emit(Event::new("plugins_dir_back", None).with("plugins_dir", dir));
         }
         self.scan_plugins_dir();
+        self.guard_plugins_dir();
         let (mut ctx, sup) = self.ctx();
         sup.rescan_versions(&mut ctx);
     }

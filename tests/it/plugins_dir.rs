@@ -272,3 +272,61 @@ fn plugin_dir_symlink_inside_the_plugins_dir_is_followed_and_outside_is_skipped_
     fs::rename(&tmp, d.plugin_dir("p1")).unwrap();
     d.wait_running("p1", &v2);
 }
+
+#[test]
+fn plugins_dir_whose_parent_is_swapped_by_two_renames_is_supervised() {
+    // No event reaches the plugins dir's own watch when its parent is renamed: the path is the
+    // truth all the same.
+    let mut d = Daemon::new();
+    let release = d.root.join("release");
+    d.plugins = release.join("plugins");
+    fs::create_dir_all(&d.plugins).unwrap();
+    d.install("gone", &Script::new("v1"));
+    let (v1, pid1) = d.start_running("p1", &Script::new("v1"));
+    let gone = d.wait_started("gone", "v1");
+    let mut sub = d.client();
+    sub.subscribe(json!({}));
+
+    let new = d.root.join("release.new");
+    install_atomic(&new.join("plugins/p1/p1"), &v1, 0o755);
+    let fresh = install_into(&d, &new.join("plugins"), "fresh", &Script::new("v1"));
+    fs::rename(&release, d.root.join("release.old")).unwrap();
+    fs::rename(&new, &release).unwrap();
+
+    d.wait_running("fresh", &fresh);
+    wait_unlisted(&d, "gone");
+    wait_dead(gone);
+    wait_dir_event(&mut sub, "plugins_dir_back");
+    let info = d.wait_running("p1", &v1);
+    assert_eq!(
+        info["pid"],
+        pid1,
+        "contract (SPEC §5, by version): the same build keeps running; log {:?}",
+        d.log_lines("p1")
+    );
+    let v2 = d.install("p1", &Script::new("v2"));
+    d.wait_running("p1", &v2);
+}
+
+#[test]
+fn symlinked_plugins_dir_repointed_is_supervised_with_the_new_target() {
+    let mut d = Daemon::new();
+    let releases = d.root.join("releases");
+    let link = d.root.join("current");
+    d.plugins = link.clone();
+    let v1 = install_into(&d, &releases.join("1"), "p1", &Script::new("v1"));
+    symlink("releases/1", &link).unwrap();
+    d.start();
+    d.wait_running("p1", &v1);
+
+    let v2 = install_into(&d, &releases.join("2"), "p1", &Script::new("v2"));
+    let p2 = install_into(&d, &releases.join("2"), "p2", &Script::new("v1"));
+    let tmp = d.root.join("current.tmp");
+    symlink("releases/2", &tmp).unwrap();
+    fs::rename(&tmp, &link).unwrap();
+    d.wait_running("p1", &v2);
+    d.wait_running("p2", &p2);
+    // The new target's plugin dirs are the ones watched.
+    let v3 = d.install("p2", &Script::new("v3"));
+    d.wait_running("p2", &v3);
+}
