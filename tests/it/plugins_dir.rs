@@ -330,3 +330,17 @@ fn symlinked_plugins_dir_repointed_is_supervised_with_the_new_target() {
     let v3 = d.install("p2", &Script::new("v3"));
     d.wait_running("p2", &v3);
 }
+
+#[test]
+fn with_watching_switched_off_status_says_whether_the_plugins_dir_exists() {
+    let mut d = Daemon::new();
+    d.set_env("HOTRELOAD_WATCH", "0");
+    d.start();
+    assert_eq!(
+        d.status()["daemon"]["plugins_dir_present"],
+        true,
+        "contract (SPEC §6): status has daemon.plugins_dir_present"
+    );
+    fs::remove_dir(&d.plugins).unwrap();
+    wait_present(&d, false);
+}
