@@ -735,8 +735,13 @@ impl Core {
 
     fn status_line(&self) -> String {
         let total = self.sup.plugins().count();
+        let missing = if self.plugins_dir.lost {
+            ", plugins dir missing"
+        } else {
+            ""
+        };
         format!(
-            "{}/{} plugins running, hot reload {}, {} reloads, {} failed",
+            "{}/{} plugins running, hot reload {}, {} reloads, {} failed{missing}",
             self.sup.running_count(),
             total,
             if self.enabled { "on" } else { "off" },
