@@ -344,3 +344,16 @@ fn with_watching_switched_off_status_says_whether_the_plugins_dir_exists() {
     fs::remove_dir(&d.plugins).unwrap();
     wait_present(&d, false);
 }
+
+#[test]
+fn symlinked_executable_linked_before_its_first_build_starts_when_the_build_lands() {
+    let mut d = Daemon::new();
+    fs::create_dir_all(d.plugin_dir("p1")).unwrap();
+    d.start();
+    // `ln -s` first, `cargo build` later: the link dangles and its build dir does not exist.
+    let build = d.root.join("src-p1").join("target").join("debug");
+    symlink(build.join("p1"), d.exec_path("p1")).unwrap();
+    let v1 = Script::new("v1").render(&d.root, "p1");
+    install_atomic(&build.join("p1"), &v1, 0o755);
+    d.wait_running("p1", &v1);
+}
