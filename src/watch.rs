@@ -16,7 +16,9 @@
 //! The plugins dir itself may go (deleted, or renamed away by an atomic deploy) and come back.
 //! The path, not the inode, is the truth: once the root watch reports its directory deleted or
 //! moved, the watcher drops it (a moved directory's watch would follow it to `plugins.old`) and,
-//! when asked, watches the nearest existing ancestor for the name to reappear.
+//! when asked, watches the nearest existing ancestor for the name to reappear. While the plugins
+//! dir is there its parent is watched too, for what its own watch cannot see: the parent renamed
+//! away, or a symlinked plugins dir re-pointed.
 //!
 //! The watcher owns the inotify fd and the wd → owner map; it never decides what to reload.
 
@@ -1005,6 +1007,22 @@ mod tests {
         std::fs::create_dir(tmp.0.join("deploy")).unwrap();
         assert_eq!(w.drain(&matchers(), false), vec![Change::RootCheck]);
         assert_eq!(w.await_root(), RootWait::Parent);
+    }
+
+    #[test]
+    fn a_renamed_parent_is_noticed_while_the_plugins_dir_is_there() {
+        let tmp = Scratch::new("guard");
+        let root = tmp.0.join("release/plugins");
+        std::fs::create_dir_all(&root).unwrap();
+        let mut w = Watcher::new(&root).unwrap();
+        assert_eq!(w.await_root(), RootWait::Parent);
+        assert_eq!(w.dirs_watched(), 1, "the parent's watch is not counted");
+        std::fs::rename(tmp.0.join("release"), tmp.0.join("release.old")).unwrap();
+        assert_eq!(w.drain(&matchers(), false), vec![Change::RootCheck]);
+        assert!(
+            !w.root_is_current(),
+            "the path no longer leads to the watched dir"
+        );
     }
 
     #[test]
