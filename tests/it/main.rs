@@ -5,6 +5,7 @@ mod ctl;
 mod docs;
 mod faults;
 mod lifecycle;
+mod plugins_dir;
 mod protocol;
 mod regressions;
 mod reload;
