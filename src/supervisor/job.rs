@@ -69,9 +69,11 @@ impl Supervisor {
                     path: s.path,
                 };
             }
-            Err(e) if job.kind == JobKind::Start => {
-                // No build yet: that is what `missing` means, not an error.
+            Err(e) if job.kind == JobKind::Start && !copy_failed(&e) => {
+                // No build yet: that is what `missing` means, not an error. A first start
+                // still retrying the copy of an earlier build ends with it.
                 log::info!("[{id}] waiting for a build: {e}");
+                take_over_copy_retry(ctx, p, &mut job);
                 p.rest = Rest::Missing;
                 answer_not_started(ctx, id, &job.waiters, None, e.to_string());
                 return;
@@ -210,7 +212,7 @@ impl Supervisor {
         }
         // A newer change restarts the count (it is a newer build).
         take_over_copy_retry(ctx, p, &mut job);
-        if !job.announced {
+        if job.kind != JobKind::Start && !job.announced {
             self.announce_reload(ctx, id, &mut job);
         }
         let Some(p) = self.plugins.get_mut(id) else {
@@ -288,36 +290,31 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Carry runtime.json into state.json (or wipe both without preserve_state) before a start.
+    /// Carry runtime.json into state.json before a start; without preserve_state, start afresh:
+    /// runtime.json removed, state.json rewritten with `runtime_data: null` (SPEC §4). Either
+    /// way state.json is written, which creates the plugin's state dir for its runtime.json.
     fn prepare_state(
         &mut self,
         ctx: &mut Ctx<'_>,
         id: &str,
         version: &str,
     ) -> Result<(), AttemptError> {
-        let state_path = self.state_path(id);
-        let runtime_path = self.runtime_path(id);
-        let overlapping = self.plugins.get(id).is_some_and(|p| p.retiring.is_some());
-        if !ctx.config.hot_reload.preserve_state {
-            // With an old instance still running (start-stop) its files are still in use.
-            if !overlapping {
-                for path in [&state_path, &runtime_path] {
-                    state_file::remove_if_exists(path)
-                        .map_err(|e| format!("cannot remove {}: {e}", path.display()))?;
-                }
-                if let Some(p) = self.plugins.get_mut(id) {
-                    p.runtime_data = Value::Null;
-                }
+        if ctx.config.hot_reload.preserve_state {
+            self.fold_runtime(ctx, id);
+        } else {
+            let runtime_path = self.runtime_path(id);
+            state_file::remove_if_exists(&runtime_path)
+                .map_err(|e| format!("cannot remove {}: {e}", runtime_path.display()))?;
+            if let Some(p) = self.plugins.get_mut(id) {
+                p.runtime_data = Value::Null;
             }
-            return Ok(());
         }
-        self.fold_runtime(ctx, id);
         // A full or read-only state dir must not keep the plugin down (it would end `failed`):
         // it starts with state.json as it was (intact, atomic writes), runtime_data stays in
         // memory and runtime.json on disk, and the next write that works saves them.
         // The directory fsync that makes the rename durable waits until the new instance runs
         // (`sync_state_dirs`): the content itself is on disk before the rename.
-        if let Err(e) = self.write_state_with(ctx, id, version, "starting", DirSync::EndOfTurn) {
+        if let Err(e) = self.write_state_file(id, version, "starting", DirSync::EndOfTurn) {
             let path = self.state_path(id);
             log::warn!("[{id}] cannot write state file, starting with the one on disk: {e}");
             ctx.emit(
@@ -385,9 +382,22 @@ impl Supervisor {
         status: &str,
         dir_sync: DirSync,
     ) -> Result<(), String> {
+        // Without preserve_state only a start writes the file (`prepare_state`): what a plugin
+        // saved is never carried into it.
         if !ctx.config.hot_reload.preserve_state {
             return Ok(());
         }
+        self.write_state_file(id, version, status, dir_sync)
+    }
+
+    /// Write state.json (see [`Supervisor::write_state`]), whatever preserve_state says.
+    fn write_state_file(
+        &mut self,
+        id: &str,
+        version: &str,
+        status: &str,
+        dir_sync: DirSync,
+    ) -> Result<(), String> {
         let path = self.state_path(id);
         let Some(p) = self.plugins.get_mut(id) else {
             return Ok(());
@@ -462,7 +472,9 @@ impl Supervisor {
                         .with("version", job.target.version.as_str()),
                 );
             }
-            JobKind::Start | JobKind::Restart => {}
+            // The error of an earlier attempt (a copy that failed for lack of space) is over.
+            JobKind::Start => p.last_error = None,
+            JobKind::Restart => {}
         }
         if job.kind != JobKind::Rollback {
             answer_waiters(ctx, id, &job, true, None);
@@ -492,8 +504,9 @@ impl Supervisor {
         p.last_error = Some(error.clone());
         job.last_error = Some(error.clone());
         let attempt = job.attempt;
-        let last = attempt >= job.max_attempts;
         let kind = job.kind;
+        let endless = kind == JobKind::Start && awaiting_snapshot(job);
+        let last = attempt >= job.max_attempts && !endless;
         // A restart after a crash already waited one base delay before its first attempt.
         let exponent = attempt - 1 + u32::from(kind == JobKind::Restart);
         let delay = retry_delay(ctx.config.hot_reload.retry_delay_ms, exponent);
@@ -505,8 +518,15 @@ impl Supervisor {
         if kind == JobKind::Reload {
             emit_reload_failed(ctx, id, &error, attempt, (!last).then_some(delay));
         }
+        if endless && attempt == job.max_attempts {
+            // A first start whose build cannot be copied has nothing to fall back to: it goes
+            // on trying with the capped backoff, so that freeing space starts the plugin with no
+            // command (SPEC §5). Whoever waits for it is not kept waiting meanwhile.
+            let waiters = std::mem::take(&mut job.waiters);
+            answer_not_started(ctx, id, &waiters, None, error.clone());
+        }
         if !last {
-            job.attempt += 1;
+            job.attempt = job.attempt.saturating_add(1);
             let timer = ctx.arm(delay, Timer::Backoff(id.to_string()));
             job.phase = JobPhase::Backoff {
                 timer,
@@ -732,6 +752,16 @@ fn emit_reload_failed(
             .with("attempt", attempt)
             .with("retry_in_ms", retry_in_ms.map_or(Value::Null, Value::from)),
     );
+}
+
+/// Whether a snapshot failed on the daemon's side (the runtime dir full or failing, the build
+/// unreadable for an I/O error) rather than for lack of a build: worth retrying (SPEC §5).
+fn copy_failed(error: &snapshot::SnapshotError) -> bool {
+    use snapshot::SnapshotError as E;
+    matches!(
+        error,
+        E::Write { .. } | E::CreateDir { .. } | E::Read { .. }
+    )
 }
 
 /// A job whose build has not been copied yet (its snapshot failed and waits for a retry).

@@ -6,6 +6,7 @@ mod docs;
 mod faults;
 mod lifecycle;
 mod protocol;
+mod recovery;
 mod regressions;
 mod reload;
 mod supervise;

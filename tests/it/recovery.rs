@@ -1,0 +1,160 @@
+//! Recovery from what the daemon can get past on its own (SPEC §4 PluginState, §5 "A failure the
+//! daemon can retry is retried", "No-op, always"): a runtime dir full at a plugin's first start,
+//! `preserve_state = false` still handing the plugin its state file, and a build that is already
+//! running being installed again right after a rollback.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::faults::{in_daemon_ns, launch_in_mount_namespace, skip};
+use crate::util::{Config, Daemon, Script, expected_version, install_atomic, is_event, wait_until};
+
+/// Long enough for the capped doubling backoff of a busy machine to come round again.
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[test]
+fn full_runtime_dir_at_first_start_backs_off_then_starts_once_space_is_freed() {
+    let mut d = Daemon::new();
+    let runtime = crate::util::sh_quote(&d.runtime.to_string_lossy());
+    let mount = format!("mount -t tmpfs -o size=256k,mode=0700 hotreload-test {runtime}");
+    if !launch_in_mount_namespace(&mut d, &mount) {
+        return skip(
+            "full_runtime_dir_at_first_start",
+            "needs root and unshare -m",
+        );
+    }
+    d.start();
+    // Fill the daemon's runtime dir to the last block: no snapshot fits.
+    let filler = in_daemon_ns(&d, &d.runtime.join("filler"));
+    let mut file = File::create(&filler).unwrap();
+    let block = [0u8; 4096];
+    while file.write_all(&block).is_ok() {}
+    let _ = file.sync_all();
+    drop(file);
+    let v1 = d.install("p1", &Script::new("v1"));
+    let info = d.wait_plugin("p1", "backoff with an error", |p| {
+        p["state"] == "backoff" && p["last_error"].is_string()
+    });
+    let error = info["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("No space left on device") && error.contains("plugins/p1/p1"),
+        "contract (SPEC §5): the error names the problem and the build; saw {info}"
+    );
+    assert!(
+        d.starts("p1", None).is_empty(),
+        "nothing started without a snapshot"
+    );
+    // Space comes back: the plugin starts with no command sent.
+    fs::remove_file(&filler).unwrap();
+    let running = wait_until(RECOVERY_TIMEOUT, "p1 running once space is freed", || {
+        d.plugin_info("p1")
+            .filter(|p| p["state"] == "running" && p["version"] == expected_version(&v1).as_str())
+    });
+    assert!(
+        running["last_error"].is_null(),
+        "a start that worked clears the error; saw {running}"
+    );
+    d.wait_started("p1", "v1");
+}
+
+#[test]
+fn preserve_state_false_still_hands_the_plugin_its_state_file_and_configuration() {
+    let config = Config::new()
+        .set("hot_reload.preserve_state", json!(false))
+        .set("plugins.p1.config", json!({"preset": "fast"}));
+    let mut d = Daemon::with_config(&config);
+    let v1 = Script::new("v1").runtime_json(&json!({"jobs": 3}));
+    let (v1, pid) = d.start_running("p1", &v1);
+    let seen = d.seen_state("p1", pid).unwrap_or(Value::Null);
+    assert_eq!(
+        (
+            &seen["configuration"],
+            &seen["runtime_data"],
+            &seen["version"]
+        ),
+        (
+            &json!({"preset": "fast"}),
+            &Value::Null,
+            &json!(expected_version(&v1))
+        ),
+        "contract (SPEC §4): state.json carries configuration and version; saw {seen}"
+    );
+    let runtime = d.runtime_file("p1");
+    wait_until(Duration::from_secs(10), "the plugin's runtime.json", || {
+        let text = fs::read_to_string(&runtime).ok()?;
+        (serde_json::from_str::<Value>(&text).ok()? == json!({"jobs": 3})).then_some(())
+    });
+    // A reload carries nothing: runtime.json is gone before the new instance starts.
+    let v2 = d.install("p1", &Script::new("v2"));
+    let pid = d.wait_started("p1", "v2");
+    d.wait_running("p1", &v2);
+    let seen = d.seen_state("p1", pid).unwrap_or(Value::Null);
+    assert_eq!(
+        (
+            &seen["configuration"],
+            &seen["runtime_data"],
+            &seen["version"]
+        ),
+        (
+            &json!({"preset": "fast"}),
+            &Value::Null,
+            &json!(expected_version(&v2))
+        ),
+        "contract (SPEC §4): nothing carried across starts; saw {seen}"
+    );
+    assert!(
+        !runtime.exists(),
+        "contract (SPEC §4): runtime.json is removed before each start"
+    );
+}
+
+#[test]
+fn installing_the_running_build_right_after_a_rollback_is_a_no_op() {
+    let mut d = Daemon::new();
+    let (v1, _) = d.start_running("p1", &Script::new("v1"));
+    let mut sub = d.client();
+    sub.subscribe(json!({"verbose": true}));
+    d.install("p1", &Script::new("bad").broken());
+    sub.wait_event(Duration::from_secs(20), "rolled_back", |e| {
+        is_event(e, "rolled_back", "p1")
+    });
+    let pid = d.wait_started_n("p1", "v1", 2);
+    let info = d.wait_running("p1", &v1);
+    assert_eq!(info["pid"], pid, "v1 runs again; saw {info}");
+    let starts = d.starts("p1", None).len();
+    sub.collect_events(Duration::ZERO);
+    let started_before = sub.named("plugin_started", "p1").len();
+    let reloads_before = sub.named("reload_started", "p1").len();
+    install_atomic(&d.exec_path("p1"), &v1, 0o755);
+    // A reload would have started by now if the no-op check had let it through.
+    sub.wait_event(
+        Duration::from_secs(10),
+        "contract (SPEC §5 no-op): change_ignored \"unchanged version\"",
+        |e| {
+            is_event(e, "change_ignored", "p1")
+                && e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("unchanged version"))
+        },
+    );
+    d.prove_quiet();
+    sub.collect_events(Duration::ZERO);
+    assert_eq!(
+        d.starts("p1", None).len(),
+        starts,
+        "contract (SPEC §5 no-op, always): nothing restarts after a rollback"
+    );
+    assert_eq!(
+        (
+            sub.named("reload_started", "p1").len(),
+            sub.named("plugin_started", "p1").len()
+        ),
+        (reloads_before, started_before),
+        "no reload, no start"
+    );
+    let info = d.wait_running("p1", &v1);
+    assert_eq!(info["pid"], pid, "the same instance runs; saw {info}");
+}
