@@ -72,10 +72,13 @@ impl Supervisor {
             Err(e) if job.kind == JobKind::Start && !copy_failed(&e) => {
                 // No build yet: that is what `missing` means, not an error. A first start
                 // still retrying the copy of an earlier build ends with it.
-                log::info!("[{id}] waiting for a build: {e}");
+                let reason = missing_reason(&exec, &e);
+                log::info!("[{id}] waiting for a build: {reason}");
                 take_over_copy_retry(ctx, p, &mut job);
                 p.rest = Rest::Missing;
-                answer_not_started(ctx, id, &job.waiters, None, e.to_string());
+                // `list` and `plugin` say why the plugin is `missing` (SPEC §5).
+                p.last_error = Some(reason.clone());
+                answer_not_started(ctx, id, &job.waiters, None, reason);
                 return;
             }
             Err(e) => {
@@ -761,6 +764,50 @@ fn copy_failed(error: &snapshot::SnapshotError) -> bool {
     matches!(
         error,
         E::Write { .. } | E::CreateDir { .. } | E::Read { .. }
+    )
+}
+
+/// Names shown at most when a plugin dir without its executable says what it holds instead.
+const MISSING_LISTED_NAMES: usize = 8;
+/// Entries read at most from such a dir: a huge one must not stall the loop.
+const MISSING_READ_ENTRIES: usize = 1024;
+
+/// Why a plugin with no usable build is `missing`: the snapshot error, and for an executable
+/// that is not there, which files its dir holds instead (a build named differently, a typo).
+fn missing_reason(exec: &Path, error: &snapshot::SnapshotError) -> String {
+    let snapshot::SnapshotError::NotFound {
+        dangling_symlink: false,
+        ..
+    } = error
+    else {
+        return error.to_string();
+    };
+    let Some(dir) = exec.parent() else {
+        return error.to_string();
+    };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => return format!("no executable `{}` ({e})", exec.display()),
+    };
+    let mut names: Vec<String> = entries
+        .take(MISSING_READ_ENTRIES)
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.starts_with(".hotreload-"))
+        .collect();
+    if names.is_empty() {
+        return format!("no executable `{}`; the directory is empty", exec.display());
+    }
+    names.sort();
+    let more = names.len().saturating_sub(MISSING_LISTED_NAMES);
+    names.truncate(MISSING_LISTED_NAMES);
+    let mut listed = names.join(", ");
+    if more > 0 {
+        listed.push_str(&format!(" and {more} more"));
+    }
+    format!(
+        "no executable `{}`; the directory holds: {listed}",
+        exec.display()
     )
 }
 

@@ -158,3 +158,37 @@ fn installing_the_running_build_right_after_a_rollback_is_a_no_op() {
     let info = d.wait_running("p1", &v1);
     assert_eq!(info["pid"], pid, "the same instance runs; saw {info}");
 }
+
+#[test]
+fn missing_plugin_says_which_files_its_dir_holds_instead() {
+    let mut d = Daemon::new();
+    let dir = d.plugin_dir("p1");
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("p1.bin"), "#!/bin/sh\n").unwrap();
+    fs::write(dir.join("README"), "docs\n").unwrap();
+    d.start();
+    let info = d.wait_plugin("p1", "missing with a reason", |p| {
+        p["state"] == "missing" && p["last_error"].is_string()
+    });
+    let exec = d.exec_path("p1");
+    assert_eq!(
+        info["last_error"],
+        format!(
+            "no executable `{}`; the directory holds: README, p1.bin",
+            exec.display()
+        ),
+        "contract (SPEC §5 states): a dir without its executable says what it holds; saw {info}"
+    );
+    let detail = d.request(&json!({"cmd": "plugin", "plugin": "p1"}));
+    assert_eq!(
+        detail["plugin"]["last_error"], info["last_error"],
+        "`plugin` says it too; saw {detail}"
+    );
+    // The build arrives: the reason is gone with the state.
+    let v1 = d.install("p1", &Script::new("v1"));
+    let info = d.wait_running("p1", &v1);
+    assert!(
+        info["last_error"].is_null(),
+        "a started plugin has no error; saw {info}"
+    );
+}
