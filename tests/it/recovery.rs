@@ -10,7 +10,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::faults::{in_daemon_ns, launch_in_mount_namespace, skip};
-use crate::util::{Config, Daemon, Script, expected_version, install_atomic, is_event, wait_until};
+use crate::util::{
+    Config, Daemon, MAX_RETRIES, Script, expected_version, install_atomic, is_event, wait_until,
+};
 
 /// Long enough for the capped doubling backoff of a busy machine to come round again.
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -47,6 +49,12 @@ fn full_runtime_dir_at_first_start_backs_off_then_starts_once_space_is_freed() {
         d.starts("p1", None).is_empty(),
         "nothing started without a snapshot"
     );
+    // No giving up: the copy is still retried after the 1 + max_retries attempts a reload gets.
+    let beyond = format!("start failed (attempt {})", MAX_RETRIES + 2);
+    wait_until(RECOVERY_TIMEOUT, &beyond, || {
+        d.stderr_text().contains(&beyond).then_some(())
+    });
+    assert_eq!(d.plugin_info("p1").unwrap_or_default()["state"], "backoff");
     // Space comes back: the plugin starts with no command sent.
     fs::remove_file(&filler).unwrap();
     let running = wait_until(RECOVERY_TIMEOUT, "p1 running once space is freed", || {
