@@ -10,7 +10,9 @@ use std::time::Instant;
 
 use serde_json::{Value, json};
 
-use super::plugin::{HistoryEntry, Job, JobKind, JobPhase, Plugin, Rest, Slot, Snap, Written};
+use super::plugin::{
+    HistoryEntry, Instance, Job, JobKind, JobPhase, Plugin, Rest, Slot, Snap, Written,
+};
 use super::{Ctx, MAX_RUNTIME_BYTES, Supervisor, Timer, Totals, Trigger, Waiter, retry_delay};
 use crate::config::Strategy;
 use crate::control::protocol;
@@ -136,11 +138,15 @@ impl Supervisor {
         let exec_str = exec.to_string_lossy();
         let only_exec = !job.files.is_empty() && job.files.iter().all(|f| *f == exec_str);
         let version = job.target.version.as_str();
-        let running = p
-            .instance
-            .as_ref()
-            .filter(|i| i.stop.is_none() && i.failure.is_none())
-            .map(|i| i.version.as_str());
+        let alive = |i: &&Instance| i.stop.is_none() && i.failure.is_none();
+        // start-stop: while a failed attempt of a newer build waits to retry, the old instance
+        // is the one serving, from the retiring slot.
+        let serving = match &p.instance {
+            Some(inst) => Some(inst).filter(alive),
+            None => p.retiring.as_ref().filter(alive),
+        };
+        let running = serving.map(|i| i.version.as_str());
+        let keeps_retiring = p.instance.is_none() && running == Some(version);
         let failed_same = p.instance.is_none()
             && p.rest == Rest::Failed
             && job.old_version.as_deref() == Some(version);
@@ -150,6 +156,10 @@ impl Supervisor {
             return false;
         }
         log::debug!("[{id}] build unchanged ({version}), nothing to reload");
+        let mut waiters = job.waiters.clone();
+        if keeps_retiring {
+            waiters.extend(self.keep_retiring(ctx, id, &job.target));
+        }
         for f in &job.files {
             ctx.emit(
                 Event::new("change_ignored", Some(id))
@@ -173,8 +183,36 @@ impl Supervisor {
             }
         }
         let old = job.old_version.clone();
-        answer_list(ctx, id, &job.waiters, true, old, new, None, duration_ms);
+        answer_list(ctx, id, &waiters, true, old, new, None, duration_ms);
+        if keeps_retiring {
+            self.run_queued(ctx, id);
+        }
         true
+    }
+
+    /// start-stop: the build installed while a newer one waits to retry is the one still
+    /// serving from the retiring slot. The waiting job is superseded (its waiters are returned
+    /// to be answered with this outcome) and the old instance simply stays, as after its last
+    /// failed attempt (SPEC §5 "No-op, always").
+    fn keep_retiring(&mut self, ctx: &mut Ctx<'_>, id: &str, build: &Snap) -> Vec<Waiter> {
+        let snap_dir = self.snapshot_dir(id);
+        let Some(p) = self.plugins.get_mut(id) else {
+            return Vec::new();
+        };
+        let mut waiters = Vec::new();
+        if let Some(superseded) = p.job.take() {
+            cancel_job_timer(ctx, &superseded);
+            log::info!(
+                "[{id}] keeping the running version {}: it supersedes the reload to {}",
+                build.version,
+                superseded.target.version
+            );
+            waiters = superseded.waiters;
+        }
+        p.instance = p.retiring.take();
+        p.current = Some(build.clone());
+        prune_snapshots(&snap_dir, p);
+        waiters
     }
 
     /// `hot reload started`: the log line, the `reload_started` event and the start hook.

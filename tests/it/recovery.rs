@@ -200,3 +200,41 @@ fn missing_plugin_says_which_files_its_dir_holds_instead() {
         "a started plugin has no error; saw {info}"
     );
 }
+
+#[test]
+fn installing_the_build_still_serving_during_a_start_stop_retry_is_a_no_op() {
+    let config = Config::new()
+        .set("plugins.p1.strategy", json!("start-stop"))
+        .set("hot_reload.retry_delay_ms", json!(5000));
+    let mut d = Daemon::with_config(&config);
+    let (v1, pid) = d.start_running("p1", &Script::new("v1"));
+    let mut sub = d.client();
+    sub.subscribe(json!({"verbose": true}));
+    d.install("p1", &Script::new("bad").broken());
+    let failed = sub.wait_named("reload_failed", "p1");
+    assert_eq!(
+        failed["retry_in_ms"], 5000,
+        "waiting to retry; saw {failed}"
+    );
+    // v1 still serves while the broken build waits for its next attempt.
+    install_atomic(&d.exec_path("p1"), &v1, 0o755);
+    sub.wait_event(
+        Duration::from_secs(10),
+        "contract (SPEC §5 no-op, always): change_ignored \"unchanged version\"",
+        |e| {
+            is_event(e, "change_ignored", "p1")
+                && e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("unchanged version"))
+        },
+    );
+    // `running`, not `reloading`: the retry of the broken build is gone with its job.
+    let info = d.wait_running("p1", &v1);
+    assert_eq!(info["pid"], pid, "the same instance runs; saw {info}");
+    d.prove_quiet();
+    assert_eq!(
+        d.starts("p1", Some("v1")),
+        vec![pid],
+        "contract (SPEC §5 no-op, always): v1 never restarts"
+    );
+}
