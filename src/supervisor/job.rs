@@ -343,12 +343,7 @@ impl Supervisor {
         if ctx.config.hot_reload.preserve_state {
             self.fold_runtime(ctx, id);
         } else {
-            let runtime_path = self.runtime_path(id);
-            state_file::remove_if_exists(&runtime_path)
-                .map_err(|e| format!("cannot remove {}: {e}", runtime_path.display()))?;
-            if let Some(p) = self.plugins.get_mut(id) {
-                p.runtime_data = Value::Null;
-            }
+            self.forget_runtime(ctx, id);
         }
         // A full or read-only state dir must not keep the plugin down (it would end `failed`):
         // it starts with state.json as it was (intact, atomic writes), runtime_data stays in
@@ -365,6 +360,26 @@ impl Supervisor {
             );
         }
         Ok(())
+    }
+
+    /// preserve_state = false: nothing the plugin saved reaches its next instance. A runtime.json
+    /// that cannot be removed (read-only state dir) is reported, and does not keep the plugin
+    /// down: the daemon never reads it back in this mode.
+    fn forget_runtime(&mut self, ctx: &mut Ctx<'_>, id: &str) {
+        let path = self.runtime_path(id);
+        if let Err(e) = state_file::remove_if_exists(&path) {
+            // `e` names the file.
+            let error = e.to_string();
+            log::warn!("[{id}] {error}");
+            ctx.emit(
+                Event::new("state_warning", Some(id))
+                    .with("error", error)
+                    .with("path", path.to_string_lossy()),
+            );
+        }
+        if let Some(p) = self.plugins.get_mut(id) {
+            p.runtime_data = Value::Null;
+        }
     }
 
     /// Read runtime.json into runtime_data; an invalid file keeps the previous value (warned).

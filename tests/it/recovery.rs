@@ -238,3 +238,33 @@ fn installing_the_build_still_serving_during_a_start_stop_retry_is_a_no_op() {
         "contract (SPEC §5 no-op, always): v1 never restarts"
     );
 }
+
+#[test]
+fn preserve_state_false_with_a_read_only_state_dir_still_starts_the_plugin() {
+    let config = Config::new().set("hot_reload.preserve_state", json!(false));
+    let mut d = Daemon::with_config(&config);
+    // A runtime.json of an earlier run, which cannot be removed.
+    let runtime = d.runtime_file("p1");
+    fs::create_dir_all(runtime.parent().unwrap()).unwrap();
+    fs::write(&runtime, r#"{"old": true}"#).unwrap();
+    let state = crate::util::sh_quote(&d.state.to_string_lossy());
+    let ro = format!("mount --bind {state} {state} && mount -o remount,bind,ro {state}");
+    if !launch_in_mount_namespace(&mut d, &ro) {
+        return skip(
+            "preserve_state_false_read_only",
+            "needs root and unshare -m",
+        );
+    }
+    d.start();
+    let mut sub = d.client();
+    sub.subscribe(json!({}));
+    let v1 = d.install("p1", &Script::new("v1"));
+    d.wait_running("p1", &v1);
+    let warning = sub.wait_named("state_warning", "p1");
+    assert!(
+        warning["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Read-only file system")),
+        "the failure is reported; saw {warning}"
+    );
+}
