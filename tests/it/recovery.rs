@@ -1,10 +1,12 @@
-//! Recovery from what the daemon can get past on its own (SPEC §4 PluginState, §5 "A failure the
-//! daemon can retry is retried", "No-op, always"): a runtime dir full at a plugin's first start,
-//! `preserve_state = false` still handing the plugin its state file, and a build that is already
-//! running being installed again right after a rollback.
+//! Recovery from what the daemon can get past on its own, and plugins that say why they are
+//! down (SPEC §4 PluginState, §5 "A failure the daemon can retry is retried", "No-op, always",
+//! states): a runtime dir full at a plugin's first start, `preserve_state = false` still handing
+//! the plugin its state file, the build already running installed again after a rollback or
+//! during a start-stop retry, and a plugin dir that holds everything but its executable.
 
 use std::fs::{self, File};
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -17,25 +19,32 @@ use crate::util::{
 /// Long enough for the capped doubling backoff of a busy machine to come round again.
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
-#[test]
-fn full_runtime_dir_at_first_start_backs_off_then_starts_once_space_is_freed() {
-    let mut d = Daemon::new();
+/// Starts `d` in its own mount namespace with a 256 KiB tmpfs as runtime dir, filled to the last
+/// block; the path of the filler as the test sees it. `None` (skip) without mount namespaces.
+fn start_with_a_full_runtime_dir(d: &mut Daemon) -> Option<PathBuf> {
     let runtime = crate::util::sh_quote(&d.runtime.to_string_lossy());
     let mount = format!("mount -t tmpfs -o size=256k,mode=0700 hotreload-test {runtime}");
-    if !launch_in_mount_namespace(&mut d, &mount) {
-        return skip(
-            "full_runtime_dir_at_first_start",
-            "needs root and unshare -m",
-        );
+    if !launch_in_mount_namespace(d, &mount) {
+        return None;
     }
     d.start();
-    // Fill the daemon's runtime dir to the last block: no snapshot fits.
-    let filler = in_daemon_ns(&d, &d.runtime.join("filler"));
+    let filler = in_daemon_ns(d, &d.runtime.join("filler"));
     let mut file = File::create(&filler).unwrap();
     let block = [0u8; 4096];
     while file.write_all(&block).is_ok() {}
     let _ = file.sync_all();
-    drop(file);
+    Some(filler)
+}
+
+#[test]
+fn full_runtime_dir_at_first_start_backs_off_then_starts_once_space_is_freed() {
+    let mut d = Daemon::new();
+    let Some(filler) = start_with_a_full_runtime_dir(&mut d) else {
+        return skip(
+            "full_runtime_dir_at_first_start",
+            "needs root and unshare -m",
+        );
+    };
     let v1 = d.install("p1", &Script::new("v1"));
     let info = d.wait_plugin("p1", "backoff with an error", |p| {
         p["state"] == "backoff" && p["last_error"].is_string()
@@ -267,4 +276,36 @@ fn preserve_state_false_with_a_read_only_state_dir_still_starts_the_plugin() {
             .is_some_and(|e| e.contains("Read-only file system")),
         "the failure is reported; saw {warning}"
     );
+}
+
+#[test]
+fn trigger_of_a_first_start_the_runtime_dir_has_no_room_for_is_answered_and_retries_go_on() {
+    let mut d = Daemon::new();
+    let Some(filler) = start_with_a_full_runtime_dir(&mut d) else {
+        return skip("trigger_of_a_first_start", "needs root and unshare -m");
+    };
+    let v1 = d.install("p1", &Script::new("v1"));
+    d.wait_state("p1", "backoff");
+    let resp = d.request_within(
+        &json!({"cmd": "trigger", "plugin": "p1"}),
+        Duration::from_secs(30),
+    );
+    let result = &resp["result"];
+    assert!(
+        result["ok"] == false
+            && result["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("No space left on device")),
+        "the waiter gets the error after 1 + max_retries attempts; saw {resp}"
+    );
+    assert_eq!(
+        d.plugin_info("p1").unwrap_or_default()["state"],
+        "backoff",
+        "the copy is still retried"
+    );
+    fs::remove_file(&filler).unwrap();
+    wait_until(RECOVERY_TIMEOUT, "p1 running once space is freed", || {
+        d.plugin_info("p1")
+            .filter(|p| p["state"] == "running" && p["version"] == expected_version(&v1).as_str())
+    });
 }
