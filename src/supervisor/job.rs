@@ -156,9 +156,8 @@ impl Supervisor {
             return false;
         }
         log::debug!("[{id}] build unchanged ({version}), nothing to reload");
-        let mut waiters = job.waiters.clone();
         if keeps_retiring {
-            waiters.extend(self.keep_retiring(ctx, id, &job.target));
+            self.keep_retiring(ctx, id, &job.target);
         }
         for f in &job.files {
             ctx.emit(
@@ -183,7 +182,7 @@ impl Supervisor {
             }
         }
         let old = job.old_version.clone();
-        answer_list(ctx, id, &waiters, true, old, new, None, duration_ms);
+        answer_list(ctx, id, &job.waiters, true, old, new, None, duration_ms);
         if keeps_retiring {
             self.run_queued(ctx, id);
         }
@@ -191,28 +190,43 @@ impl Supervisor {
     }
 
     /// start-stop: the build installed while a newer one waits to retry is the one still
-    /// serving from the retiring slot. The waiting job is superseded (its waiters are returned
-    /// to be answered with this outcome) and the old instance simply stays, as after its last
-    /// failed attempt (SPEC §5 "No-op, always").
-    fn keep_retiring(&mut self, ctx: &mut Ctx<'_>, id: &str, build: &Snap) -> Vec<Waiter> {
+    /// serving from the retiring slot, which simply stays, as after the last failed attempt
+    /// (SPEC §5 "No-op, always"). The reload waiting to retry ends there: a final
+    /// `reload_failed`, its waiters answered with it, the failure hook run.
+    fn keep_retiring(&mut self, ctx: &mut Ctx<'_>, id: &str, build: &Snap) {
         let snap_dir = self.snapshot_dir(id);
         let Some(p) = self.plugins.get_mut(id) else {
-            return Vec::new();
+            return;
         };
-        let mut waiters = Vec::new();
-        if let Some(superseded) = p.job.take() {
-            cancel_job_timer(ctx, &superseded);
-            log::info!(
-                "[{id}] keeping the running version {}: it supersedes the reload to {}",
-                build.version,
-                superseded.target.version
-            );
-            waiters = superseded.waiters;
-        }
+        let superseded = p.job.take();
         p.instance = p.retiring.take();
         p.current = Some(build.clone());
         prune_snapshots(&snap_dir, p);
-        waiters
+        let Some(job) = superseded else { return };
+        cancel_job_timer(ctx, &job);
+        let error = format!(
+            "superseded: version {}, which is still running, was installed again",
+            build.version
+        );
+        log::warn!("[{id}] hot reload to {} ended: {error}", job.target.version);
+        if job.kind == JobKind::Reload {
+            let duration_ms = clock::millis(job.started.elapsed());
+            record_failed_reload(p, &mut self.totals, &job, duration_ms, &error);
+            if job.announced {
+                let attempts = job.attempt.saturating_sub(1).max(1);
+                emit_reload_failed(ctx, id, &error, attempts, None);
+            }
+        }
+        answer_waiters(ctx, id, &job, false, Some(error.clone()));
+        if job.kind == JobKind::Reload {
+            let hook = HookContext {
+                plugin: id,
+                old_version: job.old_version.as_deref(),
+                new_version: Some(&job.target.version),
+                error: Some(&error),
+            };
+            self.run_hook(ctx, HookKind::ReloadFailure, &hook);
+        }
     }
 
     /// `hot reload started`: the log line, the `reload_started` event and the start hook.

@@ -237,6 +237,17 @@ fn installing_the_build_still_serving_during_a_start_stop_retry_is_a_no_op() {
                     .is_some_and(|r| r.contains("unchanged version"))
         },
     );
+    let ended = sub.wait_event(
+        Duration::from_secs(10),
+        "the final reload_failed of the broken build's reload",
+        |e| is_event(e, "reload_failed", "p1") && e["retry_in_ms"].is_null(),
+    );
+    assert!(
+        ended["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("superseded")),
+        "the reload waiting to retry ends, saying why; saw {ended}"
+    );
     // `running`, not `reloading`: the retry of the broken build is gone with its job.
     let info = d.wait_running("p1", &v1);
     assert_eq!(info["pid"], pid, "the same instance runs; saw {info}");
