@@ -998,3 +998,48 @@ fn record_failed_reload(
         HistoryEntry::of_reload(job, clock::wall_rfc3339(), duration_ms, Some(error.into()));
     p.push_history(entry);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::tests::TestDir;
+    use std::fs;
+
+    fn not_found(exec: &Path) -> snapshot::SnapshotError {
+        snapshot::SnapshotError::NotFound {
+            path: exec.to_path_buf(),
+            dangling_symlink: false,
+        }
+    }
+
+    #[test]
+    fn missing_reason_lists_what_the_dir_holds_instead_bounded() {
+        let t = TestDir::new("missing-reason");
+        let exec = t.join("foo");
+        assert_eq!(
+            missing_reason(&exec, &not_found(&exec)),
+            format!("no executable `{}`; the directory is empty", exec.display())
+        );
+        for n in 0..10 {
+            fs::write(t.join(&format!("f{n}")), b"").unwrap();
+        }
+        fs::write(t.join(".hotreload-1234"), b"").unwrap();
+        assert_eq!(
+            missing_reason(&exec, &not_found(&exec)),
+            format!(
+                "no executable `{}`; the directory holds: f0, f1, f2, f3, f4, f5, f6, f7 and 2 more",
+                exec.display()
+            )
+        );
+    }
+
+    #[test]
+    fn missing_reason_of_other_errors_is_the_error() {
+        let exec = Path::new("/nonexistent-dir/foo");
+        let dangling = snapshot::SnapshotError::NotFound {
+            path: exec.to_path_buf(),
+            dangling_symlink: true,
+        };
+        assert_eq!(missing_reason(exec, &dangling), dangling.to_string());
+    }
+}
