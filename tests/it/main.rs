@@ -7,6 +7,7 @@ mod faults;
 mod lifecycle;
 mod plugins_dir;
 mod protocol;
+mod recovery;
 mod regressions;
 mod reload;
 mod start_limit;
