@@ -1,0 +1,462 @@
+//! Private directories are verified, never trusted (SPEC §2).
+//!
+//! The runtime dir holds the control socket and the snapshots the daemon executes; the state dir
+//! holds what plugins get back after a restart. Whoever can write into either can make the
+//! daemon run their code as the daemon's user, or impersonate it to `hotreloadctl`. A name like
+//! `/tmp/hotreload-1000` can be created by anyone before the daemon first starts, so a directory
+//! the daemon did not just create itself is judged from `lstat` before it is used: it must be a
+//! real directory (not a symlink, which would let its owner point it anywhere), owned by the
+//! daemon's euid, and writable by nobody else. Group write is tolerated only where the group
+//! cannot be anyone else: a directory the service manager created for the unit
+//! (`RuntimeDirectoryMode=0770`), or the user's private group (Debian's umask 002 gives every
+//! `mkdir` mode 0775 with group = the user's own one-member group; OpenSSH tolerates the same).
+//!
+//! Checking the path and then using it is safe because of what the check establishes: once a
+//! directory is ours and nobody else may write into it, nobody else can swap anything inside it
+//! either (its parent matters too; the default `/tmp/hotreload-$UID` sits in sticky `/tmp`).
+//! A directory this module creates is created mode 0700 and needs no check.
+
+use std::fmt;
+use std::fs::{self, DirBuilder, Metadata};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use nix::unistd::{Gid, Group, Uid, User};
+
+/// Who besides the owner may write into a directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sharing {
+    /// Nobody (the owner's private group aside).
+    OwnerOnly,
+    /// The directory's group too: the service manager created it for the unit
+    /// (`$RUNTIME_DIRECTORY`, `$STATE_DIRECTORY`) with the mode the unit asked for.
+    ServiceManager,
+}
+
+/// What makes an existing directory unsafe to use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Problem {
+    /// A symlink: whoever owns it decides where it points.
+    Symlink { owner: u32, target: Option<PathBuf> },
+    /// Not a directory at all ("a regular file").
+    NotADirectory { what: &'static str },
+    /// Owned by another user, who can do anything with it.
+    Foreign { owner: u32, mode: u32 },
+    /// Ours, but others (or a shared group) may write into it.
+    Writable { mode: u32 },
+}
+
+/// The facts of one `lstat` that the verdict depends on (apart, so unit tests need no chown).
+#[derive(Clone, Copy, Debug)]
+pub struct Seen {
+    pub kind: Kind,
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+}
+
+/// What kind of file a path names, without following a symlink.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Directory,
+    Symlink,
+    Other(&'static str),
+}
+
+impl Seen {
+    pub fn of(meta: &Metadata) -> Seen {
+        let file_type = meta.file_type();
+        let kind = if file_type.is_dir() {
+            Kind::Directory
+        } else if file_type.is_symlink() {
+            Kind::Symlink
+        } else {
+            Kind::Other(crate::snapshot::describe(file_type))
+        };
+        Seen {
+            kind,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            mode: meta.mode() & 0o7777,
+        }
+    }
+}
+
+/// The verdict on a directory seen as `seen` by a process running as `euid`;
+/// `private_group(gid)` tells whether `gid` is `euid`'s own one-member group.
+pub fn judge(
+    seen: &Seen,
+    euid: u32,
+    sharing: Sharing,
+    private_group: impl Fn(u32) -> bool,
+) -> Result<(), Problem> {
+    match seen.kind {
+        Kind::Directory => {}
+        Kind::Symlink => {
+            return Err(Problem::Symlink {
+                owner: seen.uid,
+                target: None,
+            });
+        }
+        Kind::Other(what) => return Err(Problem::NotADirectory { what }),
+    }
+    if seen.uid != euid {
+        return Err(Problem::Foreign {
+            owner: seen.uid,
+            mode: seen.mode,
+        });
+    }
+    let others_write = seen.mode & 0o002 != 0;
+    let group_write = seen.mode & 0o020 != 0;
+    let group_is_trusted = || sharing == Sharing::ServiceManager || private_group(seen.gid);
+    if others_write || (group_write && !group_is_trusted()) {
+        return Err(Problem::Writable { mode: seen.mode });
+    }
+    Ok(())
+}
+
+/// Judges the existing `dir` (`lstat`, never following a symlink). A missing `dir` is an
+/// `io::ErrorKind::NotFound` error, for the caller to create it or not.
+pub fn inspect(dir: &Path, sharing: Sharing) -> io::Result<Result<(), Problem>> {
+    let dir = normalized(dir);
+    let meta = fs::symlink_metadata(&dir)?;
+    let euid = nix::unistd::geteuid().as_raw();
+    let verdict = judge(&Seen::of(&meta), euid, sharing, |gid| {
+        is_private_group(gid, euid)
+    });
+    Ok(verdict.map_err(|problem| match problem {
+        Problem::Symlink { owner, .. } => Problem::Symlink {
+            owner,
+            target: fs::read_link(&dir).ok(),
+        },
+        other => other,
+    }))
+}
+
+/// Creates `dir` mode 0700 (and its missing parents, also 0700), or judges it when it exists.
+/// `Ok(Err(problem))` when an existing `dir` is unsafe.
+pub fn ensure(dir: &Path, sharing: Sharing) -> io::Result<Result<(), Problem>> {
+    let dir = normalized(dir);
+    let mkdir = |path: &Path| DirBuilder::new().mode(0o700).create(path);
+    let created = match mkdir(&dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(parent) = dir.parent() {
+                DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(parent)?;
+            }
+            mkdir(&dir)
+        }
+        other => other,
+    };
+    match created {
+        Ok(()) => Ok(Ok(())),
+        // Ours or not, it was there before: judge it (a symlink also lands here).
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => inspect(&dir, sharing),
+        Err(e) => Err(e),
+    }
+}
+
+/// `dir` without a trailing slash or `.` components: `lstat("link/")` would follow the link.
+fn normalized(dir: &Path) -> PathBuf {
+    dir.components().collect()
+}
+
+/// Whether `gid` is `uid`'s user private group: the user's primary group, named like the user,
+/// with no other member listed. (A user with the same primary gid would not be listed; such
+/// setups defeat the private-group scheme itself.)
+fn is_private_group(gid: u32, uid: u32) -> bool {
+    let Ok(Some(user)) = User::from_uid(Uid::from_raw(uid)) else {
+        return false;
+    };
+    let Ok(Some(group)) = Group::from_gid(Gid::from_raw(gid)) else {
+        return false;
+    };
+    user.gid.as_raw() == gid
+        && group.name == user.name
+        && group.mem.iter().all(|member| *member == user.name)
+}
+
+/// An existing directory refused, with everything its message needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnsafeDir {
+    /// What the directory is for: "runtime directory", "snapshot directory".
+    pub role: &'static str,
+    pub path: PathBuf,
+    pub problem: Problem,
+    /// The option that chooses another one ("--runtime-dir"); `None` for a subdirectory, which
+    /// the daemon creates again when it is removed.
+    pub option: Option<&'static str>,
+}
+
+impl UnsafeDir {
+    /// The error for `problem` found at `path`.
+    pub fn new(role: &'static str, path: &Path, problem: Problem) -> UnsafeDir {
+        UnsafeDir {
+            role,
+            path: normalized(path),
+            problem,
+            option: None,
+        }
+    }
+
+    /// Names the option that chooses another directory in the advice.
+    pub fn chosen_by(mut self, option: &'static str) -> UnsafeDir {
+        self.option = Some(option);
+        self
+    }
+
+    /// The same, as an `io::Error` (kind `PermissionDenied`) for callers that deal in those.
+    pub fn into_io(self) -> io::Error {
+        io::Error::new(io::ErrorKind::PermissionDenied, self)
+    }
+
+    /// "remove it (rm -rf PATH)", "or choose another --runtime-dir" as fits.
+    fn remove_or_choose(&self, rm: &str) -> String {
+        let path = self.path.display();
+        match self.option {
+            Some(option) => format!("remove it ({rm} {path}) or choose another {option}"),
+            None => format!("remove it ({rm} {path}); hotreloadd creates it again"),
+        }
+    }
+}
+
+impl fmt::Display for UnsafeDir {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let euid = nix::unistd::geteuid().as_raw();
+        write!(f, "refusing to use {} {}: ", self.role, self.path.display())?;
+        match &self.problem {
+            Problem::Symlink { owner, target } => {
+                match target {
+                    Some(target) => write!(f, "it is a symlink to {}", target.display())?,
+                    None => f.write_str("it is a symlink")?,
+                }
+                if *owner == euid {
+                    write!(
+                        f,
+                        ", and hotreloadd does not follow symlinks to its private directories: \
+                         name the real directory instead or {}",
+                        self.remove_or_choose("rm")
+                    )
+                } else {
+                    write!(
+                        f,
+                        " owned by {}; another user may have created it to take over the \
+                         daemon: {}",
+                        user_text(*owner),
+                        self.remove_or_choose("as root: rm")
+                    )
+                }
+            }
+            Problem::NotADirectory { what } => write!(
+                f,
+                "it is {what}, not a directory; {}",
+                self.remove_or_choose("rm")
+            ),
+            Problem::Foreign { owner, mode } => write!(
+                f,
+                "it is owned by {}, not by {} that hotreloadd runs as, and has mode {mode:04o}; \
+                 another user may have created it to take over the daemon: {}",
+                user_text(*owner),
+                user_text(euid),
+                self.remove_or_choose("as root: rm -rf")
+            ),
+            Problem::Writable { mode } => {
+                let who = match (mode & 0o020 != 0, mode & 0o002 != 0) {
+                    (true, true) => "its group and others",
+                    (false, true) => "others",
+                    _ => "its group",
+                };
+                let fix = format!("chmod 700 {}", self.path.display());
+                match self.option {
+                    Some(option) => write!(
+                        f,
+                        "it is writable by {who} (mode {mode:04o}); make it private ({fix}) or \
+                         choose another {option}"
+                    ),
+                    None => write!(
+                        f,
+                        "it is writable by {who} (mode {mode:04o}); make it private ({fix})"
+                    ),
+                }
+            }
+        }
+    }
+}
+
+impl std::error::Error for UnsafeDir {}
+
+/// "uid 1000 (alice)", or "uid 1000" for a uid without a name.
+fn user_text(uid: u32) -> String {
+    match User::from_uid(Uid::from_raw(uid)) {
+        Ok(Some(user)) => format!("uid {uid} ({})", user.name),
+        _ => format!("uid {uid}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::tests::TestDir;
+    use std::os::unix::fs::{PermissionsExt, symlink};
+
+    const ME: u32 = 1000;
+    const MY_GROUP: u32 = 1000;
+    const SHARED_GROUP: u32 = 100;
+
+    fn dir(uid: u32, gid: u32, mode: u32) -> Seen {
+        Seen {
+            kind: Kind::Directory,
+            uid,
+            gid,
+            mode,
+        }
+    }
+
+    fn verdict(seen: Seen, sharing: Sharing) -> Result<(), Problem> {
+        judge(&seen, ME, sharing, |gid| gid == MY_GROUP)
+    }
+
+    #[test]
+    fn own_directories_that_nobody_else_may_write_are_accepted() {
+        for mode in [0o700, 0o750, 0o755, 0o711, 0o1700] {
+            assert_eq!(
+                verdict(dir(ME, SHARED_GROUP, mode), Sharing::OwnerOnly),
+                Ok(()),
+                "mode {mode:o}"
+            );
+        }
+    }
+
+    #[test]
+    fn writable_by_others_is_refused_whoever_created_it() {
+        for sharing in [Sharing::OwnerOnly, Sharing::ServiceManager] {
+            for mode in [0o777, 0o703, 0o1777, 0o757] {
+                assert_eq!(
+                    verdict(dir(ME, MY_GROUP, mode), sharing),
+                    Err(Problem::Writable { mode }),
+                    "mode {mode:o}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn group_write_needs_the_service_manager_or_a_private_group() {
+        let shared = dir(ME, SHARED_GROUP, 0o770);
+        assert_eq!(
+            verdict(shared, Sharing::OwnerOnly),
+            Err(Problem::Writable { mode: 0o770 })
+        );
+        assert_eq!(verdict(shared, Sharing::ServiceManager), Ok(()));
+        assert_eq!(
+            verdict(dir(ME, MY_GROUP, 0o775), Sharing::OwnerOnly),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn another_users_directory_is_refused_whatever_its_mode() {
+        for mode in [0o700, 0o755, 0o777] {
+            assert_eq!(
+                verdict(dir(65534, 65534, mode), Sharing::ServiceManager),
+                Err(Problem::Foreign { owner: 65534, mode })
+            );
+        }
+    }
+
+    #[test]
+    fn symlinks_and_files_are_refused() {
+        let link = Seen {
+            kind: Kind::Symlink,
+            ..dir(ME, MY_GROUP, 0o777)
+        };
+        assert_eq!(
+            verdict(link, Sharing::OwnerOnly),
+            Err(Problem::Symlink {
+                owner: ME,
+                target: None
+            })
+        );
+        let file = Seen {
+            kind: Kind::Other("a regular file"),
+            ..dir(ME, MY_GROUP, 0o700)
+        };
+        assert_eq!(
+            verdict(file, Sharing::OwnerOnly),
+            Err(Problem::NotADirectory {
+                what: "a regular file"
+            })
+        );
+    }
+
+    #[test]
+    fn ensure_creates_owner_only_and_judges_what_exists() {
+        let t = TestDir::new("private-dir");
+        let fresh = t.join("a/b/runtime");
+        assert_eq!(ensure(&fresh, Sharing::OwnerOnly).unwrap(), Ok(()));
+        for path in [&fresh, &t.join("a/b")] {
+            let mode = fs::metadata(path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", path.display());
+        }
+        fs::set_permissions(&fresh, fs::Permissions::from_mode(0o777)).unwrap();
+        assert_eq!(
+            ensure(&fresh, Sharing::OwnerOnly).unwrap(),
+            Err(Problem::Writable { mode: 0o777 })
+        );
+        let link = t.join("link");
+        symlink(&fresh, &link).unwrap();
+        // A trailing slash must not make lstat follow the link.
+        let with_slash = PathBuf::from(format!("{}/", link.display()));
+        match ensure(&with_slash, Sharing::OwnerOnly).unwrap() {
+            Err(Problem::Symlink { target, .. }) => assert_eq!(target, Some(fresh.clone())),
+            other => panic!("{other:?}"),
+        }
+        let missing = t.join("missing");
+        assert_eq!(
+            inspect(&missing, Sharing::OwnerOnly).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+    }
+
+    #[test]
+    fn the_message_names_path_owner_mode_and_remedy() {
+        let path = Path::new("/tmp/hotreload-1000");
+        let foreign = UnsafeDir::new(
+            "runtime directory",
+            path,
+            Problem::Foreign {
+                owner: 4_000_000_000,
+                mode: 0o777,
+            },
+        )
+        .chosen_by("--runtime-dir")
+        .to_string();
+        assert!(
+            foreign.starts_with(
+                "refusing to use runtime directory /tmp/hotreload-1000: it is owned by uid \
+                 4000000000, not by uid "
+            ),
+            "{foreign}"
+        );
+        assert!(
+            foreign.ends_with(
+                "that hotreloadd runs as, and has mode 0777; another user may have created it to take over the daemon: remove it (as root: \
+                 rm -rf /tmp/hotreload-1000) or choose another --runtime-dir"
+            ),
+            "{foreign}"
+        );
+        let writable = UnsafeDir::new(
+            "snapshot directory",
+            path,
+            Problem::Writable { mode: 0o770 },
+        );
+        assert_eq!(
+            writable.to_string(),
+            "refusing to use snapshot directory /tmp/hotreload-1000: it is writable by its group \
+             (mode 0770); make it private (chmod 700 /tmp/hotreload-1000)"
+        );
+    }
+}
