@@ -4,10 +4,10 @@
 //! Each of them writes a private temp file next to its target, renames it into place and, where
 //! durability matters, fsyncs the directory; each also cleans up leftover temps. The steps below
 //! are the parts that must behave the same everywhere (exclusive, owner-only creation that never
-//! goes through a symlink; a private directory that is created 0700 or verified before use; a
-//! missing file or directory counting as already clean), kept in one
-//! place so a fix to one of them reaches every caller. What a caller names its temps, and which
-//! errors it reports in which words, stays with the caller.
+//! goes through a symlink; a private directory created 0700, or verified before it is used; a
+//! missing file or directory counting as already clean), kept in one place so a fix to one of
+//! them reaches every caller. What a caller names its temps, and which errors it reports in which
+//! words, stays with the caller.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};

@@ -233,13 +233,22 @@ impl fmt::Display for UnsafeDir {
                     Some(target) => write!(f, "it is a symlink to {}", target.display())?,
                     None => f.write_str("it is a symlink")?,
                 }
+                let path = self.path.display();
                 if *owner == euid {
-                    write!(
-                        f,
-                        ", and hotreloadd does not follow symlinks to its private directories: \
-                         name the real directory instead or {}",
-                        self.remove_or_choose("rm")
-                    )
+                    f.write_str(
+                        ", and hotreloadd does not follow a symlink to a private directory: ",
+                    )?;
+                    match self.option {
+                        Some(option) => write!(
+                            f,
+                            "name the real directory with {option} instead, or remove the link \
+                             (rm {path})"
+                        ),
+                        None => write!(
+                            f,
+                            "remove the link (rm {path}); hotreloadd creates the directory again"
+                        ),
+                    }
                 } else {
                     write!(
                         f,

@@ -5,6 +5,7 @@ mod ctl;
 mod docs;
 mod faults;
 mod lifecycle;
+mod private_dirs;
 mod protocol;
 mod regressions;
 mod reload;
