@@ -336,6 +336,18 @@ fn sharing_of(path: &Path, env: &Env, variable: &str) -> Sharing {
 
 /// Refuse (exit 71) any of `dirs` that exists but is unsafe; creates nothing.
 fn check_private_dirs(dirs: &[PrivateDir]) -> Result<(), FatalError> {
+    for dir in dirs.iter().filter(|dir| dir.option.is_some()) {
+        match private_dir::open_ancestor(&dir.path) {
+            Ok(None) => {}
+            Ok(Some(problem)) => return Err(unsafe_dir(dir, &dir.path, problem)),
+            Err(e) => {
+                return Err(os_err(format!(
+                    "cannot inspect {}: {e}",
+                    dir.path.display()
+                )));
+            }
+        }
+    }
     for dir in dirs {
         match private_dir::inspect(&dir.path, dir.sharing) {
             Ok(verdict) => verdict.map_err(|problem| unsafe_dir(dir, &dir.path, problem))?,

@@ -45,6 +45,9 @@ pub enum Problem {
     Foreign { owner: u32, mode: u32 },
     /// Ours, but others (or a shared group) may write into it.
     Writable { mode: u32 },
+    /// A directory above it that anybody may write into, without the sticky bit: anybody can
+    /// rename it away and put their own in its place.
+    OpenAncestor { ancestor: PathBuf, mode: u32 },
 }
 
 /// The facts of one `lstat` that the verdict depends on (apart, so unit tests need no chown).
@@ -157,6 +160,33 @@ pub fn ensure(dir: &Path, sharing: Sharing) -> io::Result<Result<(), Problem>> {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => inspect(&dir, sharing),
         Err(e) => Err(e),
     }
+}
+
+/// The first directory above `dir` (following symlinks, as the kernel does on the way to
+/// `dir`) that is writable by others and not sticky. Only the mode counts: ownership above the
+/// private directory is the system's business (and is often unmapped in a user namespace),
+/// while a world-writable, non-sticky directory lets anyone swap what lies below it.
+pub fn open_ancestor(dir: &Path) -> io::Result<Option<Problem>> {
+    let dir = normalized(dir);
+    for ancestor in dir.ancestors().skip(1) {
+        if ancestor.as_os_str().is_empty() {
+            continue;
+        }
+        let meta = match fs::metadata(ancestor) {
+            Ok(meta) => meta,
+            // Created (0700) by the daemon later.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+            return Ok(Some(Problem::OpenAncestor {
+                ancestor: ancestor.to_path_buf(),
+                mode,
+            }));
+        }
+    }
+    Ok(None)
 }
 
 /// `dir` without a trailing slash or `.` components: `lstat("link/")` would follow the link.
@@ -289,6 +319,18 @@ impl fmt::Display for UnsafeDir {
                         f,
                         "it is writable by {who} (mode {mode:04o}); make it private ({fix})"
                     ),
+                }
+            }
+            Problem::OpenAncestor { ancestor, mode } => {
+                write!(
+                    f,
+                    "{} above it is writable by others and not sticky (mode {mode:04o}), so \
+                     anybody can replace it with a directory of their own",
+                    ancestor.display()
+                )?;
+                match self.option {
+                    Some(option) => write!(f, "; choose another {option}"),
+                    None => Ok(()),
                 }
             }
         }
@@ -427,6 +469,29 @@ mod tests {
         assert_eq!(
             inspect(&missing, Sharing::OwnerOnly).unwrap_err().kind(),
             io::ErrorKind::NotFound
+        );
+    }
+
+    #[test]
+    fn a_world_writable_ancestor_counts_unless_it_is_sticky() {
+        let t = TestDir::new("private-dir-ancestor");
+        let shared = t.join("shared");
+        fs::create_dir(&shared).unwrap();
+        let below = shared.join("missing/runtime");
+        assert_eq!(open_ancestor(&below).unwrap(), None);
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o777)).unwrap();
+        assert_eq!(
+            open_ancestor(&below).unwrap(),
+            Some(Problem::OpenAncestor {
+                ancestor: shared.clone(),
+                mode: 0o777
+            })
+        );
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+        assert_eq!(open_ancestor(&below).unwrap(), None);
+        assert_eq!(
+            open_ancestor(Path::new("/tmp/hotreload-1000")).unwrap(),
+            None
         );
     }
 

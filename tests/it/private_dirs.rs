@@ -144,6 +144,34 @@ fn a_state_dir_or_plugin_state_dir_owned_by_another_user_is_refused() {
 }
 
 #[test]
+fn a_runtime_dir_below_a_directory_anybody_may_write_is_refused_unless_it_is_sticky() {
+    let mut d = Daemon::new();
+    let shared = d.root.join("shared");
+    fs::create_dir(&shared).unwrap();
+    set_mode(&shared, 0o777);
+    d.runtime = shared.join("rt");
+    let out = run_daemon(&d);
+    assert_refused(
+        &out,
+        &d.runtime,
+        &[
+            &format!(
+                "{} above it is writable by others and not sticky",
+                shared.display()
+            ),
+            "mode 0777",
+            "--runtime-dir",
+        ],
+    );
+    assert_empty(&shared);
+    // Like /tmp: the sticky bit keeps others from renaming what they do not own.
+    set_mode(&shared, 0o1777);
+    d.start();
+    let mode = fs::metadata(&d.runtime).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "created owner-only");
+}
+
+#[test]
 fn a_symlinked_snapshots_dir_is_refused() {
     let d = Daemon::new();
     let elsewhere = d.root.join("elsewhere");
