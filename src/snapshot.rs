@@ -10,6 +10,16 @@
 //! dropped where a build should be must never hang the single-threaded daemon, and checking the
 //! open fd (not the path) leaves no window for the file to be swapped between check and read.
 //!
+//! What is executed is what the daemon wrote (SPEC §2). The supervisor runs a snapshot with
+//! `execve` of its path, not `fexecve`: the kernel hands a `#!` script's interpreter the path
+//! `/dev/fd/N`, which a close-on-exec descriptor no longer names, and one without close-on-exec
+//! would leak into every plugin. The path is safe instead: every directory on it from the runtime
+//! dir down is verified to be a real directory of the daemon's user that nobody else may write
+//! (`private_dir`; the runtime dir when the daemon starts, `<dir>` on every [`take`]), and the
+//! file itself is created `O_EXCL | O_NOFOLLOW`, owner-only, and renamed into place there. So
+//! no other user can create, replace or redirect any component between the write and a later
+//! exec, restarts included. The pre-flight check opens the snapshot `O_NOFOLLOW` as well.
+//!
 //! Nothing here calls `fsync`: the runtime dir is scratch space that is rebuilt after a reboot,
 //! and a reload should cost well under a millisecond per megabyte of build.
 
