@@ -9,7 +9,7 @@
 //! then publish the events and deferred replies the turn produced.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,7 @@ use crate::control::{
 };
 use crate::events::Event;
 use crate::notify::Notifier;
-use crate::private_dir::{self, Sharing, UnsafeDir};
+use crate::private_dir::DaemonDirs;
 use crate::signals::{SignalEvent, SignalSource};
 use crate::supervisor::{Ctx, Outbox, Supervisor, Timer, Trigger, Waiter, reap, spawn};
 use crate::token;
@@ -106,8 +106,8 @@ impl Daemon {
     /// Set everything up: directories, signals, control socket, watches, initial plugins.
     pub fn start(config: Config, overrides: Overrides, env: Env) -> Result<Daemon, FatalError> {
         // Refuse an unsafe runtime or state dir before anything is put in it, the socket above all.
-        let private_dirs = private_dirs(&config, &env);
-        check_private_dirs(&private_dirs)?;
+        let private_dirs = DaemonDirs::new(&config.runtime_dir, &config.state_dir, &env);
+        private_dirs.check().map_err(os_err)?;
         match spawn::raise_fd_limit() {
             Ok(limit) => log::debug!("descriptor limit {limit}"),
             Err(e) => log::warn!("cannot raise the descriptor limit ({e}): fewer plugins fit"),
@@ -275,152 +275,16 @@ impl Daemon {
     }
 }
 
-/// A private directory the daemon uses (SPEC §2), and how it is judged.
-struct PrivateDir {
-    path: PathBuf,
-    /// "runtime directory", for messages.
-    role: &'static str,
-    /// The option that chooses another one; `None` for a subdirectory.
-    option: Option<&'static str>,
-    sharing: Sharing,
-    /// Its subdirectories (`snapshots/<id>`, `plugins/<id>`) are private directories too.
-    with_subdirs: bool,
-}
-
-/// The runtime and state dirs and the subdirectories the daemon keeps in them.
-fn private_dirs(config: &Config, env: &Env) -> Vec<PrivateDir> {
-    let top = |path: &Path, role, option, variable| PrivateDir {
-        path: path.to_path_buf(),
-        role,
-        option: Some(option),
-        sharing: sharing_of(path, env, variable),
-        with_subdirs: false,
-    };
-    let sub = |path: PathBuf, role, with_subdirs| PrivateDir {
-        path,
-        role,
-        option: None,
-        sharing: Sharing::OwnerOnly,
-        with_subdirs,
-    };
-    let runtime = &config.runtime_dir;
-    let state = &config.state_dir;
-    vec![
-        top(
-            runtime,
-            "runtime directory",
-            "--runtime-dir",
-            "RUNTIME_DIRECTORY",
-        ),
-        sub(runtime.join("snapshots"), "snapshot directory", true),
-        sub(runtime.join("notify"), "notify socket directory", false),
-        top(state, "state directory", "--state-dir", "STATE_DIRECTORY"),
-        sub(state.join("plugins"), "plugin state directory", true),
-    ]
-}
-
-/// Group write is the unit's choice (`RuntimeDirectoryMode=`) only for the very directory the
-/// service manager created and named in `variable` (a `:`-separated list).
-fn sharing_of(path: &Path, env: &Env, variable: &str) -> Sharing {
-    let listed = env.get(variable).unwrap_or_default().split(':');
-    let normal = |p: &Path| p.components().collect::<PathBuf>();
-    if listed
-        .filter(|entry| !entry.is_empty())
-        .any(|entry| normal(Path::new(entry)) == normal(path))
-    {
-        Sharing::ServiceManager
-    } else {
-        Sharing::OwnerOnly
-    }
-}
-
-/// Refuse (exit 71) any of `dirs` that exists but is unsafe; creates nothing.
-fn check_private_dirs(dirs: &[PrivateDir]) -> Result<(), FatalError> {
-    for dir in dirs.iter().filter(|dir| dir.option.is_some()) {
-        match private_dir::open_ancestor(&dir.path) {
-            Ok(None) => {}
-            Ok(Some(problem)) => return Err(unsafe_dir(dir, &dir.path, problem)),
-            Err(e) => {
-                return Err(os_err(format!(
-                    "cannot inspect {}: {e}",
-                    dir.path.display()
-                )));
-            }
-        }
-    }
-    for dir in dirs {
-        match private_dir::inspect(&dir.path, dir.sharing) {
-            Ok(verdict) => verdict.map_err(|problem| unsafe_dir(dir, &dir.path, problem))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                return Err(os_err(format!(
-                    "cannot inspect {}: {e}",
-                    dir.path.display()
-                )));
-            }
-        }
-        if dir.with_subdirs {
-            check_subdirs(dir)?;
-        }
-    }
-    Ok(())
-}
-
-/// Every directory (or symlink) directly inside `dir` is a private directory too.
-fn check_subdirs(dir: &PrivateDir) -> Result<(), FatalError> {
-    let entries = std::fs::read_dir(&dir.path)
-        .map_err(|e| os_err(format!("cannot list {}: {e}", dir.path.display())))?;
-    for entry in entries {
-        let entry =
-            entry.map_err(|e| os_err(format!("cannot list {}: {e}", dir.path.display())))?;
-        let is_dir_or_link = entry
-            .file_type()
-            .is_ok_and(|t| t.is_dir() || t.is_symlink());
-        if !is_dir_or_link {
-            continue;
-        }
-        let path = entry.path();
-        match private_dir::inspect(&path, Sharing::OwnerOnly) {
-            Ok(verdict) => verdict.map_err(|problem| unsafe_dir(dir, &path, problem))?,
-            // Removed while we looked: nothing to judge.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(os_err(format!("cannot inspect {}: {e}", path.display()))),
-        }
-    }
-    Ok(())
-}
-
-fn unsafe_dir(dir: &PrivateDir, path: &Path, problem: private_dir::Problem) -> FatalError {
-    let refused = UnsafeDir::new(dir.role, path, problem);
-    let refused = match dir.option {
-        Some(option) if path == dir.path => refused.chosen_by(option),
-        _ => refused,
-    };
-    os_err(refused)
-}
-
-/// Create the plugins dir, and the runtime and state dirs (mode 0700) unless they exist; the
-/// latter were judged by [`check_private_dirs`] and are judged again here, as they may have
-/// appeared since.
-fn prepare_dirs(config: &Config, dirs: &[PrivateDir]) -> Result<(), FatalError> {
+/// Create the plugins dir, and the runtime and state dirs (mode 0700) unless they exist, which
+/// are then judged again: they may have appeared since [`DaemonDirs::check`].
+fn prepare_dirs(config: &Config, private_dirs: &DaemonDirs) -> Result<(), FatalError> {
     std::fs::create_dir_all(&config.plugins_dir).map_err(|e| {
         os_err(format!(
             "cannot create plugins dir {}: {e}",
             config.plugins_dir.display()
         ))
     })?;
-    for dir in dirs.iter().filter(|dir| dir.option.is_some()) {
-        match private_dir::ensure(&dir.path, dir.sharing) {
-            Ok(verdict) => verdict.map_err(|problem| unsafe_dir(dir, &dir.path, problem))?,
-            Err(e) => {
-                return Err(os_err(format!(
-                    "cannot create directory {}: {e}",
-                    dir.path.display()
-                )));
-            }
-        }
-    }
-    Ok(())
+    private_dirs.create().map_err(os_err)
 }
 
 fn open_control(config: &Config) -> Result<ControlServer, FatalError> {

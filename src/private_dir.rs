@@ -15,6 +15,11 @@
 //! directory is ours and nobody else may write into it, nobody else can swap anything inside it
 //! either (its parent matters too; the default `/tmp/hotreload-$UID` sits in sticky `/tmp`).
 //! A directory this module creates is created mode 0700 and needs no check.
+//!
+//! [`judge`] is the rule, [`inspect`] and [`ensure`] apply it to a path (the latter creating a
+//! missing directory), [`UnsafeDir`] is the refusal, worded to say what is wrong and what to do,
+//! and [`DaemonDirs`] is the daemon's set: checked before the control socket is bound, created
+//! after it (a second daemon must not create anything).
 
 use std::fmt;
 use std::fs::{self, DirBuilder, Metadata};
@@ -23,6 +28,8 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use nix::unistd::{Gid, Group, Uid, User};
+
+use crate::config::{Env, vars};
 
 /// Who besides the owner may write into a directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -338,6 +345,153 @@ impl fmt::Display for UnsafeDir {
 }
 
 impl std::error::Error for UnsafeDir {}
+
+/// The private directories of one daemon: the runtime and state dirs and the subdirectories it
+/// keeps in them.
+pub struct DaemonDirs(Vec<PrivateDir>);
+
+/// One of a daemon's private directories, and how it is judged.
+struct PrivateDir {
+    path: PathBuf,
+    /// "runtime directory", for messages.
+    role: &'static str,
+    /// The option that chooses another one; `None` for a subdirectory (created again when it is
+    /// removed).
+    option: Option<&'static str>,
+    sharing: Sharing,
+    /// Its subdirectories (`snapshots/<id>`, `plugins/<id>`) are private directories too.
+    with_subdirs: bool,
+}
+
+impl DaemonDirs {
+    pub fn new(runtime: &Path, state: &Path, env: &Env) -> DaemonDirs {
+        let top = |path: &Path, role, option, variable| PrivateDir {
+            path: normalized(path),
+            role,
+            option: Some(option),
+            sharing: sharing_of(path, env, variable),
+            with_subdirs: false,
+        };
+        let sub = |path: PathBuf, role, with_subdirs| PrivateDir {
+            path: normalized(&path),
+            role,
+            option: None,
+            sharing: Sharing::OwnerOnly,
+            with_subdirs,
+        };
+        DaemonDirs(vec![
+            top(
+                runtime,
+                "runtime directory",
+                "--runtime-dir",
+                vars::RUNTIME_DIRECTORY,
+            ),
+            sub(runtime.join("snapshots"), "snapshot directory", true),
+            sub(runtime.join("notify"), "notify socket directory", false),
+            top(
+                state,
+                "state directory",
+                "--state-dir",
+                vars::STATE_DIRECTORY,
+            ),
+            sub(state.join("plugins"), "plugin state directory", true),
+        ])
+    }
+
+    fn top_level(&self) -> impl Iterator<Item = &PrivateDir> {
+        self.0.iter().filter(|dir| dir.option.is_some())
+    }
+
+    /// The message refusing any of them that exists but is unsafe (or cannot be inspected), or
+    /// above which anybody may swap directories; creates nothing.
+    pub fn check(&self) -> Result<(), String> {
+        for dir in self.top_level() {
+            if let Some(problem) =
+                open_ancestor(&dir.path).map_err(|e| cannot_inspect(&dir.path, &e))?
+            {
+                return Err(dir.refusal(&dir.path, problem));
+            }
+        }
+        for dir in &self.0 {
+            match inspect(&dir.path, dir.sharing) {
+                Ok(verdict) => verdict.map_err(|problem| dir.refusal(&dir.path, problem))?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(cannot_inspect(&dir.path, &e)),
+            }
+            if dir.with_subdirs {
+                dir.check_subdirs()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the runtime and state dirs (mode 0700) unless they exist, which are then judged
+    /// again; the subdirectories are created when first needed.
+    pub fn create(&self) -> Result<(), String> {
+        for dir in self.top_level() {
+            match ensure(&dir.path, dir.sharing) {
+                Ok(verdict) => verdict.map_err(|problem| dir.refusal(&dir.path, problem))?,
+                Err(e) => {
+                    return Err(format!(
+                        "cannot create directory {}: {e}",
+                        dir.path.display()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PrivateDir {
+    /// Every directory (or symlink) directly inside is a private directory too.
+    fn check_subdirs(&self) -> Result<(), String> {
+        let listing = |e: io::Error| format!("cannot list {}: {e}", self.path.display());
+        for entry in fs::read_dir(&self.path).map_err(listing)? {
+            let entry = entry.map_err(listing)?;
+            let dir_or_link = entry
+                .file_type()
+                .is_ok_and(|t| t.is_dir() || t.is_symlink());
+            if !dir_or_link {
+                continue;
+            }
+            let path = entry.path();
+            match inspect(&path, Sharing::OwnerOnly) {
+                Ok(verdict) => verdict.map_err(|problem| self.refusal(&path, problem))?,
+                // Removed while we looked: nothing to judge.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(cannot_inspect(&path, &e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The message refusing `path` (this directory or one inside it).
+    fn refusal(&self, path: &Path, problem: Problem) -> String {
+        let refused = UnsafeDir::new(self.role, path, problem);
+        match self.option {
+            Some(option) if path == self.path => refused.chosen_by(option),
+            _ => refused,
+        }
+        .to_string()
+    }
+}
+
+fn cannot_inspect(path: &Path, e: &io::Error) -> String {
+    format!("cannot inspect {}: {e}", path.display())
+}
+
+/// Group write is the unit's choice (`RuntimeDirectoryMode=`) only for the very directory the
+/// service manager created and named in `variable` (a `:`-separated list).
+fn sharing_of(path: &Path, env: &Env, variable: &str) -> Sharing {
+    let listed = env.get(variable).unwrap_or_default().split(':');
+    let mut listed = listed.filter(|entry| !entry.is_empty());
+    if listed.any(|entry| normalized(Path::new(entry)) == normalized(path)) {
+        Sharing::ServiceManager
+    } else {
+        Sharing::OwnerOnly
+    }
+}
 
 /// "uid 1000 (alice)", or "uid 1000" for a uid without a name.
 fn user_text(uid: u32) -> String {
