@@ -13,7 +13,8 @@
 //!
 //! Checking the path and then using it is safe because of what the check establishes: once a
 //! directory is ours and nobody else may write into it, nobody else can swap anything inside it
-//! either (its parent matters too; the default `/tmp/hotreload-$UID` sits in sticky `/tmp`).
+//! either. What lies above it matters too: a directory above it that anybody may write into
+//! must be sticky, as `/tmp` is for the default `/tmp/hotreload-$UID` ([`open_ancestor`]).
 //! A directory this module creates is created mode 0700 and needs no check.
 //!
 //! [`judge`] is the rule, [`inspect`] and [`ensure`] apply it to a path (the latter creating a
