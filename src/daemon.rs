@@ -24,8 +24,8 @@ use crate::control::{
     ClientId, ControlServer, EventRecord, Handler, Limits, Outcome, Peer, SubscribeFilter,
 };
 use crate::events::Event;
-use crate::fsutil;
 use crate::notify::Notifier;
+use crate::private_dir::DaemonDirs;
 use crate::signals::{SignalEvent, SignalSource};
 use crate::supervisor::{Ctx, Outbox, Supervisor, Timer, Trigger, Waiter, reap, spawn};
 use crate::token;
@@ -109,7 +109,9 @@ const STARTS_PER_TURN: usize = 16;
 impl Daemon {
     /// Set everything up: directories, signals, control socket, watches, initial plugins.
     pub fn start(config: Config, overrides: Overrides, env: Env) -> Result<Daemon, FatalError> {
-        prepare_dirs(&config)?;
+        // Refuse an unsafe runtime or state dir before anything is put in it, the socket above all.
+        let private_dirs = DaemonDirs::new(&config.runtime_dir, &config.state_dir, &env);
+        private_dirs.check().map_err(os_err)?;
         match spawn::raise_fd_limit() {
             Ok(limit) => log::debug!("descriptor limit {limit}"),
             Err(e) => log::warn!("cannot raise the descriptor limit ({e}): fewer plugins fit"),
@@ -124,7 +126,12 @@ impl Daemon {
             .map_err(|e| os_err(format!("cannot clone the poll registry: {e}")))?;
         let signals = SignalSource::new(&registry)
             .map_err(|e| os_err(format!("cannot handle signals: {e}")))?;
+        // A second daemon learns here that the socket is taken, before it has created anything.
         let mut control = open_control(&config)?;
+        if let Err(e) = prepare_dirs(&config, &private_dirs) {
+            control.shutdown(&registry);
+            return Err(e);
+        }
         control
             .register(&registry)
             .map_err(|e| os_err(format!("cannot poll the control socket: {e}")))?;
@@ -276,22 +283,16 @@ impl Daemon {
     }
 }
 
-fn prepare_dirs(config: &Config) -> Result<(), FatalError> {
+/// Create the plugins dir, and the runtime and state dirs (mode 0700) unless they exist, which
+/// are then judged again: they may have appeared since [`DaemonDirs::check`].
+fn prepare_dirs(config: &Config, private_dirs: &DaemonDirs) -> Result<(), FatalError> {
     std::fs::create_dir_all(&config.plugins_dir).map_err(|e| {
         os_err(format!(
             "cannot create plugins dir {}: {e}",
             config.plugins_dir.display()
         ))
     })?;
-    for dir in [&config.runtime_dir, &config.state_dir] {
-        create_private_dir(dir)?;
-    }
-    Ok(())
-}
-
-fn create_private_dir(dir: &Path) -> Result<(), FatalError> {
-    fsutil::create_private_dir(dir)
-        .map_err(|e| os_err(format!("cannot create directory {}: {e}", dir.display())))
+    private_dirs.create().map_err(os_err)
 }
 
 fn open_control(config: &Config) -> Result<ControlServer, FatalError> {
@@ -311,16 +312,8 @@ fn open_control(config: &Config) -> Result<ControlServer, FatalError> {
         limits,
         token::CONTROL_BASE,
     )
-    .map_err(|e| {
-        if e.is_address_in_use() {
-            os_err(format!(
-                "another hotreloadd is already listening on {} ({e}); stop it or choose another --socket",
-                config.socket.display()
-            ))
-        } else {
-            os_err(e)
-        }
-    })
+    // The error says it all, the other daemon's pid included when the socket is taken.
+    .map_err(os_err)
 }
 
 /// The configuration keys whose value changed from `old` to `new` but that only a daemon restart

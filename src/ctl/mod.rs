@@ -154,7 +154,14 @@ where
     };
     let result = resolve_socket(cli.socket.as_deref())
         .map_err(CtlError::Config)
-        .and_then(|socket| commands::execute(&cli.command, &socket, cli.json, io));
+        .and_then(|socket| {
+            if cli.socket.is_none()
+                && std::env::var_os("HOTRELOAD_SOCKET").is_none_or(|v| v.is_empty())
+            {
+                client::check_socket_dir(&socket)?;
+            }
+            commands::execute(&cli.command, &socket, cli.json, io)
+        });
     match result {
         Ok(Outcome::Success) => 0,
         Ok(Outcome::Failure) => EXIT_FAILURE,

@@ -6,6 +6,7 @@ mod docs;
 mod faults;
 mod lifecycle;
 mod plugins_dir;
+mod private_dirs;
 mod protocol;
 mod recovery;
 mod regressions;
