@@ -24,13 +24,15 @@ use crate::control::{
     ClientId, ControlServer, EventRecord, Handler, Limits, Outcome, Peer, SubscribeFilter,
 };
 use crate::events::Event;
-use crate::fsutil;
 use crate::notify::Notifier;
+use crate::private_dir::DaemonDirs;
 use crate::signals::{SignalEvent, SignalSource};
 use crate::supervisor::{Ctx, Outbox, Supervisor, Timer, Trigger, Waiter, reap, spawn};
 use crate::token;
-use crate::watch::{Change, Watcher};
+use crate::watch::{Change, LinkedDir, Watcher, linked_plugin_dir};
 use crate::wheel::TimerWheel;
+
+mod plugins_dir;
 
 /// Why the daemon could not run; each maps to one exit code in the binary.
 #[derive(Debug)]
@@ -96,6 +98,8 @@ struct Core {
     check_socket: bool,
     /// The last `STATUS=` sent, so the summary is re-sent only when it changes.
     sent_status: String,
+    /// Whether the plugins dir is gone and how the daemon waits for it.
+    plugins_dir: plugins_dir::PluginsDirWatch,
 }
 
 /// First starts per loop turn: enough to bring plugins up quickly, few enough that control
@@ -105,7 +109,9 @@ const STARTS_PER_TURN: usize = 16;
 impl Daemon {
     /// Set everything up: directories, signals, control socket, watches, initial plugins.
     pub fn start(config: Config, overrides: Overrides, env: Env) -> Result<Daemon, FatalError> {
-        prepare_dirs(&config)?;
+        // Refuse an unsafe runtime or state dir before anything is put in it, the socket above all.
+        let private_dirs = DaemonDirs::new(&config.runtime_dir, &config.state_dir, &env);
+        private_dirs.check().map_err(os_err)?;
         match spawn::raise_fd_limit() {
             Ok(limit) => log::debug!("descriptor limit {limit}"),
             Err(e) => log::warn!("cannot raise the descriptor limit ({e}): fewer plugins fit"),
@@ -120,7 +126,12 @@ impl Daemon {
             .map_err(|e| os_err(format!("cannot clone the poll registry: {e}")))?;
         let signals = SignalSource::new(&registry)
             .map_err(|e| os_err(format!("cannot handle signals: {e}")))?;
+        // A second daemon learns here that the socket is taken, before it has created anything.
         let mut control = open_control(&config)?;
+        if let Err(e) = prepare_dirs(&config, &private_dirs) {
+            control.shutdown(&registry);
+            return Err(e);
+        }
         control
             .register(&registry)
             .map_err(|e| os_err(format!("cannot poll the control socket: {e}")))?;
@@ -158,6 +169,7 @@ impl Daemon {
             ready_sent: false,
             check_socket: false,
             sent_status: String::new(),
+            plugins_dir: plugins_dir::PluginsDirWatch::default(),
         };
         log::info!(
             "hotreloadd {} supervising {} (hot reload {})",
@@ -165,7 +177,10 @@ impl Daemon {
             core.config.plugins_dir.display(),
             if core.enabled { "on" } else { "off" }
         );
-        core.scan_plugins_dir();
+        if core.start_plugins_dir() {
+            core.scan_plugins_dir();
+            core.guard_plugins_dir();
+        }
         if let Some(ms) = core.watchdog_interval_ms {
             core.notifier.watchdog();
             let now = core.clock.now_ms();
@@ -268,22 +283,16 @@ impl Daemon {
     }
 }
 
-fn prepare_dirs(config: &Config) -> Result<(), FatalError> {
+/// Create the plugins dir, and the runtime and state dirs (mode 0700) unless they exist, which
+/// are then judged again: they may have appeared since [`DaemonDirs::check`].
+fn prepare_dirs(config: &Config, private_dirs: &DaemonDirs) -> Result<(), FatalError> {
     std::fs::create_dir_all(&config.plugins_dir).map_err(|e| {
         os_err(format!(
             "cannot create plugins dir {}: {e}",
             config.plugins_dir.display()
         ))
     })?;
-    for dir in [&config.runtime_dir, &config.state_dir] {
-        create_private_dir(dir)?;
-    }
-    Ok(())
-}
-
-fn create_private_dir(dir: &Path) -> Result<(), FatalError> {
-    fsutil::create_private_dir(dir)
-        .map_err(|e| os_err(format!("cannot create directory {}: {e}", dir.display())))
+    private_dirs.create().map_err(os_err)
 }
 
 fn open_control(config: &Config) -> Result<ControlServer, FatalError> {
@@ -303,16 +312,8 @@ fn open_control(config: &Config) -> Result<ControlServer, FatalError> {
         limits,
         token::CONTROL_BASE,
     )
-    .map_err(|e| {
-        if e.is_address_in_use() {
-            os_err(format!(
-                "another hotreloadd is already listening on {} ({e}); stop it or choose another --socket",
-                config.socket.display()
-            ))
-        } else {
-            os_err(e)
-        }
-    })
+    // The error says it all, the other daemon's pid included when the socket is taken.
+    .map_err(os_err)
 }
 
 /// The configuration keys whose value changed from `old` to `new` but that only a daemon restart
@@ -397,7 +398,7 @@ impl Core {
 
     fn on_change(&mut self, change: Change) {
         match change {
-            Change::DirAdded(name) => self.add_plugin_dir(&name),
+            Change::DirAdded(name) => self.plugin_dir_arrived(&name),
             Change::DirRemoved(name) => self.remove_plugin(&name),
             Change::PluginDirLost(id) => {
                 if self.config.plugins_dir.join(&id).is_dir() {
@@ -427,6 +428,8 @@ impl Core {
                 self.emit(ev);
             }
             Change::Rescan => self.rescan(),
+            Change::RootLost => self.on_plugins_dir_lost(),
+            Change::RootCheck => self.on_plugins_dir_check(),
         }
     }
 
@@ -464,6 +467,10 @@ impl Core {
                     self.on_watchdog();
                     continue;
                 }
+                if timer == Timer::PluginsDir {
+                    self.on_plugins_dir_timer();
+                    continue;
+                }
                 let (mut ctx, sup) = self.ctx();
                 sup.on_timer(&mut ctx, timer);
             }
@@ -482,6 +489,9 @@ impl Core {
 
     /// Bring the plugin table in line with the directories in plugins_dir.
     fn scan_plugins_dir(&mut self) {
+        if self.plugins_dir.lost {
+            return; // every plugin was stopped; the scan after it is back finds them
+        }
         let names = self.plugin_dir_names();
         let known: Vec<String> = self.sup.plugins().map(|p| p.id.clone()).collect();
         for id in known {
@@ -503,9 +513,10 @@ impl Core {
                 return Vec::new();
             }
         };
+        // Symlinks too: `add_plugin_dir` follows or skips them, and says why.
         let mut names: Vec<String> = entries
             .filter_map(Result::ok)
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir() || t.is_symlink()))
             .filter_map(|e| e.file_name().into_string().ok())
             .filter(|name| self.config.matchers.is_plugin_dir_name(name))
             .collect();
@@ -522,6 +533,11 @@ impl Core {
             return;
         }
         let dir: PathBuf = self.config.plugins_dir.join(name);
+        if let Some(LinkedDir::Outside(target)) = linked_plugin_dir(&self.config.plugins_dir, name)
+        {
+            self.skip_linked_plugin_dir(name, &dir, &target);
+            return;
+        }
         if !dir.is_dir() {
             return;
         }
@@ -543,6 +559,41 @@ impl Core {
         }
     }
 
+    /// A plugin dir that is a symlink leading out of the plugins dir's tree (SPEC §4): skipped,
+    /// and stopped if it was a plugin (its link was re-pointed).
+    fn skip_linked_plugin_dir(&mut self, name: &str, dir: &Path, target: &str) {
+        let reason = format!(
+            "plugin directory {} is a symlink to {target}, outside plugins dir {}: skipped (make it a directory, or a symlink inside the plugins dir)",
+            dir.display(),
+            self.config.plugins_dir.display()
+        );
+        log::warn!("{reason}");
+        let ev = Event::new("change_ignored", None)
+            .with("path", dir.to_string_lossy())
+            .with("reason", reason);
+        self.emit(ev);
+        if self.sup.contains(name) {
+            self.remove_plugin(name);
+        }
+    }
+
+    /// A directory (or a symlink) named `name` appeared in plugins_dir. One that replaced a known
+    /// plugin's directory (renamed over it, or a re-pointed symlink) is watched afresh and its
+    /// build compared with what runs.
+    fn plugin_dir_arrived(&mut self, name: &str) {
+        let known = self.sup.get(name).is_some_and(|p| !p.removing);
+        if known {
+            if let Some(w) = self.watcher.as_mut() {
+                w.unwatch_plugin(name);
+            }
+        }
+        self.add_plugin_dir(name);
+        if known {
+            let (mut ctx, sup) = self.ctx();
+            sup.rescan_version(&mut ctx, name);
+        }
+    }
+
     fn remove_plugin(&mut self, id: &str) {
         if let Some(w) = self.watcher.as_mut() {
             w.unwatch_plugin(id);
@@ -551,12 +602,16 @@ impl Core {
         sup.remove_plugin(&mut ctx, id);
     }
 
-    /// Events were lost: re-read the plugins dir and compare every build with what runs.
+    /// Events were lost: re-read the plugins dir and compare every build with what runs. The
+    /// lost events may have said that the plugins dir itself went or was swapped.
     fn rescan(&mut self) {
-        if let Some(w) = self.watcher.as_mut() {
-            if let Err(e) = w.watch_root() {
-                log::error!("{e}");
-            }
+        if self.plugins_dir.lost {
+            self.on_plugins_dir_check();
+            return;
+        }
+        if self.watcher.as_ref().is_some_and(|w| !w.root_is_current()) {
+            self.on_plugins_dir_lost();
+            return;
         }
         self.scan_plugins_dir();
         let (mut ctx, sup) = self.ctx();
@@ -697,8 +752,13 @@ impl Core {
 
     fn status_line(&self) -> String {
         let total = self.sup.plugins().count();
+        let missing = if self.plugins_dir.lost {
+            ", plugins dir missing"
+        } else {
+            ""
+        };
         format!(
-            "{}/{} plugins running, hot reload {}, {} reloads, {} failed",
+            "{}/{} plugins running, hot reload {}, {} reloads, {} failed{missing}",
             self.sup.running_count(),
             total,
             if self.enabled { "on" } else { "off" },
@@ -739,6 +799,7 @@ impl Core {
                 "plugins_total": self.sup.plugins().count(),
                 "plugins_running": self.sup.running_count(),
                 "plugins_dir": self.config.plugins_dir.to_string_lossy(),
+                "plugins_dir_present": self.plugins_dir_present(),
                 "watch": self.watcher.is_some(),
             }),
         );

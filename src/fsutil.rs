@@ -4,16 +4,19 @@
 //! Each of them writes a private temp file next to its target, renames it into place and, where
 //! durability matters, fsyncs the directory; each also cleans up leftover temps. The steps below
 //! are the parts that must behave the same everywhere (exclusive, owner-only creation that never
-//! goes through a symlink; a missing file or directory counting as already clean), kept in one
-//! place so a fix to one of them reaches every caller. What a caller names its temps, and which
-//! errors it reports in which words, stays with the caller.
+//! goes through a symlink; a private directory created 0700, or verified before it is used; a
+//! missing file or directory counting as already clean), kept in one place so a fix to one of
+//! them reaches every caller. What a caller names its temps, and which errors it reports in which
+//! words, stays with the caller.
 
 use std::ffi::{OsStr, OsString};
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::private_dir;
 
 /// How many temp names to try before giving up on a directory full of leftovers.
 const TEMP_NAME_ATTEMPTS: u32 = 64;
@@ -21,9 +24,19 @@ const TEMP_NAME_ATTEMPTS: u32 = 64;
 /// Distinguishes temp files created by this process (the pid distinguishes processes).
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// Create `dir` and any missing parents with mode 0700; an existing directory is fine.
+/// Create `dir` and any missing parents with mode 0700; an existing `dir` is used only when it
+/// is a real directory of ours that nobody else may write into (SPEC §2), else the error (kind
+/// `PermissionDenied`) carries a [`private_dir::UnsafeDir`] naming `role` ("snapshot directory").
+pub(crate) fn create_private_dir_for(role: &'static str, dir: &Path) -> io::Result<()> {
+    match private_dir::ensure(dir, private_dir::Sharing::OwnerOnly)? {
+        Ok(()) => Ok(()),
+        Err(problem) => Err(private_dir::UnsafeDir::new(role, dir, problem).into_io()),
+    }
+}
+
+/// [`create_private_dir_for`] a directory with no more specific name.
 pub(crate) fn create_private_dir(dir: &Path) -> io::Result<()> {
-    DirBuilder::new().recursive(true).mode(0o700).create(dir)
+    create_private_dir_for("private directory", dir)
 }
 
 /// The directory holding `path` ("." for a bare file name).

@@ -24,6 +24,7 @@ pub mod logging;
 pub mod notify;
 pub mod plugin_notify;
 pub mod preflight;
+pub mod private_dir;
 pub mod signals;
 pub mod snapshot;
 pub mod state_file;

@@ -241,7 +241,8 @@ pub fn check(path: &Path) -> Result<(), PreflightError> {
 }
 
 fn check_file(path: &Path) -> Result<(), Problem> {
-    let (file, meta) = open_regular(path, 0).map_err(open_problem)?;
+    // A snapshot is a file the daemon wrote: a symlink in its place was planted (SPEC §2).
+    let (file, meta) = open_regular(path, libc::O_NOFOLLOW).map_err(open_problem)?;
     let len = meta.len();
     if len == 0 {
         return Err(Problem::Empty);
@@ -771,7 +772,20 @@ mod tests {
     #[test]
     fn accepts_this_test_binary_and_bin_sh() {
         check(&std::env::current_exe().unwrap()).unwrap();
-        check(Path::new("/bin/sh")).unwrap();
+        // The real file: a snapshot is never a symlink, and check() does not follow one.
+        check(&fs::canonicalize("/bin/sh").unwrap()).unwrap();
+    }
+
+    #[test]
+    fn refuses_a_symlink_in_place_of_the_snapshot() {
+        let t = TestDir::new("pf-link");
+        write_mode(&t.join("real"), b"#!/bin/sh\n", 0o755);
+        symlink(t.join("real"), t.join("p")).unwrap();
+        assert!(check(&t.join("real")).is_ok());
+        match problem(&t.join("p")) {
+            Problem::Io(e) => assert_eq!(e.raw_os_error(), Some(libc::ELOOP)),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -10,6 +10,16 @@
 //! dropped where a build should be must never hang the single-threaded daemon, and checking the
 //! open fd (not the path) leaves no window for the file to be swapped between check and read.
 //!
+//! What is executed is what the daemon wrote (SPEC §2). The supervisor runs a snapshot with
+//! `execve` of its path, not `fexecve`: the kernel hands a `#!` script's interpreter the path
+//! `/dev/fd/N`, which a close-on-exec descriptor no longer names, and one without close-on-exec
+//! would leak into every plugin. The path is safe instead: every directory on it from the runtime
+//! dir down is verified to be a real directory of the daemon's user that nobody else may write
+//! (`private_dir`; the runtime dir when the daemon starts, `<dir>` on every [`take`]), and the
+//! file itself is created `O_EXCL | O_NOFOLLOW`, owner-only, and renamed into place there. So
+//! no other user can create, replace or redirect any component between the write and a later
+//! exec, restarts included. The pre-flight check opens the snapshot `O_NOFOLLOW` as well.
+//!
 //! Nothing here calls `fsync`: the runtime dir is scratch space that is rebuilt after a reboot,
 //! and a reload should cost well under a millisecond per megabyte of build.
 
@@ -17,10 +27,11 @@ use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs::{self, File, FileType, Metadata, OpenOptions, Permissions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::fsutil::{self, RemovalWords, create_private_dir};
+use crate::fsutil::{self, RemovalWords, create_private_dir_for};
+use crate::private_dir::UnsafeDir;
 
 /// Copy buffer: large enough for BLAKE3's SIMD paths to run at full speed and for few syscalls,
 /// small enough to stay in L2.
@@ -120,6 +131,9 @@ impl fmt::Display for SnapshotError {
             SnapshotError::Read { path, source } => {
                 write!(f, "i/o error reading `{}`: {source}", path.display())
             }
+            SnapshotError::CreateDir { source, .. } if is_unsafe_dir(source) => {
+                write!(f, "{source}")
+            }
             SnapshotError::CreateDir { dir, source } => write!(
                 f,
                 "cannot create snapshot directory `{}`: {source}",
@@ -146,9 +160,15 @@ impl std::error::Error for SnapshotError {
     }
 }
 
+/// Whether `e` is a private directory refused as unsafe (its message says everything).
+fn is_unsafe_dir(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<UnsafeDir>())
+}
+
 /// Copy `source` (following symlinks) into `dir` as `<dir>/<version>`, hashing in the same pass.
 ///
-/// `dir` is created (mode 0700) if missing. The copy is written under a temp name and renamed, so
+/// `dir` is created (mode 0700) if missing, and refused when it exists but is not a directory of
+/// ours that nobody else may write into: the daemon executes what is in it (SPEC §2). The copy is written under a temp name and renamed, so
 /// `<dir>/<version>` is always complete; when it already exists the content is identical and the
 /// existing file (which may be running) is kept. The snapshot is mode 0700 when the source has any
 /// execute bit and 0600 otherwise, so the pre-flight check of the snapshot still sees a build that
@@ -156,9 +176,11 @@ impl std::error::Error for SnapshotError {
 pub fn take(source: &Path, dir: &Path) -> Result<Snapshot, SnapshotError> {
     let (mut input, meta) =
         open_regular(source, 0).map_err(|e| SnapshotError::from_open(source, e))?;
-    create_private_dir(dir).map_err(|source| SnapshotError::CreateDir {
-        dir: dir.to_path_buf(),
-        source,
+    create_private_dir_for("snapshot directory", dir).map_err(|source| {
+        SnapshotError::CreateDir {
+            dir: dir.to_path_buf(),
+            source,
+        }
     })?;
     let write_error = |e: io::Error| SnapshotError::Write {
         path: source.to_path_buf(),
@@ -331,10 +353,13 @@ fn create_temp(dir: &Path) -> io::Result<(PathBuf, File)> {
 }
 
 /// Move the finished temp file to its version name, or drop it if an identical snapshot is
-/// already there (keeping the inode of a snapshot that may be running).
+/// already there (keeping the inode of a snapshot that may be running). Only a regular file of
+/// ours is kept (`lstat`: a symlink is replaced, never followed).
 fn install(temp: &Path, path: &Path, summary: &Summary, mode: u32) -> io::Result<()> {
+    let euid = nix::unistd::geteuid().as_raw();
     let reusable = fs::symlink_metadata(path).is_ok_and(|existing| {
         existing.is_file()
+            && existing.uid() == euid
             && existing.len() == summary.len
             && existing.permissions().mode() & 0o777 == mode
     });
@@ -565,6 +590,29 @@ pub(crate) mod tests {
         let err = take(&t.join("plugin"), &t.join("snaps")).unwrap_err();
         assert!(matches!(err, SnapshotError::CreateDir { .. }), "{err:?}");
         assert!(err.to_string().contains("snaps"), "{err}");
+    }
+
+    #[test]
+    fn an_unsafe_snapshot_dir_is_refused_and_left_untouched() {
+        let t = TestDir::new("snap-unsafe");
+        write_exec(&t.join("plugin"), b"build");
+        fs::create_dir(t.join("elsewhere")).unwrap();
+        symlink(t.join("elsewhere"), t.join("linked")).unwrap();
+        fs::create_dir(t.join("open")).unwrap();
+        fs::set_permissions(t.join("open"), Permissions::from_mode(0o777)).unwrap();
+        for (dir, says) in [("linked", "is a symlink to"), ("open", "mode 0777")] {
+            let err = take(&t.join("plugin"), &t.join(dir)).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.starts_with(&format!(
+                    "refusing to use snapshot directory {}: ",
+                    t.join(dir).display()
+                )) && text.contains(says),
+                "{text}"
+            );
+        }
+        assert!(sorted_names(&t.join("elsewhere")).is_empty());
+        assert!(sorted_names(&t.join("open")).is_empty());
     }
 
     #[test]

@@ -13,6 +13,13 @@
 //! never count. Every filtered event can be explained (`Change::Ignored`) for verbose subscribers;
 //! the explanation is only built when someone listens, so an event storm stays cheap.
 //!
+//! The plugins dir itself may go (deleted, or renamed away by an atomic deploy) and come back.
+//! The path, not the inode, is the truth: once the root watch reports its directory deleted or
+//! moved, the watcher drops it (a moved directory's watch would follow it to `plugins.old`) and,
+//! when asked, watches the nearest existing ancestor for the name to reappear. While the plugins
+//! dir is there its parent is watched too, for what its own watch cannot see: the parent renamed
+//! away, or a symlinked plugins dir re-pointed.
+//!
 //! The watcher owns the inotify fd and the wd → owner map; it never decides what to reload.
 
 use std::collections::HashMap;
@@ -46,8 +53,13 @@ pub enum Change {
         path: PathBuf,
         reason: String,
     },
-    /// Events were lost (queue overflow) or the root watch ended: everything must be re-examined.
+    /// Events were lost (queue overflow): everything must be re-examined.
     Rescan,
+    /// The plugins dir was deleted or moved away; its watch is dropped.
+    RootLost,
+    /// Something changed on the way to the plugins dir (its name appeared in its parent, an
+    /// ancestor went): it may be back, or replaced.
+    RootCheck,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +75,11 @@ enum Owner {
     /// something appears in it, the build directory may be back.
     Ancestor {
         plugin: String,
+    },
+    /// The nearest existing ancestor of the missing plugins dir; `next` is the name in it that
+    /// leads to the plugins dir (only that name appearing matters).
+    RootAncestor {
+        next: OsString,
     },
 }
 
@@ -82,6 +99,11 @@ struct PluginWatch {
 pub struct Watcher {
     inotify: Inotify,
     root: PathBuf,
+    /// The plugins dir's watch and the (device, inode) it was added for; None while it is gone.
+    root_wd: Option<(WatchDescriptor, (u64, u64))>,
+    /// The watch on the plugins dir's parent (or, while even that is gone, its nearest
+    /// existing ancestor): the directory and its (device, inode).
+    root_wait: Option<(WatchDescriptor, PathBuf, (u64, u64))>,
     owners: HashMap<WatchDescriptor, Vec<Owner>>,
     dirs: HashMap<WatchDescriptor, PathBuf>,
     plugins: HashMap<String, PluginWatch>,
@@ -121,6 +143,19 @@ const ANCESTOR_MASK: WatchMask = ARRIVALS
     .union(WatchMask::DELETE_SELF)
     .union(WatchMask::ONLYDIR);
 
+/// The name of the missing plugins dir (or of a directory on the way to it) appearing, or the
+/// watched ancestor itself going away.
+const ROOT_ANCESTOR_MASK: WatchMask = ARRIVALS.union(DIR_GONE);
+
+/// Where the watcher waits for a missing plugins dir.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootWait {
+    /// Its parent is watched: its name appearing there is reported at once.
+    Parent,
+    /// Even its parent is gone: a farther ancestor is watched (or none could be).
+    Farther,
+}
+
 /// An inotify failure with the remedy spelled out (the kernel's own words mislead: a full watch
 /// table says "No space left on device").
 #[derive(Debug)]
@@ -157,7 +192,9 @@ fn read_limit(name: &str) -> String {
 }
 
 impl Watcher {
-    /// Create the inotify instance and watch `root` (the plugins dir).
+    /// Create the inotify instance and watch `root` (the plugins dir). A plugins dir that is
+    /// gone already (swapped away right after it was created) is not an error: `root_watched`
+    /// says so and the caller waits for it.
     pub fn new(root: &Path) -> Result<Watcher, WatchError> {
         let inotify = Inotify::init().map_err(|source| WatchError {
             path: root.to_path_buf(),
@@ -166,19 +203,120 @@ impl Watcher {
         let mut w = Watcher {
             inotify,
             root: root.to_path_buf(),
+            root_wd: None,
+            root_wait: None,
             owners: HashMap::new(),
             dirs: HashMap::new(),
             plugins: HashMap::new(),
             buf: vec![0u8; 64 * 1024],
         };
-        w.watch_root()?;
+        match w.watch_root() {
+            Err(e) if is_missing_dir(&e.source) => {}
+            other => other?,
+        }
         Ok(w)
     }
 
-    /// (Re-)add the watch on the plugins dir; harmless when it is already watched.
+    /// (Re-)add the watch on the plugins dir; harmless when it is already watched. Ends a wait
+    /// for the plugins dir to come back.
     pub fn watch_root(&mut self) -> Result<(), WatchError> {
         let root = self.root.clone();
-        self.add(&root, ROOT_MASK, Owner::Root).map(|_| ())
+        let wd = self.add(&root, ROOT_MASK, Owner::Root)?;
+        self.root_wd = Some((wd, dir_id(&root).unwrap_or((0, 0))));
+        Ok(())
+    }
+
+    /// The plugins dir is under watch.
+    pub fn root_watched(&self) -> bool {
+        self.root_wd.is_some()
+    }
+
+    /// The watched plugins dir is still the directory at its path (not deleted, not renamed
+    /// away with a new one in its place: events saying so may have been lost in an overflow).
+    pub fn root_is_current(&self) -> bool {
+        let Some((_, id)) = &self.root_wd else {
+            return false;
+        };
+        dir_id(&self.root) == Some(*id)
+    }
+
+    /// Drop the plugins dir's watch and every plugin's watches: after a deletion or a swap they
+    /// watch directories that are no longer at their paths.
+    pub fn forget_root(&mut self) {
+        if let Some((wd, _)) = self.root_wd.take() {
+            self.release(wd, |o| *o == Owner::Root);
+        }
+        let ids: Vec<String> = self.plugins.keys().cloned().collect();
+        for id in ids {
+            self.unwatch_plugin(&id);
+        }
+    }
+
+    /// Watch the nearest existing ancestor of the plugins dir for the name that leads to it:
+    /// while the plugins dir is gone, to see it come back; while it is there (the ancestor is
+    /// then its parent), to see it replaced without an event on its own watch (its parent
+    /// renamed away, a symlinked plugins dir re-pointed). Keeps the watch it has when that is
+    /// still the right one. Says whether the watched ancestor is the parent (then an event will
+    /// tell when the plugins dir is back) or a farther one (then the caller should also retry on
+    /// a timer: a mount appearing on the way gives no inotify event).
+    pub fn await_root(&mut self) -> RootWait {
+        let root = self.root.clone();
+        let Some(existing) = root.ancestors().skip(1).find(|a| a.is_dir()) else {
+            self.stop_waiting_for_root();
+            return RootWait::Farther;
+        };
+        let wait = if root.parent() == Some(existing) {
+            RootWait::Parent
+        } else {
+            RootWait::Farther
+        };
+        let id = dir_id(existing);
+        if let Some((_, dir, watched)) = &self.root_wait {
+            if dir == existing && Some(*watched) == id {
+                return wait;
+            }
+        }
+        self.stop_waiting_for_root();
+        let next = root
+            .strip_prefix(existing)
+            .ok()
+            .and_then(|rest| rest.components().next())
+            .map(|c| c.as_os_str().to_os_string())
+            .unwrap_or_default();
+        let owner = Owner::RootAncestor { next };
+        let lost = self.root_wd.is_none();
+        match self.add(existing, ROOT_ANCESTOR_MASK, owner) {
+            Ok(wd) => {
+                if lost {
+                    log::debug!(
+                        "watching {} until plugins dir {} is back",
+                        existing.display(),
+                        root.display()
+                    );
+                }
+                let id = id.unwrap_or((0, 0));
+                self.root_wait = Some((wd, existing.to_path_buf(), id));
+                wait
+            }
+            // Only a safeguard while the plugins dir is there: its own watch still works.
+            Err(e) if !lost => {
+                log::debug!("{e}; a renamed parent of the plugins dir will not be noticed");
+                wait
+            }
+            Err(e) => {
+                log::warn!(
+                    "{e}; retrying on a timer until plugins dir {} is back",
+                    root.display()
+                );
+                RootWait::Farther
+            }
+        }
+    }
+
+    fn stop_waiting_for_root(&mut self) {
+        if let Some((wd, _, _)) = self.root_wait.take() {
+            self.release(wd, |o| matches!(o, Owner::RootAncestor { .. }));
+        }
     }
 
     pub fn fd(&self) -> RawFd {
@@ -190,9 +328,14 @@ impl Watcher {
     }
 
     /// Number of directories under watch: plugins_dir, each plugin dir, and build dirs that
-    /// symlinked executables point into.
+    /// symlinked executables point into (not the plugins dir's parent).
     pub fn dirs_watched(&self) -> usize {
-        self.owners.len()
+        let guard_only = |owners: &Vec<Owner>| {
+            owners
+                .iter()
+                .all(|o| matches!(o, Owner::RootAncestor { .. }))
+        };
+        self.owners.values().filter(|o| !guard_only(o)).count()
     }
 
     /// Watch a plugin's directory, and the directory of its real executable when that lies
@@ -419,7 +562,21 @@ impl Watcher {
             self.dirs.remove(wd);
             for owner in owners {
                 match owner {
-                    Owner::Root => out.push(Change::Rescan),
+                    Owner::Root => {
+                        // Unmounted, or deleted with its IN_DELETE_SELF lost: the kernel
+                        // already dropped the watch.
+                        if self.root_wd.as_ref().is_some_and(|(w, _)| w == wd) {
+                            self.root_wd = None;
+                        }
+                        self.forget_root();
+                        out.push(Change::RootLost);
+                    }
+                    Owner::RootAncestor { .. } => {
+                        if self.root_wait.as_ref().is_some_and(|(w, _, _)| w == wd) {
+                            self.root_wait = None;
+                        }
+                        out.push(Change::RootCheck);
+                    }
                     Owner::PluginDir(id) => {
                         // Forget the dead watch so the directory can be watched afresh.
                         self.unwatch_plugin(&id);
@@ -437,10 +594,28 @@ impl Watcher {
         };
         for owner in owners {
             match owner {
-                Owner::Root => decode_root(mask, name, matchers, explain, &dir, out),
+                Owner::Root => {
+                    if mask.intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF) {
+                        // A moved directory's watch would follow it: the path is the truth.
+                        self.forget_root();
+                        out.push(Change::RootLost);
+                    } else {
+                        decode_root(&self.root, mask, name, matchers, explain, out);
+                    }
+                }
+                Owner::RootAncestor { next } => {
+                    let gone = mask.intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF);
+                    if gone {
+                        self.stop_waiting_for_root();
+                    }
+                    if gone || name == Some(next.as_os_str()) {
+                        out.push(Change::RootCheck);
+                    }
+                }
                 Owner::PluginDir(id) => {
                     if let Some(pw) = self.plugins.get(&id) {
-                        decode_plugin_dir(&id, pw, mask, name, matchers, explain, &dir, out);
+                        // The plugin's own path: a symlinked plugin dir shares its target's wd.
+                        decode_plugin_dir(&id, pw, mask, name, matchers, explain, &pw.dir, out);
                     }
                 }
                 Owner::Target { plugin, file } => {
@@ -483,33 +658,34 @@ impl Watcher {
 
 fn owner_plugin(o: &Owner) -> Option<&str> {
     match o {
-        Owner::Root => None,
+        Owner::Root | Owner::RootAncestor { .. } => None,
         Owner::PluginDir(id) => Some(id),
         Owner::Target { plugin, .. } | Owner::Ancestor { plugin } => Some(plugin),
     }
 }
 
 fn decode_root(
+    root: &Path,
     mask: EventMask,
     name: Option<&OsStr>,
     matchers: &Matchers,
     explain: bool,
-    dir: &Path,
     out: &mut Vec<Change>,
 ) {
-    if mask.intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF) {
-        log::error!("plugins dir {} was removed or moved away", dir.display());
-        out.push(Change::Rescan);
-        return;
-    }
     let Some(name) = name.and_then(OsStr::to_str) else {
         return;
     };
-    if !mask.contains(EventMask::ISDIR) {
+    let arrived = mask.intersects(EventMask::CREATE | EventMask::MOVED_TO);
+    // A symlink to a plugin dir arrives without IN_ISDIR; one that leaves cannot be examined
+    // any more, so any departing name that may be a plugin counts (unknown ones are no-ops).
+    let may_be_dir = mask.contains(EventMask::ISDIR)
+        || !arrived
+        || std::fs::symlink_metadata(root.join(name)).is_ok_and(|m| m.file_type().is_symlink());
+    if !may_be_dir {
         if explain {
             out.push(ignored(
                 None,
-                dir.join(name),
+                root.join(name),
                 "not a plugin directory (a file in plugins_dir)".into(),
             ));
         }
@@ -519,13 +695,13 @@ fn decode_root(
         if explain {
             out.push(ignored(
                 None,
-                dir.join(name),
+                root.join(name),
                 "directory name matches no watch_patterns glob".into(),
             ));
         }
         return;
     }
-    if mask.intersects(EventMask::CREATE | EventMask::MOVED_TO) {
+    if arrived {
         out.push(Change::DirAdded(name.to_string()));
     } else if mask.intersects(EventMask::DELETE | EventMask::MOVED_FROM) {
         out.push(Change::DirRemoved(name.to_string()));
@@ -620,6 +796,14 @@ fn classify(
         return Ok(());
     }
     if mask.contains(EventMask::CREATE) {
+        // A symlink is never written, so it counts when it appears (`ln -s ~/src/foo/target/
+        // debug/foo plugins/foo/foo`), unless it leads to a directory.
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return match std::fs::metadata(path) {
+                Ok(m) if m.is_dir() => Err("a symlink to a directory, not a file".into()),
+                _ => Ok(()),
+            };
+        }
         // A hard link arrives complete (cargo's unlink + link); a new file is still being written
         // and counts at its close-write.
         return match std::fs::metadata(path) {
@@ -643,6 +827,53 @@ fn ignored(plugin: Option<&str>, path: PathBuf, reason: String) -> Change {
         path,
         reason,
     }
+}
+
+/// (device, inode) of a directory, following symlinks.
+fn dir_id(path: &Path) -> Option<(u64, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    m.is_dir().then(|| (m.dev(), m.ino()))
+}
+
+fn is_missing_dir(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
+}
+
+/// What a name in the plugins dir that is a symlink leads to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkedDir {
+    /// A directory inside the plugins dir's tree: followed.
+    Inside,
+    /// Somewhere else (or nowhere): skipped, with this description of where it leads.
+    Outside(String),
+}
+
+/// For a plugin dir `root/name` that is a symlink, where it leads (SPEC §4: followed only when
+/// it points inside the plugins dir's tree); None when it is not a symlink.
+pub fn linked_plugin_dir(root: &Path, name: &str) -> Option<LinkedDir> {
+    let path = root.join(name);
+    let meta = std::fs::symlink_metadata(&path).ok()?;
+    if !meta.file_type().is_symlink() {
+        return None;
+    }
+    let target = std::fs::read_link(&path)
+        .map(|t| t.display().to_string())
+        .unwrap_or_else(|_| "?".into());
+    let real = match std::fs::canonicalize(&path) {
+        Ok(real) => real,
+        Err(e) => {
+            return Some(LinkedDir::Outside(format!(
+                "{target}, which cannot be resolved ({e})"
+            )));
+        }
+    };
+    let inside = std::fs::canonicalize(root)
+        .is_ok_and(|root| real != root && real.starts_with(&root) && real.is_dir());
+    Some(if inside {
+        LinkedDir::Inside
+    } else {
+        LinkedDir::Outside(target)
+    })
 }
 
 /// Where the executable really lives when that is not directly in the plugin dir: the directory
@@ -669,4 +900,135 @@ fn real_executable_location(dir: &Path, exec: &Path) -> Option<(PathBuf, OsStrin
         return None;
     }
     Some((parent.to_path_buf(), real.file_name()?.to_os_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    /// A fresh directory per test, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Scratch {
+            let dir =
+                std::env::temp_dir().join(format!("hotreload-watch-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn matchers() -> Matchers {
+        Matchers::new(&["*".to_string()], &[]).unwrap()
+    }
+
+    #[test]
+    fn plugin_dir_links_are_followed_only_inside_the_plugins_dir() {
+        let tmp = Scratch::new("links");
+        let root = tmp.0.join("plugins");
+        std::fs::create_dir_all(root.join("releases/a-1")).unwrap();
+        std::fs::create_dir_all(tmp.0.join("elsewhere")).unwrap();
+        std::fs::create_dir(root.join("plain")).unwrap();
+        symlink("releases/a-1", root.join("a")).unwrap();
+        symlink(tmp.0.join("elsewhere"), root.join("out")).unwrap();
+        symlink(".", root.join("self")).unwrap();
+        symlink("nowhere", root.join("dangling")).unwrap();
+        assert_eq!(linked_plugin_dir(&root, "plain"), None);
+        assert_eq!(linked_plugin_dir(&root, "a"), Some(LinkedDir::Inside));
+        for name in ["out", "self", "dangling"] {
+            assert!(
+                matches!(linked_plugin_dir(&root, name), Some(LinkedDir::Outside(_))),
+                "{name} is not followed"
+            );
+        }
+    }
+
+    #[test]
+    fn a_created_symlink_counts_unless_it_leads_to_a_directory() {
+        let tmp = Scratch::new("classify");
+        let build = tmp.0.join("build");
+        std::fs::write(&build, b"#!/bin/sh\n").unwrap();
+        symlink(&build, tmp.0.join("foo")).unwrap();
+        symlink(&tmp.0, tmp.0.join("dir")).unwrap();
+        std::fs::write(tmp.0.join("new"), b"").unwrap();
+        let create = |name: &str| {
+            let path = tmp.0.join(name);
+            classify(EventMask::CREATE, OsStr::new(name), &path, true, None)
+        };
+        assert_eq!(create("foo"), Ok(()));
+        assert!(create("dir").is_err());
+        assert!(create("new").is_err(), "a new file counts at close-write");
+    }
+
+    #[test]
+    fn a_plugins_dir_renamed_away_is_lost_and_its_name_coming_back_is_reported() {
+        let tmp = Scratch::new("root");
+        let root = tmp.0.join("plugins");
+        std::fs::create_dir_all(root.join("p1")).unwrap();
+        let mut w = Watcher::new(&root).unwrap();
+        w.watch_plugin("p1", &root.join("p1"), Path::new("p1"))
+            .unwrap();
+        assert!(w.root_watched() && w.root_is_current());
+
+        std::fs::rename(&root, tmp.0.join("plugins.old")).unwrap();
+        let changes = w.drain(&matchers(), false);
+        assert!(changes.contains(&Change::RootLost), "{changes:?}");
+        assert!(!w.root_watched() && !w.is_watching("p1"));
+        assert_eq!(w.await_root(), RootWait::Parent);
+        // Activity under the old dir, and other names in the parent, say nothing.
+        std::fs::write(tmp.0.join("plugins.old/p1/p1"), b"x").unwrap();
+        std::fs::create_dir(tmp.0.join("other")).unwrap();
+        assert_eq!(w.drain(&matchers(), false), Vec::new());
+
+        std::fs::create_dir(&root).unwrap();
+        assert_eq!(w.drain(&matchers(), false), vec![Change::RootCheck]);
+        w.watch_root().unwrap();
+        assert!(w.root_is_current());
+        assert_eq!(w.dirs_watched(), 1, "the parent's watch is not counted");
+    }
+
+    #[test]
+    fn with_the_parent_gone_the_nearest_ancestor_is_watched() {
+        let tmp = Scratch::new("ancestor");
+        let root = tmp.0.join("deploy/plugins");
+        std::fs::create_dir_all(&root).unwrap();
+        let mut w = Watcher::new(&root).unwrap();
+        std::fs::remove_dir_all(tmp.0.join("deploy")).unwrap();
+        assert!(w.drain(&matchers(), false).contains(&Change::RootLost));
+        assert_eq!(w.await_root(), RootWait::Farther);
+        std::fs::create_dir(tmp.0.join("deploy")).unwrap();
+        assert_eq!(w.drain(&matchers(), false), vec![Change::RootCheck]);
+        assert_eq!(w.await_root(), RootWait::Parent);
+    }
+
+    #[test]
+    fn a_renamed_parent_is_noticed_while_the_plugins_dir_is_there() {
+        let tmp = Scratch::new("guard");
+        let root = tmp.0.join("release/plugins");
+        std::fs::create_dir_all(&root).unwrap();
+        let mut w = Watcher::new(&root).unwrap();
+        assert_eq!(w.await_root(), RootWait::Parent);
+        assert_eq!(w.dirs_watched(), 1, "the parent's watch is not counted");
+        std::fs::rename(tmp.0.join("release"), tmp.0.join("release.old")).unwrap();
+        assert_eq!(w.drain(&matchers(), false), vec![Change::RootCheck]);
+        assert!(
+            !w.root_is_current(),
+            "the path no longer leads to the watched dir"
+        );
+    }
+
+    #[test]
+    fn a_plugins_dir_missing_at_start_is_not_an_error() {
+        let tmp = Scratch::new("missing");
+        let w = Watcher::new(&tmp.0.join("plugins")).unwrap();
+        assert!(!w.root_watched());
+    }
 }

@@ -98,6 +98,10 @@ pub struct SupervisorSettings {
     pub ready_timeout_ms: u64,
     /// What to do after an exit the daemon did not ask for.
     pub restart: RestartPolicy,
+    /// More than this many automatic restarts inside `start_limit_interval_ms`: `failed`.
+    pub start_limit_burst: u32,
+    /// The start limit's window; 0 = no limit (restarts still back off).
+    pub start_limit_interval_ms: u64,
 }
 
 impl Default for SupervisorSettings {
@@ -107,6 +111,8 @@ impl Default for SupervisorSettings {
             startup_grace_ms: 500,
             ready_timeout_ms: 10_000,
             restart: RestartPolicy::OnFailure,
+            start_limit_burst: DEFAULT_START_LIMIT_BURST,
+            start_limit_interval_ms: DEFAULT_START_LIMIT_INTERVAL_MS,
         }
     }
 }
@@ -175,7 +181,16 @@ pub struct PluginConfig {
     pub ready_timeout_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restart: Option<RestartPolicy>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_limit_burst: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_limit_interval_ms: Option<u64>,
 }
+
+/// `start_limit_burst` when neither `[supervisor]` nor the plugin's table sets it.
+pub const DEFAULT_START_LIMIT_BURST: u32 = 5;
+/// `start_limit_interval_ms` when neither `[supervisor]` nor the plugin's table sets it.
+pub const DEFAULT_START_LIMIT_INTERVAL_MS: u64 = 10_000;
 
 /// `fdstore_max` when a plugin table does not set it.
 pub const DEFAULT_FDSTORE_MAX: usize = 16;
@@ -358,6 +373,10 @@ mod tests {
             (5000, 500, 10_000)
         );
         assert_eq!(sup.restart, RestartPolicy::OnFailure);
+        assert_eq!(
+            (sup.start_limit_burst, sup.start_limit_interval_ms),
+            (5, 10_000)
+        );
         let control = ControlFile::default();
         assert_eq!(
             (control.mode.as_str(), control.group.as_str()),

@@ -546,6 +546,22 @@ timeout_ms        = 2500
                 "`stop_timeout_ms` in [supervisor]: 0; expected 1 to 86400000",
             ),
             (
+                "[supervisor]\nstart_limit_burst = 1001\n",
+                ":2:1: invalid value for `start_limit_burst` in [supervisor]: 1001; expected 0 to 1000 restarts",
+            ),
+            (
+                "[supervisor]\nstart_limit_burst = -1\n",
+                ":2:21: invalid value for `start_limit_burst` in [supervisor]",
+            ),
+            (
+                "[plugins.p]\nstart_limit_interval_ms = 86400001\n",
+                ":2:1: invalid value for `start_limit_interval_ms` in [plugins.p]: 86400001; expected 0 to 86400000",
+            ),
+            (
+                "[plugins.p]\nstart_limit_burst = 5000\n",
+                "`start_limit_burst` in [plugins.p]: 5000; expected 0 to 1000 restarts",
+            ),
+            (
                 "[hot_reload]\ndebounce_delay_ms = 86400001\n",
                 "86400001; expected 0 to 86400000 milliseconds (at most one day)",
             ),
@@ -709,14 +725,16 @@ timeout_ms        = 2500
                 "stop_timeout_ms",
                 "startup_grace_ms",
                 "ready_timeout_ms",
-                "restart"
+                "restart",
+                "start_limit_burst",
+                "start_limit_interval_ms"
             ]
         );
         // A `#[serde(flatten)]` would make derive stop calling deserialize_struct; catch that here.
         assert_eq!(field_names::<FileConfig>().len(), 8);
         assert_eq!(field_names::<HotReload>().len(), 7);
         assert_eq!(field_names::<ControlFile>().len(), 5);
-        assert_eq!(field_names::<PluginConfig>().len(), 14);
+        assert_eq!(field_names::<PluginConfig>().len(), 16);
         assert_eq!(field_names::<HookSettings>().len(), 4);
     }
 }

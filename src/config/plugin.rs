@@ -37,6 +37,10 @@ pub struct PluginSettings {
     pub startup_grace_ms: u64,
     pub ready_timeout_ms: u64,
     pub restart: RestartPolicy,
+    /// More than this many automatic restarts inside `start_limit_interval_ms`: `failed`.
+    pub start_limit_burst: u32,
+    /// The start limit's window; 0 = no limit.
+    pub start_limit_interval_ms: u64,
 }
 
 /// The settings of one plugin: its table's keys, else `[supervisor]`, else the defaults.
@@ -71,6 +75,12 @@ pub(crate) fn settings(
             .ready_timeout_ms
             .unwrap_or(supervisor.ready_timeout_ms),
         restart: written.restart.unwrap_or(supervisor.restart),
+        start_limit_burst: written
+            .start_limit_burst
+            .unwrap_or(supervisor.start_limit_burst),
+        start_limit_interval_ms: written
+            .start_limit_interval_ms
+            .unwrap_or(supervisor.start_limit_interval_ms),
     }
 }
 
@@ -98,6 +108,8 @@ pub(crate) fn complete(
         startup_grace_ms: Some(effective.startup_grace_ms),
         ready_timeout_ms: Some(effective.ready_timeout_ms),
         restart: Some(effective.restart),
+        start_limit_burst: Some(effective.start_limit_burst),
+        start_limit_interval_ms: Some(effective.start_limit_interval_ms),
     }
 }
 
@@ -154,6 +166,10 @@ mod tests {
             (5000, 500, 10_000)
         );
         assert_eq!(settings.restart, RestartPolicy::OnFailure);
+        assert_eq!(
+            (settings.start_limit_burst, settings.start_limit_interval_ms),
+            (5, 10_000)
+        );
     }
 
     #[test]
@@ -163,8 +179,17 @@ mod tests {
             startup_grace_ms: 2,
             ready_timeout_ms: 3,
             restart: RestartPolicy::Never,
+            start_limit_burst: 4,
+            start_limit_interval_ms: 5,
         };
         let inherited = settings("p", Some(&PluginConfig::default()), &supervisor);
+        assert_eq!(
+            (
+                inherited.start_limit_burst,
+                inherited.start_limit_interval_ms
+            ),
+            (4, 5)
+        );
         assert_eq!(
             (inherited.stop_timeout_ms, inherited.startup_grace_ms),
             (1, 2)
@@ -178,9 +203,12 @@ mod tests {
             stop_timeout_ms: Some(10),
             restart: Some(RestartPolicy::Always),
             autostart: Some(false),
+            start_limit_burst: Some(0),
+            start_limit_interval_ms: Some(0),
             ..PluginConfig::default()
         };
         let own = settings("p", Some(&table), &supervisor);
+        assert_eq!((own.start_limit_burst, own.start_limit_interval_ms), (0, 0));
         assert_eq!(own.exec, PathBuf::from("bin/p"));
         assert_eq!((own.stop_timeout_ms, own.startup_grace_ms), (10, 2));
         assert_eq!(own.restart, RestartPolicy::Always);

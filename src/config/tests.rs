@@ -341,7 +341,8 @@ fn group_empty_string_means_no_group() {
 fn plugin_settings_merge_table_over_supervisor() {
     let text = "[supervisor]\nstop_timeout_ms = 100\nrestart = \"never\"\n\
                 [plugins.p]\nexec = \"bin/p\"\nargs = [\"-v\"]\nenv = { RUST_LOG = \"debug\" }\n\
-                config = { preset = \"fast\", threads = 4 }\nautostart = false\nstartup_grace_ms = 9\n";
+                config = { preset = \"fast\", threads = 4 }\nautostart = false\nstartup_grace_ms = 9\n\
+                start_limit_burst = 2\n";
     let config = resolve_valid(text);
     let p = config.plugin("p");
     assert_eq!(p.exec, PathBuf::from("bin/p"));
@@ -356,11 +357,16 @@ fn plugin_settings_merge_table_over_supervisor() {
         (p.stop_timeout_ms, p.startup_grace_ms, p.restart),
         (100, 9, RestartPolicy::Never)
     );
+    assert_eq!(
+        (p.start_limit_burst, p.start_limit_interval_ms),
+        (2, 10_000)
+    );
     let other = config.plugin("q");
     assert_eq!(
         (other.exec, other.stop_timeout_ms),
         (PathBuf::from("q"), 100)
     );
+    assert_eq!(other.start_limit_burst, 5);
 }
 
 fn round_trip(config: &Config, env: &Env) -> Config {
@@ -397,6 +403,14 @@ fn effective_toml_shows_defaults_and_resolved_locations() {
     assert_eq!(control["mode"].as_str(), Some("0660"));
     assert_eq!(control["group"].as_str(), Some("hotreload"));
     assert_eq!(value["supervisor"]["restart"].as_str(), Some("on-failure"));
+    assert_eq!(
+        value["supervisor"]["start_limit_burst"].as_integer(),
+        Some(5)
+    );
+    assert_eq!(
+        value["supervisor"]["start_limit_interval_ms"].as_integer(),
+        Some(10_000)
+    );
     // [hooks] is always shown, with its timeout; commands only when set (TOML has no null).
     let hooks = value["hooks"].as_table().unwrap();
     assert_eq!(hooks.len(), 1);
@@ -416,6 +430,8 @@ fn effective_toml_completes_plugin_tables_with_the_protocol_keys() {
     assert_eq!(plugin["sockets"].as_array().map(Vec::len), Some(0));
     assert_eq!(plugin["watchdog_ms"].as_integer(), Some(0));
     assert_eq!(plugin["fdstore_max"].as_integer(), Some(16));
+    assert_eq!(plugin["start_limit_burst"].as_integer(), Some(5));
+    assert_eq!(plugin["start_limit_interval_ms"].as_integer(), Some(10_000));
     let hooks = value["hooks"].as_table().unwrap();
     assert_eq!(hooks["on_reload_success"][0].as_str(), Some("true"));
     assert!(!hooks.contains_key("on_reload_start"));

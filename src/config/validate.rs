@@ -22,6 +22,9 @@ pub const MAX_LINE_BYTES: usize = 64 << 20;
 /// Largest accepted `fdstore_max`: far above any real need, and it bounds how many parked fds
 /// the daemon holds per plugin.
 pub const MAX_FDSTORE: usize = 1024;
+/// Largest accepted `start_limit_burst`: far above any sane burst, and it bounds how many start
+/// times the daemon remembers per plugin.
+pub const MAX_START_LIMIT_BURST: u32 = 1000;
 /// Largest accepted `control.mode`: permission bits only (no setuid/setgid/sticky on a socket).
 pub const MAX_MODE: u32 = 0o777;
 
@@ -138,6 +141,11 @@ pub(crate) fn validate(file: &FileConfig) -> Result<(), KeyProblem> {
         supervisor.ready_timeout_ms,
         0,
     )?;
+    check_start_limit(
+        &["supervisor"],
+        Some(supervisor.start_limit_burst),
+        Some(supervisor.start_limit_interval_ms),
+    )?;
     check_control(&file.control)?;
     check_hooks(&file.hooks)?;
     for (id, plugin) in &file.plugins {
@@ -166,6 +174,23 @@ fn check_millis(path: &[&str], value: u64, min: u64) -> Result<(), KeyProblem> {
     }
     let detail = format!("{value}; expected {min} to {MAX_MILLIS} milliseconds (at most one day)");
     Err(KeyProblem::invalid(path, detail))
+}
+
+/// `start_limit_burst` and `start_limit_interval_ms` of the table at `table` (each optional).
+fn check_start_limit(
+    table: &[&str],
+    burst: Option<u32>,
+    interval_ms: Option<u64>,
+) -> Result<(), KeyProblem> {
+    let at = |key: &'static str| [table, &[key]].concat();
+    if let Some(burst) = burst.filter(|burst| *burst > MAX_START_LIMIT_BURST) {
+        let detail = format!("{burst}; expected 0 to {MAX_START_LIMIT_BURST} restarts");
+        return Err(KeyProblem::invalid(&at("start_limit_burst"), detail));
+    }
+    if let Some(interval_ms) = interval_ms {
+        check_millis(&at("start_limit_interval_ms"), interval_ms, 0)?;
+    }
+    Ok(())
 }
 
 fn check_hot_reload(hot: &HotReload) -> Result<(), KeyProblem> {
@@ -253,6 +278,11 @@ fn check_plugin(id: &str, plugin: &PluginConfig) -> Result<(), KeyProblem> {
             check_millis(&at(key), value, min)?;
         }
     }
+    check_start_limit(
+        &["plugins", id],
+        plugin.start_limit_burst,
+        plugin.start_limit_interval_ms,
+    )?;
     match plugin.fdstore_max {
         Some(max) if max > MAX_FDSTORE => {
             let detail = format!("{max}; expected 0 to {MAX_FDSTORE} file descriptors");

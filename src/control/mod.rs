@@ -193,8 +193,9 @@ pub struct ControlError {
 
 #[derive(Debug)]
 enum ControlErrorKind {
-    /// Another daemon holds the lock or answers on the socket.
-    AddressInUse,
+    /// Another process answers on the socket (`pid` from `SO_PEERCRED` when the probe connected);
+    /// `daemon`: it holds the lock too, so it is another hotreloadd.
+    AddressInUse { pid: Option<i32>, daemon: bool },
     /// Something other than a socket sits at the socket path.
     NotASocket,
     Io {
@@ -211,17 +212,17 @@ impl ControlError {
         }
     }
 
-    fn in_use(path: &Path) -> Self {
+    fn in_use(path: &Path, pid: Option<i32>, daemon: bool) -> Self {
         ControlError {
             path: path.to_owned(),
-            kind: ControlErrorKind::AddressInUse,
+            kind: ControlErrorKind::AddressInUse { pid, daemon },
         }
     }
 
     /// Another hotreloadd is already listening on the path (the daemon exits 71).
     pub fn is_address_in_use(&self) -> bool {
         match &self.kind {
-            ControlErrorKind::AddressInUse => true,
+            ControlErrorKind::AddressInUse { .. } => true,
             ControlErrorKind::Io { source, .. } => source.kind() == io::ErrorKind::AddrInUse,
             ControlErrorKind::NotASocket => false,
         }
@@ -237,8 +238,20 @@ impl fmt::Display for ControlError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let path = self.path.display();
         match &self.kind {
-            ControlErrorKind::AddressInUse => {
-                write!(f, "another hotreloadd is already listening on {path}")
+            ControlErrorKind::AddressInUse { pid, daemon } => {
+                let who = if *daemon {
+                    "another hotreloadd"
+                } else {
+                    "another process"
+                };
+                match pid {
+                    Some(pid) => write!(f, "{who} (pid {pid}) is already listening on {path}")?,
+                    None if *daemon => {
+                        write!(f, "{who} is already using {path} (it holds {path}.lock)")?
+                    }
+                    None => write!(f, "{who} is already listening on {path}")?,
+                }
+                f.write_str(": stop it or choose another --socket")
             }
             ControlErrorKind::NotASocket => write!(
                 f,
@@ -1046,11 +1059,25 @@ fn lock_socket_path(path: &Path) -> Result<Flock<File>, ControlError> {
         .map_err(|e| ControlError::io(&lock_path, "open the control socket's lock file", e))?;
     Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
         if errno == nix::errno::Errno::EWOULDBLOCK {
-            ControlError::in_use(path)
+            ControlError::in_use(path, listener_pid(path), true)
         } else {
             ControlError::io(&lock_path, "lock", errno.into())
         }
     })
+}
+
+/// The pid of the process listening on `path`, to name it when it keeps us from binding: a
+/// probe connection's `SO_PEERCRED` holds the listener's credentials. Non-blocking, so a full
+/// backlog gives `None` rather than a wait.
+fn listener_pid(path: &Path) -> Option<i32> {
+    UnixStream::connect(path)
+        .ok()
+        .and_then(|probe| peer_pid(&probe))
+}
+
+fn peer_pid(stream: &UnixStream) -> Option<i32> {
+    let cred = getsockopt(stream, PeerCredentials).ok()?;
+    (cred.pid() > 0).then_some(cred.pid())
 }
 
 /// Removes a socket file left by a dead daemon; a live one (it accepts connections) is an
@@ -1069,8 +1096,10 @@ fn remove_stale_socket(path: &Path) -> Result<(), ControlError> {
     }
     match UnixStream::connect(path) {
         // A full backlog (EAGAIN) also means someone is listening.
-        Ok(_) => Err(ControlError::in_use(path)),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(ControlError::in_use(path)),
+        Ok(probe) => Err(ControlError::in_use(path, peer_pid(&probe), false)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            Err(ControlError::in_use(path, None, false))
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
             info!(
@@ -2054,7 +2083,9 @@ mod tests {
         assert_eq!(
             error.to_string(),
             format!(
-                "another hotreloadd is already listening on {}",
+                "another process (pid {}) is already listening on {}: stop it or choose another \
+                 --socket",
+                std::process::id(),
                 dir.sock().display()
             )
         );
@@ -2071,10 +2102,14 @@ mod tests {
         let error =
             ControlServer::bind(&h.dir.sock(), 0o600, None, Limits::default(), BASE).unwrap_err();
         assert!(error.is_address_in_use(), "{error}");
-        assert!(
-            error
-                .to_string()
-                .contains(&h.dir.sock().display().to_string())
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "another hotreloadd (pid {}) is already listening on {}: stop it or choose \
+                 another --socket",
+                std::process::id(),
+                h.dir.sock().display()
+            )
         );
         let mut c = h.connect();
         h.send(&mut c, b"status\n");

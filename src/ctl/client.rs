@@ -6,6 +6,7 @@
 //! look at the clock and read on without losing data.
 
 use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -192,6 +193,54 @@ impl Reply {
     }
 }
 
+/// Refuses to talk through a socket whose directory another user controls (SPEC §2), before
+/// connecting: a name like `/tmp/hotreload-$UID` can be created first by anyone, who could then
+/// listen there and impersonate hotreloadd. For a path resolved from the configuration or the
+/// defaults, which should name a directory of the user's own or the system's: it must be owned
+/// by root or by us and not writable by others (group write is the group's business: a system
+/// unit's `RuntimeDirectoryMode=0770`). A path named with `--socket` or `$HOTRELOAD_SOCKET` is
+/// the user's own choice and not judged (another user's daemon may be meant). A directory that
+/// cannot be inspected is left to `connect` to report.
+pub fn check_socket_dir(socket: &Path) -> Result<(), CtlError> {
+    let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return Ok(());
+    };
+    let euid = nix::unistd::geteuid().as_raw();
+    let owner = meta.uid();
+    let mode = meta.mode() & 0o7777;
+    let foreign = owner != 0 && owner != euid;
+    if !foreign && mode & 0o002 == 0 {
+        return Ok(());
+    }
+    let what = if foreign {
+        format!(
+            "is owned by {}, not by you or root, and has mode {mode:04o}",
+            user_text(owner)
+        )
+    } else {
+        format!("is writable by others (mode {mode:04o})")
+    };
+    Err(CtlError::Unreachable(format!(
+        "refusing to connect to {}: its directory {} {what}, so another user may have put an \
+         impostor there; remove the directory (as root: rm -rf {}) or pass --socket with the \
+         daemon's real socket",
+        socket.display(),
+        dir.display(),
+        dir.display()
+    )))
+}
+
+/// "uid 1000 (alice)", or "uid 1000" for a uid without a name.
+fn user_text(uid: u32) -> String {
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(Some(user)) => format!("uid {uid} ({})", user.name),
+        _ => format!("uid {uid}"),
+    }
+}
+
 /// The message for a failed `connect`: path, reason and what to do about it.
 fn connect_error(path: &Path, e: &io::Error) -> String {
     let hint = match e.raw_os_error() {
@@ -227,6 +276,7 @@ fn truncate_chars(s: &str, max: usize) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::os::unix::fs::PermissionsExt;
     use std::os::unix::net::UnixListener;
 
     #[test]
@@ -240,6 +290,31 @@ mod tests {
         );
         let e = io::Error::from_raw_os_error(libc::EACCES);
         assert!(connect_error(Path::new("/s"), &e).contains("hotreload group"));
+    }
+
+    #[test]
+    fn a_socket_dir_others_may_write_is_refused() {
+        let dir = std::env::temp_dir().join(format!("hrctl-squat-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("control.sock");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(check_socket_dir(&socket).is_ok());
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = check_socket_dir(&socket).unwrap_err();
+        assert_eq!(err.exit_code(), 69);
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "refusing to connect to {}: its directory {} is writable by others (mode 0777), \
+                 so another user may have put an impostor there; remove the directory (as root: \
+                 rm -rf {}) or pass --socket with the daemon's real socket",
+                socket.display(),
+                dir.display(),
+                dir.display()
+            )
+        );
+        assert!(check_socket_dir(&dir.join("missing/control.sock")).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

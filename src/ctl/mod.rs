@@ -160,6 +160,11 @@ where
     let result = resolve_socket(cli.socket.as_deref())
         .map_err(CtlError::Config)
         .and_then(|socket| {
+            if cli.socket.is_none()
+                && std::env::var_os("HOTRELOAD_SOCKET").is_none_or(|v| v.is_empty())
+            {
+                client::check_socket_dir(&socket)?;
+            }
             commands::execute(&cli.command, &socket, cli.json, io)
                 .map_err(|e| with_suggestion(e, cli.command.plugin_id(), &socket))
         });

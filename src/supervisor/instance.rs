@@ -62,6 +62,7 @@ impl Supervisor {
             pid_vars,
         };
         let spawned = spawn::spawn(&spec).map_err(|e| e.to_string())?;
+        self.record_start(ctx, id);
         self.next_seq += 1;
         let seq = self.next_seq;
         let mut pipes = Vec::new();

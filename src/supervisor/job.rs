@@ -10,7 +10,10 @@ use std::time::Instant;
 
 use serde_json::{Value, json};
 
-use super::plugin::{HistoryEntry, Job, JobKind, JobPhase, Plugin, Rest, Slot, Snap, Written};
+use super::plugin::{
+    HistoryEntry, Instance, Job, JobKind, JobPhase, Plugin, Rest, Slot, Snap, Written,
+};
+use super::start_limit::LimitHit;
 use super::{Ctx, MAX_RUNTIME_BYTES, Supervisor, Timer, Totals, Trigger, Waiter, retry_delay};
 use crate::config::Strategy;
 use crate::control::protocol;
@@ -69,11 +72,16 @@ impl Supervisor {
                     path: s.path,
                 };
             }
-            Err(e) if job.kind == JobKind::Start => {
-                // No build yet: that is what `missing` means, not an error.
-                log::info!("[{id}] waiting for a build: {e}");
+            Err(e) if job.kind == JobKind::Start && !copy_failed(&e) => {
+                // No build yet: that is what `missing` means, not an error. A first start
+                // still retrying the copy of an earlier build ends with it.
+                let reason = missing_reason(&exec, &e);
+                log::info!("[{id}] waiting for a build: {reason}");
+                take_over_copy_retry(ctx, p, &mut job);
                 p.rest = Rest::Missing;
-                answer_not_started(ctx, id, &job.waiters, None, e.to_string());
+                // `list` and `plugin` say why the plugin is `missing` (SPEC §5).
+                p.last_error = Some(reason.clone());
+                answer_not_started(ctx, id, &job.waiters, None, reason);
                 return;
             }
             Err(e) => {
@@ -132,11 +140,15 @@ impl Supervisor {
         let exec_str = exec.to_string_lossy();
         let only_exec = !job.files.is_empty() && job.files.iter().all(|f| *f == exec_str);
         let version = job.target.version.as_str();
-        let running = p
-            .instance
-            .as_ref()
-            .filter(|i| i.stop.is_none() && i.failure.is_none())
-            .map(|i| i.version.as_str());
+        let alive = |i: &&Instance| i.stop.is_none() && i.failure.is_none();
+        // start-stop: while a failed attempt of a newer build waits to retry, the old instance
+        // is the one serving, from the retiring slot.
+        let serving = match &p.instance {
+            Some(inst) => Some(inst).filter(alive),
+            None => p.retiring.as_ref().filter(alive),
+        };
+        let running = serving.map(|i| i.version.as_str());
+        let keeps_retiring = p.instance.is_none() && running == Some(version);
         let failed_same = p.instance.is_none()
             && p.rest == Rest::Failed
             && job.old_version.as_deref() == Some(version);
@@ -146,6 +158,9 @@ impl Supervisor {
             return false;
         }
         log::debug!("[{id}] build unchanged ({version}), nothing to reload");
+        if keeps_retiring {
+            self.keep_retiring(ctx, id, &job.target);
+        }
         for f in &job.files {
             ctx.emit(
                 Event::new("change_ignored", Some(id))
@@ -170,7 +185,50 @@ impl Supervisor {
         }
         let old = job.old_version.clone();
         answer_list(ctx, id, &job.waiters, true, old, new, None, duration_ms);
+        if keeps_retiring {
+            self.run_queued(ctx, id);
+        }
         true
+    }
+
+    /// start-stop: the build installed while a newer one waits to retry is the one still
+    /// serving from the retiring slot, which simply stays, as after the last failed attempt
+    /// (SPEC §5 "No-op, always"). The reload waiting to retry ends there: a final
+    /// `reload_failed`, its waiters answered with it, the failure hook run.
+    fn keep_retiring(&mut self, ctx: &mut Ctx<'_>, id: &str, build: &Snap) {
+        let snap_dir = self.snapshot_dir(id);
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
+        let superseded = p.job.take();
+        p.instance = p.retiring.take();
+        p.current = Some(build.clone());
+        prune_snapshots(&snap_dir, p);
+        let Some(job) = superseded else { return };
+        cancel_job_timer(ctx, &job);
+        let error = format!(
+            "superseded: version {}, which is still running, was installed again",
+            build.version
+        );
+        log::warn!("[{id}] hot reload to {} ended: {error}", job.target.version);
+        if job.kind == JobKind::Reload {
+            let duration_ms = clock::millis(job.started.elapsed());
+            record_failed_reload(p, &mut self.totals, &job, duration_ms, &error);
+            if job.announced {
+                let attempts = job.attempt.saturating_sub(1).max(1);
+                emit_reload_failed(ctx, id, &error, attempts, None);
+            }
+        }
+        answer_waiters(ctx, id, &job, false, Some(error.clone()));
+        if job.kind == JobKind::Reload {
+            let hook = HookContext {
+                plugin: id,
+                old_version: job.old_version.as_deref(),
+                new_version: Some(&job.target.version),
+                error: Some(&error),
+            };
+            self.run_hook(ctx, HookKind::ReloadFailure, &hook);
+        }
     }
 
     /// `hot reload started`: the log line, the `reload_started` event and the start hook.
@@ -211,7 +269,7 @@ impl Supervisor {
         }
         // A newer change restarts the count (it is a newer build).
         take_over_copy_retry(ctx, p, &mut job);
-        if !job.announced {
+        if job.kind != JobKind::Start && !job.announced {
             self.announce_reload(ctx, id, &mut job);
         }
         let Some(p) = self.plugins.get_mut(id) else {
@@ -289,36 +347,26 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Carry runtime.json into state.json (or wipe both without preserve_state) before a start.
+    /// Carry runtime.json into state.json before a start; without preserve_state, start afresh:
+    /// runtime.json removed, state.json rewritten with `runtime_data: null` (SPEC §4). Either
+    /// way state.json is written, which creates the plugin's state dir for its runtime.json.
     fn prepare_state(
         &mut self,
         ctx: &mut Ctx<'_>,
         id: &str,
         version: &str,
     ) -> Result<(), AttemptError> {
-        let state_path = self.state_path(id);
-        let runtime_path = self.runtime_path(id);
-        let overlapping = self.plugins.get(id).is_some_and(|p| p.retiring.is_some());
-        if !ctx.config.hot_reload.preserve_state {
-            // With an old instance still running (start-stop) its files are still in use.
-            if !overlapping {
-                for path in [&state_path, &runtime_path] {
-                    state_file::remove_if_exists(path)
-                        .map_err(|e| format!("cannot remove {}: {e}", path.display()))?;
-                }
-                if let Some(p) = self.plugins.get_mut(id) {
-                    p.runtime_data = Value::Null;
-                }
-            }
-            return Ok(());
+        if ctx.config.hot_reload.preserve_state {
+            self.fold_runtime(ctx, id);
+        } else {
+            self.forget_runtime(ctx, id);
         }
-        self.fold_runtime(ctx, id);
         // A full or read-only state dir must not keep the plugin down (it would end `failed`):
         // it starts with state.json as it was (intact, atomic writes), runtime_data stays in
         // memory and runtime.json on disk, and the next write that works saves them.
         // The directory fsync that makes the rename durable waits until the new instance runs
         // (`sync_state_dirs`): the content itself is on disk before the rename.
-        if let Err(e) = self.write_state_with(ctx, id, version, "starting", DirSync::EndOfTurn) {
+        if let Err(e) = self.write_state_file(id, version, "starting", DirSync::EndOfTurn) {
             let path = self.state_path(id);
             log::warn!("[{id}] cannot write state file, starting with the one on disk: {e}");
             ctx.emit(
@@ -328,6 +376,26 @@ impl Supervisor {
             );
         }
         Ok(())
+    }
+
+    /// preserve_state = false: nothing the plugin saved reaches its next instance. A runtime.json
+    /// that cannot be removed (read-only state dir) is reported, and does not keep the plugin
+    /// down: the daemon never reads it back in this mode.
+    fn forget_runtime(&mut self, ctx: &mut Ctx<'_>, id: &str) {
+        let path = self.runtime_path(id);
+        if let Err(e) = state_file::remove_if_exists(&path) {
+            // `e` names the file.
+            let error = e.to_string();
+            log::warn!("[{id}] {error}");
+            ctx.emit(
+                Event::new("state_warning", Some(id))
+                    .with("error", error)
+                    .with("path", path.to_string_lossy()),
+            );
+        }
+        if let Some(p) = self.plugins.get_mut(id) {
+            p.runtime_data = Value::Null;
+        }
     }
 
     /// Read runtime.json into runtime_data; an invalid file keeps the previous value (warned).
@@ -386,9 +454,22 @@ impl Supervisor {
         status: &str,
         dir_sync: DirSync,
     ) -> Result<(), String> {
+        // Without preserve_state only a start writes the file (`prepare_state`): what a plugin
+        // saved is never carried into it.
         if !ctx.config.hot_reload.preserve_state {
             return Ok(());
         }
+        self.write_state_file(id, version, status, dir_sync)
+    }
+
+    /// Write state.json (see [`Supervisor::write_state`]), whatever preserve_state says.
+    fn write_state_file(
+        &mut self,
+        id: &str,
+        version: &str,
+        status: &str,
+        dir_sync: DirSync,
+    ) -> Result<(), String> {
         let path = self.state_path(id);
         let Some(p) = self.plugins.get_mut(id) else {
             return Ok(());
@@ -463,8 +544,10 @@ impl Supervisor {
                         .with("version", job.target.version.as_str()),
                 );
             }
-            // A good build runs again: an earlier refusal or crash is no longer the news.
-            JobKind::Start | JobKind::Restart => p.last_error = None,
+            // A good build runs: an earlier refusal (pre-flight) or a copy that failed for lack
+            // of space is over.
+            JobKind::Start => p.last_error = None,
+            JobKind::Restart => {}
         }
         if job.kind != JobKind::Rollback {
             answer_waiters(ctx, id, &job, true, None);
@@ -487,6 +570,18 @@ impl Supervisor {
 
     /// An attempt failed: retry after backoff, or give up (rollback, then `failed`).
     pub(super) fn fail_attempt(&mut self, ctx: &mut Ctx<'_>, id: &str, error: AttemptError) {
+        // Another try is a start the daemon makes on its own: the start limit may forbid it
+        // (a copy that failed starts nothing, so its retry is not limited).
+        let retry = self
+            .plugins
+            .get(id)
+            .and_then(|p| p.job.as_ref())
+            .filter(|job| job.attempt < job.max_attempts && !awaiting_snapshot(job))
+            .map(|job| job.kind);
+        let limit = retry.and_then(|_| self.start_limit_reached(ctx, id));
+        // A restart after a crash backs off like the crash restarts before it.
+        let restart_delay = (retry == Some(JobKind::Restart) && limit.is_none())
+            .then(|| self.restart_delay(ctx, id));
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
@@ -494,11 +589,12 @@ impl Supervisor {
         p.last_error = Some(error.clone());
         job.last_error = Some(error.clone());
         let attempt = job.attempt;
-        let last = attempt >= job.max_attempts;
         let kind = job.kind;
-        // A restart after a crash already waited one base delay before its first attempt.
-        let exponent = attempt - 1 + u32::from(kind == JobKind::Restart);
-        let delay = retry_delay(ctx.config.hot_reload.retry_delay_ms, exponent);
+        // A first start whose build cannot be copied has nothing to fall back to (see below).
+        let endless = kind == JobKind::Start && awaiting_snapshot(job);
+        let last = (attempt >= job.max_attempts && !endless) || limit.is_some();
+        let delay = restart_delay
+            .unwrap_or_else(|| retry_delay(ctx.config.hot_reload.retry_delay_ms, attempt - 1));
         if matches!(kind, JobKind::Reload | JobKind::Rollback) {
             log::warn!("[{id}] hot reload failed (attempt {attempt}): {error}");
         } else {
@@ -507,8 +603,19 @@ impl Supervisor {
         if kind == JobKind::Reload {
             emit_reload_failed(ctx, id, &error, attempt, (!last).then_some(delay));
         }
+        if let Some(hit) = limit {
+            self.give_up_at(ctx, id, error, Some(hit));
+            return;
+        }
+        if endless && attempt == job.max_attempts {
+            // A first start whose build cannot be copied has nothing to fall back to: it goes
+            // on trying with the capped backoff, so that freeing space starts the plugin with no
+            // command (SPEC §5). Whoever waits for it is not kept waiting meanwhile.
+            let waiters = std::mem::take(&mut job.waiters);
+            answer_not_started(ctx, id, &waiters, None, error.clone());
+        }
         if !last {
-            job.attempt += 1;
+            job.attempt = job.attempt.saturating_add(1);
             let timer = ctx.arm(delay, Timer::Backoff(id.to_string()));
             job.phase = JobPhase::Backoff {
                 timer,
@@ -521,6 +628,19 @@ impl Supervisor {
 
     /// The last attempt failed: record it, answer waiters, fall back if there is somewhere to go.
     fn give_up(&mut self, ctx: &mut Ctx<'_>, id: &str, error: String) {
+        self.give_up_at(ctx, id, error, None);
+    }
+
+    /// [`Supervisor::give_up`], or, with `limited`, giving up because the start limit forbids
+    /// another attempt. A rollback is a start of its own, so the limit may forbid it too.
+    fn give_up_at(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        id: &str,
+        error: String,
+        limited: Option<LimitHit>,
+    ) {
+        let limit = limited.or_else(|| self.start_limit_reached(ctx, id));
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
@@ -567,7 +687,8 @@ impl Supervisor {
         let rollback_to = p.last_good.clone().filter(|good| {
             nothing_runs && job.kind == JobKind::Reload && *good != job.target && good.path.exists()
         });
-        if let Some(good) = rollback_to {
+        let rollback_forbidden = rollback_to.is_some() && limit.is_some();
+        if let Some(good) = rollback_to.filter(|_| limit.is_none()) {
             p.current = p.last_good.clone();
             log::warn!("[{id}] rolling back to last good version {}", good.version);
             p.job = Some(new_job(
@@ -584,6 +705,9 @@ impl Supervisor {
         }
         p.rest = Rest::Failed;
         log::error!("[{id}] failed: {error}");
+        if let Some(hit) = limit.filter(|_| limited.is_some() || rollback_forbidden) {
+            self.announce_start_limit(ctx, id, hit);
+        }
         self.run_queued(ctx, id);
     }
 
@@ -635,8 +759,10 @@ impl Supervisor {
         self.request(ctx, id, trigger, q.files.into_iter().collect(), q.waiters);
     }
 
-    /// An unexpected exit of a verified instance: restart per policy after the base delay.
+    /// An unexpected exit of a verified instance: restart per policy after a delay that doubles
+    /// per restart, unless the start limit says the plugin has been restarted enough.
     pub(super) fn schedule_restart(&mut self, ctx: &mut Ctx<'_>, id: &str, why: String) {
+        let limit = self.start_limit_reached(ctx, id);
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
@@ -644,9 +770,17 @@ impl Supervisor {
             p.rest = Rest::Failed;
             return;
         };
+        if let Some(hit) = limit {
+            log::warn!("[{id}] {why}: not restarted");
+            self.fail_at_start_limit(ctx, id, &target.version, hit);
+            return;
+        }
+        let delay = self.restart_delay(ctx, id);
+        let Some(p) = self.plugins.get_mut(id) else {
+            return;
+        };
         p.restarts += 1;
         p.last_error = Some(why.clone());
-        let delay = retry_delay(ctx.config.hot_reload.retry_delay_ms, 0);
         let timer = ctx.arm(delay, Timer::Backoff(id.to_string()));
         log::warn!("[{id}] {why}: restarting in {delay} ms");
         let max_attempts = ctx.config.hot_reload.max_retries.saturating_add(1);
@@ -734,6 +868,60 @@ fn emit_reload_failed(
             .with("attempt", attempt)
             .with("retry_in_ms", retry_in_ms.map_or(Value::Null, Value::from)),
     );
+}
+
+/// Whether a snapshot failed on the daemon's side (the runtime dir full or failing, the build
+/// unreadable for an I/O error) rather than for lack of a build: worth retrying (SPEC §5).
+fn copy_failed(error: &snapshot::SnapshotError) -> bool {
+    use snapshot::SnapshotError as E;
+    matches!(
+        error,
+        E::Write { .. } | E::CreateDir { .. } | E::Read { .. }
+    )
+}
+
+/// Names shown at most when a plugin dir without its executable says what it holds instead.
+const MISSING_LISTED_NAMES: usize = 8;
+/// Entries read at most from such a dir: a huge one must not stall the loop.
+const MISSING_READ_ENTRIES: usize = 1024;
+
+/// Why a plugin with no usable build is `missing`: the snapshot error, and for an executable
+/// that is not there, which files its dir holds instead (a build named differently, a typo).
+fn missing_reason(exec: &Path, error: &snapshot::SnapshotError) -> String {
+    let snapshot::SnapshotError::NotFound {
+        dangling_symlink: false,
+        ..
+    } = error
+    else {
+        return error.to_string();
+    };
+    let Some(dir) = exec.parent() else {
+        return error.to_string();
+    };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => return format!("no executable `{}` ({e})", exec.display()),
+    };
+    let mut names: Vec<String> = entries
+        .take(MISSING_READ_ENTRIES)
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.starts_with(".hotreload-"))
+        .collect();
+    if names.is_empty() {
+        return format!("no executable `{}`; the directory is empty", exec.display());
+    }
+    names.sort();
+    let more = names.len().saturating_sub(MISSING_LISTED_NAMES);
+    names.truncate(MISSING_LISTED_NAMES);
+    let mut listed = names.join(", ");
+    if more > 0 {
+        listed.push_str(&format!(" and {more} more"));
+    }
+    format!(
+        "no executable `{}`; the directory holds: {listed}",
+        exec.display()
+    )
 }
 
 /// A job whose build has not been copied yet (its snapshot failed and waits for a retry).
@@ -855,4 +1043,49 @@ fn record_failed_reload(
     let entry =
         HistoryEntry::of_reload(job, clock::wall_rfc3339(), duration_ms, Some(error.into()));
     p.push_history(entry);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::tests::TestDir;
+    use std::fs;
+
+    fn not_found(exec: &Path) -> snapshot::SnapshotError {
+        snapshot::SnapshotError::NotFound {
+            path: exec.to_path_buf(),
+            dangling_symlink: false,
+        }
+    }
+
+    #[test]
+    fn missing_reason_lists_what_the_dir_holds_instead_bounded() {
+        let t = TestDir::new("missing-reason");
+        let exec = t.join("foo");
+        assert_eq!(
+            missing_reason(&exec, &not_found(&exec)),
+            format!("no executable `{}`; the directory is empty", exec.display())
+        );
+        for n in 0..10 {
+            fs::write(t.join(&format!("f{n}")), b"").unwrap();
+        }
+        fs::write(t.join(".hotreload-1234"), b"").unwrap();
+        assert_eq!(
+            missing_reason(&exec, &not_found(&exec)),
+            format!(
+                "no executable `{}`; the directory holds: f0, f1, f2, f3, f4, f5, f6, f7 and 2 more",
+                exec.display()
+            )
+        );
+    }
+
+    #[test]
+    fn missing_reason_of_other_errors_is_the_error() {
+        let exec = Path::new("/nonexistent-dir/foo");
+        let dangling = snapshot::SnapshotError::NotFound {
+            path: exec.to_path_buf(),
+            dangling_symlink: true,
+        };
+        assert_eq!(missing_reason(exec, &dangling), dangling.to_string());
+    }
 }

@@ -32,6 +32,7 @@ pub mod plugin;
 mod protocol;
 pub mod reap;
 pub mod spawn;
+mod start_limit;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -72,6 +73,8 @@ pub enum Timer {
     HookTimeout(i32),
     /// The daemon's own systemd watchdog ping (not a plugin timer; routed by the daemon).
     Watchdog,
+    /// Look again for a missing plugins dir (not a plugin timer; routed by the daemon).
+    PluginsDir,
 }
 
 /// What the supervisor produced for the outside world during one call.
@@ -457,21 +460,26 @@ impl Supervisor {
     pub fn rescan_versions(&mut self, ctx: &mut Ctx<'_>) {
         let ids: Vec<String> = self.plugins.keys().cloned().collect();
         for id in ids {
-            let Some(p) = self.plugins.get(&id) else {
-                continue;
-            };
-            if p.removing || p.job.is_some() {
-                continue;
-            }
-            let exec = p.exec_path();
-            let Ok(version) = snapshot::version_of(&exec) else {
-                continue;
-            };
-            let current = p.current.as_ref().map(|s| s.version.as_str());
-            if current != Some(version.as_str()) {
-                let files = vec![exec.to_string_lossy().into_owned()];
-                self.request(ctx, &id, Trigger::Rescan, files, Vec::new());
-            }
+            self.rescan_version(ctx, &id);
+        }
+    }
+
+    /// `rescan_versions` for one plugin (its directory was replaced or re-pointed).
+    pub fn rescan_version(&mut self, ctx: &mut Ctx<'_>, id: &str) {
+        let Some(p) = self.plugins.get(id) else {
+            return;
+        };
+        if p.removing || p.job.is_some() {
+            return;
+        }
+        let exec = p.exec_path();
+        let Ok(version) = snapshot::version_of(&exec) else {
+            return;
+        };
+        let current = p.current.as_ref().map(|s| s.version.as_str());
+        if current != Some(version.as_str()) {
+            let files = vec![exec.to_string_lossy().into_owned()];
+            self.request(ctx, id, Trigger::Rescan, files, Vec::new());
         }
     }
 
@@ -486,7 +494,7 @@ impl Supervisor {
             Timer::Kill(id, seq) => self.on_kill_timer(ctx, &id, seq),
             Timer::PluginWatchdog(id, seq) => self.on_plugin_watchdog(ctx, &id, seq),
             Timer::HookTimeout(pid) => self.on_hook_timeout(ctx, Pid::from_raw(pid)),
-            Timer::Watchdog => {}
+            Timer::Watchdog | Timer::PluginsDir => {}
         }
     }
 

@@ -238,6 +238,8 @@ pub struct Plugin {
     pub fdstore: Vec<(String, OwnedFd)>,
     /// Listening sockets bound once by the daemon and passed to every instance.
     pub listen: Vec<crate::listen::ListenSocket>,
+    /// Recent starts and the crash streak (SPEC §5 "Start limit").
+    pub start_limit: super::start_limit::StartLimit,
 }
 
 impl Plugin {
@@ -267,6 +269,7 @@ impl Plugin {
             removing: false,
             fdstore: Vec::new(),
             listen: Vec::new(),
+            start_limit: super::start_limit::StartLimit::default(),
         }
     }
 

@@ -143,7 +143,7 @@ fn exited_pids(sub: &Client, id: &str) -> Vec<i64> {
 }
 
 /// True if the `unshare` command can give the daemon a namespace of kind `flags` (e.g. `-m`).
-fn unshare_works(flags: &[&str]) -> bool {
+pub(crate) fn unshare_works(flags: &[&str]) -> bool {
     if find_program("unshare").is_none() {
         return false;
     }
@@ -156,13 +156,13 @@ fn unshare_works(flags: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn skip(test: &str, why: &str) {
+pub(crate) fn skip(test: &str, why: &str) {
     eprintln!("SKIPPED {test}: {why}");
 }
 
 /// Launches the daemon in its own mount namespace after running `setup` (POSIX `sh`, as root of
 /// that namespace) there; false (skip) when mount namespaces are unavailable.
-fn launch_in_mount_namespace(d: &mut Daemon, setup: &str) -> bool {
+pub(crate) fn launch_in_mount_namespace(d: &mut Daemon, setup: &str) -> bool {
     if !nix::unistd::geteuid().is_root() || !unshare_works(&["-m", "--propagation", "private"]) {
         return false;
     }
@@ -175,7 +175,7 @@ fn launch_in_mount_namespace(d: &mut Daemon, setup: &str) -> bool {
 }
 
 /// `path` as seen from inside the daemon's mount namespace.
-fn in_daemon_ns(d: &Daemon, path: &Path) -> PathBuf {
+pub(crate) fn in_daemon_ns(d: &Daemon, path: &Path) -> PathBuf {
     let relative = path.strip_prefix("/").unwrap_or(path);
     PathBuf::from(format!("/proc/{}/root", d.pid())).join(relative)
 }
