@@ -48,6 +48,10 @@ const PT_INTERP: u32 = 3;
 /// `e_phnum` value meaning "the real count is in section header 0's `sh_info`".
 const PN_XNUM: u16 = 0xffff;
 
+/// How the daemon's message about a build refused by this check begins (`last_error`, events);
+/// `hotreloadctl install --wait` recognises a refused first start by it.
+pub const FAILED_PREFIX: &str = "pre-flight check failed";
+
 /// Why a snapshot cannot run here. Display: "`PATH`: PROBLEM".
 #[derive(Debug)]
 pub struct PreflightError {

@@ -55,15 +55,17 @@ impl<'a> Probe<'a> {
     }
 
     /// A first start the daemon refused: the plugin waits in `missing` or `failed` with a new
-    /// `last_error` (the pre-flight check's message, naming the file).
+    /// `last_error` from the pre-flight check, naming the file. (A `missing` plugin whose dir
+    /// did not hold the build yet has a `last_error` too, saying what the dir holds: not ours.)
     fn refused_start(&mut self, id: &str) -> Result<Option<String>, CtlError> {
         let p = self.plugin(id)?;
         let settled = matches!(p["state"].as_str(), Some("missing" | "failed"));
         let error = &p["last_error"];
-        Ok(
-            (settled && error.is_string() && *error != self.error_before)
-                .then(|| format!("{id}: not started: {}", text(error))),
-        )
+        let refused = error
+            .as_str()
+            .is_some_and(|e| e.starts_with(crate::preflight::FAILED_PREFIX));
+        Ok((settled && refused && *error != self.error_before)
+            .then(|| format!("{id}: not started: {}", text(error))))
     }
 
     /// Whether a rollback can still follow a final failure: not when a build other than `ours`

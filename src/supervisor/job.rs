@@ -96,7 +96,7 @@ impl Supervisor {
         }
         if let Err(e) = preflight::check(&job.target.path) {
             // Name the file the user wrote, not the daemon's private copy.
-            let error = format!("pre-flight check failed: {}", e.about_build(&exec));
+            let error = format!("{}: {}", preflight::FAILED_PREFIX, e.about_build(&exec));
             self.refuse_build(ctx, id, job, error);
             return;
         }

@@ -403,7 +403,11 @@ fn preflight_error_names_the_users_file_and_clears_once_a_good_build_runs() {
     d.start();
     let script = Script::new("v1");
     d.install_mode("noexec", &script, 0o644);
-    let info = d.wait_plugin("noexec", "a last_error", |p| p["last_error"].is_string());
+    let info = d.wait_plugin("noexec", "a pre-flight last_error", |p| {
+        p["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("pre-flight"))
+    });
     let error = info["last_error"].as_str().unwrap_or_default();
     assert_names_the_build(&d, error, "noexec", "0644");
     let shown = d.ctl(&["plugin", "noexec"]);
