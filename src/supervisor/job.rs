@@ -152,7 +152,13 @@ impl Supervisor {
         let failed_same = p.instance.is_none()
             && p.rest == Rest::Failed
             && job.old_version.as_deref() == Some(version);
-        let unchanged = running == Some(version) || failed_same;
+        // Down after a crash and waiting to restart this very build: the restart (and the start
+        // limit counting it) goes on; the same bytes landing again are not a new build.
+        let restarting_same = p.instance.is_none()
+            && p.job
+                .as_ref()
+                .is_some_and(|j| j.kind == JobKind::Restart && j.target.version == version);
+        let unchanged = running == Some(version) || failed_same || restarting_same;
         let implicit = matches!(job.trigger, Trigger::Rescan | Trigger::Enable);
         if !(unchanged && (only_exec || implicit)) {
             return false;

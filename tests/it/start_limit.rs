@@ -190,6 +190,39 @@ fn a_plugin_that_crashes_after_ready_backs_off_doubling_until_the_limit() {
     });
 }
 
+/// The same bytes landing again while a crashed plugin waits for its restart are not a new
+/// build (SPEC §5 "No-op, always"): the pending restart goes on, still counted by the start
+/// limit, instead of a reload that would start it at once and wipe the count.
+#[test]
+fn the_same_build_landing_during_a_crash_restart_is_a_no_op() {
+    let config = limit_config(5)
+        .set("hot_reload.retry_delay_ms", json!(1500))
+        .set("supervisor.startup_grace_ms", json!(100));
+    let (d, mut sub) = daemon_and_subscriber(&config);
+    let mut verbose = d.client();
+    verbose.subscribe(json!({"verbose": true}));
+    let v1 = d.install("p1", &Script::new("v1").exit_after(300, 1));
+    let first = sub.wait_named("plugin_exited", "p1");
+    install_atomic(&d.exec_path("p1"), &v1, 0o755);
+    let version = expected_version(&v1);
+    verbose.wait_event(LONG, "change_ignored for the same bytes", |e| {
+        is_event(e, "change_ignored", "p1")
+            && e["reason"].as_str().is_some_and(|r| r.contains(&version))
+    });
+    let restart = sub.wait_event(LONG, "the crash restart", |e| {
+        is_event(e, "plugin_started", "p1") && e["pid"] != first["pid"]
+    });
+    assert!(
+        event_ms(&restart) - event_ms(&first) >= 1500 - 5,
+        "the restart kept its backoff: exit {first}, restart {restart}"
+    );
+    assert!(
+        sub.named("reload_started", "p1").is_empty(),
+        "contract (SPEC §5): no reload for the build that is about to restart; saw {:?}",
+        sub.named("reload_started", "p1")
+    );
+}
+
 #[test]
 fn watchdog_kills_count_as_automatic_restarts() {
     const BURST: u64 = 2;
