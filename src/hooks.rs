@@ -463,16 +463,30 @@ mod tests {
     }
 
     /// The hook's descriptors, as `fd -> target`, read while it runs.
-    fn open_fds(pid: Pid) -> BTreeMap<String, String> {
+    /// The descriptors of `pid` once it runs `program`: before its exec the forked child still
+    /// shows what it is about to close.
+    fn open_fds_once_running(pid: Pid, program: &str) -> BTreeMap<String, String> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while fs::read_to_string(format!("/proc/{pid}/comm"))
+            .unwrap_or_default()
+            .trim()
+            != program
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{pid} never ran {program}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         fs::read_dir(format!("/proc/{pid}/fd"))
             .unwrap()
-            .map(|entry| {
-                let entry = entry.unwrap();
-                let target = fs::read_link(entry.path()).unwrap();
-                (
+            .filter_map(|entry| {
+                let entry = entry.ok()?;
+                let target = fs::read_link(entry.path()).ok()?;
+                Some((
                     entry.file_name().to_string_lossy().into_owned(),
                     target.to_string_lossy().into_owned(),
-                )
+                ))
             })
             .collect()
     }
@@ -492,7 +506,7 @@ mod tests {
             &HookContext::default(),
         )
         .unwrap();
-        let fds = open_fds(run.pid);
+        let fds = open_fds_once_running(run.pid, "sleep");
         kill_hook(&run);
         reap(run.pid);
         drop(leaky);
