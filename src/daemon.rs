@@ -1,8 +1,9 @@
 //! The daemon: one thread, one `mio::Poll`, every subsystem owned here and driven from here.
 //!
-//! `Daemon` holds the poll, the control server and the `Core` (everything else). The split is
-//! what lets the control server call back into the core (`Handler`) while both are borrowed:
-//! the server owns the client connections, the core owns plugins, timers, watches and config.
+//! `Daemon` holds the control server and the `Core` (the poll and everything else). The server
+//! owns the client connections and hands over the requests they complete; the core executes
+//! them, and the daemon gives the answers back to the server. Neither calls the other, so both
+//! share the poll's one `Registry`.
 //!
 //! Each loop turn: sleep until an fd is ready or the next timer is due (never longer, never a
 //! periodic tick), dispatch every ready source (draining each to WouldBlock), fire due timers,
@@ -14,15 +15,13 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Registry, Token};
+use mio::{Events, Interest, Poll, Token};
 use serde_json::{Map, Value, json};
 
 use crate::clock::{self, Clock};
 use crate::config::{self, Config, Env, Overrides};
 use crate::control::protocol::{self, Command, ErrorCode, Request};
-use crate::control::{
-    ClientId, ControlServer, EventRecord, Handler, Limits, Outcome, Peer, SubscribeFilter,
-};
+use crate::control::{ClientId, ControlServer, EventRecord, Incoming, Limits, SubscribeFilter};
 use crate::events::Event;
 use crate::notify::Notifier;
 use crate::private_dir::DaemonDirs;
@@ -65,16 +64,13 @@ fn os_err(what: impl std::fmt::Display) -> FatalError {
 }
 
 pub struct Daemon {
-    poll: Poll,
-    /// The control server's own handle on the poll (the core holds another).
-    registry: Registry,
     control: ControlServer,
     core: Core,
 }
 
-/// Everything but the poll and the control server.
+/// Everything but the control server.
 struct Core {
-    registry: Registry,
+    poll: Poll,
     clock: Clock,
     wheel: TimerWheel<Timer>,
     signals: SignalSource,
@@ -87,8 +83,6 @@ struct Core {
     started: Instant,
     shutting_down: bool,
     outbox: Outbox,
-    /// Connected control clients, refreshed by the daemon around control dispatch.
-    sessions: usize,
     verbose_listeners: bool,
     notifier: Notifier,
     watchdog_interval_ms: Option<u64>,
@@ -120,20 +114,17 @@ impl Daemon {
             log::warn!("cannot become a child subreaper ({e}): escaped grandchildren go to init");
         }
         let poll = Poll::new().map_err(|e| os_err(format!("cannot create the event loop: {e}")))?;
-        let registry = poll
-            .registry()
-            .try_clone()
-            .map_err(|e| os_err(format!("cannot clone the poll registry: {e}")))?;
-        let signals = SignalSource::new(&registry)
+        let registry = poll.registry();
+        let signals = SignalSource::new(registry)
             .map_err(|e| os_err(format!("cannot handle signals: {e}")))?;
         // A second daemon learns here that the socket is taken, before it has created anything.
         let mut control = open_control(&config)?;
         if let Err(e) = prepare_dirs(&config, &private_dirs) {
-            control.shutdown(&registry);
+            control.shutdown(registry);
             return Err(e);
         }
         control
-            .register(&registry)
+            .register(registry)
             .map_err(|e| os_err(format!("cannot poll the control socket: {e}")))?;
         let watcher = if config.watch_enabled {
             let w = Watcher::new(&config.plugins_dir).map_err(os_err)?;
@@ -152,7 +143,7 @@ impl Daemon {
             sup: Supervisor::new(&config.runtime_dir, &config.state_dir),
             wheel: TimerWheel::new(clock.now_ms()),
             enabled: config.hot_reload.enabled,
-            registry,
+            poll,
             clock,
             signals,
             watcher,
@@ -162,7 +153,6 @@ impl Daemon {
             started: Instant::now(),
             shutting_down: false,
             outbox: Outbox::default(),
-            sessions: 0,
             verbose_listeners: false,
             notifier,
             watchdog_interval_ms,
@@ -186,16 +176,7 @@ impl Daemon {
             let now = core.clock.now_ms();
             core.wheel.insert(now + ms, Timer::Watchdog);
         }
-        let registry = core
-            .registry
-            .try_clone()
-            .map_err(|e| os_err(format!("cannot clone the poll registry: {e}")))?;
-        let mut daemon = Daemon {
-            poll,
-            registry,
-            control,
-            core,
-        };
+        let mut daemon = Daemon { control, core };
         daemon.flush();
         Ok(daemon)
     }
@@ -208,7 +189,7 @@ impl Daemon {
             self.flush();
             self.core.sup.sync_state_dirs();
             let timeout = self.core.poll_timeout();
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            if let Err(e) = self.core.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -220,7 +201,7 @@ impl Daemon {
             self.core.read_backlog();
             self.core.fire_timers();
             if std::mem::take(&mut self.core.check_socket) {
-                if let Err(e) = self.control.restore_socket_file(&self.registry) {
+                if let Err(e) = self.control.restore_socket_file(self.core.poll.registry()) {
                     log::error!("cannot restore the control socket: {e}");
                 }
             }
@@ -231,7 +212,7 @@ impl Daemon {
                 break;
             }
         }
-        self.control.shutdown(&self.registry);
+        self.control.shutdown(self.core.poll.registry());
         log::info!("all plugins stopped, exiting");
         Ok(())
     }
@@ -242,10 +223,8 @@ impl Daemon {
             token::INOTIFY => self.core.on_inotify(),
             t if token::is_pipe(t) => self.core.on_pipe(t),
             t if self.control.owns(t) => {
-                self.core.sessions = self.control.client_count();
-                self.control
-                    .handle_event(&self.registry, event, &mut self.core);
-                self.core.sessions = self.control.client_count();
+                self.control.handle_event(self.core.poll.registry(), event);
+                self.serve_control();
             }
             // A source closed earlier in this batch: nothing to do.
             _ => {}
@@ -271,16 +250,42 @@ impl Daemon {
                     verbose_only: event.verbose_only,
                     line: Rc::from(event.to_line()),
                 };
-                self.control.publish(&self.registry, &record);
+                self.control.publish(self.core.poll.registry(), &record);
             }
             for (client, line) in replies {
-                self.control
-                    .complete(&self.registry, client, line, &mut self.core);
+                self.control.reply(client, line);
             }
+            // A deferred answer lets its client's next pipelined request through.
+            self.serve_control();
         }
-        self.core.sessions = self.control.client_count();
         self.core.verbose_listeners = self.control.has_verbose_subscriber();
     }
+
+    /// Executes every request the control server has read and gives it the answers, until an
+    /// answer lets no more pipelined request through.
+    fn serve_control(&mut self) {
+        while let Some(incoming) = self.control.next_request(self.core.poll.registry()) {
+            let Incoming {
+                client, request, ..
+            } = incoming;
+            let sessions = self.control.client_count();
+            match self.core.execute(client, request, sessions) {
+                Answer::Reply(line) => self.control.reply(client, line),
+                Answer::Subscribe(filter, line) => self.control.subscribe(client, filter, line),
+                Answer::Deferred => self.control.defer(self.core.poll.registry(), client),
+            }
+        }
+    }
+}
+
+/// What the daemon does with a control request.
+enum Answer {
+    /// The response line, sent now.
+    Reply(Vec<u8>),
+    /// Send the response line, then the events the filter accepts.
+    Subscribe(SubscribeFilter, Vec<u8>),
+    /// Answered later, through the outbox's replies (a `trigger` that waits).
+    Deferred,
 }
 
 /// Create the plugins dir, and the runtime and state dirs (mode 0700) unless they exist, which
@@ -344,7 +349,7 @@ impl Core {
         let ctx = Ctx {
             now_ms: self.clock.now_ms(),
             wheel: &mut self.wheel,
-            registry: &self.registry,
+            registry: self.poll.registry(),
             out: &mut self.outbox,
             config: &self.config,
         };
@@ -767,7 +772,7 @@ impl Core {
         )
     }
 
-    fn status_body(&self) -> Map<String, Value> {
+    fn status_body(&self, sessions: usize) -> Map<String, Value> {
         let hr = &self.config.hot_reload;
         // Plugin directories, as the field says: not the plugins dir itself nor build dirs that
         // symlinked executables point into, which the watcher also watches.
@@ -784,7 +789,7 @@ impl Core {
                 "last_reload": self.sup.totals.last_reload,
                 "reload_count": self.sup.totals.reload_count,
                 "failed_reloads": self.sup.totals.failed_reloads,
-                "active_sessions": self.sessions,
+                "active_sessions": sessions,
                 "debounce_delay_ms": hr.debounce_delay_ms,
                 "watch_patterns": hr.watch_patterns,
                 "exclude_patterns": hr.exclude_patterns,
@@ -812,15 +817,16 @@ impl Core {
         body
     }
 
-    fn execute(&mut self, client: ClientId, request: Request) -> Outcome {
+    /// Executes one control request; `sessions`: connected control clients, for `status`.
+    fn execute(&mut self, client: ClientId, request: Request, sessions: usize) -> Answer {
         let id = request.id.as_ref();
-        let ok = |body| Outcome::Reply(protocol::success(id, body));
-        let err = |code, msg: &str| Outcome::Reply(protocol::error_line(id, code, msg));
+        let ok = |body| Answer::Reply(protocol::success(id, body));
+        let err = |code, msg: &str| Answer::Reply(protocol::error_line(id, code, msg));
         if self.shutting_down && request.command.is_mutating() {
             return err(ErrorCode::Busy, "the daemon is shutting down");
         }
         match request.command {
-            Command::Status => ok(self.status_body()),
+            Command::Status => ok(self.status_body(sessions)),
             Command::List => {
                 let plugins: Vec<Value> = self.sup.plugins().map(|p| p.list_entry()).collect();
                 ok(Self::one("plugins", Value::Array(plugins)))
@@ -870,7 +876,7 @@ impl Core {
                 let (mut ctx, sup) = self.ctx();
                 sup.request(&mut ctx, &pid, Trigger::Manual, Vec::new(), waiters);
                 if wait {
-                    Outcome::Deferred
+                    Answer::Deferred
                 } else {
                     ok(Self::one("scheduled", Value::Bool(true)))
                 }
@@ -882,7 +888,7 @@ impl Core {
                     }
                 }
                 let reply = protocol::success(id, Self::one("subscribed", Value::Bool(true)));
-                Outcome::Subscribed(reply, SubscribeFilter { plugin, verbose })
+                Answer::Subscribe(SubscribeFilter { plugin, verbose }, reply)
             }
             Command::ReloadConfig => match self.reload_config() {
                 Ok(needs_restart) => {
@@ -897,11 +903,5 @@ impl Core {
                 ok(Self::one("commands", Value::Array(cmds)))
             }
         }
-    }
-}
-
-impl Handler for Core {
-    fn handle(&mut self, client: ClientId, _peer: &Peer, request: Request) -> Outcome {
-        self.execute(client, request)
     }
 }
