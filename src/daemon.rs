@@ -16,17 +16,20 @@ use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use serde_json::{Map, Value, json};
 
 use crate::clock::{self, Clock};
 use crate::config::{self, Config, Env, Overrides};
-use crate::control::protocol::{self, Command, ErrorCode, Request};
 use crate::control::{ClientId, ControlServer, EventRecord, Incoming, Limits, SubscribeFilter};
 use crate::events::Event;
 use crate::notify::Notifier;
 use crate::private_dir::DaemonDirs;
+use crate::protocol::{
+    self, Command, DaemonStatus, EnabledReply, ErrorCode, HotReloadStatus, ListReply, PluginDetail,
+    PluginReply, ReloadedReply, Request, Response, ScheduledReply, StatusReply, SubscribedReply,
+    TriggerReply,
+};
 use crate::signals::{SignalEvent, SignalSource};
-use crate::supervisor::{Ctx, Outbox, Supervisor, Timer, Trigger, Waiter, reap, spawn};
+use crate::supervisor::{Ctx, Outbox, Plugin, Supervisor, Timer, Trigger, Waiter, reap, spawn};
 use crate::token;
 use crate::watch::{Change, LinkedDir, Watcher, linked_plugin_dir};
 use crate::wheel::TimerWheel;
@@ -252,8 +255,10 @@ impl Daemon {
                 };
                 self.control.publish(self.core.poll.registry(), &record);
             }
-            for (client, line) in replies {
-                self.control.reply(client, line);
+            for (waiter, result) in replies {
+                let reply = Response::Trigger(TriggerReply { result });
+                let line = reply.to_line(waiter.request_id.as_ref());
+                self.control.reply(waiter.client, line);
             }
             // A deferred answer lets its client's next pipelined request through.
             self.serve_control();
@@ -269,9 +274,14 @@ impl Daemon {
                 client, request, ..
             } = incoming;
             let sessions = self.control.client_count();
+            let id = request.id.clone();
             match self.core.execute(client, request, sessions) {
-                Answer::Reply(line) => self.control.reply(client, line),
-                Answer::Subscribe(filter, line) => self.control.subscribe(client, filter, line),
+                Answer::Reply(reply) => self.control.reply(client, reply.to_line(id.as_ref())),
+                Answer::Subscribe(filter) => {
+                    let reply = Response::Subscribed(SubscribedReply { subscribed: true });
+                    self.control
+                        .subscribe(client, filter, reply.to_line(id.as_ref()));
+                }
                 Answer::Deferred => self.control.defer(self.core.poll.registry(), client),
             }
         }
@@ -280,10 +290,10 @@ impl Daemon {
 
 /// What the daemon does with a control request.
 enum Answer {
-    /// The response line, sent now.
-    Reply(Vec<u8>),
-    /// Send the response line, then the events the filter accepts.
-    Subscribe(SubscribeFilter, Vec<u8>),
+    /// Answer now.
+    Reply(Response),
+    /// Answer `"subscribed": true`, then send the events the filter accepts.
+    Subscribe(SubscribeFilter),
     /// Answered later, through the outbox's replies (a `trigger` that waits).
     Deferred,
 }
@@ -772,98 +782,90 @@ impl Core {
         )
     }
 
-    fn status_body(&self, sessions: usize) -> Map<String, Value> {
+    fn status_reply(&self, sessions: usize) -> StatusReply {
         let hr = &self.config.hot_reload;
         // Plugin directories, as the field says: not the plugins dir itself nor build dirs that
         // symlinked executables point into, which the watcher also watches.
         let watching = self.watcher.as_ref().map_or(0, |w| {
             self.sup.plugins().filter(|p| w.is_watching(&p.id)).count()
         });
-        let mut body = Map::new();
-        body.insert(
-            "hot_reload".into(),
-            json!({
+        let totals = &self.sup.totals;
+        StatusReply {
+            daemon: DaemonStatus {
+                pid: std::process::id(),
+                plugins_dir: self.config.plugins_dir.to_string_lossy().into_owned(),
+                plugins_dir_present: self.plugins_dir_present(),
+                plugins_running: self.sup.running_count(),
+                plugins_total: self.sup.plugins().count(),
+                uptime_ms: clock::millis(self.started.elapsed()),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                watch: self.watcher.is_some(),
+            },
+            hot_reload: HotReloadStatus {
+                active_sessions: sessions,
+                debounce_delay_ms: hr.debounce_delay_ms,
                 // With HOTRELOAD_WATCH=0 nothing reloads by itself, whatever the toggle says.
-                "enabled": self.enabled && self.watcher.is_some(),
-                "watching_directories": watching,
-                "last_reload": self.sup.totals.last_reload,
-                "reload_count": self.sup.totals.reload_count,
-                "failed_reloads": self.sup.totals.failed_reloads,
-                "active_sessions": sessions,
-                "debounce_delay_ms": hr.debounce_delay_ms,
-                "watch_patterns": hr.watch_patterns,
-                "exclude_patterns": hr.exclude_patterns,
-            }),
-        );
-        body.insert(
-            "daemon".into(),
-            json!({
-                "pid": std::process::id(),
-                "version": env!("CARGO_PKG_VERSION"),
-                "uptime_ms": clock::millis(self.started.elapsed()),
-                "plugins_total": self.sup.plugins().count(),
-                "plugins_running": self.sup.running_count(),
-                "plugins_dir": self.config.plugins_dir.to_string_lossy(),
-                "plugins_dir_present": self.plugins_dir_present(),
-                "watch": self.watcher.is_some(),
-            }),
-        );
-        body
+                enabled: self.enabled && self.watcher.is_some(),
+                exclude_patterns: hr.exclude_patterns.clone(),
+                failed_reloads: totals.failed_reloads,
+                last_reload: totals.last_reload.clone(),
+                reload_count: totals.reload_count,
+                watch_patterns: hr.watch_patterns.clone(),
+                watching_directories: watching,
+            },
+        }
     }
 
-    fn one(key: &str, value: Value) -> Map<String, Value> {
-        let mut body = Map::new();
-        body.insert(key.into(), value);
-        body
+    fn plugin_detail(&self, p: &Plugin) -> PluginDetail {
+        PluginDetail {
+            info: p.list_entry(),
+            history: p.history.iter().map(|h| h.to_record()).collect(),
+            state_file: self.sup.state_file_json(&p.id),
+        }
     }
 
     /// Executes one control request; `sessions`: connected control clients, for `status`.
     fn execute(&mut self, client: ClientId, request: Request, sessions: usize) -> Answer {
-        let id = request.id.as_ref();
-        let ok = |body| Answer::Reply(protocol::success(id, body));
-        let err = |code, msg: &str| Answer::Reply(protocol::error_line(id, code, msg));
         if self.shutting_down && request.command.is_mutating() {
-            return err(ErrorCode::Busy, "the daemon is shutting down");
+            return Answer::Reply(Response::error(
+                ErrorCode::Busy,
+                "the daemon is shutting down",
+            ));
         }
-        match request.command {
-            Command::Status => ok(self.status_body(sessions)),
-            Command::List => {
-                let plugins: Vec<Value> = self.sup.plugins().map(|p| p.list_entry()).collect();
-                ok(Self::one("plugins", Value::Array(plugins)))
-            }
-            Command::Plugin { id: pid } => match self.sup.get(&pid) {
-                None => err(
-                    ErrorCode::UnknownPlugin,
-                    &format!("no plugin named {pid:?}"),
-                ),
-                Some(p) => {
-                    let mut entry = p.list_entry();
-                    entry["state_file"] = self.sup.state_file_json(&pid);
-                    entry["history"] =
-                        Value::Array(p.history.iter().map(|h| h.to_json()).collect());
-                    ok(Self::one("plugin", entry))
-                }
+        let unknown = |id: &str| {
+            Answer::Reply(Response::error(
+                ErrorCode::UnknownPlugin,
+                format!("no plugin named {id:?}"),
+            ))
+        };
+        let reply = match request.command {
+            Command::Status => Response::Status(self.status_reply(sessions)),
+            Command::List => Response::List(ListReply {
+                plugins: self.sup.plugins().map(|p| p.list_entry()).collect(),
+            }),
+            Command::Plugin { id } => match self.sup.get(&id) {
+                None => return unknown(&id),
+                Some(p) => Response::Plugin(Box::new(PluginReply {
+                    plugin: self.plugin_detail(p),
+                })),
             },
             Command::Enable => {
                 if self.watcher.is_none() {
-                    return err(
+                    return Answer::Reply(Response::error(
                         ErrorCode::WatchDisabled,
                         "file watching is switched off (HOTRELOAD_WATCH=0): restart the daemon without it to enable hot reload",
-                    );
+                    ));
                 }
                 self.set_enabled(true);
-                ok(Self::one("enabled", Value::Bool(true)))
+                Response::Enabled(EnabledReply { enabled: true })
             }
             Command::Disable => {
                 self.set_enabled(false);
-                ok(Self::one("enabled", Value::Bool(false)))
+                Response::Enabled(EnabledReply { enabled: false })
             }
             Command::Trigger { id: pid, wait } => {
                 if !self.sup.contains(&pid) {
-                    return err(
-                        ErrorCode::UnknownPlugin,
-                        &format!("no plugin named {pid:?}"),
-                    );
+                    return unknown(&pid);
                 }
                 let waiters = if wait {
                     vec![Waiter {
@@ -876,32 +878,25 @@ impl Core {
                 let (mut ctx, sup) = self.ctx();
                 sup.request(&mut ctx, &pid, Trigger::Manual, Vec::new(), waiters);
                 if wait {
-                    Answer::Deferred
-                } else {
-                    ok(Self::one("scheduled", Value::Bool(true)))
+                    return Answer::Deferred;
                 }
+                Response::Scheduled(ScheduledReply { scheduled: true })
             }
             Command::Subscribe { plugin, verbose } => {
-                if let Some(p) = &plugin {
-                    if !self.sup.contains(p) {
-                        return err(ErrorCode::UnknownPlugin, &format!("no plugin named {p:?}"));
-                    }
+                if let Some(p) = plugin.as_deref().filter(|p| !self.sup.contains(p)) {
+                    return unknown(p);
                 }
-                let reply = protocol::success(id, Self::one("subscribed", Value::Bool(true)));
-                Answer::Subscribe(SubscribeFilter { plugin, verbose }, reply)
+                return Answer::Subscribe(SubscribeFilter { plugin, verbose });
             }
             Command::ReloadConfig => match self.reload_config() {
-                Ok(needs_restart) => {
-                    let mut body = Self::one("reloaded", Value::Bool(true));
-                    body.insert("needs_restart".into(), Value::from(needs_restart));
-                    ok(body)
-                }
-                Err(e) => err(ErrorCode::ConfigInvalid, &e),
+                Ok(needs_restart) => Response::Reloaded(ReloadedReply {
+                    needs_restart,
+                    reloaded: true,
+                }),
+                Err(e) => Response::error(ErrorCode::ConfigInvalid, e),
             },
-            Command::Help => {
-                let cmds: Vec<Value> = protocol::COMMANDS.iter().map(|c| Value::from(*c)).collect();
-                ok(Self::one("commands", Value::Array(cmds)))
-            }
-        }
+            Command::Help => Response::Help(protocol::help_body()),
+        };
+        Answer::Reply(reply)
     }
 }

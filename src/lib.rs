@@ -25,6 +25,7 @@ pub mod notify;
 pub mod plugin_notify;
 pub mod preflight;
 pub mod private_dir;
+pub mod protocol;
 pub mod signals;
 pub mod snapshot;
 pub mod state_file;

@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
 
 fn check_success(request: &Request) {
     assert!(!request.command.name().is_empty());
-    let line = protocol::success(request.id.as_ref(), Map::new());
+    let line = protocol::success(request.id.as_ref(), &Map::new());
     let response = parse_response(&line);
     assert_eq!(response.get("status"), Some(&Value::from("success")));
     assert_eq!(

@@ -24,7 +24,9 @@
 //! and group, then renamed into place, so it is never reachable with wider permissions.
 
 mod conn;
-pub mod protocol;
+
+/// The wire format, shared with the daemon and `hotreloadctl`.
+pub use crate::protocol;
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
@@ -1358,11 +1360,11 @@ mod tests {
                 Command::Subscribe { plugin, verbose } => server.subscribe(
                     client,
                     SubscribeFilter { plugin, verbose },
-                    protocol::success(id.as_ref(), body("subscribed", json!(true))),
+                    protocol::success(id.as_ref(), &body("subscribed", json!(true))),
                 ),
                 command => server.reply(
                     client,
-                    protocol::success(id.as_ref(), body("echo", json!(command.name()))),
+                    protocol::success(id.as_ref(), &body("echo", json!(command.name()))),
                 ),
             }
         }
@@ -1772,7 +1774,7 @@ mod tests {
         let (client, id) = h.handler.deferred.pop().unwrap();
         h.complete(
             client,
-            protocol::success(id.as_ref(), body("result", json!({"ok": true}))),
+            protocol::success(id.as_ref(), &body("result", json!({"ok": true}))),
         );
         h.run_until("both answers", |_| c.line_count() >= 2);
         assert_eq!(
@@ -1830,23 +1832,23 @@ mod tests {
         // Answering lets exactly the next request of that client through.
         let client = mine.client;
         h.server
-            .reply(client, protocol::success(Some(&json!(1)), Map::new()));
+            .reply(client, protocol::success(Some(&json!(1)), &Map::new()));
         let second = take_requests(&mut h);
         assert_eq!(ids(&second), [(client, Some(json!(2)))]);
         h.server
-            .reply(client, protocol::success(Some(&json!(2)), Map::new()));
+            .reply(client, protocol::success(Some(&json!(2)), &Map::new()));
         let third = take_requests(&mut h);
         assert_eq!(ids(&third), [(client, None)]);
         assert_eq!(third[0].request.command, Command::Plugin { id: "p".into() });
         h.server
-            .reply(client, protocol::success(Some(&json!(3)), Map::new()));
+            .reply(client, protocol::success(Some(&json!(3)), &Map::new()));
         assert!(take_requests(&mut h).is_empty());
         h.run_until("the three answers", |_| c.line_count() >= 3);
         let answered: Vec<Value> = c.lines().iter().map(|l| l["id"].clone()).collect();
         assert_eq!(answered, [json!(1), json!(2), json!(3)]);
         assert_eq!(other.line_count(), 0, "the other client is still waiting");
         h.server
-            .reply(theirs.client, protocol::success(None, Map::new()));
+            .reply(theirs.client, protocol::success(None, &Map::new()));
         assert!(take_requests(&mut h).is_empty());
         h.run_until("the other client's answer", |_| other.line_count() >= 1);
     }
@@ -1866,12 +1868,12 @@ mod tests {
         h.idle_turns();
         assert_eq!(h.server.client_count(), 1, "kept while its request runs");
         h.server
-            .reply(first[0].client, protocol::success(None, Map::new()));
+            .reply(first[0].client, protocol::success(None, &Map::new()));
         let second = take_requests(&mut h);
         assert_eq!(second.len(), 1, "what it sent is still served");
         assert_eq!(second[0].request.command, Command::List);
         h.server
-            .reply(second[0].client, protocol::success(None, Map::new()));
+            .reply(second[0].client, protocol::success(None, &Map::new()));
         assert!(take_requests(&mut h).is_empty());
         h.run_until("the client to be closed", |h| h.server.client_count() == 0);
     }
@@ -1889,7 +1891,7 @@ mod tests {
         let mut newer = h.connect();
         h.run_until("a newer client", |h| h.server.client_count() == 1);
         let (client, id) = h.handler.deferred.pop().unwrap();
-        h.complete(client, protocol::success(id.as_ref(), Map::new()));
+        h.complete(client, protocol::success(id.as_ref(), &Map::new()));
         h.idle_turns();
         assert_eq!(
             newer.line_count(),

@@ -1,0 +1,217 @@
+//! The bodies of the daemon's answers (SPEC §6), typed. The daemon builds one of these for each
+//! request and serialises it once ([`Response::to_line`]); `hotreloadctl` reads a reply back
+//! into the same type ([`Reply`](super::Reply)), so a field renamed on one side cannot go
+//! unnoticed on the other.
+//!
+//! Members of each struct are declared in alphabetical order: the lines are byte for byte those
+//! of the string-keyed maps they replaced (a `serde_json::Map` sorts its keys), so nothing a
+//! script parsed or diffed changes. `Option` fields are always present, as `null` when unset,
+//! exactly as SPEC §6 lists them.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{ErrorCode, error_line, success};
+
+/// `status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusReply {
+    pub daemon: DaemonStatus,
+    pub hot_reload: HotReloadStatus,
+}
+
+/// `status` → `"hot_reload"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HotReloadStatus {
+    /// Connected control clients, this one included.
+    pub active_sessions: usize,
+    pub debounce_delay_ms: u64,
+    /// Whether builds landing on disk reload by themselves (false with `HOTRELOAD_WATCH=0`).
+    pub enabled: bool,
+    pub exclude_patterns: Vec<String>,
+    pub failed_reloads: u64,
+    /// RFC 3339, or `null` before the first reload.
+    pub last_reload: Option<String>,
+    pub reload_count: u64,
+    pub watch_patterns: Vec<String>,
+    /// Plugin directories watched (not the plugins dir itself, nor build dirs).
+    pub watching_directories: usize,
+}
+
+/// `status` → `"daemon"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    pub pid: u32,
+    /// Absolute.
+    pub plugins_dir: String,
+    /// Whether the plugins dir exists (and, when watching, is the one watched).
+    pub plugins_dir_present: bool,
+    pub plugins_running: usize,
+    pub plugins_total: usize,
+    pub uptime_ms: u64,
+    pub version: String,
+    /// Whether file watching is on at all (`HOTRELOAD_WATCH`).
+    pub watch: bool,
+}
+
+/// `list`: every plugin, sorted by id.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ListReply {
+    pub plugins: Vec<PluginInfo>,
+}
+
+/// One plugin, as `list` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PluginInfo {
+    /// Absolute path of the executable in the plugin dir.
+    pub exec: String,
+    pub failed_reloads: u64,
+    pub id: String,
+    pub last_error: Option<String>,
+    pub last_good_version: Option<String>,
+    pub pid: Option<i32>,
+    pub reload_count: u64,
+    pub restarts: u64,
+    /// RFC 3339, while an instance runs.
+    pub started_at: Option<String>,
+    /// A state name of SPEC §5.
+    pub state: String,
+    /// The last `STATUS=` of the plugin.
+    pub status_text: Option<String>,
+    pub version: Option<String>,
+}
+
+/// `plugin ID`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PluginReply {
+    pub plugin: PluginDetail,
+}
+
+/// One plugin in detail: its `list` entry, its last reloads and its state file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PluginDetail {
+    #[serde(flatten)]
+    pub info: PluginInfo,
+    /// The last reloads, newest first.
+    pub history: Vec<ReloadRecord>,
+    /// The plugin's `state.json` as last written (`null` when there is none).
+    #[serde(default)]
+    pub state_file: Value,
+}
+
+/// One reload in a plugin's history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReloadRecord {
+    pub duration_ms: u64,
+    pub error: Option<String>,
+    pub new_version: Option<String>,
+    pub ok: bool,
+    pub old_version: Option<String>,
+    pub time: String,
+    /// What started it: `watch`, `manual`, `enable`, `rescan`, `config`.
+    pub trigger: String,
+}
+
+/// `enable`, `disable`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnabledReply {
+    pub enabled: bool,
+}
+
+/// `trigger` with wait, once the reload has succeeded or finally failed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TriggerReply {
+    pub result: TriggerResult,
+}
+
+/// How a waited-for reload (or first start) went. A request that was carried out is a success
+/// whatever the reload did: `ok` says that.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TriggerResult {
+    pub duration_ms: u64,
+    pub error: Option<String>,
+    pub new_version: Option<String>,
+    pub ok: bool,
+    /// `null` for a first start.
+    pub old_version: Option<String>,
+    pub plugin: String,
+}
+
+/// `trigger` without wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduledReply {
+    pub scheduled: bool,
+}
+
+/// `subscribe`; event lines follow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscribedReply {
+    pub subscribed: bool,
+}
+
+/// `reload-config` that was applied.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReloadedReply {
+    /// Changed keys that take effect only at a daemon restart.
+    pub needs_restart: Vec<String>,
+    pub reloaded: bool,
+}
+
+/// `help`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HelpReply {
+    pub commands: Vec<String>,
+}
+
+/// An error answer: `{"status":"error","code":CODE,"error":MESSAGE}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub code: ErrorCode,
+    /// What went wrong, for a person.
+    pub error: String,
+}
+
+impl ErrorReply {
+    pub fn new(code: ErrorCode, error: impl Into<String>) -> Self {
+        ErrorReply {
+            code,
+            error: error.into(),
+        }
+    }
+}
+
+/// Any answer of the daemon to a request.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Response {
+    Status(StatusReply),
+    List(ListReply),
+    Plugin(Box<PluginReply>),
+    Enabled(EnabledReply),
+    Trigger(TriggerReply),
+    Scheduled(ScheduledReply),
+    Subscribed(SubscribedReply),
+    Reloaded(ReloadedReply),
+    Help(HelpReply),
+    Error(ErrorReply),
+}
+
+impl Response {
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Response::Error(ErrorReply::new(code, message))
+    }
+
+    /// The response line, `"id"` echoed when the request had one.
+    pub fn to_line(&self, id: Option<&Value>) -> Vec<u8> {
+        match self {
+            Response::Error(e) => error_line(id, e.code, &e.error),
+            body => success(id, body),
+        }
+    }
+}
+
+impl From<ErrorReply> for Response {
+    fn from(e: ErrorReply) -> Self {
+        Response::Error(e)
+    }
+}
