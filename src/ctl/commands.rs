@@ -7,12 +7,13 @@
 use std::io::Write;
 use std::path::Path;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::cli::Command;
 use super::client::{Client, ReadError, parse_reply};
 use super::render::{self, Style};
 use super::{CtlError, Io, Outcome, install, interactive};
+use crate::protocol::{self, Request};
 
 /// Runs `command` against the daemon at `socket`.
 pub(super) fn execute(
@@ -43,7 +44,7 @@ pub(super) fn execute(
 /// Sends `request`, prints the raw reply with `--json`, and returns the reply if it is a success.
 pub(super) fn answer(
     client: &mut Client,
-    request: &Value,
+    request: &Request,
     json: bool,
     io: &mut Io<'_>,
 ) -> Result<Value, CtlError> {
@@ -64,22 +65,27 @@ pub(super) fn one_shot(
     let style = io.style();
     match command {
         Command::Status => {
-            let reply = answer(client, &json!({"cmd": "status"}), json, io)?;
+            let reply = answer(client, &Request::new(protocol::Command::Status), json, io)?;
             human(io, json, &render::status(&reply, &style))
         }
         Command::List => {
-            let reply = answer(client, &json!({"cmd": "list"}), json, io)?;
+            let reply = answer(client, &Request::new(protocol::Command::List), json, io)?;
             let plugins = reply["plugins"].as_array().map_or(&[][..], Vec::as_slice);
             human(io, json, &render::plugin_table(plugins, &style))
         }
         Command::Plugin { id } => {
-            let reply = answer(client, &json!({"cmd": "plugin", "plugin": id}), json, io)?;
+            let request = Request::new(protocol::Command::Plugin { id: id.clone() });
+            let reply = answer(client, &request, json, io)?;
             human(io, json, &render::plugin_detail(&reply["plugin"], &style))
         }
         Command::Enable | Command::Disable => {
             let on = *command == Command::Enable;
-            let cmd = if on { "enable" } else { "disable" };
-            answer(client, &json!({"cmd": cmd}), json, io)?;
+            let command = if on {
+                protocol::Command::Enable
+            } else {
+                protocol::Command::Disable
+            };
+            answer(client, &Request::new(command), json, io)?;
             let text = if on {
                 "hot reload enabled\n"
             } else {
@@ -88,7 +94,8 @@ pub(super) fn one_shot(
             human(io, json, text)
         }
         Command::ReloadConfig => {
-            let reply = answer(client, &json!({"cmd": "reload-config"}), json, io)?;
+            let request = Request::new(protocol::Command::ReloadConfig);
+            let reply = answer(client, &request, json, io)?;
             human(io, json, &reloaded_text(&reply["needs_restart"]))
         }
         Command::Trigger { id, no_wait } => trigger(client, id, !no_wait, json, io),
@@ -142,7 +149,10 @@ pub(super) fn trigger(
         // Retries with backoff can legitimately take minutes; the daemon always answers in the end.
         client.set_read_timeout(None)?;
     }
-    let request = json!({"cmd": "trigger", "plugin": id, "wait": wait});
+    let request = Request::new(protocol::Command::Trigger {
+        id: id.to_owned(),
+        wait,
+    });
     let result = answer(client, &request, json, io);
     client.set_read_timeout(Some(super::client::REQUEST_TIMEOUT))?;
     let reply = result?;
@@ -177,13 +187,10 @@ pub(super) fn subscribe(
     json: bool,
     io: &mut Io<'_>,
 ) -> Result<(), CtlError> {
-    let mut request = json!({"cmd": "subscribe"});
-    if let Some(id) = id {
-        request["plugin"] = json!(id);
-    }
-    if verbose {
-        request["verbose"] = json!(true);
-    }
+    let request = Request::new(protocol::Command::Subscribe {
+        plugin: id.map(str::to_owned),
+        verbose,
+    });
     let reply = client.request(&request)?;
     if json && reply.value["status"] == "error" {
         writeln!(io.out, "{}", reply.line)?;

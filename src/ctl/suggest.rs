@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use serde_json::json;
+use crate::protocol::{self, Request};
 
 use super::client::Client;
 
@@ -23,7 +23,7 @@ pub fn plugin_ids(socket: &Path) -> Vec<String> {
     if client.set_read_timeout(Some(QUICK)).is_err() {
         return Vec::new();
     }
-    let Ok(reply) = client.request(&json!({"cmd": "list"})) else {
+    let Ok(reply) = client.request(&Request::new(protocol::Command::List)) else {
         return Vec::new();
     };
     let mut ids: Vec<String> = reply.value["plugins"]

@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use super::client::{Client, ReadError, parse_reply};
 use super::render::{self, Style, text};
 use super::{CtlError, Io};
+use crate::protocol::{self, Request};
 
 /// How long `--wait` waits for a reload result (retries with backoff included).
 pub const WAIT_LIMIT: Duration = Duration::from_secs(120);
@@ -50,7 +51,9 @@ impl<'a> Probe<'a> {
     fn plugin(&mut self, id: &str) -> Result<Value, CtlError> {
         let reply = self
             .client
-            .request(&json!({"cmd": "plugin", "plugin": id}))?;
+            .request(&Request::new(protocol::Command::Plugin {
+                id: id.to_owned(),
+            }))?;
         Ok(reply.value["plugin"].clone())
     }
 
