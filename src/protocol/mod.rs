@@ -868,6 +868,18 @@ mod tests {
 
     /// One of each command, with and without its optional arguments.
     fn every_command() -> Vec<Command> {
+        // Does not compile when a command is added without a case here (and in `NAMES`).
+        match Command::Status {
+            Command::Status
+            | Command::List
+            | Command::Plugin { .. }
+            | Command::Enable
+            | Command::Disable
+            | Command::Trigger { .. }
+            | Command::Subscribe { .. }
+            | Command::ReloadConfig
+            | Command::Help => {}
+        }
         vec![
             Command::Status,
             Command::List,
@@ -883,6 +895,13 @@ mod tests {
             Command::ReloadConfig,
             Command::Help,
         ]
+    }
+
+    #[test]
+    fn names_list_every_command_once() {
+        let mut named: Vec<&str> = every_command().iter().map(Command::name).collect();
+        named.dedup();
+        assert_eq!(named, Command::NAMES);
     }
 
     #[test]
