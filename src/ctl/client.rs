@@ -353,6 +353,44 @@ mod tests {
     }
 
     #[test]
+    fn an_error_code_this_client_does_not_know_is_shown_as_sent() {
+        let line = r#"{"status":"error","code":"too_new","error":"m"}"#;
+        let reply = parse_reply(line.to_string(), Path::new("/s")).unwrap();
+        match reply.into_success() {
+            Err(CtlError::Daemon { code, message }) => {
+                assert_eq!((&*code, &*message), ("too_new", "m"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_reply_body_reads_into_its_protocol_type() {
+        use crate::protocol::{ListReply, PluginInfo, Response, TriggerReply};
+        let info = PluginInfo {
+            id: "p1".into(),
+            pid: Some(3),
+            ..PluginInfo::default()
+        };
+        let sent = Response::List(ListReply {
+            plugins: vec![info.clone()],
+        })
+        .to_line(Some(&json!(1)));
+        let line = String::from_utf8(sent).unwrap().trim_end().to_owned();
+        let reply = parse_reply(line, Path::new("/s")).unwrap();
+        assert_eq!(reply.body::<ListReply>().unwrap().plugins, [info]);
+        // An older daemon's reply lacks the newer members: they read as their defaults.
+        let old = r#"{"status":"success","result":{"plugin":"p1","ok":true}}"#;
+        let reply = parse_reply(old.to_string(), Path::new("/s")).unwrap();
+        let result = reply.body::<TriggerReply>().unwrap().result;
+        assert!(result.ok && result.error.is_none() && result.duration_ms == 0);
+        // A body of the wrong shape is not a daemon this client can talk to.
+        let wrong = r#"{"status":"success","plugins":"none"}"#;
+        let reply = parse_reply(wrong.to_string(), Path::new("/s")).unwrap();
+        assert_eq!(reply.body::<ListReply>().unwrap_err().exit_code(), 69);
+    }
+
+    #[test]
     fn non_object_reply_is_not_our_daemon() {
         let err = parse_reply("HTTP/1.1 400".to_string(), Path::new("/x.sock")).unwrap_err();
         assert_eq!(err.exit_code(), 69);

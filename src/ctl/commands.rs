@@ -7,13 +7,16 @@
 use std::io::Write;
 use std::path::Path;
 
-use serde_json::Value;
+use serde::de::DeserializeOwned;
 
 use super::cli::Command;
 use super::client::{Client, ReadError, parse_reply};
 use super::render::{self, Style};
 use super::{CtlError, Io, Outcome, install, interactive};
-use crate::protocol::{self, Request};
+use crate::protocol::{
+    self, EnabledReply, ListReply, PluginReply, ReloadedReply, Request, ScheduledReply,
+    StatusReply, TriggerReply,
+};
 
 /// Runs `command` against the daemon at `socket`.
 pub(super) fn execute(
@@ -41,18 +44,19 @@ pub(super) fn execute(
     }
 }
 
-/// Sends `request`, prints the raw reply with `--json`, and returns the reply if it is a success.
-pub(super) fn answer(
+/// Sends `request`, prints the raw reply with `--json`, and returns the reply's body if it is a
+/// success.
+pub(super) fn answer<T: DeserializeOwned>(
     client: &mut Client,
     request: &Request,
     json: bool,
     io: &mut Io<'_>,
-) -> Result<Value, CtlError> {
+) -> Result<T, CtlError> {
     let reply = client.request(request)?;
     if json {
         writeln!(io.out, "{}", reply.line)?;
     }
-    Ok(reply.into_success()?.value)
+    reply.into_success()?.body()
 }
 
 /// Runs one request/reply command on an open connection.
@@ -65,18 +69,19 @@ pub(super) fn one_shot(
     let style = io.style();
     match command {
         Command::Status => {
-            let reply = answer(client, &Request::new(protocol::Command::Status), json, io)?;
+            let reply: StatusReply =
+                answer(client, &Request::new(protocol::Command::Status), json, io)?;
             human(io, json, &render::status(&reply, &style))
         }
         Command::List => {
-            let reply = answer(client, &Request::new(protocol::Command::List), json, io)?;
-            let plugins = reply["plugins"].as_array().map_or(&[][..], Vec::as_slice);
-            human(io, json, &render::plugin_table(plugins, &style))
+            let reply: ListReply =
+                answer(client, &Request::new(protocol::Command::List), json, io)?;
+            human(io, json, &render::plugin_table(&reply.plugins, &style))
         }
         Command::Plugin { id } => {
             let request = Request::new(protocol::Command::Plugin { id: id.clone() });
-            let reply = answer(client, &request, json, io)?;
-            human(io, json, &render::plugin_detail(&reply["plugin"], &style))
+            let reply: PluginReply = answer(client, &request, json, io)?;
+            human(io, json, &render::plugin_detail(&reply.plugin, &style))
         }
         Command::Enable | Command::Disable => {
             let on = *command == Command::Enable;
@@ -85,7 +90,7 @@ pub(super) fn one_shot(
             } else {
                 protocol::Command::Disable
             };
-            answer(client, &Request::new(command), json, io)?;
+            let _: EnabledReply = answer(client, &Request::new(command), json, io)?;
             let text = if on {
                 "hot reload enabled\n"
             } else {
@@ -95,8 +100,8 @@ pub(super) fn one_shot(
         }
         Command::ReloadConfig => {
             let request = Request::new(protocol::Command::ReloadConfig);
-            let reply = answer(client, &request, json, io)?;
-            human(io, json, &reloaded_text(&reply["needs_restart"]))
+            let reply: ReloadedReply = answer(client, &request, json, io)?;
+            human(io, json, &reloaded_text(&reply.needs_restart))
         }
         Command::Trigger { id, no_wait } => trigger(client, id, !no_wait, json, io),
         Command::Events { .. }
@@ -112,13 +117,7 @@ pub(super) fn one_shot(
 
 /// Prints `text` unless `--json` already printed the reply.
 /// What `reload-config` did, naming the changed keys that wait for a daemon restart.
-fn reloaded_text(needs_restart: &Value) -> String {
-    let keys: Vec<&str> = needs_restart
-        .as_array()
-        .map_or(&[][..], Vec::as_slice)
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
+fn reloaded_text(keys: &[String]) -> String {
     if keys.is_empty() {
         "configuration reloaded\n".to_string()
     } else {
@@ -153,14 +152,17 @@ pub(super) fn trigger(
         id: id.to_owned(),
         wait,
     });
-    let result = answer(client, &request, json, io);
+    let result = if wait {
+        answer::<TriggerReply>(client, &request, json, io).map(Some)
+    } else {
+        answer::<ScheduledReply>(client, &request, json, io).map(|_| None)
+    };
     client.set_read_timeout(Some(super::client::REQUEST_TIMEOUT))?;
-    let reply = result?;
-    if !wait {
+    let Some(reply) = result? else {
         human(io, json, &format!("{id}: reload scheduled\n"))?;
         return Ok(Outcome::Success);
-    }
-    let (line, ok) = render::trigger_result(&reply["result"], &io.style());
+    };
+    let (line, ok) = render::trigger_result(&reply.result, &io.style());
     human(io, json, &format!("{line}\n"))?;
     Ok(if ok {
         Outcome::Success

@@ -6,7 +6,9 @@
 //! Members of each struct are declared in alphabetical order: the lines are byte for byte those
 //! of the string-keyed maps they replaced (a `serde_json::Map` sorts its keys), so nothing a
 //! script parsed or diffed changes. `Option` fields are always present, as `null` when unset,
-//! exactly as SPEC §6 lists them.
+//! exactly as SPEC §6 lists them. Reading is lenient: a member missing from a reply (a daemon
+//! older than the client) reads as its default, so `hotreloadctl` keeps working across an
+//! upgrade that restarts only one of the two.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -14,14 +16,16 @@ use serde_json::Value;
 use super::{ErrorCode, error_line, success};
 
 /// `status`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct StatusReply {
     pub daemon: DaemonStatus,
     pub hot_reload: HotReloadStatus,
 }
 
 /// `status` → `"hot_reload"`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct HotReloadStatus {
     /// Connected control clients, this one included.
     pub active_sessions: usize,
@@ -39,7 +43,8 @@ pub struct HotReloadStatus {
 }
 
 /// `status` → `"daemon"`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DaemonStatus {
     pub pid: u32,
     /// Absolute.
@@ -55,13 +60,15 @@ pub struct DaemonStatus {
 }
 
 /// `list`: every plugin, sorted by id.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ListReply {
     pub plugins: Vec<PluginInfo>,
 }
 
 /// One plugin, as `list` shows it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PluginInfo {
     /// Absolute path of the executable in the plugin dir.
     pub exec: String,
@@ -82,25 +89,27 @@ pub struct PluginInfo {
 }
 
 /// `plugin ID`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PluginReply {
     pub plugin: PluginDetail,
 }
 
 /// One plugin in detail: its `list` entry, its last reloads and its state file.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PluginDetail {
     #[serde(flatten)]
     pub info: PluginInfo,
     /// The last reloads, newest first.
     pub history: Vec<ReloadRecord>,
     /// The plugin's `state.json` as last written (`null` when there is none).
-    #[serde(default)]
     pub state_file: Value,
 }
 
 /// One reload in a plugin's history.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ReloadRecord {
     pub duration_ms: u64,
     pub error: Option<String>,
@@ -113,20 +122,23 @@ pub struct ReloadRecord {
 }
 
 /// `enable`, `disable`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct EnabledReply {
     pub enabled: bool,
 }
 
 /// `trigger` with wait, once the reload has succeeded or finally failed.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TriggerReply {
     pub result: TriggerResult,
 }
 
 /// How a waited-for reload (or first start) went. A request that was carried out is a success
 /// whatever the reload did: `ok` says that.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TriggerResult {
     pub duration_ms: u64,
     pub error: Option<String>,
@@ -138,19 +150,22 @@ pub struct TriggerResult {
 }
 
 /// `trigger` without wait.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ScheduledReply {
     pub scheduled: bool,
 }
 
 /// `subscribe`; event lines follow.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SubscribedReply {
     pub subscribed: bool,
 }
 
 /// `reload-config` that was applied.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ReloadedReply {
     /// Changed keys that take effect only at a daemon restart.
     pub needs_restart: Vec<String>,
@@ -158,7 +173,8 @@ pub struct ReloadedReply {
 }
 
 /// `help`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct HelpReply {
     pub commands: Vec<String>,
 }
