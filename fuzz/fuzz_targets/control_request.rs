@@ -4,7 +4,7 @@
 //! whose `id` is the request's `id`, value for value, because clients match answers by it.
 #![no_main]
 
-use hotreload::control::protocol::{self, Request, RequestError};
+use hotreload::protocol::{self, Request, RequestError};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
 
