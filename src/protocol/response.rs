@@ -1,7 +1,6 @@
 //! The bodies of the daemon's answers (SPEC §6), typed. The daemon builds one of these for each
 //! request and serialises it once ([`Response::to_line`]); `hotreloadctl` reads a reply back
-//! into the same type ([`Reply`](super::Reply)), so a field renamed on one side cannot go
-//! unnoticed on the other.
+//! into the same type, so a member renamed on one side cannot go unnoticed on the other.
 //!
 //! Members of each struct are declared in alphabetical order: the lines are byte for byte those
 //! of the string-keyed maps they replaced (a `serde_json::Map` sorts its keys), so nothing a
