@@ -25,12 +25,16 @@
 //! succeeded: last good = this build; retiring instance stopped; the queued reload begins
 //! ```
 
+mod cgroup;
+mod contain;
 mod instance;
 mod job;
 pub mod output;
 pub mod plugin;
+mod procs;
 mod protocol;
 pub mod reap;
+mod record;
 pub mod spawn;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -140,6 +144,8 @@ pub struct Supervisor {
     snapshots_dir: PathBuf,
     notify_dir: PathBuf,
     state_dir: PathBuf,
+    /// cgroups or /proc tracking, and the instance record (`contain.rs`).
+    contain: contain::Containment,
 }
 
 impl Supervisor {
@@ -161,6 +167,7 @@ impl Supervisor {
             snapshots_dir: runtime_dir.join("snapshots"),
             notify_dir: runtime_dir.join("notify"),
             state_dir: state_dir.join("plugins"),
+            contain: contain::Containment::new(runtime_dir, &state_dir.join("plugins")),
         }
     }
 

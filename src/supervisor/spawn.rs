@@ -35,6 +35,9 @@ pub struct SpawnSpec<'a> {
     /// Variables whose value must be the child's own pid (`LISTEN_PID`, `WATCHDOG_PID`): only the
     /// child knows it, so they are filled in between fork and exec.
     pub pid_vars: Vec<&'static str>,
+    /// The `cgroup.procs` of the instance's cgroup (containment): the child writes itself into
+    /// it before anything else, so not even its first fork can start outside.
+    pub cgroup_procs: Option<RawFd>,
 }
 
 /// A freshly started plugin process.
@@ -90,16 +93,20 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
         .stderr(Stdio::piped());
     let daemon = parent_pid();
     let inherited_nofile = INHERITED_NOFILE.load(std::sync::atomic::Ordering::Relaxed);
+    let cgroup_procs = spec.cgroup_procs;
     let mut plan = if spec.pass_fds.is_empty() && spec.pid_vars.is_empty() {
         None
     } else {
         Some(ExecPlan::new(spec).map_err(fail)?)
     };
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
-    // system calls (setsid, prctl, getppid, signal, close_range, fcntl, dup2, execve) and writes
+    // system calls (write, setsid, prctl, getppid, signal, close_range, fcntl, dup2, execve) and writes
     // into memory it owns; it allocates nothing and touches no lock.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(fd) = cgroup_procs {
+                join_cgroup(fd)?;
+            }
             prepare_child(daemon, inherited_nofile)?;
             match plan.as_mut() {
                 Some(plan) => Err(plan.exec_in_child()),
@@ -262,6 +269,16 @@ fn write_decimal(slot: &mut [u8], value: libc::pid_t) {
         slot[i] = digits[len - 1 - i];
     }
     slot[len.min(slot.len() - 1)] = 0;
+}
+
+/// In the child: move into the instance's cgroup ("0" is the writing process itself).
+fn join_cgroup(procs: RawFd) -> io::Result<()> {
+    // SAFETY: write(2) from a static buffer to a descriptor the parent opened for us.
+    let n = unsafe { libc::write(procs, b"0".as_ptr().cast(), 1) };
+    if n != 1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Runs in the child between fork and exec. Async-signal-safe calls only.

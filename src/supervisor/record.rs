@@ -1,0 +1,188 @@
+//! The instance record: `<runtime_dir>/instances.json`, what a daemon killed without warning
+//! (`SIGKILL`, the OOM killer) leaves for the next one, so that the next one can stop every
+//! process the dead one's plugins left behind before it starts anything.
+//!
+//! It is rewritten (temp file + rename) whenever an instance starts or ends, and removed when
+//! the daemon stops cleanly: a record found at start means the previous daemon did not. It is
+//! not fsynced: it only matters while the machine stays up, and the page cache outlives any
+//! process.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub const FILE_NAME: &str = "instances.json";
+
+/// One running (or stopping) instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub plugin: String,
+    /// The leader's pid, also its process group and session id.
+    pub pid: i32,
+    /// The leader's start time (`/proc/<pid>/stat` field 22): a recycled pid has another.
+    pub start_ticks: u64,
+    /// The leader has been reaped: its group and session numbers may be reused since.
+    pub reaped: bool,
+    pub cgroup: Option<PathBuf>,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contents {
+    pub daemon_pid: i32,
+    pub daemon_start_ticks: u64,
+    /// When the file was written, in clock ticks after boot: every process still in the
+    /// group or session of an unreaped leader that started before this is that plugin's.
+    pub written_ticks: u64,
+    /// Instances by sequence number.
+    pub instances: BTreeMap<u64, Entry>,
+}
+
+/// The record a running daemon keeps up to date.
+#[derive(Debug)]
+pub struct Record {
+    path: PathBuf,
+    contents: Contents,
+    /// The last write failed: said once, not at every start and stop.
+    warned: bool,
+}
+
+impl Record {
+    pub fn new(runtime_dir: &Path, daemon_pid: i32, daemon_start_ticks: u64) -> Record {
+        Record {
+            path: runtime_dir.join(FILE_NAME),
+            contents: Contents {
+                daemon_pid,
+                daemon_start_ticks,
+                written_ticks: 0,
+                instances: BTreeMap::new(),
+            },
+            warned: false,
+        }
+    }
+
+    pub fn insert(&mut self, seq: u64, entry: Entry) {
+        self.contents.instances.insert(seq, entry);
+        self.save();
+    }
+
+    pub fn mark_reaped(&mut self, seq: u64) {
+        if let Some(e) = self.contents.instances.get_mut(&seq) {
+            if !e.reaped {
+                e.reaped = true;
+                self.save();
+            }
+        }
+    }
+
+    pub fn remove(&mut self, seq: u64) {
+        if self.contents.instances.remove(&seq).is_some() {
+            self.save();
+        }
+    }
+
+    /// Write the record now (at start, before any plugin runs).
+    pub fn save(&mut self) {
+        self.contents.written_ticks = super::procs::now_ticks();
+        match write_atomic(&self.path, &self.contents) {
+            Ok(()) => self.warned = false,
+            Err(e) if !self.warned => {
+                self.warned = true;
+                log::warn!(
+                    "cannot write {}: {e}; if this daemon is killed, the next one cannot stop \
+                     what its plugins leave behind",
+                    self.path.display()
+                );
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// A clean stop: nothing is left to clean up after us.
+    pub fn discard(&self) {
+        if let Err(e) = fs::remove_file(&self.path) {
+            if e.kind() != io::ErrorKind::NotFound {
+                log::warn!("cannot remove {}: {e}", self.path.display());
+            }
+        }
+    }
+}
+
+/// The record a previous daemon left, if any.
+pub fn read(runtime_dir: &Path) -> Result<Option<Contents>, String> {
+    let path = runtime_dir.join(FILE_NAME);
+    let text = match fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    serde_json::from_slice(&text)
+        .map(Some)
+        .map_err(|e| format!("{} is not a valid record ({e})", path.display()))
+}
+
+fn write_atomic(path: &Path, contents: &Contents) -> io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let bytes = serde_json::to_vec(contents).map_err(io::Error::other)?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&tmp)?;
+    f.write_all(&bytes)?;
+    drop(f);
+    fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "hotreload-record-{}-{}",
+            std::process::id(),
+            super::super::procs::now_ticks()
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn the_record_follows_instances_and_reads_back() {
+        let dir = temp_dir();
+        let mut r = Record::new(&dir, 42, 7);
+        r.save();
+        assert_eq!(read(&dir).unwrap().unwrap().instances.len(), 0);
+        let entry = |plugin: &str, pid| Entry {
+            plugin: plugin.into(),
+            pid,
+            start_ticks: 99,
+            reaped: false,
+            cgroup: None,
+        };
+        r.insert(1, entry("p1", 100));
+        r.insert(2, entry("p2", 200));
+        r.mark_reaped(1);
+        r.remove(2);
+        let back = read(&dir).unwrap().unwrap();
+        assert_eq!(back.daemon_pid, 42);
+        assert_eq!(back.daemon_start_ticks, 7);
+        assert!(back.written_ticks > 0);
+        let only: Vec<_> = back.instances.values().collect();
+        assert_eq!(only.len(), 1);
+        assert_eq!(only[0].plugin, "p1");
+        assert!(only[0].reaped);
+        r.discard();
+        assert_eq!(read(&dir).unwrap(), None);
+        fs::write(dir.join(FILE_NAME), b"{not json").unwrap();
+        assert!(read(&dir).unwrap_err().contains("not a valid record"));
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
