@@ -236,12 +236,17 @@ fn unescape(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// systemd marks a cgroup it delegates with `trusted.delegate=1` (system manager) or
-/// `user.delegate=1` (user manager, which may not set trusted attributes).
+/// systemd's system manager marks a cgroup it delegates with `trusted.delegate=1` (and
+/// `user.delegate=1`). The user manager of systemd 252 marks nothing, but everything below it
+/// belongs to the user: for a daemon that is not root, a cgroup owned by its euid counts.
 fn is_delegated(dir: &Path) -> bool {
-    ["trusted.delegate", "user.delegate"]
+    use std::os::unix::fs::MetadataExt;
+    let marked = ["trusted.delegate", "user.delegate"]
         .iter()
-        .any(|name| xattr(dir, name).is_some_and(|v| v == b"1"))
+        .any(|name| xattr(dir, name).is_some_and(|v| v == b"1"));
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    marked || (euid != 0 && fs::metadata(dir).is_ok_and(|m| m.uid() == euid))
 }
 
 fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
