@@ -467,6 +467,8 @@ fn stop_leftovers(runtime_dir: &Path, plugins_state: &Path, cgroups: Option<&Cgr
         }
     };
     let found_record = previous.is_some();
+    // Pids, start times and cgroups of another boot name nothing of ours.
+    let previous = previous.filter(|p| !p.boot_id.is_empty() && p.boot_id == record::boot_id());
     if let Some(prev) = &previous {
         if prev.daemon_pid != me && procs::is_running(prev.daemon_pid, prev.daemon_start_ticks) {
             log::warn!(

@@ -33,6 +33,10 @@ pub struct Entry {
 /// The whole file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Contents {
+    /// `/proc/sys/kernel/random/boot_id`: pids and start times mean nothing after a reboot
+    /// (a runtime dir that is not on a tmpfs survives one).
+    #[serde(default)]
+    pub boot_id: String,
     pub daemon_pid: i32,
     pub daemon_start_ticks: u64,
     /// When the file was written, in clock ticks after boot: every process still in the
@@ -56,6 +60,7 @@ impl Record {
         Record {
             path: runtime_dir.join(FILE_NAME),
             contents: Contents {
+                boot_id: boot_id(),
                 daemon_pid,
                 daemon_start_ticks,
                 written_ticks: 0,
@@ -110,6 +115,13 @@ impl Record {
             }
         }
     }
+}
+
+/// This boot's id (empty if unknown).
+pub fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// The record a previous daemon left, if any.
@@ -174,6 +186,7 @@ mod tests {
         let back = read(&dir).unwrap().unwrap();
         assert_eq!(back.daemon_pid, 42);
         assert_eq!(back.daemon_start_ticks, 7);
+        assert_eq!(back.boot_id, boot_id());
         assert!(back.written_ticks > 0);
         let only: Vec<_> = back.instances.values().collect();
         assert_eq!(only.len(), 1);
