@@ -265,15 +265,15 @@ fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
     (n >= 0).then(|| buf[..n as usize].to_vec())
 }
 
-/// `cgroup.procs` of `dir`, opened for the child to join with one `write("0")` before exec.
-pub fn open_procs(dir: &Path) -> io::Result<OwnedFd> {
-    let path = dir.join("cgroup.procs");
+/// The cgroup directory `dir`, opened for `clone3(CLONE_INTO_CGROUP)` (or, where that is
+/// refused, for opening its `cgroup.procs`).
+pub fn open_dir(dir: &Path) -> io::Result<OwnedFd> {
     fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(&path)
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(dir)
         .map(OwnedFd::from)
-        .map_err(|e| annotate(e, &path))
+        .map_err(|e| annotate(e, dir))
 }
 
 /// Every process in `dir` and the cgroups below it.
@@ -391,5 +391,151 @@ mod tests {
         assert_eq!(Cgroups::plugin_of("plugin-my-plugin-12"), Some("my-plugin"));
         assert_eq!(Cgroups::plugin_of("plugin-p1-x"), None);
         assert_eq!(Cgroups::plugin_of("supervisor"), None);
+    }
+}
+
+/// Spawning into a cgroup, and the cost of a cgroup per instance on a reload's critical path (create + open before the
+/// spawn, the child's join before exec, the removal after the old instance's exit), against a
+/// plain spawn of the same program. Needs root and a writable cgroup2 mount:
+/// `cargo test --release --lib cgroup_cost -- --ignored --nocapture`.
+#[cfg(test)]
+mod spawning {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn spawn_true(procs: Option<std::os::fd::RawFd>) -> Duration {
+        let spec = crate::supervisor::spawn::SpawnSpec {
+            program: Path::new("/bin/true"),
+            arg0: "true",
+            args: &[],
+            cwd: Path::new("/"),
+            env: Default::default(),
+            pass_fds: Vec::new(),
+            pid_vars: Vec::new(),
+            cgroup: procs,
+        };
+        let t = Instant::now();
+        let child = crate::supervisor::spawn::spawn(&spec).unwrap();
+        let d = t.elapsed();
+        let _ = nix::sys::wait::waitpid(child.pid, None);
+        d
+    }
+
+    /// Both ways into a cgroup put the child there before it runs, and an exec failure is
+    /// reported as an error (skipped without root or a writable cgroup2 mount).
+    #[test]
+    fn a_child_starts_inside_its_cgroup_either_way() {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let Some(root) = locate(&mountinfo, "/") else {
+            return;
+        };
+        let own = root.join(format!("hotreload-unit-{}", std::process::id()));
+        if fs::create_dir(&own).is_err() {
+            eprintln!("skipped: cannot create a cgroup under {}", root.display());
+            return;
+        }
+        let c = Cgroups {
+            own: own.clone(),
+            memory: false,
+            cpu: false,
+        };
+        for (n, refuse) in [(1, false), (2, true)] {
+            crate::supervisor::spawn::refuse_clone3(refuse);
+            let dir = c.create("unit", n).unwrap();
+            let fd = open_dir(&dir).unwrap();
+            let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+            let spec = crate::supervisor::spawn::SpawnSpec {
+                program: Path::new("/bin/sh"),
+                arg0: "sh",
+                args: &["-c".to_string(), "cat /proc/self/cgroup".to_string()],
+                cwd: Path::new("/"),
+                env: Default::default(),
+                pass_fds: Vec::new(),
+                pid_vars: Vec::new(),
+                cgroup: Some(raw),
+            };
+            let child = crate::supervisor::spawn::spawn(&spec).unwrap();
+            let _ = nix::sys::wait::waitpid(child.pid, None);
+            let mut out = String::new();
+            let _ = std::io::Read::read_to_string(&mut fs::File::from(child.stdout), &mut out);
+            let missing = crate::supervisor::spawn::SpawnSpec {
+                program: Path::new("/nonexistent/program"),
+                ..spec
+            };
+            let err = crate::supervisor::spawn::spawn(&missing).unwrap_err();
+            drop(fd);
+            remove(&dir).unwrap();
+            let want = format!("/hotreload-unit-{}/plugin-unit-{n}", std::process::id());
+            assert!(
+                out.lines()
+                    .any(|l| l.strip_prefix("0::") == Some(want.as_str())),
+                "refuse_clone3={refuse}: {out:?} names {want}"
+            );
+            assert_eq!(err.source.kind(), io::ErrorKind::NotFound, "{err}");
+        }
+        crate::supervisor::spawn::refuse_clone3(false);
+        fs::remove_dir(&own).unwrap();
+    }
+
+    fn p50(mut v: Vec<Duration>) -> Duration {
+        v.sort();
+        v[v.len() / 2]
+    }
+
+    #[test]
+    #[ignore = "a measurement, not a test: needs root and a writable cgroup2 mount"]
+    fn cgroup_cost() {
+        measure(false);
+        // What a seccomp filter refusing clone3 (systemd's RestrictNamespaces=) would cost.
+        crate::supervisor::spawn::refuse_clone3(true);
+        measure(true);
+        crate::supervisor::spawn::refuse_clone3(false);
+    }
+
+    fn measure(join_after_fork: bool) {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let Some(root) = locate(&mountinfo, "/") else {
+            eprintln!("no cgroup2 mount");
+            return;
+        };
+        let own = root.join(format!("hotreload-bench-{}", std::process::id()));
+        fs::create_dir(&own).unwrap();
+        let c = Cgroups {
+            own: own.clone(),
+            memory: false,
+            cpu: false,
+        };
+        const N: u64 = 300;
+        let (mut plain, mut contained, mut parts) = (Vec::new(), Vec::new(), Vec::new());
+        for seq in 0..N {
+            // Reloads are apart in time: an RCU grace period passes between two of them.
+            std::thread::sleep(Duration::from_millis(15));
+            plain.push(spawn_true(None));
+            let t = Instant::now();
+            let dir = c.create("bench", seq).unwrap();
+            let fd = open_dir(&dir).unwrap();
+            let setup = t.elapsed();
+            let spawn = spawn_true(Some(std::os::fd::AsRawFd::as_raw_fd(&fd)));
+            drop(fd);
+            let t = Instant::now();
+            remove(&dir).unwrap();
+            let teardown = t.elapsed();
+            contained.push(setup + spawn + teardown);
+            parts.push((setup, teardown));
+        }
+        let setup = p50(parts.iter().map(|p| p.0).collect());
+        let teardown = p50(parts.iter().map(|p| p.1).collect());
+        let (a, b) = (p50(plain), p50(contained));
+        let how = if join_after_fork {
+            "joining after fork"
+        } else {
+            "clone3 CLONE_INTO_CGROUP"
+        };
+        eprintln!(
+            "p50 over {N} ({how}): plain spawn {a:?}; with a cgroup {b:?} (mkdir+open \
+             {setup:?}, rmdir {teardown:?}); added {:?}",
+            b.saturating_sub(a)
+        );
+        fs::remove_dir(&own).unwrap();
     }
 }

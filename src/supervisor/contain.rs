@@ -58,17 +58,17 @@ pub struct Scope {
     pub start_ticks: u64,
 }
 
-/// A scope being prepared for a spawn: the cgroup and its `cgroup.procs`, which the child
-/// writes itself into before exec.
+/// A scope being prepared for a spawn: the cgroup, and its directory opened for the child to
+/// be created in.
 #[derive(Debug, Default)]
 pub struct NewScope {
     cgroup: Option<PathBuf>,
-    procs: Option<OwnedFd>,
+    dir: Option<OwnedFd>,
 }
 
 impl NewScope {
-    pub fn procs_fd(&self) -> Option<RawFd> {
-        self.procs.as_ref().map(AsRawFd::as_raw_fd)
+    pub fn dir_fd(&self) -> Option<RawFd> {
+        self.dir.as_ref().map(AsRawFd::as_raw_fd)
     }
 }
 
@@ -140,7 +140,7 @@ impl Containment {
         let dir = c
             .create(id, self.next_cgroup)
             .map_err(|e| format!("cannot create a cgroup for the plugin: {e}"))?;
-        let procs = match cgroup::open_procs(&dir) {
+        let fd = match cgroup::open_dir(&dir) {
             Ok(fd) => fd,
             Err(e) => {
                 let _ = cgroup::remove(&dir);
@@ -154,7 +154,7 @@ impl Containment {
         );
         Ok(NewScope {
             cgroup: Some(dir),
-            procs: Some(procs),
+            dir: Some(fd),
         })
     }
 

@@ -61,7 +61,7 @@ impl Supervisor {
             env,
             pass_fds,
             pid_vars,
-            cgroup_procs: scope.procs_fd(),
+            cgroup: scope.dir_fd(),
         };
         let spawned = match spawn::spawn(&spec) {
             Ok(s) => s,
