@@ -394,9 +394,9 @@ mod tests {
     }
 }
 
-/// Spawning into a cgroup, and the cost of a cgroup per instance on a reload's critical path (create + open before the
-/// spawn, the child's join before exec, the removal after the old instance's exit), against a
-/// plain spawn of the same program. Needs root and a writable cgroup2 mount:
+/// Spawning into a cgroup, and what a cgroup per instance costs on a reload's critical path
+/// (create and open before the spawn, the spawn into it, the removal after the old instance's
+/// exit) against a plain spawn of the same program. Need root and a writable cgroup2 mount:
 /// `cargo test --release --lib cgroup_cost -- --ignored --nocapture`.
 #[cfg(test)]
 mod spawning {

@@ -407,6 +407,11 @@ impl Supervisor {
         self.contain.prepare();
     }
 
+    /// Write the instance record if this turn changed it.
+    pub(super) fn flush_record(&mut self) {
+        self.contain.record.flush();
+    }
+
     /// Retry removing cgroups of killed instances.
     pub(super) fn remove_emptied_cgroups(&mut self) {
         if !self.contain.doomed.is_empty() {

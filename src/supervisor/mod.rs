@@ -261,6 +261,8 @@ impl Supervisor {
     /// Make the state files written before this turn's starts durable (their directory fsync),
     /// once the new instances run: off a reload's critical path, still within the same turn.
     pub fn sync_state_dirs(&mut self) {
+        // The instance record too: once per turn, however many instances came and went.
+        self.flush_record();
         let plugins = &self.plugins;
         let waits_for_stop = |id: &str| {
             plugins

@@ -2,10 +2,12 @@
 //! (`SIGKILL`, the OOM killer) leaves for the next one, so that the next one can stop every
 //! process the dead one's plugins left behind before it starts anything.
 //!
-//! It is rewritten (temp file + rename) whenever an instance starts or ends, and removed when
-//! the daemon stops cleanly: a record found at start means the previous daemon did not. It is
-//! not fsynced: it only matters while the machine stays up, and the page cache outlives any
-//! process.
+//! It is rewritten (temp file + rename) at the end of each loop turn in which an instance
+//! started or ended (once per turn, however many: a thousand plugins reloaded at once cost one
+//! write per turn, not two thousand), and removed when the daemon stops cleanly: a record found
+//! at start means the previous daemon did not. A process started in a turn that the daemon did
+//! not finish is still found by its environment (see `contain.rs`). It is not fsynced: it only
+//! matters while the machine stays up, and the page cache outlives any process.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -53,6 +55,8 @@ pub struct Record {
     contents: Contents,
     /// The last write failed: said once, not at every start and stop.
     warned: bool,
+    /// Changed since the last write.
+    dirty: bool,
 }
 
 impl Record {
@@ -67,31 +71,40 @@ impl Record {
                 instances: BTreeMap::new(),
             },
             warned: false,
+            dirty: false,
         }
     }
 
     pub fn insert(&mut self, seq: u64, entry: Entry) {
         self.contents.instances.insert(seq, entry);
-        self.save();
+        self.dirty = true;
     }
 
     pub fn mark_reaped(&mut self, seq: u64) {
         if let Some(e) = self.contents.instances.get_mut(&seq) {
             if !e.reaped {
                 e.reaped = true;
-                self.save();
+                self.dirty = true;
             }
         }
     }
 
     pub fn remove(&mut self, seq: u64) {
         if self.contents.instances.remove(&seq).is_some() {
+            self.dirty = true;
+        }
+    }
+
+    /// Write the record if it changed (end of a loop turn).
+    pub fn flush(&mut self) {
+        if self.dirty {
             self.save();
         }
     }
 
     /// Write the record now (at start, before any plugin runs).
     pub fn save(&mut self) {
+        self.dirty = false;
         self.contents.written_ticks = super::procs::now_ticks();
         match write_atomic(&self.path, &self.contents) {
             Ok(()) => self.warned = false,
@@ -182,7 +195,15 @@ mod tests {
         r.insert(1, entry("p1", 100));
         r.insert(2, entry("p2", 200));
         r.mark_reaped(1);
+        r.flush();
+        assert_eq!(read(&dir).unwrap().unwrap().instances.len(), 2);
         r.remove(2);
+        assert_eq!(
+            read(&dir).unwrap().unwrap().instances.len(),
+            2,
+            "written at the flush"
+        );
+        r.flush();
         let back = read(&dir).unwrap().unwrap();
         assert_eq!(back.daemon_pid, 42);
         assert_eq!(back.daemon_start_ticks, 7);
