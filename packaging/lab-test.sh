@@ -350,6 +350,8 @@ rm -rf "$PLUGINS/escape_scanner"
 check "removing the plugin dir leaves none of its processes (escapee $esc_last included)" \
   wait_for 10 sh -c "[ -z \"\$(grep -l -s -a HOTRELOAD_PLUGIN_ID=escape_scanner /proc/[0-9]*/environ)\" ]"
 note "cgroups below the unit: $(cd /sys/fs/cgroup$UNIT_CG && ls -d */ 2>/dev/null | tr '\n' ' ')"
+check "plugins are created inside their cgroup (clone3 allowed: no cgroup migration per start)" \
+  sh -c '! journalctl -u hotreloadd -o cat --no-pager | grep -q "clone3 is not allowed"'
 check "only the daemon's leaf and demo_scanner's cgroup remain" sh -c \
   "[ \$(cd /sys/fs/cgroup$UNIT_CG && ls -d */ | wc -l) = 2 ]"
 
