@@ -48,6 +48,8 @@ pub struct Containment {
     next_cgroup: u64,
     /// Instance cgroups killed but not yet empty: removed once they are.
     doomed: Vec<PathBuf>,
+    /// Instances started this turn whose leader's start time is still to be read: (id, seq).
+    unstamped: Vec<(String, u64)>,
 }
 
 /// Where one instance lives.
@@ -85,6 +87,7 @@ impl Containment {
             daemon_pid: me,
             next_cgroup: 0,
             doomed: Vec::new(),
+            unstamped: Vec::new(),
         }
     }
 
@@ -165,9 +168,11 @@ impl Containment {
         }
     }
 
-    /// Instance `seq` of `id` started as `pid`: record it.
+    /// Instance `seq` of `id` started as `pid`: record it (its start time follows at the end of
+    /// the turn, see `flush_record`).
     pub fn started(&mut self, seq: u64, id: &str, pid: Pid, scope: NewScope) -> Scope {
-        let start_ticks = procs::stat(pid.as_raw()).map_or(0, |s| s.start_ticks);
+        let start_ticks = 0;
+        self.unstamped.push((id.to_string(), seq));
         self.record.insert(
             seq,
             Entry {
@@ -250,7 +255,9 @@ impl Supervisor {
 
     /// The daemon's children that are neither a plugin leader nor a hook: orphans of plugins.
     fn orphans(&self, tree: &Tree) -> Vec<i32> {
-        tree.children(self.contain.daemon_pid)
+        let me = self.contain.daemon_pid;
+        procs::own_children(me)
+            .unwrap_or_else(|| tree.children(me))
             .into_iter()
             .filter(|&pid| {
                 let pid = Pid::from_raw(pid);
@@ -288,7 +295,8 @@ impl Supervisor {
         let leader = inst.pid.as_raw();
         let mut sent = Vec::new();
         for pid in self.members(id, slot) {
-            if procs::stat(pid).is_some_and(|s| s.pgid != leader && !s.exited()) {
+            // The leader leads its group (and session) for life: the group signal reached it.
+            if pid != leader && procs::stat(pid).is_some_and(|s| s.pgid != leader && !s.exited()) {
                 for &sig in sigs {
                     procs::signal(pid, sig);
                 }
@@ -407,8 +415,21 @@ impl Supervisor {
         self.contain.prepare();
     }
 
-    /// Write the instance record if this turn changed it.
+    /// Write the instance record if this turn changed it, with the start times of the leaders
+    /// this turn started.
     pub(super) fn flush_record(&mut self) {
+        for (id, seq) in std::mem::take(&mut self.contain.unstamped) {
+            let Some(p) = self.plugins.get_mut(&id) else {
+                continue;
+            };
+            let Some(inst) = p.slot_of(seq).and_then(|slot| p.slot_mut(slot)) else {
+                continue;
+            };
+            if let Some(stat) = procs::stat(inst.pid.as_raw()).filter(|_| !inst.reaped) {
+                inst.scope.start_ticks = stat.start_ticks;
+                self.contain.record.set_start_ticks(seq, stat.start_ticks);
+            }
+        }
         self.contain.record.flush();
     }
 

@@ -2,17 +2,24 @@
 //! (`SIGKILL`, the OOM killer) leaves for the next one, so that the next one can stop every
 //! process the dead one's plugins left behind before it starts anything.
 //!
-//! It is rewritten (temp file + rename) at the end of each loop turn in which an instance
-//! started or ended (once per turn, however many: a thousand plugins reloaded at once cost one
-//! write per turn, not two thousand), and removed when the daemon stops cleanly: a record found
-//! at start means the previous daemon did not. A process started in a turn that the daemon did
-//! not finish is still found by its environment (see `contain.rs`). It is not fsynced: it only
-//! matters while the machine stays up, and the page cache outlives any process.
+//! It is rewritten at the end of each loop turn in which an instance started or ended (once per
+//! turn, however many: a thousand plugins reloaded at once cost one write per turn, not two
+//! thousand), and removed when the daemon stops cleanly: a record found at start means the
+//! previous daemon did not. A process started in a turn that the daemon did not finish is still
+//! found by its environment (see `contain.rs`).
+//!
+//! It is written in place (`pwrite` at offset 0, then `ftruncate`), not by rename: renaming (or
+//! truncating to zero) over a file on ext4 makes the kernel flush the new data at once
+//! (`auto_da_alloc`), about a millisecond per write. A daemon killed between the two calls
+//! leaves the new record followed by a stale tail, and the reader takes the first JSON value;
+//! one killed in the middle of a write leaves an unreadable record, and the next daemon then
+//! finds leftovers by their environment alone. It is not fsynced: it only matters while the
+//! machine stays up, and the page cache outlives any process.
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -57,6 +64,8 @@ pub struct Record {
     warned: bool,
     /// Changed since the last write.
     dirty: bool,
+    /// Open from the first write on.
+    file: Option<fs::File>,
 }
 
 impl Record {
@@ -72,6 +81,7 @@ impl Record {
             },
             warned: false,
             dirty: false,
+            file: None,
         }
     }
 
@@ -86,6 +96,15 @@ impl Record {
                 e.reaped = true;
                 self.dirty = true;
             }
+        }
+    }
+
+    /// The leader's start time, read once the turn that started it is over (reading a process's
+    /// stat while it executes its program is slow, and the start must not wait for it).
+    pub fn set_start_ticks(&mut self, seq: u64, ticks: u64) {
+        if let Some(e) = self.contents.instances.get_mut(&seq) {
+            e.start_ticks = ticks;
+            self.dirty = true;
         }
     }
 
@@ -106,7 +125,7 @@ impl Record {
     pub fn save(&mut self) {
         self.dirty = false;
         self.contents.written_ticks = super::procs::now_ticks();
-        match write_atomic(&self.path, &self.contents) {
+        match self.write() {
             Ok(()) => self.warned = false,
             Err(e) if !self.warned => {
                 self.warned = true;
@@ -120,8 +139,29 @@ impl Record {
         }
     }
 
+    fn write(&mut self) -> io::Result<()> {
+        let bytes = serde_json::to_vec(&self.contents).map_err(io::Error::other)?;
+        if self.file.is_none() {
+            self.file = Some(
+                fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                    .open(&self.path)?,
+            );
+        }
+        let Some(f) = &self.file else {
+            return Ok(());
+        };
+        f.write_all_at(&bytes, 0)?;
+        f.set_len(bytes.len() as u64)
+    }
+
     /// A clean stop: nothing is left to clean up after us.
-    pub fn discard(&self) {
+    pub fn discard(&mut self) {
+        self.file = None;
         if let Err(e) = fs::remove_file(&self.path) {
             if e.kind() != io::ErrorKind::NotFound {
                 log::warn!("cannot remove {}: {e}", self.path.display());
@@ -145,24 +185,15 @@ pub fn read(runtime_dir: &Path) -> Result<Option<Contents>, String> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     };
-    serde_json::from_slice(&text)
-        .map(Some)
-        .map_err(|e| format!("{} is not a valid record ({e})", path.display()))
-}
-
-fn write_atomic(path: &Path, contents: &Contents) -> io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    let bytes = serde_json::to_vec(contents).map_err(io::Error::other)?;
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&tmp)?;
-    f.write_all(&bytes)?;
-    drop(f);
-    fs::rename(&tmp, path)
+    // The first JSON value: a write cut short between pwrite and ftruncate leaves a stale tail.
+    let first = serde_json::Deserializer::from_slice(&text)
+        .into_iter::<Contents>()
+        .next();
+    match first {
+        Some(Ok(contents)) => Ok(Some(contents)),
+        Some(Err(e)) => Err(format!("{} is not a valid record ({e})", path.display())),
+        None => Err(format!("{} is empty", path.display())),
+    }
 }
 
 #[cfg(test)]
@@ -195,6 +226,7 @@ mod tests {
         r.insert(1, entry("p1", 100));
         r.insert(2, entry("p2", 200));
         r.mark_reaped(1);
+        r.set_start_ticks(1, 123);
         r.flush();
         assert_eq!(read(&dir).unwrap().unwrap().instances.len(), 2);
         r.remove(2);
@@ -213,6 +245,12 @@ mod tests {
         assert_eq!(only.len(), 1);
         assert_eq!(only[0].plugin, "p1");
         assert!(only[0].reaped);
+        assert_eq!(only[0].start_ticks, 123);
+        // A shorter record over a longer one, cut before the truncate: the first value counts.
+        let mut text = fs::read(dir.join(FILE_NAME)).unwrap();
+        text.extend_from_slice(b"ances\":{}}");
+        fs::write(dir.join(FILE_NAME), &text).unwrap();
+        assert_eq!(read(&dir).unwrap().unwrap().instances.len(), 1);
         r.discard();
         assert_eq!(read(&dir).unwrap(), None);
         fs::write(dir.join(FILE_NAME), b"{not json").unwrap();
