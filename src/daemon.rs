@@ -177,6 +177,8 @@ impl Daemon {
             core.config.plugins_dir.display(),
             if core.enabled { "on" } else { "off" }
         );
+        // What a killed predecessor left behind is stopped before anything starts (SPEC §4).
+        core.sup.prepare_containment();
         if core.start_plugins_dir() {
             core.scan_plugins_dir();
             core.guard_plugins_dir();
@@ -231,6 +233,7 @@ impl Daemon {
                 break;
             }
         }
+        self.core.sup.kill_strays();
         self.control.shutdown(&self.registry);
         log::info!("all plugins stopped, exiting");
         Ok(())
@@ -822,7 +825,8 @@ impl Core {
         match request.command {
             Command::Status => ok(self.status_body()),
             Command::List => {
-                let plugins: Vec<Value> = self.sup.plugins().map(|p| p.list_entry()).collect();
+                let plugins: Vec<Value> =
+                    self.sup.plugins().map(|p| self.sup.list_entry(p)).collect();
                 ok(Self::one("plugins", Value::Array(plugins)))
             }
             Command::Plugin { id: pid } => match self.sup.get(&pid) {
@@ -831,7 +835,7 @@ impl Core {
                     &format!("no plugin named {pid:?}"),
                 ),
                 Some(p) => {
-                    let mut entry = p.list_entry();
+                    let mut entry = self.sup.list_entry(p);
                     entry["state_file"] = self.sup.state_file_json(&pid);
                     entry["history"] =
                         Value::Array(p.history.iter().map(|h| h.to_json()).collect());

@@ -81,6 +81,8 @@ pub struct Instance {
     pub failure: Option<String>,
     /// The plugin sent STOPPING=1: its exit is expected, not a crash.
     pub stopping_announced: bool,
+    /// Its cgroup, if any, and the leader's start time (containment).
+    pub scope: super::contain::Scope,
 }
 
 /// Which of a plugin's (at most two) instances: the current one, or the one a `start-stop`
