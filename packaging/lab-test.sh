@@ -31,6 +31,11 @@
 #   5  `systemctl reload` succeeds and keeps the main pid; with an invalid configuration
 #      it fails and the daemon keeps running;
 #   6  WatchdogSec=3s: after more than twice that, NRestarts=0;
+#   6b containment (Delegate=yes): the daemon lives in .../hotreloadd.service/supervisor
+#      and each plugin in its own cgroup; a plugin's setsid escapee stays in that cgroup,
+#      counts in `tasks`, and is gone after a reload; after `systemctl kill -s KILL
+#      hotreloadd` (and with --kill-who=main, the daemon alone) the restarted daemon runs
+#      exactly one instance of the plugin; removing the plugin dir leaves no process;
 #   7  restarting the socket unit restarts the daemon, which answers on the new socket;
 #      stopping the service leaves no plugin process; the socket unit then starts the
 #      service on the first connection; stopping both leaves no socket file; with the
@@ -90,6 +95,15 @@ trap 'echo "demo_scanner build $build stopping"; exit 0' TERM
 while :; do sleep 1 & wait \$!; done
 PLUGIN
   chmod 755 "$work/demo_scanner.$build"
+  # A plugin with an escapee: it leaves the plugin's session and process group (setsid).
+  cat >"$work/escape_scanner.$build" <<PLUGIN
+#!/bin/sh
+# hotreload lab test plugin with an escapee, build $build
+setsid sh -c 'echo \$\$ >"\$0"; exec sleep 4242' "\$HOTRELOAD_PLUGIN_DIR/escapee.$build.pid" &
+trap 'exit 0' TERM
+while :; do sleep 1 & wait \$!; done
+PLUGIN
+  chmod 755 "$work/escape_scanner.$build"
 done
 cp "$deb" "$work/hotreload.deb"
 
@@ -306,6 +320,69 @@ check "WatchdogSec=3s in effect" sh -c '[ "$(systemctl show -P WatchdogUSec hotr
 check "NRestarts=0 after 8 s with a 3 s watchdog" sh -c '[ "$(systemctl show -P NRestarts hotreloadd)" = 0 ] && systemctl is-active -q hotreloadd'
 check "no watchdog timeout logged" sh -c '! journalctl -u hotreloadd -o cat --no-pager | grep -q "Watchdog timeout"'
 
+echo "== 6b containment: each plugin in its own cgroup (Delegate=yes)"
+UNIT_CG=/system.slice/hotreloadd.service
+# Live processes of plugin $1 running `sleep 4242` (the escapee's marker).
+escapees() {
+  local p n=0
+  for p in $(plugin_pids "$1"); do
+    [ "$(tr '\0' ' ' </proc/$p/cmdline 2>/dev/null)" = "sleep 4242 " ] && n=$((n + 1))
+  done
+  echo $n
+}
+cgroup_of() { sed -n 's/^0:://p' "/proc/$1/cgroup" 2>/dev/null; }
+gone() { ! kill -0 "${1:-0}" 2>/dev/null; }
+one_escapee() { [ "$(escapees escape_scanner)" = 1 ]; }
+in_own_cgroup() { cgroup_of "$1" | grep -qx "$UNIT_CG/plugin-$2-[0-9]*"; }
+check "Delegate=yes in effect" sh -c '[ "$(systemctl show -P Delegate hotreloadd)" = yes ]'
+note "delegate xattr: $(python3 -c "import os; print(os.getxattr('/sys/fs/cgroup$UNIT_CG', 'trusted.delegate'))" 2>&1)"
+check "the daemon moved itself into $UNIT_CG/supervisor" \
+  sh -c "[ \"\$(sed -n 's/^0:://p' /proc/$(prop MainPID)/cgroup)\" = $UNIT_CG/supervisor ]"
+pid=$(plugin_field demo_scanner pid)
+note "demo_scanner pid $pid in cgroup $(cgroup_of "$pid")"
+check "demo_scanner runs in its own cgroup" in_own_cgroup "$pid" demo_scanner
+mkdir -p "$PLUGINS/escape_scanner"
+install -m 0755 $L/escape_scanner.1 "$PLUGINS/escape_scanner/escape_scanner"
+if wait_for 15 plugin_running escape_scanner; then pass "escape_scanner running"; else fail "escape_scanner running"; fi
+wait_for 10 test -s "$PLUGINS/escape_scanner/escapee.1.pid"
+esc1=$(cat "$PLUGINS/escape_scanner/escapee.1.pid" 2>/dev/null)
+lead1=$(plugin_field escape_scanner pid)
+note "build 1: pid $lead1 in $(cgroup_of "$lead1"), escapee $esc1 in $(cgroup_of "$esc1") (session $(ps -o sid= -p "$esc1" 2>/dev/null))"
+check "the escapee left the plugin's session" sh -c "[ \"\$(ps -o sid= -p $esc1 | tr -d ' ')\" != $lead1 ]"
+check "the escapee is in the plugin's cgroup" sh -c "[ -n '$(cgroup_of "$lead1")' ] && [ '$(cgroup_of "$esc1")' = '$(cgroup_of "$lead1")' ]"
+tasks_are() { [ "$(plugin_field escape_scanner tasks)" = "$1" ]; }
+check "list: tasks = 3 (shell, its sleep, the escapee)" wait_for 5 tasks_are 3
+note "list figures: tasks=$(plugin_field escape_scanner tasks) memory_bytes=$(plugin_field escape_scanner memory_bytes) cpu_usage_ms=$(plugin_field escape_scanner cpu_usage_ms) (no controllers in the lab: null)"
+if hotreloadctl install escape_scanner $L/escape_scanner.2 --wait >/dev/null; then pass "reload escape_scanner"; else fail "reload escape_scanner"; fi
+check "the old escapee is gone after the reload" wait_for 10 gone "$esc1"
+check "the new build's escapee runs" wait_for 10 test -s "$PLUGINS/escape_scanner/escapee.2.pid"
+check "exactly one escapee" one_escapee
+for who in all main; do
+  main_before=$(prop MainPID)
+  esc_before=$(cat "$PLUGINS/escape_scanner/escapee.2.pid" 2>/dev/null)
+  rm -f "$PLUGINS/escape_scanner/escapee.2.pid"
+  systemctl kill -s KILL --kill-who=$who hotreloadd
+  restarted() { systemctl is-active -q hotreloadd && [ "$(prop MainPID)" != "$main_before" ] && [ "$(prop MainPID)" != 0 ]; }
+  check "kill -s KILL --kill-who=$who: systemd restarts the daemon" wait_for 20 restarted
+  check "... escape_scanner running again" wait_for 15 plugin_running escape_scanner
+  check "... the killed daemon's escapee $esc_before is gone" wait_for 10 gone "$esc_before"
+  wait_for 10 test -s "$PLUGINS/escape_scanner/escapee.2.pid"
+  one_instance() { one_escapee && [ "$(plugin_pids escape_scanner | wc -l)" -le 3 ]; }
+  check "... exactly one instance: one escapee, at most 3 plugin processes" wait_for 5 one_instance
+  note "plugin processes now: $(plugin_pids escape_scanner | tr '\n' ' ')"
+  check "... the new instance runs in its own cgroup" in_own_cgroup "$(plugin_field escape_scanner pid)" escape_scanner
+done
+systemctl reset-failed hotreloadd.service
+esc_last=$(cat "$PLUGINS/escape_scanner/escapee.2.pid" 2>/dev/null)
+rm -rf "$PLUGINS/escape_scanner"
+check "removing the plugin dir leaves none of its processes (escapee $esc_last included)" \
+  wait_for 10 sh -c "[ -z \"\$(grep -l -s -a HOTRELOAD_PLUGIN_ID=escape_scanner /proc/[0-9]*/environ)\" ]"
+note "cgroups below the unit: $(cd /sys/fs/cgroup$UNIT_CG && ls -d */ 2>/dev/null | tr '\n' ' ')"
+check "plugins are created inside their cgroup (clone3 allowed: no cgroup migration per start)" \
+  sh -c '! journalctl -u hotreloadd -o cat --no-pager | grep -q "clone3 is not allowed"'
+check "only the daemon's leaf and demo_scanner's cgroup remain" sh -c \
+  "[ \$(cd /sys/fs/cgroup$UNIT_CG && ls -d */ | wc -l) = 2 ]"
+
 echo "== 7 stop, socket activation"
 pid_before=$(prop MainPID)
 check "systemctl restart hotreloadd.socket alone" systemctl restart hotreloadd.socket
@@ -349,6 +426,10 @@ lab-user mkdir -p /home/labuser/.config/hotreload/plugins/demo_scanner
 install -o labuser -g labuser -m 0755 $L/demo_scanner.1 \
   /home/labuser/.config/hotreload/plugins/demo_scanner/demo_scanner
 check "user plugin running from ~/.config/hotreload/plugins" wait_for 15 plugin_running -u demo_scanner
+upid=$(plugin_field -u demo_scanner pid)
+note "user plugin pid $upid in cgroup $(sed -n 's/^0:://p' /proc/$upid/cgroup 2>/dev/null)"
+check "user plugin runs in its own cgroup below the user unit's (Delegate=yes)" \
+  sh -c "sed -n 's/^0:://p' /proc/$upid/cgroup | grep -q '/hotreloadd.service/plugin-demo_scanner-[0-9]*\$'"
 check "user journal has the plugin's output" \
   wait_for 5 sh -c 'journalctl _SYSTEMD_USER_UNIT=hotreloadd.service -o cat --no-pager | grep -q "build 1 running as pid"'
 lab-user systemctl --user stop hotreloadd.service

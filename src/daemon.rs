@@ -170,6 +170,8 @@ impl Daemon {
             core.config.plugins_dir.display(),
             if core.enabled { "on" } else { "off" }
         );
+        // What a killed predecessor left behind is stopped before anything starts (SPEC §4).
+        core.sup.prepare_containment();
         if core.start_plugins_dir() {
             core.scan_plugins_dir();
             core.guard_plugins_dir();
@@ -215,6 +217,7 @@ impl Daemon {
                 break;
             }
         }
+        self.core.sup.kill_strays();
         self.control.shutdown(self.core.poll.registry());
         log::info!("all plugins stopped, exiting");
         Ok(())
@@ -784,10 +787,12 @@ impl Core {
 
     fn status_reply(&self, sessions: usize) -> StatusReply {
         let hr = &self.config.hot_reload;
-        // Plugin directories, as the field says: not the plugins dir itself nor build dirs that
-        // symlinked executables point into, which the watcher also watches.
+        // The directories watched for plugins: the plugins dir and each plugin dir. Not the
+        // build dirs that symlinked executables point into, nor the plugins dir's parent, which
+        // the watcher also watches.
         let watching = self.watcher.as_ref().map_or(0, |w| {
-            self.sup.plugins().filter(|p| w.is_watching(&p.id)).count()
+            usize::from(w.root_watched())
+                + self.sup.plugins().filter(|p| w.is_watching(&p.id)).count()
         });
         let totals = &self.sup.totals;
         StatusReply {
@@ -818,7 +823,7 @@ impl Core {
 
     fn plugin_detail(&self, p: &Plugin) -> PluginDetail {
         PluginDetail {
-            info: p.list_entry(),
+            info: self.sup.list_entry(p),
             history: p.history.iter().map(|h| h.to_record()).collect(),
             state_file: self.sup.state_file_json(&p.id),
         }
@@ -841,7 +846,7 @@ impl Core {
         let reply = match request.command {
             Command::Status => Response::Status(self.status_reply(sessions)),
             Command::List => Response::List(ListReply {
-                plugins: self.sup.plugins().map(|p| p.list_entry()).collect(),
+                plugins: self.sup.plugins().map(|p| self.sup.list_entry(p)).collect(),
             }),
             Command::Plugin { id } => match self.sup.get(&id) {
                 None => return unknown(&id),

@@ -336,10 +336,6 @@ pub fn status(reply: &StatusReply, style: &Style) -> String {
             items.join(", ")
         }
     };
-    let watching = match hr.watching_directories {
-        1 => "1 plugin directory".to_string(),
-        n => format!("{n} plugin directories"),
-    };
     let rows = [
         (
             "hot reload",
@@ -347,7 +343,10 @@ pub fn status(reply: &StatusReply, style: &Style) -> String {
         ),
         ("watch", list(&hr.watch_patterns)),
         ("exclude", list(&hr.exclude_patterns)),
-        ("watching", watching),
+        (
+            "watching",
+            watching_text(hr.watching_directories, daemon.plugins_dir_present),
+        ),
         (
             "reloads",
             format!("{}, {} failed", hr.reload_count, hr.failed_reloads),
@@ -624,6 +623,21 @@ pub fn log_line(event: &Value, style: &Style) -> Option<String> {
     }
 }
 
+/// `watching_directories` counts the plugins dir (while it is there) and each plugin dir:
+/// say which is which.
+fn watching_text(total: usize, plugins_dir_present: bool) -> String {
+    let root = usize::from(plugins_dir_present && total > 0);
+    let plugin_dirs = match total - root {
+        1 => "1 plugin directory".to_string(),
+        n => format!("{n} plugin directories"),
+    };
+    if root == 1 {
+        format!("the plugins directory and {plugin_dirs}")
+    } else {
+        plugin_dirs
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::testutil::plain_style;
@@ -681,7 +695,7 @@ mod tests {
 hot reload:  on, debounce 500 ms
 watch:       *
 exclude:     *.tmp, *.log
-watching:    3 plugin directories
+watching:    the plugins directory and 2 plugin directories
 reloads:     12, 2 failed
 last reload: 2026-11-27 22:30:45 (5m 2s ago)
 sessions:    1
@@ -694,7 +708,7 @@ plugins dir: /srv/plugins
 
     fn quiet_status() -> StatusReply {
         typed(json!({
-            "hot_reload": {"enabled": false, "watching_directories": 1, "last_reload": null,
+            "hot_reload": {"enabled": false, "watching_directories": 2, "last_reload": null,
                 "reload_count": 0, "failed_reloads": 0, "active_sessions": 1,
                 "debounce_delay_ms": 500, "watch_patterns": [], "exclude_patterns": []},
             "daemon": {"pid": 1, "version": "0.1.0", "uptime_ms": 5, "plugins_total": 0,
@@ -707,7 +721,10 @@ plugins dir: /srv/plugins
         let s = status(&quiet_status(), &plain());
         assert!(s.contains("hot reload:  off, debounce 500 ms"), "{s}");
         assert!(s.contains("watch:       (none)"), "{s}");
-        assert!(s.contains("watching:    1 plugin directory\n"), "{s}");
+        assert!(
+            s.contains("watching:    the plugins directory and 1 plugin directory\n"),
+            "{s}"
+        );
         assert!(s.contains("last reload: never"), "{s}");
         assert!(
             s.contains("daemon:      pid 1, version 0.1.0, up 5 ms"),

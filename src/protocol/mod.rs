@@ -963,17 +963,20 @@ mod tests {
 
     fn info() -> PluginInfo {
         PluginInfo {
+            cpu_usage_ms: Some(20),
             exec: "/p/p1/main".into(),
             failed_reloads: 1,
             id: "p1".into(),
             last_error: None,
             last_good_version: Some("v1".into()),
+            memory_bytes: None,
             pid: Some(42),
             reload_count: 3,
             restarts: 0,
             started_at: Some("2026-01-01T00:00:00Z".into()),
             state: "running".into(),
             status_text: None,
+            tasks: 2,
             version: Some("v2".into()),
         }
     }
@@ -1061,7 +1064,13 @@ mod tests {
         })
         .to_line(None);
         let entry = decode(&line)["plugins"][0].clone();
-        for field in ["pid", "version", "last_error", "status_text"] {
+        for field in [
+            "pid",
+            "version",
+            "last_error",
+            "status_text",
+            "memory_bytes",
+        ] {
             assert_eq!(entry.get(field), Some(&Value::Null), "{field}");
         }
     }

@@ -69,12 +69,16 @@ pub struct ListReply {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct PluginInfo {
+    /// CPU time of the plugin's processes, when its cgroup tells.
+    pub cpu_usage_ms: Option<u64>,
     /// Absolute path of the executable in the plugin dir.
     pub exec: String,
     pub failed_reloads: u64,
     pub id: String,
     pub last_error: Option<String>,
     pub last_good_version: Option<String>,
+    /// Memory of the plugin's processes, when its cgroup tells.
+    pub memory_bytes: Option<u64>,
     pub pid: Option<i32>,
     pub reload_count: u64,
     pub restarts: u64,
@@ -84,6 +88,8 @@ pub struct PluginInfo {
     pub state: String,
     /// The last `STATUS=` of the plugin.
     pub status_text: Option<String>,
+    /// Live processes of the plugin (its instances and what they started).
+    pub tasks: usize,
     pub version: Option<String>,
 }
 

@@ -52,6 +52,7 @@ impl Supervisor {
             pid_vars.push("WATCHDOG_PID");
         }
         let arg0 = p.settings.exec.to_string_lossy().into_owned();
+        let scope = self.contain.new_scope(id)?;
         let spec = spawn::SpawnSpec {
             program: &target.path,
             arg0: &arg0,
@@ -60,11 +61,19 @@ impl Supervisor {
             env,
             pass_fds,
             pid_vars,
+            cgroup: scope.dir_fd(),
         };
-        let spawned = spawn::spawn(&spec).map_err(|e| e.to_string())?;
+        let spawned = match spawn::spawn(&spec) {
+            Ok(s) => s,
+            Err(e) => {
+                self.contain.abandon(scope);
+                return Err(e.to_string());
+            }
+        };
         self.record_start(ctx, id);
         self.next_seq += 1;
         let seq = self.next_seq;
+        let scope = self.contain.started(seq, id, spawned.pid, scope);
         let mut pipes = Vec::new();
         for (fd, stream) in [
             (spawned.stdout, Stream::Stdout),
@@ -113,6 +122,7 @@ impl Supervisor {
             reaped: false,
             failure: None,
             stopping_announced: false,
+            scope,
         });
         log::info!("[{id}] started pid {} version {}", pid, target.version);
         ctx.emit(
@@ -191,8 +201,9 @@ impl Supervisor {
         if !inst.reaped {
             let _ = spawn::signal_process(inst.pid, inst.pidfd.as_ref(), libc::SIGKILL);
         }
-        let _ = spawn::signal_group(inst.pid, libc::SIGKILL);
-        if inst.reaped && !spawn::group_alive(inst.pid) {
+        let reaped = inst.reaped;
+        self.kill_members(id, Slot::Current);
+        if reaped && !self.members_alive(id, Slot::Current) {
             self.instance_gone(ctx, id, Slot::Current);
         }
     }
@@ -270,7 +281,10 @@ impl Supervisor {
             kill_timer: Some(kill_timer),
             killed: false,
         });
-        if inst.reaped && !spawn::group_alive(inst.pid) {
+        let reaped = inst.reaped;
+        // Processes that left the group (setsid, double fork) are asked to stop too.
+        self.signal_escapees(id, slot, &[libc::SIGTERM, libc::SIGCONT]);
+        if reaped && !self.members_alive(id, slot) {
             self.instance_gone(ctx, id, slot);
             return;
         }
@@ -312,9 +326,11 @@ impl Supervisor {
         if !inst.reaped {
             let _ = spawn::signal_process(inst.pid, inst.pidfd.as_ref(), libc::SIGKILL);
         }
-        let _ = spawn::signal_group(inst.pid, libc::SIGKILL);
-        if inst.reaped {
-            // Only stragglers of the group were left, and SIGKILL cannot be ignored.
+        let reaped = inst.reaped;
+        // The group, and every process that left it (cgroup.kill under cgroups).
+        self.kill_members(id, slot);
+        if reaped {
+            // Only stragglers were left, and SIGKILL cannot be ignored.
             self.instance_gone(ctx, id, slot);
         }
     }
@@ -347,16 +363,20 @@ impl Supervisor {
             ExitKind::Signal(s) => ev.with("signal", s),
         });
         if inst.stop.is_some() || inst.failure.is_some() {
-            // Members of the group may outlive the leader: the kill timer sweeps them.
+            // Other processes of the instance may outlive the leader: the kill timer sweeps them.
             let killed = inst.failure.is_some() || inst.stop.as_ref().is_some_and(|s| s.killed);
-            if spawn::group_alive(inst.pid) && !killed {
-                log::debug!("[{id}] leader exited, members of its process group remain");
+            if !killed && self.members_alive(&id, slot) {
+                log::debug!("[{id}] leader exited, other processes of the instance remain");
+                self.contain.leader_reaped(seq);
                 return;
             }
             self.instance_gone(ctx, &id, slot);
         } else {
-            // Anything the plugin left behind in its group goes with it.
-            let _ = spawn::signal_group(inst.pid, libc::SIGKILL);
+            // Anything the plugin left behind goes with it, in its group or not.
+            self.kill_members(&id, slot);
+            if let Some(inst) = self.plugins.get(&id).and_then(|p| p.slot(slot)) {
+                self.contain.ended(inst.seq, &inst.scope);
+            }
             self.unexpected_exit(ctx, &id, slot, status);
         }
     }
@@ -364,13 +384,14 @@ impl Supervisor {
     /// After any reap: a stopped instance whose leader is gone may have been waiting only for
     /// members of its group (now reaped by us as subreaper, or exited on their own).
     pub fn check_stragglers(&mut self, ctx: &mut Ctx<'_>) {
+        self.remove_emptied_cgroups();
         let mut done = Vec::new();
         for p in self.plugins.values() {
             for slot in [Slot::Current, Slot::Retiring] {
                 if p.slot(slot).is_some_and(|i| {
                     i.reaped
                         && (i.stop.is_some() || i.failure.is_some())
-                        && !spawn::group_alive(i.pid)
+                        && !self.members_alive(&p.id, slot)
                 }) {
                     done.push((p.id.clone(), slot));
                 }
@@ -389,6 +410,7 @@ impl Supervisor {
         let Some(mut inst) = p.take_slot(slot) else {
             return;
         };
+        self.contain.ended(inst.seq, &inst.scope);
         if let Some(stop) = inst.stop.as_mut() {
             cancel_timer(ctx, &mut stop.kill_timer);
         }

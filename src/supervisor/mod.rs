@@ -25,12 +25,16 @@
 //! succeeded: last good = this build; retiring instance stopped; the queued reload begins
 //! ```
 
+mod cgroup;
+mod contain;
 mod instance;
 mod job;
 pub mod output;
 pub mod plugin;
+mod procs;
 mod protocol;
 pub mod reap;
+mod record;
 pub mod spawn;
 mod start_limit;
 
@@ -143,6 +147,8 @@ pub struct Supervisor {
     snapshots_dir: PathBuf,
     notify_dir: PathBuf,
     state_dir: PathBuf,
+    /// cgroups or /proc tracking, and the instance record (`contain.rs`).
+    contain: contain::Containment,
 }
 
 impl Supervisor {
@@ -164,6 +170,7 @@ impl Supervisor {
             snapshots_dir: runtime_dir.join("snapshots"),
             notify_dir: runtime_dir.join("notify"),
             state_dir: state_dir.join("plugins"),
+            contain: contain::Containment::new(runtime_dir, &state_dir.join("plugins")),
         }
     }
 
@@ -257,6 +264,8 @@ impl Supervisor {
     /// Make the state files written before this turn's starts durable (their directory fsync),
     /// once the new instances run: off a reload's critical path, still within the same turn.
     pub fn sync_state_dirs(&mut self) {
+        // The instance record too: once per turn, however many instances came and went.
+        self.flush_record();
         let plugins = &self.plugins;
         let waits_for_stop = |id: &str| {
             plugins

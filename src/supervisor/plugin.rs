@@ -82,6 +82,8 @@ pub struct Instance {
     pub failure: Option<String>,
     /// The plugin sent STOPPING=1: its exit is expected, not a crash.
     pub stopping_announced: bool,
+    /// Its cgroup, if any, and the leader's start time (containment).
+    pub scope: super::contain::Scope,
 }
 
 /// Which of a plugin's (at most two) instances: the current one, or the one a `start-stop`
@@ -364,6 +366,10 @@ impl Plugin {
     pub fn list_entry(&self) -> PluginInfo {
         let inst = self.instance.as_ref().filter(|i| !i.reaped);
         PluginInfo {
+            // The supervisor adds the process figures (`Supervisor::list_entry`).
+            cpu_usage_ms: None,
+            memory_bytes: None,
+            tasks: 0,
             exec: self.exec_path().to_string_lossy().into_owned(),
             failed_reloads: self.failed_reloads,
             id: self.id.clone(),

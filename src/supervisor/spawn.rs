@@ -35,6 +35,9 @@ pub struct SpawnSpec<'a> {
     /// Variables whose value must be the child's own pid (`LISTEN_PID`, `WATCHDOG_PID`): only the
     /// child knows it, so they are filled in between fork and exec.
     pub pid_vars: Vec<&'static str>,
+    /// The directory of the instance's cgroup (containment): the child is created in it
+    /// (`clone3` with `CLONE_INTO_CGROUP`), so not even its first fork can start outside.
+    pub cgroup: Option<RawFd>,
 }
 
 /// A freshly started plugin process.
@@ -79,6 +82,23 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
         program: spec.program.to_path_buf(),
         source,
     };
+    let mut join = None;
+    if let Some(dir) = spec.cgroup {
+        if !CLONE3_REFUSED.load(std::sync::atomic::Ordering::Relaxed) {
+            match spawn_into_cgroup(spec, dir).map_err(fail)? {
+                Some(spawned) => return Ok(spawned),
+                None => {
+                    CLONE3_REFUSED.store(true, std::sync::atomic::Ordering::Relaxed);
+                    log::info!(
+                        "clone3 is not allowed here (a seccomp filter such as systemd's \
+                         RestrictNamespaces=): plugins join their cgroup after fork instead, \
+                         which costs each start a cgroup migration"
+                    );
+                }
+            }
+        }
+        join = Some(open_procs_at(dir).map_err(fail)?);
+    }
     let mut cmd = Command::new(spec.program);
     cmd.arg0(spec.arg0)
         .args(spec.args)
@@ -90,16 +110,20 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
         .stderr(Stdio::piped());
     let daemon = parent_pid();
     let inherited_nofile = INHERITED_NOFILE.load(std::sync::atomic::Ordering::Relaxed);
+    let cgroup_procs = join.as_ref().map(AsRawFd::as_raw_fd);
     let mut plan = if spec.pass_fds.is_empty() && spec.pid_vars.is_empty() {
         None
     } else {
         Some(ExecPlan::new(spec).map_err(fail)?)
     };
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
-    // system calls (setsid, prctl, getppid, signal, close_range, fcntl, dup2, execve) and writes
+    // system calls (write, setsid, prctl, getppid, signal, close_range, fcntl, dup2, execve) and writes
     // into memory it owns; it allocates nothing and touches no lock.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(fd) = cgroup_procs {
+                join_cgroup(fd)?;
+            }
             prepare_child(daemon, inherited_nofile)?;
             match plan.as_mut() {
                 Some(plan) => Err(plan.exec_in_child()),
@@ -108,6 +132,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
         });
     }
     let mut child = cmd.spawn().map_err(fail)?;
+    drop(join);
     let pid = Pid::from_raw(child.id() as libc::pid_t);
     let stdout = child.stdout.take().map(OwnedFd::from);
     let stderr = child.stderr.take().map(OwnedFd::from);
@@ -262,6 +287,217 @@ fn write_decimal(slot: &mut [u8], value: libc::pid_t) {
         slot[i] = digits[len - 1 - i];
     }
     slot[len.min(slot.len() - 1)] = 0;
+}
+
+/// `clone3` was refused once (seccomp): don't ask again.
+static CLONE3_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// For the cgroup cost measurement: take the join-after-fork path as if clone3 were refused.
+#[cfg(test)]
+pub fn refuse_clone3(refused: bool) {
+    CLONE3_REFUSED.store(refused, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `struct clone_args` of clone3(2), up to `cgroup` (Linux 5.7).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Start the plugin directly in the cgroup whose directory is `cgroup`: `clone3` with
+/// `CLONE_INTO_CGROUP`. Moving a process into a cgroup after fork takes the kernel's cgroup
+/// threadgroup lock for writing, which waits for an RCU grace period (milliseconds) when no
+/// migration happened just before, i.e. at nearly every reload; creating it there costs
+/// nothing extra. `None` when clone3 is refused (ENOSYS, EPERM: kernel < 5.7, or a seccomp
+/// filter), so that the caller falls back.
+fn spawn_into_cgroup(spec: &SpawnSpec<'_>, cgroup: RawFd) -> io::Result<Option<Spawned>> {
+    let mut plan = ExecPlan::new(spec)?;
+    let cwd = CString::new(spec.cwd.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other("NUL byte in the working directory"))?;
+    let devnull = high_fd(std::fs::File::open("/dev/null")?.into())?;
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (status_r, status_w) = pipe()?;
+    let (out_w, err_w) = (high_fd(out_w)?, high_fd(err_w)?);
+    let daemon = parent_pid();
+    let nofile = INHERITED_NOFILE.load(std::sync::atomic::Ordering::Relaxed);
+    let args = CloneArgs {
+        flags: CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup as u64,
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 without CLONE_VM and without a stack behaves like fork(2): the child gets
+    // a copy of our memory. In the child, only async-signal-safe calls follow (dup2, fcntl,
+    // chdir, the ones of prepare_child and exec_in_child, write, _exit); it allocates nothing
+    // and never returns from this block.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if pid == 0 {
+        // SAFETY: see above; every descriptor used here is ours and open.
+        unsafe {
+            let errno = child_after_clone(
+                [devnull.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
+                &cwd,
+                daemon,
+                nofile,
+                &mut plan,
+            );
+            let bytes = errno.to_ne_bytes();
+            libc::write(status_w.as_raw_fd(), bytes.as_ptr().cast(), bytes.len());
+            libc::_exit(127);
+        }
+    }
+    if pid < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENOSYS | libc::EPERM) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    let pid = Pid::from_raw(pid as libc::pid_t);
+    drop((devnull, out_w, err_w, status_w));
+    // The status pipe closes at exec (success) or carries the child's errno (failure).
+    let mut buf = [0u8; 4];
+    let n = read_full(&status_r, &mut buf);
+    if n == 4 {
+        let _ = nix::sys::wait::waitpid(pid, None);
+        return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(buf)));
+    }
+    set_nonblocking(&out_r)?;
+    set_nonblocking(&err_r)?;
+    Ok(Some(Spawned {
+        pid,
+        pidfd: pidfd_open(pid),
+        stdout: out_r,
+        stderr: err_r,
+    }))
+}
+
+/// The child's side of `spawn_into_cgroup`: returns only with the errno of what failed.
+///
+/// # Safety
+/// Only in the child of a fork-like clone, before exec.
+unsafe fn child_after_clone(
+    stdio: [RawFd; 3],
+    cwd: &CString,
+    daemon: libc::pid_t,
+    nofile: u64,
+    plan: &mut ExecPlan,
+) -> i32 {
+    let errno = || {
+        io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    };
+    // SAFETY: dup2 and chdir on our own descriptors and a NUL-terminated path; the sources
+    // are all above 2, so no dup2 clobbers a later source.
+    unsafe {
+        for (target, source) in stdio.into_iter().enumerate() {
+            if libc::dup2(source, target as libc::c_int) < 0 {
+                return errno();
+            }
+        }
+        if libc::chdir(cwd.as_ptr()) < 0 {
+            return errno();
+        }
+    }
+    if let Err(e) = prepare_child(daemon, nofile) {
+        return e.raw_os_error().unwrap_or(libc::EIO);
+    }
+    plan.exec_in_child().raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// A close-on-exec pipe (read end, write end).
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 fills the two-element array; we own both descriptors afterwards.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])))
+    }
+}
+
+/// `fd` moved above 2 (a daemon started with 0, 1 or 2 closed hands those numbers out), so the
+/// child's dup2s onto 0..2 cannot clobber one another.
+fn high_fd(fd: OwnedFd) -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor we own, or -1.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `new` is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// Read until `buf` is full or EOF; the number of bytes read.
+fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        // SAFETY: reading into the unfilled rest of our own buffer.
+        let r = unsafe { libc::read(fd.as_raw_fd(), buf[n..].as_mut_ptr().cast(), buf.len() - n) };
+        if r > 0 {
+            n += r as usize;
+        } else if r < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        } else {
+            break;
+        }
+    }
+    n
+}
+
+/// `cgroup.procs` of the cgroup whose directory is `dir`, for the fallback join after fork.
+fn open_procs_at(dir: RawFd) -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: openat with a NUL-terminated literal; we own the returned descriptor.
+    let fd = unsafe {
+        libc::openat(
+            dir,
+            c"cgroup.procs".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// In the child: move into the instance's cgroup ("0" is the writing process itself).
+fn join_cgroup(procs: RawFd) -> io::Result<()> {
+    // SAFETY: write(2) from a static buffer to a descriptor the parent opened for us.
+    let n = unsafe { libc::write(procs, b"0".as_ptr().cast(), 1) };
+    if n != 1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Runs in the child between fork and exec. Async-signal-safe calls only.

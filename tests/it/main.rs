@@ -1,5 +1,6 @@
 //! Black-box tests of hotreloadd and hotreloadctl.
 mod config;
+mod containment;
 mod control;
 mod ctl;
 mod docs;

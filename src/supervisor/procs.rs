@@ -1,0 +1,313 @@
+//! Reading processes from `/proc`: who a process is (its stat line), whose children it has, and
+//! what its environment says. Used to find every process of a plugin where there are no cgroups.
+//!
+//! Everything here tolerates processes vanishing between two reads: a process that exits while
+//! it is being looked at is simply not there.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Read;
+use std::path::Path;
+
+/// The parts of `/proc/<pid>/stat` containment needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    pub pid: i32,
+    pub state: u8,
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    /// Field 22, clock ticks after boot: with the pid, it names one process for good (a pid
+    /// that is reused gets a later start time).
+    pub start_ticks: u64,
+}
+
+impl Stat {
+    /// A zombie (or dead) process has exited; it only waits to be reaped.
+    pub fn exited(&self) -> bool {
+        matches!(self.state, b'Z' | b'X' | b'x')
+    }
+}
+
+/// Parse a stat line. The command name (field 2) may hold spaces and parentheses, so the fields
+/// are counted from its last `)`.
+pub fn parse_stat(line: &str) -> Option<Stat> {
+    let (head, rest) = line.rsplit_once(')')?;
+    let pid = head.split_once(" (")?.0.trim().parse().ok()?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // f[0] is field 3 (state); field N is f[N - 3].
+    Some(Stat {
+        pid,
+        state: *f.first()?.as_bytes().first()?,
+        ppid: f.get(1)?.parse().ok()?,
+        pgid: f.get(2)?.parse().ok()?,
+        sid: f.get(3)?.parse().ok()?,
+        start_ticks: f.get(19)?.parse().ok()?,
+    })
+}
+
+pub fn stat(pid: i32) -> Option<Stat> {
+    parse_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// True while `pid` is the process that started at `start_ticks` and has not exited.
+pub fn is_running(pid: i32, start_ticks: u64) -> bool {
+    stat(pid).is_some_and(|s| s.start_ticks == start_ticks && !s.exited())
+}
+
+/// Every pid in `/proc`.
+pub fn all_pids() -> Vec<i32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Every process's stat, for when `children` files are not available.
+pub fn all_stats() -> Vec<Stat> {
+    all_pids().into_iter().filter_map(stat).collect()
+}
+
+/// Direct children of `pid` (of all its threads), from `/proc/<pid>/task/*/children`
+/// (`CONFIG_PROC_CHILDREN`). None when the kernel does not provide those files.
+pub fn children(pid: i32) -> Option<Vec<i32>> {
+    if !children_files_supported() {
+        return None;
+    }
+    let mut out = Vec::new();
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Some(out);
+    };
+    for task in tasks.filter_map(Result::ok) {
+        if let Some(pids) = read_children(&task.path().join("children")) {
+            out.extend(pids);
+        }
+    }
+    Some(out)
+}
+
+/// A `children` file in as few read(2) calls as possible: each call makes the kernel walk the
+/// list from its start to the read position again, so small reads of a long list (the daemon
+/// with a thousand plugins) cost quadratic time.
+fn read_children(path: &Path) -> Option<Vec<i32>> {
+    let mut file = fs::File::open(path).ok()?;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return None,
+        }
+    }
+    let text = std::str::from_utf8(&buf[..len]).ok()?;
+    Some(
+        text.split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect(),
+    )
+}
+
+/// The daemon's own children, from its main thread's `children` file alone: every fork of the
+/// daemon happens on its main thread (one event loop), and orphans are re-parented to that
+/// thread too (the kernel picks a live thread of the subreaper, and the daemon has one). One
+/// file read instead of a directory listing per look: this is on a reload's critical path.
+pub fn own_children(me: i32) -> Option<Vec<i32>> {
+    if !children_files_supported() {
+        return None;
+    }
+    read_children(Path::new(&format!("/proc/{me}/task/{me}/children")))
+}
+
+fn children_files_supported() -> bool {
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        // SAFETY: getpid cannot fail.
+        let me = unsafe { libc::getpid() };
+        Path::new(&format!("/proc/{me}/task/{me}/children")).exists()
+    })
+}
+
+/// Where descendants are looked up: the kernel's children lists, or a parent map built from one
+/// pass over `/proc` when the kernel has none.
+pub enum Tree {
+    Children,
+    ParentMap(HashMap<i32, Vec<i32>>),
+}
+
+impl Tree {
+    pub fn new() -> Tree {
+        if children_files_supported() {
+            Tree::Children
+        } else {
+            let mut map: HashMap<i32, Vec<i32>> = HashMap::new();
+            for s in all_stats() {
+                map.entry(s.ppid).or_default().push(s.pid);
+            }
+            Tree::ParentMap(map)
+        }
+    }
+
+    pub fn children(&self, pid: i32) -> Vec<i32> {
+        match self {
+            Tree::Children => children(pid).unwrap_or_default(),
+            Tree::ParentMap(map) => map.get(&pid).cloned().unwrap_or_default(),
+        }
+    }
+
+    /// `roots` and all their descendants (each once).
+    pub fn subtree(&self, roots: &[i32]) -> Vec<i32> {
+        let mut out: Vec<i32> = Vec::new();
+        let mut todo: Vec<i32> = roots.to_vec();
+        while let Some(pid) = todo.pop() {
+            if out.contains(&pid) {
+                continue;
+            }
+            out.push(pid);
+            todo.extend(self.children(pid));
+        }
+        out
+    }
+}
+
+/// The value of variable `name` in `/proc/<pid>/environ` (the environment the process was
+/// executed with). None when unreadable (gone, or another user's without privilege) or absent.
+pub fn environ_var(pid: i32, name: &str) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    fs::File::open(format!("/proc/{pid}/environ"))
+        .ok()?
+        .read_to_end(&mut buf)
+        .ok()?;
+    find_var(&buf, name).map(<[u8]>::to_vec)
+}
+
+/// `name`'s value in a NUL-separated `NAME=value` block.
+pub fn find_var<'a>(block: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    block.split(|&b| b == 0).find_map(|entry| {
+        entry
+            .strip_prefix(name.as_bytes())
+            .and_then(|rest| rest.strip_prefix(b"="))
+    })
+}
+
+/// Which plugin of the daemon whose per-plugin state lives in `plugins_state` a process belongs
+/// to, by its `HOTRELOAD_STATE_FILE` (`<plugins_state>/<id>/state.json`). Only an exact match
+/// counts, so a daemon with another state dir never claims our processes, nor we theirs.
+pub fn plugin_of(state_file: &[u8], plugins_state: &Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let rest = state_file.strip_prefix(plugins_state.as_os_str().as_bytes())?;
+    let rest = rest.strip_prefix(b"/")?;
+    let id = rest.strip_suffix(b"/state.json")?;
+    let id = std::str::from_utf8(id).ok()?;
+    crate::config::valid_plugin_id(id).then(|| id.to_string())
+}
+
+/// Clock ticks since boot now, in the unit of `Stat::start_ticks` (rounded down).
+pub fn now_ticks() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the local struct.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let ns = ts.tv_sec.max(0) as u64 * 1_000_000_000 + ts.tv_nsec.max(0) as u64;
+    ns / (1_000_000_000 / hz)
+}
+
+/// Send `sig` to `pid`; false when it could not be sent (gone, or not ours to signal).
+pub fn signal(pid: i32, sig: libc::c_int) -> bool {
+    if pid <= 1 {
+        return false;
+    }
+    // SAFETY: kill has no memory effects.
+    unsafe { libc::kill(pid, sig) == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_are_counted_after_the_last_parenthesis() {
+        let line = "4242 (a (weird) name) S 1 4242 4242 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 \
+                    987654 1000 100 18446744073709551615";
+        let s = parse_stat(line).unwrap();
+        assert_eq!(
+            s,
+            Stat {
+                pid: 4242,
+                state: b'S',
+                ppid: 1,
+                pgid: 4242,
+                sid: 4242,
+                start_ticks: 987654
+            }
+        );
+        assert!(!s.exited());
+        assert!(parse_stat("12 (x) Z 1 2 3").is_none(), "truncated line");
+        let z = parse_stat(&line.replace(") S ", ") Z ")).unwrap();
+        assert!(z.exited());
+    }
+
+    #[test]
+    fn own_stat_is_read_and_matches_our_start_time() {
+        let me = std::process::id() as i32;
+        let s = stat(me).unwrap();
+        assert_eq!(s.pid, me);
+        assert!(is_running(me, s.start_ticks));
+        assert!(!is_running(me, s.start_ticks + 1));
+        assert!(s.start_ticks <= now_ticks());
+    }
+
+    #[test]
+    fn environment_variables_are_found_exactly() {
+        let block =
+            b"A=1\0HOTRELOAD_STATE_FILE_X=no\0HOTRELOAD_STATE_FILE=/s/plugins/p1/state.json\0";
+        assert_eq!(
+            find_var(block, "HOTRELOAD_STATE_FILE"),
+            Some(&b"/s/plugins/p1/state.json"[..])
+        );
+        assert_eq!(find_var(block, "A"), Some(&b"1"[..]));
+        assert_eq!(find_var(block, "B"), None);
+    }
+
+    #[test]
+    fn a_state_file_names_its_plugin_only_under_our_state_dir() {
+        let ours = Path::new("/var/lib/hotreload/state/plugins");
+        let of = |s: &str| plugin_of(s.as_bytes(), ours);
+        assert_eq!(
+            of("/var/lib/hotreload/state/plugins/p1/state.json").as_deref(),
+            Some("p1")
+        );
+        assert_eq!(of("/var/lib/hotreload/state/plugins2/p1/state.json"), None);
+        assert_eq!(of("/var/lib/hotreload/state/plugins/a/b/state.json"), None);
+        assert_eq!(of("/var/lib/hotreload/state/plugins/p1/runtime.json"), None);
+        assert_eq!(of("/other/plugins/p1/state.json"), None);
+        assert_eq!(of("/var/lib/hotreload/state/plugins/.x/state.json"), None);
+    }
+
+    #[test]
+    fn a_child_is_found_in_the_subtree_and_by_its_environment() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .env("HRTEST_MARK", "yes")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let me = std::process::id() as i32;
+        let found = Tree::new().subtree(&[me]);
+        let env = crate::supervisor::procs::environ_var(pid, "HRTEST_MARK");
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(found.contains(&pid), "{pid} in {found:?}");
+        assert_eq!(env.as_deref(), Some(&b"yes"[..]));
+    }
+}
