@@ -1106,8 +1106,16 @@ mod tests {
             needs_restart: Vec::new(),
             reloaded: true,
         };
+        let detail = PluginReply {
+            plugin: PluginDetail {
+                info: info(),
+                history: vec![record.clone()],
+                state_file: json!({"plugin_id": "p1", "b": [1], "a": null}),
+            },
+        };
         let id = Some(&json!(1));
         assert_eq!(success(id, &info()), as_sorted_map(&info()));
+        assert_eq!(success(id, &detail), as_sorted_map(&detail));
         assert_eq!(success(id, &record), as_sorted_map(&record));
         assert_eq!(success(id, &result), as_sorted_map(&result));
         assert_eq!(success(id, &reloaded), as_sorted_map(&reloaded));

@@ -102,7 +102,7 @@ pub struct PluginReply {
 
 /// One plugin in detail: its `list` entry, its last reloads and its state file.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, into = "Value")]
 pub struct PluginDetail {
     #[serde(flatten)]
     pub info: PluginInfo,
@@ -110,6 +110,27 @@ pub struct PluginDetail {
     pub history: Vec<ReloadRecord>,
     /// The plugin's `state.json` as last written (`null` when there is none).
     pub state_file: Value,
+}
+
+/// [`PluginDetail`] as written: through a map, so `history` and `state_file` sort among the
+/// `list` members as they always did (a flattened struct would put them last).
+impl From<PluginDetail> for Value {
+    fn from(detail: PluginDetail) -> Value {
+        #[derive(Serialize)]
+        struct Members {
+            #[serde(flatten)]
+            info: PluginInfo,
+            history: Vec<ReloadRecord>,
+            state_file: Value,
+        }
+        let members = Members {
+            info: detail.info,
+            history: detail.history,
+            state_file: detail.state_file,
+        };
+        // Strings, numbers and a `Value`: nothing that cannot be encoded.
+        serde_json::to_value(members).unwrap_or(Value::Null)
+    }
 }
 
 /// One reload in a plugin's history.
