@@ -17,6 +17,7 @@ pub mod control;
 pub mod ctl;
 pub mod daemon;
 pub mod events;
+pub mod exit;
 mod fsutil;
 pub mod hooks;
 pub mod listen;

@@ -16,20 +16,16 @@
 //! as 127.0.0.1. Port 0 is accepted: the kernel then picks a port once, when the daemon binds,
 //! and it stays fixed across reloads (mostly useful to tests, see [`ListenSocket::local_port`]).
 
-use std::fmt;
 use std::fs::{self, DirBuilder, Permissions};
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use nix::errno::Errno;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
-
-/// Longest Unix socket path: `sun_path` is 108 bytes including the terminating NUL.
-pub const MAX_UNIX_PATH_BYTES: usize = 107;
 
 /// The accept queue length requested: as deep as the kernel allows, to hold the connections that
 /// arrive while a plugin restarts. Linux silently caps it at `net.core.somaxconn` (4096 by
@@ -45,75 +41,12 @@ const UNIX_SOCKET_MODE: u32 = 0o660;
 /// Mode of directories created to hold a Unix socket: clients must be able to traverse them.
 const PARENT_DIR_MODE: u32 = 0o755;
 
-const VALID_FORMS: &str = "valid forms: \"tcp:IPV4:PORT\", \"tcp:[IPV6]:PORT\", \"tcp:localhost:PORT\", \"unix:/absolute/path\"";
+pub use crate::config::SocketSpec;
 
-/// Where a socket listens, as configured.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum SocketSpec {
-    Tcp(SocketAddr),
-    Unix(PathBuf),
-}
-
-/// The configuration form: `tcp:127.0.0.1:9000`, `tcp:[::1]:9000`, `unix:/run/x.sock`.
-impl fmt::Display for SocketSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SocketSpec::Tcp(addr) => write!(f, "tcp:{addr}"),
-            SocketSpec::Unix(path) => write!(f, "unix:{}", path.display()),
-        }
-    }
-}
-
-/// Parse one `sockets` entry; the error names the value and lists the valid forms.
+/// Parse one `sockets` entry with configuration's grammar (the one grammar), so whatever
+/// configuration accepted binds here; the error names the value and lists the valid forms.
 pub fn parse_spec(s: &str) -> Result<SocketSpec, String> {
-    let parsed = if let Some(rest) = s.strip_prefix("tcp:") {
-        parse_tcp(rest).map(SocketSpec::Tcp)
-    } else if let Some(path) = s.strip_prefix("unix:") {
-        parse_unix(path).map(SocketSpec::Unix)
-    } else {
-        Err("expected a \"tcp:\" or \"unix:\" prefix".to_owned())
-    };
-    parsed.map_err(|why| format!("invalid socket {s:?}: {why}; {VALID_FORMS}"))
-}
-
-fn parse_tcp(rest: &str) -> Result<SocketAddr, String> {
-    if let Ok(addr) = rest.parse::<SocketAddr>() {
-        return Ok(addr);
-    }
-    let Some((host, port)) = rest.rsplit_once(':') else {
-        return Err("missing the port (\":PORT\")".to_owned());
-    };
-    let port: u16 = port
-        .parse()
-        .map_err(|_| format!("port {port:?} is not a number from 0 to 65535"))?;
-    if host.eq_ignore_ascii_case("localhost") {
-        Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
-    } else if host.contains(':') && !host.starts_with('[') {
-        Err("an IPv6 address goes in brackets".to_owned())
-    } else {
-        Err(format!(
-            "host {host:?} is not an IP address or \"localhost\" (host names are not resolved)"
-        ))
-    }
-}
-
-fn parse_unix(path: &str) -> Result<PathBuf, String> {
-    if !path.starts_with('/') {
-        return Err("the path must be absolute".to_owned());
-    }
-    if path.contains('\0') {
-        return Err("the path contains a NUL byte".to_owned());
-    }
-    if path.len() > MAX_UNIX_PATH_BYTES {
-        return Err(format!(
-            "the path is {} bytes long; at most {MAX_UNIX_PATH_BYTES} fit in a socket address",
-            path.len()
-        ));
-    }
-    if path.ends_with('/') || Path::new(path).file_name().is_none() {
-        return Err("the path must name a file, not a directory".to_owned());
-    }
-    Ok(PathBuf::from(path))
+    crate::config::parse_socket_spec(s).map_err(|why| format!("invalid socket {why}"))
 }
 
 /// A bound, listening socket, kept open by the daemon across plugin reloads.
@@ -371,7 +304,7 @@ mod tests {
     use crate::snapshot::tests::TestDir;
     use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
     use nix::sys::socket::{getsockopt, sockopt};
-    use std::net::{Ipv6Addr, TcpStream};
+    use std::net::{Ipv4Addr, Ipv6Addr, TcpStream};
     use std::os::unix::net::UnixStream;
 
     fn tcp(addr: &str) -> SocketSpec {
@@ -379,64 +312,16 @@ mod tests {
     }
 
     #[test]
-    fn parses_valid_specs() {
-        let long = format!("/{}", "a".repeat(MAX_UNIX_PATH_BYTES - 1));
-        let table = [
-            ("tcp:127.0.0.1:9000", tcp("127.0.0.1:9000")),
-            ("tcp:0.0.0.0:80", tcp("0.0.0.0:80")),
-            ("tcp:[::1]:9000", tcp("[::1]:9000")),
-            ("tcp:[::]:0", tcp("[::]:0")),
-            ("tcp:localhost:8080", tcp("127.0.0.1:8080")),
-            ("tcp:LocalHost:1", tcp("127.0.0.1:1")),
-            ("tcp:127.0.0.1:0", tcp("127.0.0.1:0")),
-            (
-                "unix:/run/hotreload/ffmpeg.sock",
-                SocketSpec::Unix("/run/hotreload/ffmpeg.sock".into()),
-            ),
-            (
-                &format!("unix:{long}"),
-                SocketSpec::Unix(long.clone().into()),
-            ),
-        ];
-        for (text, expected) in table {
-            assert_eq!(parse_spec(text), Ok(expected), "{text}");
-        }
-    }
-
-    #[test]
-    fn rejects_invalid_specs_naming_the_value() {
-        let too_long = format!("unix:/{}", "a".repeat(MAX_UNIX_PATH_BYTES));
-        let table = [
-            ("", "prefix"),
-            ("udp:127.0.0.1:53", "prefix"),
-            ("127.0.0.1:9000", "prefix"),
-            ("tcp:127.0.0.1", "port"),
-            ("tcp:127.0.0.1:", "port"),
-            ("tcp:127.0.0.1:65536", "port"),
-            ("tcp:127.0.0.1:http", "port"),
-            ("tcp:example.com:80", "not resolved"),
-            ("tcp:::1:9000", "brackets"),
-            ("tcp:9000", "missing the port"),
-            ("unix:", "absolute"),
-            ("unix:relative.sock", "absolute"),
-            ("unix:@abstract", "absolute"),
-            ("unix:/run/dir/", "name a file"),
-            ("unix:/", "name a file"),
-            ("unix:/run/a\0b", "NUL"),
-            (too_long.as_str(), "at most 107"),
-        ];
-        for (text, why) in table {
+    fn the_binder_parses_with_the_configuration_grammar() {
+        assert_eq!(parse_spec("tcp:localhost:8080"), Ok(tcp("127.0.0.1:8080")));
+        assert_eq!(
+            parse_spec("unix:/run/x.sock"),
+            Ok(SocketSpec::Unix("/run/x.sock".into()))
+        );
+        for text in ["unix:/run/x/", "tcp:LOCALHOST:80", "udp:127.0.0.1:53"] {
             let error = parse_spec(text).unwrap_err();
+            assert!(crate::config::valid_socket_spec(text).is_err());
             assert!(error.contains(&format!("{text:?}")), "{error}");
-            assert!(error.contains(why), "{text}: {error}");
-            assert!(error.contains("unix:/absolute/path"), "{error}");
-        }
-    }
-
-    #[test]
-    fn display_round_trips() {
-        for text in ["tcp:127.0.0.1:9000", "tcp:[::1]:9000", "unix:/run/x.sock"] {
-            assert_eq!(parse_spec(text).unwrap().to_string(), text);
         }
     }
 
