@@ -30,6 +30,7 @@ pub mod signals;
 pub mod snapshot;
 pub mod state_file;
 pub mod supervisor;
+pub mod sys;
 pub mod token;
 pub mod watch;
 pub mod wheel;

@@ -21,6 +21,8 @@ use std::process::{Command, Stdio};
 
 use nix::unistd::Pid;
 
+use crate::sys::child::ChildReset;
+
 /// What to run and how.
 #[derive(Debug)]
 pub struct SpawnSpec<'a> {
@@ -502,56 +504,12 @@ fn join_cgroup(procs: RawFd) -> io::Result<()> {
 
 /// Runs in the child between fork and exec. Async-signal-safe calls only.
 fn prepare_child(daemon: libc::pid_t, nofile_soft: u64) -> io::Result<()> {
-    // SAFETY (whole function): plain system calls on integers; no memory is shared with the parent
-    // beyond the copied stack, and none of these can corrupt the child's state.
-    unsafe {
-        // The daemon raised its own descriptor limit; plugins get the one it was started with
-        // (select()-based code breaks above 1024).
-        if nofile_soft != 0 {
-            let mut lim: libc::rlimit = std::mem::zeroed();
-            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-                lim.rlim_cur = nofile_soft.min(lim.rlim_max);
-                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-            }
-        }
-        if libc::setsid() < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if libc::prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::SIGKILL as libc::c_ulong,
-            0,
-            0,
-            0,
-        ) < 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-        // The daemon may have died before PDEATHSIG was armed: then nobody would ever kill us.
-        if libc::getppid() != daemon {
-            libc::_exit(1);
-        }
-        // Ignored dispositions and the signal mask survive exec (an ignored SIGCHLD would break
-        // the plugin's own waitpid, a blocked SIGTERM would make it unstoppable); caught ones are
-        // reset by exec anyway.
-        for sig in 1..32 {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::signal(sig, libc::SIG_DFL);
-            }
-        }
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-        // Descriptors the daemon inherited without CLOEXEC must not reach plugins. Failure
-        // (kernel < 5.11) is tolerable: everything the daemon opens itself is CLOEXEC already.
-        libc::syscall(
-            libc::SYS_close_range,
-            3u32,
-            u32::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
-        );
+    ChildReset {
+        parent: daemon,
+        new_session: true,
+        nofile_soft,
     }
-    Ok(())
+    .apply()
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
