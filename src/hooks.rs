@@ -39,7 +39,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
-use crate::sys::child::ChildReset;
+use crate::sys::{self, child::ChildReset};
 
 /// `[hooks] timeout_ms` when the key is absent: a hook still running then is killed.
 pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
@@ -216,11 +216,16 @@ fn spawn_with_environment(
         .stderr(Stdio::inherit())
         .process_group(0);
     let parent = Pid::this();
-    // SAFETY: `reset_child_state` runs between fork and exec and only makes async-signal-safe
-    // system calls (signal, prctl, getppid, close_range); it neither allocates nor takes locks.
-    unsafe {
-        command.pre_exec(move || reset_child_state(parent));
-    }
+    // The reset plugins get, but in the daemon's session: `process_group(0)` already makes the
+    // hook a group of its own for `kill_hook`.
+    sys::child::reset_before_exec(
+        &mut command,
+        ChildReset {
+            parent: parent.as_raw(),
+            new_session: false,
+            nofile_soft: 0,
+        },
+    );
     let child = command.spawn().map_err(|source| HookError::Spawn {
         kind,
         program: program.clone(),
@@ -273,18 +278,6 @@ fn is_hook_variable(key: &OsStr) -> bool {
 /// anywhere, so escape it rather than lose the hook.
 fn env_value(value: &str) -> OsString {
     OsString::from(value.replace('\0', "\\0"))
-}
-
-/// Runs in the forked child before `execve`: the reset every child gets (default signal
-/// dispositions, an empty signal mask, death with the daemon, no inherited descriptors). Hooks
-/// keep the daemon's session: `process_group(0)` already makes each one a group to kill.
-fn reset_child_state(parent: Pid) -> io::Result<()> {
-    ChildReset {
-        parent: parent.as_raw(),
-        new_session: false,
-        nofile_soft: 0,
-    }
-    .apply()
 }
 
 #[cfg(test)]

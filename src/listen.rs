@@ -19,7 +19,7 @@
 use std::fs::{self, DirBuilder, Permissions};
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
@@ -162,11 +162,8 @@ fn bind_error(spec: &SocketSpec, error: &io::Error) -> String {
 /// std's backlog depends on its version (128 in older releases, `SOMAXCONN` in recent ones);
 /// calling `listen` again on a listening socket just sets the queue length to ours.
 fn raise_backlog(fd: &OwnedFd, spec: &SocketSpec) -> Result<(), String> {
-    // SAFETY: `fd` is an open socket owned by the caller for the duration of the call.
-    let result = unsafe { libc::listen(fd.as_raw_fd(), BACKLOG) };
-    Errno::result(result)
-        .map(drop)
-        .map_err(|errno| format!("cannot set the backlog of socket {spec}: {errno}"))
+    crate::sys::fd::listen(fd.as_fd(), BACKLOG)
+        .map_err(|error| format!("cannot set the backlog of socket {spec}: {error}"))
 }
 
 fn create_parent_dir(spec: &SocketSpec, path: &Path) -> Result<(), String> {

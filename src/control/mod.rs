@@ -987,45 +987,9 @@ fn peer_of(stream: &UnixStream) -> io::Result<Peer> {
     })
 }
 
-/// `SO_PEERGROUPS` is not exported by the libc crate for every target; its value is per
-/// architecture like the other `SOL_SOCKET` options.
-#[cfg(any(target_arch = "sparc", target_arch = "sparc64"))]
-const SO_PEERGROUPS: libc::c_int = 0x3d;
-#[cfg(not(any(target_arch = "sparc", target_arch = "sparc64")))]
-const SO_PEERGROUPS: libc::c_int = 59;
-
 /// The peer's supplementary groups at connect time.
 fn peer_groups(stream: &UnixStream) -> io::Result<Vec<u32>> {
-    const GID_SIZE: usize = size_of::<libc::gid_t>();
-    let mut groups: Vec<libc::gid_t> = vec![0; 64];
-    // The kernel says how much room it needs when the buffer is too small; a second try with
-    // that size can only fail if the peer's groups changed, which they cannot (a snapshot).
-    for _ in 0..2 {
-        let mut len =
-            libc::socklen_t::try_from(groups.len() * GID_SIZE).unwrap_or(libc::socklen_t::MAX);
-        // SAFETY: `groups` is valid for writes of `len` bytes and the kernel writes at most
-        // `len` bytes into it; `len` is a valid socklen_t the kernel updates.
-        let rc = unsafe {
-            libc::getsockopt(
-                stream.as_fd().as_raw_fd(),
-                libc::SOL_SOCKET,
-                SO_PEERGROUPS,
-                groups.as_mut_ptr().cast(),
-                &mut len,
-            )
-        };
-        let len = len as usize;
-        if rc == 0 {
-            groups.truncate(len / GID_SIZE);
-            return Ok(groups);
-        }
-        let error = io::Error::last_os_error();
-        if error.raw_os_error() != Some(libc::ERANGE) || len <= groups.len() * GID_SIZE {
-            return Err(error);
-        }
-        groups.resize(len.div_ceil(GID_SIZE), 0);
-    }
-    Err(io::Error::from_raw_os_error(libc::ERANGE))
+    crate::sys::socket::peer_groups(stream.as_fd())
 }
 
 /// Creates the socket's directory (mode 0700) when it is missing; an existing one is left as is.

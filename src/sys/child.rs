@@ -9,6 +9,8 @@
 //! only, no allocation, no lock.
 
 use std::io;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
 
 /// What a child needs besides the common reset.
 #[derive(Clone, Copy, Debug)]
@@ -50,6 +52,15 @@ impl ChildReset {
         reset_signals();
         mark_inherited_fds_cloexec(3);
         Ok(())
+    }
+}
+
+/// Makes `command`'s child apply `reset` between fork and exec.
+pub fn reset_before_exec(command: &mut Command, reset: ChildReset) {
+    // SAFETY: `ChildReset::apply` makes only async-signal-safe system calls (setrlimit, setsid,
+    // prctl, getppid, signal, sigprocmask, close_range); it neither allocates nor takes locks.
+    unsafe {
+        command.pre_exec(move || reset.apply());
     }
 }
 

@@ -35,3 +35,8 @@ macro_rules! syscall {
 }
 
 pub mod child;
+pub mod fd;
+pub mod process;
+pub mod socket;
+pub mod term;
+pub mod xattr;
