@@ -19,13 +19,10 @@
 use std::fs::{self, DirBuilder, Permissions};
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-
-use nix::errno::Errno;
-use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
 
 /// The accept queue length requested: as deep as the kernel allows, to hold the connections that
 /// arrive while a plugin restarts. Linux silently caps it at `net.core.somaxconn` (4096 by
@@ -42,6 +39,7 @@ const UNIX_SOCKET_MODE: u32 = 0o660;
 const PARENT_DIR_MODE: u32 = 0o755;
 
 pub use crate::config::SocketSpec;
+use crate::sys::socket_file::{self, Occupant, SocketFile};
 
 /// Parse one `sockets` entry with configuration's grammar (the one grammar), so whatever
 /// configuration accepted binds here; the error names the value and lists the valid forms.
@@ -60,29 +58,16 @@ pub struct ListenSocket {
     pub name: String,
     /// The port actually bound (differs from the spec's when that is 0).
     local_port: Option<u16>,
-    /// Device and inode of the socket file we created, so [`Drop`] never removes a file that
-    /// someone else put at the same path since.
-    unix_file: Option<FileIdentity>,
+    /// The socket file we created, removed on drop unless someone else put a file at the same
+    /// path since. Held only for its `Drop`.
+    #[allow(dead_code)]
+    unix_file: Option<SocketFile>,
 }
 
 impl ListenSocket {
     /// The TCP port the socket listens on (`None` for Unix sockets).
     pub fn local_port(&self) -> Option<u16> {
         self.local_port
-    }
-}
-
-impl Drop for ListenSocket {
-    fn drop(&mut self) {
-        let (SocketSpec::Unix(path), Some(ours)) = (&self.spec, self.unix_file) else {
-            return;
-        };
-        if FileIdentity::of(path).ok() != Some(ours) {
-            return;
-        }
-        if let Err(error) = fs::remove_file(path) {
-            log::debug!("cannot remove socket file {}: {error}", path.display());
-        }
     }
 }
 
@@ -118,7 +103,7 @@ fn bind_unix(spec: &SocketSpec, path: &Path) -> Result<ListenSocket, String> {
     remove_stale_socket(spec, path)?;
     let listener = UnixListener::bind(path).map_err(|error| bind_error(spec, &error))?;
     let fd = OwnedFd::from(listener);
-    let unix_file = FileIdentity::of(path).map_err(|error| {
+    let unix_file = SocketFile::claim(path).map_err(|error| {
         format!(
             "cannot inspect socket file {} just bound: {error}",
             path.display()
@@ -187,59 +172,21 @@ fn create_parent_dir(spec: &SocketSpec, path: &Path) -> Result<(), String> {
 /// still listens on belongs to a running process and is not stolen.
 fn remove_stale_socket(spec: &SocketSpec, path: &Path) -> Result<(), String> {
     let shown = path.display();
-    let metadata = match fs::symlink_metadata(path) {
-        Ok(metadata) => metadata,
-        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(error) => return Err(format!("cannot inspect {shown} for socket {spec}: {error}")),
-    };
-    if !metadata.file_type().is_socket() {
-        return Err(format!(
+    let occupant = socket_file::probe(path)
+        .map_err(|error| format!("cannot inspect {shown} for socket {spec}: {error}"))?;
+    match occupant {
+        Occupant::Nothing => Ok(()),
+        Occupant::NotASocket => Err(format!(
             "cannot bind socket {spec}: {shown} exists and is not a socket; remove it or choose another path"
-        ));
-    }
-    match probe_unix_socket(path) {
-        Probe::Stale => {}
-        Probe::Live => {
-            return Err(format!(
-                "cannot bind socket {spec}: a running process listens on {shown}; stop it or choose another path"
-            ));
-        }
-        Probe::Unknown(errno) => {
-            return Err(format!(
-                "cannot bind socket {spec}: cannot tell whether {shown} is in use ({errno}); remove it if it is stale"
-            ));
-        }
-    }
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(error) => Err(format!("cannot remove stale socket file {shown}: {error}")),
-    }
-}
-
-enum Probe {
-    Stale,
-    Live,
-    Unknown(Errno),
-}
-
-/// Try to connect without blocking: refused means nobody listens any more.
-fn probe_unix_socket(path: &Path) -> Probe {
-    let attempt = || -> nix::Result<()> {
-        let address = UnixAddr::new(path)?;
-        let probe = socket(
-            AddressFamily::Unix,
-            SockType::Stream,
-            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
-        connect(probe.as_raw_fd(), &address)
-    };
-    match attempt() {
-        // EAGAIN: the accept queue is full, which only a live listener has.
-        Ok(()) | Err(Errno::EAGAIN) => Probe::Live,
-        Err(Errno::ECONNREFUSED) | Err(Errno::ENOENT) => Probe::Stale,
-        Err(errno) => Probe::Unknown(errno),
+        )),
+        Occupant::Live(_) => Err(format!(
+            "cannot bind socket {spec}: a running process listens on {shown}; stop it or choose another path"
+        )),
+        Occupant::Unknown(error) => Err(format!(
+            "cannot bind socket {spec}: cannot tell whether {shown} is in use ({error}); remove it if it is stale"
+        )),
+        Occupant::Stale => socket_file::remove_socket(path)
+            .map_err(|error| format!("cannot remove stale socket file {shown}: {error}")),
     }
 }
 
@@ -278,30 +225,16 @@ fn unix_fd_name(path: &Path) -> String {
     name
 }
 
-/// Which file a path names, to recognise our own socket file later.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct FileIdentity {
-    device: u64,
-    inode: u64,
-}
-
-impl FileIdentity {
-    fn of(path: &Path) -> io::Result<FileIdentity> {
-        let metadata = fs::symlink_metadata(path)?;
-        Ok(FileIdentity {
-            device: metadata.dev(),
-            inode: metadata.ino(),
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::snapshot::tests::TestDir;
     use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
     use nix::sys::socket::{getsockopt, sockopt};
     use std::net::{Ipv4Addr, Ipv6Addr, TcpStream};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     use std::os::unix::net::UnixStream;
 
     fn tcp(addr: &str) -> SocketSpec {
@@ -411,11 +344,11 @@ mod tests {
         let dir = TestDir::new("listen-live");
         let path = dir.join("live.sock");
         let _owner = UnixListener::bind(&path).unwrap();
-        let before = FileIdentity::of(&path).unwrap();
+        let before = crate::sys::socket_file::FileId::of(&path).unwrap();
 
         let error = bind(&SocketSpec::Unix(path.clone())).unwrap_err();
         assert!(error.contains("running process"), "{error}");
-        assert_eq!(FileIdentity::of(&path).unwrap(), before);
+        assert_eq!(crate::sys::socket_file::FileId::of(&path).unwrap(), before);
     }
 
     #[test]

@@ -33,7 +33,7 @@ use std::fs;
 use std::io;
 use std::mem;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,7 @@ use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr, sockop
 use nix::unistd::{Pid, getpgid};
 
 use crate::sys::socket::{ControlBuffer, RawDatagram, recv_raw};
+use crate::sys::socket_file::SocketFile;
 
 /// Largest payload accepted, in bytes (systemd's `NOTIFY_BUFFER_MAX` is the same page size);
 /// anything larger is dropped whole, as a cut-off message could change meaning.
@@ -78,9 +79,10 @@ const MAX_LOGGED_VALUE_CHARS: usize = 64;
 pub struct NotifySocket {
     fd: OwnedFd,
     path: PathBuf,
-    /// `(st_dev, st_ino)` of the socket file we bound, so that dropping us never unlinks a socket
-    /// that a newer instance has since bound at the same path.
-    bound_file: (u64, u64),
+    /// The socket file we bound: dropping us never unlinks a socket that a newer instance has
+    /// since bound at the same path. Held only for its `Drop`.
+    #[allow(dead_code)]
+    bound_file: SocketFile,
     payload: Box<[u8]>,
     control: ControlBuffer,
     warnings: WarnLimiter,
@@ -318,32 +320,6 @@ impl NotifySocket {
     }
 }
 
-impl Drop for NotifySocket {
-    fn drop(&mut self) {
-        match fs::symlink_metadata(&self.path) {
-            Ok(meta) if (meta.dev(), meta.ino()) == self.bound_file => {
-                if let Err(e) = fs::remove_file(&self.path)
-                    && e.kind() != io::ErrorKind::NotFound
-                {
-                    log::warn!(
-                        "failed to remove notify socket `{}`: {e}",
-                        self.path.display()
-                    );
-                }
-            }
-            Ok(_) => log::debug!(
-                "notify socket `{}` was replaced since it was bound; leaving it",
-                self.path.display()
-            ),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => log::warn!(
-                "failed to inspect notify socket `{}`: {e}",
-                self.path.display()
-            ),
-        }
-    }
-}
-
 impl AsFd for NotifySocket {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
@@ -422,12 +398,10 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
 
 /// Make the freshly bound socket file 0600 and return its identity. `bind` creates it with the
 /// umask's mode; the 0700 directory keeps others out during that window.
-fn restrict_socket_file(path: &Path) -> io::Result<(u64, u64)> {
+fn restrict_socket_file(path: &Path) -> io::Result<SocketFile> {
     fs::set_permissions(path, fs::Permissions::from_mode(0o600))
         .map_err(|e| path_error(path, "set mode 0600 on notify socket", e))?;
-    let meta =
-        fs::symlink_metadata(path).map_err(|e| path_error(path, "inspect notify socket", e))?;
-    Ok((meta.dev(), meta.ino()))
+    SocketFile::claim(path).map_err(|e| path_error(path, "inspect notify socket", e))
 }
 
 /// Why a received datagram was dropped.

@@ -38,5 +38,6 @@ pub mod child;
 pub mod fd;
 pub mod process;
 pub mod socket;
+pub mod socket_file;
 pub mod term;
 pub mod xattr;
