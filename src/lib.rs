@@ -9,8 +9,11 @@
 //! (debounce, retry backoff, SIGKILL escalation, startup grace) and not at all when none is due,
 //! so an idle daemon never wakes up.
 //!
-//! Subsystems own their state and never call each other; the daemon owns them all and routes
-//! readiness events and expired timers between them.
+//! Subsystems own their state; the daemon owns them all and routes readiness events and
+//! expired timers between them. Two edges go the other way: the control server calls back into
+//! the daemon through `control::Handler` to execute a request, and the supervisor starts hooks
+//! and binds sockets itself. Every raw system call goes through `sys` (and `unsafe` lives only
+//! there and in the plugin spawner's pre-exec code); exit codes are `exit`'s.
 pub mod clock;
 pub mod config;
 pub mod control;

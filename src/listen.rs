@@ -15,6 +15,10 @@
 //! address that changes with DNS is no fixed listening address); only `localhost` is accepted,
 //! as 127.0.0.1. Port 0 is accepted: the kernel then picks a port once, when the daemon binds,
 //! and it stays fixed across reloads (mostly useful to tests, see [`ListenSocket::local_port`]).
+//!
+//! The spec is configuration's [`SocketSpec`], parsed by the same grammar, so whatever
+//! configuration accepts binds here. A Unix socket's file (stale probe, removal only while it is
+//! still ours) is `sys::socket_file`'s.
 
 use std::fs::{self, DirBuilder, Permissions};
 use std::io;

@@ -20,8 +20,8 @@
 //! * Received descriptors are installed in our process *before* we see the message, including
 //!   the ones that still fit when the control buffer overflows (`MSG_CTRUNC`). nix's `recvmsg`
 //!   refuses to walk control messages once `MSG_CTRUNC` is set, which would leak those fds, so
-//!   the control buffer is walked here with libc's `CMSG_*` helpers. `MSG_CMSG_CLOEXEC` keeps
-//!   them out of plugins spawned meanwhile.
+//!   the control buffer is walked with libc's `CMSG_*` helpers (in `sys::socket::recv_raw`).
+//!   `MSG_CMSG_CLOEXEC` keeps them out of plugins spawned meanwhile.
 //! * A datagram socket queues at most `net.unix.max_dgram_qlen` + 1 messages (10 + 1 by default)
 //!   from unconnected senders, whatever `SO_RCVBUF` says (the memory is charged to the sender),
 //!   so the receive buffer is left alone; a plugin that sends faster than the daemon drains

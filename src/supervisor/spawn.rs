@@ -1,4 +1,6 @@
-//! Starting plugin processes: the only place that forks, and the only `unsafe` in the supervisor.
+//! Starting plugin processes: the only place in the supervisor that forks, and the only
+//! `unsafe` outside `sys` (the code between fork and exec cannot go through `sys`' allocating
+//! wrappers). Raw system calls are `sys`'; the child reset is `sys::child`, shared with hooks.
 //!
 //! Every plugin starts from a clean slate whatever state the daemon was started in (under `nohup`,
 //! from a shell with signals blocked, with stray descriptors inherited from its parent):
