@@ -748,10 +748,12 @@ impl Core {
 
     fn status_body(&self) -> Map<String, Value> {
         let hr = &self.config.hot_reload;
-        // Plugin directories, as the field says: not the plugins dir itself nor build dirs that
-        // symlinked executables point into, which the watcher also watches.
+        // The directories watched for plugins: the plugins dir and each plugin dir. Not the
+        // build dirs that symlinked executables point into, nor the plugins dir's parent, which
+        // the watcher also watches.
         let watching = self.watcher.as_ref().map_or(0, |w| {
-            self.sup.plugins().filter(|p| w.is_watching(&p.id)).count()
+            usize::from(w.root_watched())
+                + self.sup.plugins().filter(|p| w.is_watching(&p.id)).count()
         });
         let mut body = Map::new();
         body.insert(

@@ -319,10 +319,7 @@ pub fn status(reply: &Value, style: &Style) -> String {
         ("exclude", list(&hr["exclude_patterns"])),
         (
             "watching",
-            match hr["watching_directories"].as_u64() {
-                Some(1) => "1 plugin directory".to_string(),
-                _ => format!("{} plugin directories", text(&hr["watching_directories"])),
-            },
+            watching_text(&hr["watching_directories"], &daemon["plugins_dir_present"]),
         ),
         (
             "reloads",
@@ -611,6 +608,24 @@ pub fn log_line(event: &Value, style: &Style) -> Option<String> {
     }
 }
 
+/// `watching_directories` counts the plugins dir (while it is there) and each plugin dir:
+/// say which is which.
+fn watching_text(watching: &Value, plugins_dir_present: &Value) -> String {
+    let Some(total) = watching.as_u64() else {
+        return text(watching);
+    };
+    let root = u64::from(plugins_dir_present.as_bool() != Some(false) && total > 0);
+    let plugin_dirs = match total - root {
+        1 => "1 plugin directory".to_string(),
+        n => format!("{n} plugin directories"),
+    };
+    if root == 1 {
+        format!("the plugins directory and {plugin_dirs}")
+    } else {
+        plugin_dirs
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::testutil::plain_style;
@@ -657,7 +672,7 @@ mod tests {
 hot reload:  on, debounce 500 ms
 watch:       *
 exclude:     *.tmp, *.log
-watching:    3 plugin directories
+watching:    the plugins directory and 2 plugin directories
 reloads:     12, 2 failed
 last reload: 2026-11-27 22:30:45 (5m 2s ago)
 sessions:    1

@@ -81,14 +81,37 @@ pub fn children(pid: i32) -> Option<Vec<i32>> {
         return Some(out);
     };
     for task in tasks.filter_map(Result::ok) {
-        if let Ok(text) = fs::read_to_string(task.path().join("children")) {
-            out.extend(
-                text.split_whitespace()
-                    .filter_map(|p| p.parse::<i32>().ok()),
-            );
+        if let Some(pids) = read_children(&task.path().join("children")) {
+            out.extend(pids);
         }
     }
     Some(out)
+}
+
+/// A `children` file in as few read(2) calls as possible: each call makes the kernel walk the
+/// list from its start to the read position again, so small reads of a long list (the daemon
+/// with a thousand plugins) cost quadratic time.
+fn read_children(path: &Path) -> Option<Vec<i32>> {
+    let mut file = fs::File::open(path).ok()?;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return None,
+        }
+    }
+    let text = std::str::from_utf8(&buf[..len]).ok()?;
+    Some(
+        text.split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect(),
+    )
 }
 
 /// The daemon's own children, from its main thread's `children` file alone: every fork of the
@@ -99,12 +122,7 @@ pub fn own_children(me: i32) -> Option<Vec<i32>> {
     if !children_files_supported() {
         return None;
     }
-    let text = fs::read_to_string(format!("/proc/{me}/task/{me}/children")).ok()?;
-    Some(
-        text.split_whitespace()
-            .filter_map(|p| p.parse::<i32>().ok())
-            .collect(),
-    )
+    read_children(Path::new(&format!("/proc/{me}/task/{me}/children")))
 }
 
 fn children_files_supported() -> bool {

@@ -485,12 +485,13 @@ fn status_counts_plugin_directories_and_says_disabled_without_watches() {
     d.wait_started("p1", "v1");
     let hot = &d.status()["hot_reload"];
     assert!(
-        hot["watching_directories"] == 1 && hot["enabled"] == true,
-        "contract (SPEC §6): one plugin, one plugin directory watched; saw {hot}"
+        hot["watching_directories"] == 2 && hot["enabled"] == true,
+        "contract (SPEC §6): the plugins dir and one plugin directory watched, not the \
+         symlinked build's directory; saw {hot}"
     );
     let shown = d.ctl(&["status"]).stdout;
     assert!(
-        shown.contains("1 plugin directory"),
+        shown.contains("the plugins directory and 1 plugin directory"),
         "status shows the count; saw {shown}"
     );
 

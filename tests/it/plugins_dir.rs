@@ -90,8 +90,8 @@ fn plugins_dir_deleted_and_recreated_is_supervised_again() {
     );
     let status = d.status();
     assert!(
-        status["hot_reload"]["watching_directories"].as_u64() == Some(2),
-        "contract: both plugin dirs are watched again; saw {status}"
+        status["hot_reload"]["watching_directories"].as_u64() == Some(3),
+        "contract: the plugins dir and both plugin dirs are watched again; saw {status}"
     );
     // The new plugin dirs are watched: a new build is hot-reloaded.
     let v4 = d.install("p3", &Script::new("v2"));
