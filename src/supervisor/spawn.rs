@@ -257,12 +257,7 @@ impl ExecPlan {
                     return io::Error::last_os_error();
                 }
             }
-            libc::syscall(
-                libc::SYS_close_range,
-                first_free as u32,
-                u32::MAX,
-                libc::CLOSE_RANGE_CLOEXEC,
-            );
+            sys::child::mark_inherited_fds_cloexec(first_free as libc::c_uint);
             libc::execve(
                 self.path.as_ptr(),
                 self.argv_ptrs.as_ptr(),
