@@ -13,9 +13,9 @@
 //! | `xattr.rs`       | extended attributes (the cgroup delegation marker)                 |
 //! | `term.rs`        | the terminal's width and the local time zone (for `hotreloadctl`)  |
 //!
-//! `unsafe` lives here, in the plugin spawner's pre-exec code (`supervisor::spawn`: between fork
-//! and exec nothing may allocate, so it cannot go through these wrappers' `io::Error`s freely),
-//! and nowhere else. Every `unsafe` block carries a `// SAFETY:` comment (enforced by
+//! `unsafe` lives here, in the plugin spawner's fork/exec code (`supervisor::spawn`: `pre_exec`,
+//! `execve` with pointer arrays prepared before the fork, the child side of `clone3`; only the
+//! spawner can vouch for those), and nowhere else. Every `unsafe` block carries a `// SAFETY:` comment (enforced by
 //! `clippy::undocumented_unsafe_blocks` in Cargo.toml).
 
 /// Call a `libc` function and turn its `-1` into the `io::Error` of `errno`.
