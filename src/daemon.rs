@@ -36,31 +36,7 @@ use crate::wheel::TimerWheel;
 
 mod plugins_dir;
 
-/// Why the daemon could not run; each maps to one exit code in the binary.
-#[derive(Debug)]
-pub enum FatalError {
-    /// Configuration problem (exit 78).
-    Config(String),
-    /// Operating-system problem: socket busy, directory not creatable, poll failure (exit 71).
-    Os(String),
-}
-
-impl std::fmt::Display for FatalError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            FatalError::Config(m) | FatalError::Os(m) => f.write_str(m),
-        }
-    }
-}
-
-impl FatalError {
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            FatalError::Config(_) => 78,
-            FatalError::Os(_) => 71,
-        }
-    }
-}
+pub use crate::exit::FatalError;
 
 fn os_err(what: impl std::fmt::Display) -> FatalError {
     FatalError::Os(what.to_string())

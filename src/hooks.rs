@@ -13,8 +13,9 @@
 //!   in the daemon's stderr, which is the journal under systemd, while chatty stdout output
 //!   cannot flood it;
 //! - its own process group, so [`kill_hook`] takes down everything the hook started;
-//! - default signal dispositions (ignored signals survive `execve`, and std only resets
-//!   `SIGPIPE`), and no inherited descriptors beyond 0, 1 and 2;
+//! - default signal dispositions and an empty signal mask (ignored and blocked signals survive
+//!   `execve`, and std only resets `SIGPIPE`), and no inherited descriptors beyond 0, 1 and 2
+//!   (`sys::child`, the same reset plugins get);
 //! - `PR_SET_PDEATHSIG(SIGKILL)`, so a hook dies with a killed daemon;
 //! - the daemon's environment minus `NOTIFY_SOCKET`, `LISTEN_*` and `WATCHDOG_*` (those describe
 //!   the daemon's own relation with systemd), plus `HOTRELOAD_PLUGIN_ID`,
@@ -37,6 +38,8 @@ use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
+
+use crate::sys::{self, child::ChildReset};
 
 /// `[hooks] timeout_ms` when the key is absent: a hook still running then is killed.
 pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
@@ -213,11 +216,16 @@ fn spawn_with_environment(
         .stderr(Stdio::inherit())
         .process_group(0);
     let parent = Pid::this();
-    // SAFETY: `reset_child_state` runs between fork and exec and only makes async-signal-safe
-    // system calls (signal, prctl, getppid, close_range); it neither allocates nor takes locks.
-    unsafe {
-        command.pre_exec(move || reset_child_state(parent));
-    }
+    // The reset plugins get, but in the daemon's session: `process_group(0)` already makes the
+    // hook a group of its own for `kill_hook`.
+    sys::child::reset_before_exec(
+        &mut command,
+        ChildReset {
+            parent: parent.as_raw(),
+            new_session: false,
+            nofile_soft: 0,
+        },
+    );
     let child = command.spawn().map_err(|source| HookError::Spawn {
         kind,
         program: program.clone(),
@@ -270,49 +278,6 @@ fn is_hook_variable(key: &OsStr) -> bool {
 /// anywhere, so escape it rather than lose the hook.
 fn env_value(value: &str) -> OsString {
     OsString::from(value.replace('\0', "\\0"))
-}
-
-/// Runs in the forked child before `execve`. Only async-signal-safe calls are allowed here.
-fn reset_child_state(parent: Pid) -> io::Result<()> {
-    reset_signal_dispositions();
-    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
-    // The daemon may have died between fork and prctl, in which case the death signal was
-    // never armed: the child was reparented, so give up instead of running orphaned.
-    if nix::unistd::getppid() != parent {
-        return Err(io::Error::from_raw_os_error(libc::ESRCH));
-    }
-    mark_inherited_fds_cloexec();
-    Ok(())
-}
-
-/// Ignored dispositions survive `execve`; put every classic signal back to its default.
-/// (Caught ones are reset by `execve` itself; 32 and up are glibc-internal or real-time.)
-fn reset_signal_dispositions() {
-    for signal in 1..32 {
-        if signal == libc::SIGKILL || signal == libc::SIGSTOP {
-            continue;
-        }
-        // SAFETY: `signal` is async-signal-safe; SIG_DFL installs no handler code.
-        unsafe {
-            libc::signal(signal, libc::SIG_DFL);
-        }
-    }
-}
-
-/// Belt and braces against descriptors a library opened without `O_CLOEXEC`: mark all of them
-/// above stderr close-on-exec. Close-on-exec (not close) keeps std's own exec-error pipe
-/// working. Kernels before 5.11 lack the flag (the call then fails and is ignored: the daemon's
-/// own fds are close-on-exec already). The raw system call avoids needing glibc 2.34's wrapper.
-fn mark_inherited_fds_cloexec() {
-    // SAFETY: close_range takes only integers and changes descriptor flags; it touches no memory.
-    unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            3 as libc::c_uint,
-            libc::c_uint::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
-        );
-    }
 }
 
 #[cfg(test)]
@@ -399,6 +364,34 @@ mod tests {
             written,
             "ffmpeg_transcoder|9f2c4e1a0b3d5c77|0011223344556677|exited with status 1; it's $(broken)"
         );
+    }
+
+    /// A blocked signal survives `execve`: a hook started while the daemon's thread blocks one
+    /// must still see an empty mask, as plugins do, or a SIGTERM would never reach it. (std's
+    /// `Command` empties the mask too; `sys::child` does not rely on it, since the plugin
+    /// spawner's clone3 path bypasses `Command`.)
+    #[test]
+    fn hook_starts_with_an_empty_signal_mask() {
+        use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask};
+        // A thread of its own: the mask it blocks dies with it, whatever the assertions do.
+        let mask = std::thread::spawn(|| {
+            let mut blocked = SigSet::empty();
+            blocked.add(Signal::SIGUSR2);
+            blocked.add(Signal::SIGTERM);
+            pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&blocked), None).unwrap();
+            let ctx = HookContext {
+                plugin: "p",
+                ..HookContext::default()
+            };
+            run_script(
+                "grep '^SigBlk:' /proc/self/status > \"$1\"",
+                &ctx,
+                Vec::new(),
+            )
+        })
+        .join()
+        .unwrap();
+        assert_eq!(mask.trim(), "SigBlk:\t0000000000000000", "{mask}");
     }
 
     #[test]

@@ -9,14 +9,19 @@
 //! (debounce, retry backoff, SIGKILL escalation, startup grace) and not at all when none is due,
 //! so an idle daemon never wakes up.
 //!
-//! Subsystems own their state and never call each other; the daemon owns them all and routes
-//! readiness events and expired timers between them.
+//! Subsystems own their state; the daemon owns them all and routes readiness events and
+//! expired timers between them. The control server hands complete requests to the daemon,
+//! which executes them and gives the replies back; the supervisor acts on the machine through
+//! its `Host` seam (spawn, signals, snapshots, state files, hooks, cgroups), and binds plugins'
+//! sockets itself. Every raw system call goes through `sys` (and `unsafe` lives only
+//! there and in the plugin spawner's pre-exec code); exit codes are `exit`'s.
 pub mod clock;
 pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod daemon;
 pub mod events;
+pub mod exit;
 mod fsutil;
 pub mod hooks;
 pub mod listen;
@@ -30,6 +35,7 @@ pub mod signals;
 pub mod snapshot;
 pub mod state_file;
 pub mod supervisor;
+pub mod sys;
 pub mod token;
 pub mod watch;
 pub mod wheel;

@@ -15,21 +15,18 @@
 //! address that changes with DNS is no fixed listening address); only `localhost` is accepted,
 //! as 127.0.0.1. Port 0 is accepted: the kernel then picks a port once, when the daemon binds,
 //! and it stays fixed across reloads (mostly useful to tests, see [`ListenSocket::local_port`]).
+//!
+//! The spec is configuration's [`SocketSpec`], parsed by the same grammar, so whatever
+//! configuration accepts binds here. A Unix socket's file (stale probe, removal only while it is
+//! still ours) is `sys::socket_file`'s.
 
-use std::fmt;
 use std::fs::{self, DirBuilder, Permissions};
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
-
-use nix::errno::Errno;
-use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
-
-/// Longest Unix socket path: `sun_path` is 108 bytes including the terminating NUL.
-pub const MAX_UNIX_PATH_BYTES: usize = 107;
+use std::path::Path;
 
 /// The accept queue length requested: as deep as the kernel allows, to hold the connections that
 /// arrive while a plugin restarts. Linux silently caps it at `net.core.somaxconn` (4096 by
@@ -45,75 +42,13 @@ const UNIX_SOCKET_MODE: u32 = 0o660;
 /// Mode of directories created to hold a Unix socket: clients must be able to traverse them.
 const PARENT_DIR_MODE: u32 = 0o755;
 
-const VALID_FORMS: &str = "valid forms: \"tcp:IPV4:PORT\", \"tcp:[IPV6]:PORT\", \"tcp:localhost:PORT\", \"unix:/absolute/path\"";
+pub use crate::config::SocketSpec;
+use crate::sys::socket_file::{self, Occupant, SocketFile};
 
-/// Where a socket listens, as configured.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum SocketSpec {
-    Tcp(SocketAddr),
-    Unix(PathBuf),
-}
-
-/// The configuration form: `tcp:127.0.0.1:9000`, `tcp:[::1]:9000`, `unix:/run/x.sock`.
-impl fmt::Display for SocketSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SocketSpec::Tcp(addr) => write!(f, "tcp:{addr}"),
-            SocketSpec::Unix(path) => write!(f, "unix:{}", path.display()),
-        }
-    }
-}
-
-/// Parse one `sockets` entry; the error names the value and lists the valid forms.
+/// Parse one `sockets` entry with configuration's grammar (the one grammar), so whatever
+/// configuration accepted binds here; the error names the value and lists the valid forms.
 pub fn parse_spec(s: &str) -> Result<SocketSpec, String> {
-    let parsed = if let Some(rest) = s.strip_prefix("tcp:") {
-        parse_tcp(rest).map(SocketSpec::Tcp)
-    } else if let Some(path) = s.strip_prefix("unix:") {
-        parse_unix(path).map(SocketSpec::Unix)
-    } else {
-        Err("expected a \"tcp:\" or \"unix:\" prefix".to_owned())
-    };
-    parsed.map_err(|why| format!("invalid socket {s:?}: {why}; {VALID_FORMS}"))
-}
-
-fn parse_tcp(rest: &str) -> Result<SocketAddr, String> {
-    if let Ok(addr) = rest.parse::<SocketAddr>() {
-        return Ok(addr);
-    }
-    let Some((host, port)) = rest.rsplit_once(':') else {
-        return Err("missing the port (\":PORT\")".to_owned());
-    };
-    let port: u16 = port
-        .parse()
-        .map_err(|_| format!("port {port:?} is not a number from 0 to 65535"))?;
-    if host.eq_ignore_ascii_case("localhost") {
-        Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
-    } else if host.contains(':') && !host.starts_with('[') {
-        Err("an IPv6 address goes in brackets".to_owned())
-    } else {
-        Err(format!(
-            "host {host:?} is not an IP address or \"localhost\" (host names are not resolved)"
-        ))
-    }
-}
-
-fn parse_unix(path: &str) -> Result<PathBuf, String> {
-    if !path.starts_with('/') {
-        return Err("the path must be absolute".to_owned());
-    }
-    if path.contains('\0') {
-        return Err("the path contains a NUL byte".to_owned());
-    }
-    if path.len() > MAX_UNIX_PATH_BYTES {
-        return Err(format!(
-            "the path is {} bytes long; at most {MAX_UNIX_PATH_BYTES} fit in a socket address",
-            path.len()
-        ));
-    }
-    if path.ends_with('/') || Path::new(path).file_name().is_none() {
-        return Err("the path must name a file, not a directory".to_owned());
-    }
-    Ok(PathBuf::from(path))
+    crate::config::parse_socket_spec(s).map_err(|why| format!("invalid socket {why}"))
 }
 
 /// A bound, listening socket, kept open by the daemon across plugin reloads.
@@ -127,29 +62,16 @@ pub struct ListenSocket {
     pub name: String,
     /// The port actually bound (differs from the spec's when that is 0).
     local_port: Option<u16>,
-    /// Device and inode of the socket file we created, so [`Drop`] never removes a file that
-    /// someone else put at the same path since.
-    unix_file: Option<FileIdentity>,
+    /// The socket file we created, removed on drop unless someone else put a file at the same
+    /// path since. Held only for its `Drop`.
+    #[allow(dead_code)]
+    unix_file: Option<SocketFile>,
 }
 
 impl ListenSocket {
     /// The TCP port the socket listens on (`None` for Unix sockets).
     pub fn local_port(&self) -> Option<u16> {
         self.local_port
-    }
-}
-
-impl Drop for ListenSocket {
-    fn drop(&mut self) {
-        let (SocketSpec::Unix(path), Some(ours)) = (&self.spec, self.unix_file) else {
-            return;
-        };
-        if FileIdentity::of(path).ok() != Some(ours) {
-            return;
-        }
-        if let Err(error) = fs::remove_file(path) {
-            log::debug!("cannot remove socket file {}: {error}", path.display());
-        }
     }
 }
 
@@ -185,7 +107,7 @@ fn bind_unix(spec: &SocketSpec, path: &Path) -> Result<ListenSocket, String> {
     remove_stale_socket(spec, path)?;
     let listener = UnixListener::bind(path).map_err(|error| bind_error(spec, &error))?;
     let fd = OwnedFd::from(listener);
-    let unix_file = FileIdentity::of(path).map_err(|error| {
+    let unix_file = SocketFile::claim(path).map_err(|error| {
         format!(
             "cannot inspect socket file {} just bound: {error}",
             path.display()
@@ -229,11 +151,8 @@ fn bind_error(spec: &SocketSpec, error: &io::Error) -> String {
 /// std's backlog depends on its version (128 in older releases, `SOMAXCONN` in recent ones);
 /// calling `listen` again on a listening socket just sets the queue length to ours.
 fn raise_backlog(fd: &OwnedFd, spec: &SocketSpec) -> Result<(), String> {
-    // SAFETY: `fd` is an open socket owned by the caller for the duration of the call.
-    let result = unsafe { libc::listen(fd.as_raw_fd(), BACKLOG) };
-    Errno::result(result)
-        .map(drop)
-        .map_err(|errno| format!("cannot set the backlog of socket {spec}: {errno}"))
+    crate::sys::fd::listen(fd.as_fd(), BACKLOG)
+        .map_err(|error| format!("cannot set the backlog of socket {spec}: {error}"))
 }
 
 fn create_parent_dir(spec: &SocketSpec, path: &Path) -> Result<(), String> {
@@ -257,59 +176,21 @@ fn create_parent_dir(spec: &SocketSpec, path: &Path) -> Result<(), String> {
 /// still listens on belongs to a running process and is not stolen.
 fn remove_stale_socket(spec: &SocketSpec, path: &Path) -> Result<(), String> {
     let shown = path.display();
-    let metadata = match fs::symlink_metadata(path) {
-        Ok(metadata) => metadata,
-        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(error) => return Err(format!("cannot inspect {shown} for socket {spec}: {error}")),
-    };
-    if !metadata.file_type().is_socket() {
-        return Err(format!(
+    let occupant = socket_file::probe(path)
+        .map_err(|error| format!("cannot inspect {shown} for socket {spec}: {error}"))?;
+    match occupant {
+        Occupant::Nothing => Ok(()),
+        Occupant::NotASocket => Err(format!(
             "cannot bind socket {spec}: {shown} exists and is not a socket; remove it or choose another path"
-        ));
-    }
-    match probe_unix_socket(path) {
-        Probe::Stale => {}
-        Probe::Live => {
-            return Err(format!(
-                "cannot bind socket {spec}: a running process listens on {shown}; stop it or choose another path"
-            ));
-        }
-        Probe::Unknown(errno) => {
-            return Err(format!(
-                "cannot bind socket {spec}: cannot tell whether {shown} is in use ({errno}); remove it if it is stale"
-            ));
-        }
-    }
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(error) => Err(format!("cannot remove stale socket file {shown}: {error}")),
-    }
-}
-
-enum Probe {
-    Stale,
-    Live,
-    Unknown(Errno),
-}
-
-/// Try to connect without blocking: refused means nobody listens any more.
-fn probe_unix_socket(path: &Path) -> Probe {
-    let attempt = || -> nix::Result<()> {
-        let address = UnixAddr::new(path)?;
-        let probe = socket(
-            AddressFamily::Unix,
-            SockType::Stream,
-            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
-        connect(probe.as_raw_fd(), &address)
-    };
-    match attempt() {
-        // EAGAIN: the accept queue is full, which only a live listener has.
-        Ok(()) | Err(Errno::EAGAIN) => Probe::Live,
-        Err(Errno::ECONNREFUSED) | Err(Errno::ENOENT) => Probe::Stale,
-        Err(errno) => Probe::Unknown(errno),
+        )),
+        Occupant::Live(_) => Err(format!(
+            "cannot bind socket {spec}: a running process listens on {shown}; stop it or choose another path"
+        )),
+        Occupant::Unknown(error) => Err(format!(
+            "cannot bind socket {spec}: cannot tell whether {shown} is in use ({error}); remove it if it is stale"
+        )),
+        Occupant::Stale => socket_file::remove_socket(path)
+            .map_err(|error| format!("cannot remove stale socket file {shown}: {error}")),
     }
 }
 
@@ -348,30 +229,16 @@ fn unix_fd_name(path: &Path) -> String {
     name
 }
 
-/// Which file a path names, to recognise our own socket file later.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct FileIdentity {
-    device: u64,
-    inode: u64,
-}
-
-impl FileIdentity {
-    fn of(path: &Path) -> io::Result<FileIdentity> {
-        let metadata = fs::symlink_metadata(path)?;
-        Ok(FileIdentity {
-            device: metadata.dev(),
-            inode: metadata.ino(),
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::snapshot::tests::TestDir;
     use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
     use nix::sys::socket::{getsockopt, sockopt};
-    use std::net::{Ipv6Addr, TcpStream};
+    use std::net::{Ipv4Addr, Ipv6Addr, TcpStream};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     use std::os::unix::net::UnixStream;
 
     fn tcp(addr: &str) -> SocketSpec {
@@ -379,64 +246,16 @@ mod tests {
     }
 
     #[test]
-    fn parses_valid_specs() {
-        let long = format!("/{}", "a".repeat(MAX_UNIX_PATH_BYTES - 1));
-        let table = [
-            ("tcp:127.0.0.1:9000", tcp("127.0.0.1:9000")),
-            ("tcp:0.0.0.0:80", tcp("0.0.0.0:80")),
-            ("tcp:[::1]:9000", tcp("[::1]:9000")),
-            ("tcp:[::]:0", tcp("[::]:0")),
-            ("tcp:localhost:8080", tcp("127.0.0.1:8080")),
-            ("tcp:LocalHost:1", tcp("127.0.0.1:1")),
-            ("tcp:127.0.0.1:0", tcp("127.0.0.1:0")),
-            (
-                "unix:/run/hotreload/ffmpeg.sock",
-                SocketSpec::Unix("/run/hotreload/ffmpeg.sock".into()),
-            ),
-            (
-                &format!("unix:{long}"),
-                SocketSpec::Unix(long.clone().into()),
-            ),
-        ];
-        for (text, expected) in table {
-            assert_eq!(parse_spec(text), Ok(expected), "{text}");
-        }
-    }
-
-    #[test]
-    fn rejects_invalid_specs_naming_the_value() {
-        let too_long = format!("unix:/{}", "a".repeat(MAX_UNIX_PATH_BYTES));
-        let table = [
-            ("", "prefix"),
-            ("udp:127.0.0.1:53", "prefix"),
-            ("127.0.0.1:9000", "prefix"),
-            ("tcp:127.0.0.1", "port"),
-            ("tcp:127.0.0.1:", "port"),
-            ("tcp:127.0.0.1:65536", "port"),
-            ("tcp:127.0.0.1:http", "port"),
-            ("tcp:example.com:80", "not resolved"),
-            ("tcp:::1:9000", "brackets"),
-            ("tcp:9000", "missing the port"),
-            ("unix:", "absolute"),
-            ("unix:relative.sock", "absolute"),
-            ("unix:@abstract", "absolute"),
-            ("unix:/run/dir/", "name a file"),
-            ("unix:/", "name a file"),
-            ("unix:/run/a\0b", "NUL"),
-            (too_long.as_str(), "at most 107"),
-        ];
-        for (text, why) in table {
+    fn the_binder_parses_with_the_configuration_grammar() {
+        assert_eq!(parse_spec("tcp:localhost:8080"), Ok(tcp("127.0.0.1:8080")));
+        assert_eq!(
+            parse_spec("unix:/run/x.sock"),
+            Ok(SocketSpec::Unix("/run/x.sock".into()))
+        );
+        for text in ["unix:/run/x/", "tcp:LOCALHOST:80", "udp:127.0.0.1:53"] {
             let error = parse_spec(text).unwrap_err();
+            assert!(crate::config::valid_socket_spec(text).is_err());
             assert!(error.contains(&format!("{text:?}")), "{error}");
-            assert!(error.contains(why), "{text}: {error}");
-            assert!(error.contains("unix:/absolute/path"), "{error}");
-        }
-    }
-
-    #[test]
-    fn display_round_trips() {
-        for text in ["tcp:127.0.0.1:9000", "tcp:[::1]:9000", "unix:/run/x.sock"] {
-            assert_eq!(parse_spec(text).unwrap().to_string(), text);
         }
     }
 
@@ -529,11 +348,11 @@ mod tests {
         let dir = TestDir::new("listen-live");
         let path = dir.join("live.sock");
         let _owner = UnixListener::bind(&path).unwrap();
-        let before = FileIdentity::of(&path).unwrap();
+        let before = crate::sys::socket_file::FileId::of(&path).unwrap();
 
         let error = bind(&SocketSpec::Unix(path.clone())).unwrap_err();
         assert!(error.contains("running process"), "{error}");
-        assert_eq!(FileIdentity::of(&path).unwrap(), before);
+        assert_eq!(crate::sys::socket_file::FileId::of(&path).unwrap(), before);
     }
 
     #[test]

@@ -10,7 +10,6 @@
 
 use std::ffi::OsStr;
 use std::io;
-use std::os::fd::FromRawFd;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener};
@@ -125,9 +124,7 @@ pub fn take_activated_listener() -> Option<UnixListener> {
             log::warn!("ignoring extra activated socket fd {fd} ({name})");
         }
     }
-    // SAFETY: the service manager passed this descriptor to us and nothing else in the process
-    // has taken ownership of it (listen_fds_with_names only marked it CLOEXEC).
-    Some(unsafe { UnixListener::from_raw_fd(chosen) })
+    Some(UnixListener::from(crate::sys::fd::adopt_passed(chosen)))
 }
 
 #[cfg(test)]

@@ -20,8 +20,8 @@
 //! * Received descriptors are installed in our process *before* we see the message, including
 //!   the ones that still fit when the control buffer overflows (`MSG_CTRUNC`). nix's `recvmsg`
 //!   refuses to walk control messages once `MSG_CTRUNC` is set, which would leak those fds, so
-//!   the control buffer is walked here with libc's `CMSG_*` helpers. `MSG_CMSG_CLOEXEC` keeps
-//!   them out of plugins spawned meanwhile.
+//!   the control buffer is walked with libc's `CMSG_*` helpers (in `sys::socket::recv_raw`).
+//!   `MSG_CMSG_CLOEXEC` keeps them out of plugins spawned meanwhile.
 //! * A datagram socket queues at most `net.unix.max_dgram_qlen` + 1 messages (10 + 1 by default)
 //!   from unconnected senders, whatever `SO_RCVBUF` says (the memory is charged to the sender),
 //!   so the receive buffer is left alone; a plugin that sends faster than the daemon drains
@@ -32,14 +32,16 @@ use std::fmt;
 use std::fs;
 use std::io;
 use std::mem;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::ptr;
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr, sockopt};
 use nix::unistd::{Pid, getpgid};
+
+use crate::sys::socket::{ControlBuffer, RawDatagram, recv_raw};
+use crate::sys::socket_file::SocketFile;
 
 /// Largest payload accepted, in bytes (systemd's `NOTIFY_BUFFER_MAX` is the same page size);
 /// anything larger is dropped whole, as a cut-off message could change meaning.
@@ -77,9 +79,10 @@ const MAX_LOGGED_VALUE_CHARS: usize = 64;
 pub struct NotifySocket {
     fd: OwnedFd,
     path: PathBuf,
-    /// `(st_dev, st_ino)` of the socket file we bound, so that dropping us never unlinks a socket
-    /// that a newer instance has since bound at the same path.
-    bound_file: (u64, u64),
+    /// The socket file we bound: dropping us never unlinks a socket that a newer instance has
+    /// since bound at the same path. Held only for its `Drop`.
+    #[allow(dead_code)]
+    bound_file: SocketFile,
     payload: Box<[u8]>,
     control: ControlBuffer,
     warnings: WarnLimiter,
@@ -248,7 +251,7 @@ impl NotifySocket {
             path: path.to_path_buf(),
             bound_file,
             payload: vec![0; MAX_DATAGRAM].into_boxed_slice(),
-            control: ControlBuffer::new(),
+            control: ControlBuffer::new(MAX_FDS_PER_MESSAGE),
             warnings: WarnLimiter::default(),
             dropped: 0,
         })
@@ -313,32 +316,6 @@ impl NotifySocket {
                     "notify socket `{path}`: {what} ({suppressed} similar warnings suppressed)"
                 );
             }
-        }
-    }
-}
-
-impl Drop for NotifySocket {
-    fn drop(&mut self) {
-        match fs::symlink_metadata(&self.path) {
-            Ok(meta) if (meta.dev(), meta.ino()) == self.bound_file => {
-                if let Err(e) = fs::remove_file(&self.path)
-                    && e.kind() != io::ErrorKind::NotFound
-                {
-                    log::warn!(
-                        "failed to remove notify socket `{}`: {e}",
-                        self.path.display()
-                    );
-                }
-            }
-            Ok(_) => log::debug!(
-                "notify socket `{}` was replaced since it was bound; leaving it",
-                self.path.display()
-            ),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => log::warn!(
-                "failed to inspect notify socket `{}`: {e}",
-                self.path.display()
-            ),
         }
     }
 }
@@ -421,12 +398,10 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
 
 /// Make the freshly bound socket file 0600 and return its identity. `bind` creates it with the
 /// umask's mode; the 0700 directory keeps others out during that window.
-fn restrict_socket_file(path: &Path) -> io::Result<(u64, u64)> {
+fn restrict_socket_file(path: &Path) -> io::Result<SocketFile> {
     fs::set_permissions(path, fs::Permissions::from_mode(0o600))
         .map_err(|e| path_error(path, "set mode 0600 on notify socket", e))?;
-    let meta =
-        fs::symlink_metadata(path).map_err(|e| path_error(path, "inspect notify socket", e))?;
-    Ok((meta.dev(), meta.ino()))
+    SocketFile::claim(path).map_err(|e| path_error(path, "inspect notify socket", e))
 }
 
 /// Why a received datagram was dropped.
@@ -450,16 +425,6 @@ impl fmt::Display for DropReason {
             DropReason::Malformed(e) => write!(f, "not an sd_notify message: {e}"),
         }
     }
-}
-
-/// One datagram as the kernel handed it over, before any check. The fds are owned, so every
-/// path that drops the datagram closes them.
-#[derive(Debug)]
-struct RawDatagram {
-    len: usize,
-    flags: libc::c_int,
-    creds: Option<libc::ucred>,
-    fds: Vec<OwnedFd>,
 }
 
 /// Apply systemd's `notify_recv()` rules to a received datagram whose payload is
@@ -492,114 +457,6 @@ fn accept(raw: RawDatagram, payload: &[u8]) -> Result<(Datagram, Vec<FieldIssue>
         fds,
     };
     Ok((datagram, issues))
-}
-
-/// Room for one `SCM_CREDENTIALS` and one `SCM_RIGHTS` of [`MAX_FDS_PER_MESSAGE`] fds, aligned
-/// for `cmsghdr` (u64 elements).
-#[derive(Debug)]
-struct ControlBuffer(Vec<u64>);
-
-impl ControlBuffer {
-    fn new() -> ControlBuffer {
-        let fds_len = (MAX_FDS_PER_MESSAGE * mem::size_of::<RawFd>()) as libc::c_uint;
-        let creds_len = mem::size_of::<libc::ucred>() as libc::c_uint;
-        // SAFETY: CMSG_SPACE only does arithmetic on its argument.
-        let bytes = unsafe { libc::CMSG_SPACE(creds_len) + libc::CMSG_SPACE(fds_len) } as usize;
-        ControlBuffer(vec![0; bytes.div_ceil(mem::size_of::<u64>())])
-    }
-
-    fn byte_len(&self) -> usize {
-        self.0.len() * mem::size_of::<u64>()
-    }
-}
-
-/// One `recvmsg` into `payload` and `control`, taking ownership of every fd that arrived.
-fn recv_raw(
-    fd: &OwnedFd,
-    payload: &mut [u8],
-    control: &mut ControlBuffer,
-) -> io::Result<RawDatagram> {
-    let mut iov = libc::iovec {
-        iov_base: payload.as_mut_ptr().cast(),
-        iov_len: payload.len(),
-    };
-    // SAFETY: msghdr is plain old data; all-zero is a valid "no address, no buffers" value.
-    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.0.as_mut_ptr().cast();
-    msg.msg_controllen = control.byte_len() as _;
-    // SAFETY: msg points at live buffers of the stated lengths (payload via iov, control) that
-    // outlive the call; the kernel writes only within them.
-    let n = unsafe {
-        libc::recvmsg(
-            fd.as_raw_fd(),
-            &mut msg,
-            libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let (creds, fds) = take_control_messages(&msg);
-    Ok(RawDatagram {
-        len: n as usize,
-        flags: msg.msg_flags,
-        creds,
-        fds,
-    })
-}
-
-/// Walk the control messages the kernel stored in `msg`, even when `MSG_CTRUNC` is set, because
-/// the fds that did fit are already ours and must be owned to be closed.
-fn take_control_messages(msg: &libc::msghdr) -> (Option<libc::ucred>, Vec<OwnedFd>) {
-    let mut creds = None;
-    let mut fds = Vec::new();
-    let control_start = msg.msg_control as usize;
-    #[allow(clippy::unnecessary_cast)] // msg_controllen is a socklen_t on musl
-    let control_end = control_start + msg.msg_controllen as usize;
-    // SAFETY: msg came back from recvmsg, so msg_control/msg_controllen describe the control
-    // data the kernel wrote (msg_controllen was lowered to the length used).
-    let mut header = unsafe { libc::CMSG_FIRSTHDR(msg) };
-    while !header.is_null() {
-        // SAFETY: CMSG_FIRSTHDR/CMSG_NXTHDR return only headers that lie wholly inside the
-        // buffer; CMSG_DATA is pointer arithmetic on such a header.
-        let (level, kind, cmsg_len, data) = unsafe {
-            let h = &*header;
-            (
-                h.cmsg_level,
-                h.cmsg_type,
-                h.cmsg_len as usize,
-                libc::CMSG_DATA(header),
-            )
-        };
-        // The data must also lie inside the buffer; CMSG_NXTHDR checks only the next header.
-        let data_end = (header as usize + cmsg_len).min(control_end);
-        let data_len = data_end.saturating_sub(data as usize);
-        match (level, kind) {
-            (libc::SOL_SOCKET, libc::SCM_RIGHTS) => {
-                for i in 0..data_len / mem::size_of::<RawFd>() {
-                    // SAFETY: the slot lies within data_len bytes of data (checked above); the
-                    // kernel installed this fd in our table for us alone, so owning it is sound.
-                    let fd = unsafe {
-                        let raw = ptr::read_unaligned(data.cast::<RawFd>().add(i));
-                        OwnedFd::from_raw_fd(raw)
-                    };
-                    fds.push(fd);
-                }
-            }
-            (libc::SOL_SOCKET, libc::SCM_CREDENTIALS)
-                if data_len >= mem::size_of::<libc::ucred>() =>
-            {
-                // SAFETY: a whole ucred lies at data (length checked); read_unaligned copies it.
-                creds = Some(unsafe { ptr::read_unaligned(data.cast::<libc::ucred>()) });
-            }
-            _ => {}
-        }
-        // SAFETY: as for CMSG_FIRSTHDR; header is a valid header inside msg's control buffer.
-        header = unsafe { libc::CMSG_NXTHDR(msg, header) };
-    }
-    (creds, fds)
 }
 
 /// The payload as text, or why it is not an sd_notify message.

@@ -1,5 +1,5 @@
 //! `hotreloadd`: parse the command line, load the configuration, run the daemon, and turn the
-//! outcome into an exit code (0 clean stop, 64 usage, 71 OS error, 78 configuration error).
+//! outcome into an exit code (0 clean stop; the others are `hotreload::exit`'s).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,9 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use hotreload::config::{self, Env, Overrides};
 use hotreload::daemon::Daemon;
-
-const EX_USAGE: u8 = 64;
-const EX_CONFIG: u8 = 78;
+use hotreload::exit::{self, FatalError};
 
 /// Supervise plugin executables and hot-reload each one when a new build lands on disk.
 #[derive(Debug, Parser)]
@@ -47,7 +45,7 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            let code = if e.use_stderr() { EX_USAGE } else { 0 };
+            let code = if e.use_stderr() { exit::USAGE } else { 0 };
             let _ = e.print();
             return ExitCode::from(code);
         }
@@ -65,7 +63,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("hotreloadd: {e}");
-            return ExitCode::from(EX_CONFIG);
+            return ExitCode::from(FatalError::from(e).exit_code());
         }
     };
     if cli.check_config {

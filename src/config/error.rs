@@ -15,7 +15,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     /// The process exit code for any configuration error (`EX_CONFIG` from sysexits.h).
-    pub const EXIT_CODE: u8 = 78;
+    pub const EXIT_CODE: u8 = crate::exit::CONFIG;
 
     pub(crate) fn new(message: impl Into<String>) -> ConfigError {
         ConfigError {

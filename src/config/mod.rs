@@ -37,7 +37,7 @@ pub use locate::{
 pub use matchers::Matchers;
 pub use parse::parse;
 pub use plugin::PluginSettings;
-pub use socket_spec::valid_socket_spec;
+pub use socket_spec::{SocketSpec, parse_socket_spec, valid_socket_spec};
 pub use validate::{
     MAX_FDSTORE, MAX_LINE_BYTES, MAX_MILLIS, MIN_LINE_BYTES, parse_mode, valid_plugin_id,
 };

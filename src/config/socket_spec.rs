@@ -1,39 +1,46 @@
-//! The grammar of a `[plugins.<id>] sockets` entry (SPEC §3): `tcp:HOST:PORT` or `unix:/path`.
+//! `SocketSpec`: the grammar of a `[plugins.<id>] sockets` entry (SPEC §3), `tcp:HOST:PORT` or
+//! `unix:/path`, and the one parsed form of it.
 //!
-//! The daemon binds these once and passes them to every instance as `LISTEN_FDS`; the binding
-//! code (`crate::listen`) has its own parser. This module only decides *whether* a spec is
-//! well-formed, at configuration time, so a typo is exit 78 with a position instead of a failed
-//! bind later. It accepts exactly the documented forms, nothing more, so anything it lets through
-//! the binder understands too.
+//! Configuration parses every entry with [`parse_socket_spec`] (so a typo is exit 78 naming the
+//! key and the value instead of a failed bind later), and the binder (`crate::listen`) takes the
+//! same [`SocketSpec`] from the same parser: there is no second grammar that could drift. The
+//! parser accepts exactly the documented forms, and refuses what can never bind (a Unix path
+//! naming a directory, like `unix:/run/x/`).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 
 use super::locate::MAX_SOCKET_PATH_BYTES;
 
 /// The accepted forms, appended to every error so the remedy is in the message.
 const VALID_FORMS: &str = "valid forms: \"tcp:HOST:PORT\" with HOST an IPv4 address, a bracketed \
      IPv6 address or localhost and PORT 0 to 65535 (like \"tcp:127.0.0.1:9000\" or \
-     \"tcp:[::1]:9000\"), or \"unix:/absolute/path\" of at most 107 bytes";
+     \"tcp:[::1]:9000\"), or \"unix:/absolute/path\" of at most 107 bytes naming a file";
 
-/// A well-formed spec, in a form where two specs naming the same address compare equal.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum SocketSpec<'a> {
-    Tcp { host: TcpHost, port: u16 },
-    Unix { path: &'a str },
+/// Where a socket listens: a well-formed spec, in a form where two specs naming the same
+/// address compare equal (`localhost` is 127.0.0.1, as the binder binds it).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum SocketSpec {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
 }
 
-/// The host part of a `tcp:` spec.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum TcpHost {
-    Ip(IpAddr),
-    Localhost,
-}
-
-impl SocketSpec<'_> {
+impl SocketSpec {
     /// Whether binding it twice necessarily conflicts: TCP port 0 means "any free port", so two
     /// of those are two different sockets.
     pub(crate) fn is_exclusive(&self) -> bool {
-        !matches!(self, SocketSpec::Tcp { port: 0, .. })
+        !matches!(self, SocketSpec::Tcp(addr) if addr.port() == 0)
+    }
+}
+
+/// The configuration form: `tcp:127.0.0.1:9000`, `tcp:[::1]:9000`, `unix:/run/x.sock`.
+impl fmt::Display for SocketSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SocketSpec::Tcp(addr) => write!(f, "tcp:{addr}"),
+            SocketSpec::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
     }
 }
 
@@ -44,7 +51,7 @@ pub fn valid_socket_spec(spec: &str) -> Result<(), String> {
 }
 
 /// Parses one `sockets` entry; the error is the full message of [`valid_socket_spec`].
-pub(crate) fn parse_socket_spec(spec: &str) -> Result<SocketSpec<'_>, String> {
+pub fn parse_socket_spec(spec: &str) -> Result<SocketSpec, String> {
     let parsed = if let Some(address) = spec.strip_prefix("tcp:") {
         parse_tcp(address)
     } else if let Some(path) = spec.strip_prefix("unix:") {
@@ -56,19 +63,17 @@ pub(crate) fn parse_socket_spec(spec: &str) -> Result<SocketSpec<'_>, String> {
 }
 
 /// `HOST:PORT`; the port is after the last colon, so an IPv6 host must be bracketed.
-fn parse_tcp(address: &str) -> Result<SocketSpec<'_>, String> {
+fn parse_tcp(address: &str) -> Result<SocketSpec, String> {
     let Some((host, port)) = address.rsplit_once(':') else {
         return Err("expected HOST:PORT after \"tcp:\"".to_owned());
     };
-    Ok(SocketSpec::Tcp {
-        host: parse_host(host)?,
-        port: parse_port(port)?,
-    })
+    let ip = parse_host(host)?;
+    Ok(SocketSpec::Tcp(SocketAddr::new(ip, parse_port(port)?)))
 }
 
-fn parse_host(host: &str) -> Result<TcpHost, String> {
+fn parse_host(host: &str) -> Result<IpAddr, String> {
     if host == "localhost" {
-        return Ok(TcpHost::Localhost);
+        return Ok(IpAddr::V4(Ipv4Addr::LOCALHOST));
     }
     let parsed = match host.strip_prefix('[') {
         Some(bracketed) => bracketed
@@ -77,7 +82,7 @@ fn parse_host(host: &str) -> Result<TcpHost, String> {
             .map(IpAddr::V6),
         None => host.parse::<Ipv4Addr>().ok().map(IpAddr::V4),
     };
-    parsed.map(TcpHost::Ip).ok_or_else(|| {
+    parsed.ok_or_else(|| {
         format!("host {host:?} is not an IPv4 address, a bracketed IPv6 address or localhost")
     })
 }
@@ -91,7 +96,7 @@ fn parse_port(port: &str) -> Result<u16, String> {
         .ok_or_else(|| format!("port {port:?} is not a number from 0 to 65535"))
 }
 
-fn parse_unix(path: &str) -> Result<SocketSpec<'_>, String> {
+fn parse_unix(path: &str) -> Result<SocketSpec, String> {
     if !path.starts_with('/') {
         return Err("the socket path must be absolute".to_owned());
     }
@@ -104,7 +109,20 @@ fn parse_unix(path: &str) -> Result<SocketSpec<'_>, String> {
             path.len()
         ));
     }
-    Ok(SocketSpec::Unix { path })
+    if !names_a_file(path) {
+        return Err(format!(
+            "the socket path {path:?} names a directory, not a file; add a file name like \"{}/app.sock\"",
+            path.trim_end_matches('/')
+        ));
+    }
+    Ok(SocketSpec::Unix(PathBuf::from(path)))
+}
+
+/// A socket file can only be bound at a path whose last component is a name: not `/`, not
+/// `dir/`, not `dir/.` or `dir/..`.
+fn names_a_file(path: &str) -> bool {
+    let last = path.rsplit('/').next().unwrap_or_default();
+    !matches!(last, "" | "." | "..") && Path::new(path).file_name().is_some()
 }
 
 #[cfg(test)]
@@ -123,7 +141,7 @@ mod tests {
             "tcp:[::ffff:10.0.0.1]:443",
             "tcp:localhost:8080",
             "unix:/run/hotreload/ffmpeg.sock",
-            "unix:/",
+            "unix:/x",
             &longest,
         ] {
             assert_eq!(valid_socket_spec(good), Ok(()), "{good:?}");
@@ -165,6 +183,13 @@ mod tests {
             ("unix:run/x.sock", "must be absolute"),
             ("unix:@abstract", "must be absolute"),
             ("unix:/a\0b", "contains NUL"),
+            ("unix:/", "names a directory"),
+            (
+                "unix:/run/x/",
+                "names a directory, not a file; add a file name like \"/run/x/app.sock\"",
+            ),
+            ("unix:/run/x/.", "names a directory"),
+            ("unix:/run/x/..", "names a directory"),
             (&too_long, "is 108 bytes, more than 107"),
         ] {
             let error = valid_socket_spec(bad).unwrap_err();
@@ -183,9 +208,17 @@ mod tests {
         assert_eq!(parse("tcp:[::1]:80"), parse("tcp:[0:0::1]:80"));
         assert_ne!(parse("tcp:[::1]:80"), parse("tcp:127.0.0.1:80"));
         assert_ne!(parse("tcp:127.0.0.1:80"), parse("tcp:127.0.0.1:81"));
-        assert_eq!(parse("unix:/a"), SocketSpec::Unix { path: "/a" });
+        assert_eq!(parse("unix:/a"), SocketSpec::Unix("/a".into()));
+        assert_eq!(parse("tcp:localhost:80"), parse("tcp:127.0.0.1:80"));
         assert!(parse("tcp:localhost:1").is_exclusive());
         assert!(parse("unix:/a").is_exclusive());
         assert!(!parse("tcp:127.0.0.1:0").is_exclusive());
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for text in ["tcp:127.0.0.1:9000", "tcp:[::1]:9000", "unix:/run/x.sock"] {
+            assert_eq!(parse_socket_spec(text).unwrap().to_string(), text);
+        }
     }
 }

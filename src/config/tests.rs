@@ -468,6 +468,32 @@ fn resolve_checks_the_protocol_keys_of_a_file_built_in_code() {
     assert!(err.message().contains("valid forms:"), "{err}");
 }
 
+/// Configuration and the binder share one grammar: a spec that passes configuration binds, so
+/// a Unix path naming a directory (which could never be bound) is refused here, naming the key
+/// and the value.
+#[test]
+fn a_unix_socket_path_naming_a_directory_is_refused_with_key_and_value() {
+    let env = Env::default();
+    for spec in ["unix:/run/x/", "unix:/"] {
+        let mut file = FileConfig::default();
+        file.plugins.insert(
+            "p".to_owned(),
+            PluginConfig {
+                sockets: Some(vec![spec.to_owned()]),
+                ..PluginConfig::default()
+            },
+        );
+        let err = resolve(file, None, &Overrides::default(), &env).unwrap_err();
+        let expected = format!("invalid value for `sockets` in [plugins.p]: {spec:?}; ");
+        assert!(err.message().starts_with(&expected), "{err}");
+        assert!(
+            err.message().contains("names a directory, not a file"),
+            "{err}"
+        );
+        assert_eq!(err.exit_code(), 78);
+    }
+}
+
 #[test]
 fn effective_toml_round_trips_to_an_equal_config() {
     let text = r#"

@@ -295,7 +295,7 @@ fn check_plugin(id: &str, plugin: &PluginConfig) -> Result<(), KeyProblem> {
 /// A socket is bound once, so the same address twice (in one plugin or in two) could never
 /// bind; it is refused here with both places named. Runs after every spec is known to be valid.
 fn check_sockets_distinct(plugins: &BTreeMap<String, PluginConfig>) -> Result<(), KeyProblem> {
-    let mut seen: Vec<(SocketSpec<'_>, &str, &str)> = Vec::new();
+    let mut seen: Vec<(SocketSpec, &str, &str)> = Vec::new();
     for (id, plugin) in plugins {
         for written in plugin.sockets.iter().flatten() {
             let Ok(spec) = parse_socket_spec(written) else {

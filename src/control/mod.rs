@@ -34,7 +34,7 @@ use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::SystemTime;
@@ -50,6 +50,7 @@ use nix::sys::socket::{
 use nix::sys::stat::{Mode, fchmod};
 use nix::unistd::{Gid, Group};
 
+use crate::sys::socket_file::{self, FileId, Occupant, Removal, SocketFile};
 use conn::{Conn, NextLine};
 use protocol::{ErrorCode, Request};
 
@@ -271,22 +272,6 @@ impl std::error::Error for ControlError {
     }
 }
 
-/// Identity of a file, to recognise the socket file we created.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct FileId {
-    dev: u64,
-    ino: u64,
-}
-
-impl FileId {
-    fn of(path: &Path) -> Option<FileId> {
-        fs::symlink_metadata(path).ok().map(|m| FileId {
-            dev: m.dev(),
-            ino: m.ino(),
-        })
-    }
-}
-
 /// The rules every request is checked against.
 #[derive(Debug)]
 struct Rules {
@@ -308,8 +293,9 @@ enum Served {
 pub struct ControlServer {
     listener: UnixListener,
     path: Option<PathBuf>,
-    /// Set when we created the socket file, so only then do we remove it.
-    created: Option<FileId>,
+    /// Set when we created the socket file, so only then do we remove it (and only while it is
+    /// still ours). Declared before `lock`: it goes first when the server is dropped.
+    created: Option<SocketFile>,
     /// Held for the server's lifetime: a second daemon on the same path fails to take it.
     lock: Option<Flock<File>>,
     /// Mode and group the socket file was created with (to create it again if it is deleted).
@@ -361,10 +347,7 @@ impl ControlServer {
         };
         let mut server = Self::new(listener, limits, auth, token_base);
         server.path = Some(path.to_owned());
-        server.created = Some(FileId {
-            dev: meta.dev(),
-            ino: meta.ino(),
-        });
+        server.created = Some(SocketFile::with_id(path, FileId::from(&meta)));
         server.lock = Some(lock);
         server.mode = mode & 0o777;
         server.gid = gid;
@@ -376,10 +359,10 @@ impl ControlServer {
     /// unaffected. Only a socket we created is restored, and only when nothing else took its
     /// path. Returns whether it was restored.
     pub fn restore_socket_file(&mut self, registry: &Registry) -> Result<bool, ControlError> {
-        let (Some(path), Some(created)) = (self.path.clone(), self.created) else {
+        let (Some(path), Some(created)) = (self.path.clone(), self.created.as_ref()) else {
             return Ok(false);
         };
-        if FileId::of(&path) == Some(created) {
+        if created.is_ours() {
             return Ok(false);
         }
         if fs::symlink_metadata(&path).is_ok() {
@@ -399,10 +382,7 @@ impl ControlServer {
             .register(&mut listener, token, Interest::READABLE)
             .map_err(|e| ControlError::io(&path, "poll the control socket", e))?;
         self.listener = listener;
-        self.created = Some(FileId {
-            dev: meta.dev(),
-            ino: meta.ino(),
-        });
+        self.created = Some(SocketFile::with_id(&path, FileId::from(&meta)));
         warn!(
             "control socket {} had been deleted: created it again",
             path.display()
@@ -659,19 +639,14 @@ impl ControlServer {
             let _ = registry.deregister(&mut conn.stream);
         }
         let _ = registry.deregister(&mut self.listener);
-        if let (Some(path), Some(created)) = (&self.path, self.created.take()) {
-            if FileId::of(path) == Some(created) {
-                if let Err(e) = fs::remove_file(path) {
-                    warn!(
-                        "failed to remove the control socket {}: {e}",
-                        path.display()
-                    );
+        if let Some(created) = self.created.take() {
+            let path = created.path().display().to_string();
+            match created.remove_if_ours() {
+                Removal::Removed => {}
+                Removal::NotOurs => {
+                    debug!("{path} was replaced by another file; leaving it in place")
                 }
-            } else {
-                debug!(
-                    "{} was replaced by another file; leaving it in place",
-                    path.display()
-                );
+                Removal::Failed(e) => warn!("failed to remove the control socket {path}: {e}"),
             }
         }
         // The lock goes last, so the next daemon never sees our socket file.
@@ -1039,45 +1014,9 @@ fn peer_of(stream: &UnixStream) -> io::Result<Peer> {
     })
 }
 
-/// `SO_PEERGROUPS` is not exported by the libc crate for every target; its value is per
-/// architecture like the other `SOL_SOCKET` options.
-#[cfg(any(target_arch = "sparc", target_arch = "sparc64"))]
-const SO_PEERGROUPS: libc::c_int = 0x3d;
-#[cfg(not(any(target_arch = "sparc", target_arch = "sparc64")))]
-const SO_PEERGROUPS: libc::c_int = 59;
-
 /// The peer's supplementary groups at connect time.
 fn peer_groups(stream: &UnixStream) -> io::Result<Vec<u32>> {
-    const GID_SIZE: usize = size_of::<libc::gid_t>();
-    let mut groups: Vec<libc::gid_t> = vec![0; 64];
-    // The kernel says how much room it needs when the buffer is too small; a second try with
-    // that size can only fail if the peer's groups changed, which they cannot (a snapshot).
-    for _ in 0..2 {
-        let mut len =
-            libc::socklen_t::try_from(groups.len() * GID_SIZE).unwrap_or(libc::socklen_t::MAX);
-        // SAFETY: `groups` is valid for writes of `len` bytes and the kernel writes at most
-        // `len` bytes into it; `len` is a valid socklen_t the kernel updates.
-        let rc = unsafe {
-            libc::getsockopt(
-                stream.as_fd().as_raw_fd(),
-                libc::SOL_SOCKET,
-                SO_PEERGROUPS,
-                groups.as_mut_ptr().cast(),
-                &mut len,
-            )
-        };
-        let len = len as usize;
-        if rc == 0 {
-            groups.truncate(len / GID_SIZE);
-            return Ok(groups);
-        }
-        let error = io::Error::last_os_error();
-        if error.raw_os_error() != Some(libc::ERANGE) || len <= groups.len() * GID_SIZE {
-            return Err(error);
-        }
-        groups.resize(len.div_ceil(GID_SIZE), 0);
-    }
-    Err(io::Error::from_raw_os_error(libc::ERANGE))
+    crate::sys::socket::peer_groups(stream.as_fd())
 }
 
 /// Creates the socket's directory (mode 0700) when it is missing; an existing one is left as is.
@@ -1135,41 +1074,26 @@ fn peer_pid(stream: &UnixStream) -> Option<i32> {
 /// Removes a socket file left by a dead daemon; a live one (it accepts connections) is an
 /// address-in-use error, and anything but a socket is refused.
 fn remove_stale_socket(path: &Path) -> Result<(), ControlError> {
-    let meta = match fs::symlink_metadata(path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(ControlError::io(path, "inspect", e)),
-    };
-    if !meta.file_type().is_socket() {
-        return Err(ControlError {
+    match socket_file::probe(path).map_err(|e| ControlError::io(path, "inspect", e))? {
+        Occupant::Nothing => Ok(()),
+        Occupant::NotASocket => Err(ControlError {
             path: path.to_owned(),
             kind: ControlErrorKind::NotASocket,
-        });
-    }
-    match UnixStream::connect(path) {
-        // A full backlog (EAGAIN) also means someone is listening.
-        Ok(probe) => Err(ControlError::in_use(path, peer_pid(&probe), false)),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            Err(ControlError::in_use(path, None, false))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            info!(
-                "removing stale control socket {} left by a daemon that is gone",
-                path.display()
-            );
-            match fs::remove_file(path) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    Err(ControlError::io(path, "remove the stale control socket", e))
-                }
-                _ => Ok(()),
-            }
-        }
-        Err(e) => Err(ControlError::io(
+        }),
+        Occupant::Live(pid) => Err(ControlError::in_use(path, pid, false)),
+        Occupant::Unknown(e) => Err(ControlError::io(
             path,
             "probe the existing control socket",
             e,
         )),
+        Occupant::Stale => {
+            info!(
+                "removing stale control socket {} left by a daemon that is gone",
+                path.display()
+            );
+            socket_file::remove_socket(path)
+                .map_err(|e| ControlError::io(path, "remove the stale control socket", e))
+        }
     }
 }
 
@@ -1294,6 +1218,7 @@ mod tests {
     use protocol::Command;
     use serde_json::{Map, Value, json};
     use std::io::Read;
+    use std::os::unix::fs::FileTypeExt;
     use std::os::unix::net::{UnixListener as StdListener, UnixStream as StdStream};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
@@ -2237,7 +2162,7 @@ mod tests {
     fn a_live_socket_is_address_in_use() {
         let dir = TempDir::new("live");
         let _live = StdListener::bind(dir.sock()).unwrap();
-        let before = FileId::of(&dir.sock());
+        let before = FileId::of(&dir.sock()).ok();
         let error =
             ControlServer::bind(&dir.sock(), 0o600, None, Limits::default(), BASE).unwrap_err();
         assert!(error.is_address_in_use(), "{error}");
@@ -2251,7 +2176,7 @@ mod tests {
             )
         );
         assert_eq!(
-            FileId::of(&dir.sock()),
+            FileId::of(&dir.sock()).ok(),
             before,
             "the live socket is untouched"
         );

@@ -30,13 +30,13 @@ use std::process::ExitCode;
 use render::Style;
 
 /// Exit code: the daemon answered with an error, or the reload failed.
-pub const EXIT_FAILURE: u8 = 1;
+pub const EXIT_FAILURE: u8 = crate::exit::FAILURE;
 /// Exit code: bad command line (sysexits `EX_USAGE`).
-pub const EXIT_USAGE: u8 = 64;
+pub const EXIT_USAGE: u8 = crate::exit::USAGE;
 /// Exit code: the daemon is not reachable (sysexits `EX_UNAVAILABLE`).
-pub const EXIT_UNAVAILABLE: u8 = 69;
+pub const EXIT_UNAVAILABLE: u8 = crate::exit::UNAVAILABLE;
 /// Exit code: configuration or environment error (sysexits `EX_CONFIG`).
-pub const EXIT_CONFIG: u8 = 78;
+pub const EXIT_CONFIG: u8 = crate::exit::CONFIG;
 
 /// Why a command did not succeed; [`CtlError::exit_code`] maps each kind to its exit code.
 #[derive(Debug)]

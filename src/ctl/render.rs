@@ -62,12 +62,7 @@ impl Style {
 
 /// The terminal width of stdout, from `TIOCGWINSZ`, if stdout is a terminal.
 pub fn terminal_width() -> Option<usize> {
-    // SAFETY: `winsize` is plain old data, so all-zero is a valid value.
-    let mut size: libc::winsize = unsafe { std::mem::zeroed() };
-    // SAFETY: TIOCGWINSZ writes one `winsize` through the pointer, which points to a live local;
-    // the fd is our stdout, which stays open for the whole process.
-    let rc = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) };
-    (rc == 0 && size.ws_col > 0).then_some(usize::from(size.ws_col))
+    crate::sys::term::stdout_width()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -151,18 +146,7 @@ fn local_utc_offset_secs(t: SystemTime) -> i64 {
     let Ok(secs) = libc::time_t::try_from(since_epoch.as_secs()) else {
         return 0;
     };
-    // SAFETY: `tm` is plain old data (its one pointer may be null), so all-zero is valid.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    // SAFETY: both pointers point to live locals; localtime_r is the thread-safe variant and
-    // writes only into `tm`.
-    let result = unsafe { libc::localtime_r(&secs, &mut tm) };
-    if result.is_null() {
-        0
-    } else {
-        // `c_long` is only 32 bits wide on 32-bit targets.
-        #[allow(clippy::useless_conversion)]
-        i64::from(tm.tm_gmtoff)
-    }
+    crate::sys::term::local_utc_offset_secs(secs)
 }
 
 /// `HH:MM:SS.mmm` of an RFC 3339 time, in the style's zone; the raw text if it does not parse.

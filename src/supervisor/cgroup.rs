@@ -133,8 +133,7 @@ impl Cgroups {
         let Ok(entries) = fs::read_dir(&self.own) else {
             return Vec::new();
         };
-        // SAFETY: getpid cannot fail.
-        let me = unsafe { libc::getpid() };
+        let me = crate::sys::process::pid();
         let mut out = Vec::new();
         for entry in entries.filter_map(Result::ok) {
             if !entry.file_type().is_ok_and(|t| t.is_dir()) {
@@ -244,25 +243,12 @@ fn is_delegated(dir: &Path) -> bool {
     let marked = ["trusted.delegate", "user.delegate"]
         .iter()
         .any(|name| xattr(dir, name).is_some_and(|v| v == b"1"));
-    // SAFETY: geteuid cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = crate::sys::process::euid();
     marked || (euid != 0 && fs::metadata(dir).is_ok_and(|m| m.uid() == euid))
 }
 
 fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
-    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let cname = std::ffi::CString::new(name).ok()?;
-    let mut buf = [0u8; 64];
-    // SAFETY: both strings are NUL-terminated and the buffer is ours with its real length.
-    let n = unsafe {
-        libc::getxattr(
-            cpath.as_ptr(),
-            cname.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    (n >= 0).then(|| buf[..n as usize].to_vec())
+    crate::sys::xattr::get_small(path, name)
 }
 
 /// The cgroup directory `dir`, opened for `clone3(CLONE_INTO_CGROUP)` (or, where that is

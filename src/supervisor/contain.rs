@@ -76,8 +76,7 @@ impl NewScope {
 
 impl Containment {
     pub fn new(runtime_dir: &Path, plugins_state: &Path) -> Containment {
-        // SAFETY: getpid cannot fail.
-        let me = unsafe { libc::getpid() };
+        let me = crate::sys::process::pid();
         let start = procs::stat(me).map_or(0, |s| s.start_ticks);
         Containment {
             cgroups: None,

@@ -128,8 +128,7 @@ pub fn own_children(me: i32) -> Option<Vec<i32>> {
 fn children_files_supported() -> bool {
     static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *SUPPORTED.get_or_init(|| {
-        // SAFETY: getpid cannot fail.
-        let me = unsafe { libc::getpid() };
+        let me = crate::sys::process::pid();
         Path::new(&format!("/proc/{me}/task/{me}/children")).exists()
     })
 }
@@ -210,16 +209,7 @@ pub fn plugin_of(state_file: &[u8], plugins_state: &Path) -> Option<String> {
 
 /// Clock ticks since boot now, in the unit of `Stat::start_ticks` (rounded down).
 pub fn now_ticks() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the local struct.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    // SAFETY: sysconf has no memory effects.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    let ns = ts.tv_sec.max(0) as u64 * 1_000_000_000 + ts.tv_nsec.max(0) as u64;
-    ns / (1_000_000_000 / hz)
+    crate::sys::process::boottime_ticks()
 }
 
 /// Send `sig` to `pid`; false when it could not be sent (gone, or not ours to signal).
@@ -227,8 +217,7 @@ pub fn signal(pid: i32, sig: libc::c_int) -> bool {
     if pid <= 1 {
         return false;
     }
-    // SAFETY: kill has no memory effects.
-    unsafe { libc::kill(pid, sig) == 0 }
+    crate::sys::process::kill(pid, sig).is_ok()
 }
 
 #[cfg(test)]

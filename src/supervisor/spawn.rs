@@ -1,4 +1,6 @@
-//! Starting plugin processes: the only place that forks, and the only `unsafe` in the supervisor.
+//! Starting plugin processes: the only place in the supervisor that forks, and the only
+//! `unsafe` outside `sys` (the code between fork and exec cannot go through `sys`' allocating
+//! wrappers). Raw system calls are `sys`'; the child reset is `sys::child`, shared with hooks.
 //!
 //! Every plugin starts from a clean slate whatever state the daemon was started in (under `nohup`,
 //! from a shell with signals blocked, with stray descriptors inherited from its parent):
@@ -13,13 +15,15 @@ use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use nix::unistd::Pid;
+
+use crate::sys::{self, child::ChildReset};
 
 /// What to run and how.
 #[derive(Debug)]
@@ -73,8 +77,7 @@ impl std::error::Error for SpawnError {}
 /// The daemon's pid, captured in the parent so the child can check `getppid()` after arming
 /// PDEATHSIG (the parent may already have died between fork and prctl).
 fn parent_pid() -> libc::pid_t {
-    // SAFETY: getpid has no preconditions and cannot fail.
-    unsafe { libc::getpid() }
+    sys::process::pid()
 }
 
 pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
@@ -254,12 +257,7 @@ impl ExecPlan {
                     return io::Error::last_os_error();
                 }
             }
-            libc::syscall(
-                libc::SYS_close_range,
-                first_free as u32,
-                u32::MAX,
-                libc::CLOSE_RANGE_CLOEXEC,
-            );
+            sys::child::mark_inherited_fds_cloexec(first_free as libc::c_uint);
             libc::execve(
                 self.path.as_ptr(),
                 self.argv_ptrs.as_ptr(),
@@ -298,25 +296,6 @@ pub fn refuse_clone3(refused: bool) {
     CLONE3_REFUSED.store(refused, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// `struct clone_args` of clone3(2), up to `cgroup` (Linux 5.7).
-#[repr(C)]
-#[derive(Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
-}
-
-const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
-
 /// Start the plugin directly in the cgroup whose directory is `cgroup`: `clone3` with
 /// `CLONE_INTO_CGROUP`. Moving a process into a cgroup after fork takes the kernel's cgroup
 /// threadgroup lock for writing, which waits for an RCU grace period (milliseconds) when no
@@ -328,28 +307,20 @@ fn spawn_into_cgroup(spec: &SpawnSpec<'_>, cgroup: RawFd) -> io::Result<Option<S
     let cwd = CString::new(spec.cwd.as_os_str().as_bytes())
         .map_err(|_| io::Error::other("NUL byte in the working directory"))?;
     let devnull = high_fd(std::fs::File::open("/dev/null")?.into())?;
-    let (out_r, out_w) = pipe()?;
-    let (err_r, err_w) = pipe()?;
-    let (status_r, status_w) = pipe()?;
+    let (out_r, out_w) = sys::fd::pipe()?;
+    let (err_r, err_w) = sys::fd::pipe()?;
+    let (status_r, status_w) = sys::fd::pipe()?;
     let (out_w, err_w) = (high_fd(out_w)?, high_fd(err_w)?);
     let daemon = parent_pid();
     let nofile = INHERITED_NOFILE.load(std::sync::atomic::Ordering::Relaxed);
-    let args = CloneArgs {
-        flags: CLONE_INTO_CGROUP,
-        exit_signal: libc::SIGCHLD as u64,
-        cgroup: cgroup as u64,
-        ..CloneArgs::default()
-    };
-    // SAFETY: clone3 without CLONE_VM and without a stack behaves like fork(2): the child gets
-    // a copy of our memory. In the child, only async-signal-safe calls follow (dup2, fcntl,
-    // chdir, the ones of prepare_child and exec_in_child, write, _exit); it allocates nothing
-    // and never returns from this block.
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
+    // SAFETY: a fork-like clone: the child gets a copy of our memory. In the child, only
+    // async-signal-safe calls follow (dup2, fcntl, chdir, the ones of prepare_child and
+    // exec_in_child, write, _exit); it allocates nothing and never returns from the block below.
+    let cloned = unsafe { sys::process::clone_into_cgroup(cgroup) };
+    let pid = match cloned {
+        Ok(pid) => pid,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => return Ok(None),
+        Err(e) => return Err(e),
     };
     if pid == 0 {
         // SAFETY: see above; every descriptor used here is ours and open.
@@ -366,18 +337,11 @@ fn spawn_into_cgroup(spec: &SpawnSpec<'_>, cgroup: RawFd) -> io::Result<Option<S
             libc::_exit(127);
         }
     }
-    if pid < 0 {
-        let e = io::Error::last_os_error();
-        return match e.raw_os_error() {
-            Some(libc::ENOSYS | libc::EPERM) => Ok(None),
-            _ => Err(e),
-        };
-    }
-    let pid = Pid::from_raw(pid as libc::pid_t);
+    let pid = Pid::from_raw(pid);
     drop((devnull, out_w, err_w, status_w));
     // The status pipe closes at exec (success) or carries the child's errno (failure).
     let mut buf = [0u8; 4];
-    let n = read_full(&status_r, &mut buf);
+    let n = sys::fd::read_full(status_r.as_fd(), &mut buf);
     if n == 4 {
         let _ = nix::sys::wait::waitpid(pid, None);
         return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(buf)));
@@ -426,68 +390,18 @@ unsafe fn child_after_clone(
     plan.exec_in_child().raw_os_error().unwrap_or(libc::EIO)
 }
 
-/// A close-on-exec pipe (read end, write end).
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    use std::os::fd::FromRawFd;
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: pipe2 fills the two-element array; we own both descriptors afterwards.
-    unsafe {
-        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])))
-    }
-}
-
 /// `fd` moved above 2 (a daemon started with 0, 1 or 2 closed hands those numbers out), so the
 /// child's dup2s onto 0..2 cannot clobber one another.
 fn high_fd(fd: OwnedFd) -> io::Result<OwnedFd> {
-    use std::os::fd::FromRawFd;
     if fd.as_raw_fd() > 2 {
         return Ok(fd);
     }
-    // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor we own, or -1.
-    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
-    if new < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `new` is a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(new) })
-}
-
-/// Read until `buf` is full or EOF; the number of bytes read.
-fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
-    let mut n = 0;
-    while n < buf.len() {
-        // SAFETY: reading into the unfilled rest of our own buffer.
-        let r = unsafe { libc::read(fd.as_raw_fd(), buf[n..].as_mut_ptr().cast(), buf.len() - n) };
-        if r > 0 {
-            n += r as usize;
-        } else if r < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-            continue;
-        } else {
-            break;
-        }
-    }
-    n
+    sys::fd::dup_at_least(fd.as_fd(), 3)
 }
 
 /// `cgroup.procs` of the cgroup whose directory is `dir`, for the fallback join after fork.
 fn open_procs_at(dir: RawFd) -> io::Result<OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: openat with a NUL-terminated literal; we own the returned descriptor.
-    let fd = unsafe {
-        libc::openat(
-            dir,
-            c"cgroup.procs".as_ptr(),
-            libc::O_WRONLY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    sys::fd::open_at(dir, c"cgroup.procs", libc::O_WRONLY | libc::O_CLOEXEC)
 }
 
 /// In the child: move into the instance's cgroup ("0" is the writing process itself).
@@ -502,118 +416,36 @@ fn join_cgroup(procs: RawFd) -> io::Result<()> {
 
 /// Runs in the child between fork and exec. Async-signal-safe calls only.
 fn prepare_child(daemon: libc::pid_t, nofile_soft: u64) -> io::Result<()> {
-    // SAFETY (whole function): plain system calls on integers; no memory is shared with the parent
-    // beyond the copied stack, and none of these can corrupt the child's state.
-    unsafe {
-        // The daemon raised its own descriptor limit; plugins get the one it was started with
-        // (select()-based code breaks above 1024).
-        if nofile_soft != 0 {
-            let mut lim: libc::rlimit = std::mem::zeroed();
-            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-                lim.rlim_cur = nofile_soft.min(lim.rlim_max);
-                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-            }
-        }
-        if libc::setsid() < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if libc::prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::SIGKILL as libc::c_ulong,
-            0,
-            0,
-            0,
-        ) < 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-        // The daemon may have died before PDEATHSIG was armed: then nobody would ever kill us.
-        if libc::getppid() != daemon {
-            libc::_exit(1);
-        }
-        // Ignored dispositions and the signal mask survive exec (an ignored SIGCHLD would break
-        // the plugin's own waitpid, a blocked SIGTERM would make it unstoppable); caught ones are
-        // reset by exec anyway.
-        for sig in 1..32 {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::signal(sig, libc::SIG_DFL);
-            }
-        }
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-        // Descriptors the daemon inherited without CLOEXEC must not reach plugins. Failure
-        // (kernel < 5.11) is tolerable: everything the daemon opens itself is CLOEXEC already.
-        libc::syscall(
-            libc::SYS_close_range,
-            3u32,
-            u32::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
-        );
+    ChildReset {
+        parent: daemon,
+        new_session: true,
+        nofile_soft,
     }
-    Ok(())
+    .apply()
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
-    let raw = fd.as_raw_fd();
-    // SAFETY: fcntl on a descriptor we own; F_GETFL/F_SETFL have no memory effects.
-    unsafe {
-        let flags = libc::fcntl(raw, libc::F_GETFL);
-        if flags < 0 || libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
+    sys::fd::set_nonblocking(fd.as_fd())
 }
 
 /// `pidfd_open(2)`: None on kernels without it (the reaper's bookkeeping still keeps us from
 /// signalling a recycled pid: a child's pid cannot be reused until we reap it).
 fn pidfd_open(pid: Pid) -> Option<OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: the syscall returns a new descriptor or -1; we take ownership only of a valid one.
-    unsafe {
-        let fd = libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0);
-        if fd < 0 {
-            None
-        } else {
-            Some(OwnedFd::from_raw_fd(fd as libc::c_int))
-        }
-    }
+    sys::process::pidfd_open(pid.as_raw())
 }
 
 /// Signal one process through its pidfd when we have one, else by pid (still unreaped, so safe).
 pub fn signal_process(pid: Pid, pidfd: Option<&OwnedFd>, sig: libc::c_int) -> io::Result<()> {
-    let rc = match pidfd {
-        // SAFETY: pidfd is a live descriptor we own; a null siginfo is allowed.
-        Some(fd) => unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                fd.as_raw_fd(),
-                sig,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            ) as libc::c_int
-        },
-        // SAFETY: kill has no memory effects.
-        None => unsafe { libc::kill(pid.as_raw(), sig) },
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
+    match pidfd {
+        Some(fd) => sys::process::pidfd_send_signal(fd.as_fd(), sig),
+        None => sys::process::kill(pid.as_raw(), sig),
     }
 }
 
 /// Signal a whole process group. Only called for groups whose leader we spawned; while any member
 /// lives the kernel will not hand that number to a new process or group.
 pub fn signal_group(pgid: Pid, sig: libc::c_int) -> io::Result<()> {
-    // SAFETY: kill has no memory effects.
-    let rc = unsafe { libc::kill(-pgid.as_raw(), sig) };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    sys::process::kill(-pgid.as_raw(), sig)
 }
 
 /// True while any process of the group is alive (zombies count until reaped).
@@ -628,37 +460,20 @@ static INHERITED_NOFILE: std::sync::atomic::AtomicU64 = std::sync::atomic::Atomi
 /// three descriptors (two pipes and a notify socket), so a thousand plugins need more than the
 /// usual 1024. Plugins still get the limit the daemon was started with.
 pub fn raise_fd_limit() -> io::Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let original = lim.rlim_cur;
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            INHERITED_NOFILE.store(original, std::sync::atomic::Ordering::Relaxed);
-        }
+    let mut limit = sys::process::nofile_limit()?;
+    if limit.rlim_cur < limit.rlim_max {
+        let original = limit.rlim_cur;
+        limit.rlim_cur = limit.rlim_max;
+        sys::process::set_nofile_limit(&limit)?;
+        INHERITED_NOFILE.store(original, std::sync::atomic::Ordering::Relaxed);
     }
-    Ok(lim.rlim_cur)
+    Ok(limit.rlim_cur)
 }
 
 /// Become the reaper of orphaned descendants, so a plugin's double-forked grandchildren are
 /// re-parented to us (and reaped by us) instead of escaping to init.
 pub fn become_subreaper() -> io::Result<()> {
-    // SAFETY: prctl with integer arguments.
-    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    sys::process::become_subreaper()
 }
 
 #[cfg(test)]
