@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::time::Instant;
 
 use mio::{Interest, unix::SourceFd};
 use nix::unistd::Pid;
@@ -19,7 +18,6 @@ use super::output::{LineReader, Stream};
 use super::plugin::{Instance, JobPhase, Plugin, Rest, Slot, Snap, Stop};
 use super::reap::ExitKind;
 use super::{Ctx, Pipe, Supervisor, Timer, cancel_timer, spawn};
-use crate::clock;
 use crate::config::{ReadyMode, RestartPolicy};
 use crate::events::Event;
 
@@ -52,7 +50,7 @@ impl Supervisor {
             pid_vars.push("WATCHDOG_PID");
         }
         let arg0 = p.settings.exec.to_string_lossy().into_owned();
-        let scope = self.contain.new_scope(id)?;
+        let scope = self.host.new_scope(id)?;
         let spec = spawn::SpawnSpec {
             program: &target.path,
             arg0: &arg0,
@@ -63,17 +61,17 @@ impl Supervisor {
             pid_vars,
             cgroup: scope.dir_fd(),
         };
-        let spawned = match spawn::spawn(&spec) {
+        let spawned = match self.host.spawn(&spec) {
             Ok(s) => s,
             Err(e) => {
-                self.contain.abandon(scope);
+                self.host.abandon_scope(scope);
                 return Err(e.to_string());
             }
         };
         self.record_start(ctx, id);
         self.next_seq += 1;
         let seq = self.next_seq;
-        let scope = self.contain.started(seq, id, spawned.pid, scope);
+        let scope = self.host.scope_started(seq, id, spawned.pid, scope);
         let mut pipes = Vec::new();
         for (fd, stream) in [
             (spawned.stdout, Stream::Stdout),
@@ -112,8 +110,8 @@ impl Supervisor {
             pid,
             pidfd: spawned.pidfd,
             version: target.version.clone(),
-            started_wall: clock::wall_rfc3339(),
-            started: Instant::now(),
+            started_wall: self.host.wall(),
+            started: self.host.now(),
             verify_timer: Some(ctx.arm(verify_ms, Timer::Verify(id.to_string(), seq))),
             verified: false,
             watchdog_timer: None,
@@ -199,7 +197,9 @@ impl Supervisor {
         cancel_timer(ctx, &mut inst.watchdog_timer);
         inst.failure = Some(why);
         if !inst.reaped {
-            let _ = spawn::signal_process(inst.pid, inst.pidfd.as_ref(), libc::SIGKILL);
+            let _ = self
+                .host
+                .signal_process(inst.pid, inst.pidfd.as_ref(), libc::SIGKILL);
         }
         let reaped = inst.reaped;
         self.kill_members(id, Slot::Current);
@@ -229,8 +229,10 @@ impl Supervisor {
                 .with("pid", inst.pid.as_raw())
                 .with("watchdog_ms", ms),
         );
-        let _ = spawn::signal_process(inst.pid, inst.pidfd.as_ref(), libc::SIGABRT);
-        let _ = spawn::signal_group(inst.pid, libc::SIGKILL);
+        let _ = self
+            .host
+            .signal_process(inst.pid, inst.pidfd.as_ref(), libc::SIGABRT);
+        let _ = self.host.signal_group(inst.pid, libc::SIGKILL);
     }
 
     /// Stop every instance of a plugin (shutdown, removal).
@@ -272,10 +274,10 @@ impl Supervisor {
         cancel_timer(ctx, &mut inst.verify_timer);
         cancel_timer(ctx, &mut inst.watchdog_timer);
         log::info!("[{id}] stopping pid {}", inst.pid);
-        if let Err(e) = spawn::signal_group(inst.pid, libc::SIGTERM) {
+        if let Err(e) = self.host.signal_group(inst.pid, libc::SIGTERM) {
             log::debug!("[{id}] SIGTERM to group {}: {e}", inst.pid);
         }
-        let _ = spawn::signal_group(inst.pid, libc::SIGCONT);
+        let _ = self.host.signal_group(inst.pid, libc::SIGCONT);
         let kill_timer = ctx.arm(timeout, Timer::Kill(id.to_string(), inst.seq));
         inst.stop = Some(Stop {
             kill_timer: Some(kill_timer),
@@ -324,7 +326,9 @@ impl Supervisor {
             inst.pid
         );
         if !inst.reaped {
-            let _ = spawn::signal_process(inst.pid, inst.pidfd.as_ref(), libc::SIGKILL);
+            let _ = self
+                .host
+                .signal_process(inst.pid, inst.pidfd.as_ref(), libc::SIGKILL);
         }
         let reaped = inst.reaped;
         // The group, and every process that left it (cgroup.kill under cgroups).
@@ -367,7 +371,7 @@ impl Supervisor {
             let killed = inst.failure.is_some() || inst.stop.as_ref().is_some_and(|s| s.killed);
             if !killed && self.members_alive(&id, slot) {
                 log::debug!("[{id}] leader exited, other processes of the instance remain");
-                self.contain.leader_reaped(seq);
+                self.host.leader_reaped(seq);
                 return;
             }
             self.instance_gone(ctx, &id, slot);
@@ -375,7 +379,7 @@ impl Supervisor {
             // Anything the plugin left behind goes with it, in its group or not.
             self.kill_members(&id, slot);
             if let Some(inst) = self.plugins.get(&id).and_then(|p| p.slot(slot)) {
-                self.contain.ended(inst.seq, &inst.scope);
+                self.host.scope_ended(inst.seq, &inst.scope);
             }
             self.unexpected_exit(ctx, &id, slot, status);
         }
@@ -385,19 +389,19 @@ impl Supervisor {
     /// members of its group (now reaped by us as subreaper, or exited on their own).
     pub fn check_stragglers(&mut self, ctx: &mut Ctx<'_>) {
         self.remove_emptied_cgroups();
-        let mut done = Vec::new();
+        let mut leaving = Vec::new();
         for p in self.plugins.values() {
             for slot in [Slot::Current, Slot::Retiring] {
-                if p.slot(slot).is_some_and(|i| {
-                    i.reaped
-                        && (i.stop.is_some() || i.failure.is_some())
-                        && !self.members_alive(&p.id, slot)
-                }) {
-                    done.push((p.id.clone(), slot));
+                if p.slot(slot)
+                    .is_some_and(|i| i.reaped && (i.stop.is_some() || i.failure.is_some()))
+                {
+                    leaving.push((p.id.clone(), slot));
                 }
             }
         }
-        for (id, slot) in done {
+        // All looked at before any is acted on (acting may start the next instance).
+        leaving.retain(|(id, slot)| !self.members_alive(id, *slot));
+        for (id, slot) in leaving {
             self.instance_gone(ctx, &id, slot);
         }
     }
@@ -410,7 +414,7 @@ impl Supervisor {
         let Some(mut inst) = p.take_slot(slot) else {
             return;
         };
-        self.contain.ended(inst.seq, &inst.scope);
+        self.host.scope_ended(inst.seq, &inst.scope);
         if let Some(stop) = inst.stop.as_mut() {
             cancel_timer(ctx, &mut stop.kill_timer);
         }

@@ -24,7 +24,7 @@ use super::reap::ExitKind;
 use super::{Ctx, Supervisor, Timer};
 use crate::events::Event;
 use crate::fsutil::create_private_dir;
-use crate::hooks::{self, HookContext, HookKind};
+use crate::hooks::{HookContext, HookKind};
 use crate::listen;
 use crate::plugin_notify::{Datagram, NotifySocket, sender_in_group};
 
@@ -239,7 +239,7 @@ impl Supervisor {
             HookKind::ReloadFailure => &ctx.config.hooks.on_reload_failure,
         };
         let Some(argv) = argv.clone() else { return };
-        match hooks::spawn_hook(&argv, kind, hook) {
+        match self.host.spawn_hook(&argv, kind, hook) {
             Ok(run) => {
                 let timer = ctx.arm(
                     ctx.config.hooks.timeout_ms,
@@ -274,7 +274,7 @@ impl Supervisor {
             return false;
         };
         ctx.wheel.cancel(timer);
-        let _ = super::spawn::signal_group(pid, libc::SIGKILL);
+        let _ = self.host.signal_group(pid, libc::SIGKILL);
         if !status.is_success() {
             log::warn!(
                 "[{}] {} hook exited with {status}",
@@ -307,6 +307,6 @@ impl Supervisor {
                 .with("hook", run.kind.as_str())
                 .with("error", format!("killed after timeout_ms ({ms} ms)")),
         );
-        hooks::kill_hook(run);
+        self.host.kill_hook(run);
     }
 }
