@@ -15,7 +15,7 @@ use nix::unistd::Pid;
 
 use super::job::DirSync;
 use super::output::{LineReader, Stream};
-use super::plugin::{Instance, JobPhase, Plugin, Rest, Slot, Snap, Stop};
+use super::plugin::{Instance, JobPhase, Phase, Plugin, Rest, Slot, Snap};
 use super::reap::ExitKind;
 use super::{Ctx, Pipe, Supervisor, Timer, cancel_timer, spawn};
 use crate::config::{ReadyMode, RestartPolicy};
@@ -112,13 +112,11 @@ impl Supervisor {
             version: target.version.clone(),
             started_wall: self.host.wall(),
             started: self.host.now(),
-            verify_timer: Some(ctx.arm(verify_ms, Timer::Verify(id.to_string(), seq))),
-            verified: false,
-            watchdog_timer: None,
-            stop: None,
+            phase: Phase::Starting {
+                verify_timer: Some(ctx.arm(verify_ms, Timer::Verify(id.to_string(), seq))),
+            },
             pipes,
             reaped: false,
-            failure: None,
             stopping_announced: false,
             scope,
         });
@@ -139,7 +137,9 @@ impl Supervisor {
         let Some(inst) = p.instance.as_mut().filter(|i| i.seq == seq) else {
             return;
         };
-        inst.verify_timer = None;
+        if let Phase::Starting { verify_timer } = &mut inst.phase {
+            *verify_timer = None;
+        }
         match p.settings.ready {
             ReadyMode::Exec => self.mark_verified(ctx, id, seq),
             ReadyMode::Notify => {
@@ -159,18 +159,16 @@ impl Supervisor {
             return;
         };
         let watchdog_ms = p.settings.watchdog_ms;
-        let Some(inst) = p.instance.as_mut().filter(|i| i.seq == seq && !i.verified) else {
+        let Some(inst) = p.instance.as_mut().filter(|i| i.seq == seq) else {
             return;
         };
-        if inst.stop.is_some() || inst.failure.is_some() {
+        if !matches!(inst.phase, Phase::Starting { .. }) {
             return;
         }
-        cancel_timer(ctx, &mut inst.verify_timer);
-        inst.verified = true;
-        if watchdog_ms > 0 {
-            inst.watchdog_timer =
-                Some(ctx.arm(watchdog_ms, Timer::PluginWatchdog(id.to_string(), seq)));
-        }
+        cancel_timer(ctx, &mut inst.phase.take_timer());
+        let watchdog_timer = (watchdog_ms > 0)
+            .then(|| ctx.arm(watchdog_ms, Timer::PluginWatchdog(id.to_string(), seq)));
+        inst.phase = Phase::Running { watchdog_timer };
         ctx.emit(Event::new("plugin_ready", Some(id)).with("pid", inst.pid.as_raw()));
         let verifying = matches!(
             p.job.as_ref().map(|j| &j.phase),
@@ -189,13 +187,18 @@ impl Supervisor {
         let Some(inst) = p.instance.as_mut() else {
             return;
         };
-        if inst.failure.is_some() {
+        if inst.phase.failure().is_some() {
             return;
         }
         log::warn!("[{id}] pid {}: {why}; killing it", inst.pid);
-        cancel_timer(ctx, &mut inst.verify_timer);
-        cancel_timer(ctx, &mut inst.watchdog_timer);
-        inst.failure = Some(why);
+        match &mut inst.phase {
+            // Being stopped already (its stop timer stays): the exit fails the attempt too.
+            Phase::Stopping { failure, .. } => *failure = Some(why),
+            phase => {
+                cancel_timer(ctx, &mut phase.take_timer());
+                *phase = Phase::Aborting { why };
+            }
+        }
         if !inst.reaped {
             let _ = self
                 .host
@@ -216,9 +219,11 @@ impl Supervisor {
         let ms = p.settings.watchdog_ms;
         let Some(slot) = p.slot_of(seq) else { return };
         let Some(inst) = p.slot_mut(slot) else { return };
-        inst.watchdog_timer = None;
-        if inst.stop.is_some() {
-            return;
+        match &mut inst.phase {
+            Phase::Running { watchdog_timer } => *watchdog_timer = None,
+            Phase::Stopping { .. } => return,
+            // WATCHDOG=trigger before it is verified, or while it is being aborted.
+            Phase::Starting { .. } | Phase::Aborting { .. } => {}
         }
         log::warn!(
             "[{id}] watchdog timeout: no WATCHDOG=1 for {ms} ms; killing pid {}",
@@ -245,7 +250,7 @@ impl Supervisor {
     /// SIGTERM to the instance's group, SIGKILL after the stop timeout.
     pub(super) fn stop_instance(&mut self, ctx: &mut Ctx<'_>, id: &str, slot: Slot) {
         let (version, already) = match self.plugins.get(id).and_then(|p| p.slot(slot)) {
-            Some(inst) => (inst.version.clone(), inst.stop.is_some()),
+            Some(inst) => (inst.version.clone(), inst.phase.is_stopping()),
             None => return,
         };
         if already {
@@ -271,18 +276,18 @@ impl Supervisor {
         };
         let timeout = p.settings.stop_timeout_ms;
         let Some(inst) = p.slot_mut(slot) else { return };
-        cancel_timer(ctx, &mut inst.verify_timer);
-        cancel_timer(ctx, &mut inst.watchdog_timer);
+        cancel_timer(ctx, &mut inst.phase.take_timer());
         log::info!("[{id}] stopping pid {}", inst.pid);
         if let Err(e) = self.host.signal_group(inst.pid, libc::SIGTERM) {
             log::debug!("[{id}] SIGTERM to group {}: {e}", inst.pid);
         }
         let _ = self.host.signal_group(inst.pid, libc::SIGCONT);
         let kill_timer = ctx.arm(timeout, Timer::Kill(id.to_string(), inst.seq));
-        inst.stop = Some(Stop {
+        inst.phase = Phase::Stopping {
             kill_timer: Some(kill_timer),
             killed: false,
-        });
+            failure: inst.phase.take_failure(),
+        };
         let reaped = inst.reaped;
         // Processes that left the group (setsid, double fork) are asked to stop too.
         self.signal_escapees(id, slot, &[libc::SIGTERM, libc::SIGCONT]);
@@ -316,11 +321,14 @@ impl Supervisor {
         };
         let Some(slot) = p.slot_of(seq) else { return };
         let Some(inst) = p.slot_mut(slot) else { return };
-        let Some(stop) = inst.stop.as_mut() else {
+        let Phase::Stopping {
+            kill_timer, killed, ..
+        } = &mut inst.phase
+        else {
             return;
         };
-        stop.kill_timer = None;
-        stop.killed = true;
+        *kill_timer = None;
+        *killed = true;
         log::warn!(
             "[{id}] pid {} did not exit within the stop timeout: sending SIGKILL to its process group",
             inst.pid
@@ -355,7 +363,7 @@ impl Supervisor {
         let Some(inst) = p.slot_mut(slot) else { return };
         inst.reaped = true;
         inst.pidfd = None;
-        let expected = inst.stop.is_some() || inst.failure.is_some() || inst.stopping_announced;
+        let expected = inst.phase.is_leaving() || inst.stopping_announced;
         let pid_raw = inst.pid.as_raw();
         let suffix = if expected { "" } else { " (unexpected)" };
         log::info!("[{id}] pid {pid_raw} exited with {status}{suffix}");
@@ -366,9 +374,9 @@ impl Supervisor {
             ExitKind::Code(c) => ev.with("code", c),
             ExitKind::Signal(s) => ev.with("signal", s),
         });
-        if inst.stop.is_some() || inst.failure.is_some() {
+        if inst.phase.is_leaving() {
             // Other processes of the instance may outlive the leader: the kill timer sweeps them.
-            let killed = inst.failure.is_some() || inst.stop.as_ref().is_some_and(|s| s.killed);
+            let killed = inst.phase.killed();
             if !killed && self.members_alive(&id, slot) {
                 log::debug!("[{id}] leader exited, other processes of the instance remain");
                 self.host.leader_reaped(seq);
@@ -393,7 +401,7 @@ impl Supervisor {
         for p in self.plugins.values() {
             for slot in [Slot::Current, Slot::Retiring] {
                 if p.slot(slot)
-                    .is_some_and(|i| i.reaped && (i.stop.is_some() || i.failure.is_some()))
+                    .is_some_and(|i| i.reaped && i.phase.is_leaving())
                 {
                     leaving.push((p.id.clone(), slot));
                 }
@@ -415,14 +423,10 @@ impl Supervisor {
             return;
         };
         self.host.scope_ended(inst.seq, &inst.scope);
-        if let Some(stop) = inst.stop.as_mut() {
-            cancel_timer(ctx, &mut stop.kill_timer);
-        }
-        cancel_timer(ctx, &mut inst.verify_timer);
-        cancel_timer(ctx, &mut inst.watchdog_timer);
+        cancel_timer(ctx, &mut inst.phase.take_timer());
         let overlapping = p.has_processes();
         // A job about to start the next instance writes the state file itself, right away.
-        let next_start = inst.failure.is_none()
+        let next_start = inst.phase.failure().is_none()
             && matches!(
                 p.job.as_ref().map(|j| &j.phase),
                 Some(JobPhase::StoppingOld)
@@ -445,7 +449,7 @@ impl Supervisor {
             }
             return;
         }
-        if let Some(why) = inst.failure {
+        if let Some(why) = inst.phase.take_failure() {
             if slot == Slot::Current {
                 self.fail_attempt(ctx, id, why);
             }
@@ -475,8 +479,7 @@ impl Supervisor {
         let Some(mut inst) = p.take_slot(slot) else {
             return;
         };
-        cancel_timer(ctx, &mut inst.verify_timer);
-        cancel_timer(ctx, &mut inst.watchdog_timer);
+        cancel_timer(ctx, &mut inst.phase.take_timer());
         let seq = inst.seq;
         let announced = inst.stopping_announced;
         if !p.has_processes() {

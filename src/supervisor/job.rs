@@ -118,10 +118,7 @@ impl Supervisor {
         };
         p.job = Some(job);
         let overlap = p.settings.strategy == Strategy::StartStop;
-        let old_running = p
-            .instance
-            .as_ref()
-            .is_some_and(|i| i.stop.is_none() && i.failure.is_none());
+        let old_running = p.instance.as_ref().is_some_and(|i| !i.phase.is_leaving());
         if old_running && overlap && p.retiring.is_none() {
             // start-stop: the old instance keeps serving until the new one is ready.
             p.retiring = p.instance.take();
@@ -142,7 +139,7 @@ impl Supervisor {
         let exec_str = exec.to_string_lossy();
         let only_exec = !job.files.is_empty() && job.files.iter().all(|f| *f == exec_str);
         let version = job.target.version.as_str();
-        let alive = |i: &&Instance| i.stop.is_none() && i.failure.is_none();
+        let alive = |i: &&Instance| !i.phase.is_leaving();
         // start-stop: while a failed attempt of a newer build waits to retry, the old instance
         // is the one serving, from the retiring slot.
         let serving = match &p.instance {
@@ -706,7 +703,7 @@ impl Supervisor {
             return;
         }
         // start-stop: the old instance never stopped, so "rolling back" is keeping it.
-        if p.instance.is_none() && p.retiring.as_ref().is_some_and(|r| r.stop.is_none()) {
+        if p.instance.is_none() && p.retiring.as_ref().is_some_and(|r| !r.phase.is_stopping()) {
             if let Some(old) = p.retiring.take() {
                 let version = old.version.clone();
                 p.current = p.last_good.clone();

@@ -449,7 +449,7 @@ impl Supervisor {
         );
         // An instance on its way out (stopping, or killed for failing) must be gone before the
         // next build starts, or two instances would run where the strategy allows one.
-        let leaving = |i: &plugin::Instance| i.stop.is_some() || i.failure.is_some();
+        let leaving = |i: &plugin::Instance| i.phase.is_leaving();
         let busy_instance =
             p.instance.as_ref().is_some_and(leaving) || p.retiring.as_ref().is_some_and(leaving);
         if (p.job.is_some() && !in_backoff) || busy_instance {
