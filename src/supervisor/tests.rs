@@ -35,8 +35,8 @@ stop_timeout_ms = 1000
 ready_timeout_ms = 300
 "#;
 
-/// BASE with `extra`: its `[hot_reload]` and `[supervisor]` lines go into BASE's tables, other
-/// tables follow.
+/// BASE with `extra`: its `[hot_reload]` and `[supervisor]` lines go into BASE's tables (a key
+/// given there replaces BASE's), other tables follow.
 fn config(extra: &str) -> Config {
     let mut text = BASE.to_string();
     let mut rest = String::new();
@@ -49,6 +49,13 @@ fn config(extra: &str) -> Config {
                 rest.push('\n');
             }
         } else if table == "[hot_reload]" || table == "[supervisor]" {
+            // A key given here replaces BASE's.
+            let key = line.split('=').next().unwrap_or("").trim();
+            text = text
+                .lines()
+                .filter(|l| key.is_empty() || l.split('=').next().unwrap_or("").trim() != key)
+                .map(|l| format!("{l}\n"))
+                .collect();
             let head = format!("{table}\n");
             text = text.replace(&head, &format!("{head}{line}\n"));
         } else {
@@ -1379,4 +1386,298 @@ fn a_stop_that_times_out_during_shutdown_is_killed() {
     assert!(r.signalled(pid, SIGKILL));
     r.exit(pid, ExitKind::Signal(SIGKILL));
     assert!(r.sup.all_stopped());
+}
+
+// -------------------------------------------------------------------------------------------
+// An instance's phase
+
+#[test]
+fn an_instance_is_starting_until_verified_then_running_then_stopping() {
+    let mut r = Rig::new("");
+    r.install("p1", "v1");
+    r.add("p1");
+    let phase = |r: &Rig| format!("{:?}", r.plugin("p1").instance.as_ref().unwrap().phase);
+    assert!(phase(&r).starts_with("Starting"), "{}", phase(&r));
+    r.advance(50);
+    assert!(phase(&r).starts_with("Running"), "{}", phase(&r));
+    r.shutdown();
+    assert!(phase(&r).starts_with("Stopping"), "{}", phase(&r));
+}
+
+#[test]
+fn an_aborted_instance_stopped_by_a_shutdown_keeps_its_failure() {
+    use super::plugin::Phase;
+    let mut phase = Phase::Aborting { why: "late".into() };
+    assert!(phase.is_leaving() && !phase.is_stopping() && phase.killed());
+    let failure = phase.take_failure();
+    let stopping = Phase::Stopping {
+        kill_timer: None,
+        killed: false,
+        failure,
+    };
+    assert_eq!(stopping.failure(), Some("late"));
+    assert!(stopping.killed(), "an aborted instance was sent SIGKILL");
+    assert!(
+        !Phase::Running {
+            watchdog_timer: None
+        }
+        .is_leaving()
+    );
+}
+
+#[test]
+fn a_notify_plugin_aborted_for_readiness_and_then_shut_down_ends_cleanly() {
+    let mut r = Rig::new(NOTIFY);
+    r.install("p1", "v1");
+    r.add("p1");
+    let pid = r.pid("p1").unwrap();
+    r.advance(300);
+    r.shutdown();
+    r.exit(pid, ExitKind::Signal(SIGKILL));
+    assert!(r.sup.all_stopped());
+    r.advance(10_000);
+    assert_eq!(r.spawned().len(), 1);
+}
+
+#[test]
+fn an_aborted_instance_whose_members_outlive_it_is_gone_once_they_are() {
+    let mut r = Rig::new(NOTIFY);
+    r.install("p1", "v1");
+    r.add("p1");
+    let pid = r.pid("p1").unwrap();
+    r.advance(300);
+    r.world.borrow_mut().members_alive.insert(pid);
+    r.exit(pid, ExitKind::Signal(SIGKILL));
+    // Killed: the leader's exit ends it, whatever is left gets SIGKILL too.
+    assert_eq!(r.state("p1"), "backoff");
+}
+
+// -------------------------------------------------------------------------------------------
+// Hooks
+
+const HOOKS: &str = "[hooks]\non_reload_start = [\"/bin/true\"]\non_reload_success = [\"/bin/true\"]\non_reload_failure = [\"/bin/true\"]\ntimeout_ms = 500\n";
+
+fn hooks_run(r: &Rig) -> Vec<&'static str> {
+    r.calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::Hook(kind) => Some(kind),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_successful_reload_runs_the_start_and_success_hooks() {
+    let mut r = Rig::new(HOOKS);
+    let old = r.running("p1", "v1");
+    r.clear();
+    r.deploy("p1", "v2");
+    r.terminated(old);
+    r.advance(50);
+    assert_eq!(hooks_run(&r), ["on_reload_start", "on_reload_success"]);
+}
+
+#[test]
+fn a_first_start_runs_no_hook() {
+    let mut r = Rig::new(HOOKS);
+    r.running("p1", "v1");
+    assert!(hooks_run(&r).is_empty());
+}
+
+#[test]
+fn a_refused_build_runs_the_start_and_failure_hooks() {
+    let mut r = Rig::new(HOOKS);
+    r.running("p1", "v1");
+    r.clear();
+    r.world.borrow_mut().refused.insert("v2".into());
+    r.deploy("p1", "v2");
+    assert_eq!(hooks_run(&r), ["on_reload_start", "on_reload_failure"]);
+}
+
+#[test]
+fn a_reload_that_fails_every_attempt_runs_the_failure_hook_once() {
+    let mut r = Rig::new(HOOKS);
+    fail_every_attempt(&mut r);
+    assert_eq!(hooks_run(&r), ["on_reload_failure"]);
+}
+
+#[test]
+fn a_hook_past_its_timeout_is_killed_and_reported() {
+    let mut r = Rig::new(HOOKS);
+    let old = r.running("p1", "v1");
+    r.deploy("p1", "v2");
+    r.clear();
+    r.advance(500);
+    assert!(r.calls().iter().any(|c| matches!(c, Call::KillHook(_))));
+    assert_eq!(r.count("hook_failed"), 1);
+    r.terminated(old);
+}
+
+#[test]
+fn a_hook_that_fails_is_reported_and_the_reload_goes_on() {
+    let mut r = Rig::new(HOOKS);
+    let old = r.running("p1", "v1");
+    r.deploy("p1", "v2");
+    let hook = super::testhost::FIRST_PID + 2;
+    r.exit(hook, ExitKind::Code(3));
+    assert_eq!(r.count("hook_failed"), 1);
+    r.terminated(old);
+    r.advance(50);
+    assert_eq!(r.count("reload_succeeded"), 1);
+}
+
+// -------------------------------------------------------------------------------------------
+// Plugins coming and going, toggles, configuration
+
+#[test]
+fn a_removed_plugin_is_stopped_then_forgotten() {
+    let mut r = Rig::new("");
+    let pid = r.running("p1", "v1");
+    r.turn(|s, c| s.remove_plugin(c, "p1"));
+    assert!(r.signalled(pid, SIGTERM));
+    assert!(r.sup.contains("p1"));
+    r.terminated(pid);
+    assert!(!r.sup.contains("p1"));
+    assert_eq!(r.count("plugin_removed"), 1);
+}
+
+#[test]
+fn a_plugin_removed_during_a_reload_ends_it_and_starts_nothing() {
+    let mut r = Rig::new("");
+    let old = r.running("p1", "v1");
+    r.deploy("p1", "v2");
+    r.turn(|s, c| s.remove_plugin(c, "p1"));
+    r.terminated(old);
+    assert_eq!(r.spawned().len(), 1);
+    assert!(!r.sup.contains("p1"));
+}
+
+#[test]
+fn a_plugin_dir_back_while_its_old_instance_stops_starts_again_after() {
+    let mut r = Rig::new("");
+    let pid = r.running("p1", "v1");
+    r.turn(|s, c| s.remove_plugin(c, "p1"));
+    r.add("p1");
+    r.terminated(pid);
+    assert!(r.sup.contains("p1"));
+    assert_eq!(r.spawned().len(), 2);
+}
+
+#[test]
+fn a_change_while_hot_reload_is_disabled_is_ignored_until_enable() {
+    let mut r = Rig::new("");
+    let old = r.running("p1", "v1");
+    r.install("p1", "v2");
+    let path = exec("p1");
+    r.turn(|s, c| s.on_change(c, "p1", &path, false));
+    r.advance(0);
+    assert_eq!(r.count("change_ignored"), 1);
+    assert!(!r.signalled(old, SIGTERM));
+    r.turn(|s, c| s.on_enable(c));
+    assert!(r.signalled(old, SIGTERM));
+    assert_eq!(r.field("reload_started", "trigger"), "enable");
+}
+
+#[test]
+fn changes_within_the_debounce_delay_make_one_reload() {
+    let mut r = Rig::new("[hot_reload]\ndebounce_delay_ms = 100\n");
+    let old = r.running("p1", "v1");
+    r.install("p1", "v2");
+    let path = exec("p1");
+    for _ in 0..3 {
+        r.turn(|s, c| s.on_change(c, "p1", &path, true));
+        r.advance(60);
+    }
+    assert!(!r.signalled(old, SIGTERM));
+    r.advance(40);
+    assert!(r.signalled(old, SIGTERM));
+    assert_eq!(r.count("reload_started"), 1);
+}
+
+#[test]
+fn a_rescan_reloads_a_plugin_whose_build_changed_unseen() {
+    let mut r = Rig::new("");
+    let old = r.running("p1", "v1");
+    r.install("p1", "v2");
+    r.turn(|s, c| s.rescan_versions(c));
+    assert!(r.signalled(old, SIGTERM));
+    assert_eq!(r.field("reload_started", "trigger"), "rescan");
+}
+
+#[test]
+fn a_rescan_leaves_an_unchanged_plugin_alone() {
+    let mut r = Rig::new("");
+    let pid = r.running("p1", "v1");
+    r.clear();
+    r.turn(|s, c| s.rescan_versions(c));
+    assert!(!r.signalled(pid, SIGTERM));
+    assert!(r.names().is_empty());
+}
+
+#[test]
+fn changed_settings_restart_the_plugin() {
+    let mut r = Rig::new("");
+    let pid = r.running("p1", "v1");
+    r.config = config("[plugins.p1]\nargs = [\"--new\"]\n");
+    r.turn(|s, c| s.apply_config(c));
+    assert!(r.signalled(pid, SIGTERM));
+    assert_eq!(r.field("reload_started", "trigger"), "config");
+    r.terminated(pid);
+    assert_eq!(r.spawned().last().unwrap().1, "v1");
+}
+
+#[test]
+fn unchanged_settings_leave_the_plugin_alone() {
+    let mut r = Rig::new("");
+    let pid = r.running("p1", "v1");
+    r.turn(|s, c| s.apply_config(c));
+    assert!(!r.signalled(pid, SIGTERM));
+}
+
+#[test]
+fn a_stopped_instance_leaves_its_runtime_data_in_state_json() {
+    let mut r = Rig::new("");
+    let pid = r.running("p1", "v1");
+    r.world.borrow_mut().runtime = Some(serde_json::json!({"k": 2}));
+    r.shutdown();
+    r.terminated(pid);
+    let states = r.world.borrow().states.clone();
+    let state = states.values().next().unwrap();
+    assert_eq!(state.runtime_data, serde_json::json!({"k": 2}));
+}
+
+#[test]
+fn a_reload_writes_the_new_version_to_state_json_while_the_old_instance_stops() {
+    let mut r = Rig::new("");
+    let old = r.running("p1", "v1");
+    r.clear();
+    r.deploy("p1", "v2");
+    assert!(
+        r.calls().contains(&Call::WriteState {
+            version: "v2".into(),
+            status: "starting".into()
+        }),
+        "written before the old one's exit: {:?}",
+        r.calls()
+    );
+    r.terminated(old);
+}
+
+#[test]
+fn a_thousand_plugins_start_a_few_per_turn() {
+    let mut r = Rig::new("");
+    for n in 0..10 {
+        let id = format!("p{n}");
+        r.install(&id, "v1");
+        let dir = Path::new(PLUGINS).join(&id);
+        r.turn(|s, c| s.add_plugin(c, &id, dir));
+    }
+    assert!(r.spawned().is_empty());
+    let more = r.turn(|s, c| s.start_pending(c, 4));
+    assert!(more);
+    assert_eq!(r.spawned().len(), 4);
+    r.turn(|s, c| s.start_pending(c, 100));
+    assert_eq!(r.spawned().len(), 10);
+    assert!(!r.sup.has_pending_starts());
 }
