@@ -1,10 +1,12 @@
 //! One supervised plugin: what runs, what is being done to it, and what it has been through.
 //!
 //! The lifecycle is split in two so each half stays small: the *instance* (the process we are
-//! running, if any, and whether it is starting, up or being stopped) and the *job* (the reload,
-//! start, restart or rollback in progress, if any, with its attempt count and waiters). The state
-//! name users see (`missing`, `starting`, `running`, `stopping`, `reloading`, `backoff`, `failed`,
-//! `stopped`) is derived from those two, never stored, so it cannot drift from the truth.
+//! running, if any, and its [`Phase`]: starting, running, aborting or stopping, each with the
+//! timer that ends it) and the *job* (the reload, start, restart or rollback in progress, if any,
+//! with its attempt count, waiters and [`JobPhase`]). When neither runs, [`Rest`] says where the
+//! plugin rests. The state name users see (`missing`, `starting`, `running`, `stopping`,
+//! `reloading`, `backoff`, `failed`, `stopped`) is a `match` on those, never stored, so it cannot
+//! drift from the truth.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::os::fd::OwnedFd;
@@ -380,26 +382,19 @@ impl Plugin {
                 self.job.as_ref().map(|j| j.kind),
                 Some(JobKind::Reload | JobKind::Rollback)
             );
-        if let Some(inst) = &self.instance {
-            if inst.phase.is_stopping() {
-                return if reloading { "reloading" } else { "stopping" };
-            }
-            if reloading {
-                return "reloading";
-            }
-            return if inst.phase.is_running() {
-                "running"
-            } else {
-                "starting"
-            };
-        }
-        match &self.job {
-            Some(job) => match job.phase {
+        match (&self.instance, &self.job) {
+            (Some(inst), _) => match inst.phase {
+                _ if reloading => "reloading",
+                Phase::Stopping { .. } => "stopping",
+                Phase::Running { .. } => "running",
+                Phase::Starting { .. } | Phase::Aborting { .. } => "starting",
+            },
+            (None, Some(job)) => match job.phase {
                 JobPhase::Backoff { .. } => "backoff",
                 _ if reloading => "reloading",
-                _ => "starting",
+                JobPhase::StoppingOld | JobPhase::Verifying { .. } => "starting",
             },
-            None => match self.rest {
+            (None, None) => match self.rest {
                 Rest::Missing => "missing",
                 Rest::Stopped => "stopped",
                 Rest::Failed => "failed",
