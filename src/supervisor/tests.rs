@@ -1681,3 +1681,76 @@ fn a_thousand_plugins_start_a_few_per_turn() {
     assert_eq!(r.spawned().len(), 10);
     assert!(!r.sup.has_pending_starts());
 }
+
+// -------------------------------------------------------------------------------------------
+// More phases: a rollback, a start-stop retry
+
+#[test]
+fn start_stop_the_old_instance_crashing_while_the_new_build_waits_to_retry_leaves_the_retry() {
+    let mut r = Rig::new(START_STOP);
+    let old = r.running("p1", "v1");
+    r.deploy("p1", "v2");
+    r.crash(r.pid("p1").unwrap());
+    assert_eq!(r.state("p1"), "backoff");
+    r.crash(old);
+    assert_eq!(r.retiring_pid("p1"), None);
+    assert_eq!(r.state("p1"), "backoff");
+    r.advance(100);
+    assert_eq!(r.spawned().last().unwrap().1, "v2");
+}
+
+#[test]
+fn a_newer_build_during_a_rollback_is_queued_behind_it() {
+    let mut r = Rig::new("");
+    fail_every_attempt(&mut r);
+    assert_eq!(r.state("p1"), "reloading");
+    r.deploy("p1", "v3");
+    assert_eq!(r.spawned().len(), 1, "only the rollback so far");
+    r.advance(50);
+    assert_eq!(r.count("rolled_back"), 1);
+    let v1 = r.pid("p1").unwrap();
+    assert!(r.signalled(v1, SIGTERM), "then the queued v3");
+    r.terminated(v1);
+    assert_eq!(r.spawned().last().unwrap().1, "v3");
+}
+
+#[test]
+fn shutdown_during_a_rollback_stops_it() {
+    let mut r = Rig::new("");
+    fail_every_attempt(&mut r);
+    let v1 = r.pid("p1").unwrap();
+    r.shutdown();
+    assert!(r.signalled(v1, SIGTERM));
+    r.terminated(v1);
+    assert!(r.sup.all_stopped());
+    assert_eq!(r.count("rolled_back"), 0);
+}
+
+#[test]
+fn a_restart_that_fails_its_grace_backs_off_like_the_crashes_before_it() {
+    let mut r = Rig::new("");
+    let pid = r.running("p1", "v1");
+    r.crash(pid);
+    let first = r.wheel.next_deadline().unwrap() - r.now_ms;
+    r.advance(first);
+    r.crash(r.pid("p1").unwrap());
+    assert_eq!(r.state("p1"), "backoff");
+    let second = r.wheel.next_deadline().unwrap() - r.now_ms;
+    assert!(second > first, "{second} after {first}");
+}
+
+#[test]
+fn the_reload_history_keeps_the_last_twenty() {
+    let mut r = Rig::new("");
+    let mut pid = r.running("p1", "v0");
+    for n in 1..=25 {
+        r.deploy("p1", &format!("v{n}"));
+        r.terminated(pid);
+        r.advance(50);
+        pid = r.pid("p1").unwrap();
+    }
+    let p = r.plugin("p1");
+    assert_eq!(p.reload_count, 25);
+    assert_eq!(p.history.len(), super::plugin::HISTORY_LEN);
+    assert_eq!(p.history[0].new_version.as_deref(), Some("v25"));
+}
