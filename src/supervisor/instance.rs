@@ -68,7 +68,9 @@ impl Supervisor {
                 return Err(e.to_string());
             }
         };
-        self.record_start(ctx, id);
+        if let Some(p) = self.plugins.get_mut(id) {
+            p.record_start(ctx);
+        }
         self.next_seq += 1;
         let seq = self.next_seq;
         let scope = self.host.scope_started(seq, id, spawned.pid, scope);

@@ -602,13 +602,13 @@ impl Supervisor {
             .and_then(|p| p.job.as_ref())
             .filter(|job| job.attempt < job.max_attempts && !awaiting_snapshot(job))
             .map(|job| job.kind);
-        let limit = retry.and_then(|_| self.start_limit_reached(ctx, id));
-        // A restart after a crash backs off like the crash restarts before it.
-        let restart_delay = (retry == Some(JobKind::Restart) && limit.is_none())
-            .then(|| self.restart_delay(ctx, id));
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
+        let limit = retry.and_then(|_| p.start_limit_reached(ctx));
+        // A restart after a crash backs off like the crash restarts before it.
+        let restart_delay =
+            (retry == Some(JobKind::Restart) && limit.is_none()).then(|| p.restart_delay(ctx));
         let Some(job) = p.job.as_mut() else { return };
         p.last_error = Some(error.clone());
         job.last_error = Some(error.clone());
@@ -664,10 +664,10 @@ impl Supervisor {
         error: String,
         limited: Option<LimitHit>,
     ) {
-        let limit = limited.or_else(|| self.start_limit_reached(ctx, id));
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
+        let limit = limited.or_else(|| p.start_limit_reached(ctx));
         let Some(job) = p.job.take() else { return };
         let duration_ms = clock::millis(self.host.now().saturating_duration_since(job.started));
         if job.kind == JobKind::Reload {
@@ -798,10 +798,10 @@ impl Supervisor {
     /// An unexpected exit of a verified instance: restart per policy after a delay that doubles
     /// per restart, unless the start limit says the plugin has been restarted enough.
     pub(super) fn schedule_restart(&mut self, ctx: &mut Ctx<'_>, id: &str, why: String) {
-        let limit = self.start_limit_reached(ctx, id);
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
+        let limit = p.start_limit_reached(ctx);
         let Some(target) = p.current.clone() else {
             p.rest = Rest::Failed;
             return;
@@ -811,10 +811,10 @@ impl Supervisor {
             self.fail_at_start_limit(ctx, id, &target.version, hit);
             return;
         }
-        let delay = self.restart_delay(ctx, id);
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
+        let delay = p.restart_delay(ctx);
         p.restarts += 1;
         p.last_error = Some(why.clone());
         let timer = ctx.arm(delay, Timer::Backoff(id.to_string()));
