@@ -9,11 +9,20 @@
 //! it reads for durations and timestamps go through its [`Host`] (`host.rs`): the real one, or a
 //! recording fake in the unit tests (`tests.rs`).
 //!
-//! The code is split by concern: `job.rs` drives a reload/start/restart/rollback from snapshot to
-//! success or rollback, `instance.rs` starts, verifies, stops and reaps processes, `protocol.rs`
-//! handles what plugins say on their notify socket (readiness, status, watchdog, fd store) and
-//! the reload hooks, `contain.rs` finds and stops every process of an instance, `host.rs` is the
-//! seam to the OS.
+//! The code is split by concern:
+//!
+//! | file | owns |
+//! | --- | --- |
+//! | `mod.rs` | the plugin table; plugins coming and going, changes, triggers, timers, shutdown |
+//! | `plugin.rs` | the data: `Plugin`, `Instance` and its `Phase`, `Job` and its `JobPhase`, `Rest`; `state_name` |
+//! | `job.rs` | a reload/start/restart/rollback from snapshot to success or giving up |
+//! | `instance.rs` | starting, verifying, stopping and reaping processes |
+//! | `start_limit.rs` | the start limit and the crash restart delay |
+//! | `protocol.rs` | what plugins say on their notify socket; listening sockets; reload hooks |
+//! | `host.rs` | the `Host` trait (every effect on the machine, and the clocks) and `OsHost` |
+//! | `contain.rs`, `cgroup.rs`, `procs.rs`, `record.rs` | containment: which processes an instance has, killing them all, the instance record |
+//! | `spawn.rs`, `reap.rs`, `output.rs` | fork/exec, waitpid, output pipes (used through `OsHost`) |
+//! | `testhost.rs`, `tests.rs` | the recording fake host and the lifecycle's unit tests |
 //!
 //! # A job's life
 //!
