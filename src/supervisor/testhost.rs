@@ -35,12 +35,26 @@ pub const FIRST_PID: i32 = 5_000_000;
 pub enum Call {
     Snapshot(PathBuf),
     Preflight(String),
-    Spawn { pid: i32, version: String },
-    Signal { pid: i32, sig: i32 },
-    SignalGroup { pgid: i32, sig: i32 },
+    Spawn {
+        pid: i32,
+        version: String,
+    },
+    Signal {
+        pid: i32,
+        sig: i32,
+    },
+    SignalGroup {
+        pgid: i32,
+        sig: i32,
+    },
     KillMembers(String),
     SignalEscapees(String),
-    WriteState { version: String, status: String },
+    WriteState {
+        version: String,
+        status: String,
+    },
+    /// The directory fsync owed by a write whose rename was not synced.
+    SyncDir,
     RemoveRuntime,
     Hook(&'static str),
     KillHook(i32),
@@ -186,12 +200,16 @@ impl Host for FakeHost {
         &mut self,
         path: &Path,
         state: &PluginState,
-        _durability: Durability,
+        durability: Durability,
     ) -> Result<(), StateError> {
         self.record(Call::WriteState {
             version: state.version.clone(),
             status: state.status.clone(),
         });
+        if durability == Durability::Synced {
+            // The write syncs its directory itself.
+            self.record(Call::SyncDir);
+        }
         let mut w = self.0.borrow_mut();
         if w.state_writes_fail {
             // A state dir that is not there is the write error the tests need.
@@ -203,6 +221,7 @@ impl Host for FakeHost {
     }
 
     fn sync_dir(&mut self, _path: &Path) -> Result<(), StateError> {
+        self.record(Call::SyncDir);
         Ok(())
     }
 

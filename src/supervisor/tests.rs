@@ -1754,3 +1754,41 @@ fn the_reload_history_keeps_the_last_twenty() {
     assert_eq!(p.history.len(), super::plugin::HISTORY_LEN);
     assert_eq!(p.history[0].new_version.as_deref(), Some("v25"));
 }
+
+#[test]
+fn a_reloads_state_write_is_made_durable_only_after_the_new_instance_spawned() {
+    let mut r = Rig::new("");
+    let old = r.running("p1", "v1");
+    r.clear();
+    r.deploy("p1", "v2");
+    assert!(
+        !r.calls().contains(&Call::SyncDir),
+        "no directory fsync while the old instance stops"
+    );
+    r.clear();
+    r.terminated(old);
+    let calls = r.calls();
+    let spawn = calls
+        .iter()
+        .position(|c| matches!(c, Call::Spawn { .. }))
+        .expect("spawned");
+    let sync = calls
+        .iter()
+        .position(|c| *c == Call::SyncDir)
+        .expect("the directory fsync at the end of the turn");
+    assert!(spawn < sync, "{calls:?}");
+}
+
+#[test]
+fn a_first_starts_state_write_is_made_durable_at_the_end_of_its_turn() {
+    let mut r = Rig::new("");
+    r.install("p1", "v1");
+    r.add("p1");
+    let calls = r.calls();
+    let spawn = calls
+        .iter()
+        .position(|c| matches!(c, Call::Spawn { .. }))
+        .unwrap();
+    let sync = calls.iter().position(|c| *c == Call::SyncDir).unwrap();
+    assert!(spawn < sync, "{calls:?}");
+}
