@@ -26,6 +26,7 @@ use crate::protocol::PluginInfo;
 use nix::unistd::Pid;
 
 use super::cgroup::{self, Cgroups};
+use super::host::Procs;
 use super::plugin::{Instance, Plugin, Slot};
 use super::procs::{self, Tree};
 use super::record::{self, Entry, Record};
@@ -227,10 +228,10 @@ impl Containment {
     }
 }
 
-impl Supervisor {
+impl Containment {
     /// Every process of instance `slot` of `id` (zombies included).
-    pub(super) fn members(&self, id: &str, slot: Slot) -> Vec<i32> {
-        let Some(inst) = self.plugins.get(id).and_then(|p| p.slot(slot)) else {
+    pub(super) fn members(&self, w: &Procs<'_>, id: &str, slot: Slot) -> Vec<i32> {
+        let Some(inst) = w.plugins.get(id).and_then(|p| p.slot(slot)) else {
             return Vec::new();
         };
         if let Some(dir) = &inst.scope.cgroup {
@@ -241,9 +242,9 @@ impl Supervisor {
         if !inst.reaped {
             roots.push(inst.pid.as_raw());
         }
-        for orphan in self.orphans(&tree) {
+        for orphan in self.orphans(w, &tree) {
             if self
-                .owner_of_orphan(orphan)
+                .owner_of_orphan(w, orphan)
                 .is_some_and(|(owner, s)| owner == id && s == slot)
             {
                 roots.push(orphan);
@@ -253,22 +254,22 @@ impl Supervisor {
     }
 
     /// The daemon's children that are neither a plugin leader nor a hook: orphans of plugins.
-    fn orphans(&self, tree: &Tree) -> Vec<i32> {
-        let me = self.contain.daemon_pid;
+    fn orphans(&self, w: &Procs<'_>, tree: &Tree) -> Vec<i32> {
+        let me = self.daemon_pid;
         procs::own_children(me)
             .unwrap_or_else(|| tree.children(me))
             .into_iter()
             .filter(|&pid| {
                 let pid = Pid::from_raw(pid);
-                !self.pids.contains_key(&pid) && !self.hooks.contains_key(&pid)
+                !w.pids.contains_key(&pid) && !w.hooks.contains_key(&pid)
             })
             .collect()
     }
 
     /// Which instance an orphan belongs to (see the module documentation).
-    fn owner_of_orphan(&self, pid: i32) -> Option<(String, Slot)> {
+    fn owner_of_orphan(&self, w: &Procs<'_>, pid: i32) -> Option<(String, Slot)> {
         let stat = procs::stat(pid)?;
-        for p in self.plugins.values() {
+        for p in w.plugins.values() {
             for slot in [Slot::Current, Slot::Retiring] {
                 if let Some(inst) = p.slot(slot) {
                     let leader = inst.pid.as_raw();
@@ -279,21 +280,27 @@ impl Supervisor {
             }
         }
         let file = procs::environ_var(pid, "HOTRELOAD_STATE_FILE")?;
-        let id = procs::plugin_of(&file, &self.contain.plugins_state)?;
-        let p = self.plugins.get(&id)?;
+        let id = procs::plugin_of(&file, &self.plugins_state)?;
+        let p = w.plugins.get(&id)?;
         let slot = instance_of(p, pid, stat.start_ticks)?;
         Some((id, slot))
     }
 
     /// Send `sigs` to every process of the instance outside its leader's process group (the
     /// group gets its signals with one `kill(-pgid)`; nobody should get one twice).
-    pub(super) fn signal_escapees(&self, id: &str, slot: Slot, sigs: &[libc::c_int]) {
-        let Some(inst) = self.plugins.get(id).and_then(|p| p.slot(slot)) else {
+    pub(super) fn signal_escapees(
+        &self,
+        w: &Procs<'_>,
+        id: &str,
+        slot: Slot,
+        sigs: &[libc::c_int],
+    ) {
+        let Some(inst) = w.plugins.get(id).and_then(|p| p.slot(slot)) else {
             return;
         };
         let leader = inst.pid.as_raw();
         let mut sent = Vec::new();
-        for pid in self.members(id, slot) {
+        for pid in self.members(w, id, slot) {
             // The leader leads its group (and session) for life: the group signal reached it.
             if pid != leader && procs::stat(pid).is_some_and(|s| s.pgid != leader && !s.exited()) {
                 for &sig in sigs {
@@ -309,8 +316,8 @@ impl Supervisor {
 
     /// SIGKILL to every process of the instance: `cgroup.kill`, or a few rounds over its
     /// members (a process may fork between the look and the kill).
-    pub(super) fn kill_members(&self, id: &str, slot: Slot) {
-        let Some(inst) = self.plugins.get(id).and_then(|p| p.slot(slot)) else {
+    pub(super) fn kill_members(&self, w: &Procs<'_>, id: &str, slot: Slot) {
+        let Some(inst) = w.plugins.get(id).and_then(|p| p.slot(slot)) else {
             return;
         };
         let _ = spawn::signal_group(inst.pid, libc::SIGKILL);
@@ -321,7 +328,7 @@ impl Supervisor {
         let mut killed: Vec<i32> = Vec::new();
         for _ in 0..KILL_ROUNDS {
             let fresh: Vec<i32> = self
-                .members(id, slot)
+                .members(w, id, slot)
                 .into_iter()
                 .filter(|pid| !killed.contains(pid))
                 .filter(|&pid| procs::stat(pid).is_some_and(|s| !s.exited()))
@@ -337,8 +344,8 @@ impl Supervisor {
     }
 
     /// True while any process of the instance (its leader aside) lives.
-    pub(super) fn members_alive(&self, id: &str, slot: Slot) -> bool {
-        let Some(inst) = self.plugins.get(id).and_then(|p| p.slot(slot)) else {
+    pub(super) fn members_alive(&self, w: &Procs<'_>, id: &str, slot: Slot) -> bool {
+        let Some(inst) = w.plugins.get(id).and_then(|p| p.slot(slot)) else {
             return false;
         };
         if let Some(dir) = &inst.scope.cgroup {
@@ -346,36 +353,60 @@ impl Supervisor {
         }
         spawn::group_alive(inst.pid)
             || self
-                .members(id, slot)
+                .members(w, id, slot)
                 .into_iter()
                 .any(|pid| procs::stat(pid).is_some_and(|s| !s.exited()))
     }
 
     /// `tasks`, `memory_bytes`, `cpu_usage_ms` for `list` and `plugin`.
-    fn usage(&self, p: &Plugin) -> (usize, Option<u64>, Option<u64>) {
+    pub fn usage(&self, w: &Procs<'_>, p: &Plugin) -> Usage {
         let mut tasks = 0usize;
         let mut memory: Option<u64> = None;
         let mut cpu: Option<u64> = None;
         for slot in [Slot::Current, Slot::Retiring] {
             let Some(inst) = p.slot(slot) else { continue };
             tasks += self
-                .members(&p.id, slot)
+                .members(w, &p.id, slot)
                 .into_iter()
                 .filter(|&pid| procs::stat(pid).is_some_and(|s| !s.exited()))
                 .count();
-            if let Some(m) = self.contain.memory_bytes(&inst.scope) {
+            if let Some(m) = self.memory_bytes(&inst.scope) {
                 memory = Some(memory.unwrap_or(0) + m);
             }
-            if let Some(c) = self.contain.cpu_usage_ms(&inst.scope) {
+            if let Some(c) = self.cpu_usage_ms(&inst.scope) {
                 cpu = Some(cpu.unwrap_or(0) + c);
             }
         }
-        (tasks, memory, cpu)
+        Usage {
+            tasks,
+            memory_bytes: memory,
+            cpu_usage_ms: cpu,
+        }
+    }
+}
+
+/// What `list` and `plugin` show of a plugin's processes (SPEC §4): how many there are now and,
+/// where the controllers are delegated, their memory and CPU time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub tasks: usize,
+    pub memory_bytes: Option<u64>,
+    pub cpu_usage_ms: Option<u64>,
+}
+
+impl Supervisor {
+    /// `tasks`, `memory_bytes`, `cpu_usage_ms` for `list` and `plugin`.
+    pub fn usage(&self, p: &Plugin) -> Usage {
+        self.host.usage(&self.procs(), p)
     }
 
     /// The `list` entry of a plugin with its process figures.
     pub fn list_entry(&self, p: &Plugin) -> PluginInfo {
-        let (tasks, memory_bytes, cpu_usage_ms) = self.usage(p);
+        let Usage {
+            tasks,
+            memory_bytes,
+            cpu_usage_ms,
+        } = self.usage(p);
         PluginInfo {
             tasks,
             memory_bytes,
@@ -383,13 +414,15 @@ impl Supervisor {
             ..p.list_entry()
         }
     }
+}
 
+impl Containment {
     /// After the last plugin stopped: whatever the daemon still has below it that no plugin
     /// claimed (an orphan that replaced its environment and left its group and session) is
     /// killed, so that the daemon's stop leaves nothing behind. Hooks are left to their timeout.
-    pub fn kill_strays(&mut self) {
+    pub fn kill_strays(&mut self, w: &Procs<'_>) {
         let tree = Tree::new();
-        let orphans = self.orphans(&tree);
+        let orphans = self.orphans(w, &tree);
         let strays: Vec<i32> = tree
             .subtree(&orphans)
             .into_iter()
@@ -404,19 +437,14 @@ impl Supervisor {
                 procs::signal(pid, libc::SIGKILL);
             }
         }
-        self.contain.discard_record();
-    }
-
-    /// Pass the daemon's start-up containment work on (see `Containment::prepare`).
-    pub fn prepare_containment(&mut self) {
-        self.contain.prepare();
+        self.discard_record();
     }
 
     /// Write the instance record if this turn changed it, with the start times of the leaders
     /// this turn started.
-    pub(super) fn flush_record(&mut self) {
-        for (id, seq) in std::mem::take(&mut self.contain.unstamped) {
-            let Some(p) = self.plugins.get_mut(&id) else {
+    pub(super) fn flush_record(&mut self, plugins: &mut BTreeMap<String, Plugin>) {
+        for (id, seq) in std::mem::take(&mut self.unstamped) {
+            let Some(p) = plugins.get_mut(&id) else {
                 continue;
             };
             let Some(inst) = p.slot_of(seq).and_then(|slot| p.slot_mut(slot)) else {
@@ -424,17 +452,10 @@ impl Supervisor {
             };
             if let Some(stat) = procs::stat(inst.pid.as_raw()).filter(|_| !inst.reaped) {
                 inst.scope.start_ticks = stat.start_ticks;
-                self.contain.record.set_start_ticks(seq, stat.start_ticks);
+                self.record.set_start_ticks(seq, stat.start_ticks);
             }
         }
-        self.contain.record.flush();
-    }
-
-    /// Retry removing cgroups of killed instances.
-    pub(super) fn remove_emptied_cgroups(&mut self) {
-        if !self.contain.doomed.is_empty() {
-            self.contain.remove_emptied();
-        }
+        self.record.flush();
     }
 }
 

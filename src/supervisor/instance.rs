@@ -9,17 +9,15 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::time::Instant;
 
 use mio::{Interest, unix::SourceFd};
 use nix::unistd::Pid;
 
 use super::job::DirSync;
 use super::output::{LineReader, Stream};
-use super::plugin::{Instance, JobPhase, Plugin, Rest, Slot, Snap, Stop};
+use super::plugin::{Instance, JobPhase, Phase, Plugin, Rest, Slot, Snap};
 use super::reap::ExitKind;
 use super::{Ctx, Pipe, Supervisor, Timer, cancel_timer, spawn};
-use crate::clock;
 use crate::config::{ReadyMode, RestartPolicy};
 use crate::events::Event;
 
@@ -52,7 +50,7 @@ impl Supervisor {
             pid_vars.push("WATCHDOG_PID");
         }
         let arg0 = p.settings.exec.to_string_lossy().into_owned();
-        let scope = self.contain.new_scope(id)?;
+        let scope = self.host.new_scope(id)?;
         let spec = spawn::SpawnSpec {
             program: &target.path,
             arg0: &arg0,
@@ -63,17 +61,19 @@ impl Supervisor {
             pid_vars,
             cgroup: scope.dir_fd(),
         };
-        let spawned = match spawn::spawn(&spec) {
+        let spawned = match self.host.spawn(&spec) {
             Ok(s) => s,
             Err(e) => {
-                self.contain.abandon(scope);
+                self.host.abandon_scope(scope);
                 return Err(e.to_string());
             }
         };
-        self.record_start(ctx, id);
+        if let Some(p) = self.plugins.get_mut(id) {
+            p.record_start(ctx);
+        }
         self.next_seq += 1;
         let seq = self.next_seq;
-        let scope = self.contain.started(seq, id, spawned.pid, scope);
+        let scope = self.host.scope_started(seq, id, spawned.pid, scope);
         let mut pipes = Vec::new();
         for (fd, stream) in [
             (spawned.stdout, Stream::Stdout),
@@ -112,15 +112,13 @@ impl Supervisor {
             pid,
             pidfd: spawned.pidfd,
             version: target.version.clone(),
-            started_wall: clock::wall_rfc3339(),
-            started: Instant::now(),
-            verify_timer: Some(ctx.arm(verify_ms, Timer::Verify(id.to_string(), seq))),
-            verified: false,
-            watchdog_timer: None,
-            stop: None,
+            started_wall: self.host.wall(),
+            started: self.host.now(),
+            phase: Phase::Starting {
+                verify_timer: Some(ctx.arm(verify_ms, Timer::Verify(id.to_string(), seq))),
+            },
             pipes,
             reaped: false,
-            failure: None,
             stopping_announced: false,
             scope,
         });
@@ -141,7 +139,9 @@ impl Supervisor {
         let Some(inst) = p.instance.as_mut().filter(|i| i.seq == seq) else {
             return;
         };
-        inst.verify_timer = None;
+        if let Phase::Starting { verify_timer } = &mut inst.phase {
+            *verify_timer = None;
+        }
         match p.settings.ready {
             ReadyMode::Exec => self.mark_verified(ctx, id, seq),
             ReadyMode::Notify => {
@@ -161,18 +161,16 @@ impl Supervisor {
             return;
         };
         let watchdog_ms = p.settings.watchdog_ms;
-        let Some(inst) = p.instance.as_mut().filter(|i| i.seq == seq && !i.verified) else {
+        let Some(inst) = p.instance.as_mut().filter(|i| i.seq == seq) else {
             return;
         };
-        if inst.stop.is_some() || inst.failure.is_some() {
+        if !matches!(inst.phase, Phase::Starting { .. }) {
             return;
         }
-        cancel_timer(ctx, &mut inst.verify_timer);
-        inst.verified = true;
-        if watchdog_ms > 0 {
-            inst.watchdog_timer =
-                Some(ctx.arm(watchdog_ms, Timer::PluginWatchdog(id.to_string(), seq)));
-        }
+        cancel_timer(ctx, &mut inst.phase.take_timer());
+        let watchdog_timer = (watchdog_ms > 0)
+            .then(|| ctx.arm(watchdog_ms, Timer::PluginWatchdog(id.to_string(), seq)));
+        inst.phase = Phase::Running { watchdog_timer };
         ctx.emit(Event::new("plugin_ready", Some(id)).with("pid", inst.pid.as_raw()));
         let verifying = matches!(
             p.job.as_ref().map(|j| &j.phase),
@@ -191,15 +189,22 @@ impl Supervisor {
         let Some(inst) = p.instance.as_mut() else {
             return;
         };
-        if inst.failure.is_some() {
+        if inst.phase.failure().is_some() {
             return;
         }
         log::warn!("[{id}] pid {}: {why}; killing it", inst.pid);
-        cancel_timer(ctx, &mut inst.verify_timer);
-        cancel_timer(ctx, &mut inst.watchdog_timer);
-        inst.failure = Some(why);
+        match &mut inst.phase {
+            // Being stopped already (its stop timer stays): the exit fails the attempt too.
+            Phase::Stopping { failure, .. } => *failure = Some(why),
+            phase => {
+                cancel_timer(ctx, &mut phase.take_timer());
+                *phase = Phase::Aborting { why };
+            }
+        }
         if !inst.reaped {
-            let _ = spawn::signal_process(inst.pid, inst.pidfd.as_ref(), libc::SIGKILL);
+            let _ = self
+                .host
+                .signal_process(inst.pid, inst.pidfd.as_ref(), libc::SIGKILL);
         }
         let reaped = inst.reaped;
         self.kill_members(id, Slot::Current);
@@ -216,9 +221,11 @@ impl Supervisor {
         let ms = p.settings.watchdog_ms;
         let Some(slot) = p.slot_of(seq) else { return };
         let Some(inst) = p.slot_mut(slot) else { return };
-        inst.watchdog_timer = None;
-        if inst.stop.is_some() {
-            return;
+        match &mut inst.phase {
+            Phase::Running { watchdog_timer } => *watchdog_timer = None,
+            Phase::Stopping { .. } => return,
+            // WATCHDOG=trigger before it is verified, or while it is being aborted.
+            Phase::Starting { .. } | Phase::Aborting { .. } => {}
         }
         log::warn!(
             "[{id}] watchdog timeout: no WATCHDOG=1 for {ms} ms; killing pid {}",
@@ -229,8 +236,10 @@ impl Supervisor {
                 .with("pid", inst.pid.as_raw())
                 .with("watchdog_ms", ms),
         );
-        let _ = spawn::signal_process(inst.pid, inst.pidfd.as_ref(), libc::SIGABRT);
-        let _ = spawn::signal_group(inst.pid, libc::SIGKILL);
+        let _ = self
+            .host
+            .signal_process(inst.pid, inst.pidfd.as_ref(), libc::SIGABRT);
+        let _ = self.host.signal_group(inst.pid, libc::SIGKILL);
     }
 
     /// Stop every instance of a plugin (shutdown, removal).
@@ -243,7 +252,7 @@ impl Supervisor {
     /// SIGTERM to the instance's group, SIGKILL after the stop timeout.
     pub(super) fn stop_instance(&mut self, ctx: &mut Ctx<'_>, id: &str, slot: Slot) {
         let (version, already) = match self.plugins.get(id).and_then(|p| p.slot(slot)) {
-            Some(inst) => (inst.version.clone(), inst.stop.is_some()),
+            Some(inst) => (inst.version.clone(), inst.phase.is_stopping()),
             None => return,
         };
         if already {
@@ -269,18 +278,18 @@ impl Supervisor {
         };
         let timeout = p.settings.stop_timeout_ms;
         let Some(inst) = p.slot_mut(slot) else { return };
-        cancel_timer(ctx, &mut inst.verify_timer);
-        cancel_timer(ctx, &mut inst.watchdog_timer);
+        cancel_timer(ctx, &mut inst.phase.take_timer());
         log::info!("[{id}] stopping pid {}", inst.pid);
-        if let Err(e) = spawn::signal_group(inst.pid, libc::SIGTERM) {
+        if let Err(e) = self.host.signal_group(inst.pid, libc::SIGTERM) {
             log::debug!("[{id}] SIGTERM to group {}: {e}", inst.pid);
         }
-        let _ = spawn::signal_group(inst.pid, libc::SIGCONT);
+        let _ = self.host.signal_group(inst.pid, libc::SIGCONT);
         let kill_timer = ctx.arm(timeout, Timer::Kill(id.to_string(), inst.seq));
-        inst.stop = Some(Stop {
+        inst.phase = Phase::Stopping {
             kill_timer: Some(kill_timer),
             killed: false,
-        });
+            failure: inst.phase.take_failure(),
+        };
         let reaped = inst.reaped;
         // Processes that left the group (setsid, double fork) are asked to stop too.
         self.signal_escapees(id, slot, &[libc::SIGTERM, libc::SIGCONT]);
@@ -314,17 +323,22 @@ impl Supervisor {
         };
         let Some(slot) = p.slot_of(seq) else { return };
         let Some(inst) = p.slot_mut(slot) else { return };
-        let Some(stop) = inst.stop.as_mut() else {
+        let Phase::Stopping {
+            kill_timer, killed, ..
+        } = &mut inst.phase
+        else {
             return;
         };
-        stop.kill_timer = None;
-        stop.killed = true;
+        *kill_timer = None;
+        *killed = true;
         log::warn!(
             "[{id}] pid {} did not exit within the stop timeout: sending SIGKILL to its process group",
             inst.pid
         );
         if !inst.reaped {
-            let _ = spawn::signal_process(inst.pid, inst.pidfd.as_ref(), libc::SIGKILL);
+            let _ = self
+                .host
+                .signal_process(inst.pid, inst.pidfd.as_ref(), libc::SIGKILL);
         }
         let reaped = inst.reaped;
         // The group, and every process that left it (cgroup.kill under cgroups).
@@ -351,7 +365,7 @@ impl Supervisor {
         let Some(inst) = p.slot_mut(slot) else { return };
         inst.reaped = true;
         inst.pidfd = None;
-        let expected = inst.stop.is_some() || inst.failure.is_some() || inst.stopping_announced;
+        let expected = inst.phase.is_leaving() || inst.stopping_announced;
         let pid_raw = inst.pid.as_raw();
         let suffix = if expected { "" } else { " (unexpected)" };
         log::info!("[{id}] pid {pid_raw} exited with {status}{suffix}");
@@ -362,12 +376,12 @@ impl Supervisor {
             ExitKind::Code(c) => ev.with("code", c),
             ExitKind::Signal(s) => ev.with("signal", s),
         });
-        if inst.stop.is_some() || inst.failure.is_some() {
+        if inst.phase.is_leaving() {
             // Other processes of the instance may outlive the leader: the kill timer sweeps them.
-            let killed = inst.failure.is_some() || inst.stop.as_ref().is_some_and(|s| s.killed);
+            let killed = inst.phase.killed();
             if !killed && self.members_alive(&id, slot) {
                 log::debug!("[{id}] leader exited, other processes of the instance remain");
-                self.contain.leader_reaped(seq);
+                self.host.leader_reaped(seq);
                 return;
             }
             self.instance_gone(ctx, &id, slot);
@@ -375,7 +389,7 @@ impl Supervisor {
             // Anything the plugin left behind goes with it, in its group or not.
             self.kill_members(&id, slot);
             if let Some(inst) = self.plugins.get(&id).and_then(|p| p.slot(slot)) {
-                self.contain.ended(inst.seq, &inst.scope);
+                self.host.scope_ended(inst.seq, &inst.scope);
             }
             self.unexpected_exit(ctx, &id, slot, status);
         }
@@ -385,19 +399,19 @@ impl Supervisor {
     /// members of its group (now reaped by us as subreaper, or exited on their own).
     pub fn check_stragglers(&mut self, ctx: &mut Ctx<'_>) {
         self.remove_emptied_cgroups();
-        let mut done = Vec::new();
+        let mut leaving = Vec::new();
         for p in self.plugins.values() {
             for slot in [Slot::Current, Slot::Retiring] {
-                if p.slot(slot).is_some_and(|i| {
-                    i.reaped
-                        && (i.stop.is_some() || i.failure.is_some())
-                        && !self.members_alive(&p.id, slot)
-                }) {
-                    done.push((p.id.clone(), slot));
+                if p.slot(slot)
+                    .is_some_and(|i| i.reaped && i.phase.is_leaving())
+                {
+                    leaving.push((p.id.clone(), slot));
                 }
             }
         }
-        for (id, slot) in done {
+        // All looked at before any is acted on (acting may start the next instance).
+        leaving.retain(|(id, slot)| !self.members_alive(id, *slot));
+        for (id, slot) in leaving {
             self.instance_gone(ctx, &id, slot);
         }
     }
@@ -410,15 +424,11 @@ impl Supervisor {
         let Some(mut inst) = p.take_slot(slot) else {
             return;
         };
-        self.contain.ended(inst.seq, &inst.scope);
-        if let Some(stop) = inst.stop.as_mut() {
-            cancel_timer(ctx, &mut stop.kill_timer);
-        }
-        cancel_timer(ctx, &mut inst.verify_timer);
-        cancel_timer(ctx, &mut inst.watchdog_timer);
+        self.host.scope_ended(inst.seq, &inst.scope);
+        cancel_timer(ctx, &mut inst.phase.take_timer());
         let overlapping = p.has_processes();
         // A job about to start the next instance writes the state file itself, right away.
-        let next_start = inst.failure.is_none()
+        let next_start = inst.phase.failure().is_none()
             && matches!(
                 p.job.as_ref().map(|j| &j.phase),
                 Some(JobPhase::StoppingOld)
@@ -441,7 +451,7 @@ impl Supervisor {
             }
             return;
         }
-        if let Some(why) = inst.failure {
+        if let Some(why) = inst.phase.take_failure() {
             if slot == Slot::Current {
                 self.fail_attempt(ctx, id, why);
             }
@@ -471,8 +481,7 @@ impl Supervisor {
         let Some(mut inst) = p.take_slot(slot) else {
             return;
         };
-        cancel_timer(ctx, &mut inst.verify_timer);
-        cancel_timer(ctx, &mut inst.watchdog_timer);
+        cancel_timer(ctx, &mut inst.phase.take_timer());
         let seq = inst.seq;
         let announced = inst.stopping_announced;
         if !p.has_processes() {

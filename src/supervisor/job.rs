@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 
+use super::host::{Durability, Host};
 use super::plugin::{
     HistoryEntry, Instance, Job, JobKind, JobPhase, Plugin, Rest, Slot, Snap, Written,
 };
@@ -41,6 +42,7 @@ impl Supervisor {
         let old_version = p.current.as_ref().map(|s| s.version.clone());
         let max_attempts = ctx.config.hot_reload.max_retries.saturating_add(1);
         let job = new_job(
+            self.host.as_ref(),
             kind,
             trigger,
             files,
@@ -65,7 +67,7 @@ impl Supervisor {
             return;
         };
         let exec = p.exec_path();
-        match snapshot::take(&exec, &snap_dir) {
+        match self.host.snapshot(&exec, &snap_dir) {
             Ok(s) => {
                 job.target = Snap {
                     version: s.version,
@@ -94,7 +96,7 @@ impl Supervisor {
         if self.build_unchanged(ctx, id, &exec, &job) {
             return;
         }
-        if let Err(e) = preflight::check(&job.target.path) {
+        if let Err(e) = self.host.preflight(&job.target.path) {
             // Name the file the user wrote, not the daemon's private copy.
             let error = format!("{}: {}", preflight::FAILED_PREFIX, e.about_build(&exec));
             self.refuse_build(ctx, id, job, error);
@@ -116,10 +118,7 @@ impl Supervisor {
         };
         p.job = Some(job);
         let overlap = p.settings.strategy == Strategy::StartStop;
-        let old_running = p
-            .instance
-            .as_ref()
-            .is_some_and(|i| i.stop.is_none() && i.failure.is_none());
+        let old_running = p.instance.as_ref().is_some_and(|i| !i.phase.is_leaving());
         if old_running && overlap && p.retiring.is_none() {
             // start-stop: the old instance keeps serving until the new one is ready.
             p.retiring = p.instance.take();
@@ -140,7 +139,7 @@ impl Supervisor {
         let exec_str = exec.to_string_lossy();
         let only_exec = !job.files.is_empty() && job.files.iter().all(|f| *f == exec_str);
         let version = job.target.version.as_str();
-        let alive = |i: &&Instance| i.stop.is_none() && i.failure.is_none();
+        let alive = |i: &&Instance| !i.phase.is_leaving();
         // start-stop: while a failed attempt of a newer build waits to retry, the old instance
         // is the one serving, from the retiring slot.
         let serving = match &p.instance {
@@ -175,7 +174,7 @@ impl Supervisor {
             );
         }
         let new = Some(version.to_owned());
-        let duration_ms = clock::millis(job.started.elapsed());
+        let duration_ms = clock::millis(self.host.now().saturating_duration_since(job.started));
         if job.announced {
             // Announced when an earlier copy of the build failed: it gets its outcome too.
             ctx.emit(
@@ -185,7 +184,7 @@ impl Supervisor {
                     .with("duration_ms", duration_ms),
             );
             if let Some(p) = self.plugins.get_mut(id) {
-                let entry = HistoryEntry::of_reload(job, clock::wall_rfc3339(), duration_ms, None);
+                let entry = HistoryEntry::of_reload(job, self.host.wall(), duration_ms, None);
                 p.push_history(entry);
             }
         }
@@ -209,7 +208,7 @@ impl Supervisor {
         let superseded = p.job.take();
         p.instance = p.retiring.take();
         p.current = Some(build.clone());
-        prune_snapshots(&snap_dir, p);
+        prune_snapshots(self.host.as_mut(), &snap_dir, p);
         let Some(job) = superseded else { return };
         cancel_job_timer(ctx, &job);
         let error = format!(
@@ -218,14 +217,21 @@ impl Supervisor {
         );
         log::warn!("[{id}] hot reload to {} ended: {error}", job.target.version);
         if job.kind == JobKind::Reload {
-            let duration_ms = clock::millis(job.started.elapsed());
-            record_failed_reload(p, &mut self.totals, &job, duration_ms, &error);
+            let duration_ms = clock::millis(self.host.now().saturating_duration_since(job.started));
+            record_failed_reload(
+                p,
+                &mut self.totals,
+                &job,
+                self.host.wall(),
+                duration_ms,
+                &error,
+            );
             if job.announced {
                 let attempts = job.attempt.saturating_sub(1).max(1);
                 emit_reload_failed(ctx, id, &error, attempts, None);
             }
         }
-        answer_waiters(ctx, id, &job, false, Some(error.clone()));
+        answer_waiters(ctx, id, &job, false, Some(error.clone()), self.host.now());
         if job.kind == JobKind::Reload {
             let hook = HookContext {
                 plugin: id,
@@ -298,19 +304,26 @@ impl Supervisor {
             log::warn!("[{id}] cannot start: {error}");
             p.rest = Rest::Missing;
             answer_not_started(ctx, id, &job.waiters, new_version, error);
-            prune_snapshots(&snap_dir, p);
+            prune_snapshots(self.host.as_mut(), &snap_dir, p);
             return;
         }
-        let duration_ms = clock::millis(job.started.elapsed());
-        record_failed_reload(p, &mut self.totals, &job, duration_ms, &error);
+        let duration_ms = clock::millis(self.host.now().saturating_duration_since(job.started));
+        record_failed_reload(
+            p,
+            &mut self.totals,
+            &job,
+            self.host.wall(),
+            duration_ms,
+            &error,
+        );
         // The refused snapshot is useless: keep only what runs and the last good one.
-        prune_snapshots(&snap_dir, p);
+        prune_snapshots(self.host.as_mut(), &snap_dir, p);
         if !job.announced {
             self.announce_reload(ctx, id, &mut job);
         }
         log::warn!("[{id}] hot reload failed: {error}");
         emit_reload_failed(ctx, id, &error, job.attempt, None);
-        answer_waiters(ctx, id, &job, false, Some(error.clone()));
+        answer_waiters(ctx, id, &job, false, Some(error.clone()), self.host.now());
         let hook = HookContext {
             plugin: id,
             old_version: job.old_version.as_deref(),
@@ -389,7 +402,7 @@ impl Supervisor {
     /// down: the daemon never reads it back in this mode.
     fn forget_runtime(&mut self, ctx: &mut Ctx<'_>, id: &str) {
         let path = self.runtime_path(id);
-        if let Err(e) = state_file::remove_if_exists(&path) {
+        if let Err(e) = self.host.remove_runtime(&path) {
             // `e` names the file.
             let error = e.to_string();
             log::warn!("[{id}] {error}");
@@ -410,7 +423,7 @@ impl Supervisor {
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
-        match state_file::read_runtime(&path, MAX_RUNTIME_BYTES) {
+        match self.host.read_runtime(&path, MAX_RUNTIME_BYTES) {
             state_file::RuntimeRead::Missing => {
                 // Only worth saying when there was data to lose: it is kept (SPEC §4).
                 if !p.runtime_data.is_null() {
@@ -492,19 +505,24 @@ impl Supervisor {
             plugin_id: id.to_string(),
             configuration: content.configuration.clone(),
             runtime_data: content.runtime_data.clone(),
-            last_activity: clock::wall_rfc3339(),
+            last_activity: self.host.wall(),
             version: content.version.clone(),
             status: status.to_string(),
         };
         match dir_sync {
-            DirSync::Now => state_file::write_state(&path, &state).map_err(|e| e.to_string())?,
+            DirSync::Now => self
+                .host
+                .write_state(&path, &state, Durability::Synced)
+                .map_err(|e| e.to_string())?,
             DirSync::EndOfTurn => {
-                state_file::write_state_unsynced_rename(&path, &state)
+                self.host
+                    .write_state(&path, &state, Durability::RenameUnsynced)
                     .map_err(|e| e.to_string())?;
                 self.dir_syncs.push(path);
             }
             DirSync::AfterStop => {
-                state_file::write_state_unsynced_rename(&path, &state)
+                self.host
+                    .write_state(&path, &state, Durability::RenameUnsynced)
                     .map_err(|e| e.to_string())?;
                 self.dir_syncs_after_stop.push((id.to_string(), path));
             }
@@ -520,7 +538,7 @@ impl Supervisor {
             return;
         };
         let Some(job) = p.job.take() else { return };
-        let duration_ms = clock::millis(job.started.elapsed());
+        let duration_ms = clock::millis(self.host.now().saturating_duration_since(job.started));
         p.last_good = Some(job.target.clone());
         p.rest = Rest::Stopped;
         match job.kind {
@@ -528,7 +546,7 @@ impl Supervisor {
                 p.reload_count += 1;
                 p.last_error = None;
                 self.totals.reload_count += 1;
-                let now = clock::wall_rfc3339();
+                let now = self.host.wall();
                 self.totals.last_reload = Some(now.clone());
                 p.push_history(HistoryEntry::of_reload(&job, now, duration_ms, None));
                 log::info!(
@@ -556,9 +574,9 @@ impl Supervisor {
             JobKind::Restart => {}
         }
         if job.kind != JobKind::Rollback {
-            answer_waiters(ctx, id, &job, true, None);
+            answer_waiters(ctx, id, &job, true, None, self.host.now());
         }
-        prune_snapshots(&snap_dir, p);
+        prune_snapshots(self.host.as_mut(), &snap_dir, p);
         if p.retiring.is_some() {
             self.stop_instance(ctx, id, Slot::Retiring);
         }
@@ -584,13 +602,13 @@ impl Supervisor {
             .and_then(|p| p.job.as_ref())
             .filter(|job| job.attempt < job.max_attempts && !awaiting_snapshot(job))
             .map(|job| job.kind);
-        let limit = retry.and_then(|_| self.start_limit_reached(ctx, id));
-        // A restart after a crash backs off like the crash restarts before it.
-        let restart_delay = (retry == Some(JobKind::Restart) && limit.is_none())
-            .then(|| self.restart_delay(ctx, id));
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
+        let limit = retry.and_then(|_| p.start_limit_reached(ctx));
+        // A restart after a crash backs off like the crash restarts before it.
+        let restart_delay =
+            (retry == Some(JobKind::Restart) && limit.is_none()).then(|| p.restart_delay(ctx));
         let Some(job) = p.job.as_mut() else { return };
         p.last_error = Some(error.clone());
         job.last_error = Some(error.clone());
@@ -646,17 +664,24 @@ impl Supervisor {
         error: String,
         limited: Option<LimitHit>,
     ) {
-        let limit = limited.or_else(|| self.start_limit_reached(ctx, id));
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
+        let limit = limited.or_else(|| p.start_limit_reached(ctx));
         let Some(job) = p.job.take() else { return };
-        let duration_ms = clock::millis(job.started.elapsed());
+        let duration_ms = clock::millis(self.host.now().saturating_duration_since(job.started));
         if job.kind == JobKind::Reload {
-            record_failed_reload(p, &mut self.totals, &job, duration_ms, &error);
+            record_failed_reload(
+                p,
+                &mut self.totals,
+                &job,
+                self.host.wall(),
+                duration_ms,
+                &error,
+            );
         }
         if job.kind != JobKind::Rollback {
-            answer_waiters(ctx, id, &job, false, Some(error.clone()));
+            answer_waiters(ctx, id, &job, false, Some(error.clone()), self.host.now());
         }
         if job.kind == JobKind::Reload {
             let hook = HookContext {
@@ -678,7 +703,7 @@ impl Supervisor {
             return;
         }
         // start-stop: the old instance never stopped, so "rolling back" is keeping it.
-        if p.instance.is_none() && p.retiring.as_ref().is_some_and(|r| r.stop.is_none()) {
+        if p.instance.is_none() && p.retiring.as_ref().is_some_and(|r| !r.phase.is_stopping()) {
             if let Some(old) = p.retiring.take() {
                 let version = old.version.clone();
                 p.current = p.last_good.clone();
@@ -690,14 +715,19 @@ impl Supervisor {
             }
         }
         let nothing_runs = p.instance.is_none();
+        let host = &self.host;
         let rollback_to = p.last_good.clone().filter(|good| {
-            nothing_runs && job.kind == JobKind::Reload && *good != job.target && good.path.exists()
+            nothing_runs
+                && job.kind == JobKind::Reload
+                && *good != job.target
+                && host.snapshot_exists(&good.path)
         });
         let rollback_forbidden = rollback_to.is_some() && limit.is_some();
         if let Some(good) = rollback_to.filter(|_| limit.is_none()) {
             p.current = p.last_good.clone();
             log::warn!("[{id}] rolling back to last good version {}", good.version);
             p.job = Some(new_job(
+                self.host.as_ref(),
                 JobKind::Rollback,
                 Trigger::Watch,
                 Vec::new(),
@@ -768,10 +798,10 @@ impl Supervisor {
     /// An unexpected exit of a verified instance: restart per policy after a delay that doubles
     /// per restart, unless the start limit says the plugin has been restarted enough.
     pub(super) fn schedule_restart(&mut self, ctx: &mut Ctx<'_>, id: &str, why: String) {
-        let limit = self.start_limit_reached(ctx, id);
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
+        let limit = p.start_limit_reached(ctx);
         let Some(target) = p.current.clone() else {
             p.rest = Rest::Failed;
             return;
@@ -781,10 +811,10 @@ impl Supervisor {
             self.fail_at_start_limit(ctx, id, &target.version, hit);
             return;
         }
-        let delay = self.restart_delay(ctx, id);
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
+        let delay = p.restart_delay(ctx);
         p.restarts += 1;
         p.last_error = Some(why.clone());
         let timer = ctx.arm(delay, Timer::Backoff(id.to_string()));
@@ -792,6 +822,7 @@ impl Supervisor {
         let max_attempts = ctx.config.hot_reload.max_retries.saturating_add(1);
         let old = Some(target.version.clone());
         let mut job = new_job(
+            self.host.as_ref(),
             JobKind::Restart,
             Trigger::Watch,
             Vec::new(),
@@ -808,7 +839,9 @@ impl Supervisor {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn new_job(
+    host: &dyn Host,
     kind: JobKind,
     trigger: Trigger,
     files: Vec<String>,
@@ -825,8 +858,8 @@ fn new_job(
         old_version,
         attempt: 1,
         max_attempts,
-        started: Instant::now(),
-        started_wall: clock::wall_rfc3339(),
+        started: host.now(),
+        started_wall: host.wall(),
         phase: JobPhase::StoppingOld,
         waiters,
         last_error: None,
@@ -954,9 +987,10 @@ pub(super) fn answer_waiters(
     job: &Job,
     ok: bool,
     error: Option<String>,
+    now: Instant,
 ) {
     let new_version = (!job.target.version.is_empty()).then(|| job.target.version.clone());
-    let duration_ms = clock::millis(job.started.elapsed());
+    let duration_ms = clock::millis(now.saturating_duration_since(job.started));
     answer_list(
         ctx,
         id,
@@ -1020,7 +1054,7 @@ fn answer_list(
 }
 
 /// Keep only the running, retiring, current and last-good snapshots of a plugin.
-pub(super) fn prune_snapshots(dir: &Path, p: &Plugin) {
+pub(super) fn prune_snapshots(host: &mut dyn Host, dir: &Path, p: &Plugin) {
     let mut keep: Vec<&str> = Vec::new();
     for inst in [&p.instance, &p.retiring].into_iter().flatten() {
         keep.push(&inst.version);
@@ -1031,7 +1065,7 @@ pub(super) fn prune_snapshots(dir: &Path, p: &Plugin) {
     if let Some(job) = &p.job {
         keep.push(&job.target.version);
     }
-    if let Err(e) = snapshot::prune(dir, &keep) {
+    if let Err(e) = host.prune_snapshots(dir, &keep) {
         log::debug!("[{}] pruning snapshots in {}: {e}", p.id, dir.display());
     }
 }
@@ -1041,13 +1075,13 @@ fn record_failed_reload(
     p: &mut Plugin,
     totals: &mut Totals,
     job: &Job,
+    time: String,
     duration_ms: u64,
     error: &str,
 ) {
     p.failed_reloads += 1;
     totals.failed_reloads += 1;
-    let entry =
-        HistoryEntry::of_reload(job, clock::wall_rfc3339(), duration_ms, Some(error.into()));
+    let entry = HistoryEntry::of_reload(job, time, duration_ms, Some(error.into()));
     p.push_history(entry);
 }
 

@@ -1,15 +1,28 @@
 //! The supervisor: every plugin's processes, reloads, retries, rollbacks and crash restarts.
 //!
 //! It owns the plugin table, the pid → plugin index, the plugins' output pipes and notify
-//! sockets, and the reload hooks in flight. It never polls and never reads a clock: the daemon
-//! hands it inputs (a debounced change, a trigger, a reaped exit, an expired timer, a readable
-//! fd) together with a `Ctx` carrying the current time, the timer wheel and an outbox, and it
-//! answers by arming timers, sending signals, spawning processes and queueing events and replies.
+//! sockets, and the reload hooks in flight. It never polls: the daemon hands it inputs (a
+//! debounced change, a trigger, a reaped exit, an expired timer, a readable fd) together with a
+//! `Ctx` carrying the loop's time (which timers are armed against), the timer wheel and an
+//! outbox, and it answers by arming timers and queueing events and replies. What it does to the
+//! machine (spawn, signal, snapshot, pre-flight, state files, hooks, containment) and the clocks
+//! it reads for durations and timestamps go through its [`Host`] (`host.rs`): the real one, or a
+//! recording fake in the unit tests (`tests.rs`).
 //!
-//! The code is split by concern: `job.rs` drives a reload/start/restart/rollback from snapshot to
-//! success or rollback, `instance.rs` starts, verifies, stops and reaps processes, `protocol.rs`
-//! handles what plugins say on their notify socket (readiness, status, watchdog, fd store) and
-//! the reload hooks.
+//! The code is split by concern:
+//!
+//! | file | owns |
+//! | --- | --- |
+//! | `mod.rs` | the plugin table; plugins coming and going, changes, triggers, timers, shutdown |
+//! | `plugin.rs` | the data: `Plugin`, `Instance` and its `Phase`, `Job` and its `JobPhase`, `Rest`; `state_name` |
+//! | `job.rs` | a reload/start/restart/rollback from snapshot to success or giving up |
+//! | `instance.rs` | starting, verifying, stopping and reaping processes |
+//! | `start_limit.rs` | the start limit and the crash restart delay |
+//! | `protocol.rs` | what plugins say on their notify socket; listening sockets; reload hooks |
+//! | `host.rs` | the `Host` trait (every effect on the machine, and the clocks) and `OsHost` |
+//! | `contain.rs`, `cgroup.rs`, `procs.rs`, `record.rs` | containment: which processes an instance has, killing them all, the instance record |
+//! | `spawn.rs`, `reap.rs`, `output.rs` | fork/exec, waitpid, output pipes (used through `OsHost`) |
+//! | `testhost.rs`, `tests.rs` | the recording fake host and the lifecycle's unit tests |
 //!
 //! # A job's life
 //!
@@ -27,6 +40,7 @@
 
 mod cgroup;
 mod contain;
+pub mod host;
 mod instance;
 mod job;
 pub mod output;
@@ -37,6 +51,10 @@ pub mod reap;
 mod record;
 pub mod spawn;
 mod start_limit;
+#[cfg(test)]
+mod testhost;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -51,7 +69,10 @@ use crate::hooks::HookRun;
 use crate::plugin_notify::NotifySocket;
 use crate::state_file::StateError;
 use crate::wheel::{TimerId, TimerWheel};
-use crate::{snapshot, state_file, token};
+use crate::{state_file, token};
+
+use host::Procs;
+pub use host::{Host, OsHost};
 
 use output::{LineReader, PipeStatus, Stream};
 use plugin::{JobPhase, Queued};
@@ -147,12 +168,18 @@ pub struct Supervisor {
     snapshots_dir: PathBuf,
     notify_dir: PathBuf,
     state_dir: PathBuf,
-    /// cgroups or /proc tracking, and the instance record (`contain.rs`).
-    contain: contain::Containment,
+    /// Everything done to the machine: processes, builds, state files, hooks, containment.
+    host: Box<dyn Host>,
 }
 
 impl Supervisor {
     pub fn new(runtime_dir: &Path, state_dir: &Path) -> Supervisor {
+        let host = OsHost::new(runtime_dir, &state_dir.join("plugins"));
+        Supervisor::with_host(runtime_dir, state_dir, Box::new(host))
+    }
+
+    /// A supervisor acting through `host` (a fake one in unit tests).
+    pub fn with_host(runtime_dir: &Path, state_dir: &Path, host: Box<dyn Host>) -> Supervisor {
         Supervisor {
             plugins: BTreeMap::new(),
             pids: HashMap::new(),
@@ -170,7 +197,7 @@ impl Supervisor {
             snapshots_dir: runtime_dir.join("snapshots"),
             notify_dir: runtime_dir.join("notify"),
             state_dir: state_dir.join("plugins"),
-            contain: contain::Containment::new(runtime_dir, &state_dir.join("plugins")),
+            host,
         }
     }
 
@@ -223,7 +250,7 @@ impl Supervisor {
             return;
         }
         // Temp files of state writes cut short by a crash (ours or the machine's).
-        if let Err(e) = state_file::remove_stale_temps(&self.state_dir.join(id)) {
+        if let Err(e) = self.host.remove_stale_temps(&self.state_dir.join(id)) {
             log::warn!("[{id}] {e}");
         }
         let settings = ctx.config.plugin(id);
@@ -279,7 +306,7 @@ impl Supervisor {
         self.dir_syncs_after_stop = later;
         self.dir_syncs.extend(due.into_iter().map(|(_, path)| path));
         for path in std::mem::take(&mut self.dir_syncs) {
-            if let Err(e) = state_file::sync_parent(&path) {
+            if let Err(e) = self.host.sync_dir(&path) {
                 log::warn!("{e}");
             }
         }
@@ -292,7 +319,7 @@ impl Supervisor {
     /// The previous run's runtime_data (and what its state.json holds), so state survives a
     /// daemon restart too.
     fn load_preserved_state(
-        &self,
+        &mut self,
         ctx: &mut Ctx<'_>,
         id: &str,
     ) -> (Value, Option<plugin::Written>) {
@@ -300,10 +327,10 @@ impl Supervisor {
             return (Value::Null, None);
         }
         let path = self.state_path(id);
-        let saved = match state_file::read_state(&path) {
+        let saved = match self.host.read_state(&path) {
             Ok(state) => state,
             Err(e) if state_file::is_unusable_content(&e) => {
-                set_aside_unusable_state(ctx, id, &path, &e);
+                set_aside_unusable_state(self.host.as_mut(), ctx, id, &path, &e);
                 None
             }
             Err(e) => {
@@ -319,7 +346,10 @@ impl Supervisor {
         let saved_data = saved.map_or(Value::Null, |s| s.runtime_data);
         // After a crash of the daemon the plugin's own runtime.json may be newer than the state
         // file: it is the plugin's durable record, so it wins when valid.
-        let data = match state_file::read_runtime(&self.runtime_path(id), MAX_RUNTIME_BYTES) {
+        let data = match self
+            .host
+            .read_runtime(&self.runtime_path(id), MAX_RUNTIME_BYTES)
+        {
             state_file::RuntimeRead::Valid(v) => v,
             _ => saved_data,
         };
@@ -344,6 +374,7 @@ impl Supervisor {
                 &job,
                 false,
                 Some("plugin directory removed".into()),
+                self.host.now(),
             );
         }
         if p.has_processes() {
@@ -356,7 +387,8 @@ impl Supervisor {
     fn forget(&mut self, ctx: &mut Ctx<'_>, id: &str) {
         if self.plugins.remove(id).is_some() {
             self.close_notify_socket(ctx, id);
-            let _ = std::fs::remove_dir_all(self.snapshot_dir(id));
+            let dir = self.snapshot_dir(id);
+            self.host.remove_snapshots(&dir);
             log::info!("[{id}] plugin removed");
             ctx.emit(Event::new("plugin_removed", Some(id)));
         }
@@ -426,7 +458,7 @@ impl Supervisor {
         );
         // An instance on its way out (stopping, or killed for failing) must be gone before the
         // next build starts, or two instances would run where the strategy allows one.
-        let leaving = |i: &plugin::Instance| i.stop.is_some() || i.failure.is_some();
+        let leaving = |i: &plugin::Instance| i.phase.is_leaving();
         let busy_instance =
             p.instance.as_ref().is_some_and(leaving) || p.retiring.as_ref().is_some_and(leaving);
         if (p.job.is_some() && !in_backoff) || busy_instance {
@@ -482,7 +514,7 @@ impl Supervisor {
             return;
         }
         let exec = p.exec_path();
-        let Ok(version) = snapshot::version_of(&exec) else {
+        let Ok(version) = self.host.version_of(&exec) else {
             return;
         };
         let current = p.current.as_ref().map(|s| s.version.as_str());
@@ -597,7 +629,7 @@ impl Supervisor {
             if let Some(job) = p.job.take() {
                 job::cancel_job_timer(ctx, &job);
                 let error = Some("the daemon is shutting down".to_string());
-                job::answer_waiters(ctx, &id, &job, false, error);
+                job::answer_waiters(ctx, &id, &job, false, error, self.host.now());
             }
             self.stop_all_instances(ctx, &id);
         }
@@ -609,17 +641,92 @@ impl Supervisor {
 
     /// A plugin's last-known PluginState as written on disk (for the `plugin` command).
     pub fn state_file_json(&self, id: &str) -> Value {
-        match state_file::read_state(&self.state_path(id)) {
+        match self.host.read_state(&self.state_path(id)) {
             Ok(Some(state)) => serde_json::to_value(state).unwrap_or(Value::Null),
             _ => Value::Null,
         }
     }
 }
 
+// -------------------------------------------------------------------------------------------
+// Containment, through the host
+
+impl Supervisor {
+    pub(super) fn procs(&self) -> Procs<'_> {
+        Procs {
+            plugins: &self.plugins,
+            pids: &self.pids,
+            hooks: &self.hooks,
+        }
+    }
+
+    /// True while any process of the instance (its leader aside) lives.
+    pub(super) fn members_alive(&mut self, id: &str, slot: plugin::Slot) -> bool {
+        let w = Procs {
+            plugins: &self.plugins,
+            pids: &self.pids,
+            hooks: &self.hooks,
+        };
+        self.host.members_alive(&w, id, slot)
+    }
+
+    /// SIGKILL to every process of the instance.
+    pub(super) fn kill_members(&mut self, id: &str, slot: plugin::Slot) {
+        let w = Procs {
+            plugins: &self.plugins,
+            pids: &self.pids,
+            hooks: &self.hooks,
+        };
+        self.host.kill_members(&w, id, slot);
+    }
+
+    /// `sigs` to every process of the instance outside its leader's group.
+    pub(super) fn signal_escapees(&mut self, id: &str, slot: plugin::Slot, sigs: &[libc::c_int]) {
+        let w = Procs {
+            plugins: &self.plugins,
+            pids: &self.pids,
+            hooks: &self.hooks,
+        };
+        self.host.signal_escapees(&w, id, slot, sigs);
+    }
+
+    /// After the last plugin stopped: whatever the daemon still has below it that no plugin
+    /// claimed is killed, so that the daemon's stop leaves nothing behind.
+    pub fn kill_strays(&mut self) {
+        let w = Procs {
+            plugins: &self.plugins,
+            pids: &self.pids,
+            hooks: &self.hooks,
+        };
+        self.host.kill_strays(&w);
+    }
+
+    /// The daemon's start-up containment work (see `Containment::prepare`).
+    pub fn prepare_containment(&mut self) {
+        self.host.prepare_containment();
+    }
+
+    /// Write the instance record if this turn changed it.
+    fn flush_record(&mut self) {
+        self.host.flush_record(&mut self.plugins);
+    }
+
+    /// Retry removing cgroups of killed instances.
+    fn remove_emptied_cgroups(&mut self) {
+        self.host.remove_emptied_cgroups();
+    }
+}
+
 /// A state.json that cannot be used is moved aside, not overwritten by the next write: it may be
 /// the only copy of what the plugin had saved (a torn write by hand, a disk fault).
-fn set_aside_unusable_state(ctx: &mut Ctx<'_>, id: &str, path: &Path, error: &StateError) {
-    let kept = match state_file::set_aside(path) {
+fn set_aside_unusable_state(
+    host: &mut dyn Host,
+    ctx: &mut Ctx<'_>,
+    id: &str,
+    path: &Path,
+    error: &StateError,
+) {
+    let kept = match host.set_aside_state(path) {
         Ok(aside) => format!("moved it to `{}`", aside.display()),
         Err(e) => format!("could not move it aside ({e})"),
     };
@@ -642,19 +749,5 @@ fn retry_delay(base_ms: u64, exponent: u32) -> u64 {
 fn cancel_timer(ctx: &mut Ctx<'_>, timer: &mut Option<TimerId>) {
     if let Some(t) = timer.take() {
         ctx.wheel.cancel(t);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_delay_doubles_and_caps() {
-        assert_eq!(retry_delay(50, 0), 50);
-        assert_eq!(retry_delay(50, 1), 100);
-        assert_eq!(retry_delay(50, 2), 200);
-        assert_eq!(retry_delay(1000, 10), MAX_RETRY_DELAY_MS);
-        assert_eq!(retry_delay(u64::MAX, 40), MAX_RETRY_DELAY_MS);
     }
 }

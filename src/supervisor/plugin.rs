@@ -1,10 +1,12 @@
 //! One supervised plugin: what runs, what is being done to it, and what it has been through.
 //!
 //! The lifecycle is split in two so each half stays small: the *instance* (the process we are
-//! running, if any, and whether it is starting, up or being stopped) and the *job* (the reload,
-//! start, restart or rollback in progress, if any, with its attempt count and waiters). The state
-//! name users see (`missing`, `starting`, `running`, `stopping`, `reloading`, `backoff`, `failed`,
-//! `stopped`) is derived from those two, never stored, so it cannot drift from the truth.
+//! running, if any, and its [`Phase`]: starting, running, aborting or stopping, each with the
+//! timer that ends it) and the *job* (the reload, start, restart or rollback in progress, if any,
+//! with its attempt count, waiters and [`JobPhase`]). When neither runs, [`Rest`] says where the
+//! plugin rests. The state name users see (`missing`, `starting`, `running`, `stopping`,
+//! `reloading`, `backoff`, `failed`, `stopped`) is a `match` on those, never stored, so it cannot
+//! drift from the truth.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::os::fd::OwnedFd;
@@ -69,21 +71,86 @@ pub struct Instance {
     pub version: String,
     pub started_wall: String,
     pub started: Instant,
-    /// Startup grace (ready = "exec") or readiness timeout (ready = "notify") while unverified.
-    pub verify_timer: Option<TimerId>,
-    pub verified: bool,
-    /// Deadline for the next WATCHDOG=1 (watchdog_ms > 0, once verified).
-    pub watchdog_timer: Option<TimerId>,
-    pub stop: Option<Stop>,
+    /// Where it is in its life, with the timer that ends that phase.
+    pub phase: Phase,
     pub pipes: Vec<Token>,
-    /// The leader has been reaped but members of its group may still live.
+    /// The leader has been reaped but members of its group may still live (only while the
+    /// instance is leaving: an exit of one that is not is handled at once).
     pub reaped: bool,
-    /// Killed by the daemon for failing verification: its exit fails the job's attempt.
-    pub failure: Option<String>,
     /// The plugin sent STOPPING=1: its exit is expected, not a crash.
     pub stopping_announced: bool,
     /// Its cgroup, if any, and the leader's start time (containment).
     pub scope: super::contain::Scope,
+}
+
+/// An instance's life: starting → running → stopping, or starting → aborting (killed for
+/// failing verification). Each phase holds the timer that ends it, so that leaving the phase
+/// is where the timer is cancelled (watchexec's `CommandState`).
+#[derive(Debug)]
+pub enum Phase {
+    /// Not verified yet: the startup grace (ready = "exec") or the readiness timeout
+    /// (ready = "notify") runs.
+    Starting { verify_timer: Option<TimerId> },
+    /// Verified; with watchdog_ms > 0, the deadline of the next WATCHDOG=1.
+    Running { watchdog_timer: Option<TimerId> },
+    /// Killed by the daemon for failing verification: its exit fails the job's attempt.
+    Aborting { why: String },
+    /// SIGTERM sent, SIGKILL armed (`killed`: sent). `failure`: it was aborting when the stop
+    /// came (a shutdown), and its exit still fails the attempt.
+    Stopping {
+        kill_timer: Option<TimerId>,
+        killed: bool,
+        failure: Option<String>,
+    },
+}
+
+impl Phase {
+    /// Verified and not leaving.
+    pub const fn is_running(&self) -> bool {
+        matches!(self, Phase::Running { .. })
+    }
+
+    pub const fn is_stopping(&self) -> bool {
+        matches!(self, Phase::Stopping { .. })
+    }
+
+    /// On its way out, stopped or aborted: its exit is expected and ends it.
+    pub const fn is_leaving(&self) -> bool {
+        matches!(self, Phase::Stopping { .. } | Phase::Aborting { .. })
+    }
+
+    /// Why the daemon killed it, when it did for failing verification.
+    pub fn failure(&self) -> Option<&str> {
+        match self {
+            Phase::Aborting { why } => Some(why),
+            Phase::Stopping { failure, .. } => failure.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// SIGKILL went to it already (aborted, or a stop that ran out of time).
+    pub fn killed(&self) -> bool {
+        self.failure().is_some() || matches!(self, Phase::Stopping { killed: true, .. })
+    }
+
+    /// The timer ending this phase, taken out (to cancel it).
+    pub fn take_timer(&mut self) -> Option<TimerId> {
+        match self {
+            Phase::Starting { verify_timer: t }
+            | Phase::Running { watchdog_timer: t }
+            | Phase::Stopping { kill_timer: t, .. } => t.take(),
+            Phase::Aborting { .. } => None,
+        }
+    }
+
+    /// The failure, taken out, for the phase that follows.
+    pub fn take_failure(&mut self) -> Option<String> {
+        match self {
+            Phase::Aborting { why } => Some(std::mem::take(why)),
+            Phase::Stopping { failure, .. } => failure.take(),
+            _ => None,
+        }
+    }
 }
 
 /// Which of a plugin's (at most two) instances: the current one, or the one a `start-stop`
@@ -92,13 +159,6 @@ pub struct Instance {
 pub enum Slot {
     Current,
     Retiring,
-}
-
-/// A stop in progress: SIGTERM sent, SIGKILL armed.
-#[derive(Debug)]
-pub struct Stop {
-    pub kill_timer: Option<TimerId>,
-    pub killed: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -328,22 +388,19 @@ impl Plugin {
                 self.job.as_ref().map(|j| j.kind),
                 Some(JobKind::Reload | JobKind::Rollback)
             );
-        if let Some(inst) = &self.instance {
-            if inst.stop.is_some() {
-                return if reloading { "reloading" } else { "stopping" };
-            }
-            if reloading {
-                return "reloading";
-            }
-            return if inst.verified { "running" } else { "starting" };
-        }
-        match &self.job {
-            Some(job) => match job.phase {
+        match (&self.instance, &self.job) {
+            (Some(inst), _) => match inst.phase {
+                _ if reloading => "reloading",
+                Phase::Stopping { .. } => "stopping",
+                Phase::Running { .. } => "running",
+                Phase::Starting { .. } | Phase::Aborting { .. } => "starting",
+            },
+            (None, Some(job)) => match job.phase {
                 JobPhase::Backoff { .. } => "backoff",
                 _ if reloading => "reloading",
-                _ => "starting",
+                JobPhase::StoppingOld | JobPhase::Verifying { .. } => "starting",
             },
-            None => match self.rest {
+            (None, None) => match self.rest {
                 Rest::Missing => "missing",
                 Rest::Stopped => "stopped",
                 Rest::Failed => "failed",
@@ -352,9 +409,7 @@ impl Plugin {
     }
 
     pub fn is_running(&self) -> bool {
-        self.instance
-            .as_ref()
-            .is_some_and(|i| i.verified && i.stop.is_none())
+        self.instance.as_ref().is_some_and(|i| i.phase.is_running())
     }
 
     pub fn push_history(&mut self, entry: HistoryEntry) {

@@ -19,12 +19,12 @@ use std::path::PathBuf;
 use mio::{Interest, Token, unix::SourceFd};
 use nix::unistd::Pid;
 
-use super::plugin::Slot;
+use super::plugin::{Phase, Slot};
 use super::reap::ExitKind;
 use super::{Ctx, Supervisor, Timer};
 use crate::events::Event;
 use crate::fsutil::create_private_dir;
-use crate::hooks::{self, HookContext, HookKind};
+use crate::hooks::{HookContext, HookKind};
 use crate::listen;
 use crate::plugin_notify::{Datagram, NotifySocket, sender_in_group};
 
@@ -165,6 +165,7 @@ impl Supervisor {
             return;
         };
         let msg = dgram.message;
+        let watchdog_ms = p.settings.watchdog_ms;
         let Some(inst) = p.slot_mut(slot) else { return };
         let seq = inst.seq;
         if msg.stopping {
@@ -172,24 +173,30 @@ impl Supervisor {
         }
         if let Some(usec) = msg.extend_timeout_usec {
             let ms = usec.div_ceil(1000);
-            if let Some(stop) = inst.stop.as_mut() {
-                if let Some(t) = stop.kill_timer.take() {
-                    ctx.wheel.cancel(t);
-                    stop.kill_timer = Some(ctx.arm(ms, Timer::Kill(id.to_string(), seq)));
+            match &mut inst.phase {
+                Phase::Stopping {
+                    kill_timer: Some(t),
+                    ..
+                } => {
+                    ctx.wheel.cancel(*t);
+                    *t = ctx.arm(ms, Timer::Kill(id.to_string(), seq));
                 }
-            } else if let Some(t) = inst.verify_timer.take() {
-                ctx.wheel.cancel(t);
-                inst.verify_timer = Some(ctx.arm(ms, Timer::Verify(id.to_string(), seq)));
+                Phase::Starting {
+                    verify_timer: Some(t),
+                } => {
+                    ctx.wheel.cancel(*t);
+                    *t = ctx.arm(ms, Timer::Verify(id.to_string(), seq));
+                }
+                _ => {}
             }
         }
         if msg.watchdog {
-            if let Some(t) = inst.watchdog_timer.take() {
-                ctx.wheel.cancel(t);
-                let ms = p.settings.watchdog_ms;
-                if let Some(inst) = p.slot_mut(slot) {
-                    inst.watchdog_timer =
-                        Some(ctx.arm(ms, Timer::PluginWatchdog(id.to_string(), seq)));
-                }
+            if let Phase::Running {
+                watchdog_timer: Some(t),
+            } = &mut inst.phase
+            {
+                ctx.wheel.cancel(*t);
+                *t = ctx.arm(watchdog_ms, Timer::PluginWatchdog(id.to_string(), seq));
             }
         }
         if let Some(status) = msg.status.clone() {
@@ -239,7 +246,7 @@ impl Supervisor {
             HookKind::ReloadFailure => &ctx.config.hooks.on_reload_failure,
         };
         let Some(argv) = argv.clone() else { return };
-        match hooks::spawn_hook(&argv, kind, hook) {
+        match self.host.spawn_hook(&argv, kind, hook) {
             Ok(run) => {
                 let timer = ctx.arm(
                     ctx.config.hooks.timeout_ms,
@@ -274,7 +281,7 @@ impl Supervisor {
             return false;
         };
         ctx.wheel.cancel(timer);
-        let _ = super::spawn::signal_group(pid, libc::SIGKILL);
+        let _ = self.host.signal_group(pid, libc::SIGKILL);
         if !status.is_success() {
             log::warn!(
                 "[{}] {} hook exited with {status}",
@@ -307,6 +314,6 @@ impl Supervisor {
                 .with("hook", run.kind.as_str())
                 .with("error", format!("killed after timeout_ms ({ms} ms)")),
         );
-        hooks::kill_hook(run);
+        self.host.kill_hook(run);
     }
 }

@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 
-use super::plugin::{Job, JobKind, Rest};
+use super::plugin::{Job, JobKind, Plugin, Rest};
 use super::{Ctx, MAX_RETRY_DELAY_MS, Supervisor, retry_delay};
 use crate::events::Event;
 
@@ -129,51 +129,38 @@ pub(super) fn asked_for(job: &Job) -> bool {
     job.attempt == 1 && matches!(job.kind, JobKind::Start | JobKind::Reload)
 }
 
-impl Supervisor {
-    /// The start limit settings of `id`.
-    fn limits(&self, ctx: &Ctx<'_>, id: &str) -> Option<Limits> {
-        let p = self.plugins.get(id)?;
-        Some(Limits {
-            burst: p.settings.start_limit_burst,
-            interval_ms: p.settings.start_limit_interval_ms,
+impl Plugin {
+    /// The plugin's start limit settings.
+    fn limits(&self, ctx: &Ctx<'_>) -> Limits {
+        Limits {
+            burst: self.settings.start_limit_burst,
+            interval_ms: self.settings.start_limit_interval_ms,
             base_delay_ms: ctx.config.hot_reload.retry_delay_ms,
-        })
-    }
-
-    /// Records a start of `id` happening now; a start someone asked for clears the record first.
-    pub(super) fn record_start(&mut self, ctx: &Ctx<'_>, id: &str) {
-        let Some(limits) = self.limits(ctx, id) else {
-            return;
-        };
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
-        if p.job.as_ref().is_some_and(asked_for) {
-            p.start_limit.clear();
-        }
-        p.start_limit.record_start(ctx.now_ms, &limits);
-    }
-
-    /// `Some` when the daemon may not start `id` on its own now (SPEC §5 "Start limit").
-    pub(super) fn start_limit_reached(&self, ctx: &Ctx<'_>, id: &str) -> Option<LimitHit> {
-        let limits = self.limits(ctx, id)?;
-        self.plugins
-            .get(id)?
-            .start_limit
-            .reached(ctx.now_ms, &limits)
-    }
-
-    /// The delay before restarting `id` after it went down now.
-    pub(super) fn restart_delay(&mut self, ctx: &Ctx<'_>, id: &str) -> u64 {
-        let Some(limits) = self.limits(ctx, id) else {
-            return MIN_RESTART_DELAY_MS;
-        };
-        match self.plugins.get_mut(id) {
-            Some(p) => p.start_limit.next_restart_delay(ctx.now_ms, &limits),
-            None => MIN_RESTART_DELAY_MS,
         }
     }
 
+    /// Records a start happening now; a start someone asked for clears the record first.
+    pub(super) fn record_start(&mut self, ctx: &Ctx<'_>) {
+        let limits = self.limits(ctx);
+        if self.job.as_ref().is_some_and(asked_for) {
+            self.start_limit.clear();
+        }
+        self.start_limit.record_start(ctx.now_ms, &limits);
+    }
+
+    /// `Some` when the daemon may not start the plugin on its own now (SPEC §5 "Start limit").
+    pub(super) fn start_limit_reached(&self, ctx: &Ctx<'_>) -> Option<LimitHit> {
+        self.start_limit.reached(ctx.now_ms, &self.limits(ctx))
+    }
+
+    /// The delay before restarting the plugin after it went down now.
+    pub(super) fn restart_delay(&mut self, ctx: &Ctx<'_>) -> u64 {
+        let limits = self.limits(ctx);
+        self.start_limit.next_restart_delay(ctx.now_ms, &limits)
+    }
+}
+
+impl Supervisor {
     /// Says that the limit stopped `id`: its `last_error`, the log and `start_limit_hit`.
     pub(super) fn announce_start_limit(&mut self, ctx: &mut Ctx<'_>, id: &str, hit: LimitHit) {
         let Some(p) = self.plugins.get_mut(id) else {

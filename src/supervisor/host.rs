@@ -1,0 +1,300 @@
+//! The host seam: every effect the supervisor's decisions have on the machine.
+//!
+//! The reload, restart and stop logic (`job.rs`, `instance.rs`, `protocol.rs`) decides; a
+//! [`Host`] acts. Spawning and signalling processes, copying and checking a build, writing and
+//! reading state files, running hooks, containment (cgroups or `/proc`) and the clocks all go
+//! through this one trait, so that the lifecycle can be driven in unit tests with no process,
+//! no file and no sleep (`testhost.rs`, youki's `Syscall` and watchexec's `TestChild` are the
+//! models). [`OsHost`] is the real thing: it calls `spawn::spawn`, `snapshot::take`,
+//! `preflight::check`, `state_file`, `hooks` and the containment module, and adds nothing to
+//! them (the reload path is benchmarked; a virtual call is all this seam costs).
+//!
+//! What stays outside: the notify and listening sockets and the output pipes, which the
+//! supervisor registers with the daemon's poll (a missing runtime dir only costs a warning).
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use nix::unistd::Pid;
+
+use super::contain::{Containment, NewScope, Scope, Usage};
+use super::plugin::{Plugin, Slot};
+use super::spawn::{self, SpawnError, SpawnSpec, Spawned};
+use crate::clock;
+use crate::hooks::{self, HookContext, HookError, HookKind, HookRun};
+use crate::preflight::{self, PreflightError};
+use crate::snapshot::{self, Snapshot, SnapshotError};
+use crate::state_file::{self, PluginState, RuntimeRead, StateError};
+use crate::wheel::TimerId;
+
+/// What containment needs to know about the supervisor to attribute processes: its plugins,
+/// the leaders it reaps and the hooks it runs.
+pub struct Procs<'a> {
+    pub plugins: &'a BTreeMap<String, Plugin>,
+    pub pids: &'a HashMap<Pid, (String, u64)>,
+    pub hooks: &'a HashMap<Pid, (HookRun, TimerId)>,
+}
+
+/// How durable a state.json write is before it returns (see `job::DirSync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Content and rename synced.
+    Synced,
+    /// Content synced; the directory fsync that makes the rename durable comes later
+    /// ([`Host::sync_dir`]).
+    RenameUnsynced,
+}
+
+/// Every effect of the supervisor on the machine. See the module documentation.
+pub trait Host {
+    // -- clocks
+    /// Monotonic now: job and instance start times, durations.
+    fn now(&self) -> Instant;
+    /// Wall-clock now as RFC 3339, for history, `started_at` and state files.
+    fn wall(&self) -> String;
+
+    // -- builds
+    /// Copy the plugin's executable into its snapshot dir (`snapshot::take`).
+    fn snapshot(&mut self, exec: &Path, dir: &Path) -> Result<Snapshot, SnapshotError>;
+    /// The content version of the executable, without copying it.
+    fn version_of(&self, exec: &Path) -> Result<String, SnapshotError>;
+    /// Remove the snapshots of a plugin but those named in `keep`.
+    fn prune_snapshots(&mut self, dir: &Path, keep: &[&str]) -> io::Result<()>;
+    /// Remove a forgotten plugin's snapshot dir.
+    fn remove_snapshots(&mut self, dir: &Path);
+    /// Whether a snapshot (the last good build) is still there to roll back to.
+    fn snapshot_exists(&self, path: &Path) -> bool;
+    /// The pre-flight check of a copied build.
+    fn preflight(&mut self, build: &Path) -> Result<(), PreflightError>;
+
+    // -- state files
+    fn write_state(
+        &mut self,
+        path: &Path,
+        state: &PluginState,
+        durability: Durability,
+    ) -> Result<(), StateError>;
+    /// The directory fsync owed by a [`Durability::RenameUnsynced`] write.
+    fn sync_dir(&mut self, path: &Path) -> Result<(), StateError>;
+    fn read_state(&self, path: &Path) -> Result<Option<PluginState>, StateError>;
+    fn set_aside_state(&mut self, path: &Path) -> io::Result<PathBuf>;
+    fn remove_stale_temps(&mut self, dir: &Path) -> io::Result<usize>;
+    fn read_runtime(&self, path: &Path, max_bytes: u64) -> RuntimeRead;
+    fn remove_runtime(&mut self, path: &Path) -> io::Result<()>;
+
+    // -- processes
+    fn spawn(&mut self, spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError>;
+    fn signal_group(&mut self, pgid: Pid, sig: libc::c_int) -> io::Result<()>;
+    fn signal_process(
+        &mut self,
+        pid: Pid,
+        pidfd: Option<&OwnedFd>,
+        sig: libc::c_int,
+    ) -> io::Result<()>;
+
+    // -- containment
+    /// A cgroup (or nothing) for the next instance of `id`.
+    fn new_scope(&mut self, id: &str) -> Result<NewScope, String>;
+    /// The spawn failed: the scope goes.
+    fn abandon_scope(&mut self, scope: NewScope);
+    /// Instance `seq` of `id` started as `pid` in `scope`.
+    fn scope_started(&mut self, seq: u64, id: &str, pid: Pid, scope: NewScope) -> Scope;
+    /// The leader of `seq` was reaped while other processes of the instance remain.
+    fn leader_reaped(&mut self, seq: u64);
+    /// Instance `seq` is over.
+    fn scope_ended(&mut self, seq: u64, scope: &Scope);
+    /// True while any process of the instance (its leader aside) lives.
+    fn members_alive(&mut self, w: &Procs<'_>, id: &str, slot: Slot) -> bool;
+    /// SIGKILL to every process of the instance.
+    fn kill_members(&mut self, w: &Procs<'_>, id: &str, slot: Slot);
+    /// `sigs` to every process of the instance outside its leader's group.
+    fn signal_escapees(&mut self, w: &Procs<'_>, id: &str, slot: Slot, sigs: &[libc::c_int]);
+    /// `tasks`, `memory_bytes`, `cpu_usage_ms` of a plugin.
+    fn usage(&self, w: &Procs<'_>, p: &Plugin) -> Usage;
+    /// After the last plugin stopped: kill what no plugin claims, drop the record.
+    fn kill_strays(&mut self, w: &Procs<'_>);
+    /// At daemon start: cgroups, a dead daemon's leftovers, a fresh record.
+    fn prepare_containment(&mut self);
+    /// Once per loop turn: the instance record, with the start times of new leaders.
+    fn flush_record(&mut self, plugins: &mut BTreeMap<String, Plugin>);
+    /// Retry removing cgroups of killed instances.
+    fn remove_emptied_cgroups(&mut self);
+
+    // -- hooks
+    fn spawn_hook(
+        &mut self,
+        argv: &[String],
+        kind: HookKind,
+        hook: &HookContext<'_>,
+    ) -> Result<HookRun, HookError>;
+    fn kill_hook(&mut self, run: &HookRun);
+}
+
+/// The host that runs the real thing.
+#[derive(Debug)]
+pub struct OsHost {
+    contain: Containment,
+}
+
+impl OsHost {
+    pub fn new(runtime_dir: &Path, plugins_state: &Path) -> OsHost {
+        OsHost {
+            contain: Containment::new(runtime_dir, plugins_state),
+        }
+    }
+}
+
+impl Host for OsHost {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn wall(&self) -> String {
+        clock::wall_rfc3339()
+    }
+
+    fn snapshot(&mut self, exec: &Path, dir: &Path) -> Result<Snapshot, SnapshotError> {
+        snapshot::take(exec, dir)
+    }
+
+    fn version_of(&self, exec: &Path) -> Result<String, SnapshotError> {
+        snapshot::version_of(exec)
+    }
+
+    fn prune_snapshots(&mut self, dir: &Path, keep: &[&str]) -> io::Result<()> {
+        snapshot::prune(dir, keep)
+    }
+
+    fn remove_snapshots(&mut self, dir: &Path) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn snapshot_exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+
+    fn preflight(&mut self, build: &Path) -> Result<(), PreflightError> {
+        preflight::check(build)
+    }
+
+    fn write_state(
+        &mut self,
+        path: &Path,
+        state: &PluginState,
+        durability: Durability,
+    ) -> Result<(), StateError> {
+        match durability {
+            Durability::Synced => state_file::write_state(path, state),
+            Durability::RenameUnsynced => state_file::write_state_unsynced_rename(path, state),
+        }
+    }
+
+    fn sync_dir(&mut self, path: &Path) -> Result<(), StateError> {
+        state_file::sync_parent(path)
+    }
+
+    fn read_state(&self, path: &Path) -> Result<Option<PluginState>, StateError> {
+        state_file::read_state(path)
+    }
+
+    fn set_aside_state(&mut self, path: &Path) -> io::Result<PathBuf> {
+        state_file::set_aside(path)
+    }
+
+    fn remove_stale_temps(&mut self, dir: &Path) -> io::Result<usize> {
+        state_file::remove_stale_temps(dir)
+    }
+
+    fn read_runtime(&self, path: &Path, max_bytes: u64) -> RuntimeRead {
+        state_file::read_runtime(path, max_bytes)
+    }
+
+    fn remove_runtime(&mut self, path: &Path) -> io::Result<()> {
+        state_file::remove_if_exists(path)
+    }
+
+    fn spawn(&mut self, spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
+        spawn::spawn(spec)
+    }
+
+    fn signal_group(&mut self, pgid: Pid, sig: libc::c_int) -> io::Result<()> {
+        spawn::signal_group(pgid, sig)
+    }
+
+    fn signal_process(
+        &mut self,
+        pid: Pid,
+        pidfd: Option<&OwnedFd>,
+        sig: libc::c_int,
+    ) -> io::Result<()> {
+        spawn::signal_process(pid, pidfd, sig)
+    }
+
+    fn new_scope(&mut self, id: &str) -> Result<NewScope, String> {
+        self.contain.new_scope(id)
+    }
+
+    fn abandon_scope(&mut self, scope: NewScope) {
+        self.contain.abandon(scope);
+    }
+
+    fn scope_started(&mut self, seq: u64, id: &str, pid: Pid, scope: NewScope) -> Scope {
+        self.contain.started(seq, id, pid, scope)
+    }
+
+    fn leader_reaped(&mut self, seq: u64) {
+        self.contain.leader_reaped(seq);
+    }
+
+    fn scope_ended(&mut self, seq: u64, scope: &Scope) {
+        self.contain.ended(seq, scope);
+    }
+
+    fn members_alive(&mut self, w: &Procs<'_>, id: &str, slot: Slot) -> bool {
+        self.contain.members_alive(w, id, slot)
+    }
+
+    fn kill_members(&mut self, w: &Procs<'_>, id: &str, slot: Slot) {
+        self.contain.kill_members(w, id, slot);
+    }
+
+    fn signal_escapees(&mut self, w: &Procs<'_>, id: &str, slot: Slot, sigs: &[libc::c_int]) {
+        self.contain.signal_escapees(w, id, slot, sigs);
+    }
+
+    fn usage(&self, w: &Procs<'_>, p: &Plugin) -> Usage {
+        self.contain.usage(w, p)
+    }
+
+    fn kill_strays(&mut self, w: &Procs<'_>) {
+        self.contain.kill_strays(w);
+    }
+
+    fn prepare_containment(&mut self) {
+        self.contain.prepare();
+    }
+
+    fn flush_record(&mut self, plugins: &mut BTreeMap<String, Plugin>) {
+        self.contain.flush_record(plugins);
+    }
+
+    fn remove_emptied_cgroups(&mut self) {
+        self.contain.remove_emptied();
+    }
+
+    fn spawn_hook(
+        &mut self,
+        argv: &[String],
+        kind: HookKind,
+        hook: &HookContext<'_>,
+    ) -> Result<HookRun, HookError> {
+        hooks::spawn_hook(argv, kind, hook)
+    }
+
+    fn kill_hook(&mut self, run: &HookRun) {
+        hooks::kill_hook(run);
+    }
+}

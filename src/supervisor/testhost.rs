@@ -1,0 +1,373 @@
+//! A recording fake [`Host`] for the lifecycle's unit tests (watchexec's `TestChild` is the
+//! model): no process, no file, no sleep.
+//!
+//! The test holds the same [`World`] as the host (`Rc<RefCell<_>>`): it installs builds, makes
+//! copies, pre-flight checks or spawns fail, moves the clock, and reads back every call the
+//! supervisor made (`calls`) and every state.json it wrote. Pids start above the kernel's
+//! largest (`pid_max` is at most 2^22), so they can never name a real process.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use nix::unistd::Pid;
+use serde_json::Value;
+
+use super::contain::{NewScope, Scope, Usage};
+use super::host::{Durability, Host, Procs};
+use super::plugin::{Plugin, Slot};
+use super::spawn::{SpawnError, SpawnSpec, Spawned};
+use crate::hooks::{HookContext, HookError, HookKind, HookRun};
+use crate::preflight::PreflightError;
+use crate::snapshot::{Snapshot, SnapshotError};
+use crate::state_file::{PluginState, RuntimeRead, StateError};
+
+/// The first pid the fake hands out: above any real pid.
+pub const FIRST_PID: i32 = 5_000_000;
+
+/// One thing the supervisor asked the host to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    Snapshot(PathBuf),
+    Preflight(String),
+    Spawn {
+        pid: i32,
+        version: String,
+    },
+    Signal {
+        pid: i32,
+        sig: i32,
+    },
+    SignalGroup {
+        pgid: i32,
+        sig: i32,
+    },
+    KillMembers(String),
+    SignalEscapees(String),
+    WriteState {
+        version: String,
+        status: String,
+    },
+    /// The directory fsync owed by a write whose rename was not synced.
+    SyncDir,
+    RemoveRuntime,
+    Hook(&'static str),
+    KillHook(i32),
+}
+
+/// What the fake machine holds, shared by the test and the host.
+#[derive(Debug)]
+pub struct World {
+    pub calls: Vec<Call>,
+    base: Instant,
+    pub elapsed_ms: u64,
+    /// Executable path → version of the build installed there.
+    pub builds: HashMap<PathBuf, String>,
+    /// The next this many copies fail (the runtime dir full).
+    pub copy_failures: u32,
+    /// Versions the pre-flight check refuses.
+    pub refused: HashSet<String>,
+    /// Versions whose spawn fails (exec error).
+    pub unspawnable: HashSet<String>,
+    /// Leaders whose other processes still live after them.
+    pub members_alive: HashSet<i32>,
+    /// What the plugin left in runtime.json.
+    pub runtime: Option<Value>,
+    /// state.json writes fail (read-only state dir).
+    pub state_writes_fail: bool,
+    /// The last state.json written, by path.
+    pub states: BTreeMap<PathBuf, PluginState>,
+    next_pid: i32,
+}
+
+impl World {
+    pub fn new() -> World {
+        World {
+            calls: Vec::new(),
+            base: Instant::now(),
+            elapsed_ms: 0,
+            builds: HashMap::new(),
+            copy_failures: 0,
+            refused: HashSet::new(),
+            unspawnable: HashSet::new(),
+            members_alive: HashSet::new(),
+            runtime: None,
+            state_writes_fail: false,
+            states: BTreeMap::new(),
+            next_pid: FIRST_PID,
+        }
+    }
+
+    /// The pids spawned so far, in order, with their versions.
+    pub fn spawned(&self) -> Vec<(i32, String)> {
+        self.calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::Spawn { pid, version } => Some((*pid, version.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// The host over a shared [`World`].
+pub struct FakeHost(pub Rc<RefCell<World>>);
+
+impl FakeHost {
+    fn record(&self, call: Call) {
+        self.0.borrow_mut().calls.push(call);
+    }
+}
+
+impl Host for FakeHost {
+    fn now(&self) -> Instant {
+        let w = self.0.borrow();
+        w.base + Duration::from_millis(w.elapsed_ms)
+    }
+
+    fn wall(&self) -> String {
+        format!(
+            "2026-12-07T00:00:00.{:03}Z",
+            self.0.borrow().elapsed_ms % 1000
+        )
+    }
+
+    fn snapshot(&mut self, exec: &Path, dir: &Path) -> Result<Snapshot, SnapshotError> {
+        self.record(Call::Snapshot(exec.to_path_buf()));
+        let mut w = self.0.borrow_mut();
+        let Some(version) = w.builds.get(exec).cloned() else {
+            return Err(SnapshotError::NotFound {
+                path: exec.to_path_buf(),
+                dangling_symlink: false,
+            });
+        };
+        if w.copy_failures > 0 {
+            w.copy_failures -= 1;
+            return Err(SnapshotError::Write {
+                path: exec.to_path_buf(),
+                dir: dir.to_path_buf(),
+                source: io::Error::from_raw_os_error(libc::ENOSPC),
+            });
+        }
+        Ok(Snapshot {
+            path: dir.join(&version),
+            version,
+            len: 1,
+        })
+    }
+
+    fn version_of(&self, exec: &Path) -> Result<String, SnapshotError> {
+        self.0
+            .borrow()
+            .builds
+            .get(exec)
+            .cloned()
+            .ok_or_else(|| SnapshotError::NotFound {
+                path: exec.to_path_buf(),
+                dangling_symlink: false,
+            })
+    }
+
+    fn prune_snapshots(&mut self, _dir: &Path, _keep: &[&str]) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn remove_snapshots(&mut self, _dir: &Path) {}
+
+    fn snapshot_exists(&self, _path: &Path) -> bool {
+        true
+    }
+
+    fn preflight(&mut self, build: &Path) -> Result<(), PreflightError> {
+        let version = build
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.record(Call::Preflight(version.clone()));
+        if self.0.borrow().refused.contains(&version) {
+            // The real check of a file that is not there: a refusal without a process.
+            return crate::preflight::check(Path::new("/dev/null/hotreload-fake-refused"));
+        }
+        Ok(())
+    }
+
+    fn write_state(
+        &mut self,
+        path: &Path,
+        state: &PluginState,
+        durability: Durability,
+    ) -> Result<(), StateError> {
+        self.record(Call::WriteState {
+            version: state.version.clone(),
+            status: state.status.clone(),
+        });
+        if durability == Durability::Synced {
+            // The write syncs its directory itself.
+            self.record(Call::SyncDir);
+        }
+        let mut w = self.0.borrow_mut();
+        if w.state_writes_fail {
+            // A state dir that is not there is the write error the tests need.
+            drop(w);
+            return crate::state_file::write_state(Path::new("/dev/null/hr/state.json"), state);
+        }
+        w.states.insert(path.to_path_buf(), state.clone());
+        Ok(())
+    }
+
+    fn sync_dir(&mut self, _path: &Path) -> Result<(), StateError> {
+        self.record(Call::SyncDir);
+        Ok(())
+    }
+
+    fn read_state(&self, path: &Path) -> Result<Option<PluginState>, StateError> {
+        Ok(self.0.borrow().states.get(path).cloned())
+    }
+
+    fn set_aside_state(&mut self, path: &Path) -> io::Result<PathBuf> {
+        Ok(path.with_extension("aside"))
+    }
+
+    fn remove_stale_temps(&mut self, _dir: &Path) -> io::Result<usize> {
+        Ok(0)
+    }
+
+    fn read_runtime(&self, _path: &Path, _max_bytes: u64) -> RuntimeRead {
+        match &self.0.borrow().runtime {
+            Some(v) => RuntimeRead::Valid(v.clone()),
+            None => RuntimeRead::Missing,
+        }
+    }
+
+    fn remove_runtime(&mut self, _path: &Path) -> io::Result<()> {
+        self.record(Call::RemoveRuntime);
+        self.0.borrow_mut().runtime = None;
+        Ok(())
+    }
+
+    fn spawn(&mut self, spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
+        let version = spec
+            .program
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if self.0.borrow().unspawnable.contains(&version) {
+            return Err(SpawnError {
+                program: spec.program.to_path_buf(),
+                source: io::Error::from_raw_os_error(libc::ENOEXEC),
+            });
+        }
+        let pid = {
+            let mut w = self.0.borrow_mut();
+            w.next_pid += 1;
+            w.next_pid
+        };
+        self.record(Call::Spawn { pid, version });
+        // The output pipes: a socket pair each, whose other end closes at once (no process).
+        let (stdout, _) = UnixStream::pair().map_err(|source| SpawnError {
+            program: spec.program.to_path_buf(),
+            source,
+        })?;
+        let (stderr, _) = UnixStream::pair().map_err(|source| SpawnError {
+            program: spec.program.to_path_buf(),
+            source,
+        })?;
+        Ok(Spawned {
+            pid: Pid::from_raw(pid),
+            pidfd: None,
+            stdout: OwnedFd::from(stdout),
+            stderr: OwnedFd::from(stderr),
+        })
+    }
+
+    fn signal_group(&mut self, pgid: Pid, sig: libc::c_int) -> io::Result<()> {
+        self.record(Call::SignalGroup {
+            pgid: pgid.as_raw(),
+            sig,
+        });
+        Ok(())
+    }
+
+    fn signal_process(
+        &mut self,
+        pid: Pid,
+        _pidfd: Option<&OwnedFd>,
+        sig: libc::c_int,
+    ) -> io::Result<()> {
+        self.record(Call::Signal {
+            pid: pid.as_raw(),
+            sig,
+        });
+        Ok(())
+    }
+
+    fn new_scope(&mut self, _id: &str) -> Result<NewScope, String> {
+        Ok(NewScope::default())
+    }
+
+    fn abandon_scope(&mut self, _scope: NewScope) {}
+
+    fn scope_started(&mut self, _seq: u64, _id: &str, _pid: Pid, _scope: NewScope) -> Scope {
+        Scope::default()
+    }
+
+    fn leader_reaped(&mut self, _seq: u64) {}
+
+    fn scope_ended(&mut self, _seq: u64, _scope: &Scope) {}
+
+    fn members_alive(&mut self, w: &Procs<'_>, id: &str, slot: Slot) -> bool {
+        let Some(inst) = w.plugins.get(id).and_then(|p| p.slot(slot)) else {
+            return false;
+        };
+        self.0.borrow().members_alive.contains(&inst.pid.as_raw())
+    }
+
+    fn kill_members(&mut self, _w: &Procs<'_>, id: &str, _slot: Slot) {
+        self.record(Call::KillMembers(id.to_string()));
+    }
+
+    fn signal_escapees(&mut self, _w: &Procs<'_>, id: &str, _slot: Slot, _sigs: &[libc::c_int]) {
+        self.record(Call::SignalEscapees(id.to_string()));
+    }
+
+    fn usage(&self, _w: &Procs<'_>, _p: &Plugin) -> Usage {
+        Usage::default()
+    }
+
+    fn kill_strays(&mut self, _w: &Procs<'_>) {}
+
+    fn prepare_containment(&mut self) {}
+
+    fn flush_record(&mut self, _plugins: &mut BTreeMap<String, Plugin>) {}
+
+    fn remove_emptied_cgroups(&mut self) {}
+
+    fn spawn_hook(
+        &mut self,
+        _argv: &[String],
+        kind: HookKind,
+        hook: &HookContext<'_>,
+    ) -> Result<HookRun, HookError> {
+        self.record(Call::Hook(kind.as_str()));
+        let pid = {
+            let mut w = self.0.borrow_mut();
+            w.next_pid += 1;
+            w.next_pid
+        };
+        Ok(HookRun {
+            pid: Pid::from_raw(pid),
+            kind,
+            plugin: hook.plugin.to_string(),
+            started: self.now(),
+        })
+    }
+
+    fn kill_hook(&mut self, run: &HookRun) {
+        self.record(Call::KillHook(run.pid.as_raw()));
+    }
+}
