@@ -280,3 +280,50 @@ fn an_idle_daemon_wakes_once_per_poll_interval_and_never_without_polled_dirs() {
     // 5 intervals in the window, one timer for the four polled dirs.
     assert!((3..=8).contains(&n), "{n} wakeups in {window:?} at 300 ms");
 }
+
+#[track_caller]
+fn wait_present(d: &Daemon, present: bool) {
+    wait_until(TIMEOUT, "plugins_dir_present", || {
+        (d.status()["daemon"]["plugins_dir_present"] == present).then_some(())
+    });
+}
+
+#[test]
+fn a_polled_plugins_dir_that_goes_and_comes_back_is_supervised_again() {
+    let mut d = Daemon::with_config(&poll_config());
+    let (v1, pid1) = d.start_running("p1", &Script::new("v1"));
+    let mut sub = d.client();
+    sub.subscribe(json!({}));
+
+    // Swapped by two renames: the same build of p1 keeps running, a new plugin starts.
+    let new = d.root.join("plugins.new");
+    install_atomic(&new.join("p1").join("p1"), &v1, 0o755);
+    let fresh = Script::new("v1").render(&d.root, "fresh");
+    install_atomic(&new.join("fresh").join("fresh"), &fresh, 0o755);
+    fs::rename(&d.plugins, d.root.join("plugins.old")).unwrap();
+    fs::rename(&new, &d.plugins).unwrap();
+    d.wait_running("fresh", &fresh);
+    let info = d.wait_running("p1", &v1);
+    assert_eq!(info["pid"], pid1, "same build in the new dir: no restart");
+    sub.wait_event(TIMEOUT, "plugins_dir_back", |e| {
+        e["event"] == "plugins_dir_back"
+    });
+
+    // Deleted: every plugin stops; recreated: what it holds is supervised, and polled.
+    fs::remove_dir_all(&d.plugins).unwrap();
+    sub.wait_event(TIMEOUT, "plugins_dir_lost", |e| {
+        e["event"] == "plugins_dir_lost"
+    });
+    wait_present(&d, false);
+    wait_until(TIMEOUT, "p1 forgotten", || {
+        d.plugin_info("p1").is_none().then_some(())
+    });
+    fs::create_dir(&d.plugins).unwrap();
+    let v3 = d.install("p3", &Script::new("v1"));
+    d.wait_running("p3", &v3);
+    wait_present(&d, true);
+    let v4 = d.install("p3", &Script::new("v2"));
+    d.wait_running("p3", &v4);
+    assert_eq!(plugin(&d, "p3")["watched_by"], "poll");
+    assert_eq!(inotify_fdinfo_lines(d.pid()), Vec::<String>::new());
+}
