@@ -1595,6 +1595,74 @@ mod tests {
     }
 
     #[test]
+    fn subdirs_are_watched_to_depth_8_except_excluded_trees() {
+        let tmp = Scratch::new("subdirs");
+        let root = tmp.0.join("plugins");
+        let dir = root.join("p1");
+        std::fs::create_dir_all(dir.join("assets/img")).unwrap();
+        std::fs::create_dir_all(dir.join(".git/objects/ab")).unwrap();
+        std::fs::create_dir_all(dir.join("d1/d2/d3/d4/d5/d6/d7/d8/d9")).unwrap();
+        let options = WatchOptions {
+            mode: WatchMode::Inotify,
+            subdirs: true,
+        };
+        let mut w = Watcher::new(&root, options).unwrap();
+        w.set_matchers(&Matchers::new(&["*".to_string()], &[".git*".to_string()]).unwrap());
+        w.watch_plugin("p1", &dir, Path::new("p1")).unwrap();
+        // assets, assets/img, d1 .. d1/../d8: not .git's tree, not d9 (depth 9).
+        assert_eq!(w.subdirs_watched(), 10);
+        assert_eq!(w.watched_by("p1"), Some("inotify"));
+
+        std::fs::write(dir.join("assets/img/logo.png"), b"png").unwrap();
+        std::fs::write(dir.join(".git/objects/ab/cd"), b"blob").unwrap();
+        std::fs::create_dir(dir.join("templates")).unwrap();
+        let changes = w.drain(&matchers(), false);
+        let files: Vec<&Change> = changes
+            .iter()
+            .filter(|c| matches!(c, Change::File { .. }))
+            .collect();
+        assert_eq!(
+            files,
+            vec![&Change::File {
+                plugin: "p1".into(),
+                path: dir.join("assets/img/logo.png"),
+            }]
+        );
+        assert_eq!(w.subdirs_watched(), 11, "templates is watched");
+        std::fs::remove_dir(dir.join("templates")).unwrap();
+        w.drain(&matchers(), false);
+        assert_eq!(w.subdirs_watched(), 10, "a removed subdir is forgotten");
+    }
+
+    #[test]
+    fn poll_mode_holds_no_inotify_and_reports_a_settled_build() {
+        let tmp = Scratch::new("poll");
+        let root = tmp.0.join("plugins");
+        let dir = root.join("p1");
+        std::fs::create_dir_all(&dir).unwrap();
+        let options = WatchOptions {
+            mode: WatchMode::Poll,
+            subdirs: false,
+        };
+        let mut w = Watcher::new(&root, options).unwrap();
+        assert_eq!(w.fd(), None);
+        w.watch_plugin("p1", &dir, Path::new("p1")).unwrap();
+        assert_eq!((w.watched_by("p1"), w.polled_dirs()), (Some("poll"), 2));
+        std::fs::write(dir.join("p1"), b"#!/bin/sh\n").unwrap();
+        assert_eq!(w.poll_round(&matchers(), false), vec![], "not settled yet");
+        let exec = Change::File {
+            plugin: "p1".into(),
+            path: dir.join("p1"),
+        };
+        assert_eq!(w.poll_round(&matchers(), false), vec![exec]);
+        std::fs::create_dir(root.join("p2")).unwrap();
+        assert_eq!(
+            w.poll_round(&matchers(), false),
+            vec![Change::DirAdded("p2".into())]
+        );
+    }
+
+    #[test]
     fn a_plugins_dir_missing_at_start_is_not_an_error() {
         let tmp = Scratch::new("missing");
         let w = Watcher::new(&tmp.0.join("plugins"), inotify_only()).unwrap();
