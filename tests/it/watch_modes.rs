@@ -62,9 +62,25 @@ fn poll_mode_uses_no_inotify_and_picks_up_builds_and_plugin_dirs() {
     assert_eq!(started["version"], expected_version(&v2), "{started}");
     d.wait_running("p1", &v2);
 
-    // A new plugin dir is found by polling the plugins dir.
+    // A new plugin dir is found by polling the plugins dir; a verbose subscriber hears why it
+    // is polled.
+    let mut verbose = d.client();
+    verbose.subscribe(json!({"verbose": true}));
     d.install("p2", &Script::new("v1"));
     d.wait_started("p2", "v1");
+    let polled = verbose.wait_named("directory_polled", "p2");
+    assert_eq!(
+        polled["path"],
+        d.plugin_dir("p2").to_string_lossy().as_ref()
+    );
+    assert!(
+        polled["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("poll")),
+        "{polled}"
+    );
+    sub.collect_events(Duration::from_millis(0));
+    assert!(sub.all_named("directory_polled").is_empty(), "verbose only");
     assert_eq!(plugin(&d, "p2")["watched_by"], "poll");
     assert_eq!(inotify_fdinfo_lines(d.pid()), Vec::<String>::new());
 }
