@@ -110,6 +110,9 @@ struct Core {
 /// clients are answered in between.
 const STARTS_PER_TURN: usize = 16;
 
+/// Shortest wait for the poll that confirms a changed file is complete (with a debounce of 0).
+const MIN_SETTLE_MS: u64 = 50;
+
 impl Daemon {
     /// Set everything up: directories, signals, control socket, watches, initial plugins.
     pub fn start(config: Config, overrides: Overrides, env: Env) -> Result<Daemon, FatalError> {
@@ -448,8 +451,21 @@ impl Core {
             return;
         };
         let changes = watcher.poll_round(&self.config.matchers, self.verbose_listeners);
+        let settling = watcher.settling();
         for change in changes {
             self.on_change(change);
+        }
+        if settling {
+            // A file changed: the listing that confirms it is complete comes after the quiet
+            // time of a debounce, not a whole interval later (a build is then picked up within
+            // one interval plus about two debounces). Only after a change: idle, the daemon
+            // still wakes once per interval.
+            let hr = &self.config.hot_reload;
+            let ms = hr
+                .debounce_delay_ms
+                .clamp(MIN_SETTLE_MS, hr.poll_interval_ms.max(MIN_SETTLE_MS));
+            self.next_poll_ms = Some(self.clock.now_ms() + ms);
+            return;
         }
         self.arm_poll();
     }

@@ -220,11 +220,9 @@ impl Poller {
         self.dirs.is_empty()
     }
 
-    /// Whether the directory of plugin `id` itself (not a subdirectory) is polled.
-    pub fn polls_plugin_dir(&self, id: &str) -> bool {
-        self.dirs.values().any(
-            |d| matches!(&d.owner, PollOwner::Plugin { id: i, rel } if i == id && rel.as_os_str().is_empty()),
-        )
+    /// Whether some file was seen new or rewritten and waits for its confirming listing.
+    pub fn settling(&self) -> bool {
+        self.dirs.values().any(|d| !d.unsettled.is_empty())
     }
 
     /// Number of polled subdirectories of plugin dirs.

@@ -367,6 +367,11 @@ impl Watcher {
         self.poller.len()
     }
 
+    /// Whether a polled file waits for the listing that confirms it is complete.
+    pub fn settling(&self) -> bool {
+        self.poller.settling()
+    }
+
     /// Whether a poll round is due every interval.
     pub fn polls(&self) -> bool {
         !self.poller.is_empty()

@@ -99,7 +99,8 @@ fn inotify_mode_reports_itself_and_watches_with_inotify() {
 
 #[test]
 fn a_slow_writer_is_never_started_half_written_under_poll() {
-    let mut d = Daemon::with_config(&poll_config());
+    // The confirming listing comes a debounce after the one that saw the change.
+    let mut d = Daemon::with_config(&poll_config().set("hot_reload.debounce_delay_ms", json!(400)));
     d.start_running("p1", &Script::new("v1"));
     // The first part alone is a valid script (it passes pre-flight, then exits): started, it
     // would show up with its own version.
@@ -114,8 +115,8 @@ fn a_slow_writer_is_never_started_half_written_under_poll() {
     let mut file = fs::File::create(d.exec_path("p1")).unwrap();
     file.write_all(&head).unwrap();
     file.flush().unwrap();
-    // The writer's pause (not a synchronisation): shorter than one interval, so no two polls
-    // can see the first part alone.
+    // The writer's pause (not a synchronisation): shorter than the interval and than the
+    // debounce, so no two listings can see the first part alone.
     std::thread::sleep(Duration::from_millis(POLL_MS / 2));
     file.write_all(&full[head.len()..]).unwrap();
     drop(file);
