@@ -1,8 +1,9 @@
 //! The daemon: one thread, one `mio::Poll`, every subsystem owned here and driven from here.
 //!
-//! `Daemon` holds the poll, the control server and the `Core` (everything else). The split is
-//! what lets the control server call back into the core (`Handler`) while both are borrowed:
-//! the server owns the client connections, the core owns plugins, timers, watches and config.
+//! `Daemon` holds the control server and the `Core` (the poll and everything else). The server
+//! owns the client connections and hands over the requests they complete; the core executes
+//! them, and the daemon gives the answers back to the server. Neither calls the other, so both
+//! share the poll's one `Registry`.
 //!
 //! Each loop turn: sleep until an fd is ready or the next timer is due (never longer, never a
 //! periodic tick), dispatch every ready source (draining each to WouldBlock), fire due timers,
@@ -14,20 +15,21 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Registry, Token};
-use serde_json::{Map, Value, json};
+use mio::{Events, Interest, Poll, Token};
 
 use crate::clock::{self, Clock};
 use crate::config::{self, Config, Env, Overrides};
-use crate::control::protocol::{self, Command, ErrorCode, Request};
-use crate::control::{
-    ClientId, ControlServer, EventRecord, Handler, Limits, Outcome, Peer, SubscribeFilter,
-};
+use crate::control::{ClientId, ControlServer, EventRecord, Incoming, Limits, SubscribeFilter};
 use crate::events::Event;
 use crate::notify::Notifier;
 use crate::private_dir::DaemonDirs;
+use crate::protocol::{
+    self, Command, DaemonStatus, EnabledReply, ErrorCode, HotReloadStatus, ListReply, PluginDetail,
+    PluginReply, ReloadedReply, Request, Response, ScheduledReply, StatusReply, SubscribedReply,
+    TriggerReply,
+};
 use crate::signals::{SignalEvent, SignalSource};
-use crate::supervisor::{Ctx, Outbox, Supervisor, Timer, Trigger, Waiter, reap, spawn};
+use crate::supervisor::{Ctx, Outbox, Plugin, Supervisor, Timer, Trigger, Waiter, reap, spawn};
 use crate::token;
 use crate::watch::{Change, LinkedDir, WatchOptions, Watcher, linked_plugin_dir};
 use crate::wheel::TimerWheel;
@@ -65,16 +67,13 @@ fn os_err(what: impl std::fmt::Display) -> FatalError {
 }
 
 pub struct Daemon {
-    poll: Poll,
-    /// The control server's own handle on the poll (the core holds another).
-    registry: Registry,
     control: ControlServer,
     core: Core,
 }
 
-/// Everything but the poll and the control server.
+/// Everything but the control server.
 struct Core {
-    registry: Registry,
+    poll: Poll,
     clock: Clock,
     wheel: TimerWheel<Timer>,
     signals: SignalSource,
@@ -87,8 +86,6 @@ struct Core {
     started: Instant,
     shutting_down: bool,
     outbox: Outbox,
-    /// Connected control clients, refreshed by the daemon around control dispatch.
-    sessions: usize,
     verbose_listeners: bool,
     notifier: Notifier,
     watchdog_interval_ms: Option<u64>,
@@ -127,20 +124,17 @@ impl Daemon {
             log::warn!("cannot become a child subreaper ({e}): escaped grandchildren go to init");
         }
         let poll = Poll::new().map_err(|e| os_err(format!("cannot create the event loop: {e}")))?;
-        let registry = poll
-            .registry()
-            .try_clone()
-            .map_err(|e| os_err(format!("cannot clone the poll registry: {e}")))?;
-        let signals = SignalSource::new(&registry)
+        let registry = poll.registry();
+        let signals = SignalSource::new(registry)
             .map_err(|e| os_err(format!("cannot handle signals: {e}")))?;
         // A second daemon learns here that the socket is taken, before it has created anything.
         let mut control = open_control(&config)?;
         if let Err(e) = prepare_dirs(&config, &private_dirs) {
-            control.shutdown(&registry);
+            control.shutdown(registry);
             return Err(e);
         }
         control
-            .register(&registry)
+            .register(registry)
             .map_err(|e| os_err(format!("cannot poll the control socket: {e}")))?;
         let watcher = if config.watch_enabled {
             let options = WatchOptions {
@@ -167,7 +161,7 @@ impl Daemon {
             sup: Supervisor::new(&config.runtime_dir, &config.state_dir),
             wheel: TimerWheel::new(clock.now_ms()),
             enabled: config.hot_reload.enabled,
-            registry,
+            poll,
             clock,
             signals,
             watcher,
@@ -177,7 +171,6 @@ impl Daemon {
             started: Instant::now(),
             shutting_down: false,
             outbox: Outbox::default(),
-            sessions: 0,
             verbose_listeners: false,
             notifier,
             watchdog_interval_ms,
@@ -204,16 +197,7 @@ impl Daemon {
             let now = core.clock.now_ms();
             core.wheel.insert(now + ms, Timer::Watchdog);
         }
-        let registry = core
-            .registry
-            .try_clone()
-            .map_err(|e| os_err(format!("cannot clone the poll registry: {e}")))?;
-        let mut daemon = Daemon {
-            poll,
-            registry,
-            control,
-            core,
-        };
+        let mut daemon = Daemon { control, core };
         daemon.flush();
         Ok(daemon)
     }
@@ -226,7 +210,7 @@ impl Daemon {
             self.flush();
             self.core.sup.sync_state_dirs();
             let timeout = self.core.poll_timeout();
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            if let Err(e) = self.core.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -238,7 +222,7 @@ impl Daemon {
             self.core.read_backlog();
             self.core.fire_timers();
             if std::mem::take(&mut self.core.check_socket) {
-                if let Err(e) = self.control.restore_socket_file(&self.registry) {
+                if let Err(e) = self.control.restore_socket_file(self.core.poll.registry()) {
                     log::error!("cannot restore the control socket: {e}");
                 }
             }
@@ -250,7 +234,7 @@ impl Daemon {
             }
         }
         self.core.sup.kill_strays();
-        self.control.shutdown(&self.registry);
+        self.control.shutdown(self.core.poll.registry());
         log::info!("all plugins stopped, exiting");
         Ok(())
     }
@@ -261,10 +245,8 @@ impl Daemon {
             token::INOTIFY => self.core.on_inotify(),
             t if token::is_pipe(t) => self.core.on_pipe(t),
             t if self.control.owns(t) => {
-                self.core.sessions = self.control.client_count();
-                self.control
-                    .handle_event(&self.registry, event, &mut self.core);
-                self.core.sessions = self.control.client_count();
+                self.control.handle_event(self.core.poll.registry(), event);
+                self.serve_control();
             }
             // A source closed earlier in this batch: nothing to do.
             _ => {}
@@ -290,16 +272,49 @@ impl Daemon {
                     verbose_only: event.verbose_only,
                     line: Rc::from(event.to_line()),
                 };
-                self.control.publish(&self.registry, &record);
+                self.control.publish(self.core.poll.registry(), &record);
             }
-            for (client, line) in replies {
-                self.control
-                    .complete(&self.registry, client, line, &mut self.core);
+            for (waiter, result) in replies {
+                let reply = Response::Trigger(TriggerReply { result });
+                let line = reply.to_line(waiter.request_id.as_ref());
+                self.control.reply(waiter.client, line);
             }
+            // A deferred answer lets its client's next pipelined request through.
+            self.serve_control();
         }
-        self.core.sessions = self.control.client_count();
         self.core.verbose_listeners = self.control.has_verbose_subscriber();
     }
+
+    /// Executes every request the control server has read and gives it the answers, until an
+    /// answer lets no more pipelined request through.
+    fn serve_control(&mut self) {
+        while let Some(incoming) = self.control.next_request(self.core.poll.registry()) {
+            let Incoming {
+                client, request, ..
+            } = incoming;
+            let sessions = self.control.client_count();
+            let id = request.id.clone();
+            match self.core.execute(client, request, sessions) {
+                Answer::Reply(reply) => self.control.reply(client, reply.to_line(id.as_ref())),
+                Answer::Subscribe(filter) => {
+                    let reply = Response::Subscribed(SubscribedReply { subscribed: true });
+                    self.control
+                        .subscribe(client, filter, reply.to_line(id.as_ref()));
+                }
+                Answer::Deferred => self.control.defer(self.core.poll.registry(), client),
+            }
+        }
+    }
+}
+
+/// What the daemon does with a control request.
+enum Answer {
+    /// Answer now.
+    Reply(Response),
+    /// Answer `"subscribed": true`, then send the events the filter accepts.
+    Subscribe(SubscribeFilter),
+    /// Answered later, through the outbox's replies (a `trigger` that waits).
+    Deferred,
 }
 
 /// Create the plugins dir, and the runtime and state dirs (mode 0700) unless they exist, which
@@ -371,7 +386,7 @@ impl Core {
         let ctx = Ctx {
             now_ms: self.clock.now_ms(),
             wheel: &mut self.wheel,
-            registry: &self.registry,
+            registry: self.poll.registry(),
             out: &mut self.outbox,
             config: &self.config,
         };
@@ -862,7 +877,7 @@ impl Core {
         )
     }
 
-    fn status_body(&self) -> Map<String, Value> {
+    fn status_reply(&self, sessions: usize) -> StatusReply {
         let hr = &self.config.hot_reload;
         // The directories watched for plugins: the plugins dir and each plugin dir. Not the
         // build dirs that symlinked executables point into, nor the plugins dir's parent, which
@@ -871,97 +886,89 @@ impl Core {
             usize::from(w.root_watched())
                 + self.sup.plugins().filter(|p| w.is_watching(&p.id)).count()
         });
-        let mut body = Map::new();
-        body.insert(
-            "hot_reload".into(),
-            json!({
+        let totals = &self.sup.totals;
+        StatusReply {
+            daemon: DaemonStatus {
+                pid: std::process::id(),
+                plugins_dir: self.config.plugins_dir.to_string_lossy().into_owned(),
+                plugins_dir_present: self.plugins_dir_present(),
+                plugins_running: self.sup.running_count(),
+                plugins_total: self.sup.plugins().count(),
+                uptime_ms: clock::millis(self.started.elapsed()),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                watch: self.watcher.is_some(),
+            },
+            hot_reload: HotReloadStatus {
+                active_sessions: sessions,
+                debounce_delay_ms: hr.debounce_delay_ms,
                 // With HOTRELOAD_WATCH=0 nothing reloads by itself, whatever the toggle says.
-                "enabled": self.enabled && self.watcher.is_some(),
-                "watching_directories": watching,
-                "last_reload": self.sup.totals.last_reload,
-                "reload_count": self.sup.totals.reload_count,
-                "failed_reloads": self.sup.totals.failed_reloads,
-                "active_sessions": self.sessions,
-                "debounce_delay_ms": hr.debounce_delay_ms,
-                "watch_patterns": hr.watch_patterns,
-                "exclude_patterns": hr.exclude_patterns,
-                "watch_mode": hr.watch_mode.as_str(),
-                "polled_directories": self.watcher.as_ref().map_or(0, Watcher::polled_dirs),
-                "watching_subdirectories": self.watcher.as_ref().map_or(0, Watcher::subdirs_watched),
-            }),
-        );
-        body.insert(
-            "daemon".into(),
-            json!({
-                "pid": std::process::id(),
-                "version": env!("CARGO_PKG_VERSION"),
-                "uptime_ms": clock::millis(self.started.elapsed()),
-                "plugins_total": self.sup.plugins().count(),
-                "plugins_running": self.sup.running_count(),
-                "plugins_dir": self.config.plugins_dir.to_string_lossy(),
-                "plugins_dir_present": self.plugins_dir_present(),
-                "watch": self.watcher.is_some(),
-            }),
-        );
-        body
-    }
-
-    fn one(key: &str, value: Value) -> Map<String, Value> {
-        let mut body = Map::new();
-        body.insert(key.into(), value);
-        body
-    }
-
-    fn execute(&mut self, client: ClientId, request: Request) -> Outcome {
-        let id = request.id.as_ref();
-        let ok = |body| Outcome::Reply(protocol::success(id, body));
-        let err = |code, msg: &str| Outcome::Reply(protocol::error_line(id, code, msg));
-        if self.shutting_down && request.command.is_mutating() {
-            return err(ErrorCode::Busy, "the daemon is shutting down");
+                enabled: self.enabled && self.watcher.is_some(),
+                exclude_patterns: hr.exclude_patterns.clone(),
+                failed_reloads: totals.failed_reloads,
+                last_reload: totals.last_reload.clone(),
+                reload_count: totals.reload_count,
+                watch_patterns: hr.watch_patterns.clone(),
+                watching_directories: watching,
+                watch_mode: hr.watch_mode.as_str().to_owned(),
+                polled_directories: self.watcher.as_ref().map_or(0, Watcher::polled_dirs),
+                watching_subdirectories: self.watcher.as_ref().map_or(0, Watcher::subdirs_watched),
+            },
         }
-        match request.command {
-            Command::Status => ok(self.status_body()),
-            Command::List => {
-                let plugins: Vec<Value> =
-                    self.sup.plugins().map(|p| self.sup.list_entry(p)).collect();
-                ok(Self::one("plugins", Value::Array(plugins)))
-            }
-            Command::Plugin { id: pid } => match self.sup.get(&pid) {
-                None => err(
-                    ErrorCode::UnknownPlugin,
-                    &format!("no plugin named {pid:?}"),
-                ),
-                Some(p) => {
-                    let mut entry = self.sup.list_entry(p);
-                    entry["state_file"] = self.sup.state_file_json(&pid);
-                    entry["history"] =
-                        Value::Array(p.history.iter().map(|h| h.to_json()).collect());
-                    let w = self.watcher.as_ref();
-                    entry["watched_by"] = json!(w.and_then(|w| w.watched_by(&pid)));
-                    entry["poll_reason"] = json!(w.and_then(|w| w.poll_reason_of(&pid)));
-                    ok(Self::one("plugin", entry))
-                }
+    }
+
+    fn plugin_detail(&self, p: &Plugin) -> PluginDetail {
+        let w = self.watcher.as_ref();
+        PluginDetail {
+            info: self.sup.list_entry(p),
+            history: p.history.iter().map(|h| h.to_record()).collect(),
+            state_file: self.sup.state_file_json(&p.id),
+            watched_by: w.and_then(|w| w.watched_by(&p.id)).map(str::to_owned),
+            poll_reason: w.and_then(|w| w.poll_reason_of(&p.id)).map(str::to_owned),
+        }
+    }
+
+    /// Executes one control request; `sessions`: connected control clients, for `status`.
+    fn execute(&mut self, client: ClientId, request: Request, sessions: usize) -> Answer {
+        if self.shutting_down && request.command.is_mutating() {
+            return Answer::Reply(Response::error(
+                ErrorCode::Busy,
+                "the daemon is shutting down",
+            ));
+        }
+        let unknown = |id: &str| {
+            Answer::Reply(Response::error(
+                ErrorCode::UnknownPlugin,
+                format!("no plugin named {id:?}"),
+            ))
+        };
+        let reply = match request.command {
+            Command::Status => Response::Status(Box::new(self.status_reply(sessions))),
+            Command::List => Response::List(ListReply {
+                plugins: self.sup.plugins().map(|p| self.sup.list_entry(p)).collect(),
+            }),
+            Command::Plugin { id } => match self.sup.get(&id) {
+                None => return unknown(&id),
+                Some(p) => Response::Plugin(Box::new(PluginReply {
+                    plugin: self.plugin_detail(p),
+                })),
             },
             Command::Enable => {
                 if self.watcher.is_none() {
-                    return err(
+                    return Answer::Reply(Response::error(
                         ErrorCode::WatchDisabled,
                         "file watching is switched off (HOTRELOAD_WATCH=0): restart the daemon without it to enable hot reload",
-                    );
+                    ));
                 }
                 self.set_enabled(true);
-                ok(Self::one("enabled", Value::Bool(true)))
+                Response::Enabled(EnabledReply { enabled: true })
             }
             Command::Disable => {
                 self.set_enabled(false);
-                ok(Self::one("enabled", Value::Bool(false)))
+                Response::Enabled(EnabledReply { enabled: false })
             }
             Command::Trigger { id: pid, wait } => {
                 if !self.sup.contains(&pid) {
-                    return err(
-                        ErrorCode::UnknownPlugin,
-                        &format!("no plugin named {pid:?}"),
-                    );
+                    return unknown(&pid);
                 }
                 let waiters = if wait {
                     vec![Waiter {
@@ -974,38 +981,25 @@ impl Core {
                 let (mut ctx, sup) = self.ctx();
                 sup.request(&mut ctx, &pid, Trigger::Manual, Vec::new(), waiters);
                 if wait {
-                    Outcome::Deferred
-                } else {
-                    ok(Self::one("scheduled", Value::Bool(true)))
+                    return Answer::Deferred;
                 }
+                Response::Scheduled(ScheduledReply { scheduled: true })
             }
             Command::Subscribe { plugin, verbose } => {
-                if let Some(p) = &plugin {
-                    if !self.sup.contains(p) {
-                        return err(ErrorCode::UnknownPlugin, &format!("no plugin named {p:?}"));
-                    }
+                if let Some(p) = plugin.as_deref().filter(|p| !self.sup.contains(p)) {
+                    return unknown(p);
                 }
-                let reply = protocol::success(id, Self::one("subscribed", Value::Bool(true)));
-                Outcome::Subscribed(reply, SubscribeFilter { plugin, verbose })
+                return Answer::Subscribe(SubscribeFilter { plugin, verbose });
             }
             Command::ReloadConfig => match self.reload_config() {
-                Ok(needs_restart) => {
-                    let mut body = Self::one("reloaded", Value::Bool(true));
-                    body.insert("needs_restart".into(), Value::from(needs_restart));
-                    ok(body)
-                }
-                Err(e) => err(ErrorCode::ConfigInvalid, &e),
+                Ok(needs_restart) => Response::Reloaded(ReloadedReply {
+                    needs_restart,
+                    reloaded: true,
+                }),
+                Err(e) => Response::error(ErrorCode::ConfigInvalid, e),
             },
-            Command::Help => {
-                let cmds: Vec<Value> = protocol::COMMANDS.iter().map(|c| Value::from(*c)).collect();
-                ok(Self::one("commands", Value::Array(cmds)))
-            }
-        }
-    }
-}
-
-impl Handler for Core {
-    fn handle(&mut self, client: ClientId, _peer: &Peer, request: Request) -> Outcome {
-        self.execute(client, request)
+            Command::Help => Response::Help(protocol::help_body()),
+        };
+        Answer::Reply(reply)
     }
 }

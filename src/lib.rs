@@ -26,6 +26,7 @@ pub mod plugin_notify;
 pub mod poll_watch;
 pub mod preflight;
 pub mod private_dir;
+pub mod protocol;
 pub mod signals;
 pub mod snapshot;
 pub mod state_file;

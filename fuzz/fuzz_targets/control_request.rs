@@ -4,7 +4,7 @@
 //! whose `id` is the request's `id`, value for value, because clients match answers by it.
 #![no_main]
 
-use hotreload::control::protocol::{self, Request, RequestError};
+use hotreload::protocol::{self, Request, RequestError};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
 
@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
 
 fn check_success(request: &Request) {
     assert!(!request.command.name().is_empty());
-    let line = protocol::success(request.id.as_ref(), Map::new());
+    let line = protocol::success(request.id.as_ref(), &Map::new());
     let response = parse_response(&line);
     assert_eq!(response.get("status"), Some(&Value::from("success")));
     assert_eq!(

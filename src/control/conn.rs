@@ -234,8 +234,16 @@ pub(crate) struct Conn {
     pub(crate) read_ready: bool,
     /// The client shut down its writing side (read returned 0).
     pub(crate) read_closed: bool,
-    /// A request is with the handler; later lines wait for `complete`.
+    /// A request was handed to the daemon and is not answered yet; later lines wait for the
+    /// answer, so answers stay in request order.
+    pub(crate) awaiting: bool,
+    /// The daemon answers the awaited request later (a `trigger` that waits).
     pub(crate) deferred: bool,
+    /// The peer is gone for good: what it sent is still served, but it is closed as soon as
+    /// no request of it is with the daemon.
+    pub(crate) hung_up: bool,
+    /// Requests this client may still have served before the others get their turn.
+    pub(crate) budget: usize,
     /// Close once the output is flushed (after `line_too_long`); input is ignored.
     pub(crate) closing: bool,
     pub(crate) subscription: Option<SubscribeFilter>,
@@ -253,7 +261,10 @@ impl Conn {
             output: OutBuf::default(),
             read_ready: true,
             read_closed: false,
+            awaiting: false,
             deferred: false,
+            hung_up: false,
+            budget: 0,
             closing: false,
             subscription: None,
             dropped: 0,
@@ -296,7 +307,7 @@ impl Conn {
             return true;
         }
         self.read_closed
-            && !self.deferred
+            && !self.awaiting
             && self.subscription.is_none()
             && self.input.pending_len() == 0
     }

@@ -3,9 +3,12 @@
 //!
 //! The server owns the socket file, the lock that keeps a second daemon away from it, and every
 //! client's buffers. It parses requests, enforces who may run mutating commands, keeps answers in
-//! request order and delivers events to subscribers; it never executes a command itself. The
-//! daemon does that through [`Handler`], and answers slow commands later with
-//! [`ControlServer::complete`].
+//! request order and delivers events to subscribers; it never executes a command itself. It hands
+//! each complete request to the daemon ([`ControlServer::next_request`]), and the daemon answers
+//! it ([`ControlServer::reply`], [`ControlServer::subscribe`]) at once or, after
+//! [`ControlServer::defer`], later. A client with a request outstanding reads no further request
+//! until it is answered, so pipelined requests are answered in order; other clients are
+//! unaffected. The server never calls the daemon, so each side is tested without the other.
 //!
 //! Nothing here may stall the loop or grow without bound because of a client:
 //! - sockets are non-blocking and registered once, edge-triggered, for reading and writing;
@@ -21,9 +24,11 @@
 //! and group, then renamed into place, so it is never reachable with wider permissions.
 
 mod conn;
-pub mod protocol;
 
-use std::collections::HashMap;
+/// The wire format, shared with the daemon and `hotreloadctl`.
+pub use crate::protocol;
+
+use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
 use std::fmt;
 use std::fs::{self, File};
@@ -91,7 +96,7 @@ pub struct Peer {
 }
 
 /// Identifies a client for the daemon's whole lifetime: ids are never reused, so a late
-/// [`ControlServer::complete`] can never reach a newer client.
+/// [`ControlServer::reply`] can never reach a newer client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ClientId(u64);
 
@@ -101,17 +106,14 @@ impl fmt::Display for ClientId {
     }
 }
 
-/// What the handler did with a request.
-#[derive(Debug)]
-pub enum Outcome {
-    /// The response line, sent now.
-    Reply(Vec<u8>),
-    /// The handler answers later with [`ControlServer::complete`]. Until then, this client's
-    /// following pipelined requests wait (responses stay in request order); other clients are
-    /// unaffected.
-    Deferred,
-    /// Send the response line, then deliver this client the events the filter accepts.
-    Subscribed(Vec<u8>, SubscribeFilter),
+/// A complete, permitted request read from a client, for the daemon to execute. The client
+/// reads no further request until this one is answered.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Incoming {
+    pub client: ClientId,
+    /// Who sent it (already checked against [`AuthPolicy`] for mutating commands).
+    pub peer: Peer,
+    pub request: Request,
 }
 
 /// Which events a subscriber receives.
@@ -133,11 +135,6 @@ impl SubscribeFilter {
             Some(wanted) => event.plugin.as_deref() == Some(wanted.as_str()),
         }
     }
-}
-
-/// Executes requests for the server; implemented by the daemon.
-pub trait Handler {
-    fn handle(&mut self, client: ClientId, peer: &Peer, request: Request) -> Outcome;
 }
 
 /// One event line for subscribers, serialised once and shared by all of them.
@@ -300,7 +297,7 @@ struct Rules {
 /// Why serving a client stopped.
 #[derive(Debug, PartialEq, Eq)]
 enum Served {
-    /// Nothing more to do until the next readiness event or `complete`.
+    /// Nothing more to do until the next readiness event or answer.
     Idle,
     /// The client used its turn's budget and may have more requests queued.
     Budget,
@@ -321,6 +318,11 @@ pub struct ControlServer {
     rules: Rules,
     token_base: usize,
     conns: HashMap<Token, Conn>,
+    /// Requests read and not yet taken by the daemon, in the order they were read.
+    incoming: VecDeque<Incoming>,
+    /// Clients answered since their output was last written: written in one go when the
+    /// daemon has taken every request, so a pipelining client costs one write per batch.
+    answered: Vec<Token>,
     last_client: u64,
     /// Accepting failed for lack of file descriptors (or another transient error); retried on
     /// every later server event and whenever a client leaves.
@@ -456,6 +458,8 @@ impl ControlServer {
             rules: Rules { limits, auth },
             token_base,
             conns: HashMap::new(),
+            incoming: VecDeque::new(),
+            answered: Vec::new(),
             last_client: 0,
             accept_paused: false,
             rejecting: false,
@@ -474,13 +478,9 @@ impl ControlServer {
         (token.0.wrapping_sub(self.token_base) as u64) < TOKEN_SPAN
     }
 
-    /// Handles a readiness event for one of the server's tokens.
-    pub fn handle_event(
-        &mut self,
-        registry: &Registry,
-        event: &mio::event::Event,
-        handler: &mut impl Handler,
-    ) {
+    /// Handles a readiness event for one of the server's tokens. The requests it completes
+    /// wait in [`ControlServer::next_request`].
+    pub fn handle_event(&mut self, registry: &Registry, event: &mio::event::Event) {
         if self.shut_down {
             return;
         }
@@ -497,30 +497,83 @@ impl ControlServer {
         }
         // The peer is gone for good: what it sent is still served (a request followed by an
         // immediate close still happens), but nothing can be delivered any more.
-        let hung_up = event.is_write_closed() || event.is_error();
-        self.service(registry, token, handler, hung_up);
+        if event.is_write_closed() || event.is_error() {
+            conn.hung_up = true;
+        }
+        // A new turn for this client.
+        conn.budget = LINES_PER_TURN;
+        self.service(registry, token);
     }
 
-    /// Answers a request the handler deferred, then serves the client's pipelined requests
-    /// that waited behind it. A no-op when the client has left.
-    pub fn complete(
-        &mut self,
-        registry: &Registry,
-        client: ClientId,
-        reply: Vec<u8>,
-        handler: &mut impl Handler,
-    ) {
+    /// The next request to execute, oldest first. Each must be answered with
+    /// [`reply`](Self::reply), [`subscribe`](Self::subscribe) or [`defer`](Self::defer); an
+    /// answer may let its client's next pipelined request through, so take requests until
+    /// this returns `None`. Before it does, the answers given are written out.
+    pub fn next_request(&mut self, registry: &Registry) -> Option<Incoming> {
+        if self.incoming.is_empty() {
+            self.write_answers(registry);
+        }
+        self.incoming.pop_front()
+    }
+
+    /// Answers `client`'s outstanding request with `line`. A no-op when the client has left.
+    pub fn reply(&mut self, client: ClientId, line: Vec<u8>) {
+        self.answer(client, line, None);
+    }
+
+    /// Answers `client`'s `subscribe` with `line`; from then on it gets the events `filter`
+    /// accepts.
+    pub fn subscribe(&mut self, client: ClientId, filter: SubscribeFilter, line: Vec<u8>) {
+        self.answer(client, line, Some(filter));
+    }
+
+    /// Notes that `client`'s outstanding request is answered later with [`reply`](Self::reply)
+    /// (a `trigger` that waits for the reload). Until then its following pipelined requests
+    /// wait; other clients are unaffected. A client that has hung up is closed now: the answer
+    /// has nowhere to go.
+    pub fn defer(&mut self, registry: &Registry, client: ClientId) {
         let token = self.token_of(client);
         let Some(conn) = self.conns.get_mut(&token).filter(|c| c.id == client) else {
-            debug!("control client {client} left before its deferred answer");
             return;
         };
-        if !conn.deferred {
-            warn!("control client {client} got a deferred answer it was not waiting for");
+        conn.deferred = true;
+        if conn.hung_up {
+            self.close(registry, token, None);
         }
+    }
+
+    fn answer(&mut self, client: ClientId, line: Vec<u8>, filter: Option<SubscribeFilter>) {
+        let token = self.token_of(client);
+        let Some(conn) = self.conns.get_mut(&token).filter(|c| c.id == client) else {
+            debug!("control client {client} left before its answer");
+            return;
+        };
+        if !conn.awaiting {
+            warn!("control client {client} got an answer it was not waiting for");
+        }
+        conn.awaiting = false;
         conn.deferred = false;
-        conn.queue_reply(reply);
-        self.service(registry, token, handler, false);
+        conn.queue_reply(line);
+        if filter.is_some() {
+            conn.subscription = filter;
+        }
+        // Its next pipelined request, if any, is read now; the answer is written with the
+        // others in `write_answers`.
+        // A read error shows again when the client is serviced in `write_answers`.
+        let _ = serve_lines(conn, &self.rules, &mut self.incoming);
+        self.answered.push(token);
+    }
+
+    /// Writes out the answers given since the last call, closing the clients that are done.
+    fn write_answers(&mut self, registry: &Registry) {
+        let mut answered = std::mem::take(&mut self.answered);
+        answered.sort_unstable();
+        answered.dedup();
+        for token in answered.drain(..) {
+            self.service(registry, token);
+        }
+        // Keep the allocation for the next batch.
+        self.answered = answered;
     }
 
     /// Delivers an event to every subscriber whose filter accepts it.
@@ -599,6 +652,8 @@ impl ControlServer {
     /// created it and it is still ours (never a file another daemon put there since).
     pub fn shutdown(&mut self, registry: &Registry) {
         self.shut_down = true;
+        self.incoming.clear();
+        self.answered.clear();
         for (_, mut conn) in self.conns.drain() {
             let _ = conn.flush();
             let _ = registry.deregister(&mut conn.stream);
@@ -627,7 +682,7 @@ impl ControlServer {
         Token(self.token_base)
     }
 
-    /// The token of a client: derived from its id, so `complete` finds it in O(1).
+    /// The token of a client: derived from its id, so an answer finds it in O(1).
     fn token_of(&self, client: ClientId) -> Token {
         let offset = 1 + (client.0.wrapping_sub(1) % (TOKEN_SPAN - 1));
         Token(self.token_base.wrapping_add(offset as usize))
@@ -722,18 +777,12 @@ impl ControlServer {
     }
 
     /// Serves one client: its queued output, then its requests, then closes it when done.
-    fn service(
-        &mut self,
-        registry: &Registry,
-        token: Token,
-        handler: &mut impl Handler,
-        hung_up: bool,
-    ) {
+    fn service(&mut self, registry: &Registry, token: Token) {
         let Some(conn) = self.conns.get_mut(&token) else {
             return;
         };
         let mut error = None;
-        match serve(conn, &self.rules, handler) {
+        match serve(conn, &self.rules, &mut self.incoming) {
             Ok(Served::Idle) => {}
             Ok(Served::Budget) => {
                 // Re-arming an edge-triggered registration reports the socket again on the next
@@ -748,6 +797,9 @@ impl ControlServer {
             }
             Err(e) => error = Some(e),
         }
+        // A hung-up client is served while the daemon is executing a request of it; an answer
+        // that comes later has nowhere to go.
+        let hung_up = conn.hung_up && (!conn.awaiting || conn.deferred);
         if error.is_some() || hung_up || conn.is_finished() {
             self.close(registry, token, error);
         }
@@ -801,11 +853,10 @@ impl ControlServer {
 
 /// Serves `conn` until it is idle or has used its turn: flushes, runs complete request lines,
 /// reads more, flushes again.
-fn serve(conn: &mut Conn, rules: &Rules, handler: &mut impl Handler) -> io::Result<Served> {
+fn serve(conn: &mut Conn, rules: &Rules, incoming: &mut VecDeque<Incoming>) -> io::Result<Served> {
     flush(conn)?;
-    let mut budget = LINES_PER_TURN;
     loop {
-        let stop = serve_lines(conn, rules, handler, &mut budget)?;
+        let stop = serve_lines(conn, rules, incoming)?;
         flush(conn)?;
         match stop {
             // The output drained below the limit while flushing: more requests can run.
@@ -823,22 +874,22 @@ enum Stop {
     Budget,
 }
 
-/// Runs the client's complete lines, reading as needed, until it must wait.
+/// Takes the client's complete lines, reading as needed, until it must wait: for the daemon to
+/// answer a request, for its output to drain, for more input or for its next turn.
 fn serve_lines(
     conn: &mut Conn,
     rules: &Rules,
-    handler: &mut impl Handler,
-    budget: &mut usize,
+    incoming: &mut VecDeque<Incoming>,
 ) -> io::Result<Stop> {
     let max_line = rules.limits.max_line_bytes;
     loop {
-        if conn.closing || conn.deferred {
+        if conn.closing || conn.awaiting {
             return Ok(Stop::Idle);
         }
         if is_backlogged(conn, rules) {
             return Ok(Stop::Backpressure);
         }
-        if *budget == 0 {
+        if conn.budget == 0 {
             return Ok(Stop::Budget);
         }
         let (start, end) = match conn.input.next_line(max_line) {
@@ -859,9 +910,12 @@ fn serve_lines(
                 continue;
             }
         };
-        *budget -= 1;
+        conn.budget -= 1;
         let parsed = protocol::parse_line(conn.input.slice(start, end));
-        run_request(conn, parsed, &rules.auth, handler);
+        if let Some(request) = admit_request(conn, parsed, &rules.auth) {
+            conn.awaiting = true;
+            incoming.push_back(request);
+        }
     }
 }
 
@@ -906,18 +960,19 @@ fn reject_unterminated_line(conn: &mut Conn) {
     conn.queue_reply(protocol::error_line(None, ErrorCode::BadRequest, message));
 }
 
-fn run_request(
+/// The request for the daemon to execute, or `None` when the server answered the line itself:
+/// a blank line, a request that does not parse, or one the peer may not make.
+fn admit_request(
     conn: &mut Conn,
     parsed: Result<Option<Request>, protocol::RequestError>,
     auth: &AuthPolicy,
-    handler: &mut impl Handler,
-) {
+) -> Option<Incoming> {
     let request = match parsed {
         Ok(Some(request)) => request,
-        Ok(None) => return,
+        Ok(None) => return None,
         Err(e) => {
             conn.queue_reply(e.to_line());
-            return;
+            return None;
         }
     };
     if request.command.is_mutating() && !is_authorized(&conn.peer, auth) {
@@ -931,16 +986,13 @@ fn run_request(
             ErrorCode::PermissionDenied,
             &message,
         ));
-        return;
+        return None;
     }
-    match handler.handle(conn.id, &conn.peer, request) {
-        Outcome::Reply(reply) => conn.queue_reply(reply),
-        Outcome::Deferred => conn.deferred = true,
-        Outcome::Subscribed(reply, filter) => {
-            conn.queue_reply(reply);
-            conn.subscription = Some(filter);
-        }
-    }
+    Some(Incoming {
+        client: conn.id,
+        peer: conn.peer.clone(),
+        request,
+    })
 }
 
 /// Writes the client's output; once a lagging subscriber has drained it, tells it how many
@@ -1272,7 +1324,8 @@ mod tests {
         }
     }
 
-    /// Answers `{"echo": CMD}`, defers `trigger` (with wait) and accepts subscriptions.
+    /// Plays the daemon: answers `{"echo": CMD}`, defers `trigger` (with wait) and accepts
+    /// subscriptions.
     #[derive(Default)]
     struct EchoHandler {
         deferred: Vec<(ClientId, Option<Value>)>,
@@ -1285,23 +1338,34 @@ mod tests {
         map
     }
 
-    impl Handler for EchoHandler {
-        fn handle(&mut self, client: ClientId, _peer: &Peer, request: Request) -> Outcome {
+    impl EchoHandler {
+        /// Executes every request the server has, as the daemon does after each event.
+        fn run(&mut self, server: &mut ControlServer, registry: &Registry) {
+            while let Some(incoming) = server.next_request(registry) {
+                self.handle(server, registry, incoming);
+            }
+        }
+
+        fn handle(&mut self, server: &mut ControlServer, registry: &Registry, incoming: Incoming) {
             self.handled += 1;
+            let Incoming {
+                client, request, ..
+            } = incoming;
             let id = request.id;
             match request.command {
                 Command::Trigger { wait: true, .. } => {
                     self.deferred.push((client, id));
-                    Outcome::Deferred
+                    server.defer(registry, client);
                 }
-                Command::Subscribe { plugin, verbose } => Outcome::Subscribed(
-                    protocol::success(id.as_ref(), body("subscribed", json!(true))),
+                Command::Subscribe { plugin, verbose } => server.subscribe(
+                    client,
                     SubscribeFilter { plugin, verbose },
+                    protocol::success(id.as_ref(), &body("subscribed", json!(true))),
                 ),
-                command => Outcome::Reply(protocol::success(
-                    id.as_ref(),
-                    body("echo", json!(command.name())),
-                )),
+                command => server.reply(
+                    client,
+                    protocol::success(id.as_ref(), &body("echo", json!(command.name()))),
+                ),
             }
         }
     }
@@ -1358,6 +1422,8 @@ mod tests {
         events: Events,
         server: ControlServer,
         handler: EchoHandler,
+        /// Whether each turn ends with the handler executing the requests, as the daemon does.
+        execute: bool,
         dir: TempDir,
     }
 
@@ -1376,6 +1442,7 @@ mod tests {
                 events: Events::with_capacity(256),
                 server,
                 handler: EchoHandler::default(),
+                execute: true,
                 dir,
             }
         }
@@ -1395,8 +1462,10 @@ mod tests {
                     "stray token {:?}",
                     event.token()
                 );
-                self.server
-                    .handle_event(self.poll.registry(), event, &mut self.handler);
+                self.server.handle_event(self.poll.registry(), event);
+            }
+            if self.execute {
+                self.handler.run(&mut self.server, self.poll.registry());
             }
             let limits = self.server.rules.limits;
             assert!(self.server.max_buffered_input() <= limits.max_line_bytes + conn::READ_CHUNK);
@@ -1445,8 +1514,8 @@ mod tests {
         }
 
         fn complete(&mut self, client: ClientId, reply: Vec<u8>) {
-            self.server
-                .complete(self.poll.registry(), client, reply, &mut self.handler);
+            self.server.reply(client, reply);
+            self.handler.run(&mut self.server, self.poll.registry());
         }
     }
 
@@ -1705,7 +1774,7 @@ mod tests {
         let (client, id) = h.handler.deferred.pop().unwrap();
         h.complete(
             client,
-            protocol::success(id.as_ref(), body("result", json!({"ok": true}))),
+            protocol::success(id.as_ref(), &body("result", json!({"ok": true}))),
         );
         h.run_until("both answers", |_| c.line_count() >= 2);
         assert_eq!(
@@ -1715,6 +1784,98 @@ mod tests {
                 json!({"status": "success", "id": 2, "echo": "status"}),
             ]
         );
+    }
+
+    /// Takes the requests the server has, as the daemon would, without answering them.
+    fn take_requests(h: &mut Harness) -> Vec<Incoming> {
+        std::iter::from_fn(|| h.server.next_request(h.poll.registry())).collect()
+    }
+
+    fn ids(requests: &[Incoming]) -> Vec<(ClientId, Option<Value>)> {
+        requests
+            .iter()
+            .map(|r| (r.client, r.request.id.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn requests_are_handed_over_one_per_client_until_answered_in_order() {
+        let mut h = Harness::new("handover", Limits::default());
+        h.execute = false;
+        let mut c = h.connect();
+        let mut other = h.connect();
+        h.send(
+            &mut c,
+            b"{\"cmd\":\"status\",\"id\":1}\n{\"cmd\":\"list\",\"id\":2}\nplugin p\n",
+        );
+        h.send(&mut other, b"{\"cmd\":\"help\",\"id\":\"o\"}\n");
+        let mut first = Vec::new();
+        h.run_until("a request from each client", |h| {
+            first.extend(take_requests(h));
+            first.len() >= 2
+        });
+        h.idle_turns();
+        assert!(
+            take_requests(&mut h).is_empty(),
+            "a client's next request waits for the answer to its last"
+        );
+        first.sort_by_key(|r| r.request.id == Some(json!("o")));
+        let (mine, theirs) = (&first[0], &first[1]);
+        assert_eq!(mine.request.command, Command::Status);
+        assert_eq!(mine.request.id, Some(json!(1)));
+        assert_eq!(mine.peer.uid, nix::unistd::getuid().as_raw());
+        assert_eq!(mine.peer.pid, std::process::id() as i32);
+        assert_eq!(theirs.request.command, Command::Help);
+        assert_ne!(mine.client, theirs.client);
+        assert_eq!(c.line_count() + other.line_count(), 0);
+
+        // Answering lets exactly the next request of that client through.
+        let client = mine.client;
+        h.server
+            .reply(client, protocol::success(Some(&json!(1)), &Map::new()));
+        let second = take_requests(&mut h);
+        assert_eq!(ids(&second), [(client, Some(json!(2)))]);
+        h.server
+            .reply(client, protocol::success(Some(&json!(2)), &Map::new()));
+        let third = take_requests(&mut h);
+        assert_eq!(ids(&third), [(client, None)]);
+        assert_eq!(third[0].request.command, Command::Plugin { id: "p".into() });
+        h.server
+            .reply(client, protocol::success(Some(&json!(3)), &Map::new()));
+        assert!(take_requests(&mut h).is_empty());
+        h.run_until("the three answers", |_| c.line_count() >= 3);
+        let answered: Vec<Value> = c.lines().iter().map(|l| l["id"].clone()).collect();
+        assert_eq!(answered, [json!(1), json!(2), json!(3)]);
+        assert_eq!(other.line_count(), 0, "the other client is still waiting");
+        h.server
+            .reply(theirs.client, protocol::success(None, &Map::new()));
+        assert!(take_requests(&mut h).is_empty());
+        h.run_until("the other client's answer", |_| other.line_count() >= 1);
+    }
+
+    #[test]
+    fn a_hung_up_client_is_served_while_the_daemon_executes_its_request() {
+        let mut h = Harness::new("hungup", Limits::default());
+        h.execute = false;
+        let mut c = h.connect();
+        h.send(&mut c, b"status\nlist\n");
+        drop(c);
+        let mut first = Vec::new();
+        h.run_until("the first request", |h| {
+            first.extend(take_requests(h));
+            !first.is_empty()
+        });
+        h.idle_turns();
+        assert_eq!(h.server.client_count(), 1, "kept while its request runs");
+        h.server
+            .reply(first[0].client, protocol::success(None, &Map::new()));
+        let second = take_requests(&mut h);
+        assert_eq!(second.len(), 1, "what it sent is still served");
+        assert_eq!(second[0].request.command, Command::List);
+        h.server
+            .reply(second[0].client, protocol::success(None, &Map::new()));
+        assert!(take_requests(&mut h).is_empty());
+        h.run_until("the client to be closed", |h| h.server.client_count() == 0);
     }
 
     #[test]
@@ -1730,7 +1891,7 @@ mod tests {
         let mut newer = h.connect();
         h.run_until("a newer client", |h| h.server.client_count() == 1);
         let (client, id) = h.handler.deferred.pop().unwrap();
-        h.complete(client, protocol::success(id.as_ref(), Map::new()));
+        h.complete(client, protocol::success(id.as_ref(), &Map::new()));
         h.idle_turns();
         assert_eq!(
             newer.line_count(),

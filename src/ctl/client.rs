@@ -1,4 +1,5 @@
 //! One connection to the daemon's control socket: send a JSON request line, read JSON reply lines.
+//! Requests and reply bodies are the types of [`crate::protocol`], the daemon's own.
 //!
 //! Blocking I/O with timeouts: a normal request must be answered within [`REQUEST_TIMEOUT`]; callers
 //! that wait on purpose (a `trigger` that waits for the reload, an event subscription) lift or
@@ -11,9 +12,12 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::CtlError;
+use crate::protocol::{ErrorReply, Request};
 
 /// How long a plain request (status, list, ...) may take to be answered.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -86,11 +90,9 @@ impl Client {
     }
 
     /// Sends one request line.
-    pub fn send(&mut self, request: &Value) -> Result<(), CtlError> {
-        let mut line = request.to_string();
-        line.push('\n');
+    pub fn send(&mut self, request: &Request) -> Result<(), CtlError> {
         self.writer
-            .write_all(line.as_bytes())
+            .write_all(&request.to_line())
             .and_then(|()| self.writer.flush())
             .map_err(|e| self.lost("send the request", &e))
     }
@@ -142,7 +144,7 @@ impl Client {
     }
 
     /// Sends `request` and reads its reply, whatever its status.
-    pub fn request(&mut self, request: &Value) -> Result<Reply, CtlError> {
+    pub fn request(&mut self, request: &Request) -> Result<Reply, CtlError> {
         self.send(request)?;
         self.read_reply()
     }
@@ -180,16 +182,34 @@ pub fn parse_reply(line: String, path: &Path) -> Result<Reply, CtlError> {
 impl Reply {
     /// `Err(CtlError::Daemon)` when the reply is `{"status":"error",...}`.
     pub fn into_success(self) -> Result<Reply, CtlError> {
-        if self.value["status"] == "error" {
-            return Err(CtlError::Daemon {
+        if self.value["status"] != "error" {
+            return Ok(self);
+        }
+        // A newer daemon may send a code this client does not know: it is shown as sent.
+        Err(match ErrorReply::deserialize(&self.value) {
+            Ok(e) => CtlError::Daemon {
+                code: e.code.as_str().to_owned(),
+                message: e.error,
+            },
+            Err(_) => CtlError::Daemon {
                 code: self.value["code"].as_str().unwrap_or("unknown").to_string(),
                 message: self.value["error"]
                     .as_str()
                     .unwrap_or("the daemon reported an error without a message")
                     .to_string(),
-            });
-        }
-        Ok(self)
+            },
+        })
+    }
+
+    /// The reply's body as the protocol type `T` (`StatusReply` for `status`, ...); a body
+    /// that does not fit means the peer is not a hotreloadd this client can talk to.
+    pub fn body<T: DeserializeOwned>(&self) -> Result<T, CtlError> {
+        T::deserialize(&self.value).map_err(|e| {
+            CtlError::Unreachable(format!(
+                "unexpected reply from the daemon: {e}: {:?} (is hotreloadctl as new as hotreloadd?)",
+                truncate_chars(&self.line, 200)
+            ))
+        })
     }
 }
 
@@ -330,6 +350,44 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn an_error_code_this_client_does_not_know_is_shown_as_sent() {
+        let line = r#"{"status":"error","code":"too_new","error":"m"}"#;
+        let reply = parse_reply(line.to_string(), Path::new("/s")).unwrap();
+        match reply.into_success() {
+            Err(CtlError::Daemon { code, message }) => {
+                assert_eq!((&*code, &*message), ("too_new", "m"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_reply_body_reads_into_its_protocol_type() {
+        use crate::protocol::{ListReply, PluginInfo, Response, TriggerReply};
+        let info = PluginInfo {
+            id: "p1".into(),
+            pid: Some(3),
+            ..PluginInfo::default()
+        };
+        let sent = Response::List(ListReply {
+            plugins: vec![info.clone()],
+        })
+        .to_line(Some(&json!(1)));
+        let line = String::from_utf8(sent).unwrap().trim_end().to_owned();
+        let reply = parse_reply(line, Path::new("/s")).unwrap();
+        assert_eq!(reply.body::<ListReply>().unwrap().plugins, [info]);
+        // An older daemon's reply lacks the newer members: they read as their defaults.
+        let old = r#"{"status":"success","result":{"plugin":"p1","ok":true}}"#;
+        let reply = parse_reply(old.to_string(), Path::new("/s")).unwrap();
+        let result = reply.body::<TriggerReply>().unwrap().result;
+        assert!(result.ok && result.error.is_none() && result.duration_ms == 0);
+        // A body of the wrong shape is not a daemon this client can talk to.
+        let wrong = r#"{"status":"success","plugins":"none"}"#;
+        let reply = parse_reply(wrong.to_string(), Path::new("/s")).unwrap();
+        assert_eq!(reply.body::<ListReply>().unwrap_err().exit_code(), 69);
     }
 
     #[test]

@@ -7,12 +7,16 @@
 use std::io::Write;
 use std::path::Path;
 
-use serde_json::{Value, json};
+use serde::de::DeserializeOwned;
 
 use super::cli::Command;
 use super::client::{Client, ReadError, parse_reply};
 use super::render::{self, Style};
 use super::{CtlError, Io, Outcome, install, interactive};
+use crate::protocol::{
+    self, EnabledReply, ListReply, PluginReply, ReloadedReply, Request, ScheduledReply,
+    StatusReply, TriggerReply,
+};
 
 /// Runs `command` against the daemon at `socket`.
 pub(super) fn execute(
@@ -40,18 +44,19 @@ pub(super) fn execute(
     }
 }
 
-/// Sends `request`, prints the raw reply with `--json`, and returns the reply if it is a success.
-pub(super) fn answer(
+/// Sends `request`, prints the raw reply with `--json`, and returns the reply's body if it is a
+/// success.
+pub(super) fn answer<T: DeserializeOwned>(
     client: &mut Client,
-    request: &Value,
+    request: &Request,
     json: bool,
     io: &mut Io<'_>,
-) -> Result<Value, CtlError> {
+) -> Result<T, CtlError> {
     let reply = client.request(request)?;
     if json {
         writeln!(io.out, "{}", reply.line)?;
     }
-    Ok(reply.into_success()?.value)
+    reply.into_success()?.body()
 }
 
 /// Runs one request/reply command on an open connection.
@@ -64,22 +69,28 @@ pub(super) fn one_shot(
     let style = io.style();
     match command {
         Command::Status => {
-            let reply = answer(client, &json!({"cmd": "status"}), json, io)?;
+            let reply: StatusReply =
+                answer(client, &Request::new(protocol::Command::Status), json, io)?;
             human(io, json, &render::status(&reply, &style))
         }
         Command::List => {
-            let reply = answer(client, &json!({"cmd": "list"}), json, io)?;
-            let plugins = reply["plugins"].as_array().map_or(&[][..], Vec::as_slice);
-            human(io, json, &render::plugin_table(plugins, &style))
+            let reply: ListReply =
+                answer(client, &Request::new(protocol::Command::List), json, io)?;
+            human(io, json, &render::plugin_table(&reply.plugins, &style))
         }
         Command::Plugin { id } => {
-            let reply = answer(client, &json!({"cmd": "plugin", "plugin": id}), json, io)?;
-            human(io, json, &render::plugin_detail(&reply["plugin"], &style))
+            let request = Request::new(protocol::Command::Plugin { id: id.clone() });
+            let reply: PluginReply = answer(client, &request, json, io)?;
+            human(io, json, &render::plugin_detail(&reply.plugin, &style))
         }
         Command::Enable | Command::Disable => {
             let on = *command == Command::Enable;
-            let cmd = if on { "enable" } else { "disable" };
-            answer(client, &json!({"cmd": cmd}), json, io)?;
+            let command = if on {
+                protocol::Command::Enable
+            } else {
+                protocol::Command::Disable
+            };
+            let _: EnabledReply = answer(client, &Request::new(command), json, io)?;
             let text = if on {
                 "hot reload enabled\n"
             } else {
@@ -88,8 +99,9 @@ pub(super) fn one_shot(
             human(io, json, text)
         }
         Command::ReloadConfig => {
-            let reply = answer(client, &json!({"cmd": "reload-config"}), json, io)?;
-            human(io, json, &reloaded_text(&reply["needs_restart"]))
+            let request = Request::new(protocol::Command::ReloadConfig);
+            let reply: ReloadedReply = answer(client, &request, json, io)?;
+            human(io, json, &reloaded_text(&reply.needs_restart))
         }
         Command::Trigger { id, no_wait } => trigger(client, id, !no_wait, json, io),
         Command::Events { .. }
@@ -105,13 +117,7 @@ pub(super) fn one_shot(
 
 /// Prints `text` unless `--json` already printed the reply.
 /// What `reload-config` did, naming the changed keys that wait for a daemon restart.
-fn reloaded_text(needs_restart: &Value) -> String {
-    let keys: Vec<&str> = needs_restart
-        .as_array()
-        .map_or(&[][..], Vec::as_slice)
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
+fn reloaded_text(keys: &[String]) -> String {
     if keys.is_empty() {
         "configuration reloaded\n".to_string()
     } else {
@@ -142,15 +148,21 @@ pub(super) fn trigger(
         // Retries with backoff can legitimately take minutes; the daemon always answers in the end.
         client.set_read_timeout(None)?;
     }
-    let request = json!({"cmd": "trigger", "plugin": id, "wait": wait});
-    let result = answer(client, &request, json, io);
+    let request = Request::new(protocol::Command::Trigger {
+        id: id.to_owned(),
+        wait,
+    });
+    let result = if wait {
+        answer::<TriggerReply>(client, &request, json, io).map(Some)
+    } else {
+        answer::<ScheduledReply>(client, &request, json, io).map(|_| None)
+    };
     client.set_read_timeout(Some(super::client::REQUEST_TIMEOUT))?;
-    let reply = result?;
-    if !wait {
+    let Some(reply) = result? else {
         human(io, json, &format!("{id}: reload scheduled\n"))?;
         return Ok(Outcome::Success);
-    }
-    let (line, ok) = render::trigger_result(&reply["result"], &io.style());
+    };
+    let (line, ok) = render::trigger_result(&reply.result, &io.style());
     human(io, json, &format!("{line}\n"))?;
     Ok(if ok {
         Outcome::Success
@@ -177,13 +189,10 @@ pub(super) fn subscribe(
     json: bool,
     io: &mut Io<'_>,
 ) -> Result<(), CtlError> {
-    let mut request = json!({"cmd": "subscribe"});
-    if let Some(id) = id {
-        request["plugin"] = json!(id);
-    }
-    if verbose {
-        request["verbose"] = json!(true);
-    }
+    let request = Request::new(protocol::Command::Subscribe {
+        plugin: id.map(str::to_owned),
+        verbose,
+    });
     let reply = client.request(&request)?;
     if json && reply.value["status"] == "error" {
         writeln!(io.out, "{}", reply.line)?;

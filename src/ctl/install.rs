@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Value, json};
 
 use crate::fsutil;
+use crate::protocol::{self, Request};
 
 use super::client::{Client, os_text};
 use super::commands;
@@ -182,13 +183,15 @@ impl Target {
 
 /// Asks the daemon where plugin `id`'s executable lives and what state it is in.
 fn locate(client: &mut Client, id: &str) -> Result<Target, CtlError> {
-    let plugin = client.request(&json!({"cmd": "plugin", "plugin": id}))?;
+    let plugin = client.request(&Request::new(protocol::Command::Plugin {
+        id: id.to_owned(),
+    }))?;
     let known = match plugin.value["code"].as_str() {
         Some("unknown_plugin") => None,
         _ => Some(plugin.into_success()?.value),
     };
     let status = client
-        .request(&json!({"cmd": "status"}))?
+        .request(&Request::new(protocol::Command::Status))?
         .into_success()?
         .value;
     let hot_reload = status["hot_reload"]["enabled"].as_bool().unwrap_or(true);

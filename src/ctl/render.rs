@@ -10,6 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
+use crate::protocol::{PluginDetail, PluginInfo, ReloadRecord, StatusReply, TriggerResult};
+
 /// How to render: decided once per command from the terminal and the environment.
 #[derive(Debug, Clone, Copy)]
 pub struct Style {
@@ -309,67 +311,71 @@ fn truncate(s: &str, max: usize) -> String {
 // ---------------------------------------------------------------------------------------------
 // Replies
 
+/// An optional text field: `-` when unset.
+fn or_dash(v: Option<&str>) -> String {
+    v.unwrap_or("-").to_string()
+}
+
+/// An optional text field as JSON, for the helpers that also serve events (which are JSON).
+fn as_json(v: &Option<String>) -> Value {
+    Value::from(v.clone())
+}
+
 /// The `status` reply as a multi-line summary.
-pub fn status(reply: &Value, style: &Style) -> String {
-    let hr = &reply["hot_reload"];
-    let daemon = &reply["daemon"];
-    let enabled = match hr["enabled"].as_bool() {
-        Some(true) => style.paint(Tone::Good, "on"),
-        Some(false) => style.paint(Tone::Warn, "off"),
-        None => "-".to_string(),
+pub fn status(reply: &StatusReply, style: &Style) -> String {
+    let (hr, daemon) = (&reply.hot_reload, &reply.daemon);
+    let enabled = if hr.enabled {
+        style.paint(Tone::Good, "on")
+    } else {
+        style.paint(Tone::Warn, "off")
     };
-    let list = |v: &Value| match v.as_array() {
-        Some(items) if items.is_empty() => "(none)".to_string(),
-        Some(items) => items.iter().map(text).collect::<Vec<_>>().join(", "),
-        None => text(v),
+    let list = |items: &[String]| {
+        if items.is_empty() {
+            "(none)".to_string()
+        } else {
+            items.join(", ")
+        }
     };
-    let uptime = daemon["uptime_ms"]
-        .as_u64()
-        .map_or_else(|| "-".to_string(), humanise_ms);
     let rows = [
         (
             "hot reload",
-            format!("{enabled}, debounce {} ms", text(&hr["debounce_delay_ms"])),
+            format!("{enabled}, debounce {} ms", hr.debounce_delay_ms),
         ),
-        ("watch", list(&hr["watch_patterns"])),
-        ("exclude", list(&hr["exclude_patterns"])),
+        ("watch", list(&hr.watch_patterns)),
+        ("exclude", list(&hr.exclude_patterns)),
         (
             "watching",
-            watching_text(&hr["watching_directories"], &daemon["plugins_dir_present"]),
+            watching_text(hr.watching_directories, daemon.plugins_dir_present),
         ),
         (
             "reloads",
-            format!(
-                "{}, {} failed",
-                text(&hr["reload_count"]),
-                text(&hr["failed_reloads"])
-            ),
+            format!("{}, {} failed", hr.reload_count, hr.failed_reloads),
         ),
-        ("last reload", when(&hr["last_reload"], style)),
-        ("sessions", text(&hr["active_sessions"])),
+        ("last reload", when(&as_json(&hr.last_reload), style)),
+        ("sessions", hr.active_sessions.to_string()),
         (
             "daemon",
             format!(
-                "pid {}, version {}, up {uptime}",
-                text(&daemon["pid"]),
-                text(&daemon["version"])
+                "pid {}, version {}, up {}",
+                daemon.pid,
+                daemon.version,
+                humanise_ms(daemon.uptime_ms)
             ),
         ),
         (
             "plugins",
             format!(
                 "{} running of {}",
-                text(&daemon["plugins_running"]),
-                text(&daemon["plugins_total"])
+                daemon.plugins_running, daemon.plugins_total
             ),
         ),
-        ("plugins dir", text(&daemon["plugins_dir"])),
+        ("plugins dir", daemon.plugins_dir.clone()),
     ];
     key_values(&rows)
 }
 
 /// The `list` reply's plugins as an aligned table, or a friendly line when there are none.
-pub fn plugin_table(plugins: &[Value], style: &Style) -> String {
+pub fn plugin_table(plugins: &[PluginInfo], style: &Style) -> String {
     if plugins.is_empty() {
         return "no plugins (a plugin is a directory in the plugins dir; see `hotreloadctl status`)\n"
             .to_string();
@@ -389,91 +395,86 @@ pub fn plugin_table(plugins: &[Value], style: &Style) -> String {
     table(&headers, &[2, 4, 5, 6], &rows, style)
 }
 
-fn plugin_row(p: &Value, style: &Style) -> Vec<Cell> {
-    let state = text(&p["state"]);
-    let last = match (&p["last_error"], &p["status_text"]) {
-        (Value::String(e), _) => Cell::toned(e.clone(), Tone::Bad),
-        (_, Value::String(s)) => Cell::plain(s.clone()),
+fn plugin_row(p: &PluginInfo, style: &Style) -> Vec<Cell> {
+    let last = match (&p.last_error, &p.status_text) {
+        (Some(e), _) => Cell::toned(e.clone(), Tone::Bad),
+        (_, Some(s)) => Cell::plain(s.clone()),
         _ => Cell::plain("-".to_string()),
     };
     vec![
-        Cell::plain(text(&p["id"])),
-        Cell::toned(state.clone(), state_tone(&state)),
-        Cell::plain(text(&p["pid"])),
+        Cell::plain(p.id.clone()),
+        Cell::toned(p.state.clone(), state_tone(&p.state)),
+        Cell::plain(p.pid.map_or_else(|| "-".to_string(), |pid| pid.to_string())),
         Cell::plain(
-            p["version"]
-                .as_str()
+            p.version
+                .as_deref()
                 .map_or("-", |v| v.get(..8).unwrap_or(v))
                 .to_string(),
         ),
-        Cell::plain(text(&p["restarts"])),
-        Cell::plain(text(&p["reload_count"])),
-        Cell::plain(text(&p["failed_reloads"])),
-        Cell::plain(ago(&p["started_at"], style)),
+        Cell::plain(p.restarts.to_string()),
+        Cell::plain(p.reload_count.to_string()),
+        Cell::plain(p.failed_reloads.to_string()),
+        Cell::plain(ago(&as_json(&p.started_at), style)),
         last,
     ]
 }
 
 /// The `plugin` reply: key/value block, the state file as pretty JSON, the reload history.
-pub fn plugin_detail(p: &Value, style: &Style) -> String {
-    let state = text(&p["state"]);
+pub fn plugin_detail(detail: &PluginDetail, style: &Style) -> String {
+    let p = &detail.info;
     let rows = [
-        ("id", text(&p["id"])),
-        ("state", style.paint(state_tone(&state), &state)),
-        ("pid", text(&p["pid"])),
-        ("version", text(&p["version"])),
-        ("last good", text(&p["last_good_version"])),
-        ("started", when(&p["started_at"], style)),
-        ("restarts", text(&p["restarts"])),
+        ("id", p.id.clone()),
+        ("state", style.paint(state_tone(&p.state), &p.state)),
+        (
+            "pid",
+            p.pid.map_or_else(|| "-".to_string(), |pid| pid.to_string()),
+        ),
+        ("version", or_dash(p.version.as_deref())),
+        ("last good", or_dash(p.last_good_version.as_deref())),
+        ("started", when(&as_json(&p.started_at), style)),
+        ("restarts", p.restarts.to_string()),
         (
             "reloads",
-            format!(
-                "{}, {} failed",
-                text(&p["reload_count"]),
-                text(&p["failed_reloads"])
-            ),
+            format!("{}, {} failed", p.reload_count, p.failed_reloads),
         ),
-        ("last error", text(&p["last_error"])),
-        ("status", text(&p["status_text"])),
-        ("exec", text(&p["exec"])),
+        ("last error", or_dash(p.last_error.as_deref())),
+        ("status", or_dash(p.status_text.as_deref())),
+        ("exec", p.exec.clone()),
     ];
     let mut s = key_values(&rows);
     s.push_str("\nstate file:\n");
-    let pretty = serde_json::to_string_pretty(&p["state_file"]).unwrap_or_else(|_| "-".to_string());
+    let pretty =
+        serde_json::to_string_pretty(&detail.state_file).unwrap_or_else(|_| "-".to_string());
     for line in pretty.lines() {
         let _ = writeln!(s, "  {line}");
     }
     s.push('\n');
-    match p["history"].as_array() {
-        Some(history) if !history.is_empty() => {
-            s.push_str("history (newest first):\n");
-            s.push_str(&history_table(history, style));
-        }
-        _ => s.push_str("history: no reloads yet\n"),
+    if detail.history.is_empty() {
+        s.push_str("history: no reloads yet\n");
+    } else {
+        s.push_str("history (newest first):\n");
+        s.push_str(&history_table(&detail.history, style));
     }
     s
 }
 
-fn history_table(history: &[Value], style: &Style) -> String {
+fn history_table(history: &[ReloadRecord], style: &Style) -> String {
     let rows: Vec<Vec<Cell>> = history
         .iter()
         .map(|h| {
-            let result = match h["ok"].as_bool() {
-                Some(true) => Cell::toned("ok".to_string(), Tone::Good),
-                Some(false) => Cell::toned("failed".to_string(), Tone::Bad),
-                None => Cell::plain("-".to_string()),
+            let result = if h.ok {
+                Cell::toned("ok".to_string(), Tone::Good)
+            } else {
+                Cell::toned("failed".to_string(), Tone::Bad)
             };
-            let duration = h["duration_ms"]
-                .as_u64()
-                .map_or_else(|| "-".to_string(), humanise_ms);
             vec![
-                Cell::plain(when(&h["time"], style)),
-                Cell::plain(text(&h["trigger"])),
-                Cell::plain(short_version(&h["old_version"])),
-                Cell::plain(short_version(&h["new_version"])),
+                Cell::plain(when(&Value::from(h.time.as_str()), style)),
+                Cell::plain(h.trigger.clone()),
+                Cell::plain(short_version(&as_json(&h.old_version))),
+                Cell::plain(short_version(&as_json(&h.new_version))),
                 result,
-                Cell::plain(duration),
-                Cell::plain(text(&h["error"])),
+                Cell::plain(humanise_ms(h.duration_ms)),
+                Cell::plain(or_dash(h.error.as_deref())),
             ]
         })
         .collect();
@@ -484,18 +485,16 @@ fn history_table(history: &[Value], style: &Style) -> String {
 }
 
 /// A `trigger` (or install) result: the line to print and whether the reload succeeded.
-pub fn trigger_result(result: &Value, style: &Style) -> (String, bool) {
-    let plugin = text(&result["plugin"]);
-    if result["ok"].as_bool() == Some(true) {
-        let duration = result["duration_ms"]
-            .as_u64()
-            .map_or_else(|| "-".to_string(), humanise_ms);
-        let change = match &result["old_version"] {
-            Value::Null => format!("started {}", short_version(&result["new_version"])),
-            old => format!(
-                "reloaded {} -> {}",
-                short_version(old),
-                short_version(&result["new_version"])
+pub fn trigger_result(result: &TriggerResult, style: &Style) -> (String, bool) {
+    let plugin = &result.plugin;
+    let new = short_version(&as_json(&result.new_version));
+    if result.ok {
+        let duration = humanise_ms(result.duration_ms);
+        let change = match &result.old_version {
+            None => format!("started {new}"),
+            Some(old) => format!(
+                "reloaded {} -> {new}",
+                short_version(&Value::from(old.as_str()))
             ),
         };
         (
@@ -508,7 +507,7 @@ pub fn trigger_result(result: &Value, style: &Style) -> (String, bool) {
     } else {
         let failed = style.paint(Tone::Bad, "reload failed");
         (
-            format!("{plugin}: {failed}: {}", text(&result["error"])),
+            format!("{plugin}: {failed}: {}", or_dash(result.error.as_deref())),
             false,
         )
     }
@@ -626,11 +625,8 @@ pub fn log_line(event: &Value, style: &Style) -> Option<String> {
 
 /// `watching_directories` counts the plugins dir (while it is there) and each plugin dir:
 /// say which is which.
-fn watching_text(watching: &Value, plugins_dir_present: &Value) -> String {
-    let Some(total) = watching.as_u64() else {
-        return text(watching);
-    };
-    let root = u64::from(plugins_dir_present.as_bool() != Some(false) && total > 0);
+fn watching_text(total: usize, plugins_dir_present: bool) -> String {
+    let root = usize::from(plugins_dir_present && total > 0);
     let plugin_dirs = match total - root {
         1 => "1 plugin directory".to_string(),
         n => format!("{n} plugin directories"),
@@ -659,7 +655,16 @@ mod tests {
         }
     }
 
-    fn plugin(id: &str, state: &str, last_error: Value) -> Value {
+    fn plugin(id: &str, state: &str, last_error: Value) -> PluginInfo {
+        typed(plugin_json(id, state, last_error))
+    }
+
+    /// A reply body written as the daemon sends it, read as the client reads it.
+    fn typed<T: serde::de::DeserializeOwned>(body: Value) -> T {
+        serde_json::from_value(body).unwrap()
+    }
+
+    fn plugin_json(id: &str, state: &str, last_error: Value) -> Value {
         json!({"id": id, "state": state, "pid": 4242, "version": "9f2c4e1a0b3d5c77",
                "last_good_version": "9f2c4e1a0b3d5c77", "started_at": "2026-11-27T22:30:45.123Z",
                "restarts": 0, "reload_count": 12, "failed_reloads": 1, "last_error": last_error,
@@ -683,7 +688,9 @@ mod tests {
                 "active_sessions": 1, "debounce_delay_ms": 500, "watch_patterns": ["*"],
                 "exclude_patterns": ["*.tmp", "*.log"]},
             "daemon": {"pid": 1234, "version": "0.1.0", "uptime_ms": 7_380_000, "plugins_total": 3,
-                "plugins_running": 2, "plugins_dir": "/srv/plugins"}});
+                "plugins_running": 2, "plugins_dir": "/srv/plugins", "plugins_dir_present": true,
+                "watch": true}});
+        let reply: StatusReply = typed(reply);
         let want = "\
 hot reload:  on, debounce 500 ms
 watch:       *
@@ -699,12 +706,30 @@ plugins dir: /srv/plugins
         assert_eq!(status(&reply, &plain()), want);
     }
 
+    fn quiet_status() -> StatusReply {
+        typed(json!({
+            "hot_reload": {"enabled": false, "watching_directories": 2, "last_reload": null,
+                "reload_count": 0, "failed_reloads": 0, "active_sessions": 1,
+                "debounce_delay_ms": 500, "watch_patterns": [], "exclude_patterns": []},
+            "daemon": {"pid": 1, "version": "0.1.0", "uptime_ms": 5, "plugins_total": 0,
+                "plugins_running": 0, "plugins_dir": "/p", "plugins_dir_present": true,
+                "watch": false}}))
+    }
+
     #[test]
-    fn status_tolerates_missing_fields() {
-        let s = status(&json!({"status": "success"}), &plain());
-        assert!(s.contains("hot reload:  -, debounce - ms"), "{s}");
+    fn status_of_a_daemon_that_never_reloaded() {
+        let s = status(&quiet_status(), &plain());
+        assert!(s.contains("hot reload:  off, debounce 500 ms"), "{s}");
+        assert!(s.contains("watch:       (none)"), "{s}");
+        assert!(
+            s.contains("watching:    the plugins directory and 1 plugin directory\n"),
+            "{s}"
+        );
         assert!(s.contains("last reload: never"), "{s}");
-        assert!(s.contains("daemon:      pid -, version -, up -"), "{s}");
+        assert!(
+            s.contains("daemon:      pid 1, version 0.1.0, up 5 ms"),
+            "{s}"
+        );
     }
 
     #[test]
@@ -729,8 +754,8 @@ much_longer_transcoder  backoff  4242  9f2c4e1a         0       12       1  5m 2
     #[test]
     fn table_widths_grow_with_every_column() {
         let mut wide = plugin("p", "reloading", Value::Null);
-        wide["pid"] = json!(4_194_304);
-        wide["restarts"] = json!(1_234_567_890);
+        wide.pid = Some(4_194_304);
+        wide.restarts = 1_234_567_890;
         let out = plugin_table(&[plugin("p", "running", Value::Null), wide], &plain());
         let lines: Vec<&str> = out.lines().collect();
         assert!(
@@ -790,12 +815,12 @@ much_longer_transcoder  backoff  4242  9f2c4e1a         0       12       1  5m 2
                         "error": "x", "attempt": 1, "retry_in_ms": null});
         assert!(!event_line(&ev, &plain()).contains('\x1b'));
         assert!(event_line(&ev, &colored()).contains('\x1b'));
-        assert!(!status(&json!({"hot_reload": {"enabled": false}}), &plain()).contains('\x1b'));
+        assert!(!status(&quiet_status(), &plain()).contains('\x1b'));
     }
 
     #[test]
     fn plugin_detail_shows_state_file_and_history() {
-        let mut p = plugin("p1", "running", Value::Null);
+        let mut p = plugin_json("p1", "running", Value::Null);
         p["state_file"] = json!({"plugin_id": "p1", "runtime_data": {"jobs": 3}});
         p["history"] = json!([
             {"time": "2026-11-27T22:30:45.123Z", "trigger": "watch", "old_version": "0123456789abcdef",
@@ -803,6 +828,7 @@ much_longer_transcoder  backoff  4242  9f2c4e1a         0       12       1  5m 2
             {"time": "2026-11-27T22:20:00.000Z", "trigger": "manual", "old_version": "0123456789abcdef",
              "new_version": "ffffffffffffffff", "ok": false, "duration_ms": 1500,
              "error": "exited with code 1"}]);
+        let mut p: PluginDetail = typed(p);
         let out = plugin_detail(&p, &plain());
         assert!(
             out.starts_with("id:         p1\nstate:      running\npid:        4242\n"),
@@ -819,7 +845,7 @@ much_longer_transcoder  backoff  4242  9f2c4e1a         0       12       1  5m 2
             out.contains("manual   01234567…  ffffffff…  failed        1s  exited with code 1"),
             "{out}"
         );
-        p["history"] = json!([]);
+        p.history.clear();
         assert!(plugin_detail(&p, &plain()).contains("history: no reloads yet"));
     }
 
@@ -827,6 +853,7 @@ much_longer_transcoder  backoff  4242  9f2c4e1a         0       12       1  5m 2
     fn trigger_lines() {
         let ok = json!({"plugin": "p1", "ok": true, "old_version": "0123abcd99999999",
                         "new_version": "4567ef0188888888", "duration_ms": 12, "error": null});
+        let ok: TriggerResult = typed(ok);
         assert_eq!(
             trigger_result(&ok, &plain()),
             (
@@ -834,7 +861,9 @@ much_longer_transcoder  backoff  4242  9f2c4e1a         0       12       1  5m 2
                 true
             )
         );
-        let failed = json!({"plugin": "p1", "ok": false, "error": "exec format error"});
+        let failed: TriggerResult = typed(json!({"plugin": "p1", "ok": false,
+            "error": "exec format error", "old_version": null, "new_version": null,
+            "duration_ms": 0}));
         assert_eq!(
             trigger_result(&failed, &plain()),
             ("p1: reload failed: exec format error".to_string(), false)

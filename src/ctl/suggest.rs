@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use serde_json::json;
+use crate::protocol::{self, ListReply, Request};
 
 use super::client::Client;
 
@@ -23,14 +23,17 @@ pub fn plugin_ids(socket: &Path) -> Vec<String> {
     if client.set_read_timeout(Some(QUICK)).is_err() {
         return Vec::new();
     }
-    let Ok(reply) = client.request(&json!({"cmd": "list"})) else {
+    let Ok(list) = client
+        .request(&Request::new(protocol::Command::List))
+        .and_then(|reply| reply.into_success()?.body::<ListReply>())
+    else {
         return Vec::new();
     };
-    let mut ids: Vec<String> = reply.value["plugins"]
-        .as_array()
+    let mut ids: Vec<String> = list
+        .plugins
         .into_iter()
-        .flatten()
-        .filter_map(|p| p["id"].as_str().map(str::to_string))
+        .map(|p| p.id)
+        .filter(|id| !id.is_empty())
         .collect();
     ids.sort();
     ids

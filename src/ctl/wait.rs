@@ -13,11 +13,12 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::client::{Client, ReadError, parse_reply};
 use super::render::{self, Style, text};
 use super::{CtlError, Io};
+use crate::protocol::{self, Request, TriggerResult};
 
 /// How long `--wait` waits for a reload result (retries with backoff included).
 pub const WAIT_LIMIT: Duration = Duration::from_secs(120);
@@ -50,7 +51,9 @@ impl<'a> Probe<'a> {
     fn plugin(&mut self, id: &str) -> Result<Value, CtlError> {
         let reply = self
             .client
-            .request(&json!({"cmd": "plugin", "plugin": id}))?;
+            .request(&Request::new(protocol::Command::Plugin {
+                id: id.to_owned(),
+            }))?;
         Ok(reply.value["plugin"].clone())
     }
 
@@ -120,8 +123,15 @@ impl Waiter {
             // A reload of an earlier build that was already under way is not ours.
             "reload_succeeded" if !ours("new_version") => Step::Continue,
             "reload_succeeded" => {
-                let result = json!({"plugin": p, "ok": true, "old_version": ev["old_version"],
-                    "new_version": ev["new_version"], "duration_ms": ev["duration_ms"]});
+                let version = |key: &str| ev[key].as_str().map(str::to_owned);
+                let result = TriggerResult {
+                    duration_ms: ev["duration_ms"].as_u64().unwrap_or(0),
+                    error: None,
+                    new_version: version("new_version"),
+                    ok: true,
+                    old_version: version("old_version"),
+                    plugin: p.clone(),
+                };
                 Step::Done(Ok(render::trigger_result(&result, &self.style).0))
             }
             "reload_failed" if ev["retry_in_ms"].is_null() => {
@@ -311,6 +321,7 @@ fn next_event(events: &mut Client, timeout: Duration, id: &str) -> Result<Option
 mod tests {
     use super::super::testutil::plain_style;
     use super::*;
+    use serde_json::json;
 
     fn plain() -> Style {
         plain_style(std::time::SystemTime::now())

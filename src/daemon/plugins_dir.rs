@@ -12,8 +12,6 @@
 //! build is the same in the new dir should keep running, not restart. A plugin whose own
 //! directory is deleted (`rm -rf plugins`) is stopped at once anyway, by its own watch.
 
-use serde_json::Value;
-
 use super::Core;
 use crate::events::Event;
 use crate::supervisor::Timer;
@@ -48,12 +46,11 @@ pub(super) struct PluginsDirWatch {
 
 impl Core {
     /// `status`: the plugins dir exists (and, with watching, is the one being watched).
-    pub(super) fn plugins_dir_present(&self) -> Value {
-        let present = match self.watcher {
+    pub(super) fn plugins_dir_present(&self) -> bool {
+        match self.watcher {
             Some(_) => !self.plugins_dir.lost,
             None => self.config.plugins_dir.is_dir(),
-        };
-        Value::Bool(present)
+        }
     }
 
     /// At start: a plugins dir swapped away between its creation and the first watch.

@@ -22,8 +22,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::protocol::PluginInfo;
 use nix::unistd::Pid;
-use serde_json::Value;
 
 use super::cgroup::{self, Cgroups};
 use super::plugin::{Instance, Plugin, Slot};
@@ -353,7 +353,7 @@ impl Supervisor {
     }
 
     /// `tasks`, `memory_bytes`, `cpu_usage_ms` for `list` and `plugin`.
-    pub fn usage(&self, p: &Plugin) -> BTreeMap<&'static str, Value> {
+    fn usage(&self, p: &Plugin) -> (usize, Option<u64>, Option<u64>) {
         let mut tasks = 0usize;
         let mut memory: Option<u64> = None;
         let mut cpu: Option<u64> = None;
@@ -371,20 +371,18 @@ impl Supervisor {
                 cpu = Some(cpu.unwrap_or(0) + c);
             }
         }
-        BTreeMap::from([
-            ("tasks", Value::from(tasks)),
-            ("memory_bytes", memory.map_or(Value::Null, Value::from)),
-            ("cpu_usage_ms", cpu.map_or(Value::Null, Value::from)),
-        ])
+        (tasks, memory, cpu)
     }
 
     /// The `list` entry of a plugin with its process figures.
-    pub fn list_entry(&self, p: &Plugin) -> Value {
-        let mut entry = p.list_entry();
-        for (k, v) in self.usage(p) {
-            entry[k] = v;
+    pub fn list_entry(&self, p: &Plugin) -> PluginInfo {
+        let (tasks, memory_bytes, cpu_usage_ms) = self.usage(p);
+        PluginInfo {
+            tasks,
+            memory_bytes,
+            cpu_usage_ms,
+            ..p.list_entry()
         }
-        entry
     }
 
     /// After the last plugin stopped: whatever the daemon still has below it that no plugin

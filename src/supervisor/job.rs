@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::plugin::{
     HistoryEntry, Instance, Job, JobKind, JobPhase, Plugin, Rest, Slot, Snap, Written,
@@ -16,9 +16,9 @@ use super::plugin::{
 use super::start_limit::LimitHit;
 use super::{Ctx, MAX_RUNTIME_BYTES, Supervisor, Timer, Totals, Trigger, Waiter, retry_delay};
 use crate::config::Strategy;
-use crate::control::protocol;
 use crate::events::Event;
 use crate::hooks::{HookContext, HookKind};
+use crate::protocol::TriggerResult;
 use crate::{clock, preflight, snapshot, state_file};
 
 /// Why a start attempt did not work out.
@@ -1006,16 +1006,16 @@ fn answer_list(
     error: Option<String>,
     duration_ms: u64,
 ) {
+    let result = TriggerResult {
+        duration_ms,
+        error,
+        new_version,
+        ok,
+        old_version,
+        plugin: id.to_owned(),
+    };
     for w in waiters {
-        let result = json!({
-            "plugin": id, "ok": ok, "old_version": old_version, "new_version": new_version,
-            "duration_ms": duration_ms, "error": error,
-        });
-        let mut body = serde_json::Map::new();
-        body.insert("result".into(), result);
-        ctx.out
-            .replies
-            .push((w.client, protocol::success(w.request_id.as_ref(), body)));
+        ctx.out.replies.push((w.clone(), result.clone()));
     }
 }
 

@@ -85,8 +85,8 @@ pub enum Timer {
 #[derive(Debug, Default)]
 pub struct Outbox {
     pub events: Vec<Event>,
-    /// Answers to deferred control requests: (client, full response line).
-    pub replies: Vec<(crate::control::ClientId, Vec<u8>)>,
+    /// Answers to deferred control requests: who waits, and how the reload went.
+    pub replies: Vec<(Waiter, crate::protocol::TriggerResult)>,
 }
 
 pub struct Ctx<'a> {

@@ -13,10 +13,11 @@ use std::time::Instant;
 
 use mio::Token;
 use nix::unistd::Pid;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::config::PluginSettings;
 use crate::control::ClientId;
+use crate::protocol::{PluginInfo, ReloadRecord};
 use crate::wheel::TimerId;
 
 /// Reload history kept per plugin (SPEC §6: the last 20).
@@ -197,12 +198,17 @@ impl HistoryEntry {
         }
     }
 
-    pub fn to_json(&self) -> Value {
-        json!({
-            "time": self.time, "trigger": self.trigger.as_str(), "old_version": self.old_version,
-            "new_version": self.new_version, "ok": self.ok, "duration_ms": self.duration_ms,
-            "error": self.error,
-        })
+    /// The entry of the `plugin` command's `history`.
+    pub fn to_record(&self) -> ReloadRecord {
+        ReloadRecord {
+            duration_ms: self.duration_ms,
+            error: self.error.clone(),
+            new_version: self.new_version.clone(),
+            ok: self.ok,
+            old_version: self.old_version.clone(),
+            time: self.time.clone(),
+            trigger: self.trigger.as_str().to_owned(),
+        }
     }
 }
 
@@ -357,21 +363,27 @@ impl Plugin {
     }
 
     /// The `list` entry of SPEC §6.
-    pub fn list_entry(&self) -> Value {
+    pub fn list_entry(&self) -> PluginInfo {
         let inst = self.instance.as_ref().filter(|i| !i.reaped);
-        json!({
-            "id": self.id,
-            "state": self.state_name(),
-            "pid": inst.map(|i| i.pid.as_raw()),
-            "version": inst.map(|i| i.version.clone()).or_else(|| self.current.as_ref().map(|s| s.version.clone())),
-            "last_good_version": self.last_good.as_ref().map(|s| s.version.clone()),
-            "started_at": inst.map(|i| i.started_wall.clone()),
-            "restarts": self.restarts,
-            "reload_count": self.reload_count,
-            "failed_reloads": self.failed_reloads,
-            "last_error": self.last_error,
-            "exec": self.exec_path().to_string_lossy(),
-            "status_text": self.status_text,
-        })
+        PluginInfo {
+            // The supervisor adds the process figures (`Supervisor::list_entry`).
+            cpu_usage_ms: None,
+            memory_bytes: None,
+            tasks: 0,
+            exec: self.exec_path().to_string_lossy().into_owned(),
+            failed_reloads: self.failed_reloads,
+            id: self.id.clone(),
+            last_error: self.last_error.clone(),
+            last_good_version: self.last_good.as_ref().map(|s| s.version.clone()),
+            pid: inst.map(|i| i.pid.as_raw()),
+            reload_count: self.reload_count,
+            restarts: self.restarts,
+            started_at: inst.map(|i| i.started_wall.clone()),
+            state: self.state_name().to_owned(),
+            status_text: self.status_text.clone(),
+            version: inst
+                .map(|i| i.version.clone())
+                .or_else(|| self.current.as_ref().map(|s| s.version.clone())),
+        }
     }
 }

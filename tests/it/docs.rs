@@ -4,7 +4,7 @@
 //!
 //! The lists come from the code, never from a list kept here: configuration keys from the
 //! effective configuration (`Config::to_effective_toml`) and from the "valid keys" the parser
-//! names for an unknown key, control commands from `control::protocol::COMMANDS`, events from the
+//! names for an unknown key, control commands from `protocol::Command::NAMES`, events from the
 //! `Event::new("...")` calls in `src/`, flags and `hotreloadctl` commands from the real binaries'
 //! `--help`, exit codes from the constants and from the binaries. So a new key, command, event or
 //! flag fails here until its page documents it, and the failure lists each one and where it
@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use hotreload::config::{self, Env, Overrides};
-use hotreload::control::protocol::COMMANDS;
 use hotreload::daemon::FatalError;
+use hotreload::protocol::Command as ControlCommand;
 
 use crate::util::{ctl_bin, daemon_bin};
 
@@ -79,11 +79,10 @@ fn every_config_key_is_documented_in_its_table_section() {
 fn every_control_command_is_documented_in_the_daemon_page() {
     let page = ManPage::load(DAEMON_PAGE);
     let mut missing = Missing::default();
-    for usage in COMMANDS {
-        let name = usage.split_whitespace().next().unwrap_or(usage);
+    for name in ControlCommand::NAMES {
         missing.check(&page, "CONTROL PROTOCOL", Some("Commands"), name);
     }
-    missing.assert_none("control commands (control::protocol::COMMANDS)");
+    missing.assert_none("control commands (protocol::Command::NAMES)");
 }
 
 #[test]

@@ -1,8 +1,10 @@
 //! The control socket's wire format (SPEC §6): one request per line, one JSON object per response.
 //!
-//! This module is pure: it turns a line of bytes into a [`Request`] or a [`RequestError`], and
-//! builds response lines. It owns no sockets and knows nothing about plugins, so the server
-//! (`control::mod`) and the client (`hotreloadctl`) can share it and it can be tested as a table.
+//! This module is pure: it turns a line of bytes into a [`Request`] or a [`RequestError`],
+//! defines the typed answers ([`Response`] and the reply bodies in `response`) and encodes
+//! response lines. It owns no sockets and knows nothing about plugins, so the server (`control`),
+//! the daemon that executes requests and the client (`hotreloadctl`, which serialises the same
+//! [`Request`] and reads replies back into the same types) share it, and it is tested as a table.
 //!
 //! A request is either JSON (the first non-blank character is `{`, `[` or `"`; it must be an
 //! object with a string `"cmd"`) or a bare command typed by a person into `socat`
@@ -10,35 +12,68 @@
 //! names what is wrong; the `"id"` of a JSON object is echoed on errors too, so a client that
 //! pipelines requests can match every answer.
 
+mod response;
+
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-/// One command the daemon understands.
-#[derive(Clone, Debug, PartialEq, Eq)]
+pub use response::{
+    DaemonStatus, EnabledReply, ErrorReply, HelpReply, HotReloadStatus, ListReply, PluginDetail,
+    PluginInfo, PluginReply, ReloadRecord, ReloadedReply, Response, ScheduledReply, StatusReply,
+    SubscribedReply, TriggerReply, TriggerResult,
+};
+
+/// One command the daemon understands. Serialised as the JSON request a client sends
+/// (`{"cmd":"trigger","plugin":"p","wait":true}`); the daemon parses requests with
+/// [`parse_line`], which also takes the bare-word form and says what is wrong with a bad one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Command {
     Status,
     List,
     Plugin {
+        #[serde(rename = "plugin")]
         id: String,
     },
     Enable,
     Disable,
     /// `wait`: answer when the reload has finished (the default) instead of at once.
     Trigger {
+        #[serde(rename = "plugin")]
         id: String,
         wait: bool,
     },
     /// `plugin`: only events of that plugin (plus `lagged`); `verbose`: `change_ignored` too.
     Subscribe {
+        #[serde(skip_serializing_if = "Option::is_none")]
         plugin: Option<String>,
+        #[serde(skip_serializing_if = "is_false")]
         verbose: bool,
     },
     ReloadConfig,
     Help,
 }
 
+fn is_false(b: &bool) -> bool {
+    !b
+}
+
 impl Command {
+    /// The name of every command, as [`Command::name`] spells it.
+    pub const NAMES: &[&str] = &[
+        "status",
+        "list",
+        "plugin",
+        "enable",
+        "disable",
+        "trigger",
+        "subscribe",
+        "reload-config",
+        "help",
+    ];
+
     /// The command's name on the wire (the `"cmd"` value).
     pub fn name(&self) -> &'static str {
         match self {
@@ -64,17 +99,35 @@ impl Command {
     }
 }
 
-/// A parsed request: the command and the `"id"` to echo in its response.
-#[derive(Clone, Debug, PartialEq)]
+/// A request: the command and the `"id"` to echo in its response.
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Request {
+    #[serde(flatten)]
+    pub command: Command,
     /// `None`: no `"id"` member (or a bare command); `Some(Value::Null)`: `"id": null`, which
     /// must be echoed as `null`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<Value>,
-    pub command: Command,
+}
+
+impl Request {
+    /// A request without an `"id"`.
+    pub fn new(command: Command) -> Self {
+        Request { command, id: None }
+    }
+
+    /// The request line a client sends, newline included.
+    pub fn to_line(&self) -> Vec<u8> {
+        // A request is strings, booleans and the caller's id: nothing that cannot be encoded.
+        let mut line = serde_json::to_vec(self).unwrap_or_else(|_| b"{}".to_vec());
+        line.push(b'\n');
+        line
+    }
 }
 
 /// The `code` member of an error response, exactly as SPEC §6 spells it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     BadRequest,
     UnknownCommand,
@@ -156,11 +209,10 @@ pub const COMMANDS: &[&str] = &[
 ];
 
 /// The body of a `help` response: `"commands": [...]`.
-pub fn help_body() -> Map<String, Value> {
-    let commands = COMMANDS.iter().map(|c| Value::from(*c)).collect();
-    let mut body = Map::new();
-    body.insert("commands".to_owned(), Value::Array(commands));
-    body
+pub fn help_body() -> HelpReply {
+    HelpReply {
+        commands: COMMANDS.iter().map(|c| (*c).to_owned()).collect(),
+    }
 }
 
 /// Parses one request line (without or with its trailing `\n`; a trailing `\r` is ignored).
@@ -362,16 +414,12 @@ fn json_kind(value: &Value) -> &'static str {
 
 /// A success response: `{"status":"success","id":...,<body>}` and a newline.
 ///
-/// `id` is omitted when `None`. Members of `body` named `status` or `id` are ignored: the
-/// protocol owns them.
-pub fn success(id: Option<&Value>, body: Map<String, Value>) -> Vec<u8> {
-    let mut line = Vec::with_capacity(64);
+/// `id` is omitted when `None`. `body` must serialise as a JSON object (a reply struct, a
+/// [`Response`] or a `Map`) whose members are neither `status` nor `id`: the protocol owns them.
+pub fn success<B: Serialize + ?Sized>(id: Option<&Value>, body: &B) -> Vec<u8> {
+    let mut line = Vec::with_capacity(128);
     line.extend_from_slice(b"{\"status\":\"success\"");
-    let written = push_member(&mut line, "id", id).and_then(|()| {
-        body.iter()
-            .filter(|(key, _)| key.as_str() != "status" && key.as_str() != "id")
-            .try_for_each(|(key, value)| push_member(&mut line, key, Some(value)))
-    });
+    let written = push_member(&mut line, "id", id).and_then(|()| push_members(&mut line, body));
     if let Err(e) = written {
         // Serialising a `Value` into a `Vec` cannot fail today; if it ever does, the client
         // still gets one well-formed line.
@@ -403,6 +451,27 @@ pub fn error_line(id: Option<&Value>, code: ErrorCode, message: &str) -> Vec<u8>
     }
     line.extend_from_slice(b"}\n");
     line
+}
+
+/// Appends the members of `body`, which must serialise as a JSON object: `,"a":1,"b":2`.
+fn push_members<B: Serialize + ?Sized>(line: &mut Vec<u8>, body: &B) -> serde_json::Result<()> {
+    let start = line.len();
+    serde_json::to_writer(&mut *line, body)?;
+    let encoded = &line[start..];
+    if encoded.first() != Some(&b'{') || encoded.last() != Some(&b'}') {
+        line.truncate(start);
+        return Err(serde::ser::Error::custom(
+            "a response body must be a JSON object",
+        ));
+    }
+    line.pop();
+    if line.len() == start + 1 {
+        // `{}`: no members.
+        line.truncate(start);
+    } else {
+        line[start] = b',';
+    }
+    Ok(())
 }
 
 /// Appends `,"key":value` when `value` is present.
@@ -699,10 +768,12 @@ mod tests {
                 .replace("ID", "x");
             assert!(parse(&line).unwrap().is_some(), "{entry}");
         }
-        assert_eq!(
-            help_body()["commands"].as_array().unwrap().len(),
-            COMMANDS.len()
-        );
+        assert_eq!(help_body().commands.len(), COMMANDS.len());
+        let first_words: Vec<&str> = COMMANDS
+            .iter()
+            .map(|c| c.split(' ').next().unwrap())
+            .collect();
+        assert_eq!(first_words, Command::NAMES, "help lists every command once");
     }
 
     fn decode(line: &[u8]) -> Value {
@@ -715,19 +786,18 @@ mod tests {
     fn success_lines_carry_status_id_and_body() {
         let mut body = Map::new();
         body.insert("enabled".into(), json!(true));
-        body.insert("status".into(), json!("ignored"));
-        let line = success(Some(&json!({"n":[1]})), body.clone());
+        let line = success(Some(&json!({"n":[1]})), &body);
         assert!(line.starts_with(b"{\"status\":\"success\""));
         assert_eq!(
             decode(&line),
             json!({"status":"success","id":{"n":[1]},"enabled":true})
         );
         assert_eq!(
-            decode(&success(Some(&Value::Null), body.clone())),
+            decode(&success(Some(&Value::Null), &body)),
             json!({"status":"success","id":null,"enabled":true})
         );
         assert_eq!(
-            decode(&success(None, body)),
+            decode(&success(None, &body)),
             json!({"status":"success","enabled":true})
         );
     }
@@ -768,7 +838,7 @@ mod tests {
         ] {
             let line = format!(r#"{{"cmd":"status","id":{id}}}"#);
             let request = parse_line(line.as_bytes()).unwrap().unwrap();
-            let echoed = decode(&success(request.id.as_ref(), Map::new()))["id"].clone();
+            let echoed = decode(&success(request.id.as_ref(), &Map::new()))["id"].clone();
             assert_eq!(Some(echoed), request.id, "id {id}");
         }
     }
@@ -788,6 +858,300 @@ mod tests {
         ];
         for (code, text) in table {
             assert_eq!(code.as_str(), text);
+            assert_eq!(serde_json::to_value(code).unwrap(), json!(text));
+            assert_eq!(
+                serde_json::from_value::<ErrorCode>(json!(text)).unwrap(),
+                code
+            );
         }
+    }
+
+    /// One of each command, with and without its optional arguments.
+    fn every_command() -> Vec<Command> {
+        // Does not compile when a command is added without a case here (and in `NAMES`).
+        match Command::Status {
+            Command::Status
+            | Command::List
+            | Command::Plugin { .. }
+            | Command::Enable
+            | Command::Disable
+            | Command::Trigger { .. }
+            | Command::Subscribe { .. }
+            | Command::ReloadConfig
+            | Command::Help => {}
+        }
+        vec![
+            Command::Status,
+            Command::List,
+            Command::Plugin { id: "p".into() },
+            Command::Enable,
+            Command::Disable,
+            trigger("p", true),
+            trigger("p", false),
+            subscribe(None, false),
+            subscribe(Some("p"), false),
+            subscribe(None, true),
+            subscribe(Some("p"), true),
+            Command::ReloadConfig,
+            Command::Help,
+        ]
+    }
+
+    #[test]
+    fn names_list_every_command_once() {
+        let mut named: Vec<&str> = every_command().iter().map(Command::name).collect();
+        named.dedup();
+        assert_eq!(named, Command::NAMES);
+    }
+
+    #[test]
+    fn requests_a_client_serialises_parse_back_to_themselves() {
+        let ids = [
+            None,
+            Some(Value::Null),
+            Some(json!(7)),
+            Some(json!({"a": [1.5]})),
+        ];
+        for command in every_command() {
+            assert!(Command::NAMES.contains(&command.name()), "{command:?}");
+            for id in &ids {
+                let request = Request {
+                    command: command.clone(),
+                    id: id.clone(),
+                };
+                let line = request.to_line();
+                assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
+                assert_eq!(parse_line(&line), Ok(Some(request)), "{line:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn requests_are_serialised_as_the_spec_shows_them() {
+        let table = [
+            (Command::Status, json!({"cmd": "status"})),
+            (
+                Command::Plugin { id: "p".into() },
+                json!({"cmd": "plugin", "plugin": "p"}),
+            ),
+            (
+                trigger("p", false),
+                json!({"cmd": "trigger", "plugin": "p", "wait": false}),
+            ),
+            (subscribe(None, false), json!({"cmd": "subscribe"})),
+            (
+                subscribe(Some("p"), true),
+                json!({"cmd": "subscribe", "plugin": "p", "verbose": true}),
+            ),
+            (Command::ReloadConfig, json!({"cmd": "reload-config"})),
+        ];
+        for (command, expected) in table {
+            assert_eq!(
+                serde_json::to_value(Request::new(command)).unwrap(),
+                expected
+            );
+        }
+        let with_id = Request {
+            command: Command::List,
+            id: Some(Value::Null),
+        };
+        assert_eq!(
+            String::from_utf8(with_id.to_line()).unwrap(),
+            "{\"cmd\":\"list\",\"id\":null}\n"
+        );
+    }
+
+    fn info() -> PluginInfo {
+        PluginInfo {
+            cpu_usage_ms: Some(20),
+            exec: "/p/p1/main".into(),
+            failed_reloads: 1,
+            id: "p1".into(),
+            last_error: None,
+            last_good_version: Some("v1".into()),
+            memory_bytes: None,
+            pid: Some(42),
+            reload_count: 3,
+            restarts: 0,
+            started_at: Some("2026-01-01T00:00:00Z".into()),
+            state: "running".into(),
+            status_text: None,
+            tasks: 2,
+            version: Some("v2".into()),
+        }
+    }
+
+    fn round_trip<T>(body: &T) -> T
+    where
+        T: Serialize + serde::de::DeserializeOwned,
+    {
+        let line = success(Some(&json!(1)), body);
+        serde_json::from_slice(&line).unwrap()
+    }
+
+    #[test]
+    fn replies_read_back_into_the_types_they_were_written_from() {
+        let status = StatusReply {
+            daemon: DaemonStatus {
+                pid: 7,
+                plugins_dir: "/p".into(),
+                plugins_dir_present: true,
+                plugins_running: 1,
+                plugins_total: 2,
+                uptime_ms: 5,
+                version: "0.1.0".into(),
+                watch: true,
+            },
+            hot_reload: HotReloadStatus {
+                active_sessions: 1,
+                debounce_delay_ms: 500,
+                enabled: true,
+                exclude_patterns: vec!["*.tmp".into()],
+                failed_reloads: 0,
+                last_reload: None,
+                reload_count: 0,
+                watch_patterns: vec!["*".into()],
+                watching_directories: 2,
+                watch_mode: "auto".into(),
+                polled_directories: 1,
+                watching_subdirectories: 0,
+            },
+        };
+        assert_eq!(round_trip(&status), status);
+        let list = ListReply {
+            plugins: vec![info()],
+        };
+        assert_eq!(round_trip(&list), list);
+        let detail = PluginReply {
+            plugin: PluginDetail {
+                info: info(),
+                history: vec![ReloadRecord {
+                    duration_ms: 12,
+                    error: Some("boom".into()),
+                    new_version: Some("v2".into()),
+                    ok: false,
+                    old_version: None,
+                    time: "2026-01-01T00:00:00.000Z".into(),
+                    trigger: "manual".into(),
+                }],
+                state_file: json!({"plugin_id": "p1"}),
+                watched_by: Some("poll".into()),
+                poll_reason: Some("watch_mode = \"poll\"".into()),
+            },
+        };
+        assert_eq!(round_trip(&detail), detail);
+        let result = TriggerReply {
+            result: TriggerResult {
+                duration_ms: 3,
+                error: None,
+                new_version: Some("v2".into()),
+                ok: true,
+                old_version: Some("v1".into()),
+                plugin: "p1".into(),
+            },
+        };
+        assert_eq!(round_trip(&result), result);
+        let reloaded = ReloadedReply {
+            needs_restart: vec!["state_dir".into()],
+            reloaded: true,
+        };
+        assert_eq!(round_trip(&reloaded), reloaded);
+        assert_eq!(round_trip(&help_body()), help_body());
+    }
+
+    #[test]
+    fn unset_fields_are_null_not_absent() {
+        let mut bare = info();
+        bare.pid = None;
+        bare.version = None;
+        let line = Response::List(ListReply {
+            plugins: vec![bare],
+        })
+        .to_line(None);
+        let entry = decode(&line)["plugins"][0].clone();
+        for field in [
+            "pid",
+            "version",
+            "last_error",
+            "status_text",
+            "memory_bytes",
+        ] {
+            assert_eq!(entry.get(field), Some(&Value::Null), "{field}");
+        }
+    }
+
+    /// The line of `body` as the `json!` maps the typed replies replaced wrote it: through a
+    /// `Value`, whose map sorts its members.
+    fn as_sorted_map<T: Serialize>(body: &T) -> Vec<u8> {
+        success(Some(&json!(1)), &serde_json::to_value(body).unwrap())
+    }
+
+    #[test]
+    fn reply_lines_are_byte_for_byte_those_of_sorted_maps() {
+        let record = ReloadRecord {
+            duration_ms: 1,
+            error: None,
+            new_version: None,
+            ok: true,
+            old_version: None,
+            time: "t".into(),
+            trigger: "watch".into(),
+        };
+        let result = TriggerReply {
+            result: TriggerResult {
+                duration_ms: 3,
+                error: None,
+                new_version: None,
+                ok: false,
+                old_version: None,
+                plugin: "p1".into(),
+            },
+        };
+        let reloaded = ReloadedReply {
+            needs_restart: Vec::new(),
+            reloaded: true,
+        };
+        let detail = PluginReply {
+            plugin: PluginDetail {
+                info: info(),
+                history: vec![record.clone()],
+                state_file: json!({"plugin_id": "p1", "b": [1], "a": null}),
+                watched_by: Some("inotify".into()),
+                poll_reason: None,
+            },
+        };
+        let id = Some(&json!(1));
+        assert_eq!(success(id, &info()), as_sorted_map(&info()));
+        assert_eq!(success(id, &detail), as_sorted_map(&detail));
+        assert_eq!(success(id, &record), as_sorted_map(&record));
+        assert_eq!(success(id, &result), as_sorted_map(&result));
+        assert_eq!(success(id, &reloaded), as_sorted_map(&reloaded));
+    }
+
+    #[test]
+    fn error_responses_carry_code_and_message() {
+        let line = Response::error(ErrorCode::UnknownPlugin, "no plugin named \"x\"")
+            .to_line(Some(&json!("q")));
+        assert_eq!(
+            decode(&line),
+            json!({"status": "error", "id": "q", "code": "unknown_plugin", "error": "no plugin named \"x\""})
+        );
+        let read: ErrorReply = serde_json::from_slice(&line).unwrap();
+        assert_eq!(
+            read,
+            ErrorReply::new(ErrorCode::UnknownPlugin, "no plugin named \"x\"")
+        );
+    }
+
+    #[test]
+    fn a_body_that_is_not_an_object_becomes_an_error_line() {
+        let line = success(Some(&json!(1)), &[1, 2]);
+        let value = decode(&line);
+        assert_eq!(value["status"], "error");
+        assert_eq!(value["id"], 1);
+        assert_eq!(
+            decode(&success(None, &Map::new())),
+            json!({"status": "success"})
+        );
     }
 }
