@@ -29,6 +29,8 @@ mod machine;
 mod peers;
 #[path = "daemon/plugin.rs"]
 mod plugin;
+#[path = "daemon/poll.rs"]
+mod poll;
 #[path = "daemon/probe.rs"]
 mod probe;
 #[path = "daemon/procfs.rs"]
@@ -64,7 +66,7 @@ type Run = fn(&Bench) -> Outcome<Report>;
 type SelfCheck = fn() -> Outcome<()>;
 
 /// Every benchmark, in the order they run, with a one-line description for `--list`.
-const BENCHMARKS: [(&str, &str, Run); 8] = [
+const BENCHMARKS: [(&str, &str, Run); 9] = [
     (
         "reload_1mb",
         "rename of a 1 MiB build -> new process running",
@@ -89,6 +91,11 @@ const BENCHMARKS: [(&str, &str, Run); 8] = [
         "idle",
         "wake-ups with 100 idle plugins; RSS with 1/100/1000",
         idle::run,
+    ),
+    (
+        "poll",
+        "watch_mode = poll, 100 plugins: CPU, wake-ups, pickup",
+        poll::run,
     ),
     ("scale", "1000 plugins rebuilt within 1 s", scale::run),
     (

@@ -31,7 +31,7 @@ use crate::protocol::{
 use crate::signals::{SignalEvent, SignalSource};
 use crate::supervisor::{Ctx, Outbox, Plugin, Supervisor, Timer, Trigger, Waiter, reap, spawn};
 use crate::token;
-use crate::watch::{Change, LinkedDir, Watcher, linked_plugin_dir};
+use crate::watch::{Change, LinkedDir, WatchOptions, Watcher, linked_plugin_dir};
 use crate::wheel::TimerWheel;
 
 mod plugins_dir;
@@ -73,11 +73,18 @@ struct Core {
     sent_status: String,
     /// Whether the plugins dir is gone and how the daemon waits for it.
     plugins_dir: plugins_dir::PluginsDirWatch,
+    /// When the next poll round of the polled directories is due: one deadline for all of them,
+    /// none while nothing is polled (an idle daemon then never wakes up). Kept beside the wheel
+    /// rather than in it: the timer kinds belong to the supervisor.
+    next_poll_ms: Option<u64>,
 }
 
 /// First starts per loop turn: enough to bring plugins up quickly, few enough that control
 /// clients are answered in between.
 const STARTS_PER_TURN: usize = 16;
+
+/// Shortest wait for the poll that confirms a changed file is complete (with a debounce of 0).
+const MIN_SETTLE_MS: u64 = 50;
 
 impl Daemon {
     /// Set everything up: directories, signals, control socket, watches, initial plugins.
@@ -106,10 +113,18 @@ impl Daemon {
             .register(registry)
             .map_err(|e| os_err(format!("cannot poll the control socket: {e}")))?;
         let watcher = if config.watch_enabled {
-            let w = Watcher::new(&config.plugins_dir).map_err(os_err)?;
-            registry
-                .register(&mut SourceFd(&w.fd()), token::INOTIFY, Interest::READABLE)
-                .map_err(|e| os_err(format!("cannot poll inotify: {e}")))?;
+            let options = WatchOptions {
+                mode: config.hot_reload.watch_mode,
+                subdirs: config.hot_reload.watch_subdirs,
+            };
+            let mut w = Watcher::new(&config.plugins_dir, options).map_err(os_err)?;
+            w.set_matchers(&config.matchers);
+            // With watch_mode = "poll" there is no inotify fd at all.
+            if let Some(fd) = w.fd() {
+                registry
+                    .register(&mut SourceFd(&fd), token::INOTIFY, Interest::READABLE)
+                    .map_err(|e| os_err(format!("cannot poll inotify: {e}")))?;
+            }
             Some(w)
         } else {
             log::info!("HOTRELOAD_WATCH is off: supervising only, no file watches");
@@ -139,6 +154,7 @@ impl Daemon {
             check_socket: false,
             sent_status: String::new(),
             plugins_dir: plugins_dir::PluginsDirWatch::default(),
+            next_poll_ms: None,
         };
         log::info!(
             "hotreloadd {} supervising {} (hot reload {})",
@@ -319,6 +335,14 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
         ("runtime_dir", old.runtime_dir != new.runtime_dir),
         ("state_dir", old.state_dir != new.state_dir),
         ("control.socket", old.socket != new.socket),
+        (
+            "hot_reload.watch_mode",
+            old.hot_reload.watch_mode != new.hot_reload.watch_mode,
+        ),
+        (
+            "hot_reload.watch_subdirs",
+            old.hot_reload.watch_subdirs != new.hot_reload.watch_subdirs,
+        ),
         ("control.mode", a.mode != b.mode),
         ("control.group", a.group != b.group),
         ("control.max_clients", a.max_clients != b.max_clients),
@@ -349,9 +373,12 @@ impl Core {
         if self.sup.has_backlog() || self.sup.has_pending_starts() {
             return Some(Duration::ZERO);
         }
-        self.wheel
-            .next_deadline()
-            .map(|d| clock::timeout_until(d, self.clock.now_ms()))
+        self.arm_poll();
+        let next = match (self.wheel.next_deadline(), self.next_poll_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        next.map(|d| clock::timeout_until(d, self.clock.now_ms()))
     }
 
     fn emit(&mut self, event: Event) {
@@ -390,8 +417,70 @@ impl Core {
         }
     }
 
+    /// Keep the poll deadline in step with whether anything is polled.
+    fn arm_poll(&mut self) {
+        let polls = self.watcher.as_ref().is_some_and(Watcher::polls);
+        match (polls, self.next_poll_ms) {
+            (true, None) => {
+                let ms = self.config.hot_reload.poll_interval_ms;
+                self.next_poll_ms = Some(self.clock.now_ms() + ms);
+            }
+            (false, Some(_)) => self.next_poll_ms = None,
+            _ => {}
+        }
+    }
+
+    /// The poll deadline passed: compare every polled directory, and feed what changed down the
+    /// same path as inotify's changes.
+    fn poll_due(&mut self) {
+        let now = self.clock.now_ms();
+        if self.next_poll_ms.is_none_or(|due| due > now) {
+            return;
+        }
+        self.next_poll_ms = None;
+        let Some(watcher) = self.watcher.as_mut() else {
+            return;
+        };
+        let changes = watcher.poll_round(&self.config.matchers, self.verbose_listeners);
+        let settling = watcher.settling();
+        for change in changes {
+            self.on_change(change);
+        }
+        if settling {
+            // A file changed: the listing that confirms it is complete comes after the quiet
+            // time of a debounce, not a whole interval later (a build is then picked up within
+            // one interval plus about two debounces). Only after a change: idle, the daemon
+            // still wakes once per interval.
+            let hr = &self.config.hot_reload;
+            let ms = hr
+                .debounce_delay_ms
+                .clamp(MIN_SETTLE_MS, hr.poll_interval_ms.max(MIN_SETTLE_MS));
+            self.next_poll_ms = Some(self.clock.now_ms() + ms);
+            return;
+        }
+        self.arm_poll();
+    }
+
+    /// Report the directories the watcher put under polling since the last turn.
+    fn report_polled(&mut self) {
+        let notices = self.watcher.as_mut().map(Watcher::take_notices);
+        for notice in notices.into_iter().flatten() {
+            self.on_change(notice);
+        }
+    }
+
     fn on_change(&mut self, change: Change) {
         match change {
+            Change::Polled {
+                plugin,
+                path,
+                reason,
+            } => {
+                let ev = Event::new("directory_polled", plugin.as_deref())
+                    .with("path", path.to_string_lossy())
+                    .with("reason", reason);
+                self.emit(ev);
+            }
             Change::DirAdded(name) => self.plugin_dir_arrived(&name),
             Change::DirRemoved(name) => self.remove_plugin(&name),
             Change::PluginDirLost(id) => {
@@ -450,6 +539,8 @@ impl Core {
     }
 
     fn fire_timers(&mut self) {
+        self.poll_due();
+        self.report_polled();
         loop {
             let now = self.clock.now_ms();
             let due = self.wheel.poll(now);
@@ -720,6 +811,7 @@ impl Core {
         sup.apply_config(&mut ctx);
         // The executable may have moved (`exec` changed): watch where it lives now.
         if let Some(w) = self.watcher.as_mut() {
+            w.set_matchers(&self.config.matchers);
             for p in self.sup.plugins() {
                 if w.is_watching(&p.id) {
                     if let Err(e) = w.watch_plugin(&p.id, &p.dir, &p.settings.exec) {
@@ -793,15 +885,21 @@ impl Core {
                 reload_count: totals.reload_count,
                 watch_patterns: hr.watch_patterns.clone(),
                 watching_directories: watching,
+                watch_mode: hr.watch_mode.as_str().to_owned(),
+                polled_directories: self.watcher.as_ref().map_or(0, Watcher::polled_dirs),
+                watching_subdirectories: self.watcher.as_ref().map_or(0, Watcher::subdirs_watched),
             },
         }
     }
 
     fn plugin_detail(&self, p: &Plugin) -> PluginDetail {
+        let w = self.watcher.as_ref();
         PluginDetail {
             info: self.sup.list_entry(p),
             history: p.history.iter().map(|h| h.to_record()).collect(),
             state_file: self.sup.state_file_json(&p.id),
+            watched_by: w.and_then(|w| w.watched_by(&p.id)).map(str::to_owned),
+            poll_reason: w.and_then(|w| w.poll_reason_of(&p.id)).map(str::to_owned),
         }
     }
 
@@ -820,7 +918,7 @@ impl Core {
             ))
         };
         let reply = match request.command {
-            Command::Status => Response::Status(self.status_reply(sessions)),
+            Command::Status => Response::Status(Box::new(self.status_reply(sessions))),
             Command::List => Response::List(ListReply {
                 plugins: self.sup.plugins().map(|p| self.sup.list_entry(p)).collect(),
             }),

@@ -24,7 +24,7 @@ impl Event {
         }
         Event {
             plugin: plugin.map(str::to_string),
-            verbose_only: name == "change_ignored",
+            verbose_only: matches!(name, "change_ignored" | "directory_polled"),
             body,
         }
     }

@@ -28,6 +28,7 @@ pub mod listen;
 pub mod logging;
 pub mod notify;
 pub mod plugin_notify;
+pub mod poll_watch;
 pub mod preflight;
 pub mod private_dir;
 pub mod protocol;

@@ -20,7 +20,17 @@
 //! dir is there its parent is watched too, for what its own watch cannot see: the parent renamed
 //! away, or a symlinked plugins dir re-pointed.
 //!
-//! The watcher owns the inotify fd and the wd → owner map; it never decides what to reload.
+//! Where inotify cannot serve (SPEC §5 "Watching beyond inotify") a directory is polled instead
+//! (`poll_watch`): with `watch_mode = "poll"` every directory and no inotify instance at all;
+//! under `auto` a directory on a remote file system, or one added once the watch limit is
+//! reached. Polled differences become the same `Change`s as inotify events.
+//!
+//! With `watch_subdirs`, a plugin dir's subdirectories (depth ≤ 8, none whose path relative to
+//! the plugin dir has an excluded component) are watched too; a file changed there is a change
+//! of the plugin, never its executable.
+//!
+//! The watcher owns the inotify fd, the wd → owner map and the poller; it never decides what to
+//! reload.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -31,7 +41,22 @@ use std::path::{Path, PathBuf};
 
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 
-use crate::config::Matchers;
+use crate::config::{Matchers, WatchMode};
+use crate::poll_watch::{Diff, Found, Kind, PollOwner, Poller};
+
+/// Deepest subdirectory watched with `watch_subdirs` (components below the plugin dir).
+pub const MAX_SUBDIR_DEPTH: usize = 8;
+
+/// Most subdirectories watched per plugin: a plugin dir holding a huge tree (a checkout, a
+/// `node_modules`) must not take the whole inotify watch table.
+pub const MAX_SUBDIRS_PER_PLUGIN: usize = 1024;
+
+/// How the watcher watches, fixed for its life (a change needs a daemon restart).
+#[derive(Debug, Clone)]
+pub struct WatchOptions {
+    pub mode: WatchMode,
+    pub subdirs: bool,
+}
 
 /// Prefix of the temp files `hotreloadctl install` renames into place.
 pub const INSTALL_TEMP_PREFIX: &str = ".hotreload-";
@@ -55,6 +80,13 @@ pub enum Change {
     },
     /// Events were lost (queue overflow): everything must be re-examined.
     Rescan,
+    /// A directory is polled rather than watched with inotify, and why (for verbose subscribers
+    /// and the log).
+    Polled {
+        plugin: Option<String>,
+        path: PathBuf,
+        reason: String,
+    },
     /// The plugins dir was deleted or moved away; its watch is dropped.
     RootLost,
     /// Something changed on the way to the plugins dir (its name appeared in its parent, an
@@ -76,6 +108,11 @@ enum Owner {
     Ancestor {
         plugin: String,
     },
+    /// A subdirectory of the plugin dir (`watch_subdirs`), `rel` relative to it.
+    Subdir {
+        plugin: String,
+        rel: PathBuf,
+    },
     /// The nearest existing ancestor of the missing plugins dir; `next` is the name in it that
     /// leads to the plugins dir (only that name appearing matters).
     RootAncestor {
@@ -94,10 +131,30 @@ struct PluginWatch {
     target: Option<(WatchDescriptor, PathBuf, OsString)>,
     /// Watch on the nearest existing ancestor while the build directory is missing.
     ancestor: Option<WatchDescriptor>,
+    /// Subdirectories watched with inotify (`watch_subdirs`), relative to `dir`.
+    subdirs: HashMap<PathBuf, WatchDescriptor>,
+}
+
+/// A plugin whose directory is polled.
+#[derive(Debug)]
+struct PolledPlugin {
+    dir: PathBuf,
+    exec: PathBuf,
+    reason: String,
 }
 
 pub struct Watcher {
-    inotify: Inotify,
+    /// None with `watch_mode = "poll"`: the daemon then holds no inotify fd at all.
+    inotify: Option<Inotify>,
+    options: WatchOptions,
+    /// The exclude globs, for subdirectory paths (kept current by `set_matchers`).
+    matchers: Option<Matchers>,
+    poller: Poller,
+    /// The polled plugins dir's (device, inode), when it is polled.
+    root_polled: Option<(u64, u64)>,
+    polled: HashMap<String, PolledPlugin>,
+    /// Why directories were put under polling, not yet reported.
+    notices: Vec<Change>,
     root: PathBuf,
     /// The plugins dir's watch and the (device, inode) it was added for; None while it is gone.
     root_wd: Option<(WatchDescriptor, (u64, u64))>,
@@ -195,13 +252,22 @@ impl Watcher {
     /// Create the inotify instance and watch `root` (the plugins dir). A plugins dir that is
     /// gone already (swapped away right after it was created) is not an error: `root_watched`
     /// says so and the caller waits for it.
-    pub fn new(root: &Path) -> Result<Watcher, WatchError> {
-        let inotify = Inotify::init().map_err(|source| WatchError {
-            path: root.to_path_buf(),
-            source,
-        })?;
+    pub fn new(root: &Path, options: WatchOptions) -> Result<Watcher, WatchError> {
+        let inotify = match options.mode {
+            WatchMode::Poll => None,
+            _ => Some(Inotify::init().map_err(|source| WatchError {
+                path: root.to_path_buf(),
+                source,
+            })?),
+        };
         let mut w = Watcher {
             inotify,
+            options,
+            matchers: None,
+            poller: Poller::default(),
+            root_polled: None,
+            polled: HashMap::new(),
+            notices: Vec::new(),
             root: root.to_path_buf(),
             root_wd: None,
             root_wait: None,
@@ -221,21 +287,124 @@ impl Watcher {
     /// for the plugins dir to come back.
     pub fn watch_root(&mut self) -> Result<(), WatchError> {
         let root = self.root.clone();
-        let wd = self.add(&root, ROOT_MASK, Owner::Root)?;
-        self.root_wd = Some((wd, dir_id(&root).unwrap_or((0, 0))));
+        if self.root_watched() && self.root_polled.is_some() {
+            return Ok(());
+        }
+        let id = || dir_id(&root).unwrap_or((0, 0));
+        let fallback = match self.poll_reason(&root) {
+            Some(reason) => reason,
+            None => match self.add(&root, ROOT_MASK, Owner::Root) {
+                Ok(wd) => {
+                    self.root_wd = Some((wd, id()));
+                    return Ok(());
+                }
+                Err(e) => self.fallback_reason(e)?,
+            },
+        };
+        if !root.is_dir() {
+            return Err(WatchError {
+                path: root,
+                source: io::Error::from_raw_os_error(libc::ENOENT),
+            });
+        }
+        self.poller.add(&root, PollOwner::Root, true);
+        self.root_polled = Some(id());
+        self.notice(None, &root, fallback);
         Ok(())
     }
 
     /// The plugins dir is under watch.
     pub fn root_watched(&self) -> bool {
-        self.root_wd.is_some()
+        self.root_wd.is_some() || self.root_polled.is_some()
+    }
+
+    /// Why `dir` must be polled before inotify is even tried: `watch_mode = "poll"`, or under
+    /// `auto` a file system whose remote changes inotify does not see.
+    fn poll_reason(&self, dir: &Path) -> Option<String> {
+        match self.options.mode {
+            WatchMode::Poll => Some("watch_mode = \"poll\"".into()),
+            WatchMode::Inotify => None,
+            WatchMode::Auto => crate::poll_watch::remote_fs(dir)
+                .map(|fs| format!("on {fs}, whose changes made elsewhere inotify does not see")),
+        }
+    }
+
+    /// Under `auto`, an inotify failure that polling works around (the watch limit) becomes the
+    /// reason to poll; any other failure, or any failure under `inotify`, stays an error.
+    fn fallback_reason(&self, e: WatchError) -> Result<String, WatchError> {
+        let limit = e.source.raw_os_error() == Some(libc::ENOSPC);
+        if self.options.mode == WatchMode::Auto && limit {
+            return Ok(format!(
+                "the inotify watch limit is reached (fs.inotify.max_user_watches = {}); raise it to watch with inotify",
+                read_limit("max_user_watches")
+            ));
+        }
+        Err(e)
+    }
+
+    fn notice(&mut self, plugin: Option<&str>, path: &Path, reason: String) {
+        let whose = plugin.map(|id| format!("[{id}] ")).unwrap_or_default();
+        log::info!("{whose}polling {}: {reason}", path.display());
+        self.notices.push(Change::Polled {
+            plugin: plugin.map(str::to_string),
+            path: path.to_path_buf(),
+            reason,
+        });
+    }
+
+    /// The directories put under polling since the last call, with the reason.
+    pub fn take_notices(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.notices)
+    }
+
+    /// The exclude globs applied to subdirectory paths (`watch_subdirs`).
+    pub fn set_matchers(&mut self, matchers: &Matchers) {
+        self.matchers = Some(matchers.clone());
+    }
+
+    /// Number of polled directories (plugins dir, plugin dirs, subdirectories).
+    pub fn polled_dirs(&self) -> usize {
+        self.poller.len()
+    }
+
+    /// Whether a polled file waits for the listing that confirms it is complete.
+    pub fn settling(&self) -> bool {
+        self.poller.settling()
+    }
+
+    /// Whether a poll round is due every interval.
+    pub fn polls(&self) -> bool {
+        !self.poller.is_empty()
+    }
+
+    /// How a plugin's directory is watched: "inotify", "poll", or None when it is not.
+    pub fn watched_by(&self, id: &str) -> Option<&'static str> {
+        if self.polled.contains_key(id) {
+            Some("poll")
+        } else if self.plugins.contains_key(id) {
+            Some("inotify")
+        } else {
+            None
+        }
+    }
+
+    /// Why a plugin's directory is polled (None when it is not).
+    pub fn poll_reason_of(&self, id: &str) -> Option<&str> {
+        self.polled.get(id).map(|p| p.reason.as_str())
+    }
+
+    /// Number of plugin subdirectories watched (`watch_subdirs`), by inotify or polling.
+    pub fn subdirs_watched(&self) -> usize {
+        let by_inotify: usize = self.plugins.values().map(|p| p.subdirs.len()).sum();
+        by_inotify + self.poller.subdirs()
     }
 
     /// The watched plugins dir is still the directory at its path (not deleted, not renamed
     /// away with a new one in its place: events saying so may have been lost in an overflow).
     pub fn root_is_current(&self) -> bool {
-        let Some((_, id)) = &self.root_wd else {
-            return false;
+        let id = match (&self.root_wd, &self.root_polled) {
+            (Some((_, id)), _) | (None, Some(id)) => id,
+            (None, None) => return false,
         };
         dir_id(&self.root) == Some(*id)
     }
@@ -246,7 +415,10 @@ impl Watcher {
         if let Some((wd, _)) = self.root_wd.take() {
             self.release(wd, |o| *o == Owner::Root);
         }
-        let ids: Vec<String> = self.plugins.keys().cloned().collect();
+        self.root_polled = None;
+        self.poller.remove_root();
+        let mut ids: Vec<String> = self.plugins.keys().cloned().collect();
+        ids.extend(self.polled.keys().cloned());
         for id in ids {
             self.unwatch_plugin(&id);
         }
@@ -260,6 +432,10 @@ impl Watcher {
     /// tell when the plugins dir is back) or a farther one (then the caller should also retry on
     /// a timer: a mount appearing on the way gives no inotify event).
     pub fn await_root(&mut self) -> RootWait {
+        if self.inotify.is_none() {
+            // Polling: the daemon's retry timer looks again.
+            return RootWait::Farther;
+        }
         let root = self.root.clone();
         let Some(existing) = root.ancestors().skip(1).find(|a| a.is_dir()) else {
             self.stop_waiting_for_root();
@@ -319,12 +495,13 @@ impl Watcher {
         }
     }
 
-    pub fn fd(&self) -> RawFd {
-        self.inotify.as_fd().as_raw_fd()
+    /// The inotify fd to poll for readability; None when every directory is polled.
+    pub fn fd(&self) -> Option<RawFd> {
+        self.as_fd().map(|fd| fd.as_raw_fd())
     }
 
-    pub fn as_fd(&self) -> BorrowedFd<'_> {
-        self.inotify.as_fd()
+    pub fn as_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.inotify.as_ref().map(|i| i.as_fd())
     }
 
     /// Number of directories under watch: plugins_dir, each plugin dir, and build dirs that
@@ -335,13 +512,21 @@ impl Watcher {
                 .iter()
                 .all(|o| matches!(o, Owner::RootAncestor { .. }))
         };
-        self.owners.values().filter(|o| !guard_only(o)).count()
+        let polled = usize::from(self.root_polled.is_some()) + self.polled.len();
+        self.owners.values().filter(|o| !guard_only(o)).count() + polled
     }
 
     /// Watch a plugin's directory, and the directory of its real executable when that lies
     /// elsewhere (a symlinked build or an `exec` in a subdirectory). Calling it again for the same
     /// directory keeps that watch and only re-resolves the executable's location.
     pub fn watch_plugin(&mut self, id: &str, dir: &Path, exec: &Path) -> Result<(), WatchError> {
+        if let Some(pp) = self.polled.get_mut(id) {
+            if pp.dir == dir {
+                pp.exec = exec.to_path_buf();
+                return Ok(());
+            }
+            self.unwatch_plugin(id);
+        }
         if let Some(pw) = self.plugins.get_mut(id) {
             if pw.dir == dir {
                 pw.exec = exec.to_path_buf();
@@ -351,25 +536,211 @@ impl Watcher {
             self.unwatch_plugin(id);
         }
         let owner = Owner::PluginDir(id.to_string());
-        let dir_wd = self.add(dir, DIR_MASK, owner)?;
-        self.plugins.insert(
+        let reason = match self.poll_reason(dir) {
+            Some(reason) => reason,
+            None => match self.add(dir, DIR_MASK, owner) {
+                Ok(dir_wd) => {
+                    self.plugins.insert(
+                        id.to_string(),
+                        PluginWatch {
+                            dir: dir.to_path_buf(),
+                            exec: exec.to_path_buf(),
+                            dir_wd,
+                            target: None,
+                            ancestor: None,
+                            subdirs: HashMap::new(),
+                        },
+                    );
+                    self.refresh_plugin(id);
+                    self.watch_subtree(id, Path::new(""), true, &mut Vec::new());
+                    return Ok(());
+                }
+                Err(e) => self.fallback_reason(e)?,
+            },
+        };
+        let plugin_owner = PollOwner::Plugin {
+            id: id.to_string(),
+            rel: PathBuf::new(),
+        };
+        self.poller.add(dir, plugin_owner, true);
+        self.notice(Some(id), dir, reason.clone());
+        self.polled.insert(
             id.to_string(),
-            PluginWatch {
+            PolledPlugin {
                 dir: dir.to_path_buf(),
                 exec: exec.to_path_buf(),
-                dir_wd,
-                target: None,
-                ancestor: None,
+                reason,
             },
         );
-        self.refresh_plugin(id);
+        self.watch_subtree(id, Path::new(""), true, &mut Vec::new());
         Ok(())
+    }
+
+    fn plugin_dir(&self, id: &str) -> Option<PathBuf> {
+        match (self.plugins.get(id), self.polled.get(id)) {
+            (Some(pw), _) => Some(pw.dir.clone()),
+            (None, Some(pp)) => Some(pp.dir.clone()),
+            (None, None) => None,
+        }
+    }
+
+    /// Why a path below a plugin dir never counts: a component excluded, or too deep.
+    fn subpath_excluded(&self, rel: &Path) -> Option<String> {
+        if rel.components().count() > MAX_SUBDIR_DEPTH {
+            return Some(format!("deeper than {MAX_SUBDIR_DEPTH} subdirectories"));
+        }
+        let m = self.matchers.as_ref()?;
+        rel.components().find_map(|c| {
+            let c = c.as_os_str().to_string_lossy();
+            m.excluded_by(&c)
+                .map(|glob| format!("excluded by pattern `{glob}` (on `{c}`)"))
+        })
+    }
+
+    /// With `watch_subdirs`, watch the subdirectories below `rel` (relative to the plugin dir)
+    /// — and `rel` itself unless it is the plugin dir — by inotify, or by polling where the plugin
+    /// dir is polled or inotify has no watch left. `baseline`: what is there now is known (at
+    /// start); otherwise the files found are new (a subdirectory that just arrived) and pushed to
+    /// `found` (inotify) or left for the next poll round to report.
+    fn watch_subtree(&mut self, id: &str, rel: &Path, baseline: bool, found: &mut Vec<PathBuf>) {
+        if !self.options.subdirs {
+            return;
+        }
+        let Some(dir) = self.plugin_dir(id) else {
+            return;
+        };
+        if !rel.as_os_str().is_empty() && !self.watch_subdir(id, &dir, rel, baseline) {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(dir.join(rel)) else {
+            return;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let child = rel.join(entry.file_name());
+            // Not followed: a symlinked directory could lead into a loop or out of the tree.
+            let Ok(t) = entry.file_type() else { continue };
+            if self.subpath_excluded(&child).is_some() {
+                continue;
+            }
+            if t.is_dir() {
+                self.watch_subtree(id, &child, baseline, found);
+            } else if t.is_file()
+                && !baseline
+                && !rel.as_os_str().is_empty()
+                && !self.polled.contains_key(id)
+            {
+                found.push(dir.join(&child));
+            }
+        }
+    }
+
+    /// Watch one subdirectory; false when it cannot be (limit, vanished, excluded).
+    fn watch_subdir(&mut self, id: &str, dir: &Path, rel: &Path, baseline: bool) -> bool {
+        let path = dir.join(rel);
+        if self.subpath_excluded(rel).is_some() {
+            return false;
+        }
+        let count =
+            self.plugins.get(id).map_or(0, |p| p.subdirs.len()) + self.poller.subdirs_of(id);
+        if count >= MAX_SUBDIRS_PER_PLUGIN {
+            log::warn!(
+                "[{id}] not watching {}: the plugin already has {MAX_SUBDIRS_PER_PLUGIN} watched subdirectories (exclude the rest with exclude_patterns)",
+                path.display()
+            );
+            return false;
+        }
+        let owner = PollOwner::Plugin {
+            id: id.to_string(),
+            rel: rel.to_path_buf(),
+        };
+        if self.polled.contains_key(id) {
+            if !self.poller.contains(&path) {
+                self.poller.add(&path, owner, baseline);
+            }
+            return true;
+        }
+        let sub = Owner::Subdir {
+            plugin: id.to_string(),
+            rel: rel.to_path_buf(),
+        };
+        match self.add(&path, DIR_MASK, sub) {
+            Ok(wd) => {
+                if let Some(pw) = self.plugins.get_mut(id) {
+                    pw.subdirs.insert(rel.to_path_buf(), wd);
+                }
+                true
+            }
+            Err(e) if is_missing_dir(&e.source) => false,
+            Err(e) => match self.fallback_reason(e) {
+                Ok(reason) => {
+                    if !self.poller.contains(&path) {
+                        self.poller.add(&path, owner, baseline);
+                        self.notice(Some(id), &path, reason);
+                    }
+                    true
+                }
+                Err(e) => {
+                    log::warn!("[{id}] {e}; changes in this subdirectory will not be noticed");
+                    false
+                }
+            },
+        }
+    }
+
+    /// Forget a subdirectory (and those below it) that was deleted or moved away.
+    fn forget_subdir(&mut self, id: &str, rel: &Path) {
+        let Some(pw) = self.plugins.get_mut(id) else {
+            return;
+        };
+        let gone: Vec<(PathBuf, WatchDescriptor)> = pw
+            .subdirs
+            .iter()
+            .filter(|(r, _)| r.starts_with(rel))
+            .map(|(r, wd)| (r.clone(), wd.clone()))
+            .collect();
+        for (r, _) in &gone {
+            pw.subdirs.remove(r);
+        }
+        let dir = pw.dir.clone();
+        for (r, wd) in gone {
+            self.release(
+                wd,
+                |o| matches!(o, Owner::Subdir { plugin, rel } if plugin == id && *rel == r),
+            );
+        }
+        self.poller.remove_tree(&dir.join(rel));
+    }
+
+    /// A subdirectory arrived in a plugin dir (or in one of its subdirectories): watch it and
+    /// report the files it already holds.
+    fn subdir_arrived(&mut self, id: &str, rel: &Path, explain: bool, out: &mut Vec<Change>) {
+        let Some(dir) = self.plugin_dir(id) else {
+            return;
+        };
+        if let Some(reason) = self.subpath_excluded(rel) {
+            if explain {
+                out.push(ignored(Some(id), dir.join(rel), reason));
+            }
+            return;
+        }
+        let mut found = Vec::new();
+        self.watch_subtree(id, rel, false, &mut found);
+        for path in found {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            if !name.starts_with(INSTALL_TEMP_PREFIX) {
+                out.push(Change::File {
+                    plugin: id.to_string(),
+                    path,
+                });
+            }
+        }
     }
 
     /// Re-resolve where a plugin's executable really lives (its symlink may have been
     /// re-pointed, its build directory deleted or recreated) and move the extra watch there;
     /// nothing changes when it did not move. Returns true when the build directory is watched.
     pub fn refresh_plugin(&mut self, id: &str) -> bool {
+        // A polled plugin's symlinked build dir is not followed (documented).
         let Some(pw) = self.plugins.get(id) else {
             return false;
         };
@@ -458,14 +829,21 @@ impl Watcher {
     /// The plugin's executable path (what a change to its real file is reported as, so the
     /// no-op check compares like with like).
     fn exec_path_of(&self, id: &str) -> Option<PathBuf> {
-        self.plugins.get(id).map(|pw| pw.dir.join(&pw.exec))
+        match (self.plugins.get(id), self.polled.get(id)) {
+            (Some(pw), _) => Some(pw.dir.join(&pw.exec)),
+            (None, Some(pp)) => Some(pp.dir.join(&pp.exec)),
+            (None, None) => None,
+        }
     }
 
     pub fn unwatch_plugin(&mut self, id: &str) {
+        self.polled.remove(id);
+        self.poller.remove_plugin(id);
         let Some(pw) = self.plugins.remove(id) else {
             return;
         };
         let mut wds = vec![pw.dir_wd];
+        wds.extend(pw.subdirs.into_values());
         wds.extend(pw.target.map(|(wd, _, _)| wd));
         wds.extend(pw.ancestor);
         for wd in wds {
@@ -474,7 +852,7 @@ impl Watcher {
     }
 
     pub fn is_watching(&self, id: &str) -> bool {
-        self.plugins.contains_key(id)
+        self.plugins.contains_key(id) || self.polled.contains_key(id)
     }
 
     fn add(
@@ -483,8 +861,13 @@ impl Watcher {
         mask: WatchMask,
         owner: Owner,
     ) -> Result<WatchDescriptor, WatchError> {
-        let wd = self
-            .inotify
+        let Some(inotify) = self.inotify.as_mut() else {
+            return Err(WatchError {
+                path: path.to_path_buf(),
+                source: io::Error::other("watch_mode = \"poll\": no inotify"),
+            });
+        };
+        let wd = inotify
             .watches()
             .add(path, mask)
             .map_err(|source| WatchError {
@@ -512,7 +895,9 @@ impl Watcher {
             self.owners.remove(&wd);
             self.dirs.remove(&wd);
             // EINVAL when the kernel already dropped it (IN_IGNORED raced us): nothing to do.
-            let _ = self.inotify.watches().remove(wd);
+            if let Some(inotify) = self.inotify.as_mut() {
+                let _ = inotify.watches().remove(wd);
+            }
         }
     }
 
@@ -521,8 +906,8 @@ impl Watcher {
     pub fn drain(&mut self, matchers: &Matchers, explain: bool) -> Vec<Change> {
         let mut out = Vec::new();
         let mut buf = std::mem::take(&mut self.buf);
-        loop {
-            let events = match self.inotify.read_events(&mut buf) {
+        while let Some(inotify) = self.inotify.as_mut() {
+            let events = match inotify.read_events(&mut buf) {
                 Ok(events) => events,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -585,6 +970,7 @@ impl Watcher {
                     Owner::Target { plugin, .. } | Owner::Ancestor { plugin } => {
                         self.target_moved(&plugin, out);
                     }
+                    Owner::Subdir { plugin, rel } => self.forget_subdir(&plugin, &rel),
                 }
             }
             return;
@@ -612,6 +998,14 @@ impl Watcher {
                         out.push(Change::RootCheck);
                     }
                 }
+                Owner::PluginDir(id) if self.is_subdir_arrival(mask) => {
+                    if let Some(name) = name {
+                        self.subdir_arrived(&id, Path::new(name), explain, out);
+                    }
+                }
+                Owner::Subdir { plugin, rel } => {
+                    self.decode_subdir(&plugin, &rel, mask, name, matchers, explain, out)
+                }
                 Owner::PluginDir(id) => {
                     if let Some(pw) = self.plugins.get(&id) {
                         // The plugin's own path: a symlinked plugin dir shares its target's wd.
@@ -625,6 +1019,160 @@ impl Watcher {
                     decode_target(&plugin, &file, &exec, mask, name, explain, &dir, out)
                 }
                 Owner::Ancestor { plugin } => self.target_moved(&plugin, out),
+            }
+        }
+    }
+
+    fn is_subdir_arrival(&self, mask: EventMask) -> bool {
+        self.options.subdirs
+            && mask.contains(EventMask::ISDIR)
+            && mask.intersects(EventMask::CREATE | EventMask::MOVED_TO)
+    }
+
+    /// An event in a watched subdirectory of plugin `id`'s dir.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_subdir(
+        &mut self,
+        id: &str,
+        rel: &Path,
+        mask: EventMask,
+        name: Option<&OsStr>,
+        matchers: &Matchers,
+        explain: bool,
+        out: &mut Vec<Change>,
+    ) {
+        if mask.intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF) {
+            // A moved directory's watch would follow it out of the plugin dir.
+            self.forget_subdir(id, rel);
+            return;
+        }
+        let Some(name) = name else { return };
+        let child = rel.join(name);
+        if self.is_subdir_arrival(mask) {
+            self.subdir_arrived(id, &child, explain, out);
+            return;
+        }
+        let Some(dir) = self.plugin_dir(id) else {
+            return;
+        };
+        let path = dir.join(&child);
+        let verdict = match self.subpath_excluded(rel) {
+            Some(reason) => Err(reason.into()),
+            None => classify(mask, name, &path, false, Some(matchers)),
+        };
+        match verdict {
+            Ok(()) => out.push(Change::File {
+                plugin: id.to_string(),
+                path,
+            }),
+            Err(reason) => {
+                if explain {
+                    out.push(ignored(Some(id), path, reason.into_owned()));
+                }
+            }
+        }
+    }
+
+    /// One poll round over every polled directory, decoded like inotify events. Also says when
+    /// a polled plugins dir was replaced (a swap changes no listing of the old one).
+    pub fn poll_round(&mut self, matchers: &Matchers, explain: bool) -> Vec<Change> {
+        let mut out = Vec::new();
+        if self.root_polled.is_some() && !self.root_is_current() {
+            self.forget_root();
+            out.push(Change::RootLost);
+        }
+        for found in self.poller.round() {
+            self.decode_found(found, matchers, explain, &mut out);
+        }
+        out
+    }
+
+    fn decode_found(
+        &mut self,
+        found: Found,
+        matchers: &Matchers,
+        explain: bool,
+        out: &mut Vec<Change>,
+    ) {
+        let Found { dir, owner, diffs } = found;
+        let diffs = match diffs {
+            Ok(diffs) => diffs,
+            Err(e) => {
+                log::debug!("cannot list polled {}: {e}", dir.display());
+                match owner {
+                    PollOwner::Root => {
+                        self.forget_root();
+                        out.push(Change::RootLost);
+                    }
+                    PollOwner::Plugin { id, rel } if rel.as_os_str().is_empty() => {
+                        self.unwatch_plugin(&id);
+                        out.push(Change::PluginDirLost(id));
+                    }
+                    PollOwner::Plugin { .. } => self.poller.remove_tree(&dir),
+                }
+                return;
+            }
+        };
+        for diff in diffs {
+            match &owner {
+                PollOwner::Root => decode_root_diff(&self.root, diff, matchers, explain, out),
+                PollOwner::Plugin { id, rel } => {
+                    self.decode_plugin_diff(id, rel, &dir, diff, matchers, explain, out)
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decode_plugin_diff(
+        &mut self,
+        id: &str,
+        rel: &Path,
+        dir: &Path,
+        diff: Diff,
+        matchers: &Matchers,
+        explain: bool,
+        out: &mut Vec<Change>,
+    ) {
+        let (name, mask) = match diff {
+            Diff::Written(name) => (name, EventMask::CLOSE_WRITE),
+            Diff::Attrib(name) => (name, EventMask::ATTRIB),
+            Diff::Appeared(name, Kind::Dir) => {
+                if self.options.subdirs {
+                    self.subdir_arrived(id, &rel.join(&name), explain, out);
+                } else if explain {
+                    out.push(ignored(
+                        Some(id),
+                        dir.join(&name),
+                        "a directory, not a file (watch_subdirs is off)".into(),
+                    ));
+                }
+                return;
+            }
+            Diff::Appeared(name, _) => (name, EventMask::CREATE),
+            Diff::Vanished(name, Kind::Dir) => {
+                self.poller.remove_tree(&dir.join(&name));
+                self.forget_subdir(id, &rel.join(&name));
+                return;
+            }
+            Diff::Vanished(..) => return,
+        };
+        let path = dir.join(&name);
+        let exec = self.exec_path_of(id);
+        let is_exec = exec.as_deref() == Some(path.as_path());
+        let verdict = match self.subpath_excluded(rel) {
+            Some(reason) => Err(reason.into()),
+            None => classify(mask, &name, &path, is_exec, Some(matchers)),
+        };
+        match verdict {
+            Ok(()) => out.push(Change::File {
+                plugin: id.to_string(),
+                path,
+            }),
+            Err(reason) => {
+                if explain {
+                    out.push(ignored(Some(id), path, reason.into_owned()));
+                }
             }
         }
     }
@@ -660,7 +1208,9 @@ fn owner_plugin(o: &Owner) -> Option<&str> {
     match o {
         Owner::Root | Owner::RootAncestor { .. } => None,
         Owner::PluginDir(id) => Some(id),
-        Owner::Target { plugin, .. } | Owner::Ancestor { plugin } => Some(plugin),
+        Owner::Target { plugin, .. }
+        | Owner::Ancestor { plugin }
+        | Owner::Subdir { plugin, .. } => Some(plugin),
     }
 }
 
@@ -706,6 +1256,23 @@ fn decode_root(
     } else if mask.intersects(EventMask::DELETE | EventMask::MOVED_FROM) {
         out.push(Change::DirRemoved(name.to_string()));
     }
+}
+
+/// A difference in the polled plugins dir, decoded like the matching inotify event.
+fn decode_root_diff(
+    root: &Path,
+    diff: Diff,
+    matchers: &Matchers,
+    explain: bool,
+    out: &mut Vec<Change>,
+) {
+    let (name, mask) = match diff {
+        Diff::Appeared(name, Kind::Dir) => (name, EventMask::CREATE | EventMask::ISDIR),
+        Diff::Appeared(name, _) => (name, EventMask::CREATE),
+        Diff::Vanished(name, _) => (name, EventMask::DELETE),
+        Diff::Written(name) | Diff::Attrib(name) => (name, EventMask::CLOSE_WRITE),
+    };
+    decode_root(root, mask, Some(&name), matchers, explain, out);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -926,6 +1493,13 @@ mod tests {
         }
     }
 
+    fn inotify_only() -> WatchOptions {
+        WatchOptions {
+            mode: WatchMode::Inotify,
+            subdirs: false,
+        }
+    }
+
     fn matchers() -> Matchers {
         Matchers::new(&["*".to_string()], &[]).unwrap()
     }
@@ -973,7 +1547,7 @@ mod tests {
         let tmp = Scratch::new("root");
         let root = tmp.0.join("plugins");
         std::fs::create_dir_all(root.join("p1")).unwrap();
-        let mut w = Watcher::new(&root).unwrap();
+        let mut w = Watcher::new(&root, inotify_only()).unwrap();
         w.watch_plugin("p1", &root.join("p1"), Path::new("p1"))
             .unwrap();
         assert!(w.root_watched() && w.root_is_current());
@@ -1000,7 +1574,7 @@ mod tests {
         let tmp = Scratch::new("ancestor");
         let root = tmp.0.join("deploy/plugins");
         std::fs::create_dir_all(&root).unwrap();
-        let mut w = Watcher::new(&root).unwrap();
+        let mut w = Watcher::new(&root, inotify_only()).unwrap();
         std::fs::remove_dir_all(tmp.0.join("deploy")).unwrap();
         assert!(w.drain(&matchers(), false).contains(&Change::RootLost));
         assert_eq!(w.await_root(), RootWait::Farther);
@@ -1014,7 +1588,7 @@ mod tests {
         let tmp = Scratch::new("guard");
         let root = tmp.0.join("release/plugins");
         std::fs::create_dir_all(&root).unwrap();
-        let mut w = Watcher::new(&root).unwrap();
+        let mut w = Watcher::new(&root, inotify_only()).unwrap();
         assert_eq!(w.await_root(), RootWait::Parent);
         assert_eq!(w.dirs_watched(), 1, "the parent's watch is not counted");
         std::fs::rename(tmp.0.join("release"), tmp.0.join("release.old")).unwrap();
@@ -1026,9 +1600,77 @@ mod tests {
     }
 
     #[test]
+    fn subdirs_are_watched_to_depth_8_except_excluded_trees() {
+        let tmp = Scratch::new("subdirs");
+        let root = tmp.0.join("plugins");
+        let dir = root.join("p1");
+        std::fs::create_dir_all(dir.join("assets/img")).unwrap();
+        std::fs::create_dir_all(dir.join(".git/objects/ab")).unwrap();
+        std::fs::create_dir_all(dir.join("d1/d2/d3/d4/d5/d6/d7/d8/d9")).unwrap();
+        let options = WatchOptions {
+            mode: WatchMode::Inotify,
+            subdirs: true,
+        };
+        let mut w = Watcher::new(&root, options).unwrap();
+        w.set_matchers(&Matchers::new(&["*".to_string()], &[".git*".to_string()]).unwrap());
+        w.watch_plugin("p1", &dir, Path::new("p1")).unwrap();
+        // assets, assets/img, d1 .. d1/../d8: not .git's tree, not d9 (depth 9).
+        assert_eq!(w.subdirs_watched(), 10);
+        assert_eq!(w.watched_by("p1"), Some("inotify"));
+
+        std::fs::write(dir.join("assets/img/logo.png"), b"png").unwrap();
+        std::fs::write(dir.join(".git/objects/ab/cd"), b"blob").unwrap();
+        std::fs::create_dir(dir.join("templates")).unwrap();
+        let changes = w.drain(&matchers(), false);
+        let files: Vec<&Change> = changes
+            .iter()
+            .filter(|c| matches!(c, Change::File { .. }))
+            .collect();
+        assert_eq!(
+            files,
+            vec![&Change::File {
+                plugin: "p1".into(),
+                path: dir.join("assets/img/logo.png"),
+            }]
+        );
+        assert_eq!(w.subdirs_watched(), 11, "templates is watched");
+        std::fs::remove_dir(dir.join("templates")).unwrap();
+        w.drain(&matchers(), false);
+        assert_eq!(w.subdirs_watched(), 10, "a removed subdir is forgotten");
+    }
+
+    #[test]
+    fn poll_mode_holds_no_inotify_and_reports_a_settled_build() {
+        let tmp = Scratch::new("poll");
+        let root = tmp.0.join("plugins");
+        let dir = root.join("p1");
+        std::fs::create_dir_all(&dir).unwrap();
+        let options = WatchOptions {
+            mode: WatchMode::Poll,
+            subdirs: false,
+        };
+        let mut w = Watcher::new(&root, options).unwrap();
+        assert_eq!(w.fd(), None);
+        w.watch_plugin("p1", &dir, Path::new("p1")).unwrap();
+        assert_eq!((w.watched_by("p1"), w.polled_dirs()), (Some("poll"), 2));
+        std::fs::write(dir.join("p1"), b"#!/bin/sh\n").unwrap();
+        assert_eq!(w.poll_round(&matchers(), false), vec![], "not settled yet");
+        let exec = Change::File {
+            plugin: "p1".into(),
+            path: dir.join("p1"),
+        };
+        assert_eq!(w.poll_round(&matchers(), false), vec![exec]);
+        std::fs::create_dir(root.join("p2")).unwrap();
+        assert_eq!(
+            w.poll_round(&matchers(), false),
+            vec![Change::DirAdded("p2".into())]
+        );
+    }
+
+    #[test]
     fn a_plugins_dir_missing_at_start_is_not_an_error() {
         let tmp = Scratch::new("missing");
-        let w = Watcher::new(&tmp.0.join("plugins")).unwrap();
+        let w = Watcher::new(&tmp.0.join("plugins"), inotify_only()).unwrap();
         assert!(!w.root_watched());
     }
 }

@@ -45,6 +45,8 @@ pub struct Config {
     pub max_clients: u32,
     /// The arguments every plugin runs with (`sleep`'s `1000` by default).
     pub args: Vec<String>,
+    /// More `[hot_reload]` lines, verbatim (`watch_mode = "poll"`).
+    pub hot_reload_extra: String,
 }
 
 impl Config {
@@ -52,10 +54,10 @@ impl Config {
     /// failed reload is not retried (a failure is counted, not waited out through backoff).
     pub fn to_toml(&self, ids: &[String]) -> String {
         let mut text = format!(
-            "[hot_reload]\ndebounce_delay_ms = {}\nmax_retries = 0\n\n\
+            "[hot_reload]\ndebounce_delay_ms = {}\nmax_retries = 0\n{}\n\
              [supervisor]\nstartup_grace_ms = {}\nstop_timeout_ms = 2000\n\n\
              [control]\nmax_clients = {}\n",
-            self.debounce_ms, self.startup_grace_ms, self.max_clients
+            self.debounce_ms, self.hot_reload_extra, self.startup_grace_ms, self.max_clients
         );
         let args: Vec<String> = self.args.iter().map(|arg| format!("{arg:?}")).collect();
         for id in ids {
@@ -72,6 +74,7 @@ impl Default for Config {
             startup_grace_ms: 50,
             max_clients: 256,
             args: SLEEP_ARGS.iter().map(|arg| (*arg).to_owned()).collect(),
+            hot_reload_extra: String::new(),
         }
     }
 }
@@ -348,6 +351,7 @@ pub fn self_check() -> Result<(), String> {
         debounce_ms: 0,
         startup_grace_ms: 1,
         max_clients: 2000,
+        hot_reload_extra: "watch_mode = \"poll\"\n".into(),
         ..Config::default()
     };
     let text = config.to_toml(&plugin::ids(2));
@@ -362,6 +366,10 @@ pub fn self_check() -> Result<(), String> {
             toml::Value::Integer(1),
         ),
         (&table["control"]["max_clients"], toml::Value::Integer(2000)),
+        (
+            &table["hot_reload"]["watch_mode"],
+            toml::Value::String("poll".into()),
+        ),
         (
             &table["plugins"]["p0001"]["args"],
             toml::Value::Array(vec![toml::Value::String("1000".into())]),

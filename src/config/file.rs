@@ -56,6 +56,12 @@ pub struct HotReload {
     pub max_retries: u32,
     /// First retry delay; doubles each further attempt (capped at 60 s by the supervisor).
     pub retry_delay_ms: u64,
+    /// How directories are watched: inotify, polling, or inotify with a per-directory fallback.
+    pub watch_mode: WatchMode,
+    /// How often a polled directory is compared (`poll`, or `auto`'s fallback).
+    pub poll_interval_ms: u64,
+    /// Files in subdirectories of a plugin dir count too (depth ≤ 8).
+    pub watch_subdirs: bool,
 }
 
 impl Default for HotReload {
@@ -82,6 +88,9 @@ impl Default for HotReload {
             preserve_state: true,
             max_retries: 3,
             retry_delay_ms: 1000,
+            watch_mode: WatchMode::Auto,
+            poll_interval_ms: 1000,
+            watch_subdirs: false,
         }
     }
 }
@@ -273,6 +282,28 @@ macro_rules! choice_conversions {
         }
     };
 }
+
+/// `watch_mode`: how a directory is watched (SPEC §5 "Watching beyond inotify").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "&'static str")]
+pub enum WatchMode {
+    /// inotify, and polling per directory where inotify cannot serve (watch limit, remote fs).
+    #[default]
+    Auto,
+    /// inotify only; a directory it cannot watch is an error, as before polling existed.
+    Inotify,
+    /// Polling only; no inotify instance at all.
+    Poll,
+}
+
+impl Choice for WatchMode {
+    const CHOICES: &'static [(&'static str, Self)] = &[
+        ("auto", Self::Auto),
+        ("inotify", Self::Inotify),
+        ("poll", Self::Poll),
+    ];
+}
+choice_conversions!(WatchMode);
 
 /// `restart`: what happens after an exit the daemon did not ask for (SPEC §5 "Crashes").
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 pub use error::ConfigError;
 pub use file::{
     ControlFile, DEFAULT_FDSTORE_MAX, FileConfig, HookSettings, HotReload, PluginConfig, ReadyMode,
-    RestartPolicy, Strategy, SupervisorSettings,
+    RestartPolicy, Strategy, SupervisorSettings, WatchMode,
 };
 pub use locate::{
     CONFIG_FILE_NAME, ConfigFile, ConfigFileOrigin, Env, MAX_SOCKET_PATH_BYTES, Overrides,

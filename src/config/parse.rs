@@ -401,7 +401,7 @@ timeout_ms        = 2500
             err,
             "/etc/hotreload/hotreload.toml:3:1: unknown key `bogus_key` in [hot_reload]; valid keys: \
              enabled, debounce_delay_ms, watch_patterns, exclude_patterns, preserve_state, \
-             max_retries, retry_delay_ms"
+             max_retries, retry_delay_ms, watch_mode, poll_interval_ms, watch_subdirs"
         );
     }
 
@@ -506,6 +506,10 @@ timeout_ms        = 2500
             "[plugins.p]\nready = \"later\"\n",
             "`ready` in [plugins.p]: \"later\"; valid values: exec, notify",
         );
+        assert_refused_with(
+            "[hot_reload]\nwatch_mode = \"fanotify\"\n",
+            "`watch_mode` in [hot_reload]: \"fanotify\"; valid values: auto, inotify, poll",
+        );
     }
 
     #[test]
@@ -564,6 +568,10 @@ timeout_ms        = 2500
             (
                 "[hot_reload]\ndebounce_delay_ms = 86400001\n",
                 "86400001; expected 0 to 86400000 milliseconds (at most one day)",
+            ),
+            (
+                "[hot_reload]\npoll_interval_ms = 5\n",
+                "`poll_interval_ms` in [hot_reload]: 5; expected 10 to 86400000 milliseconds",
             ),
             (
                 "[hot_reload]\nretry_delay_ms = 99999999999\n",
@@ -732,7 +740,7 @@ timeout_ms        = 2500
         );
         // A `#[serde(flatten)]` would make derive stop calling deserialize_struct; catch that here.
         assert_eq!(field_names::<FileConfig>().len(), 8);
-        assert_eq!(field_names::<HotReload>().len(), 7);
+        assert_eq!(field_names::<HotReload>().len(), 10);
         assert_eq!(field_names::<ControlFile>().len(), 5);
         assert_eq!(field_names::<PluginConfig>().len(), 16);
         assert_eq!(field_names::<HookSettings>().len(), 4);

@@ -193,6 +193,9 @@ fn check_start_limit(
     Ok(())
 }
 
+/// The shortest `poll_interval_ms` accepted.
+pub const MIN_POLL_INTERVAL_MS: u64 = 10;
+
 fn check_hot_reload(hot: &HotReload) -> Result<(), KeyProblem> {
     check_millis(
         &["hot_reload", "debounce_delay_ms"],
@@ -200,6 +203,12 @@ fn check_hot_reload(hot: &HotReload) -> Result<(), KeyProblem> {
         0,
     )?;
     check_millis(&["hot_reload", "retry_delay_ms"], hot.retry_delay_ms, 0)?;
+    // A poll every few milliseconds would be a busy loop; 10 ms is already far below useful.
+    check_millis(
+        &["hot_reload", "poll_interval_ms"],
+        hot.poll_interval_ms,
+        MIN_POLL_INTERVAL_MS,
+    )?;
     let lists = [
         ("watch_patterns", &hot.watch_patterns),
         ("exclude_patterns", &hot.exclude_patterns),

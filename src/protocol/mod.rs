@@ -1012,6 +1012,9 @@ mod tests {
                 reload_count: 0,
                 watch_patterns: vec!["*".into()],
                 watching_directories: 2,
+                watch_mode: "auto".into(),
+                polled_directories: 1,
+                watching_subdirectories: 0,
             },
         };
         assert_eq!(round_trip(&status), status);
@@ -1032,6 +1035,8 @@ mod tests {
                     trigger: "manual".into(),
                 }],
                 state_file: json!({"plugin_id": "p1"}),
+                watched_by: Some("poll".into()),
+                poll_reason: Some("watch_mode = \"poll\"".into()),
             },
         };
         assert_eq!(round_trip(&detail), detail);
@@ -1111,6 +1116,8 @@ mod tests {
                 info: info(),
                 history: vec![record.clone()],
                 state_file: json!({"plugin_id": "p1", "b": [1], "a": null}),
+                watched_by: Some("inotify".into()),
+                poll_reason: None,
             },
         };
         let id = Some(&json!(1));

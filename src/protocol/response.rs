@@ -39,6 +39,12 @@ pub struct HotReloadStatus {
     pub watch_patterns: Vec<String>,
     /// Plugin directories watched (not the plugins dir itself, nor build dirs).
     pub watching_directories: usize,
+    /// `auto`, `inotify` or `poll` (SPEC §5 "Watching beyond inotify").
+    pub watch_mode: String,
+    /// Directories polled rather than watched with inotify (plugins dir, plugin dirs, subdirs).
+    pub polled_directories: usize,
+    /// Subdirectories of plugin dirs watched (`watch_subdirs`), by inotify or polling.
+    pub watching_subdirectories: usize,
 }
 
 /// `status` → `"daemon"`.
@@ -110,6 +116,10 @@ pub struct PluginDetail {
     pub history: Vec<ReloadRecord>,
     /// The plugin's `state.json` as last written (`null` when there is none).
     pub state_file: Value,
+    /// How the plugin's directory is watched: `inotify`, `poll`, or null when it is not.
+    pub watched_by: Option<String>,
+    /// Why it is polled (null unless it is).
+    pub poll_reason: Option<String>,
 }
 
 /// [`PluginDetail`] as written: through a map, so `history` and `state_file` sort among the
@@ -122,11 +132,15 @@ impl From<PluginDetail> for Value {
             info: PluginInfo,
             history: Vec<ReloadRecord>,
             state_file: Value,
+            watched_by: Option<String>,
+            poll_reason: Option<String>,
         }
         let members = Members {
             info: detail.info,
             history: detail.history,
             state_file: detail.state_file,
+            watched_by: detail.watched_by,
+            poll_reason: detail.poll_reason,
         };
         // Strings, numbers and a `Value`: nothing that cannot be encoded.
         serde_json::to_value(members).unwrap_or(Value::Null)
@@ -226,7 +240,7 @@ impl ErrorReply {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Response {
-    Status(StatusReply),
+    Status(Box<StatusReply>),
     List(ListReply),
     Plugin(Box<PluginReply>),
     Enabled(EnabledReply),

@@ -1029,7 +1029,8 @@ fn read_only_state_dir_keeps_plugins_running_and_reloading() {
 
 #[test]
 fn inotify_watch_limit_reached_still_supervises_every_plugin() {
-    let mut d = Daemon::new();
+    // `inotify` fails like before polling existed (under `auto` p3 would be polled instead).
+    let mut d = Daemon::with_config(&Config::new().set("hot_reload.watch_mode", json!("inotify")));
     if !unshare_works(&["-U", "-r"]) {
         return skip(
             "inotify_watch_limit",

@@ -17,3 +17,4 @@ mod start_limit;
 mod supervise;
 mod systemd;
 mod util;
+mod watch_modes;
