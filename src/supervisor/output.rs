@@ -126,6 +126,20 @@ mod tests {
     use std::io::Write;
     use std::os::unix::net::UnixStream;
 
+    /// Reads until the writer's end is gone. A test running beside this one may fork (to spawn a
+    /// child) while `w` is open: until that child execs, it holds a copy of the writing end, so
+    /// the end of file can come a moment after `drop(w)`.
+    fn read_until_closed(r: &mut LineReader, got: &mut Vec<String>) -> PipeStatus {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let status = r.read_lines(|l| got.push(l));
+            if status != PipeStatus::Idle || std::time::Instant::now() > deadline {
+                return status;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
     fn reader_pair() -> (LineReader, UnixStream) {
         let (a, b) = UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
@@ -143,7 +157,7 @@ mod tests {
         r.read_lines(|l| got.push(l));
         assert_eq!(got, vec!["hello", "world"]);
         drop(w);
-        assert_eq!(r.read_lines(|l| got.push(l)), PipeStatus::Closed);
+        assert_eq!(read_until_closed(&mut r, &mut got), PipeStatus::Closed);
         assert_eq!(got.last().map(String::as_str), Some("x"));
     }
 

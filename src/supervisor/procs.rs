@@ -292,7 +292,15 @@ mod tests {
             .unwrap();
         let pid = child.id() as i32;
         let me = std::process::id() as i32;
-        let found = Tree::new().subtree(&[me]);
+        // A `children` list read while other test threads' children exit may skip an entry
+        // (proc(5): the list is not a consistent snapshot), which the daemon covers by looking
+        // again each kill round; so look again here until a deadline.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut found = Tree::new().subtree(&[me]);
+        while !found.contains(&pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            found = Tree::new().subtree(&[me]);
+        }
         let env = crate::supervisor::procs::environ_var(pid, "HRTEST_MARK");
         let _ = child.kill();
         let _ = child.wait();
