@@ -54,28 +54,6 @@ fn limit_error(burst: u64) -> String {
     format!("start limit hit: {burst} restarts in {WINDOW_MS} ms")
 }
 
-/// Milliseconds since the epoch of an event's `time` (`YYYY-MM-DDTHH:MM:SS.mmmZ`).
-#[track_caller]
-fn event_ms(event: &Value) -> i64 {
-    let text = event["time"].as_str().unwrap_or_default();
-    let num = |range: std::ops::Range<usize>| -> i64 {
-        text.get(range)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("contract (SPEC §6): event time; saw {event}"))
-    };
-    let (year, month, day) = (num(0..4), num(5..7), num(8..10));
-    // Days from 1970-01-01 to the civil date (proleptic Gregorian).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + num(11..13) * 3600 + num(14..16) * 60 + num(17..19);
-    secs * 1000 + num(20..23)
-}
-
 #[test]
 fn restart_storm_with_zero_delays_stops_after_burst_plus_one_starts() {
     const BURST: u64 = 3;
