@@ -233,13 +233,15 @@ impl Supervisor {
         }
         answer_waiters(ctx, id, &job, false, Some(error.clone()), self.host.now());
         if job.kind == JobKind::Reload {
-            let hook = HookContext {
-                plugin: id,
-                old_version: job.old_version.as_deref(),
-                new_version: Some(&job.target.version),
-                error: Some(&error),
-            };
-            self.run_hook(ctx, HookKind::ReloadFailure, &hook);
+            let new_version = Some(job.target.version.as_str());
+            self.run_job_hook(
+                ctx,
+                id,
+                HookKind::ReloadFailure,
+                &job,
+                new_version,
+                Some(&error),
+            );
         }
     }
 
@@ -258,13 +260,7 @@ impl Supervisor {
                 .with("trigger", job.trigger.as_str())
                 .with("files", job.files.clone()),
         );
-        let hook = HookContext {
-            plugin: id,
-            old_version: job.old_version.as_deref(),
-            new_version,
-            error: None,
-        };
-        self.run_hook(ctx, HookKind::ReloadStart, &hook);
+        self.run_job_hook(ctx, id, HookKind::ReloadStart, job, new_version, None);
     }
 
     /// The build could not be copied (the runtime dir full, the file gone between the event and
@@ -324,13 +320,15 @@ impl Supervisor {
         log::warn!("[{id}] hot reload failed: {error}");
         emit_reload_failed(ctx, id, &error, job.attempt, None);
         answer_waiters(ctx, id, &job, false, Some(error.clone()), self.host.now());
-        let hook = HookContext {
-            plugin: id,
-            old_version: job.old_version.as_deref(),
-            new_version: new_version.as_deref(),
-            error: Some(&error),
-        };
-        self.run_hook(ctx, HookKind::ReloadFailure, &hook);
+        let new_version = new_version.as_deref();
+        self.run_job_hook(
+            ctx,
+            id,
+            HookKind::ReloadFailure,
+            &job,
+            new_version,
+            Some(&error),
+        );
         self.run_queued(ctx, id);
     }
 
@@ -581,13 +579,8 @@ impl Supervisor {
             self.stop_instance(ctx, id, Slot::Retiring);
         }
         if job.kind == JobKind::Reload {
-            let hook = HookContext {
-                plugin: id,
-                old_version: job.old_version.as_deref(),
-                new_version: Some(&job.target.version),
-                error: None,
-            };
-            self.run_hook(ctx, HookKind::ReloadSuccess, &hook);
+            let new_version = Some(job.target.version.as_str());
+            self.run_job_hook(ctx, id, HookKind::ReloadSuccess, &job, new_version, None);
         }
         self.run_queued(ctx, id);
     }
@@ -650,6 +643,26 @@ impl Supervisor {
         self.give_up(ctx, id, error);
     }
 
+    /// Runs the `kind` hook for reload `job` towards `new_version` (SPEC §3 `[hooks]`), with the
+    /// error of a failure.
+    fn run_job_hook(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        id: &str,
+        kind: HookKind,
+        job: &Job,
+        new_version: Option<&str>,
+        error: Option<&str>,
+    ) {
+        let hook = HookContext {
+            plugin: id,
+            old_version: job.old_version.as_deref(),
+            new_version,
+            error,
+        };
+        self.run_hook(ctx, kind, &hook);
+    }
+
     /// The last attempt failed: record it, answer waiters, fall back if there is somewhere to go.
     fn give_up(&mut self, ctx: &mut Ctx<'_>, id: &str, error: String) {
         self.give_up_at(ctx, id, error, None);
@@ -684,13 +697,15 @@ impl Supervisor {
             answer_waiters(ctx, id, &job, false, Some(error.clone()), self.host.now());
         }
         if job.kind == JobKind::Reload {
-            let hook = HookContext {
-                plugin: id,
-                old_version: job.old_version.as_deref(),
-                new_version: Some(&job.target.version),
-                error: Some(&error),
-            };
-            self.run_hook(ctx, HookKind::ReloadFailure, &hook);
+            let new_version = Some(job.target.version.as_str());
+            self.run_job_hook(
+                ctx,
+                id,
+                HookKind::ReloadFailure,
+                &job,
+                new_version,
+                Some(&error),
+            );
         }
         let Some(p) = self.plugins.get_mut(id) else {
             return;
