@@ -740,22 +740,36 @@ impl Watcher {
     /// re-pointed, its build directory deleted or recreated) and move the extra watch there;
     /// nothing changes when it did not move. Returns true when the build directory is watched.
     pub fn refresh_plugin(&mut self, id: &str) -> bool {
+        // The build directory can come back between a failed watch and the ancestor watch that
+        // waits for it, whose IN_CREATE then never comes: look again, a bounded number of times
+        // (a directory flapping faster than that is caught by its next event).
+        for _ in 0..3 {
+            match self.try_refresh_plugin(id) {
+                Refresh::Watched => return true,
+                Refresh::Waiting => return false,
+                Refresh::CameBack => continue,
+            }
+        }
+        false
+    }
+
+    fn try_refresh_plugin(&mut self, id: &str) -> Refresh {
         // A polled plugin's symlinked build dir is not followed (documented).
         let Some(pw) = self.plugins.get(id) else {
-            return false;
+            return Refresh::Waiting;
         };
         let location = real_executable_location(&pw.dir, &pw.exec);
         let current = pw.target.as_ref().map(|(_, d, f)| (d.clone(), f.clone()));
         if location.is_some() && location == current {
-            return true;
+            return Refresh::Watched;
         }
         let waiting = pw.ancestor.is_some() && pw.target.is_none();
         if waiting && location.as_ref().is_some_and(|(d, _)| !d.exists()) {
-            return false; // still missing: keep waiting on the ancestor
+            return Refresh::Waiting; // still missing: keep waiting on the ancestor
         }
         self.release_extra(id);
         let Some((target_dir, file)) = location else {
-            return false;
+            return Refresh::Waiting;
         };
         let owner = Owner::Target {
             plugin: id.to_string(),
@@ -766,16 +780,20 @@ impl Watcher {
                 if let Some(pw) = self.plugins.get_mut(id) {
                     pw.target = Some((wd, target_dir, file));
                 }
-                true
+                Refresh::Watched
             }
             Err(e) if e.source.kind() == std::io::ErrorKind::NotFound => {
                 // `rm -rf target && cargo build`: wait for the build directory to come back.
                 self.watch_ancestor(id, &target_dir);
-                false
+                if target_dir.is_dir() {
+                    Refresh::CameBack
+                } else {
+                    Refresh::Waiting
+                }
             }
             Err(e) => {
                 log::warn!("[{id}] {e}; changes there will not be noticed");
-                false
+                Refresh::Waiting
             }
         }
     }
@@ -1202,6 +1220,15 @@ impl Watcher {
             }
         }
     }
+}
+
+/// What one attempt to watch a plugin's build directory came to.
+enum Refresh {
+    Watched,
+    /// Missing (an ancestor is watched for it), or not watchable.
+    Waiting,
+    /// It was missing, and exists again now that its ancestor is watched.
+    CameBack,
 }
 
 fn owner_plugin(o: &Owner) -> Option<&str> {
