@@ -24,12 +24,14 @@ use crate::events::Event;
 use crate::notify::Notifier;
 use crate::private_dir::DaemonDirs;
 use crate::protocol::{
-    self, Command, DaemonStatus, EnabledReply, ErrorCode, HotReloadStatus, ListReply, PluginDetail,
-    PluginReply, ReloadedReply, Request, Response, ScheduledReply, StatusReply, SubscribedReply,
-    TriggerReply,
+    self, Command, DaemonStatus, EnabledReply, ErrorCode, HotReloadStatus, LifecycleReply,
+    LifecycleResult, ListReply, PluginDetail, PluginReply, ReloadedReply, Request, Response,
+    ScheduledReply, StatusReply, SubscribedReply, TriggerReply, TriggerResult,
 };
 use crate::signals::{SignalEvent, SignalSource};
-use crate::supervisor::{Ctx, Outbox, Plugin, Supervisor, Timer, Trigger, Waiter, reap, spawn};
+use crate::supervisor::{
+    Ctx, Outbox, Plugin, Reply, Supervisor, Timer, Trigger, Waiter, reap, spawn,
+};
 use crate::token;
 use crate::watch::{Change, LinkedDir, WatchOptions, Watcher, linked_plugin_dir};
 use crate::wheel::TimerWheel;
@@ -251,7 +253,7 @@ impl Daemon {
                 self.control.publish(self.core.poll.registry(), &record);
             }
             for (waiter, result) in replies {
-                let reply = Response::Trigger(TriggerReply { result });
+                let reply = self.core.waiter_reply(waiter.reply, result);
                 let line = reply.to_line(waiter.request_id.as_ref());
                 self.control.reply(waiter.client, line);
             }
@@ -903,6 +905,38 @@ impl Core {
         }
     }
 
+    /// `enable ID` / `disable ID`: answered with the plugin's own switch.
+    fn set_plugin_hot_reload(&mut self, id: &str, on: bool) -> Response {
+        let global = self.enabled;
+        let (mut ctx, sup) = self.ctx();
+        let enabled = sup.set_hot_reload(&mut ctx, id, on, global);
+        Response::Enabled(EnabledReply { enabled })
+    }
+
+    /// The answer to a waiter: `trigger`'s reload result, or the state a `stop`, `start` or
+    /// `restart` left the plugin in, as it is now.
+    fn waiter_reply(&self, reply: Reply, result: TriggerResult) -> Response {
+        match reply {
+            Reply::Reload => Response::Trigger(TriggerReply { result }),
+            Reply::Lifecycle => {
+                let plugin = self.sup.get(&result.plugin);
+                let state = plugin.map_or("removed", Plugin::state_name);
+                let version = plugin
+                    .and_then(|p| p.list_entry().version)
+                    .or(result.new_version);
+                Response::Lifecycle(LifecycleReply {
+                    result: LifecycleResult {
+                        error: result.error,
+                        ok: result.ok,
+                        plugin: result.plugin,
+                        state: state.to_owned(),
+                        version,
+                    },
+                })
+            }
+        }
+    }
+
     /// Executes one control request; `sessions`: connected control clients, for `status`.
     fn execute(&mut self, client: ClientId, request: Request, sessions: usize) -> Answer {
         if self.shutting_down && request.command.is_mutating() {
@@ -917,6 +951,7 @@ impl Core {
                 format!("no plugin named {id:?}"),
             ))
         };
+        let name = request.command.name();
         let reply = match request.command {
             Command::Status => Response::Status(Box::new(self.status_reply(sessions))),
             Command::List => Response::List(ListReply {
@@ -928,34 +963,56 @@ impl Core {
                     plugin: self.plugin_detail(p),
                 })),
             },
-            Command::Enable => {
+            Command::Enable { plugin } => {
                 if self.watcher.is_none() {
                     return Answer::Reply(Response::error(
                         ErrorCode::WatchDisabled,
                         "file watching is switched off (HOTRELOAD_WATCH=0): restart the daemon without it to enable hot reload",
                     ));
                 }
-                self.set_enabled(true);
-                Response::Enabled(EnabledReply { enabled: true })
+                match plugin {
+                    None => {
+                        self.set_enabled(true);
+                        Response::Enabled(EnabledReply { enabled: true })
+                    }
+                    Some(pid) if !self.sup.contains(&pid) => return unknown(&pid),
+                    Some(pid) => self.set_plugin_hot_reload(&pid, true),
+                }
             }
-            Command::Disable => {
-                self.set_enabled(false);
-                Response::Enabled(EnabledReply { enabled: false })
-            }
-            Command::Trigger { id: pid, wait } => {
+            Command::Disable { plugin } => match plugin {
+                None => {
+                    self.set_enabled(false);
+                    Response::Enabled(EnabledReply { enabled: false })
+                }
+                Some(pid) if !self.sup.contains(&pid) => return unknown(&pid),
+                Some(pid) => self.set_plugin_hot_reload(&pid, false),
+            },
+            Command::Trigger { id: pid, wait }
+            | Command::Stop { id: pid, wait }
+            | Command::Start { id: pid, wait }
+            | Command::Restart { id: pid, wait } => {
                 if !self.sup.contains(&pid) {
                     return unknown(&pid);
                 }
-                let waiters = if wait {
-                    vec![Waiter {
-                        client,
-                        request_id: request.id.clone(),
-                    }]
-                } else {
-                    Vec::new()
+                let reply = match name {
+                    "trigger" => Reply::Reload,
+                    _ => Reply::Lifecycle,
                 };
+                let waiter = wait.then(|| Waiter {
+                    client,
+                    request_id: request.id.clone(),
+                    reply,
+                });
                 let (mut ctx, sup) = self.ctx();
-                sup.request(&mut ctx, &pid, Trigger::Manual, Vec::new(), waiters);
+                match name {
+                    "stop" => sup.stop(&mut ctx, &pid, waiter),
+                    "start" => sup.start(&mut ctx, &pid, waiter),
+                    "restart" => sup.restart(&mut ctx, &pid, waiter),
+                    _ => {
+                        let waiters = waiter.into_iter().collect();
+                        sup.request(&mut ctx, &pid, Trigger::Manual, Vec::new(), waiters);
+                    }
+                }
                 if wait {
                     return Answer::Deferred;
                 }

@@ -39,6 +39,23 @@ pub struct PluginState {
     pub last_activity: String,
     pub version: String,
     pub status: String,
+    /// What the control commands decided for the plugin; its members are absent when they
+    /// decided nothing, so such a file is exactly what earlier daemons wrote and read.
+    #[serde(flatten)]
+    pub control: ControlRecord,
+}
+
+/// The per-plugin decisions of the control commands that outlive a daemon restart (SPEC §5):
+/// `stop ID` (the plugin stays stopped until `start ID` or `restart ID`) and `enable ID` /
+/// `disable ID` (its own hot reload switch, when it differs from its `hot_reload` setting).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlRecord {
+    /// When `stop ID` stopped the plugin (RFC 3339), while that holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_by_request: Option<String>,
+    /// `enable ID` (true) or `disable ID` (false), when it overrides `hot_reload`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hot_reload: Option<bool>,
 }
 
 /// The step of reading or writing a state file that failed.
@@ -422,7 +439,41 @@ mod tests {
             last_activity: "2026-11-27T22:30:45.123Z".to_string(),
             version: "9f2c4e1a0b3d5c77".to_string(),
             status: "running".to_string(),
+            control: ControlRecord::default(),
         }
+    }
+
+    #[test]
+    fn the_control_record_is_absent_unless_set_and_older_files_read_without_it() {
+        let plain = serde_json::to_value(sample_state()).unwrap();
+        let members: Vec<&str> = plain
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        assert_eq!(
+            members,
+            [
+                "configuration",
+                "last_activity",
+                "plugin_id",
+                "runtime_data",
+                "status",
+                "version"
+            ]
+        );
+        let older: PluginState = serde_json::from_value(plain).unwrap();
+        assert_eq!(older, sample_state());
+        let mut held = sample_state();
+        held.control = ControlRecord {
+            stopped_by_request: Some("2026-12-07T17:00:00.000Z".into()),
+            hot_reload: Some(false),
+        };
+        let value = serde_json::to_value(&held).unwrap();
+        assert_eq!(value["stopped_by_request"], "2026-12-07T17:00:00.000Z");
+        assert_eq!(value["hot_reload"], false);
+        assert_eq!(serde_json::from_value::<PluginState>(value).unwrap(), held);
     }
 
     #[test]

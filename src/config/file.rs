@@ -173,6 +173,9 @@ pub struct PluginConfig {
     pub strategy: Option<Strategy>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub autostart: Option<bool>,
+    /// `false`: supervised, but a change of its files never reloads it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hot_reload: Option<bool>,
     /// `tcp:HOST:PORT` / `unix:/path` specs bound once by the daemon and passed as `LISTEN_FDS`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sockets: Option<Vec<String>>,

@@ -742,7 +742,7 @@ timeout_ms        = 2500
         assert_eq!(field_names::<FileConfig>().len(), 8);
         assert_eq!(field_names::<HotReload>().len(), 10);
         assert_eq!(field_names::<ControlFile>().len(), 5);
-        assert_eq!(field_names::<PluginConfig>().len(), 16);
+        assert_eq!(field_names::<PluginConfig>().len(), 17);
         assert_eq!(field_names::<HookSettings>().len(), 4);
     }
 }

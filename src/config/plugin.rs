@@ -26,6 +26,8 @@ pub struct PluginSettings {
     pub strategy: Strategy,
     /// `false`: known but not started until triggered.
     pub autostart: bool,
+    /// `false`: a change of its files never reloads it (`enable ID` may override at runtime).
+    pub hot_reload: bool,
     /// Listening sockets as written (`tcp:HOST:PORT`, `unix:/path`; validated, distinct), bound
     /// once by the daemon and passed to every instance as `LISTEN_FDS` in this order.
     pub sockets: Vec<String>,
@@ -62,6 +64,7 @@ pub(crate) fn settings(
         ready: written.ready.unwrap_or_default(),
         strategy: written.strategy.unwrap_or_default(),
         autostart: written.autostart.unwrap_or(true),
+        hot_reload: written.hot_reload.unwrap_or(true),
         sockets: written.sockets.clone().unwrap_or_default(),
         watchdog_ms: written.watchdog_ms.unwrap_or(0),
         fdstore_max: written.fdstore_max.unwrap_or(DEFAULT_FDSTORE_MAX),
@@ -101,6 +104,7 @@ pub(crate) fn complete(
         ready: Some(effective.ready),
         strategy: Some(effective.strategy),
         autostart: Some(effective.autostart),
+        hot_reload: Some(effective.hot_reload),
         sockets: Some(effective.sockets),
         watchdog_ms: Some(effective.watchdog_ms),
         fdstore_max: Some(effective.fdstore_max),

@@ -66,15 +66,45 @@ pub enum Command {
         /// Plugin id (its directory name)
         id: String,
     },
-    /// Turn automatic hot reload on (reloads plugins whose build changed meanwhile)
-    Enable,
-    /// Turn automatic hot reload off (changes are ignored until enabled)
-    Disable,
+    /// Turn automatic hot reload on, for all plugins or one (reloads what changed meanwhile)
+    Enable {
+        /// Only this plugin (a plugin disabled on its own stays off after a global enable)
+        id: Option<String>,
+    },
+    /// Turn automatic hot reload off, for all plugins or one (changes are ignored until enabled)
+    Disable {
+        /// Only this plugin (kept across daemon restarts)
+        id: Option<String>,
+    },
     /// Reload a plugin now, even when hot reload is disabled
     Trigger {
         /// Plugin id
         id: String,
         /// Return as soon as the reload is scheduled instead of waiting for its result
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Stop a plugin and keep it stopped (new builds, crashes, daemon restarts) until started
+    Stop {
+        /// Plugin id
+        id: String,
+        /// Return as soon as the stop is scheduled instead of waiting until the plugin is down
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Start a stopped or failed plugin with its newest good build
+    Start {
+        /// Plugin id
+        id: String,
+        /// Return as soon as the start is scheduled instead of waiting for its result
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Stop and start a plugin with its newest good build, whatever its state and version
+    Restart {
+        /// Plugin id
+        id: String,
+        /// Return as soon as the restart is scheduled instead of waiting for its result
         #[arg(long)]
         no_wait: bool,
     },
@@ -119,10 +149,16 @@ impl Command {
     /// The plugin id the command names, if any.
     pub fn plugin_id(&self) -> Option<&str> {
         match self {
-            Command::Plugin { id } | Command::Trigger { id, .. } | Command::Install { id, .. } => {
-                Some(id)
-            }
-            Command::Events { id, .. } | Command::Logs { id } => id.as_deref(),
+            Command::Plugin { id }
+            | Command::Trigger { id, .. }
+            | Command::Stop { id, .. }
+            | Command::Start { id, .. }
+            | Command::Restart { id, .. }
+            | Command::Install { id, .. } => Some(id),
+            Command::Events { id, .. }
+            | Command::Logs { id }
+            | Command::Enable { id }
+            | Command::Disable { id } => id.as_deref(),
             _ => None,
         }
     }
@@ -159,43 +195,12 @@ where
             if !text.ends_with('\n') {
                 text.push('\n');
             }
-            if !ok && let Some(hint) = not_yet_hint(&args) {
-                text = format!("error: {hint}\n");
-            }
             Parsed::Exit {
                 code: if ok { 0 } else { EXIT_USAGE },
                 text,
                 to_stdout: ok,
             }
         }
-    }
-}
-
-/// Per-plugin lifecycle commands people reach for that `hotreloadctl` does not have yet: what to
-/// use today instead of clap's bare "unrecognized subcommand".
-fn not_yet_hint(args: &[OsString]) -> Option<String> {
-    let mut words = Vec::new();
-    let mut rest = args.iter().skip(1).filter_map(|a| a.to_str());
-    while let Some(arg) = rest.next() {
-        if arg == "--socket" {
-            rest.next(); // its value
-        } else if !arg.starts_with('-') {
-            words.push(arg);
-        }
-    }
-    let id = words.get(1).copied().unwrap_or("ID");
-    match words.first().copied()? {
-        command @ ("stop" | "start" | "restart") => Some(format!(
-            "there is no `{command}` command yet; to restart plugin {id} on its current build \
-             use `hotreloadctl trigger {id}`; `hotreloadctl disable` / `enable` turn automatic \
-             reloads off and on for all plugins"
-        )),
-        command @ ("enable" | "disable") if words.len() > 1 => Some(format!(
-            "`{command}` takes no plugin id yet: it turns automatic reloads {} for all plugins \
-             (`hotreloadctl {command}`); to reload plugin {id} now use `hotreloadctl trigger {id}`",
-            if command == "enable" { "on" } else { "off" }
-        )),
-        _ => None,
     }
 }
 
@@ -232,8 +237,31 @@ mod tests {
             (&["status"], Command::Status),
             (&["list"], Command::List),
             (&["plugin", "p1"], Command::Plugin { id: id() }),
-            (&["enable"], Command::Enable),
-            (&["disable"], Command::Disable),
+            (&["enable"], Command::Enable { id: None }),
+            (&["disable"], Command::Disable { id: None }),
+            (&["enable", "p1"], Command::Enable { id: Some(id()) }),
+            (&["disable", "p1"], Command::Disable { id: Some(id()) }),
+            (
+                &["stop", "p1"],
+                Command::Stop {
+                    id: id(),
+                    no_wait: false,
+                },
+            ),
+            (
+                &["start", "p1", "--no-wait"],
+                Command::Start {
+                    id: id(),
+                    no_wait: true,
+                },
+            ),
+            (
+                &["restart", "p1"],
+                Command::Restart {
+                    id: id(),
+                    no_wait: false,
+                },
+            ),
             (
                 &["trigger", "p1"],
                 Command::Trigger {
@@ -312,6 +340,8 @@ mod tests {
         for args in [
             &["frobnicate"][..],
             &["trigger"],
+            &["stop"],
+            &["restart", "p1", "p2"],
             &["plugin"],
             &["install", "p1"],
             &["status", "--bogus"],

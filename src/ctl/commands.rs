@@ -1,5 +1,5 @@
-//! The one-shot commands (`status`, `list`, `plugin`, `enable`, `disable`, `trigger`,
-//! `reload-config`) and the event followers (`events`, `logs`): build the request, send it, print
+//! The one-shot commands (`status`, `list`, `plugin`, `enable`, `disable`, `trigger`, `stop`,
+//! `start`, `restart`, `reload-config`) and the event followers (`events`, `logs`): build the request, send it, print
 //! the reply in JSON or human form, and decide the outcome.
 //!
 //! Handlers take a connected [`Client`] so `interactive` can reuse them on its own connection.
@@ -14,8 +14,8 @@ use super::client::{Client, ReadError, parse_reply};
 use super::render::{self, Style};
 use super::{CtlError, Io, Outcome, install, interactive};
 use crate::protocol::{
-    self, EnabledReply, ListReply, PluginReply, ReloadedReply, Request, ScheduledReply,
-    StatusReply, TriggerReply,
+    self, EnabledReply, LifecycleReply, ListReply, PluginReply, ReloadedReply, Request,
+    ScheduledReply, StatusReply, TriggerReply,
 };
 
 /// Runs `command` against the daemon at `socket`.
@@ -83,20 +83,26 @@ pub(super) fn one_shot(
             let reply: PluginReply = answer(client, &request, json, io)?;
             human(io, json, &render::plugin_detail(&reply.plugin, &style))
         }
-        Command::Enable | Command::Disable => {
-            let on = *command == Command::Enable;
+        Command::Enable { id } | Command::Disable { id } => {
+            let on = matches!(command, Command::Enable { .. });
+            let plugin = id.clone();
             let command = if on {
-                protocol::Command::Enable
+                protocol::Command::Enable { plugin }
             } else {
-                protocol::Command::Disable
+                protocol::Command::Disable { plugin }
             };
-            let _: EnabledReply = answer(client, &Request::new(command), json, io)?;
-            let text = if on {
-                "hot reload enabled\n"
-            } else {
-                "hot reload disabled\n"
+            let reply: EnabledReply = answer(client, &Request::new(command), json, io)?;
+            let word = if reply.enabled { "enabled" } else { "disabled" };
+            let text = match id {
+                None => format!("hot reload {word}\n"),
+                Some(id) => format!("{id}: hot reload {word}\n"),
             };
-            human(io, json, text)
+            human(io, json, &text)
+        }
+        Command::Stop { id, no_wait } => lifecycle(client, Action::Stop, id, !no_wait, json, io),
+        Command::Start { id, no_wait } => lifecycle(client, Action::Start, id, !no_wait, json, io),
+        Command::Restart { id, no_wait } => {
+            lifecycle(client, Action::Restart, id, !no_wait, json, io)
         }
         Command::ReloadConfig => {
             let request = Request::new(protocol::Command::ReloadConfig);
@@ -163,6 +169,66 @@ pub(super) fn trigger(
         return Ok(Outcome::Success);
     };
     let (line, ok) = render::trigger_result(&reply.result, &io.style());
+    human(io, json, &format!("{line}\n"))?;
+    Ok(if ok {
+        Outcome::Success
+    } else {
+        Outcome::Failure
+    })
+}
+
+/// A per-plugin lifecycle command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Action {
+    Stop,
+    Start,
+    Restart,
+}
+
+impl Action {
+    fn request(self, id: &str, wait: bool) -> protocol::Command {
+        let id = id.to_owned();
+        match self {
+            Action::Stop => protocol::Command::Stop { id, wait },
+            Action::Start => protocol::Command::Start { id, wait },
+            Action::Restart => protocol::Command::Restart { id, wait },
+        }
+    }
+
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Action::Stop => "stop",
+            Action::Start => "start",
+            Action::Restart => "restart",
+        }
+    }
+}
+
+/// `stop ID`, `start ID`, `restart ID`: with `wait`, the reply comes once the plugin is down or
+/// up (or failed to start), however long retries take.
+pub(super) fn lifecycle(
+    client: &mut Client,
+    action: Action,
+    id: &str,
+    wait: bool,
+    json: bool,
+    io: &mut Io<'_>,
+) -> Result<Outcome, CtlError> {
+    if wait {
+        client.set_read_timeout(None)?;
+    }
+    let request = Request::new(action.request(id, wait));
+    let result = if wait {
+        answer::<LifecycleReply>(client, &request, json, io).map(Some)
+    } else {
+        answer::<ScheduledReply>(client, &request, json, io).map(|_| None)
+    };
+    client.set_read_timeout(Some(super::client::REQUEST_TIMEOUT))?;
+    let Some(reply) = result? else {
+        human(io, json, &format!("{id}: {} scheduled\n", action.name()))?;
+        return Ok(Outcome::Success);
+    };
+    let (line, ok) = render::lifecycle_result(action.name(), &reply.result, &io.style());
     human(io, json, &format!("{line}\n"))?;
     Ok(if ok {
         Outcome::Success

@@ -1,5 +1,5 @@
 //! `hotreloadctl interactive`: a small line-oriented menu (s status, l list, r reload, w watch
-//! events, e enable, d disable, q quit) over one kept-open connection.
+//! events, e enable, d disable, stop, start, restart, q quit) over one kept-open connection.
 //!
 //! It reads whole lines, so it works the same from a terminal and from a pipe
 //! (`printf 's\nl\nq\n' | hotreloadctl interactive`); the prompt is printed only when stdin is a
@@ -11,11 +11,11 @@ use std::path::Path;
 
 use super::cli::Command;
 use super::client::Client;
-use super::commands::{self, Stream};
+use super::commands::{self, Action, Stream};
 use super::{CtlError, Io, Outcome};
 
-const MENU: &str =
-    "s status  l list  r [ID] reload  w [ID] watch events  e enable  d disable  q quit";
+const MENU: &str = "s status  l list  r [ID] reload  w [ID] watch events  e [ID] enable  \
+     d [ID] disable  stop ID  start ID  restart ID  q quit";
 
 /// Runs the menu until `q` or end of input; exit 1 if any command failed.
 pub(super) fn run(socket: &Path, json: bool, io: &mut Io<'_>) -> Result<Outcome, CtlError> {
@@ -37,18 +37,29 @@ pub(super) fn run(socket: &Path, json: bool, io: &mut Io<'_>) -> Result<Outcome,
             "q" | "quit" | "exit" => break,
             "s" | "status" => session.one_shot(&Command::Status, io)?,
             "l" | "list" => session.one_shot(&Command::List, io)?,
-            "e" | "enable" => session.one_shot(&Command::Enable, io)?,
-            "d" | "disable" => session.one_shot(&Command::Disable, io)?,
+            "e" | "enable" => {
+                let id = arg.map(str::to_owned);
+                session.one_shot(&Command::Enable { id }, io)?
+            }
+            "d" | "disable" => {
+                let id = arg.map(str::to_owned);
+                session.one_shot(&Command::Disable { id }, io)?
+            }
             "r" | "reload" => {
-                let id = match arg {
-                    Some(id) => id.to_string(),
-                    None => match prompt(io, "plugin id: ")? {
-                        Some(id) => id.trim().to_string(),
-                        None => break,
-                    },
-                };
+                let Some(id) = plugin_id(io, arg)? else { break };
                 if !id.is_empty() {
                     session.reload(&id, io)?;
+                }
+            }
+            "stop" | "start" | "restart" => {
+                let Some(id) = plugin_id(io, arg)? else { break };
+                let action = match choice {
+                    "stop" => Action::Stop,
+                    "start" => Action::Start,
+                    _ => Action::Restart,
+                };
+                if !id.is_empty() {
+                    session.lifecycle(action, &id, io)?;
                 }
             }
             "w" | "watch" => session.watch(arg, io)?,
@@ -60,6 +71,14 @@ pub(super) fn run(socket: &Path, json: bool, io: &mut Io<'_>) -> Result<Outcome,
         Outcome::Failure
     } else {
         Outcome::Success
+    })
+}
+
+/// The plugin id given after the choice, else asked for; `None` at end of input.
+fn plugin_id(io: &mut Io<'_>, given: Option<&str>) -> Result<Option<String>, CtlError> {
+    Ok(match given {
+        Some(id) => Some(id.to_string()),
+        None => prompt(io, "plugin id: ")?.map(|id| id.trim().to_string()),
     })
 }
 
@@ -97,6 +116,13 @@ impl Session<'_> {
         let json = self.json;
         self.with_client(io, |client, io| {
             commands::trigger(client, id, true, json, io)
+        })
+    }
+
+    fn lifecycle(&mut self, action: Action, id: &str, io: &mut Io<'_>) -> Result<(), CtlError> {
+        let json = self.json;
+        self.with_client(io, |client, io| {
+            commands::lifecycle(client, action, id, true, json, io)
         })
     }
 

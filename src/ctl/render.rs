@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
-use crate::protocol::{PluginDetail, PluginInfo, ReloadRecord, StatusReply, TriggerResult};
+use crate::protocol::{
+    LifecycleResult, PluginDetail, PluginInfo, ReloadRecord, StatusReply, TriggerResult,
+};
 
 /// How to render: decided once per command from the terminal and the environment.
 #[derive(Debug, Clone, Copy)]
@@ -492,6 +494,33 @@ pub fn trigger_result(result: &TriggerResult, style: &Style) -> (String, bool) {
         let failed = style.paint(Tone::Bad, "reload failed");
         (
             format!("{plugin}: {failed}: {}", or_dash(result.error.as_deref())),
+            false,
+        )
+    }
+}
+
+/// A `stop`, `start` or `restart` result: the line to print and whether the plugin reached the
+/// state asked for.
+pub fn lifecycle_result(action: &str, result: &LifecycleResult, style: &Style) -> (String, bool) {
+    let plugin = &result.plugin;
+    let version = short_version(&as_json(&result.version));
+    if result.ok {
+        let done = match action {
+            "stop" => "stopped".to_owned(),
+            _ => format!("{} {version}", result.state),
+        };
+        (
+            format!("{plugin}: {}", style.paint(Tone::Good, &done)),
+            true,
+        )
+    } else {
+        let failed = style.paint(Tone::Bad, &format!("{action} failed"));
+        (
+            format!(
+                "{plugin}: {failed} ({}): {}",
+                result.state,
+                or_dash(result.error.as_deref())
+            ),
             false,
         )
     }

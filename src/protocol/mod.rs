@@ -20,9 +20,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use response::{
-    DaemonStatus, EnabledReply, ErrorReply, HelpReply, HotReloadStatus, ListReply, PluginDetail,
-    PluginInfo, PluginReply, ReloadRecord, ReloadedReply, Response, ScheduledReply, StatusReply,
-    SubscribedReply, TriggerReply, TriggerResult,
+    DaemonStatus, EnabledReply, ErrorReply, HelpReply, HotReloadStatus, LifecycleReply,
+    LifecycleResult, ListReply, PluginDetail, PluginInfo, PluginReply, ReloadRecord, ReloadedReply,
+    Response, ScheduledReply, StatusReply, SubscribedReply, TriggerReply, TriggerResult,
 };
 
 /// One command the daemon understands. Serialised as the JSON request a client sends
@@ -37,10 +37,36 @@ pub enum Command {
         #[serde(rename = "plugin")]
         id: String,
     },
-    Enable,
-    Disable,
+    /// `plugin`: that plugin's own switch; none: the global one.
+    Enable {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        plugin: Option<String>,
+    },
+    Disable {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        plugin: Option<String>,
+    },
     /// `wait`: answer when the reload has finished (the default) instead of at once.
     Trigger {
+        #[serde(rename = "plugin")]
+        id: String,
+        wait: bool,
+    },
+    /// Stop the plugin and keep it stopped until `start` or `restart` (SPEC §5 "Per-plugin
+    /// lifecycle"); `wait`: answer once it is down.
+    Stop {
+        #[serde(rename = "plugin")]
+        id: String,
+        wait: bool,
+    },
+    /// Start a stopped (or failed, or down) plugin with its newest good build.
+    Start {
+        #[serde(rename = "plugin")]
+        id: String,
+        wait: bool,
+    },
+    /// Stop and start the plugin with its newest good build, whatever its state and version.
+    Restart {
         #[serde(rename = "plugin")]
         id: String,
         wait: bool,
@@ -69,6 +95,9 @@ impl Command {
         "enable",
         "disable",
         "trigger",
+        "stop",
+        "start",
+        "restart",
         "subscribe",
         "reload-config",
         "help",
@@ -80,9 +109,12 @@ impl Command {
             Command::Status => "status",
             Command::List => "list",
             Command::Plugin { .. } => "plugin",
-            Command::Enable => "enable",
-            Command::Disable => "disable",
+            Command::Enable { .. } => "enable",
+            Command::Disable { .. } => "disable",
             Command::Trigger { .. } => "trigger",
+            Command::Stop { .. } => "stop",
+            Command::Start { .. } => "start",
+            Command::Restart { .. } => "restart",
             Command::Subscribe { .. } => "subscribe",
             Command::ReloadConfig => "reload-config",
             Command::Help => "help",
@@ -94,7 +126,13 @@ impl Command {
     pub fn is_mutating(&self) -> bool {
         matches!(
             self,
-            Command::Enable | Command::Disable | Command::Trigger { .. } | Command::ReloadConfig
+            Command::Enable { .. }
+                | Command::Disable { .. }
+                | Command::Trigger { .. }
+                | Command::Stop { .. }
+                | Command::Start { .. }
+                | Command::Restart { .. }
+                | Command::ReloadConfig
         )
     }
 }
@@ -200,9 +238,12 @@ pub const COMMANDS: &[&str] = &[
     "status",
     "list",
     "plugin ID",
-    "enable",
-    "disable",
+    "enable [ID]",
+    "disable [ID]",
     "trigger ID [--no-wait]",
+    "stop ID [--no-wait]",
+    "start ID [--no-wait]",
+    "restart ID [--no-wait]",
     "subscribe [ID] [--verbose]",
     "reload-config",
     "help",
@@ -277,12 +318,17 @@ fn command_from_object(object: &Map<String, Value>) -> Result<Command, FieldErro
         "plugin" => Command::Plugin {
             id: required_plugin(object, cmd)?,
         },
-        "enable" => Command::Enable,
-        "disable" => Command::Disable,
-        "trigger" => Command::Trigger {
-            id: required_plugin(object, cmd)?,
-            wait: optional_bool(object, "wait")?.unwrap_or(true),
+        "enable" => Command::Enable {
+            plugin: optional_string(object, "plugin")?,
         },
+        "disable" => Command::Disable {
+            plugin: optional_string(object, "plugin")?,
+        },
+        "trigger" | "stop" | "start" | "restart" => {
+            let id = required_plugin(object, cmd)?;
+            let wait = optional_bool(object, "wait")?.unwrap_or(true);
+            with_plugin(cmd, id, wait)
+        }
         "subscribe" => Command::Subscribe {
             plugin: optional_string(object, "plugin")?,
             verbose: optional_bool(object, "verbose")?.unwrap_or(false),
@@ -346,28 +392,45 @@ fn command_from_words(name: &str, args: &[&str]) -> Result<Command, FieldError> 
         ("plugin", [id]) if !is_flag(id) => Command::Plugin {
             id: (*id).to_owned(),
         },
-        ("enable", []) => Command::Enable,
-        ("disable", []) => Command::Disable,
-        ("trigger", [id]) if !is_flag(id) => Command::Trigger {
-            id: (*id).to_owned(),
-            wait: true,
+        ("enable", []) => Command::Enable { plugin: None },
+        ("disable", []) => Command::Disable { plugin: None },
+        ("enable", [id]) if !is_flag(id) => Command::Enable {
+            plugin: Some((*id).to_owned()),
         },
-        ("trigger", [id, "--no-wait"]) if !is_flag(id) => Command::Trigger {
-            id: (*id).to_owned(),
-            wait: false,
+        ("disable", [id]) if !is_flag(id) => Command::Disable {
+            plugin: Some((*id).to_owned()),
         },
+        ("trigger" | "stop" | "start" | "restart", [id]) if !is_flag(id) => {
+            with_plugin(name, (*id).to_owned(), true)
+        }
+        ("trigger" | "stop" | "start" | "restart", [id, "--no-wait"]) if !is_flag(id) => {
+            with_plugin(name, (*id).to_owned(), false)
+        }
         ("subscribe", _) => {
             subscribe_from_words(args).ok_or_else(|| usage("subscribe [ID] [--verbose]"))?
         }
         ("reload-config", []) => Command::ReloadConfig,
         ("help", []) => Command::Help,
-        ("status" | "list" | "enable" | "disable" | "reload-config" | "help", _) => {
+        ("status" | "list" | "reload-config" | "help", _) => {
             return Err(usage(name));
         }
+        ("enable" | "disable", _) => return Err(usage(&format!("{name} [ID]"))),
         ("plugin", _) => return Err(usage("plugin ID")),
-        ("trigger", _) => return Err(usage("trigger ID [--no-wait]")),
+        ("trigger" | "stop" | "start" | "restart", _) => {
+            return Err(usage(&format!("{name} ID [--no-wait]")));
+        }
         (other, _) => return Err(unknown_command(other)),
     })
+}
+
+/// The command `name` (`trigger`, `stop`, `start` or `restart`) of plugin `id`.
+fn with_plugin(name: &str, id: String, wait: bool) -> Command {
+    match name {
+        "stop" => Command::Stop { id, wait },
+        "start" => Command::Start { id, wait },
+        "restart" => Command::Restart { id, wait },
+        _ => Command::Trigger { id, wait },
+    }
 }
 
 /// `subscribe [ID] [--verbose]`, the two in any order.
@@ -516,6 +579,18 @@ mod tests {
         }
     }
 
+    fn enable(plugin: Option<&str>) -> Command {
+        Command::Enable {
+            plugin: plugin.map(str::to_owned),
+        }
+    }
+
+    fn disable(plugin: Option<&str>) -> Command {
+        Command::Disable {
+            plugin: plugin.map(str::to_owned),
+        }
+    }
+
     fn subscribe(plugin: Option<&str>, verbose: bool) -> Command {
         Command::Subscribe {
             plugin: plugin.map(str::to_owned),
@@ -529,9 +604,32 @@ mod tests {
             ("status", Command::Status),
             ("list", Command::List),
             ("plugin foo", Command::Plugin { id: "foo".into() }),
-            ("enable", Command::Enable),
-            ("disable", Command::Disable),
+            ("enable", Command::Enable { plugin: None }),
+            ("disable", Command::Disable { plugin: None }),
+            ("enable foo", enable(Some("foo"))),
+            ("disable foo", disable(Some("foo"))),
             ("trigger foo", trigger("foo", true)),
+            (
+                "stop foo",
+                Command::Stop {
+                    id: "foo".into(),
+                    wait: true,
+                },
+            ),
+            (
+                "start foo --no-wait",
+                Command::Start {
+                    id: "foo".into(),
+                    wait: false,
+                },
+            ),
+            (
+                "restart foo",
+                Command::Restart {
+                    id: "foo".into(),
+                    wait: true,
+                },
+            ),
             ("trigger foo --no-wait", trigger("foo", false)),
             ("subscribe", subscribe(None, false)),
             ("subscribe foo", subscribe(Some("foo"), false)),
@@ -567,7 +665,11 @@ mod tests {
                 "usage: subscribe [ID] [--verbose]",
             ),
             ("subscribe --loud", "usage: subscribe [ID] [--verbose]"),
-            ("enable 1", "usage: enable"),
+            ("enable a b", "usage: enable [ID]"),
+            ("disable --all", "usage: disable [ID]"),
+            ("stop", "usage: stop ID [--no-wait]"),
+            ("start a --wait", "usage: start ID [--no-wait]"),
+            ("restart a b", "usage: restart ID [--no-wait]"),
             ("help me", "usage: help"),
         ];
         for (line, message) in table {
@@ -597,8 +699,31 @@ mod tests {
                 r#"{"cmd":"plugin","plugin":"foo"}"#,
                 Command::Plugin { id: "foo".into() },
             ),
-            (r#"{"cmd":"enable"}"#, Command::Enable),
-            (r#"{"cmd":"disable"}"#, Command::Disable),
+            (r#"{"cmd":"enable"}"#, enable(None)),
+            (r#"{"cmd":"disable"}"#, disable(None)),
+            (r#"{"cmd":"enable","plugin":"foo"}"#, enable(Some("foo"))),
+            (r#"{"cmd":"disable","plugin":"foo"}"#, disable(Some("foo"))),
+            (
+                r#"{"cmd":"stop","plugin":"foo"}"#,
+                Command::Stop {
+                    id: "foo".into(),
+                    wait: true,
+                },
+            ),
+            (
+                r#"{"cmd":"start","plugin":"foo","wait":false}"#,
+                Command::Start {
+                    id: "foo".into(),
+                    wait: false,
+                },
+            ),
+            (
+                r#"{"cmd":"restart","plugin":"foo","wait":true}"#,
+                Command::Restart {
+                    id: "foo".into(),
+                    wait: true,
+                },
+            ),
             (r#"{"cmd":"trigger","plugin":"foo"}"#, trigger("foo", true)),
             (
                 r#"{"cmd":"trigger","plugin":"foo","wait":false}"#,
@@ -746,7 +871,17 @@ mod tests {
 
     #[test]
     fn names_and_mutating_commands() {
-        let mutating = ["enable", "disable", "trigger x", "reload-config"];
+        let mutating = [
+            "enable",
+            "disable",
+            "enable x",
+            "disable x",
+            "trigger x",
+            "stop x",
+            "start x",
+            "restart x",
+            "reload-config",
+        ];
         let reading = ["status", "list", "plugin x", "subscribe", "help"];
         for line in mutating {
             assert!(command(line).is_mutating(), "{line}");
@@ -765,6 +900,7 @@ mod tests {
             let line = entry
                 .replace(" [--no-wait]", "")
                 .replace(" [ID] [--verbose]", "")
+                .replace(" [ID]", "")
                 .replace("ID", "x");
             assert!(parse(&line).unwrap().is_some(), "{entry}");
         }
@@ -873,9 +1009,12 @@ mod tests {
             Command::Status
             | Command::List
             | Command::Plugin { .. }
-            | Command::Enable
-            | Command::Disable
+            | Command::Enable { .. }
+            | Command::Disable { .. }
             | Command::Trigger { .. }
+            | Command::Stop { .. }
+            | Command::Start { .. }
+            | Command::Restart { .. }
             | Command::Subscribe { .. }
             | Command::ReloadConfig
             | Command::Help => {}
@@ -884,10 +1023,24 @@ mod tests {
             Command::Status,
             Command::List,
             Command::Plugin { id: "p".into() },
-            Command::Enable,
-            Command::Disable,
+            enable(None),
+            enable(Some("p")),
+            disable(None),
+            disable(Some("p")),
             trigger("p", true),
             trigger("p", false),
+            Command::Stop {
+                id: "p".into(),
+                wait: true,
+            },
+            Command::Start {
+                id: "p".into(),
+                wait: false,
+            },
+            Command::Restart {
+                id: "p".into(),
+                wait: true,
+            },
             subscribe(None, false),
             subscribe(Some("p"), false),
             subscribe(None, true),
@@ -930,6 +1083,15 @@ mod tests {
     fn requests_are_serialised_as_the_spec_shows_them() {
         let table = [
             (Command::Status, json!({"cmd": "status"})),
+            (enable(None), json!({"cmd": "enable"})),
+            (disable(Some("p")), json!({"cmd": "disable", "plugin": "p"})),
+            (
+                Command::Stop {
+                    id: "p".into(),
+                    wait: true,
+                },
+                json!({"cmd": "stop", "plugin": "p", "wait": true}),
+            ),
             (
                 Command::Plugin { id: "p".into() },
                 json!({"cmd": "plugin", "plugin": "p"}),
@@ -966,6 +1128,7 @@ mod tests {
             cpu_usage_ms: Some(20),
             exec: "/p/p1/main".into(),
             failed_reloads: 1,
+            hot_reload: true,
             id: "p1".into(),
             last_error: None,
             last_good_version: Some("v1".into()),

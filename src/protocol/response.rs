@@ -80,6 +80,11 @@ pub struct PluginInfo {
     /// Absolute path of the executable in the plugin dir.
     pub exec: String,
     pub failed_reloads: u64,
+    /// The plugin's own hot reload switch (`[plugins.ID] hot_reload`, `enable ID`/`disable ID`):
+    /// its changes reload it when this and the global switch are both on. A daemon that predates
+    /// the switch reloaded every plugin, so a missing member reads as on.
+    #[serde(default = "switch_on")]
+    pub hot_reload: bool,
     pub id: String,
     pub last_error: Option<String>,
     pub last_good_version: Option<String>,
@@ -97,6 +102,10 @@ pub struct PluginInfo {
     /// Live processes of the plugin (its instances and what they started).
     pub tasks: usize,
     pub version: Option<String>,
+}
+
+fn switch_on() -> bool {
+    true
 }
 
 /// `plugin ID`.
@@ -189,7 +198,29 @@ pub struct TriggerResult {
     pub plugin: String,
 }
 
-/// `trigger` without wait.
+/// `stop`, `start` or `restart` with wait, once the plugin has reached the state asked for or
+/// failed to.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LifecycleReply {
+    pub result: LifecycleResult,
+}
+
+/// How a waited-for `stop`, `start` or `restart` went (SPEC §6). As with `trigger`, a request
+/// that was carried out is a success whatever happened to the plugin: `ok` says that.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LifecycleResult {
+    pub error: Option<String>,
+    pub ok: bool,
+    pub plugin: String,
+    /// The plugin's state once the command is done (`running`, `stopped`, `failed`, ...).
+    pub state: String,
+    /// The version now running, or for a plugin that is down the one it last ran.
+    pub version: Option<String>,
+}
+
+/// `trigger`, `stop`, `start`, `restart` without wait.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ScheduledReply {
@@ -245,6 +276,7 @@ pub enum Response {
     Plugin(Box<PluginReply>),
     Enabled(EnabledReply),
     Trigger(TriggerReply),
+    Lifecycle(LifecycleReply),
     Scheduled(ScheduledReply),
     Subscribed(SubscribedReply),
     Reloaded(ReloadedReply),

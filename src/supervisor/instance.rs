@@ -416,8 +416,14 @@ impl Supervisor {
         }
     }
 
-    /// A stopped (or aborted) instance and its group are gone: continue whatever asked for it.
+    /// A stopped (or aborted) instance and its group are gone: continue whatever asked for it,
+    /// and finish a `stop ID` once it was the last one.
     pub(super) fn instance_gone(&mut self, ctx: &mut Ctx<'_>, id: &str, slot: Slot) {
+        self.continue_after_instance(ctx, id, slot);
+        self.settle_stop(ctx, id);
+    }
+
+    fn continue_after_instance(&mut self, ctx: &mut Ctx<'_>, id: &str, slot: Slot) {
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };

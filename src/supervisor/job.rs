@@ -74,6 +74,16 @@ impl Supervisor {
                     path: s.path,
                 };
             }
+            Err(e) if newest_good_instead(self.host.as_ref(), p, &job).is_some() => {
+                // `start`/`restart`: the newest build that can run is the last good one.
+                if let Some(good) = newest_good_instead(self.host.as_ref(), p, &job) {
+                    log::warn!(
+                        "[{id}] {e}: starting the last good version {}",
+                        good.version
+                    );
+                    job.target = good;
+                }
+            }
             Err(e) if job.kind == JobKind::Start && !copy_failed(&e) => {
                 // No build yet: that is what `missing` means, not an error. A first start
                 // still retrying the copy of an earlier build ends with it.
@@ -99,8 +109,19 @@ impl Supervisor {
         if let Err(e) = self.host.preflight(&job.target.path) {
             // Name the file the user wrote, not the daemon's private copy.
             let error = format!("{}: {}", preflight::FAILED_PREFIX, e.about_build(&exec));
-            self.refuse_build(ctx, id, job, error);
-            return;
+            let good = self
+                .plugins
+                .get(id)
+                .and_then(|p| newest_good_instead(self.host.as_ref(), p, &job));
+            let Some(good) = good.filter(|good| *good != job.target) else {
+                self.refuse_build(ctx, id, job, error);
+                return;
+            };
+            log::warn!(
+                "[{id}] {error}: starting the last good version {}",
+                good.version
+            );
+            job.target = good;
         }
         let Some(p) = self.plugins.get_mut(id) else {
             return;
@@ -480,7 +501,7 @@ impl Supervisor {
     }
 
     /// Write state.json (see [`Supervisor::write_state`]), whatever preserve_state says.
-    fn write_state_file(
+    pub(super) fn write_state_file(
         &mut self,
         id: &str,
         version: &str,
@@ -495,6 +516,7 @@ impl Supervisor {
             version: version.to_string(),
             configuration: p.settings.config.clone(),
             runtime_data: p.runtime_data.clone(),
+            control: p.control_record(),
         };
         if p.written.as_ref() == Some(&content) {
             return Ok(());
@@ -506,6 +528,7 @@ impl Supervisor {
             last_activity: self.host.wall(),
             version: content.version.clone(),
             status: status.to_string(),
+            control: content.control.clone(),
         };
         match dir_sync {
             DirSync::Now => self
@@ -733,7 +756,7 @@ impl Supervisor {
         let host = &self.host;
         let rollback_to = p.last_good.clone().filter(|good| {
             nothing_runs
-                && job.kind == JobKind::Reload
+                && (job.kind == JobKind::Reload || job.trigger == Trigger::Start)
                 && *good != job.target
                 && host.snapshot_exists(&good.path)
         });
@@ -893,6 +916,17 @@ pub(super) enum DirSync {
     EndOfTurn,
     /// Once the reload waiting for the old instance's stop has moved on (it spawned).
     AfterStop,
+}
+
+/// The last good build, for a job that starts the newest good one (`start`, `restart`) when its
+/// newest build cannot be copied or fails the pre-flight check.
+fn newest_good_instead(host: &dyn Host, p: &Plugin, job: &Job) -> Option<Snap> {
+    if !job.trigger.wants_newest_good() {
+        return None;
+    }
+    p.last_good
+        .clone()
+        .filter(|good| host.snapshot_exists(&good.path))
 }
 
 /// A job still waiting to retry the copy of an older build would only copy the current one:

@@ -16,6 +16,7 @@
 //! | `mod.rs` | the plugin table; plugins coming and going, changes, triggers, timers, shutdown |
 //! | `plugin.rs` | the data: `Plugin`, `Instance` and its `Phase`, `Job` and its `JobPhase`, `Rest`; `state_name` |
 //! | `job.rs` | a reload/start/restart/rollback from snapshot to success or giving up |
+//! | `lifecycle.rs` | `stop`, `start`, `restart` of one plugin; its own hot reload switch |
 //! | `instance.rs` | starting, verifying, stopping and reaping processes |
 //! | `start_limit.rs` | the start limit and the crash restart delay |
 //! | `protocol.rs` | what plugins say on their notify socket; listening sockets; reload hooks |
@@ -43,6 +44,7 @@ mod contain;
 pub mod host;
 mod instance;
 mod job;
+mod lifecycle;
 pub mod output;
 pub mod plugin;
 mod procs;
@@ -63,7 +65,7 @@ use mio::{Registry, Token, unix::SourceFd};
 use nix::unistd::Pid;
 use serde_json::Value;
 
-use crate::config::Config;
+use crate::config::{self, Config};
 use crate::events::Event;
 use crate::hooks::HookRun;
 use crate::plugin_notify::NotifySocket;
@@ -76,7 +78,7 @@ pub use host::{Host, OsHost};
 
 use output::{LineReader, PipeStatus, Stream};
 use plugin::{JobPhase, Queued};
-pub use plugin::{Plugin, Trigger, Waiter};
+pub use plugin::{Plugin, Reply, Trigger, Waiter};
 
 /// Largest runtime.json the daemon will read (a plugin writing more gets a warning, not an OOM).
 pub const MAX_RUNTIME_BYTES: u64 = 16 * 1024 * 1024;
@@ -257,8 +259,13 @@ impl Supervisor {
         let mut plugin = Plugin::new(id, dir, settings);
         let (runtime_data, written) = self.load_preserved_state(ctx, id);
         plugin.runtime_data = runtime_data;
+        let control = match &written {
+            Some(w) => w.control.clone(),
+            None => self.control_record_on_disk(id),
+        };
         plugin.written = written;
-        let autostart = plugin.settings.autostart;
+        plugin.apply_control_record(&control);
+        let autostart = plugin.settings.autostart && !plugin.wanted.is_held_down();
         self.plugins.insert(id.to_string(), plugin);
         self.open_plugin_sockets(ctx, id);
         log::info!("[{id}] plugin added");
@@ -276,10 +283,9 @@ impl Supervisor {
             let Some(id) = self.pending_starts.pop_front() else {
                 break;
             };
-            let idle = self
-                .plugins
-                .get(&id)
-                .is_some_and(|p| !p.removing && p.job.is_none() && !p.has_processes());
+            let idle = self.plugins.get(&id).is_some_and(|p| {
+                !p.removing && p.job.is_none() && !p.has_processes() && !p.wanted.is_held_down()
+            });
             if idle {
                 let kind = plugin::JobKind::Start;
                 self.begin(ctx, &id, kind, Trigger::Rescan, Vec::new(), Vec::new());
@@ -342,6 +348,7 @@ impl Supervisor {
             version: s.version.clone(),
             configuration: s.configuration.clone(),
             runtime_data: s.runtime_data.clone(),
+            control: s.control.clone(),
         });
         let saved_data = saved.map_or(Value::Null, |s| s.runtime_data);
         // After a crash of the daemon the plugin's own runtime.json may be newer than the state
@@ -363,6 +370,7 @@ impl Supervisor {
         };
         p.removing = true;
         cancel_timer(ctx, &mut p.debounce);
+        lifecycle::answer_stop_waiters(ctx, id, p, "plugin directory removed");
         if let Some(q) = p.queued.take() {
             job::answer_failure(ctx, id, &q.waiters, "plugin directory removed");
         }
@@ -406,12 +414,27 @@ impl Supervisor {
             return;
         }
         let name = path.to_string_lossy().into_owned();
-        if !enabled {
+        let ignored = if p.wanted.is_held_down() {
+            // `start ID` takes the newest build then: nothing to remember but that it exists.
+            Some(format!(
+                "plugin stopped by request (stop); `start {id}` starts its newest build"
+            ))
+        } else if !enabled {
             p.changed_while_disabled = true;
+            Some("hot reload disabled".to_owned())
+        } else if !p.hot_reload_on() {
+            p.changed_while_disabled = true;
+            Some(format!(
+                "hot reload disabled for this plugin (hot_reload = false or `disable {id}`)"
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = ignored {
             ctx.emit(
                 Event::new("change_ignored", Some(id))
                     .with("path", name)
-                    .with("reason", "hot reload disabled"),
+                    .with("reason", reason),
             );
             return;
         }
@@ -452,6 +475,15 @@ impl Supervisor {
             job::answer_failure(ctx, id, &waiters, why);
             return;
         }
+        if p.wanted.is_held_down() {
+            // Nothing starts a plugin stopped by `stop ID` but `start` and `restart`, which
+            // lift the stop before they ask.
+            let why =
+                format!("plugin {id} is stopped (stop); `start {id}` or `restart {id}` starts it");
+            log::debug!("[{id}] {} not carried out: {why}", trigger.as_str());
+            job::answer_failure(ctx, id, &waiters, &why);
+            return;
+        }
         let in_backoff = matches!(
             p.job.as_ref().map(|j| &j.phase),
             Some(JobPhase::Backoff { .. })
@@ -463,7 +495,10 @@ impl Supervisor {
             p.instance.as_ref().is_some_and(leaving) || p.retiring.as_ref().is_some_and(leaving);
         if (p.job.is_some() && !in_backoff) || busy_instance {
             let q = p.queued.get_or_insert_with(Queued::default);
-            q.trigger = Some(trigger);
+            // A `start`/`restart` waiting is not turned into a reload that may be a no-op.
+            if !q.trigger.is_some_and(Trigger::wants_newest_good) {
+                q.trigger = Some(trigger);
+            }
             q.files.extend(files);
             q.waiters.extend(waiters);
             log::debug!("[{id}] reload queued behind the one in progress");
@@ -471,7 +506,7 @@ impl Supervisor {
         }
         // A job waiting in backoff is superseded by the newest build, but only once that build
         // has passed snapshot and pre-flight (`begin` takes it over then).
-        let kind = if p.current.is_some() || p.instance.is_some() {
+        let kind = if trigger != Trigger::Start && (p.current.is_some() || p.instance.is_some()) {
             plugin::JobKind::Reload
         } else {
             plugin::JobKind::Start
@@ -484,7 +519,8 @@ impl Supervisor {
         let ids: Vec<String> = self
             .plugins
             .values()
-            .filter(|p| p.changed_while_disabled)
+            // A plugin switched off on its own stays off (SPEC §5): `enable ID` reloads it.
+            .filter(|p| p.changed_while_disabled && p.hot_reload_on())
             .map(|p| p.id.clone())
             .collect();
         for id in ids {
@@ -507,10 +543,15 @@ impl Supervisor {
 
     /// `rescan_versions` for one plugin (its directory was replaced or re-pointed).
     pub fn rescan_version(&mut self, ctx: &mut Ctx<'_>, id: &str) {
-        let Some(p) = self.plugins.get(id) else {
+        let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
         if p.removing || p.job.is_some() {
+            return;
+        }
+        if !p.hot_reload_on() && p.current.is_some() {
+            // Switched off on its own: `enable ID` looks again.
+            p.changed_while_disabled = true;
             return;
         }
         let exec = p.exec_path();
@@ -593,7 +634,19 @@ impl Supervisor {
             let Some(p) = self.plugins.get_mut(&id) else {
                 continue;
             };
-            if p.settings == settings {
+            if p.settings.hot_reload != settings.hot_reload {
+                self.hot_reload_setting_changed(ctx, &id, settings.hot_reload);
+            }
+            let Some(p) = self.plugins.get_mut(&id) else {
+                continue;
+            };
+            // The switch alone restarts nothing: it decides what later changes do.
+            let restart_settings = config::PluginSettings {
+                hot_reload: p.settings.hot_reload,
+                ..settings.clone()
+            };
+            if p.settings == restart_settings {
+                p.settings = settings;
                 continue;
             }
             log::info!("[{id}] settings changed: restarting");

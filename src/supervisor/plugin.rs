@@ -41,6 +41,10 @@ pub enum Trigger {
     Rescan,
     /// A changed `[plugins.ID]` table (SIGHUP / `reload-config`).
     Config,
+    /// `start ID`: a start of the newest good build (never announced as a reload).
+    Start,
+    /// `restart ID`: the newest good build, whatever the version and the state.
+    Restart,
 }
 
 impl Trigger {
@@ -51,15 +55,34 @@ impl Trigger {
             Trigger::Enable => "enable",
             Trigger::Rescan => "rescan",
             Trigger::Config => "config",
+            Trigger::Start => "start",
+            Trigger::Restart => "restart",
         }
+    }
+
+    /// Someone asked for this very plugin to run (`start`, `restart`): its newest good build
+    /// starts, the last good one when the newest cannot.
+    pub fn wants_newest_good(self) -> bool {
+        matches!(self, Trigger::Start | Trigger::Restart)
     }
 }
 
-/// Someone waiting for a job's outcome (`trigger` with wait, `install --wait`).
+/// Someone waiting for a job's outcome (`trigger` with wait, `install --wait`) or for a
+/// `stop`, `start` or `restart` to be done.
 #[derive(Debug, Clone)]
 pub struct Waiter {
     pub client: ClientId,
     pub request_id: Option<Value>,
+    pub reply: Reply,
+}
+
+/// The answer a [`Waiter`] gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// `trigger`'s: how the reload went (versions, duration).
+    Reload,
+    /// `stop`'s, `start`'s, `restart`'s: the state the plugin reached and its version.
+    Lifecycle,
 }
 
 /// A running (or starting, or stopping) process.
@@ -216,6 +239,8 @@ pub struct Written {
     pub version: String,
     pub configuration: Value,
     pub runtime_data: Value,
+    /// What the control commands decided (`stop ID`, `disable ID`).
+    pub control: crate::state_file::ControlRecord,
 }
 
 /// Where a plugin rests when nothing runs and nothing is scheduled.
@@ -224,6 +249,76 @@ pub enum Rest {
     Missing,
     Stopped,
     Failed,
+}
+
+/// Whether the plugin is to run, as far as the per-plugin lifecycle commands go (SPEC §5):
+/// `stop ID` keeps it down, whatever happens, until `start ID` or `restart ID`.
+#[derive(Debug)]
+pub enum Wanted {
+    /// Supervised as usual: started when it has a good build, reloaded, restarted after a crash.
+    Up,
+    /// `stop ID` at `since` (RFC 3339), its instances still on their way out; `waiters` are the
+    /// stop requests waiting for them to be gone.
+    Stopping { since: String, waiters: Vec<Waiter> },
+    /// Stopped by `stop ID` at `since`: nothing starts it on its own, not even a daemon restart
+    /// (its state file records the stop).
+    Down { since: String },
+}
+
+impl Wanted {
+    /// `stop ID` holds the plugin down (or is bringing it down).
+    pub fn is_held_down(&self) -> bool {
+        !matches!(self, Wanted::Up)
+    }
+
+    /// When `stop ID` was asked for, while it holds.
+    pub fn stopped_since(&self) -> Option<&str> {
+        match self {
+            Wanted::Up => None,
+            Wanted::Stopping { since, .. } | Wanted::Down { since } => Some(since),
+        }
+    }
+}
+
+/// The plugin's own hot reload switch (SPEC §5 per-plugin enable/disable): whether a change of
+/// its files reloads it, the global switch aside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadSwitch {
+    /// As `[plugins.ID] hot_reload` says.
+    Configured,
+    /// `enable ID` on a plugin whose configuration says `hot_reload = false`.
+    On,
+    /// `disable ID` on a plugin whose configuration says `hot_reload = true`.
+    Off,
+}
+
+impl ReloadSwitch {
+    /// The switch that makes the plugin's hot reload `on`, given its configured value: the
+    /// configuration itself when they agree, so a command never leaves a redundant override.
+    pub fn set(on: bool, configured: bool) -> ReloadSwitch {
+        match (on, configured) {
+            (true, true) | (false, false) => ReloadSwitch::Configured,
+            (true, false) => ReloadSwitch::On,
+            (false, true) => ReloadSwitch::Off,
+        }
+    }
+
+    pub fn is_on(self, configured: bool) -> bool {
+        match self {
+            ReloadSwitch::Configured => configured,
+            ReloadSwitch::On => true,
+            ReloadSwitch::Off => false,
+        }
+    }
+
+    /// What the state file records: the command's choice, when it overrides the configuration.
+    pub fn recorded(self) -> Option<bool> {
+        match self {
+            ReloadSwitch::Configured => None,
+            ReloadSwitch::On => Some(true),
+            ReloadSwitch::Off => Some(false),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -300,6 +395,10 @@ pub struct Plugin {
     pub pending_files: BTreeSet<String>,
     /// Files changed while hot reload was disabled (`enable` reloads these plugins).
     pub changed_while_disabled: bool,
+    /// `stop ID` keeps it down (SPEC §5 "Per-plugin lifecycle").
+    pub wanted: Wanted,
+    /// Its own hot reload switch (`hot_reload`, `enable ID`, `disable ID`).
+    pub switch: ReloadSwitch,
     /// Directory gone: stop, then forget.
     pub removing: bool,
     /// Descriptors the plugin parked with FDSTORE=1 (name, fd), handed to its next instance.
@@ -334,6 +433,8 @@ impl Plugin {
             debounce: None,
             pending_files: BTreeSet::new(),
             changed_while_disabled: false,
+            wanted: Wanted::Up,
+            switch: ReloadSwitch::Configured,
             removing: false,
             fdstore: Vec::new(),
             listen: Vec::new(),
@@ -400,6 +501,7 @@ impl Plugin {
                 _ if reloading => "reloading",
                 JobPhase::StoppingOld | JobPhase::Verifying { .. } => "starting",
             },
+            (None, None) if self.wanted.is_held_down() => "stopped",
             (None, None) => match self.rest {
                 Rest::Missing => "missing",
                 Rest::Stopped => "stopped",
@@ -410,6 +512,32 @@ impl Plugin {
 
     pub fn is_running(&self) -> bool {
         self.instance.as_ref().is_some_and(|i| i.phase.is_running())
+    }
+
+    /// Whether a change of its files reloads it, as far as the plugin's own switch goes.
+    pub fn hot_reload_on(&self) -> bool {
+        self.switch.is_on(self.settings.hot_reload)
+    }
+
+    /// What its state file must record about the control commands.
+    pub fn control_record(&self) -> crate::state_file::ControlRecord {
+        crate::state_file::ControlRecord {
+            stopped_by_request: self.wanted.stopped_since().map(str::to_owned),
+            hot_reload: self.switch.recorded(),
+        }
+    }
+
+    /// `last_error` as `list` shows it: while `stop ID` holds the plugin down, why it is down.
+    fn shown_error(&self) -> Option<String> {
+        match &self.wanted {
+            Wanted::Down { since } if self.instance.is_none() && self.job.is_none() => {
+                Some(format!(
+                    "stopped by request (stop) at {since}; `start {}` starts it",
+                    self.id
+                ))
+            }
+            _ => self.last_error.clone(),
+        }
     }
 
     pub fn push_history(&mut self, entry: HistoryEntry) {
@@ -427,8 +555,9 @@ impl Plugin {
             tasks: 0,
             exec: self.exec_path().to_string_lossy().into_owned(),
             failed_reloads: self.failed_reloads,
+            hot_reload: self.hot_reload_on(),
             id: self.id.clone(),
-            last_error: self.last_error.clone(),
+            last_error: self.shown_error(),
             last_good_version: self.last_good.as_ref().map(|s| s.version.clone()),
             pid: inst.map(|i| i.pid.as_raw()),
             reload_count: self.reload_count,
