@@ -101,6 +101,14 @@ pub struct Peer {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ClientId(u64);
 
+#[cfg(test)]
+impl ClientId {
+    /// A client id for tests that play the daemon's side without a server.
+    pub fn for_tests(n: u64) -> ClientId {
+        ClientId(n)
+    }
+}
+
 impl fmt::Display for ClientId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "#{}", self.0)

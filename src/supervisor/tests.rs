@@ -82,6 +82,8 @@ struct Rig {
     config: Config,
     now_ms: u64,
     events: Vec<Event>,
+    /// Answers to waiters, in order.
+    replies: Vec<(super::Waiter, crate::protocol::TriggerResult)>,
 }
 
 impl Rig {
@@ -99,6 +101,7 @@ impl Rig {
             config,
             now_ms: 0,
             events: Vec::new(),
+            replies: Vec::new(),
         }
     }
 
@@ -113,7 +116,7 @@ impl Rig {
         };
         let r = f(&mut self.sup, &mut ctx);
         self.events.append(&mut self.out.events);
-        self.out.replies.clear();
+        self.replies.append(&mut self.out.replies);
         self.sup.sync_state_dirs();
         r
     }
@@ -1791,4 +1794,509 @@ fn a_first_starts_state_write_is_made_durable_at_the_end_of_its_turn() {
         .unwrap();
     let sync = calls.iter().position(|c| *c == Call::SyncDir).unwrap();
     assert!(spawn < sync, "{calls:?}");
+}
+
+// -------------------------------------------------------------------------------------------
+// Per-plugin lifecycle: stop, start, restart (SPEC §5)
+
+/// A waiter for the lifecycle commands, told apart by `n`.
+fn waiter(n: u64) -> super::Waiter {
+    super::Waiter {
+        client: crate::control::ClientId::for_tests(n),
+        request_id: None,
+        reply: super::Reply::Lifecycle,
+    }
+}
+
+impl Rig {
+    fn stop(&mut self, id: &str, n: u64) {
+        self.turn(|s, c| s.stop(c, id, Some(waiter(n))));
+    }
+
+    fn start(&mut self, id: &str, n: u64) {
+        self.turn(|s, c| s.start(c, id, Some(waiter(n))));
+    }
+
+    fn restart(&mut self, id: &str, n: u64) {
+        self.turn(|s, c| s.restart(c, id, Some(waiter(n))));
+    }
+
+    /// The answer waiter `n` got, if any: (ok, error).
+    fn answer(&self, n: u64) -> Option<(bool, Option<String>)> {
+        let client = crate::control::ClientId::for_tests(n);
+        let mut answers = self.replies.iter().filter(|(w, _)| w.client == client);
+        let (_, result) = answers.next()?;
+        assert!(answers.next().is_none(), "waiter {n} answered twice");
+        Some((result.ok, result.error.clone()))
+    }
+
+    /// The state file last written for `id`.
+    fn state_file(&self, id: &str) -> crate::state_file::PluginState {
+        let path = Path::new("/dev/null/hr/state/plugins")
+            .join(id)
+            .join("state.json");
+        self.world
+            .borrow()
+            .states
+            .get(&path)
+            .cloned()
+            .expect("state.json written")
+    }
+
+    /// The daemon restarts: a new supervisor over the same machine, the plugin found again.
+    fn restart_daemon(&mut self, id: &str) {
+        let host = FakeHost(self.world.clone());
+        let (run, state) = (&self.config.runtime_dir, &self.config.state_dir);
+        self.sup = Supervisor::with_host(run, state, Box::new(host));
+        self.wheel = TimerWheel::new(self.now_ms);
+        self.add(id);
+    }
+}
+
+#[test]
+fn stop_of_a_running_plugin_answers_once_it_is_down_and_keeps_it_stopped() {
+    let mut r = Rig::new("");
+    let pid = r.running("p1", "v1");
+    r.clear();
+    r.stop("p1", 1);
+    assert!(r.signalled(pid, SIGTERM));
+    assert_eq!(r.state("p1"), "stopping");
+    assert_eq!(r.answer(1), None, "answered when the plugin is down");
+    r.terminated(pid);
+    assert_eq!(r.state("p1"), "stopped");
+    assert_eq!(r.answer(1), Some((true, None)));
+    assert_eq!(r.names(), ["plugin_exited", "plugin_stopped"]);
+    assert_eq!(r.field("plugin_stopped", "version"), "v1");
+    let entry = r.sup.list_entry(r.plugin("p1"));
+    assert!(
+        entry
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("stopped by request"),
+        "list says why: {entry:?}"
+    );
+    assert!(r.state_file("p1").control.stopped_by_request.is_some());
+}
+
+#[test]
+fn a_stopped_plugin_ignores_a_new_build_and_says_so() {
+    let mut r = Rig::new("");
+    let pid = r.running("p1", "v1");
+    r.stop("p1", 1);
+    r.terminated(pid);
+    r.clear();
+    r.deploy("p1", "v2");
+    assert!(r.spawned().is_empty());
+    assert_eq!(r.state("p1"), "stopped");
+    assert_eq!(r.names(), ["change_ignored"]);
+    let reason = r.field("change_ignored", "reason");
+    assert!(reason.as_str().unwrap().contains("stopped"), "{reason}");
+}
+
+#[test]
+fn a_stopped_plugin_is_not_started_by_global_enable_config_reload_rescan_or_trigger() {
+    let mut r = Rig::new("");
+    let pid = r.running("p1", "v1");
+    r.stop("p1", 1);
+    r.terminated(pid);
+    r.install("p1", "v2");
+    r.clear();
+    r.turn(|s, c| s.on_enable(c));
+    r.turn(|s, c| s.rescan_versions(c));
+    r.config = config("[plugins.p1]\nargs = [\"--new\"]\n");
+    r.turn(|s, c| s.apply_config(c));
+    let exec = exec("p1").to_string_lossy().into_owned();
+    r.turn(|s, c| s.request(c, "p1", Trigger::Manual, vec![exec], vec![waiter(2)]));
+    r.advance(10_000);
+    assert!(r.spawned().is_empty(), "{:?}", r.calls());
+    assert_eq!(r.state("p1"), "stopped");
+    let (ok, error) = r.answer(2).expect("the trigger is answered");
+    assert!(!ok);
+    assert!(error.unwrap().contains("start p1"), "says how to start it");
+}
+
+#[test]
+fn stop_during_a_crash_restart_backoff_cancels_the_restart() {
+    let mut r = Rig::new("");
+    let pid = r.running("p1", "v1");
+    r.crash(pid);
+    assert_eq!(r.state("p1"), "backoff");
+    r.clear();
+    r.stop("p1", 1);
+    assert_eq!(r.state("p1"), "stopped");
+    assert_eq!(
+        r.answer(1),
+        Some((true, None)),
+        "nothing ran: answered at once"
+    );
+    r.advance(60_000);
+    assert!(r.spawned().is_empty(), "the restart timer started nothing");
+    assert_eq!(r.state("p1"), "stopped");
+}
+
+#[test]
+fn stop_of_a_failed_plugin_makes_it_stopped_at_once() {
+    let mut r = Rig::new("[supervisor]\nrestart = \"never\"\n");
+    let pid = r.running("p1", "v1");
+    r.crash(pid);
+    assert_eq!(r.state("p1"), "failed");
+    r.stop("p1", 1);
+    assert_eq!(r.state("p1"), "stopped");
+    assert_eq!(r.answer(1), Some((true, None)));
+}
+
+#[test]
+fn stop_during_a_reload_ends_the_reload_and_starts_nothing_new() {
+    let mut r = Rig::new("");
+    let old = r.running("p1", "v1");
+    let exec = exec("p1").to_string_lossy().into_owned();
+    r.install("p1", "v2");
+    let mut reload_waiter = waiter(7);
+    reload_waiter.reply = super::Reply::Reload;
+    r.turn(|s, c| s.request(c, "p1", Trigger::Manual, vec![exec], vec![reload_waiter]));
+    assert_eq!(r.state("p1"), "reloading");
+    r.clear();
+    r.stop("p1", 1);
+    let (ok, error) = r.answer(7).expect("the reload's waiter is told");
+    assert!(!ok);
+    assert!(error.unwrap().contains("stopped by request"));
+    r.terminated(old);
+    assert!(r.spawned().is_empty(), "v2 was not started");
+    assert_eq!(r.state("p1"), "stopped");
+    assert_eq!(r.answer(1), Some((true, None)));
+}
+
+#[test]
+fn stop_during_a_first_start_stops_it_without_retry() {
+    let mut r = Rig::new("");
+    r.install("p1", "v1");
+    r.add("p1");
+    assert_eq!(r.state("p1"), "starting");
+    let pid = r.pid("p1").unwrap();
+    r.stop("p1", 1);
+    assert!(r.signalled(pid, SIGTERM));
+    r.terminated(pid);
+    r.advance(10_000);
+    assert_eq!(r.spawned().len(), 1, "no retry after the stop");
+    assert_eq!(r.state("p1"), "stopped");
+    assert_eq!(r.answer(1), Some((true, None)));
+}
+
+#[test]
+fn stop_of_an_instance_being_killed_for_failing_readiness_waits_for_its_exit() {
+    let mut r = Rig::new("[plugins.p1]\nready = \"notify\"\n");
+    r.install("p1", "v1");
+    r.add("p1");
+    let pid = r.pid("p1").unwrap();
+    r.advance(300);
+    assert!(r.signalled(pid, SIGKILL), "aborted for missing READY=1");
+    r.stop("p1", 1);
+    assert_eq!(r.answer(1), None);
+    r.exit(pid, ExitKind::Signal(SIGKILL));
+    r.advance(10_000);
+    assert_eq!(r.spawned().len(), 1, "neither retried nor restarted");
+    assert_eq!(r.state("p1"), "stopped");
+    assert_eq!(r.answer(1), Some((true, None)));
+}
+
+#[test]
+fn start_of_a_stopped_plugin_starts_its_newest_build_and_lifts_the_stop() {
+    let mut r = Rig::new("");
+    let pid = r.running("p1", "v1");
+    r.stop("p1", 1);
+    r.terminated(pid);
+    r.install("p1", "v2");
+    r.clear();
+    r.start("p1", 2);
+    assert_eq!(r.spawned()[0].1, "v2");
+    assert_eq!(r.answer(2), None, "answered once it runs");
+    r.advance(50);
+    assert_eq!(r.state("p1"), "running");
+    assert_eq!(r.answer(2), Some((true, None)));
+    assert_eq!(r.names()[0], "plugin_start_requested");
+    assert_eq!(r.field("plugin_start_requested", "action"), "start");
+    assert_eq!(r.count("reload_started"), 0, "a start is no reload");
+    assert_eq!(r.state_file("p1").control.stopped_by_request, None);
+    // Supervised as before: the next build reloads it.
+    r.deploy("p1", "v3");
+    assert_eq!(r.state("p1"), "reloading");
+}
+
+#[test]
+fn start_falls_back_to_the_last_good_build_when_the_newest_is_refused() {
+    let mut r = Rig::new("");
+    let pid = r.running("p1", "v1");
+    r.stop("p1", 1);
+    r.terminated(pid);
+    r.install("p1", "v2");
+    r.world.borrow_mut().refused.insert("v2".into());
+    r.clear();
+    r.start("p1", 2);
+    assert_eq!(r.spawned(), [(FIRST_NEXT_PID, "v1".to_string())]);
+    r.advance(50);
+    assert_eq!(r.answer(2), Some((true, None)));
+    assert_eq!(r.version("p1").as_deref(), Some("v1"));
+}
+
+/// The pid the fake hands out for the spawn after `running` (and nothing else) ran one.
+const FIRST_NEXT_PID: i32 = super::testhost::FIRST_PID + 2;
+
+#[test]
+fn start_of_a_running_plugin_is_answered_at_once_and_spawns_nothing() {
+    let mut r = Rig::new("");
+    r.running("p1", "v1");
+    r.clear();
+    r.start("p1", 1);
+    assert_eq!(r.answer(1), Some((true, None)));
+    assert!(r.spawned().is_empty());
+}
+
+#[test]
+fn start_during_a_stop_supersedes_it_and_starts_once_the_old_instance_is_gone() {
+    let mut r = Rig::new("");
+    let pid = r.running("p1", "v1");
+    r.stop("p1", 1);
+    r.clear();
+    r.start("p1", 2);
+    let (ok, _) = r.answer(1).expect("the stop is told it was superseded");
+    assert!(!ok);
+    assert!(r.spawned().is_empty(), "one instance at a time");
+    r.terminated(pid);
+    assert_eq!(r.spawned().len(), 1);
+    r.advance(50);
+    assert_eq!(r.state("p1"), "running");
+    assert_eq!(r.answer(2), Some((true, None)));
+    assert_eq!(r.count("plugin_stopped"), 0);
+}
+
+#[test]
+fn start_during_a_crash_restart_backoff_starts_at_once() {
+    let mut r = Rig::new("[hot_reload]\nretry_delay_ms = 5000\n");
+    let pid = r.running("p1", "v1");
+    r.crash(pid);
+    assert_eq!(r.state("p1"), "backoff");
+    r.clear();
+    r.start("p1", 1);
+    assert_eq!(r.spawned().len(), 1, "not after the backoff");
+    r.advance(50);
+    assert_eq!(r.answer(1), Some((true, None)));
+    r.advance(10_000);
+    assert_eq!(r.spawned().len(), 1, "the superseded restart is gone");
+}
+
+#[test]
+fn restart_of_a_running_plugin_restarts_the_same_version() {
+    let mut r = Rig::new("");
+    let pid = r.running("p1", "v1");
+    r.clear();
+    r.restart("p1", 1);
+    assert!(
+        r.signalled(pid, SIGTERM),
+        "not a no-op although the version is the same"
+    );
+    r.terminated(pid);
+    assert_eq!(r.spawned()[0].1, "v1");
+    r.advance(50);
+    assert_eq!(r.answer(1), Some((true, None)));
+    assert_eq!(r.field("reload_started", "trigger"), "restart");
+}
+
+#[test]
+fn restart_of_a_failed_plugin_starts_its_newest_build() {
+    let mut r = Rig::new("[supervisor]\nrestart = \"never\"\n");
+    let pid = r.running("p1", "v1");
+    r.crash(pid);
+    assert_eq!(r.state("p1"), "failed");
+    r.install("p1", "v2");
+    r.clear();
+    r.restart("p1", 1);
+    assert_eq!(r.spawned()[0].1, "v2");
+    r.advance(50);
+    assert_eq!(r.state("p1"), "running");
+    assert_eq!(r.answer(1), Some((true, None)));
+}
+
+#[test]
+fn restart_of_a_plugin_failed_at_its_start_limit_starts_it() {
+    let mut r = Rig::new("[supervisor]\nstart_limit_burst = 0\n");
+    let pid = r.running("p1", "v1");
+    r.crash(pid);
+    assert_eq!(r.state("p1"), "failed");
+    assert!(r.last_error("p1").contains("start limit"));
+    r.restart("p1", 1);
+    r.advance(50);
+    assert_eq!(r.state("p1"), "running");
+    assert_eq!(r.answer(1), Some((true, None)));
+}
+
+#[test]
+fn restart_of_a_stopped_plugin_lifts_the_stop() {
+    let mut r = Rig::new("");
+    let pid = r.running("p1", "v1");
+    r.stop("p1", 1);
+    r.terminated(pid);
+    r.restart("p1", 2);
+    r.advance(50);
+    assert_eq!(r.state("p1"), "running");
+    assert_eq!(r.answer(2), Some((true, None)));
+    assert_eq!(r.field("plugin_start_requested", "action"), "restart");
+}
+
+#[test]
+fn restart_during_a_reload_runs_after_it() {
+    let mut r = Rig::new("");
+    let old = r.running("p1", "v1");
+    r.deploy("p1", "v2");
+    r.restart("p1", 1);
+    r.terminated(old);
+    r.advance(50);
+    assert_eq!(r.version("p1").as_deref(), Some("v2"));
+    assert_eq!(r.answer(1), None, "queued behind the reload");
+    let v2 = r.pid("p1").unwrap();
+    assert!(r.signalled(v2, SIGTERM), "then the restart");
+    r.terminated(v2);
+    r.advance(50);
+    assert_eq!(r.state("p1"), "running");
+    assert_eq!(r.answer(1), Some((true, None)));
+}
+
+#[test]
+fn restart_with_a_refused_newest_build_restarts_the_last_good_one() {
+    let mut r = Rig::new("");
+    let pid = r.running("p1", "v1");
+    r.install("p1", "v2");
+    r.world.borrow_mut().refused.insert("v2".into());
+    r.clear();
+    r.restart("p1", 1);
+    assert!(r.signalled(pid, SIGTERM));
+    r.terminated(pid);
+    assert_eq!(r.spawned()[0].1, "v1");
+    r.advance(50);
+    assert_eq!(r.answer(1), Some((true, None)));
+}
+
+#[test]
+fn shutdown_while_stopping_answers_the_stop_once_the_plugin_is_down() {
+    let mut r = Rig::new("");
+    let pid = r.running("p1", "v1");
+    r.stop("p1", 1);
+    r.shutdown();
+    assert!(!r.sup.all_stopped());
+    r.terminated(pid);
+    assert!(r.sup.all_stopped());
+    assert_eq!(r.answer(1), Some((true, None)));
+    assert!(r.state_file("p1").control.stopped_by_request.is_some());
+}
+
+#[test]
+fn a_plugin_stopped_by_request_stays_stopped_across_a_daemon_restart() {
+    let mut r = Rig::new("");
+    let pid = r.running("p1", "v1");
+    r.stop("p1", 1);
+    r.terminated(pid);
+    r.clear();
+    r.restart_daemon("p1");
+    assert!(r.spawned().is_empty());
+    assert_eq!(r.state("p1"), "stopped");
+    r.start("p1", 2);
+    r.advance(50);
+    assert_eq!(r.state("p1"), "running");
+}
+
+#[test]
+fn without_preserve_state_a_stop_still_outlives_a_daemon_restart() {
+    let mut r = Rig::new("[hot_reload]\npreserve_state = false\n");
+    let pid = r.running("p1", "v1");
+    r.stop("p1", 1);
+    r.terminated(pid);
+    r.clear();
+    r.restart_daemon("p1");
+    assert!(r.spawned().is_empty());
+    assert_eq!(r.state("p1"), "stopped");
+}
+
+// -------------------------------------------------------------------------------------------
+// A plugin's own hot reload switch (SPEC §5 enable/disable ID, `hot_reload`)
+
+#[test]
+fn a_plugin_disabled_on_its_own_ignores_changes_and_a_global_enable() {
+    let mut r = Rig::new("");
+    let pid = r.running("p1", "v1");
+    r.clear();
+    let on = r.turn(|s, c| s.set_hot_reload(c, "p1", false, true));
+    assert!(!on);
+    assert_eq!(r.names(), ["hot_reload_disabled"]);
+    r.deploy("p1", "v2");
+    assert!(!r.signalled(pid, SIGTERM));
+    let reason = r.field("change_ignored", "reason");
+    assert!(
+        reason.as_str().unwrap().contains("for this plugin"),
+        "{reason}"
+    );
+    r.turn(|s, c| s.on_enable(c));
+    assert!(!r.signalled(pid, SIGTERM), "a global enable leaves it off");
+    assert!(!r.sup.list_entry(r.plugin("p1")).hot_reload);
+    assert_eq!(r.state_file("p1").control.hot_reload, Some(false));
+    r.turn(|s, c| s.set_hot_reload(c, "p1", true, true));
+    assert!(
+        r.signalled(pid, SIGTERM),
+        "enable ID reloads the changed build"
+    );
+    assert_eq!(r.field("reload_started", "trigger"), "enable");
+    assert_eq!(r.state_file("p1").control.hot_reload, None);
+}
+
+#[test]
+fn enable_id_of_an_unchanged_plugin_reloads_nothing() {
+    let mut r = Rig::new("");
+    let pid = r.running("p1", "v1");
+    r.turn(|s, c| s.set_hot_reload(c, "p1", false, true));
+    r.turn(|s, c| s.set_hot_reload(c, "p1", true, true));
+    assert!(!r.signalled(pid, SIGTERM));
+}
+
+#[test]
+fn hot_reload_false_in_the_config_ignores_changes_until_enable_id() {
+    let mut r = Rig::new("[plugins.p1]\nhot_reload = false\n");
+    let pid = r.running("p1", "v1");
+    r.deploy("p1", "v2");
+    assert!(!r.signalled(pid, SIGTERM));
+    assert_eq!(
+        r.state_file("p1").control.hot_reload,
+        None,
+        "the config says so"
+    );
+    r.turn(|s, c| s.set_hot_reload(c, "p1", true, true));
+    assert!(r.signalled(pid, SIGTERM));
+    assert_eq!(r.state_file("p1").control.hot_reload, Some(true));
+}
+
+#[test]
+fn a_plugin_disabled_on_its_own_stays_disabled_across_a_daemon_restart() {
+    let mut r = Rig::new("");
+    r.running("p1", "v1");
+    r.turn(|s, c| s.set_hot_reload(c, "p1", false, true));
+    r.restart_daemon("p1");
+    assert!(!r.plugin("p1").hot_reload_on());
+    assert_eq!(r.spawned().len(), 2, "it still starts with the daemon");
+}
+
+#[test]
+fn changing_only_hot_reload_in_the_config_restarts_nothing_and_overrides_the_command() {
+    let mut r = Rig::new("");
+    let pid = r.running("p1", "v1");
+    r.turn(|s, c| s.set_hot_reload(c, "p1", false, true));
+    r.clear();
+    r.config = config("[plugins.p1]\nhot_reload = false\n");
+    r.turn(|s, c| s.apply_config(c));
+    assert!(!r.signalled(pid, SIGTERM));
+    assert!(!r.plugin("p1").hot_reload_on());
+    r.config = config("[plugins.p1]\nhot_reload = true\n");
+    r.turn(|s, c| s.apply_config(c));
+    assert!(!r.signalled(pid, SIGTERM));
+    assert!(
+        r.plugin("p1").hot_reload_on(),
+        "the newest word is the config's"
+    );
 }
