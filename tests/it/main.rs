@@ -6,6 +6,7 @@ mod ctl;
 mod docs;
 mod faults;
 mod lifecycle;
+mod lifecycle_cmds;
 mod plugins_dir;
 mod private_dirs;
 mod protocol;
