@@ -352,6 +352,31 @@ mod tests {
     }
 
     #[test]
+    fn a_start_that_fails_exits_1_and_no_wait_says_scheduled() {
+        let daemon = FakeDaemon::answering(|req| {
+            let reply = if req["wait"] == false {
+                json!({"status": "success", "scheduled": true})
+            } else {
+                json!({"status": "success", "result": {"plugin": "p1", "ok": false,
+                    "state": "failed", "version": null, "error": "exited with code 3"}})
+            };
+            vec![reply.to_string()]
+        });
+        let run = run_capture(&["start", "p1"], &daemon, "");
+        assert_eq!(run.code, 1, "{run:?}");
+        assert_eq!(run.out, "p1: start failed (failed): exited with code 3\n");
+        let run = run_capture(&["stop", "p1", "--no-wait"], &daemon, "");
+        assert_eq!((run.code, run.out.as_str()), (0, "p1: stop scheduled\n"));
+        assert_eq!(
+            daemon.requests(),
+            vec![
+                json!({"cmd": "start", "plugin": "p1", "wait": true}),
+                json!({"cmd": "stop", "plugin": "p1", "wait": false}),
+            ]
+        );
+    }
+
+    #[test]
     fn list_json_prints_reply_as_is() {
         let line = r#"{"status":"success","plugins":[]}"#;
         let daemon = FakeDaemon::answering(move |_| vec![line.to_string()]);

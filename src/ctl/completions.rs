@@ -298,7 +298,18 @@ mod tests {
     fn plugin_ids_are_completed_where_a_command_takes_an_id() {
         let subs = subcommands();
         let ids = positions(&subs, Completes::PluginId);
-        for want in ["plugin:0", "trigger:0", "install:0", "events:0", "logs:0"] {
+        for want in [
+            "plugin:0",
+            "trigger:0",
+            "stop:0",
+            "start:0",
+            "restart:0",
+            "enable:0",
+            "disable:0",
+            "install:0",
+            "events:0",
+            "logs:0",
+        ] {
             assert!(ids.iter().any(|p| p == want), "{want} in {ids:?}");
         }
         assert_eq!(positions(&subs, Completes::File), vec!["install:1"]);

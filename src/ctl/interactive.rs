@@ -242,6 +242,44 @@ mod tests {
     }
 
     #[test]
+    fn menu_stops_starts_restarts_and_switches_one_plugin() {
+        let daemon = FakeDaemon::answering(|req| {
+            let reply = match req["cmd"].as_str() {
+                Some(cmd @ ("stop" | "start" | "restart")) => {
+                    let state = if cmd == "stop" { "stopped" } else { "running" };
+                    json!({"status": "success", "result": {"plugin": req["plugin"], "ok": true,
+                        "state": state, "version": "0123abcd00000000", "error": null}})
+                }
+                Some("enable") => json!({"status": "success", "enabled": true}),
+                Some("disable") => json!({"status": "success", "enabled": false}),
+                _ => json!({"status": "error", "code": "unknown_command", "error": "?"}),
+            };
+            vec![reply.to_string()]
+        });
+        let input = "stop p1\nstart\np1\nrestart p1\nd p1\ne p1\nq\n";
+        let run = run_capture(&["interactive"], &daemon, input);
+        assert_eq!(run.code, 0, "{run:?}");
+        assert_eq!(
+            daemon.requests(),
+            vec![
+                json!({"cmd": "stop", "plugin": "p1", "wait": true}),
+                json!({"cmd": "start", "plugin": "p1", "wait": true}),
+                json!({"cmd": "restart", "plugin": "p1", "wait": true}),
+                json!({"cmd": "disable", "plugin": "p1"}),
+                json!({"cmd": "enable", "plugin": "p1"}),
+            ]
+        );
+        assert!(
+            run.out.contains(
+                "p1: stopped\np1: running 0123abcd…\np1: running 0123abcd…\n\
+                 p1: hot reload disabled\np1: hot reload enabled\n"
+            ),
+            "{}",
+            run.out
+        );
+    }
+
+    #[test]
     fn menu_from_a_pipe() {
         let daemon = menu_daemon();
         let input = "s\nl\nr p1\nr\np2\ne\nd\nw\n\nx\nq\ns\n";

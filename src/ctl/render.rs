@@ -385,6 +385,7 @@ fn plugin_row(p: &PluginInfo, style: &Style) -> Vec<Cell> {
     let last = match (&p.last_error, &p.status_text) {
         (Some(e), _) => Cell::toned(e.clone(), Tone::Bad),
         (_, Some(s)) => Cell::plain(s.clone()),
+        _ if !p.hot_reload => Cell::toned("hot reload off".to_string(), Tone::Warn),
         _ => Cell::plain("-".to_string()),
     };
     vec![
@@ -425,6 +426,15 @@ pub fn plugin_detail(detail: &PluginDetail, style: &Style) -> String {
         ),
         ("last error", or_dash(p.last_error.as_deref())),
         ("status", or_dash(p.status_text.as_deref())),
+        (
+            "hot reload",
+            if p.hot_reload {
+                "on"
+            } else {
+                "off (this plugin)"
+            }
+            .to_string(),
+        ),
         ("exec", p.exec.clone()),
     ];
     let mut s = key_values(&rows);
@@ -682,6 +692,30 @@ mod tests {
                "last_good_version": "9f2c4e1a0b3d5c77", "started_at": "2026-11-27T22:30:45.123Z",
                "restarts": 0, "reload_count": 12, "failed_reloads": 1, "last_error": last_error,
                "exec": format!("/srv/plugins/{id}/{id}"), "status_text": null})
+    }
+
+    #[test]
+    fn lifecycle_lines_say_the_state_reached_or_why_not() {
+        let stopped: LifecycleResult = typed(json!({"plugin": "p1", "ok": true,
+            "state": "stopped", "version": "9f2c4e1a0b3d5c77", "error": null}));
+        assert_eq!(
+            lifecycle_result("stop", &stopped, &plain()),
+            ("p1: stopped".to_string(), true)
+        );
+        let running: LifecycleResult = typed(json!({"plugin": "p1", "ok": true,
+            "state": "running", "version": "9f2c4e1a0b3d5c77", "error": null}));
+        let (line, ok) = lifecycle_result("restart", &running, &plain());
+        assert!(ok);
+        assert!(line.starts_with("p1: running 9f2c4e1a"), "{line}");
+        let failed: LifecycleResult = typed(json!({"plugin": "p1", "ok": false,
+            "state": "failed", "version": null, "error": "exited with code 3"}));
+        assert_eq!(
+            lifecycle_result("start", &failed, &plain()),
+            (
+                "p1: start failed (failed): exited with code 3".to_string(),
+                false
+            )
+        );
     }
 
     #[test]

@@ -2300,3 +2300,49 @@ fn changing_only_hot_reload_in_the_config_restarts_nothing_and_overrides_the_com
         "the newest word is the config's"
     );
 }
+
+#[test]
+fn stop_during_a_start_stop_reload_stops_both_instances_before_answering() {
+    let mut r = Rig::new("[plugins.p1]\nstrategy = \"start-stop\"\n");
+    let old = r.running("p1", "v1");
+    r.deploy("p1", "v2");
+    let new = r.pid("p1").unwrap();
+    assert_eq!(r.retiring_pid("p1"), Some(old));
+    r.stop("p1", 1);
+    assert!(r.signalled(old, SIGTERM) && r.signalled(new, SIGTERM));
+    r.terminated(new);
+    assert_eq!(r.answer(1), None, "the old one still runs");
+    r.terminated(old);
+    assert_eq!(r.state("p1"), "stopped");
+    assert_eq!(r.answer(1), Some((true, None)));
+    r.advance(10_000);
+    assert_eq!(r.spawned().len(), 2, "nothing started since");
+}
+
+#[test]
+fn a_start_whose_newest_build_keeps_failing_falls_back_to_the_last_good_one() {
+    let mut r = Rig::new("");
+    let pid = r.running("p1", "v1");
+    r.stop("p1", 1);
+    r.terminated(pid);
+    r.install("p1", "v2");
+    r.start("p1", 2);
+    for delay in [100, 200] {
+        let pid = r.pid("p1").unwrap();
+        r.crash(pid);
+        r.advance(delay);
+    }
+    let pid = r.pid("p1").unwrap();
+    r.crash(pid);
+    assert_eq!(
+        r.spawned().last().unwrap().1,
+        "v1",
+        "rolled back to the last good"
+    );
+    r.advance(50);
+    assert_eq!(r.state("p1"), "running");
+    let (ok, _) = r
+        .answer(2)
+        .expect("answered with the newest build's failure");
+    assert!(!ok);
+}
