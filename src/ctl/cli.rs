@@ -16,6 +16,8 @@ EXAMPLES:
   hotreloadctl status
   hotreloadctl list
   hotreloadctl trigger ffmpeg_transcoder
+  hotreloadctl stop ffmpeg_transcoder          # stays stopped until `start` (or `restart`)
+  hotreloadctl disable ffmpeg_transcoder       # ignore this plugin's changes only
   hotreloadctl events --verbose                # why did (or didn't) my plugin reload?
   hotreloadctl logs ffmpeg_transcoder
   hotreloadctl install ffmpeg_transcoder target/release/ffmpeg_transcoder --wait

@@ -422,7 +422,8 @@ impl Supervisor {
         } else if !enabled {
             p.changed_while_disabled = true;
             Some("hot reload disabled".to_owned())
-        } else if !p.hot_reload_on() {
+        } else if !p.hot_reload_on() && (p.current.is_some() || p.instance.is_some()) {
+            // A first build still starts a plugin that has none: that is no reload.
             p.changed_while_disabled = true;
             Some(format!(
                 "hot reload disabled for this plugin (hot_reload = false or `disable {id}`)"

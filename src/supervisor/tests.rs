@@ -2346,3 +2346,16 @@ fn a_start_whose_newest_build_keeps_failing_falls_back_to_the_last_good_one() {
         .expect("answered with the newest build's failure");
     assert!(!ok);
 }
+
+#[test]
+fn a_plugin_with_hot_reload_off_still_starts_with_its_first_build() {
+    let mut r = Rig::new("[plugins.p1]\nhot_reload = false\n");
+    r.add("p1");
+    assert_eq!(r.state("p1"), "missing");
+    r.deploy("p1", "v1");
+    assert_eq!(r.state("p1"), "starting");
+    r.advance(50);
+    let pid = r.pid("p1").unwrap();
+    r.deploy("p1", "v2");
+    assert!(!r.signalled(pid, SIGTERM), "but no reload");
+}
