@@ -594,9 +594,8 @@ impl Supervisor {
             JobKind::Start => p.last_error = None,
             JobKind::Restart => {}
         }
-        if job.kind != JobKind::Rollback {
-            answer_waiters(ctx, id, &job, true, None, self.host.now());
-        }
+        // A rollback's waiters are those of a `start` or `restart` it carried on.
+        answer_waiters(ctx, id, &job, true, None, self.host.now());
         prune_snapshots(self.host.as_mut(), &snap_dir, p);
         if p.retiring.is_some() {
             self.stop_instance(ctx, id, Slot::Retiring);
@@ -704,7 +703,13 @@ impl Supervisor {
             return;
         };
         let limit = limited.or_else(|| p.start_limit_reached(ctx));
-        let Some(job) = p.job.take() else { return };
+        let Some(mut job) = p.job.take() else { return };
+        // `start`/`restart` ask for the newest *good* build: who waits for them follows a
+        // rollback to the last good one and hears how that went.
+        let mut carried = Vec::new();
+        if job.trigger.wants_newest_good() {
+            std::mem::swap(&mut carried, &mut job.waiters);
+        }
         let duration_ms = clock::millis(self.host.now().saturating_duration_since(job.started));
         if job.kind == JobKind::Reload {
             record_failed_reload(
@@ -716,9 +721,12 @@ impl Supervisor {
                 &error,
             );
         }
-        if job.kind != JobKind::Rollback {
-            answer_waiters(ctx, id, &job, false, Some(error.clone()), self.host.now());
-        }
+        // A rollback's waiters are those it carried.
+        answer_waiters(ctx, id, &job, false, Some(error.clone()), self.host.now());
+        let mut no_rollback = |ctx: &mut Ctx<'_>, job: &mut Job, now| {
+            job.waiters = std::mem::take(&mut carried);
+            answer_waiters(ctx, id, job, false, Some(error.clone()), now);
+        };
         if job.kind == JobKind::Reload {
             let new_version = Some(job.target.version.as_str());
             self.run_job_hook(
@@ -737,6 +745,7 @@ impl Supervisor {
             // The build never copied, so this reload stopped nothing: whatever runs stays, and
             // a plugin that is down stays down (its own restart policy decided that).
             log::warn!("[{id}] giving up on the build that cannot be copied: {error}");
+            no_rollback(ctx, &mut job, self.host.now());
             self.run_queued(ctx, id);
             return;
         }
@@ -748,6 +757,7 @@ impl Supervisor {
                 p.instance = Some(old);
                 log::warn!("[{id}] keeping the running version {version}");
                 ctx.emit(Event::new("rolled_back", Some(id)).with("version", version));
+                no_rollback(ctx, &mut job, self.host.now());
                 self.run_queued(ctx, id);
                 return;
             }
@@ -772,11 +782,12 @@ impl Supervisor {
                 good,
                 None,
                 1,
-                Vec::new(),
+                carried,
             ));
             self.attempt(ctx, id);
             return;
         }
+        no_rollback(ctx, &mut job, self.host.now());
         p.rest = Rest::Failed;
         log::error!("[{id}] failed: {error}");
         if let Some(hit) = limit.filter(|_| limited.is_some() || rollback_forbidden) {

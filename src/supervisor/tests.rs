@@ -2339,11 +2339,49 @@ fn a_start_whose_newest_build_keeps_failing_falls_back_to_the_last_good_one() {
         "v1",
         "rolled back to the last good"
     );
+    assert_eq!(r.answer(2), None, "the start waits for the rollback");
     r.advance(50);
     assert_eq!(r.state("p1"), "running");
+    assert_eq!(
+        r.answer(2),
+        Some((true, None)),
+        "the newest good build runs"
+    );
+}
+
+#[test]
+fn a_restart_whose_build_and_rollback_both_fail_is_answered_failed() {
+    let mut r = Rig::new("");
+    let pid = r.running("p1", "v1");
+    r.install("p1", "v2");
+    r.world.borrow_mut().unspawnable.insert("v2".into());
+    r.restart("p1", 1);
+    r.terminated(pid);
+    r.advance(300);
+    assert_eq!(r.answer(1), None, "the rollback runs");
+    let rollback = r.pid("p1").unwrap();
+    r.crash(rollback);
+    assert_eq!(r.state("p1"), "failed");
+    let (ok, error) = r.answer(1).expect("answered");
+    assert!(!ok);
+    assert!(error.unwrap().contains("startup grace"));
+}
+
+#[test]
+fn a_trigger_waiter_is_answered_at_the_failure_not_after_the_rollback() {
+    let mut r = Rig::new("");
+    let pid = r.running("p1", "v1");
+    r.install("p1", "v2");
+    r.world.borrow_mut().unspawnable.insert("v2".into());
+    let mut w = waiter(1);
+    w.reply = super::Reply::Reload;
+    let exec = exec("p1").to_string_lossy().into_owned();
+    r.turn(|s, c| s.request(c, "p1", Trigger::Manual, vec![exec], vec![w]));
+    r.terminated(pid);
+    r.advance(300);
     let (ok, _) = r
-        .answer(2)
-        .expect("answered with the newest build's failure");
+        .answer(1)
+        .expect("answered when the reload finally failed");
     assert!(!ok);
 }
 
