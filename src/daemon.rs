@@ -20,7 +20,6 @@ use mio::{Events, Interest, Poll, Token};
 use crate::clock::{self, Clock};
 use crate::config::{self, Config, Env, Overrides};
 use crate::control::{ClientId, ControlServer, EventRecord, Incoming, Limits, SubscribeFilter};
-use crate::events::Event;
 use crate::notify::Notifier;
 use crate::private_dir::DaemonDirs;
 use crate::protocol::{
@@ -28,6 +27,7 @@ use crate::protocol::{
     PluginReply, ReloadedReply, Request, Response, ScheduledReply, StatusReply, SubscribedReply,
     TriggerReply,
 };
+use crate::protocol::{Event, EventKind};
 use crate::signals::{SignalEvent, SignalSource};
 use crate::supervisor::{Ctx, Outbox, Plugin, Supervisor, Timer, Trigger, Waiter, reap, spawn};
 use crate::token;
@@ -245,7 +245,7 @@ impl Daemon {
             for event in events {
                 let record = EventRecord {
                     plugin: event.plugin.clone(),
-                    verbose_only: event.verbose_only,
+                    verbose_only: event.is_verbose_only(),
                     line: Rc::from(event.to_line()),
                 };
                 self.control.publish(self.core.poll.registry(), &record);
@@ -476,9 +476,13 @@ impl Core {
                 path,
                 reason,
             } => {
-                let ev = Event::new("directory_polled", plugin.as_deref())
-                    .with("path", path.to_string_lossy())
-                    .with("reason", reason);
+                let ev = Event::stamped(
+                    plugin.as_deref(),
+                    EventKind::DirectoryPolled {
+                        path: path.to_string_lossy().into_owned(),
+                        reason: reason.to_string(),
+                    },
+                );
                 self.emit(ev);
             }
             Change::DirAdded(name) => self.plugin_dir_arrived(&name),
@@ -505,9 +509,13 @@ impl Core {
                 path,
                 reason,
             } => {
-                let ev = Event::new("change_ignored", plugin.as_deref())
-                    .with("path", path.to_string_lossy())
-                    .with("reason", reason);
+                let ev = Event::stamped(
+                    plugin.as_deref(),
+                    EventKind::ChangeIgnored {
+                        path: path.to_string_lossy().into_owned(),
+                        reason: reason.to_string(),
+                    },
+                );
                 self.emit(ev);
             }
             Change::Rescan => self.rescan(),
@@ -653,9 +661,10 @@ impl Core {
             self.config.plugins_dir.display()
         );
         log::warn!("{reason}");
-        let ev = Event::new("change_ignored", None)
-            .with("path", dir.to_string_lossy())
-            .with("reason", reason);
+        let ev = Event::daemon(EventKind::ChangeIgnored {
+            path: dir.to_string_lossy().into_owned(),
+            reason: reason.to_string(),
+        });
         self.emit(ev);
         if self.sup.contains(name) {
             self.remove_plugin(name);
@@ -721,16 +730,17 @@ impl Core {
                 log::error!(
                     "configuration reload failed, keeping the running configuration: {error}"
                 );
-                self.emit(Event::new("config_rejected", None).with("error", error.as_str()));
+                self.emit(Event::daemon(EventKind::ConfigRejected {
+                    error: error.clone(),
+                }));
                 Err(error)
             }
             Ok(new) => {
                 let needs_restart = self.apply_config(new);
                 log::info!("configuration reloaded");
-                self.emit(
-                    Event::new("config_reloaded", None)
-                        .with("needs_restart", needs_restart.clone()),
-                );
+                self.emit(Event::daemon(EventKind::ConfigReloaded {
+                    needs_restart: needs_restart.clone(),
+                }));
                 Ok(needs_restart)
             }
         };
@@ -750,12 +760,12 @@ impl Core {
         self.enabled = on;
         if on {
             log::info!("hot reload enabled");
-            self.emit(Event::new("hot_reload_enabled", None));
+            self.emit(Event::daemon(EventKind::HotReloadEnabled));
             let (mut ctx, sup) = self.ctx();
             sup.on_enable(&mut ctx);
         } else {
             log::info!("hot reload disabled");
-            self.emit(Event::new("hot_reload_disabled", None));
+            self.emit(Event::daemon(EventKind::HotReloadDisabled));
         }
     }
 

@@ -22,11 +22,11 @@ use nix::unistd::Pid;
 use super::plugin::{Phase, Slot};
 use super::reap::ExitKind;
 use super::{Ctx, Supervisor, Timer};
-use crate::events::Event;
 use crate::fsutil::create_private_dir;
 use crate::hooks::{HookContext, HookKind};
 use crate::listen;
 use crate::plugin_notify::{Datagram, NotifySocket, sender_in_group};
+use crate::protocol::{Event, EventKind};
 
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
@@ -201,7 +201,12 @@ impl Supervisor {
         }
         if let Some(status) = msg.status.clone() {
             p.status_text = Some(status.clone());
-            ctx.emit(Event::new("plugin_status", Some(id)).with("status_text", status));
+            ctx.emit(Event::plugin(
+                id,
+                EventKind::PluginStatus {
+                    status_text: status.to_string(),
+                },
+            ));
         }
         if msg.fdstore_remove {
             if let Some(name) = &msg.fdname {
@@ -266,11 +271,13 @@ impl Supervisor {
                     hook.plugin,
                     kind.as_str()
                 );
-                ctx.emit(
-                    Event::new("hook_failed", Some(hook.plugin))
-                        .with("hook", kind.as_str())
-                        .with("error", e.to_string()),
-                );
+                ctx.emit(Event::plugin(
+                    hook.plugin,
+                    EventKind::HookFailed {
+                        hook: kind.as_str().to_owned(),
+                        error: e.to_string(),
+                    },
+                ));
             }
         }
     }
@@ -288,11 +295,13 @@ impl Supervisor {
                 run.plugin,
                 run.kind.as_str()
             );
-            ctx.emit(
-                Event::new("hook_failed", Some(&run.plugin))
-                    .with("hook", run.kind.as_str())
-                    .with("error", format!("exited with {status}")),
-            );
+            ctx.emit(Event::plugin(
+                &run.plugin,
+                EventKind::HookFailed {
+                    hook: run.kind.as_str().to_owned(),
+                    error: format!("exited with {status}"),
+                },
+            ));
         } else {
             log::debug!("[{}] {} hook done", run.plugin, run.kind.as_str());
         }
@@ -309,11 +318,13 @@ impl Supervisor {
             run.plugin,
             run.kind.as_str()
         );
-        ctx.emit(
-            Event::new("hook_failed", Some(&run.plugin))
-                .with("hook", run.kind.as_str())
-                .with("error", format!("killed after timeout_ms ({ms} ms)")),
-        );
+        ctx.emit(Event::plugin(
+            &run.plugin,
+            EventKind::HookFailed {
+                hook: run.kind.as_str().to_owned(),
+                error: format!("killed after timeout_ms ({ms} ms)"),
+            },
+        ));
         self.host.kill_hook(run);
     }
 }
