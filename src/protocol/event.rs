@@ -107,7 +107,8 @@ impl EventKind {
 /// One event with its envelope.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {
-    /// RFC 3339 UTC with milliseconds.
+    /// RFC 3339 UTC with milliseconds (a client reading an event without one gets "").
+    #[serde(default)]
     pub time: String,
     /// The plugin it concerns; absent for daemon-wide events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
