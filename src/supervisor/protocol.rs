@@ -112,18 +112,11 @@ impl Supervisor {
         };
         let mut old = std::mem::take(&mut p.listen);
         for spec in p.settings.sockets.clone() {
-            let parsed = match listen::parse_spec(&spec) {
-                Ok(parsed) => parsed,
-                Err(e) => {
-                    log::error!("[{id}] cannot listen on {spec}: {e}");
-                    continue;
-                }
-            };
-            if let Some(i) = old.iter().position(|s| s.spec == parsed) {
+            if let Some(i) = old.iter().position(|s| s.spec == spec) {
                 p.listen.push(old.swap_remove(i));
                 continue;
             }
-            match listen::bind(&parsed) {
+            match listen::bind(&spec) {
                 Ok(sock) => {
                     let fd = 3 + p.listen.len();
                     log::info!("[{id}] listening on {spec} (passed to every instance as fd {fd})");
