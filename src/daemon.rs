@@ -476,14 +476,9 @@ impl Core {
                 path,
                 reason,
             } => {
-                let ev = Event::stamped(
-                    plugin.as_deref(),
-                    EventKind::DirectoryPolled {
-                        path: path.to_string_lossy().into_owned(),
-                        reason: reason.to_string(),
-                    },
-                );
-                self.emit(ev);
+                let (path, reason) = (path.to_string_lossy().into_owned(), reason.to_string());
+                let kind = EventKind::DirectoryPolled { path, reason };
+                self.emit(Event::stamped(plugin.as_deref(), kind));
             }
             Change::DirAdded(name) => self.plugin_dir_arrived(&name),
             Change::DirRemoved(name) => self.remove_plugin(&name),
@@ -509,14 +504,9 @@ impl Core {
                 path,
                 reason,
             } => {
-                let ev = Event::stamped(
-                    plugin.as_deref(),
-                    EventKind::ChangeIgnored {
-                        path: path.to_string_lossy().into_owned(),
-                        reason: reason.to_string(),
-                    },
-                );
-                self.emit(ev);
+                let (path, reason) = (path.to_string_lossy().into_owned(), reason.to_string());
+                let kind = EventKind::ChangeIgnored { path, reason };
+                self.emit(Event::stamped(plugin.as_deref(), kind));
             }
             Change::Rescan => self.rescan(),
             Change::RootLost => self.on_plugins_dir_lost(),

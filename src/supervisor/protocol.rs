@@ -264,13 +264,7 @@ impl Supervisor {
                     hook.plugin,
                     kind.as_str()
                 );
-                ctx.emit(Event::plugin(
-                    hook.plugin,
-                    EventKind::HookFailed {
-                        hook: kind.as_str().to_owned(),
-                        error: e.to_string(),
-                    },
-                ));
+                ctx.emit(hook_failed(hook.plugin, kind, e.to_string()));
             }
         }
     }
@@ -288,12 +282,10 @@ impl Supervisor {
                 run.plugin,
                 run.kind.as_str()
             );
-            ctx.emit(Event::plugin(
+            ctx.emit(hook_failed(
                 &run.plugin,
-                EventKind::HookFailed {
-                    hook: run.kind.as_str().to_owned(),
-                    error: format!("exited with {status}"),
-                },
+                run.kind,
+                format!("exited with {status}"),
             ));
         } else {
             log::debug!("[{}] {} hook done", run.plugin, run.kind.as_str());
@@ -311,13 +303,14 @@ impl Supervisor {
             run.plugin,
             run.kind.as_str()
         );
-        ctx.emit(Event::plugin(
-            &run.plugin,
-            EventKind::HookFailed {
-                hook: run.kind.as_str().to_owned(),
-                error: format!("killed after timeout_ms ({ms} ms)"),
-            },
-        ));
+        let error = format!("killed after timeout_ms ({ms} ms)");
+        ctx.emit(hook_failed(&run.plugin, run.kind, error));
         self.host.kill_hook(run);
     }
+}
+
+/// The `hook_failed` event of plugin `id`'s `kind` hook.
+fn hook_failed(id: &str, kind: HookKind, error: String) -> Event {
+    let hook = kind.as_str().to_owned();
+    Event::plugin(id, EventKind::HookFailed { hook, error })
 }
