@@ -20,7 +20,6 @@ use mio::{Events, Interest, Poll, Token};
 use crate::clock::{self, Clock};
 use crate::config::{self, Config, Env, Overrides};
 use crate::control::{ClientId, ControlServer, EventRecord, Incoming, Limits, SubscribeFilter};
-use crate::events::Event;
 use crate::notify::Notifier;
 use crate::private_dir::DaemonDirs;
 use crate::protocol::{
@@ -28,6 +27,7 @@ use crate::protocol::{
     LifecycleResult, ListReply, PluginDetail, PluginReply, ReloadedReply, Request, Response,
     ScheduledReply, StatusReply, SubscribedReply, TriggerReply, TriggerResult,
 };
+use crate::protocol::{Event, EventKind};
 use crate::signals::{SignalEvent, SignalSource};
 use crate::supervisor::{
     Ctx, Outbox, Plugin, Reply, Supervisor, Timer, Trigger, Waiter, reap, spawn,
@@ -247,7 +247,7 @@ impl Daemon {
             for event in events {
                 let record = EventRecord {
                     plugin: event.plugin.clone(),
-                    verbose_only: event.verbose_only,
+                    verbose_only: event.is_verbose_only(),
                     line: Rc::from(event.to_line()),
                 };
                 self.control.publish(self.core.poll.registry(), &record);
@@ -478,10 +478,9 @@ impl Core {
                 path,
                 reason,
             } => {
-                let ev = Event::new("directory_polled", plugin.as_deref())
-                    .with("path", path.to_string_lossy())
-                    .with("reason", reason);
-                self.emit(ev);
+                let (path, reason) = (path.to_string_lossy().into_owned(), reason.to_string());
+                let kind = EventKind::DirectoryPolled { path, reason };
+                self.emit(Event::stamped(plugin.as_deref(), kind));
             }
             Change::DirAdded(name) => self.plugin_dir_arrived(&name),
             Change::DirRemoved(name) => self.remove_plugin(&name),
@@ -507,10 +506,9 @@ impl Core {
                 path,
                 reason,
             } => {
-                let ev = Event::new("change_ignored", plugin.as_deref())
-                    .with("path", path.to_string_lossy())
-                    .with("reason", reason);
-                self.emit(ev);
+                let (path, reason) = (path.to_string_lossy().into_owned(), reason.to_string());
+                let kind = EventKind::ChangeIgnored { path, reason };
+                self.emit(Event::stamped(plugin.as_deref(), kind));
             }
             Change::Rescan => self.rescan(),
             Change::RootLost => self.on_plugins_dir_lost(),
@@ -655,9 +653,10 @@ impl Core {
             self.config.plugins_dir.display()
         );
         log::warn!("{reason}");
-        let ev = Event::new("change_ignored", None)
-            .with("path", dir.to_string_lossy())
-            .with("reason", reason);
+        let ev = Event::daemon(EventKind::ChangeIgnored {
+            path: dir.to_string_lossy().into_owned(),
+            reason: reason.to_string(),
+        });
         self.emit(ev);
         if self.sup.contains(name) {
             self.remove_plugin(name);
@@ -723,16 +722,17 @@ impl Core {
                 log::error!(
                     "configuration reload failed, keeping the running configuration: {error}"
                 );
-                self.emit(Event::new("config_rejected", None).with("error", error.as_str()));
+                self.emit(Event::daemon(EventKind::ConfigRejected {
+                    error: error.clone(),
+                }));
                 Err(error)
             }
             Ok(new) => {
                 let needs_restart = self.apply_config(new);
                 log::info!("configuration reloaded");
-                self.emit(
-                    Event::new("config_reloaded", None)
-                        .with("needs_restart", needs_restart.clone()),
-                );
+                self.emit(Event::daemon(EventKind::ConfigReloaded {
+                    needs_restart: needs_restart.clone(),
+                }));
                 Ok(needs_restart)
             }
         };
@@ -752,12 +752,12 @@ impl Core {
         self.enabled = on;
         if on {
             log::info!("hot reload enabled");
-            self.emit(Event::new("hot_reload_enabled", None));
+            self.emit(Event::daemon(EventKind::HotReloadEnabled));
             let (mut ctx, sup) = self.ctx();
             sup.on_enable(&mut ctx);
         } else {
             log::info!("hot reload disabled");
-            self.emit(Event::new("hot_reload_disabled", None));
+            self.emit(Event::daemon(EventKind::HotReloadDisabled));
         }
     }
 

@@ -20,7 +20,6 @@ pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod daemon;
-pub mod events;
 pub mod exit;
 mod fsutil;
 pub mod hooks;

@@ -16,7 +16,7 @@
 //! as 127.0.0.1. Port 0 is accepted: the kernel then picks a port once, when the daemon binds,
 //! and it stays fixed across reloads (mostly useful to tests, see [`ListenSocket::local_port`]).
 //!
-//! The spec is configuration's [`SocketSpec`], parsed by the same grammar, so whatever
+//! The spec is the [`SocketSpec`] configuration parsed (`PluginSettings::sockets`), so whatever
 //! configuration accepts binds here. A Unix socket's file (stale probe, removal only while it is
 //! still ours) is `sys::socket_file`'s.
 
@@ -44,12 +44,6 @@ const PARENT_DIR_MODE: u32 = 0o755;
 
 pub use crate::config::SocketSpec;
 use crate::sys::socket_file::{self, Occupant, SocketFile};
-
-/// Parse one `sockets` entry with configuration's grammar (the one grammar), so whatever
-/// configuration accepted binds here; the error names the value and lists the valid forms.
-pub fn parse_spec(s: &str) -> Result<SocketSpec, String> {
-    crate::config::parse_socket_spec(s).map_err(|why| format!("invalid socket {why}"))
-}
 
 /// A bound, listening socket, kept open by the daemon across plugin reloads.
 #[derive(Debug)]
@@ -243,20 +237,6 @@ mod tests {
 
     fn tcp(addr: &str) -> SocketSpec {
         SocketSpec::Tcp(addr.parse().unwrap())
-    }
-
-    #[test]
-    fn the_binder_parses_with_the_configuration_grammar() {
-        assert_eq!(parse_spec("tcp:localhost:8080"), Ok(tcp("127.0.0.1:8080")));
-        assert_eq!(
-            parse_spec("unix:/run/x.sock"),
-            Ok(SocketSpec::Unix("/run/x.sock".into()))
-        );
-        for text in ["unix:/run/x/", "tcp:LOCALHOST:80", "udp:127.0.0.1:53"] {
-            let error = parse_spec(text).unwrap_err();
-            assert!(crate::config::valid_socket_spec(text).is_err());
-            assert!(error.contains(&format!("{text:?}")), "{error}");
-        }
     }
 
     #[test]

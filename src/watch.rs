@@ -1074,9 +1074,27 @@ impl Watcher {
             return;
         };
         let path = dir.join(&child);
+        let decoded = Decoded { mask, name, path };
+        self.report_subpath(id, rel, decoded, false, matchers, explain, out);
+    }
+
+    /// A file event below plugin `id`'s dir (in subdirectory `rel`): a change to reload for, or
+    /// (explained to verbose subscribers) an ignored one.
+    #[allow(clippy::too_many_arguments)]
+    fn report_subpath(
+        &self,
+        id: &str,
+        rel: &Path,
+        event: Decoded<'_>,
+        is_exec: bool,
+        matchers: &Matchers,
+        explain: bool,
+        out: &mut Vec<Change>,
+    ) {
+        let Decoded { mask, name, path } = event;
         let verdict = match self.subpath_excluded(rel) {
             Some(reason) => Err(reason.into()),
-            None => classify(mask, name, &path, false, Some(matchers)),
+            None => classify(mask, name, &path, is_exec, Some(matchers)),
         };
         match verdict {
             Ok(()) => out.push(Change::File {
@@ -1178,21 +1196,12 @@ impl Watcher {
         let path = dir.join(&name);
         let exec = self.exec_path_of(id);
         let is_exec = exec.as_deref() == Some(path.as_path());
-        let verdict = match self.subpath_excluded(rel) {
-            Some(reason) => Err(reason.into()),
-            None => classify(mask, &name, &path, is_exec, Some(matchers)),
+        let decoded = Decoded {
+            mask,
+            name: &name,
+            path,
         };
-        match verdict {
-            Ok(()) => out.push(Change::File {
-                plugin: id.to_string(),
-                path,
-            }),
-            Err(reason) => {
-                if explain {
-                    out.push(ignored(Some(id), path, reason.into_owned()));
-                }
-            }
-        }
+        self.report_subpath(id, rel, decoded, is_exec, matchers, explain, out);
     }
 
     /// The build directory's watch ended, or something appeared where it may come back:
@@ -1220,6 +1229,13 @@ impl Watcher {
             }
         }
     }
+}
+
+/// One file event, as inotify reported it or a poll round worked it out.
+struct Decoded<'a> {
+    mask: EventMask,
+    name: &'a OsStr,
+    path: PathBuf,
 }
 
 /// What one attempt to watch a plugin's build directory came to.

@@ -4,6 +4,7 @@
 //! its effective values, so `Config::plugins` and `--check-config` show what will really be used,
 //! and a plugin without a table gets the same merge from an empty one.
 
+use super::socket_spec::{SocketSpec, parse_socket_spec};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -28,9 +29,9 @@ pub struct PluginSettings {
     pub autostart: bool,
     /// `false`: a change of its files never reloads it (`enable ID` may override at runtime).
     pub hot_reload: bool,
-    /// Listening sockets as written (`tcp:HOST:PORT`, `unix:/path`; validated, distinct), bound
-    /// once by the daemon and passed to every instance as `LISTEN_FDS` in this order.
-    pub sockets: Vec<String>,
+    /// Listening sockets (parsed from `tcp:HOST:PORT`, `unix:/path`; distinct), bound once by
+    /// the daemon and passed to every instance as `LISTEN_FDS` in this order.
+    pub sockets: Vec<SocketSpec>,
     /// > 0: the plugin must send `WATCHDOG=1` at least this often; 0 = off.
     pub watchdog_ms: u64,
     /// How many fds the plugin may park with `FDSTORE=1` across reloads; 0 = none.
@@ -65,7 +66,7 @@ pub(crate) fn settings(
         strategy: written.strategy.unwrap_or_default(),
         autostart: written.autostart.unwrap_or(true),
         hot_reload: written.hot_reload.unwrap_or(true),
-        sockets: written.sockets.clone().unwrap_or_default(),
+        sockets: parsed_sockets(written.sockets.as_deref().unwrap_or_default()),
         watchdog_ms: written.watchdog_ms.unwrap_or(0),
         fdstore_max: written.fdstore_max.unwrap_or(DEFAULT_FDSTORE_MAX),
         stop_timeout_ms: written
@@ -87,6 +88,15 @@ pub(crate) fn settings(
     }
 }
 
+/// The `sockets` entries, parsed. Validation refused any entry that does not parse before
+/// settings are made, so none is dropped here.
+fn parsed_sockets(written: &[String]) -> Vec<SocketSpec> {
+    written
+        .iter()
+        .filter_map(|spec| parse_socket_spec(spec).ok())
+        .collect()
+}
+
 /// A plugin table with every key set to its effective value. `config` stays TOML (a datetime
 /// must stay a datetime).
 pub(crate) fn complete(
@@ -105,7 +115,7 @@ pub(crate) fn complete(
         strategy: Some(effective.strategy),
         autostart: Some(effective.autostart),
         hot_reload: Some(effective.hot_reload),
-        sockets: Some(effective.sockets),
+        sockets: Some(effective.sockets.iter().map(ToString::to_string).collect()),
         watchdog_ms: Some(effective.watchdog_ms),
         fdstore_max: Some(effective.fdstore_max),
         stop_timeout_ms: Some(effective.stop_timeout_ms),
@@ -247,7 +257,8 @@ mod tests {
         assert_eq!(full, complete("p", Some(&full), &supervisor));
         let effective = settings("p", Some(&full), &supervisor);
         assert_eq!(effective, settings("p", Some(&protocol), &supervisor));
-        assert_eq!(effective.sockets, ["unix:/run/p.sock", "tcp:[::1]:9"]);
+        let written: Vec<String> = effective.sockets.iter().map(ToString::to_string).collect();
+        assert_eq!(written, ["unix:/run/p.sock", "tcp:[::1]:9"]);
         assert_eq!((effective.watchdog_ms, effective.fdstore_max), (500, 4));
         assert_eq!(
             (effective.ready, effective.strategy),

@@ -549,7 +549,10 @@ timeout_ms = 2500
         (ReadyMode::Notify, Strategy::StartStop)
     );
     assert_eq!(proto.sockets.len(), 4);
-    assert_eq!(proto.sockets[3], "unix:/run/hotreload/proto.sock");
+    assert_eq!(
+        proto.sockets[3].to_string(),
+        "unix:/run/hotreload/proto.sock"
+    );
     assert_eq!((proto.watchdog_ms, proto.fdstore_max), (500, 4));
     assert_eq!(proto.ready_timeout_ms, 3000);
     assert_eq!(again.hooks.timeout_ms, 2500);

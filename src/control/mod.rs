@@ -37,7 +37,6 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::time::SystemTime;
 
 use log::{debug, info, warn};
 use mio::net::{UnixListener, UnixStream};
@@ -991,8 +990,7 @@ fn flush(conn: &mut Conn) -> io::Result<()> {
 }
 
 fn lagged_line(dropped: u64) -> Vec<u8> {
-    let time = humantime::format_rfc3339_millis(SystemTime::now());
-    format!("{{\"event\":\"lagged\",\"time\":\"{time}\",\"dropped\":{dropped}}}\n").into_bytes()
+    crate::protocol::Event::daemon(crate::protocol::EventKind::Lagged { dropped }).to_line()
 }
 
 /// A client that went away: not worth a warning.

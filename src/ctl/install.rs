@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Value, json};
 
 use crate::fsutil;
-use crate::protocol::{self, Request};
+use crate::protocol::{self, PluginReply, Request, StatusReply};
 
 use super::client::{Client, os_text};
 use super::commands;
@@ -165,8 +165,8 @@ struct Target {
     hot_reload: bool,
     /// For a new plugin: the id matches none of `watch_patterns`, so the daemon will ignore it.
     unwatched: Option<String>,
-    /// The plugin's `last_error` before the install (`Null` for none or a new plugin).
-    last_error: Value,
+    /// The plugin's `last_error` before the install (none for a new plugin).
+    last_error: Option<String>,
 }
 
 impl Target {
@@ -188,39 +188,34 @@ fn locate(client: &mut Client, id: &str) -> Result<Target, CtlError> {
     }))?;
     let known = match plugin.value["code"].as_str() {
         Some("unknown_plugin") => None,
-        _ => Some(plugin.into_success()?.value),
+        _ => Some(plugin.into_success()?.body::<PluginReply>()?.plugin.info),
     };
     let status = client
         .request(&Request::new(protocol::Command::Status))?
         .into_success()?
-        .value;
-    let hot_reload = status["hot_reload"]["enabled"].as_bool().unwrap_or(true);
-    if let Some(reply) = known {
-        let p = &reply["plugin"];
-        let exec = p["exec"]
-            .as_str()
-            .map(PathBuf::from)
+        .body::<StatusReply>()?;
+    let hot_reload = status.hot_reload.enabled;
+    if let Some(p) = known {
+        let exec = Some(PathBuf::from(&p.exec))
             .filter(|e| e.is_absolute())
             .ok_or_else(|| {
                 CtlError::Failed(format!(
-                    "the daemon reported no absolute exec path for plugin {id}: {}",
-                    p["exec"]
+                    "the daemon reported no absolute exec path for plugin {id}: {:?}",
+                    p.exec
                 ))
             })?;
-        let state = p["state"].as_str().unwrap_or("");
         return Ok(Target {
             exec,
-            version: p["version"].as_str().map(str::to_string),
-            first_start: matches!(state, "missing" | "stopped" | "failed"),
+            version: p.version,
+            first_start: matches!(p.state.as_str(), "missing" | "stopped" | "failed"),
             create_dir: false,
             hot_reload,
             unwatched: None,
-            last_error: p["last_error"].clone(),
+            last_error: p.last_error,
         });
     }
-    let plugins_dir = status["daemon"]["plugins_dir"]
-        .as_str()
-        .map(PathBuf::from)
+    let plugins_dir = Some(PathBuf::from(&status.daemon.plugins_dir))
+        .filter(|d| d.is_absolute())
         .ok_or_else(|| {
             CtlError::Failed(
                 "the daemon's status has no daemon.plugins_dir; cannot place a new plugin"
@@ -233,20 +228,16 @@ fn locate(client: &mut Client, id: &str) -> Result<Target, CtlError> {
         first_start: true,
         create_dir: true,
         hot_reload,
-        unwatched: unwatched(id, &status["hot_reload"]["watch_patterns"]),
-        last_error: Value::Null,
+        unwatched: unwatched(id, &status.hot_reload.watch_patterns),
+        last_error: None,
     })
 }
 
 /// `Some(patterns)` when `id` matches none of the daemon's `watch_patterns` globs.
-fn unwatched(id: &str, patterns: &Value) -> Option<String> {
-    let patterns: Vec<&str> = patterns
-        .as_array()?
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    let matches = |p: &&str| globset::Glob::new(p).is_ok_and(|g| g.compile_matcher().is_match(id));
-    if patterns.iter().any(matches) {
+fn unwatched(id: &str, patterns: &[String]) -> Option<String> {
+    let matches =
+        |p: &String| globset::Glob::new(p).is_ok_and(|g| g.compile_matcher().is_match(id));
+    if patterns.is_empty() || patterns.iter().any(matches) {
         None
     } else {
         Some(patterns.join(", "))
@@ -538,16 +529,15 @@ mod tests {
 
     #[test]
     fn unwatched_ids_are_detected() {
-        assert_eq!(unwatched("p1", &json!(["*"])), None);
+        let globs = |g: &[&str]| g.iter().map(|g| (*g).to_owned()).collect::<Vec<_>>();
+        assert_eq!(unwatched("p1", &globs(&["*"])), None);
+        let two = globs(&["*_transcoder", "*_scanner"]);
+        assert_eq!(unwatched("x_scanner", &two), None);
         assert_eq!(
-            unwatched("x_scanner", &json!(["*_transcoder", "*_scanner"])),
-            None
-        );
-        assert_eq!(
-            unwatched("p1", &json!(["*_transcoder", "*_scanner"])),
+            unwatched("p1", &two),
             Some("*_transcoder, *_scanner".into())
         );
-        assert_eq!(unwatched("p1", &Value::Null), None);
+        assert_eq!(unwatched("p1", &[]), None, "a daemon that names no globs");
     }
 
     /// A fake daemon for install: `plugin` answers from `plugin` (or unknown_plugin when null),
@@ -712,7 +702,7 @@ mod tests {
         let events = vec![
             json!({"event": "plugin_added", "plugin": "p2"}),
             json!({"event": "plugin_started", "plugin": "p2", "pid": 42, "version": version}),
-            json!({"event": "plugin_ready", "plugin": "p2"}),
+            json!({"event": "plugin_ready", "plugin": "p2", "pid": 42}),
         ];
         let daemon = install_daemon(Value::Null, &dir.join("plugins"), events);
         let run = run_capture(

@@ -8,10 +8,12 @@
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::protocol::{
-    LifecycleResult, PluginDetail, PluginInfo, ReloadRecord, StatusReply, TriggerResult,
+    Event, EventKind, LifecycleResult, PluginDetail, PluginInfo, ReloadRecord, StatusReply,
+    TriggerResult,
 };
 
 /// How to render: decided once per command from the terminal and the environment.
@@ -567,7 +569,9 @@ fn event_tone(name: &str) -> Option<Tone> {
             Some(Tone::Good)
         }
         "reload_failed" | "config_rejected" => Some(Tone::Bad),
-        "rolled_back" | "state_warning" | "hot_reload_disabled" | "lagged" => Some(Tone::Warn),
+        "rolled_back" | "state_warning" | "hot_reload_disabled" | "plugin_stopped" | "lagged" => {
+            Some(Tone::Warn)
+        }
         "change_ignored" => Some(Tone::Dim),
         _ => None,
     }
@@ -626,24 +630,20 @@ pub fn event_line(event: &Value, style: &Style) -> String {
 }
 
 /// For a `plugin_output` event, `[id] line` (stderr lines as `[id stderr] line`); `None` for
-/// every other event.
+/// every other event (read as the daemon's typed [`Event`]; `events` itself prints any event
+/// generically, so an older client still shows a newer daemon's events).
 pub fn log_line(event: &Value, style: &Style) -> Option<String> {
-    if event["event"] != "plugin_output" {
+    let event = Event::deserialize(event).ok()?;
+    let EventKind::PluginOutput { stream, line } = event.kind else {
         return None;
-    }
-    let plugin = event["plugin"].as_str().unwrap_or("-");
-    let line = event["line"].as_str().unwrap_or("");
-    if event["stream"] == "stderr" {
-        Some(format!(
-            "{} {line}",
-            style.paint(Tone::Bad, &format!("[{plugin} stderr]"))
-        ))
+    };
+    let plugin = event.plugin.as_deref().unwrap_or("-");
+    let (tone, tag) = if stream == "stderr" {
+        (Tone::Bad, format!("[{plugin} stderr]"))
     } else {
-        Some(format!(
-            "{} {line}",
-            style.paint(Tone::Dim, &format!("[{plugin}]"))
-        ))
-    }
+        (Tone::Dim, format!("[{plugin}]"))
+    };
+    Some(format!("{} {line}", style.paint(tone, &tag)))
 }
 
 /// `watching_directories` counts the plugins dir (while it is there) and each plugin dir:

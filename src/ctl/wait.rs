@@ -13,12 +13,13 @@
 
 use std::time::{Duration, Instant};
 
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::client::{Client, ReadError, parse_reply};
 use super::render::{self, Style, text};
 use super::{CtlError, Io};
-use crate::protocol::{self, Request, TriggerResult};
+use crate::protocol::{self, Event, EventKind, PluginInfo, PluginReply, Request, TriggerResult};
 
 /// How long `--wait` waits for a reload result (retries with backoff included).
 pub const WAIT_LIMIT: Duration = Duration::from_secs(120);
@@ -36,46 +37,54 @@ const DRAIN: Duration = Duration::from_millis(100);
 pub(super) struct Probe<'a> {
     client: &'a mut Client,
     /// `last_error` before the install: a refusal shows as a different one.
-    error_before: Value,
+    error_before: Option<String>,
 }
 
 impl<'a> Probe<'a> {
-    pub(super) fn new(client: &'a mut Client, error_before: Value) -> Probe<'a> {
+    pub(super) fn new(client: &'a mut Client, error_before: Option<String>) -> Probe<'a> {
         Probe {
             client,
             error_before,
         }
     }
 
-    /// The plugin as `plugin ID` shows it (`Null` when the daemon does not know it yet).
-    fn plugin(&mut self, id: &str) -> Result<Value, CtlError> {
+    /// The plugin as `plugin ID` shows it (`None` when the daemon does not know it yet).
+    fn plugin(&mut self, id: &str) -> Result<Option<PluginInfo>, CtlError> {
         let reply = self
             .client
             .request(&Request::new(protocol::Command::Plugin {
                 id: id.to_owned(),
             }))?;
-        Ok(reply.value["plugin"].clone())
+        if reply.value["status"] != "success" {
+            return Ok(None);
+        }
+        Ok(Some(reply.body::<PluginReply>()?.plugin.info))
     }
 
     /// A first start the daemon refused: the plugin waits in `missing` or `failed` with a new
     /// `last_error` from the pre-flight check, naming the file. (A `missing` plugin whose dir
     /// did not hold the build yet has a `last_error` too, saying what the dir holds: not ours.)
     fn refused_start(&mut self, id: &str) -> Result<Option<String>, CtlError> {
-        let p = self.plugin(id)?;
-        let settled = matches!(p["state"].as_str(), Some("missing" | "failed"));
-        let error = &p["last_error"];
-        let refused = error
-            .as_str()
-            .is_some_and(|e| e.starts_with(crate::preflight::FAILED_PREFIX));
-        Ok((settled && refused && *error != self.error_before)
-            .then(|| format!("{id}: not started: {}", text(error))))
+        let Some(p) = self.plugin(id)? else {
+            return Ok(None);
+        };
+        let settled = matches!(p.state.as_str(), "missing" | "failed");
+        let Some(error) = p
+            .last_error
+            .filter(|e| Some(e) != self.error_before.as_ref())
+        else {
+            return Ok(None);
+        };
+        let refused = error.starts_with(crate::preflight::FAILED_PREFIX);
+        Ok((settled && refused).then(|| format!("{id}: not started: {error}")))
     }
 
     /// Whether a rollback can still follow a final failure: not when a build other than `ours`
     /// is running and no job is under way (the old build never stopped).
     fn rollback_possible(&mut self, id: &str, ours: &str) -> Result<bool, CtlError> {
-        let p = self.plugin(id)?;
-        let old_runs = p["state"] == "running" && p["version"].as_str() != Some(ours);
+        let old_runs = self
+            .plugin(id)?
+            .is_some_and(|p| p.state == "running" && p.version.as_deref() != Some(ours));
         Ok(!old_runs)
     }
 }
@@ -99,7 +108,7 @@ pub(super) struct Waiter {
     version: String,
     first_start: bool,
     /// When `plugin_started` for our version arrived, and the pid (first-start mode).
-    started: Option<(Instant, Value)>,
+    started: Option<(Instant, i32)>,
 }
 
 impl Waiter {
@@ -113,47 +122,62 @@ impl Waiter {
         }
     }
 
+    /// Reads `ev` as the daemon's typed [`Event`]; an event this client does not know (from a
+    /// newer daemon) decides nothing.
     fn on_event(&mut self, ev: &Value, now: Instant) -> Step {
-        if ev["plugin"].as_str() != Some(self.plugin.as_str()) {
-            return Step::Continue;
+        match Event::deserialize(ev) {
+            Ok(event) if event.plugin.as_deref() == Some(self.plugin.as_str()) => {
+                self.on_plugin_event(event.kind, now)
+            }
+            _ => Step::Continue,
         }
+    }
+
+    fn on_plugin_event(&mut self, kind: EventKind, now: Instant) -> Step {
         let p = &self.plugin;
-        let ours = |key: &str| ev[key].as_str().is_none_or(|v| v == self.version);
-        match ev["event"].as_str().unwrap_or("") {
+        let ours = |version: &str| version == self.version;
+        match kind {
             // A reload of an earlier build that was already under way is not ours.
-            "reload_succeeded" if !ours("new_version") => Step::Continue,
-            "reload_succeeded" => {
-                let version = |key: &str| ev[key].as_str().map(str::to_owned);
+            EventKind::ReloadSucceeded {
+                old_version,
+                new_version,
+                duration_ms,
+            } if ours(&new_version) => {
                 let result = TriggerResult {
-                    duration_ms: ev["duration_ms"].as_u64().unwrap_or(0),
+                    duration_ms,
                     error: None,
-                    new_version: version("new_version"),
+                    new_version: Some(new_version),
                     ok: true,
-                    old_version: version("old_version"),
+                    old_version,
                     plugin: p.clone(),
                 };
                 Step::Done(Ok(render::trigger_result(&result, &self.style).0))
             }
-            "reload_failed" if ev["retry_in_ms"].is_null() => {
-                Step::Done(Err(format!("{p}: reload failed: {}", text(&ev["error"]))))
-            }
-            "reload_failed" => Step::Note(format!(
-                "{p}: attempt {} failed: {}; retrying in {} ms",
-                text(&ev["attempt"]),
-                text(&ev["error"]),
-                text(&ev["retry_in_ms"])
+            EventKind::ReloadFailed {
+                error,
+                retry_in_ms: None,
+                ..
+            } => Step::Done(Err(format!("{p}: reload failed: {error}"))),
+            EventKind::ReloadFailed {
+                error,
+                attempt,
+                retry_in_ms: Some(retry_in_ms),
+            } => Step::Note(format!(
+                "{p}: attempt {attempt} failed: {error}; retrying in {retry_in_ms} ms"
             )),
-            "plugin_started" if self.first_start && ours("version") => {
-                self.started = Some((now, ev["pid"].clone()));
+            EventKind::PluginStarted { pid, version } if self.first_start && ours(&version) => {
+                self.started = Some((now, pid));
                 Step::Continue
             }
-            "plugin_ready" if self.first_start && self.started.is_some() => {
+            EventKind::PluginReady { .. } if self.first_start && self.started.is_some() => {
                 Step::Done(Ok(self.started_line()))
             }
-            "plugin_exited" if self.first_start && self.started.take().is_some() => {
+            EventKind::PluginExited { code, signal, .. }
+                if self.first_start && self.started.take().is_some() =>
+            {
                 Step::Note(format!(
                     "{p}: exited right after starting ({}); waiting for the daemon to retry",
-                    exit_text(ev)
+                    exit_text(code, signal)
                 ))
             }
             _ => Step::Continue,
@@ -168,22 +192,19 @@ impl Waiter {
     fn started_line(&self) -> String {
         let pid = self
             .started
-            .as_ref()
-            .map_or(Value::Null, |(_, pid)| pid.clone());
+            .map_or_else(|| "-".to_owned(), |(_, pid)| pid.to_string());
         format!(
-            "{}: started version {} (pid {})",
-            self.plugin,
-            self.version,
-            text(&pid)
+            "{}: started version {} (pid {pid})",
+            self.plugin, self.version
         )
     }
 }
 
-fn exit_text(ev: &Value) -> String {
-    match (&ev["code"], &ev["signal"]) {
-        (Value::Null, Value::Null) => "no exit status".to_string(),
-        (Value::Null, signal) => format!("signal {}", text(signal)),
-        (code, _) => format!("exit code {}", text(code)),
+fn exit_text(code: Option<i32>, signal: Option<i32>) -> String {
+    match (code, signal) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(signal)) => format!("signal {signal}"),
+        (None, None) => "no exit status".to_string(),
     }
 }
 
@@ -293,8 +314,9 @@ fn await_rollback(events: &mut Client, waiter: &Waiter, probe: &mut Probe<'_>) -
         // The failure is the news; a connection lost now does not change it.
         let ev = next_event(events, left, &waiter.plugin).ok()?;
         if let Some(ev) = ev
-            && ev["event"] == "rolled_back"
-            && ev["plugin"] == waiter.plugin.as_str()
+            && let Ok(event) = Event::deserialize(&ev)
+            && matches!(event.kind, EventKind::RolledBack { .. })
+            && event.plugin.as_deref() == Some(waiter.plugin.as_str())
         {
             return Some(ev);
         }
@@ -386,7 +408,7 @@ mod tests {
         );
         assert_eq!(w.settle_deadline(), None);
         assert_eq!(w.on_event(&started, t0), Step::Continue);
-        let ready = json!({"event": "plugin_ready", "plugin": "p2"});
+        let ready = json!({"event": "plugin_ready", "plugin": "p2", "pid": 42});
         assert_eq!(
             w.on_event(&ready, t0),
             Step::Done(Ok(

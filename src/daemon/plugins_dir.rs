@@ -13,7 +13,7 @@
 //! directory is deleted (`rm -rf plugins`) is stopped at once anyway, by its own watch.
 
 use super::Core;
-use crate::events::Event;
+use crate::protocol::{Event, EventKind};
 use crate::supervisor::Timer;
 use crate::watch::RootWait;
 
@@ -74,7 +74,9 @@ impl Core {
             log::warn!(
                 "plugins dir {dir} was removed or moved away; supervision resumes when it is back"
             );
-            self.emit(Event::new("plugins_dir_lost", None).with("plugins_dir", dir));
+            self.emit(Event::daemon(EventKind::PluginsDirLost {
+                plugins_dir: dir,
+            }));
         }
         self.look_for_plugins_dir();
     }
@@ -155,7 +157,9 @@ impl Core {
             self.plugins_dir.lost = false;
             let dir = self.config.plugins_dir.to_string_lossy().into_owned();
             log::info!("plugins dir {dir} is back; supervising what it holds");
-            self.emit(Event::new("plugins_dir_back", None).with("plugins_dir", dir));
+            self.emit(Event::daemon(EventKind::PluginsDirBack {
+                plugins_dir: dir,
+            }));
         }
         self.scan_plugins_dir();
         self.guard_plugins_dir();

@@ -12,6 +12,7 @@
 //! names what is wrong; the `"id"` of a JSON object is echoed on errors too, so a client that
 //! pipelines requests can match every answer.
 
+mod event;
 mod response;
 
 use std::fmt;
@@ -19,6 +20,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub use event::{Event, EventKind};
 pub use response::{
     DaemonStatus, EnabledReply, ErrorReply, HelpReply, HotReloadStatus, LifecycleReply,
     LifecycleResult, ListReply, PluginDetail, PluginInfo, PluginReply, ReloadRecord, ReloadedReply,

@@ -37,7 +37,7 @@ pub struct HotReloadStatus {
     pub last_reload: Option<String>,
     pub reload_count: u64,
     pub watch_patterns: Vec<String>,
-    /// Plugin directories watched (not the plugins dir itself, nor build dirs).
+    /// Directories watched: the plugins dir (while present) and each plugin dir (not build dirs).
     pub watching_directories: usize,
     /// `auto`, `inotify` or `poll` (SPEC §5 "Watching beyond inotify").
     pub watch_mode: String,

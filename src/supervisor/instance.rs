@@ -19,7 +19,7 @@ use super::plugin::{Instance, JobPhase, Phase, Plugin, Rest, Slot, Snap};
 use super::reap::ExitKind;
 use super::{Ctx, Pipe, Supervisor, Timer, cancel_timer, spawn};
 use crate::config::{ReadyMode, RestartPolicy};
-use crate::events::Event;
+use crate::protocol::{Event, EventKind};
 
 impl Supervisor {
     /// Spawn `target` into the Current slot with its pipes, sockets and environment.
@@ -123,11 +123,13 @@ impl Supervisor {
             scope,
         });
         log::info!("[{id}] started pid {} version {}", pid, target.version);
-        ctx.emit(
-            Event::new("plugin_started", Some(id))
-                .with("pid", pid.as_raw())
-                .with("version", target.version.as_str()),
-        );
+        ctx.emit(Event::plugin(
+            id,
+            EventKind::PluginStarted {
+                pid: pid.as_raw(),
+                version: target.version.clone(),
+            },
+        ));
         Ok(seq)
     }
 
@@ -171,7 +173,12 @@ impl Supervisor {
         let watchdog_timer = (watchdog_ms > 0)
             .then(|| ctx.arm(watchdog_ms, Timer::PluginWatchdog(id.to_string(), seq)));
         inst.phase = Phase::Running { watchdog_timer };
-        ctx.emit(Event::new("plugin_ready", Some(id)).with("pid", inst.pid.as_raw()));
+        ctx.emit(Event::plugin(
+            id,
+            EventKind::PluginReady {
+                pid: inst.pid.as_raw(),
+            },
+        ));
         let verifying = matches!(
             p.job.as_ref().map(|j| &j.phase),
             Some(JobPhase::Verifying { seq: s }) if *s == seq
@@ -231,11 +238,13 @@ impl Supervisor {
             "[{id}] watchdog timeout: no WATCHDOG=1 for {ms} ms; killing pid {}",
             inst.pid
         );
-        ctx.emit(
-            Event::new("plugin_watchdog", Some(id))
-                .with("pid", inst.pid.as_raw())
-                .with("watchdog_ms", ms),
-        );
+        ctx.emit(Event::plugin(
+            id,
+            EventKind::PluginWatchdog {
+                pid: inst.pid.as_raw(),
+                watchdog_ms: ms,
+            },
+        ));
         let _ = self
             .host
             .signal_process(inst.pid, inst.pidfd.as_ref(), libc::SIGABRT);
@@ -369,13 +378,19 @@ impl Supervisor {
         let pid_raw = inst.pid.as_raw();
         let suffix = if expected { "" } else { " (unexpected)" };
         log::info!("[{id}] pid {pid_raw} exited with {status}{suffix}");
-        let ev = Event::new("plugin_exited", Some(&id))
-            .with("pid", pid_raw)
-            .with("expected", expected);
-        ctx.emit(match status {
-            ExitKind::Code(c) => ev.with("code", c),
-            ExitKind::Signal(s) => ev.with("signal", s),
-        });
+        let (code, signal) = match status {
+            ExitKind::Code(c) => (Some(c), None),
+            ExitKind::Signal(s) => (None, Some(s)),
+        };
+        ctx.emit(Event::plugin(
+            &id,
+            EventKind::PluginExited {
+                pid: pid_raw,
+                code,
+                signal,
+                expected,
+            },
+        ));
         if inst.phase.is_leaving() {
             // Other processes of the instance may outlive the leader: the kill timer sweeps them.
             let killed = inst.phase.killed();

@@ -17,9 +17,9 @@ use super::plugin::{
 use super::start_limit::LimitHit;
 use super::{Ctx, MAX_RUNTIME_BYTES, Supervisor, Timer, Totals, Trigger, Waiter, retry_delay};
 use crate::config::Strategy;
-use crate::events::Event;
 use crate::hooks::{HookContext, HookKind};
 use crate::protocol::TriggerResult;
+use crate::protocol::{Event, EventKind};
 use crate::{clock, preflight, snapshot, state_file};
 
 /// Why a start attempt did not work out.
@@ -188,22 +188,26 @@ impl Supervisor {
             self.keep_retiring(ctx, id, &job.target);
         }
         for f in &job.files {
-            ctx.emit(
-                Event::new("change_ignored", Some(id))
-                    .with("path", f.as_str())
-                    .with("reason", format!("unchanged version {version}")),
-            );
+            ctx.emit(Event::plugin(
+                id,
+                EventKind::ChangeIgnored {
+                    path: f.clone(),
+                    reason: format!("unchanged version {version}"),
+                },
+            ));
         }
         let new = Some(version.to_owned());
         let duration_ms = clock::millis(self.host.now().saturating_duration_since(job.started));
         if job.announced {
             // Announced when an earlier copy of the build failed: it gets its outcome too.
-            ctx.emit(
-                Event::new("reload_succeeded", Some(id))
-                    .with("old_version", job.old_version.clone())
-                    .with("new_version", version)
-                    .with("duration_ms", duration_ms),
-            );
+            ctx.emit(Event::plugin(
+                id,
+                EventKind::ReloadSucceeded {
+                    old_version: job.old_version.clone(),
+                    new_version: version.to_string(),
+                    duration_ms,
+                },
+            ));
             if let Some(p) = self.plugins.get_mut(id) {
                 let entry = HistoryEntry::of_reload(job, self.host.wall(), duration_ms, None);
                 p.push_history(entry);
@@ -276,11 +280,13 @@ impl Supervisor {
             job.old_version.as_deref().unwrap_or("none"),
             new_version.unwrap_or("(not copied yet)")
         );
-        ctx.emit(
-            Event::new("reload_started", Some(id))
-                .with("trigger", job.trigger.as_str())
-                .with("files", job.files.clone()),
-        );
+        ctx.emit(Event::plugin(
+            id,
+            EventKind::ReloadStarted {
+                trigger: job.trigger.as_str().to_owned(),
+                files: job.files.clone(),
+            },
+        ));
         self.run_job_hook(ctx, id, HookKind::ReloadStart, job, new_version, None);
     }
 
@@ -407,11 +413,13 @@ impl Supervisor {
         if let Err(e) = self.write_state_file(id, version, "starting", DirSync::EndOfTurn) {
             let path = self.state_path(id);
             log::warn!("[{id}] cannot write state file, starting with the one on disk: {e}");
-            ctx.emit(
-                Event::new("state_warning", Some(id))
-                    .with("error", format!("cannot write state file: {e}"))
-                    .with("path", path.to_string_lossy()),
-            );
+            ctx.emit(Event::plugin(
+                id,
+                EventKind::StateWarning {
+                    error: format!("cannot write state file: {e}"),
+                    path: path.to_string_lossy().into_owned(),
+                },
+            ));
         }
         Ok(())
     }
@@ -425,11 +433,13 @@ impl Supervisor {
             // `e` names the file.
             let error = e.to_string();
             log::warn!("[{id}] {error}");
-            ctx.emit(
-                Event::new("state_warning", Some(id))
-                    .with("error", error)
-                    .with("path", path.to_string_lossy()),
-            );
+            ctx.emit(Event::plugin(
+                id,
+                EventKind::StateWarning {
+                    error: error.to_string(),
+                    path: path.to_string_lossy().into_owned(),
+                },
+            ));
         }
         if let Some(p) = self.plugins.get_mut(id) {
             p.runtime_data = Value::Null;
@@ -451,21 +461,25 @@ impl Supervisor {
                         path.display()
                     );
                     log::warn!("[{id}] {reason}");
-                    ctx.emit(
-                        Event::new("state_warning", Some(id))
-                            .with("error", reason.as_str())
-                            .with("path", path.to_string_lossy()),
-                    );
+                    ctx.emit(Event::plugin(
+                        id,
+                        EventKind::StateWarning {
+                            error: reason.clone(),
+                            path: path.to_string_lossy().into_owned(),
+                        },
+                    ));
                 }
             }
             state_file::RuntimeRead::Valid(v) => p.runtime_data = v,
             state_file::RuntimeRead::Invalid(reason) => {
                 log::warn!("[{id}] keeping the previous runtime_data: {reason}");
-                ctx.emit(
-                    Event::new("state_warning", Some(id))
-                        .with("error", reason.as_str())
-                        .with("path", path.to_string_lossy()),
-                );
+                ctx.emit(Event::plugin(
+                    id,
+                    EventKind::StateWarning {
+                        error: reason.clone(),
+                        path: path.to_string_lossy().into_owned(),
+                    },
+                ));
             }
         }
     }
@@ -575,19 +589,23 @@ impl Supervisor {
                     job.old_version.as_deref().unwrap_or("none"),
                     job.target.version
                 );
-                ctx.emit(
-                    Event::new("reload_succeeded", Some(id))
-                        .with("old_version", job.old_version.clone())
-                        .with("new_version", job.target.version.as_str())
-                        .with("duration_ms", duration_ms),
-                );
+                ctx.emit(Event::plugin(
+                    id,
+                    EventKind::ReloadSucceeded {
+                        old_version: job.old_version.clone(),
+                        new_version: job.target.version.clone(),
+                        duration_ms,
+                    },
+                ));
             }
             JobKind::Rollback => {
                 log::warn!("[{id}] rolled back to version {}", job.target.version);
-                ctx.emit(
-                    Event::new("rolled_back", Some(id))
-                        .with("version", job.target.version.as_str()),
-                );
+                ctx.emit(Event::plugin(
+                    id,
+                    EventKind::RolledBack {
+                        version: job.target.version.clone(),
+                    },
+                ));
             }
             // A good build runs: an earlier refusal (pre-flight) or a copy that failed for lack
             // of space is over.
@@ -756,7 +774,12 @@ impl Supervisor {
                 p.current = p.last_good.clone();
                 p.instance = Some(old);
                 log::warn!("[{id}] keeping the running version {version}");
-                ctx.emit(Event::new("rolled_back", Some(id)).with("version", version));
+                ctx.emit(Event::plugin(
+                    id,
+                    EventKind::RolledBack {
+                        version: version.to_string(),
+                    },
+                ));
                 no_rollback(ctx, &mut job, self.host.now());
                 self.run_queued(ctx, id);
                 return;
@@ -961,12 +984,14 @@ fn emit_reload_failed(
     attempt: u32,
     retry_in_ms: Option<u64>,
 ) {
-    ctx.emit(
-        Event::new("reload_failed", Some(id))
-            .with("error", error)
-            .with("attempt", attempt)
-            .with("retry_in_ms", retry_in_ms.map_or(Value::Null, Value::from)),
-    );
+    ctx.emit(Event::plugin(
+        id,
+        EventKind::ReloadFailed {
+            error: error.to_owned(),
+            attempt,
+            retry_in_ms,
+        },
+    ));
 }
 
 /// Whether a snapshot failed on the daemon's side (the runtime dir full or failing, the build

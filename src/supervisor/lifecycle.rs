@@ -12,8 +12,8 @@
 use super::job::{self, DirSync};
 use super::plugin::{JobPhase, Plugin, ReloadSwitch, Wanted};
 use super::{Ctx, Supervisor, Trigger, Waiter, cancel_timer};
-use crate::events::Event;
 use crate::protocol::TriggerResult;
+use crate::protocol::{Event, EventKind};
 use crate::state_file::ControlRecord;
 
 /// Why a job or queued reload ended without an outcome of its own.
@@ -140,7 +140,11 @@ impl Supervisor {
         } else {
             log::info!("[{id}] {action} requested");
         }
-        ctx.emit(Event::new("plugin_start_requested", Some(id)).with("action", action));
+        let action = action.to_owned();
+        ctx.emit(Event::plugin(
+            id,
+            EventKind::PluginStartRequested { action },
+        ));
     }
 
     /// A stop in progress whose instances are all gone is done: the plugin is `Down`.
@@ -158,7 +162,10 @@ impl Supervisor {
         p.wanted = Wanted::Down { since };
         let version = p.current.as_ref().map(|s| s.version.clone());
         log::info!("[{id}] stopped by request; `start {id}` starts it again");
-        ctx.emit(Event::new("plugin_stopped", Some(id)).with("version", version.clone()));
+        let stopped = EventKind::PluginStopped {
+            version: version.clone(),
+        };
+        ctx.emit(Event::plugin(id, stopped));
         answer(ctx, id, &waiters, true, version, None);
     }
 
@@ -179,12 +186,12 @@ impl Supervisor {
         p.switch = ReloadSwitch::set(on, p.settings.hot_reload);
         if was_on != on {
             let (word, event) = if on {
-                ("enabled", "hot_reload_enabled")
+                ("enabled", EventKind::HotReloadEnabled)
             } else {
-                ("disabled", "hot_reload_disabled")
+                ("disabled", EventKind::HotReloadDisabled)
             };
             log::info!("[{id}] hot reload {word} for this plugin");
-            ctx.emit(Event::new(event, Some(id)));
+            ctx.emit(Event::plugin(id, event));
         }
         let changed = on && global_enabled && std::mem::take(&mut p.changed_while_disabled);
         let exec = p.exec_path().to_string_lossy().into_owned();
@@ -231,11 +238,13 @@ impl Supervisor {
         if let Err(e) = self.write_state_file(id, &version, status, DirSync::Now) {
             let path = self.state_path(id);
             log::warn!("[{id}] cannot record the request in the state file: {e}");
-            ctx.emit(
-                Event::new("state_warning", Some(id))
-                    .with("error", format!("cannot write state file: {e}"))
-                    .with("path", path.to_string_lossy()),
-            );
+            ctx.emit(Event::plugin(
+                id,
+                EventKind::StateWarning {
+                    error: format!("cannot write state file: {e}"),
+                    path: path.to_string_lossy().into_owned(),
+                },
+            ));
         }
     }
 }

@@ -66,9 +66,9 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 use crate::config::{self, Config};
-use crate::events::Event;
 use crate::hooks::HookRun;
 use crate::plugin_notify::NotifySocket;
+use crate::protocol::{Event, EventKind};
 use crate::state_file::StateError;
 use crate::wheel::{TimerId, TimerWheel};
 use crate::{state_file, token};
@@ -269,7 +269,7 @@ impl Supervisor {
         self.plugins.insert(id.to_string(), plugin);
         self.open_plugin_sockets(ctx, id);
         log::info!("[{id}] plugin added");
-        ctx.emit(Event::new("plugin_added", Some(id)));
+        ctx.emit(Event::plugin(id, EventKind::PluginAdded));
         if autostart && !self.shutting_down {
             // Started from the loop a few at a time, so that a daemon with a thousand plugins
             // answers its socket while it brings them up.
@@ -398,7 +398,7 @@ impl Supervisor {
             let dir = self.snapshot_dir(id);
             self.host.remove_snapshots(&dir);
             log::info!("[{id}] plugin removed");
-            ctx.emit(Event::new("plugin_removed", Some(id)));
+            ctx.emit(Event::plugin(id, EventKind::PluginRemoved));
         }
     }
 
@@ -432,11 +432,13 @@ impl Supervisor {
             None
         };
         if let Some(reason) = ignored {
-            ctx.emit(
-                Event::new("change_ignored", Some(id))
-                    .with("path", name)
-                    .with("reason", reason),
-            );
+            ctx.emit(Event::plugin(
+                id,
+                EventKind::ChangeIgnored {
+                    path: name.to_string(),
+                    reason,
+                },
+            ));
             return;
         }
         p.pending_files.insert(name);
@@ -600,11 +602,13 @@ impl Supervisor {
         let events = &mut ctx.out.events;
         let status = pipe.reader.read_lines(|line| {
             log::info!("[{id}] {line}");
-            events.push(
-                Event::new("plugin_output", Some(&id))
-                    .with("stream", stream.as_str())
-                    .with("line", line),
-            );
+            events.push(Event::plugin(
+                &id,
+                EventKind::PluginOutput {
+                    stream: stream.as_str().to_owned(),
+                    line: line.to_string(),
+                },
+            ));
         });
         match status {
             PipeStatus::Idle => {}
@@ -788,11 +792,13 @@ fn set_aside_unusable_state(
         "{error}; {kept}: the plugin starts with the runtime_data of its runtime.json, if valid"
     );
     log::warn!("[{id}] unusable state file: {reason}");
-    ctx.emit(
-        Event::new("state_warning", Some(id))
-            .with("error", reason.as_str())
-            .with("path", path.to_string_lossy()),
-    );
+    ctx.emit(Event::plugin(
+        id,
+        EventKind::StateWarning {
+            error: reason.clone(),
+            path: path.to_string_lossy().into_owned(),
+        },
+    ));
 }
 
 fn retry_delay(base_ms: u64, exponent: u32) -> u64 {

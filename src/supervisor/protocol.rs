@@ -22,11 +22,11 @@ use nix::unistd::Pid;
 use super::plugin::{Phase, Slot};
 use super::reap::ExitKind;
 use super::{Ctx, Supervisor, Timer};
-use crate::events::Event;
 use crate::fsutil::create_private_dir;
 use crate::hooks::{HookContext, HookKind};
 use crate::listen;
 use crate::plugin_notify::{Datagram, NotifySocket, sender_in_group};
+use crate::protocol::{Event, EventKind};
 
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
@@ -112,18 +112,11 @@ impl Supervisor {
         };
         let mut old = std::mem::take(&mut p.listen);
         for spec in p.settings.sockets.clone() {
-            let parsed = match listen::parse_spec(&spec) {
-                Ok(parsed) => parsed,
-                Err(e) => {
-                    log::error!("[{id}] cannot listen on {spec}: {e}");
-                    continue;
-                }
-            };
-            if let Some(i) = old.iter().position(|s| s.spec == parsed) {
+            if let Some(i) = old.iter().position(|s| s.spec == spec) {
                 p.listen.push(old.swap_remove(i));
                 continue;
             }
-            match listen::bind(&parsed) {
+            match listen::bind(&spec) {
                 Ok(sock) => {
                     let fd = 3 + p.listen.len();
                     log::info!("[{id}] listening on {spec} (passed to every instance as fd {fd})");
@@ -201,7 +194,12 @@ impl Supervisor {
         }
         if let Some(status) = msg.status.clone() {
             p.status_text = Some(status.clone());
-            ctx.emit(Event::new("plugin_status", Some(id)).with("status_text", status));
+            ctx.emit(Event::plugin(
+                id,
+                EventKind::PluginStatus {
+                    status_text: status.to_string(),
+                },
+            ));
         }
         if msg.fdstore_remove {
             if let Some(name) = &msg.fdname {
@@ -266,11 +264,7 @@ impl Supervisor {
                     hook.plugin,
                     kind.as_str()
                 );
-                ctx.emit(
-                    Event::new("hook_failed", Some(hook.plugin))
-                        .with("hook", kind.as_str())
-                        .with("error", e.to_string()),
-                );
+                ctx.emit(hook_failed(hook.plugin, kind, e.to_string()));
             }
         }
     }
@@ -288,11 +282,11 @@ impl Supervisor {
                 run.plugin,
                 run.kind.as_str()
             );
-            ctx.emit(
-                Event::new("hook_failed", Some(&run.plugin))
-                    .with("hook", run.kind.as_str())
-                    .with("error", format!("exited with {status}")),
-            );
+            ctx.emit(hook_failed(
+                &run.plugin,
+                run.kind,
+                format!("exited with {status}"),
+            ));
         } else {
             log::debug!("[{}] {} hook done", run.plugin, run.kind.as_str());
         }
@@ -309,11 +303,14 @@ impl Supervisor {
             run.plugin,
             run.kind.as_str()
         );
-        ctx.emit(
-            Event::new("hook_failed", Some(&run.plugin))
-                .with("hook", run.kind.as_str())
-                .with("error", format!("killed after timeout_ms ({ms} ms)")),
-        );
+        let error = format!("killed after timeout_ms ({ms} ms)");
+        ctx.emit(hook_failed(&run.plugin, run.kind, error));
         self.host.kill_hook(run);
     }
+}
+
+/// The `hook_failed` event of plugin `id`'s `kind` hook.
+fn hook_failed(id: &str, kind: HookKind, error: String) -> Event {
+    let hook = kind.as_str().to_owned();
+    Event::plugin(id, EventKind::HookFailed { hook, error })
 }

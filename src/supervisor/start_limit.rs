@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 
 use super::plugin::{Job, JobKind, Plugin, Rest};
 use super::{Ctx, MAX_RETRY_DELAY_MS, Supervisor, retry_delay};
-use crate::events::Event;
+use crate::protocol::{Event, EventKind};
 
 /// The shortest wait before a restart after a crash, whatever `retry_delay_ms` says: with
 /// `retry_delay_ms = 0` a plugin that exits at once would make the daemon a busy loop, and with
@@ -172,11 +172,13 @@ impl Supervisor {
             p.settings.start_limit_burst
         );
         p.last_error = Some(message);
-        ctx.emit(
-            Event::new("start_limit_hit", Some(id))
-                .with("restarts", hit.restarts)
-                .with("interval_ms", hit.interval_ms),
-        );
+        ctx.emit(Event::plugin(
+            id,
+            EventKind::StartLimitHit {
+                restarts: hit.restarts,
+                interval_ms: hit.interval_ms,
+            },
+        ));
     }
 
     /// A plugin that crashed with no job in flight and no room to restart: `failed`, with what

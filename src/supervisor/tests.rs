@@ -13,7 +13,7 @@ use super::reap::ExitKind;
 use super::testhost::{Call, FakeHost, World};
 use super::{Ctx, Outbox, Supervisor, Timer, Trigger};
 use crate::config::{self, Config, Env, Overrides};
-use crate::events::Event;
+use crate::protocol::Event;
 use crate::wheel::TimerWheel;
 
 const PLUGINS: &str = "/dev/null/hr/plugins";
@@ -260,11 +260,7 @@ impl Rig {
     }
 
     fn field(&self, name: &str, key: &str) -> Value {
-        self.last(name)
-            .body
-            .get(key)
-            .cloned()
-            .unwrap_or(Value::Null)
+        self.last(name).field(key)
     }
 
     fn clear(&mut self) {
