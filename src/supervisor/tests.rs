@@ -2393,3 +2393,70 @@ fn a_plugin_with_hot_reload_off_still_starts_with_its_first_build() {
     r.deploy("p1", "v2");
     assert!(!r.signalled(pid, SIGTERM), "but no reload");
 }
+
+#[test]
+fn start_of_a_failed_plugin_starts_it_again() {
+    let mut r = Rig::new("[supervisor]\nrestart = \"never\"\n");
+    let pid = r.running("p1", "v1");
+    r.crash(pid);
+    assert_eq!(r.state("p1"), "failed");
+    r.start("p1", 1);
+    r.advance(50);
+    assert_eq!(r.state("p1"), "running");
+    assert_eq!(r.answer(1), Some((true, None)));
+}
+
+#[test]
+fn start_during_a_reload_is_answered_with_the_reloads_outcome() {
+    let mut r = Rig::new("");
+    let old = r.running("p1", "v1");
+    r.deploy("p1", "v2");
+    r.start("p1", 1);
+    assert_eq!(r.answer(1), None);
+    r.terminated(old);
+    r.advance(50);
+    assert_eq!(r.answer(1), Some((true, None)));
+    assert_eq!(r.spawned().len(), 2, "no extra start");
+}
+
+#[test]
+fn start_during_a_first_start_is_answered_when_it_runs() {
+    let mut r = Rig::new("");
+    r.install("p1", "v1");
+    r.add("p1");
+    r.start("p1", 1);
+    assert_eq!(r.answer(1), None);
+    r.advance(50);
+    assert_eq!(r.answer(1), Some((true, None)));
+    assert_eq!(r.spawned().len(), 1);
+}
+
+#[test]
+fn restart_during_a_crash_restart_backoff_starts_at_once() {
+    let mut r = Rig::new("[hot_reload]\nretry_delay_ms = 5000\n");
+    let pid = r.running("p1", "v1");
+    r.crash(pid);
+    assert_eq!(r.state("p1"), "backoff");
+    r.restart("p1", 1);
+    assert_eq!(r.spawned().len(), 2, "not after the backoff");
+    r.advance(50);
+    assert_eq!(r.answer(1), Some((true, None)));
+    r.advance(10_000);
+    assert_eq!(r.spawned().len(), 2);
+}
+
+#[test]
+fn restart_during_a_first_start_restarts_once_it_runs() {
+    let mut r = Rig::new("");
+    r.install("p1", "v1");
+    r.add("p1");
+    let first = r.pid("p1").unwrap();
+    r.restart("p1", 1);
+    assert!(!r.signalled(first, SIGTERM), "queued behind the start");
+    r.advance(50);
+    assert!(r.signalled(first, SIGTERM));
+    r.terminated(first);
+    r.advance(50);
+    assert_eq!(r.spawned().len(), 2);
+    assert_eq!(r.answer(1), Some((true, None)));
+}
