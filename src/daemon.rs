@@ -809,8 +809,14 @@ impl Core {
         if patterns_changed {
             self.scan_plugins_dir();
         }
+        let enabled = self.enabled;
         let (mut ctx, sup) = self.ctx();
         sup.apply_config(&mut ctx);
+        if enabled {
+            // A plugin whose `hot_reload` setting went from false to true reloads a build that
+            // changed meanwhile, as `enable ID` would.
+            sup.on_enable(&mut ctx);
+        }
         // The executable may have moved (`exec` changed): watch where it lives now.
         if let Some(w) = self.watcher.as_mut() {
             w.set_matchers(&self.config.matchers);

@@ -290,3 +290,18 @@ fn lifecycle_and_per_plugin_switch_commands_from_a_foreign_uid_are_permission_de
         "nothing changed; saw {info}"
     );
 }
+
+#[test]
+fn hot_reload_switched_on_in_the_config_reloads_a_build_that_changed_meanwhile() {
+    let off = Config::new().set("plugins.p1.hot_reload", json!(false));
+    let mut d = Daemon::with_config(&off);
+    d.start_running("p1", &Script::new("v1"));
+    let mut sub = verbose_subscriber(&d);
+    let v2 = d.install("p1", &Script::new("v2"));
+    wait_ignored(&mut sub, "p1", "for this plugin");
+    d.write_config(&Config::new().set("plugins.p1.hot_reload", json!(true)));
+    let resp = d.request(&json!({"cmd": "reload-config"}));
+    assert_success(&resp, "reload-config");
+    d.wait_running("p1", &v2);
+    assert_eq!(d.plugin_info("p1").unwrap()["hot_reload"], true);
+}
