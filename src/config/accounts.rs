@@ -59,9 +59,8 @@ pub fn resolve(
                 "{origin}invalid value for `{key}` in [plugins.{id}]: {value:?}; {detail}"
             ))
         };
-        let run_as = resolve_one(table, euid, egid).map_err(|(key, value, detail)| {
-            error(key, &value, detail)
-        })?;
+        let run_as = resolve_one(table, euid, egid)
+            .map_err(|(key, value, detail)| error(key, &value, detail))?;
         if let Some(run_as) = run_as {
             accounts.insert(id.clone(), run_as);
         }
@@ -221,10 +220,14 @@ mod tests {
 
     #[test]
     fn root_resolves_names_and_numbers() {
-        let root = resolve_one(&table(Some("root"), None), 0, 0).unwrap().unwrap();
+        let root = resolve_one(&table(Some("root"), None), 0, 0)
+            .unwrap()
+            .unwrap();
         assert_eq!((root.uid, root.gid, root.user.as_str()), (0, 0, "root"));
         assert!(root.groups.contains(&0));
-        let numeric = resolve_one(&table(Some("0"), Some("0")), 0, 0).unwrap().unwrap();
+        let numeric = resolve_one(&table(Some("0"), Some("0")), 0, 0)
+            .unwrap()
+            .unwrap();
         assert_eq!((numeric.uid, numeric.gid), (0, 0));
         let no_entry = resolve_one(&table(Some("4000000"), Some("4000001")), 0, 0)
             .unwrap()
@@ -235,7 +238,10 @@ mod tests {
         );
         assert_eq!(no_entry.user, "4000000");
         let only_group = resolve_one(&table(None, Some("7")), 0, 0).unwrap().unwrap();
-        assert_eq!((only_group.uid, only_group.gid, only_group.groups), (0, 7, vec![7]));
+        assert_eq!(
+            (only_group.uid, only_group.gid, only_group.groups),
+            (0, 7, vec![7])
+        );
     }
 
     #[test]
@@ -244,14 +250,18 @@ mod tests {
             resolve_one(&table(Some("no-such-user-hrl"), None), 0, 0).unwrap_err();
         assert_eq!((key, value.as_str()), ("user", "no-such-user-hrl"));
         assert!(detail.contains("no such user"), "{detail}");
-        let (key, _, detail) = resolve_one(&table(None, Some("no-such-group-hrl")), 0, 0).unwrap_err();
+        let (key, _, detail) =
+            resolve_one(&table(None, Some("no-such-group-hrl")), 0, 0).unwrap_err();
         assert_eq!(key, "group");
         assert!(detail.contains("no such group"), "{detail}");
         let (key, _, detail) = resolve_one(&table(Some("4000000"), None), 0, 0).unwrap_err();
         assert_eq!(key, "user");
         assert!(detail.contains("set `group` too"), "{detail}");
         for bad in ["", " root", "a:b", "a\0b"] {
-            assert!(resolve_one(&table(Some(bad), None), 0, 0).is_err(), "{bad:?}");
+            assert!(
+                resolve_one(&table(Some(bad), None), 0, 0).is_err(),
+                "{bad:?}"
+            );
         }
     }
 
@@ -261,8 +271,7 @@ mod tests {
             resolve_one(&table(Some("1234"), Some("1234")), 1234, 1234),
             Ok(None)
         );
-        let (key, value, detail) =
-            resolve_one(&table(Some("root"), None), 1234, 1234).unwrap_err();
+        let (key, value, detail) = resolve_one(&table(Some("root"), None), 1234, 1234).unwrap_err();
         assert_eq!((key, value.as_str()), ("user", "root"));
         assert!(
             detail.contains("only a daemon running as root") && detail.contains("uid 1234"),

@@ -502,7 +502,10 @@ mod tests {
         }
         assert_eq!(StopSignal::default().number(), libc::SIGTERM);
         let kill = StopSignal::from_name("SIGKILL").unwrap_err();
-        assert!(kill.starts_with("\"SIGKILL\"; SIGKILL cannot be caught"), "{kill}");
+        assert!(
+            kill.starts_with("\"SIGKILL\"; SIGKILL cannot be caught"),
+            "{kill}"
+        );
         assert!(kill.contains("valid values (with or without the SIG prefix): SIGTERM, SIGINT"));
         for bad in ["STOP", "sigint", "int", "9", "", "SIGSEGV", "SIGCONT"] {
             let err = StopSignal::from_name(bad).unwrap_err();

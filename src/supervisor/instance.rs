@@ -249,7 +249,9 @@ impl Supervisor {
         }
     }
 
-    /// SIGTERM to the instance's group, SIGKILL after the stop timeout.
+    /// The plugin's `stop_signal` (SIGTERM unless configured) to the instance's group and to
+    /// its processes outside the group, SIGKILL after the stop timeout. Every stop goes through
+    /// here: a reload's, a `start-stop` retirement, removal, shutdown.
     pub(super) fn stop_instance(&mut self, ctx: &mut Ctx<'_>, id: &str, slot: Slot) {
         let (version, already) = match self.plugins.get(id).and_then(|p| p.slot(slot)) {
             Some(inst) => (inst.version.clone(), inst.phase.is_stopping()),
@@ -277,11 +279,12 @@ impl Supervisor {
             return;
         };
         let timeout = p.settings.stop_timeout_ms;
+        let stop_signal = p.settings.stop_signal;
         let Some(inst) = p.slot_mut(slot) else { return };
         cancel_timer(ctx, &mut inst.phase.take_timer());
-        log::info!("[{id}] stopping pid {}", inst.pid);
-        if let Err(e) = self.host.signal_group(inst.pid, libc::SIGTERM) {
-            log::debug!("[{id}] SIGTERM to group {}: {e}", inst.pid);
+        log::info!("[{id}] stopping pid {} ({stop_signal})", inst.pid);
+        if let Err(e) = self.host.signal_group(inst.pid, stop_signal.number()) {
+            log::debug!("[{id}] {stop_signal} to group {}: {e}", inst.pid);
         }
         let _ = self.host.signal_group(inst.pid, libc::SIGCONT);
         let kill_timer = ctx.arm(timeout, Timer::Kill(id.to_string(), inst.seq));
@@ -292,7 +295,7 @@ impl Supervisor {
         };
         let reaped = inst.reaped;
         // Processes that left the group (setsid, double fork) are asked to stop too.
-        self.signal_escapees(id, slot, &[libc::SIGTERM, libc::SIGCONT]);
+        self.signal_escapees(id, slot, &[stop_signal.number(), libc::SIGCONT]);
         if reaped && !self.members_alive(id, slot) {
             self.instance_gone(ctx, id, slot);
             return;

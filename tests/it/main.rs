@@ -14,6 +14,7 @@ mod recovery;
 mod regressions;
 mod reload;
 mod start_limit;
+mod stop_signal;
 mod supervise;
 mod systemd;
 mod util;
