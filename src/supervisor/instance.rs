@@ -13,12 +13,13 @@ use std::path::Path;
 use mio::{Interest, unix::SourceFd};
 use nix::unistd::Pid;
 
+use super::credentials::{self, PluginPaths};
 use super::job::DirSync;
 use super::output::{LineReader, Stream};
 use super::plugin::{Instance, JobPhase, Phase, Plugin, Rest, Slot, Snap};
 use super::reap::ExitKind;
 use super::{Ctx, Pipe, Supervisor, Timer, cancel_timer, spawn};
-use crate::config::{ReadyMode, RestartPolicy};
+use crate::config::{ReadyMode, RestartPolicy, RunAs};
 use crate::events::Event;
 
 impl Supervisor {
@@ -35,8 +36,8 @@ impl Supervisor {
         let p = self.plugins.get(id).ok_or("plugin vanished")?;
         let mut env = plugin_env(p, &target.version, &state_path, &runtime_path);
         let mut pid_vars = Vec::new();
-        if let Some(path) = notify_path {
-            env.insert("NOTIFY_SOCKET".into(), path.into_os_string());
+        if let Some(path) = &notify_path {
+            env.insert("NOTIFY_SOCKET".into(), path.clone().into_os_string());
         }
         let (pass_fds, names) = passed_fds(p);
         if !pass_fds.is_empty() {
@@ -49,6 +50,18 @@ impl Supervisor {
             env.insert("WATCHDOG_USEC".into(), usec.to_string().into());
             pid_vars.push("WATCHDOG_PID");
         }
+        if let Some(run_as) = &p.settings.run_as {
+            account_env(&mut env, run_as, &p.settings.env);
+        }
+        let paths = PluginPaths {
+            state_dir: state_path.parent().unwrap_or(&state_path),
+            snapshot: &target.path,
+            notify_socket: notify_path.as_deref(),
+        };
+        self.host
+            .give_to_user(p.settings.run_as.as_ref(), &paths)
+            .map_err(|e| e.to_string())?;
+        let creds = p.settings.run_as.as_ref().map(credentials::child_creds);
         let arg0 = p.settings.exec.to_string_lossy().into_owned();
         let scope = self.host.new_scope(id)?;
         let spec = spawn::SpawnSpec {
@@ -60,6 +73,7 @@ impl Supervisor {
             pass_fds,
             pid_vars,
             cgroup: scope.dir_fd(),
+            creds: creds.as_ref(),
         };
         let spawned = match self.host.spawn(&spec) {
             Ok(s) => s,
@@ -583,6 +597,28 @@ fn passed_fds(p: &Plugin) -> (Vec<i32>, Vec<String>) {
 
 /// The plugin's environment (SPEC §4): ours minus the service-manager variables, plus the
 /// plugin's `env`, plus the HOTRELOAD_* contract.
+/// `USER`, `LOGNAME` and `HOME` of the plugin's account (as `su` and systemd's `User=` set
+/// them), unless the plugin's `env` sets them.
+fn account_env(
+    env: &mut BTreeMap<OsString, OsString>,
+    run_as: &RunAs,
+    own: &BTreeMap<String, String>,
+) {
+    let home = run_as.home.as_ref().map(|home| home.as_os_str().to_owned());
+    let vars = [
+        ("USER", Some(OsString::from(&run_as.user))),
+        ("LOGNAME", Some(OsString::from(&run_as.user))),
+        ("HOME", home),
+    ];
+    for (name, value) in vars {
+        if let Some(value) = value
+            && !own.contains_key(name)
+        {
+            env.insert(name.into(), value);
+        }
+    }
+}
+
 fn plugin_env(
     p: &Plugin,
     version: &str,

@@ -22,6 +22,7 @@
 //! | `host.rs` | the `Host` trait (every effect on the machine, and the clocks) and `OsHost` |
 //! | `contain.rs`, `cgroup.rs`, `procs.rs`, `record.rs` | containment: which processes an instance has, killing them all, the instance record |
 //! | `spawn.rs`, `reap.rs`, `output.rs` | fork/exec, waitpid, output pipes (used through `OsHost`) |
+//! | `credentials.rs` | what a plugin with `user`/`group` is given of the daemon's files |
 //! | `testhost.rs`, `tests.rs` | the recording fake host and the lifecycle's unit tests |
 //!
 //! # A job's life
@@ -40,6 +41,7 @@
 
 mod cgroup;
 mod contain;
+mod credentials;
 pub mod host;
 mod instance;
 mod job;
