@@ -13,6 +13,7 @@ mod readme;
 mod recovery;
 mod regressions;
 mod reload;
+mod run_as;
 mod start_limit;
 mod stop_signal;
 mod supervise;
