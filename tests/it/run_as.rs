@@ -9,6 +9,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
 use serde_json::json;
 
 use crate::util::{
@@ -92,6 +93,12 @@ fn a_plugin_with_user_nobody_runs_as_nobody_and_its_runtime_json_is_read_back() 
         json!({"jobs": 3}),
         "contract (SPEC §4): the daemon reads the runtime.json its nobody plugin wrote; {info}"
     );
+    // The next daemon accepts the state dir it gave to nobody (for this plugin only).
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(15)).code(), Some(0));
+    d.start();
+    let third = d.wait_started_n("p1", "v1", 3);
+    assert_eq!(status_ids(third, "Uid:"), [uid; 4]);
 }
 
 #[test]
