@@ -22,6 +22,7 @@ use std::path::PathBuf;
 use nix::unistd::{Gid, Group, Uid, User};
 
 use super::error::ConfigError;
+use super::validate::describe_key;
 use super::{Config, PluginConfig};
 
 /// The account a plugin runs as: ids for the child, names for messages and the environment.
@@ -55,8 +56,9 @@ pub fn resolve(
                 .source
                 .as_ref()
                 .map_or_else(String::new, |path| format!("{}: ", path.display()));
+            let key = describe_key(&["plugins", id.as_str(), key]);
             ConfigError::new(format!(
-                "{origin}invalid value for `{key}` in [plugins.{id}]: {value:?}; {detail}"
+                "{origin}invalid value for {key}: {value:?}; {detail}"
             ))
         };
         let run_as = resolve_one(table, euid, egid)
