@@ -1,6 +1,7 @@
 //! What a plugin with `user`/`group` needs of the daemon's files, given to it before each start
-//! (and taken back when the keys are removed): the daemon's own files stay private to the
-//! daemon, and each plugin reaches exactly its own.
+//! and taken back when it runs as the daemon again, when it is removed and when the daemon
+//! stops (so a configuration edited meanwhile finds only the daemon's files at the next start):
+//! the daemon's own files stay private to the daemon, and each plugin reaches exactly its own.
 //!
 //! | path | owner | mode | why |
 //! |------|-------|------|-----|
@@ -92,12 +93,21 @@ fn take_back(daemon: (u32, u32), paths: &PluginPaths<'_>) -> io::Result<()> {
     if given(paths.state_dir) {
         give_state_dir(paths.state_dir, daemon).map_err(|e| context(e, paths.state_dir))?;
         let snapshot_dir = parent(paths.snapshot)?;
-        give_dir(snapshot_dir, daemon, 0o700).map_err(|e| context(e, snapshot_dir))?;
+        gone_is_fine(give_dir(snapshot_dir, daemon, 0o700).map(drop))
+            .map_err(|e| context(e, snapshot_dir))?;
         if let Some(socket) = paths.notify_socket {
-            chown_nofollow(socket, daemon).map_err(|e| context(e, socket))?;
+            gone_is_fine(chown_nofollow(socket, daemon)).map_err(|e| context(e, socket))?;
         }
     }
     Ok(())
+}
+
+/// A file that is not there (a removed plugin's snapshots) needs nothing taken back.
+fn gone_is_fine(result: io::Result<()>) -> io::Result<()> {
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }
 
 /// The plugin's state dir, created if missing, owned by `owner` and 0700, with the two state

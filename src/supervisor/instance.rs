@@ -145,6 +145,23 @@ impl Supervisor {
         Ok(seq)
     }
 
+    /// What the plugin's `user` was given becomes the daemon's again (the plugin is removed or
+    /// the daemon stops): the next daemon may run with a configuration without that `user`.
+    pub(super) fn take_back_files(&mut self, id: &str) {
+        let state_path = self.state_path(id);
+        let snapshot_dir = self.snapshot_dir(id);
+        let notify_path = self.notify_path_of(id);
+        let paths = PluginPaths {
+            state_dir: state_path.parent().unwrap_or(&state_path),
+            // Only its directory counts when taking back.
+            snapshot: &snapshot_dir.join("-"),
+            notify_socket: notify_path.as_deref(),
+        };
+        if let Err(e) = self.host.give_to_user(None, &paths) {
+            log::warn!("[{id}] {e}");
+        }
+    }
+
     /// Grace passed (exec: verified) or readiness timed out (notify: failed).
     pub(super) fn on_verify_timer(&mut self, ctx: &mut Ctx<'_>, id: &str, seq: u64) {
         let Some(p) = self.plugins.get_mut(id) else {
@@ -458,6 +475,9 @@ impl Supervisor {
                     log::warn!("[{id}] cannot write state file: {e}");
                 }
             }
+        }
+        if !overlapping && self.shutting_down {
+            self.take_back_files(id);
         }
         let Some(p) = self.plugins.get_mut(id) else {
             return;

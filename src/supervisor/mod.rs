@@ -387,6 +387,9 @@ impl Supervisor {
     }
 
     fn forget(&mut self, ctx: &mut Ctx<'_>, id: &str) {
+        if self.plugins.contains_key(id) {
+            self.take_back_files(id);
+        }
         if self.plugins.remove(id).is_some() {
             self.close_notify_socket(ctx, id);
             let dir = self.snapshot_dir(id);
@@ -634,6 +637,9 @@ impl Supervisor {
                 job::answer_waiters(ctx, &id, &job, false, error, self.host.now());
             }
             self.stop_all_instances(ctx, &id);
+            if self.plugins.get(&id).is_some_and(|p| !p.has_processes()) {
+                self.take_back_files(&id);
+            }
         }
     }
 

@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::util::{
     Config, Daemon, EX_CONFIG, Script, TIMEOUT, assert_success, daemon_bin, expected_version,
-    find_program,
+    find_program, wait_until,
 };
 
 /// nobody's uid and primary gid (65534 on Debian, whose primary group is nogroup).
@@ -93,12 +93,54 @@ fn a_plugin_with_user_nobody_runs_as_nobody_and_its_runtime_json_is_read_back() 
         json!({"jobs": 3}),
         "contract (SPEC §4): the daemon reads the runtime.json its nobody plugin wrote; {info}"
     );
-    // The next daemon accepts the state dir it gave to nobody (for this plugin only).
+    // A daemon that stops takes back what it gave: the next one may run without `user`.
+    let state_dir = d.state.join("plugins/p1");
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(Duration::from_secs(15)).code(), Some(0));
+    assert_eq!(
+        fs::metadata(&state_dir).unwrap().uid(),
+        0,
+        "taken back at shutdown"
+    );
     d.start();
     let third = d.wait_started_n("p1", "v1", 3);
     assert_eq!(status_ids(third, "Uid:"), [uid; 4]);
+    // One that was killed could not: the next one accepts the state dir it gave to nobody,
+    // for this plugin only.
+    d.signal(Signal::SIGKILL);
+    d.wait_exit(TIMEOUT);
+    assert_eq!(fs::metadata(&state_dir).unwrap().uid(), uid);
+    d.start();
+    let fourth = d.wait_started_n("p1", "v1", 4);
+    assert_eq!(status_ids(fourth, "Uid:"), [uid; 4]);
+}
+
+#[test]
+fn a_removed_plugin_gives_its_state_dir_back_so_the_next_daemon_starts() {
+    if !is_root() {
+        println!("SKIPPED: running a plugin as another user needs a root daemon (CI runs as root)");
+        return;
+    }
+    let config = Config::new().set("plugins.p1.user", json!("nobody"));
+    let mut d = Daemon::with_config(&config);
+    fs::set_permissions(&d.root, fs::Permissions::from_mode(0o1777)).unwrap();
+    d.start_running("p1", &Script::new("v1"));
+    let state_dir = d.state.join("plugins/p1");
+    assert_eq!(fs::metadata(&state_dir).unwrap().uid(), nobody().0);
+    fs::remove_dir_all(d.plugin_dir("p1")).unwrap();
+    wait_until(TIMEOUT, "p1 to be forgotten", || {
+        d.plugin_info("p1").is_none().then_some(())
+    });
+    assert_eq!(
+        fs::metadata(&state_dir).unwrap().uid(),
+        0,
+        "taken back at removal"
+    );
+    // The lab's sequence: the table goes too (the daemon was stopped meanwhile, say).
+    d.signal(Signal::SIGKILL);
+    d.wait_exit(TIMEOUT);
+    d.write_config(&Config::new());
+    d.start();
 }
 
 #[test]
