@@ -30,6 +30,8 @@
 #      shows up at warning priority, and no message carries a literal <N> prefix;
 #   5  `systemctl reload` succeeds and keeps the main pid; with an invalid configuration
 #      it fails and the daemon keeps running;
+#   5b under the unit's sandbox, a plugin with `user = "nobody"` runs as uid 65534 from
+#      its snapshot, writes its runtime.json, and `stop_signal = "SIGINT"` stops it;
 #   6  WatchdogSec=3s: after more than twice that, NRestarts=0;
 #   6b containment (Delegate=yes): the daemon lives in .../hotreloadd.service/supervisor
 #      and each plugin in its own cgroup; a plugin's setsid escapee stays in that cgroup,
@@ -312,6 +314,34 @@ check "daemon kept running with the old configuration" \
          hotreloadctl --socket $SOCK status >/dev/null"
 cp $L/hotreload.toml.orig /etc/hotreload/hotreload.toml
 check "systemctl reload after the fix" systemctl reload hotreloadd
+
+echo "== 5b user = nobody, stop_signal, under the sandbox"
+cat >>/etc/hotreload/hotreload.toml <<'TOML'
+
+[plugins.nobody_scanner]
+user        = "nobody"
+stop_signal = "SIGINT"
+TOML
+check "systemctl reload with user = nobody" systemctl reload hotreloadd
+mkdir -p "$PLUGINS/nobody_scanner"
+cat >$L/nobody_scanner <<'PLUGIN'
+#!/bin/sh
+echo '{"as": "'"$(id -un)"'"}' >"$HOTRELOAD_RUNTIME_FILE"
+trap 'echo "nobody_scanner got SIGINT"; exit 0' INT
+while :; do sleep 1 & wait $!; done
+PLUGIN
+install -m 0755 $L/nobody_scanner "$PLUGINS/nobody_scanner/nobody_scanner"
+if wait_for 15 plugin_running nobody_scanner; then pass "nobody_scanner running"; else fail "nobody_scanner running"; fi
+npid=$(plugin_field nobody_scanner pid)
+note "nobody_scanner pid $npid: $(grep -E '^(Uid|Gid|Groups):' /proc/$npid/status 2>&1 | tr '\t\n' '  ')"
+check "it runs as uid 65534 (real, effective, saved, fs)" \
+  sh -c "grep -q '^Uid:[[:space:]]*65534[[:space:]]*65534[[:space:]]*65534[[:space:]]*65534\$' /proc/$npid/status"
+check "it wrote its runtime.json as nobody" wait_for 5 \
+  sh -c "[ \"\$(stat -c %U /var/lib/hotreload/state/plugins/nobody_scanner/runtime.json)\" = nobody ]"
+rm -rf "$PLUGINS/nobody_scanner"
+check "its removal stops it with SIGINT" wait_for 10 journal_has '*' '[nobody_scanner]' 'nobody_scanner got SIGINT'
+cp $L/hotreload.toml.orig /etc/hotreload/hotreload.toml
+check "systemctl reload without it" systemctl reload hotreloadd
 
 echo "== 6 watchdog"
 while [ $(( $(date +%s) - watchdog_since )) -lt 8 ]; do sleep 0.5; done

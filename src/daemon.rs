@@ -92,7 +92,9 @@ impl Daemon {
     /// Set everything up: directories, signals, control socket, watches, initial plugins.
     pub fn start(config: Config, overrides: Overrides, env: Env) -> Result<Daemon, FatalError> {
         // Refuse an unsafe runtime or state dir before anything is put in it, the socket above all.
-        let private_dirs = DaemonDirs::new(&config.runtime_dir, &config.state_dir, &env);
+        let plugin_users = config.accounts.iter().map(|(id, a)| (id.clone(), a.uid));
+        let private_dirs = DaemonDirs::new(&config.runtime_dir, &config.state_dir, &env)
+            .with_plugin_users(plugin_users);
         private_dirs.check().map_err(os_err)?;
         match spawn::raise_fd_limit() {
             Ok(limit) => log::debug!("descriptor limit {limit}"),

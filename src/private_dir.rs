@@ -22,6 +22,7 @@
 //! and [`DaemonDirs`] is the daemon's set: checked before the control socket is bound, created
 //! after it (a second daemon must not create anything).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, DirBuilder, Metadata};
 use std::io;
@@ -362,6 +363,9 @@ struct PrivateDir {
     sharing: Sharing,
     /// Its subdirectories (`snapshots/<id>`, `plugins/<id>`) are private directories too.
     with_subdirs: bool,
+    /// Subdirectories that may belong to another user: `plugins/<id>` of a plugin with `user`,
+    /// which the daemon gave to that uid (`supervisor::credentials`). By name, the uid.
+    given: BTreeMap<String, u32>,
 }
 
 impl DaemonDirs {
@@ -372,6 +376,7 @@ impl DaemonDirs {
             option: Some(option),
             sharing: sharing_of(path, env, variable),
             with_subdirs: false,
+            given: BTreeMap::new(),
         };
         let sub = |path: PathBuf, role, with_subdirs| PrivateDir {
             path: normalized(&path),
@@ -379,6 +384,7 @@ impl DaemonDirs {
             option: None,
             sharing: Sharing::OwnerOnly,
             with_subdirs,
+            given: BTreeMap::new(),
         };
         DaemonDirs(vec![
             top(
@@ -397,6 +403,21 @@ impl DaemonDirs {
             ),
             sub(state.join("plugins"), "plugin state directory", true),
         ])
+    }
+
+    /// Accepts `<state_dir>/plugins/<id>` owned by `uid` for each `(id, uid)`: the state dir
+    /// of a plugin running as that user, given to it by the daemon. Any other owner is still
+    /// refused, and so is such a directory that its group or others may write.
+    pub fn with_plugin_users(mut self, users: impl IntoIterator<Item = (String, u32)>) -> Self {
+        let users: BTreeMap<String, u32> = users.into_iter().collect();
+        if let Some(plugins) = self
+            .0
+            .iter_mut()
+            .find(|dir| dir.role == "plugin state directory")
+        {
+            plugins.given = users;
+        }
+        self
     }
 
     fn top_level(&self) -> impl Iterator<Item = &PrivateDir> {
@@ -457,7 +478,10 @@ impl PrivateDir {
                 continue;
             }
             let path = entry.path();
+            let given = self.given.get(&*entry.file_name().to_string_lossy());
             match inspect(&path, Sharing::OwnerOnly) {
+                Ok(Err(Problem::Foreign { owner, mode }))
+                    if given == Some(&owner) && mode & 0o022 == 0 => {}
                 Ok(verdict) => verdict.map_err(|problem| self.refusal(&path, problem))?,
                 // Removed while we looked: nothing to judge.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}

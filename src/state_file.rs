@@ -10,6 +10,18 @@
 //! `runtime.json` is written by a plugin we do not trust to behave: it is opened with
 //! `O_NOFOLLOW` (a planted symlink is refused) and `O_NONBLOCK` (a FIFO cannot stall the daemon),
 //! must be a regular file and is read only up to a size cap.
+//!
+//! A plugin with `user` owns its state directory (so it can write `runtime.json` any way it
+//! likes, atomic renames included), and the daemon keeps writing `state.json` there. That is
+//! safe because of where the directory sits: `<state_dir>/plugins/` is the daemon's and nobody
+//! else may write into it, so the plugin can change what is *in* its directory but never swap
+//! the directory itself. Inside it, the daemon never follows a name the plugin controls: temp
+//! files are created `O_EXCL | O_NOFOLLOW`, `rename` replaces a planted symlink instead of
+//! following it, and both files are read `O_NOFOLLOW`. The temp file is given to the
+//! directory's owner before the rename, so the plugin can read its `state.json`; whatever the
+//! plugin does to that file only misleads itself. A `runtime.json` that does not belong to the
+//! directory's owner is refused: a plugin could otherwise hard-link a file only root may read
+//! (where `fs.protected_hardlinks` is off) and have the daemon copy it into `state.json`.
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -104,6 +116,12 @@ pub enum StateError {
     NotRegular { path: PathBuf, what: &'static str },
     /// The file is larger than the cap.
     TooBig { path: PathBuf, len: u64, limit: u64 },
+    /// The file belongs to another user than its directory (a plugin's hard link).
+    ForeignOwner {
+        path: PathBuf,
+        owner: u32,
+        expected: u32,
+    },
     /// The content is not valid JSON for its type.
     Invalid {
         path: PathBuf,
@@ -151,6 +169,16 @@ impl fmt::Display for StateError {
             StateError::TooBig { path, len, limit } => write!(
                 f,
                 "`{}` is {len} bytes, over the {limit} byte limit",
+                path.display()
+            ),
+            StateError::ForeignOwner {
+                path,
+                owner,
+                expected,
+            } => write!(
+                f,
+                "`{}` belongs to uid {owner}, not to uid {expected} who owns its directory: \
+                 refused (a hard link to someone else's file?)",
                 path.display()
             ),
             StateError::Invalid { path, source } => {
@@ -214,9 +242,15 @@ pub fn write_atomic_unsynced_rename(path: &Path, bytes: &[u8]) -> Result<(), Sta
             io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"),
         )
     })?;
-    create_private_dir(dir).map_err(|e| StateError::io(path, Step::CreateDir, e))?;
+    let owner = prepare_dir(dir).map_err(|e| StateError::io(path, Step::CreateDir, e))?;
     let (temp, file) =
         create_temp(dir, name).map_err(|e| StateError::io(path, Step::CreateTemp, e))?;
+    if let Some((uid, gid)) = owner
+        && let Err(e) = std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
+    {
+        let _ = fs::remove_file(&temp);
+        return Err(StateError::io(path, Step::CreateTemp, e));
+    }
     // After a failed fsync the page cache may have dropped the data ("fsyncgate"): never rename
     // such a file into place, and never retry the fsync; the caller rewrites from memory.
     let result = fill(file, bytes, path)
@@ -227,6 +261,35 @@ pub fn write_atomic_unsynced_rename(path: &Path, bytes: &[u8]) -> Result<(), Sta
         return Err(e);
     }
     Ok(())
+}
+
+/// Creates `dir` (0700) or checks it: a private directory of the daemon (`None`), or one the
+/// daemon gave to a plugin's user inside a private directory of its own (`Some(owner)`: uid and
+/// gid), which nobody but root can have put there. Anything else is refused as
+/// [`create_private_dir`] refuses it.
+fn prepare_dir(dir: &Path) -> io::Result<Option<(u32, u32)>> {
+    match create_private_dir(dir) {
+        Ok(()) => Ok(None),
+        Err(refused) => match plugin_owned(dir) {
+            Some(owner) => Ok(Some(owner)),
+            None => Err(refused),
+        },
+    }
+}
+
+/// The owner of `dir` when it is a real directory that only its owner may write, owned by
+/// someone else than the daemon, inside a private directory of the daemon.
+fn plugin_owned(dir: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::symlink_metadata(dir).ok()?;
+    let euid = nix::unistd::geteuid().as_raw();
+    let private_parent = || {
+        crate::private_dir::inspect(parent_dir(dir), crate::private_dir::Sharing::OwnerOnly)
+            .is_ok_and(|verdict| verdict.is_ok())
+    };
+    let only_owner_writes = meta.mode() & 0o022 == 0;
+    (meta.is_dir() && meta.uid() != euid && only_owner_writes && private_parent())
+        .then_some((meta.uid(), meta.gid()))
 }
 
 /// fsync the directory holding `path`, making a rename of it durable.
@@ -325,7 +388,7 @@ pub enum RuntimeRead {
 /// Read a `runtime.json` written by a plugin: any JSON value in a regular file of at most
 /// `max_bytes`. Symlinks and non-regular files are refused without blocking.
 pub fn read_runtime(path: &Path, max_bytes: u64) -> RuntimeRead {
-    let bytes = match read_capped(path, max_bytes) {
+    let bytes = match read_owned_by_dir_owner(path, max_bytes) {
         Ok(bytes) => bytes,
         Err(e) if is_missing(&e) => return RuntimeRead::Missing,
         Err(e) => return RuntimeRead::Invalid(e.to_string()),
@@ -388,8 +451,26 @@ fn fill(mut file: File, bytes: &[u8], path: &Path) -> Result<(), StateError> {
         .map_err(|errno| StateError::io(path, Step::Close, io::Error::from(errno)))
 }
 
+/// [`read_capped`], refusing a file in a plugin-owned directory (see the module documentation)
+/// that does not belong to that directory's owner.
+fn read_owned_by_dir_owner(path: &Path, limit: u64) -> Result<Vec<u8>, StateError> {
+    use std::os::unix::fs::MetadataExt;
+    let euid = nix::unistd::geteuid().as_raw();
+    let dir_owner = fs::symlink_metadata(parent_dir(path))
+        .map(|meta| meta.uid())
+        .ok()
+        .filter(|uid| *uid != euid);
+    read_capped_owned(path, limit, dir_owner)
+}
+
 /// Read a whole regular file of at most `limit` bytes without following a symlink or blocking.
 fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>, StateError> {
+    read_capped_owned(path, limit, None)
+}
+
+/// [`read_capped`]; with `owner`, the open file must belong to that uid.
+fn read_capped_owned(path: &Path, limit: u64, owner: Option<u32>) -> Result<Vec<u8>, StateError> {
+    use std::os::unix::fs::MetadataExt;
     let (file, meta) = open_regular(path, libc::O_NOFOLLOW).map_err(|failure| match failure {
         OpenFailure::NotRegular(what) => StateError::NotRegular {
             path: path.to_path_buf(),
@@ -400,6 +481,13 @@ fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>, StateError> {
         },
         OpenFailure::Io(e) => StateError::io(path, Step::Open, e),
     })?;
+    if let Some(expected) = owner.filter(|uid| *uid != meta.uid()) {
+        return Err(StateError::ForeignOwner {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            expected,
+        });
+    }
     let too_big = |len| StateError::TooBig {
         path: path.to_path_buf(),
         len,
@@ -651,6 +739,48 @@ mod tests {
             RuntimeRead::Invalid(reason) => assert!(reason.contains("symlink"), "{reason}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_plugin_owned_dir_gets_state_files_it_can_read_and_keeps_foreign_files_out() {
+        use std::os::unix::fs::{MetadataExt, chown};
+        if !nix::unistd::geteuid().is_root() {
+            println!("SKIPPED: chown needs root");
+            return;
+        }
+        let t = TestDir::new("plugin-owned");
+        let dir = t.join("p");
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&t.0, fs::Permissions::from_mode(0o700)).unwrap();
+        chown(&dir, Some(65534), Some(65533)).unwrap();
+        let path = dir.join("state.json");
+        write_state(&path, &sample_state()).unwrap();
+        let meta = fs::metadata(&path).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (65534, 65533),
+            "given to the dir's owner"
+        );
+        assert_eq!(read_state(&path).unwrap(), Some(sample_state()));
+        let runtime = dir.join("runtime.json");
+        fs::write(&runtime, b"{\"jobs\": 1}").unwrap();
+        match read_runtime(&runtime, 1024) {
+            RuntimeRead::Invalid(reason) => {
+                assert!(
+                    reason.contains("belongs to uid 0, not to uid 65534"),
+                    "{reason}"
+                )
+            }
+            other => panic!("a root-owned runtime.json in a plugin's dir: {other:?}"),
+        }
+        chown(&runtime, Some(65534), None).unwrap();
+        assert_eq!(
+            read_runtime(&runtime, 1024),
+            RuntimeRead::Valid(serde_json::json!({"jobs": 1}))
+        );
+        // Writable by its group: not a directory only its owner controls.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o770)).unwrap();
+        assert!(write_state(&path, &sample_state()).is_err());
     }
 
     #[test]

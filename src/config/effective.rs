@@ -30,11 +30,22 @@ impl Config {
         } else {
             "off (no inotify watches; hot_reload.enabled has no effect)"
         };
-        format!(
+        let mut header = format!(
             "# effective configuration of hotreloadd {}\n{source}\n# watching ({}): {watch}\n",
             env!("CARGO_PKG_VERSION"),
             vars::WATCH,
-        )
+        );
+        for (id, run_as) in &self.accounts {
+            let groups: Vec<String> = run_as.groups.iter().map(u32::to_string).collect();
+            header.push_str(&format!(
+                "# plugin {id} runs as user {} (uid {}, gid {}, groups {})\n",
+                run_as.user,
+                run_as.uid,
+                run_as.gid,
+                groups.join(",")
+            ));
+        }
+        header
     }
 
     /// The configuration as a file that sets every key explicitly.

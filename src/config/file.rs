@@ -99,7 +99,7 @@ impl Default for HotReload {
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields, expecting = "a table")]
 pub struct SupervisorSettings {
-    /// SIGTERM, then this long, then SIGKILL to the whole process group.
+    /// `stop_signal`, then this long, then SIGKILL to the whole process group.
     pub stop_timeout_ms: u64,
     /// `ready = "exec"`: the process must stay alive this long to count as started.
     pub startup_grace_ms: u64,
@@ -111,6 +111,8 @@ pub struct SupervisorSettings {
     pub start_limit_burst: u32,
     /// The start limit's window; 0 = no limit (restarts still back off).
     pub start_limit_interval_ms: u64,
+    /// The signal that asks a plugin to stop (SIGKILL follows after `stop_timeout_ms`).
+    pub stop_signal: StopSignal,
 }
 
 impl Default for SupervisorSettings {
@@ -122,6 +124,7 @@ impl Default for SupervisorSettings {
             restart: RestartPolicy::OnFailure,
             start_limit_burst: DEFAULT_START_LIMIT_BURST,
             start_limit_interval_ms: DEFAULT_START_LIMIT_INTERVAL_MS,
+            stop_signal: StopSignal::default(),
         }
     }
 }
@@ -197,6 +200,15 @@ pub struct PluginConfig {
     pub start_limit_burst: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub start_limit_interval_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_signal: Option<StopSignal>,
+    /// Run as this user (name or numeric uid), with its primary and supplementary groups;
+    /// only a daemon running as root may (see `config::accounts`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Run with this group (name or numeric gid) instead of the user's primary group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 /// `start_limit_burst` when neither `[supervisor]` nor the plugin's table sets it.
@@ -366,6 +378,101 @@ impl Choice for Strategy {
 }
 choice_conversions!(Strategy);
 
+/// `stop_signal`: the signal that asks a plugin to stop, before SIGKILL after `stop_timeout_ms`
+/// (supervisord's `stopsignal`, systemd's `KillSignal=`).
+///
+/// A closed set of signals a program may catch to shut down. Written `"SIGINT"` or `"INT"`,
+/// shown as `"SIGINT"`. SIGKILL is refused: it cannot be caught, so the grace of
+/// `stop_timeout_ms` would mean nothing (and SIGKILL comes after it anyway); so are SIGSTOP
+/// (it would freeze the plugin until the kill), SIGCONT (sent with every stop signal anyway)
+/// and the signals of faults and job control, which no program reads as "please stop".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "&'static str")]
+pub enum StopSignal {
+    #[default]
+    Term,
+    Int,
+    Quit,
+    Hup,
+    Usr1,
+    Usr2,
+    Winch,
+}
+
+impl StopSignal {
+    /// Every accepted signal, its name as shown, and its number.
+    const ALL: [(StopSignal, &'static str, libc::c_int); 7] = [
+        (StopSignal::Term, "SIGTERM", libc::SIGTERM),
+        (StopSignal::Int, "SIGINT", libc::SIGINT),
+        (StopSignal::Quit, "SIGQUIT", libc::SIGQUIT),
+        (StopSignal::Hup, "SIGHUP", libc::SIGHUP),
+        (StopSignal::Usr1, "SIGUSR1", libc::SIGUSR1),
+        (StopSignal::Usr2, "SIGUSR2", libc::SIGUSR2),
+        (StopSignal::Winch, "SIGWINCH", libc::SIGWINCH),
+    ];
+
+    /// The signal number to send.
+    pub fn number(self) -> libc::c_int {
+        Self::ALL
+            .iter()
+            .find(|(signal, ..)| *signal == self)
+            .map_or(libc::SIGTERM, |(_, _, number)| *number)
+    }
+
+    /// The name as shown: "SIGTERM".
+    pub fn as_str(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(signal, ..)| *signal == self)
+            .map_or("SIGTERM", |(_, name, _)| name)
+    }
+
+    /// Parses "SIGINT" or "INT"; the error says what is wrong and lists the valid names.
+    pub fn from_name(written: &str) -> Result<StopSignal, String> {
+        let full = if written.starts_with("SIG") {
+            written.to_owned()
+        } else {
+            format!("SIG{written}")
+        };
+        if let Some((signal, ..)) = Self::ALL.iter().find(|(_, name, _)| *name == full) {
+            return Ok(*signal);
+        }
+        let valid: Vec<&str> = Self::ALL.iter().map(|(_, name, _)| *name).collect();
+        let why = match full.as_str() {
+            "SIGKILL" => {
+                "SIGKILL cannot be caught, so stop_timeout_ms would give the plugin no time to \
+                 stop; SIGKILL follows the stop signal after stop_timeout_ms anyway (set \
+                 stop_timeout_ms = 1 for a near-immediate kill); "
+            }
+            "SIGSTOP" => "SIGSTOP would freeze the plugin until SIGKILL; ",
+            _ => "",
+        };
+        Err(format!(
+            "{written:?}; {why}valid values (with or without the SIG prefix): {}",
+            valid.join(", ")
+        ))
+    }
+}
+
+impl TryFrom<String> for StopSignal {
+    type Error = String;
+    fn try_from(name: String) -> Result<Self, String> {
+        StopSignal::from_name(&name)
+    }
+}
+
+impl From<StopSignal> for &'static str {
+    fn from(signal: StopSignal) -> &'static str {
+        signal.as_str()
+    }
+}
+
+impl fmt::Display for StopSignal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,6 +494,26 @@ mod tests {
             err,
             r#""sometimes"; valid values: on-failure, always, never"#
         );
+    }
+
+    #[test]
+    fn stop_signals_parse_with_or_without_the_prefix() {
+        for (signal, name, number) in StopSignal::ALL {
+            assert_eq!(StopSignal::from_name(name), Ok(signal));
+            assert_eq!(StopSignal::from_name(&name[3..]), Ok(signal));
+            assert_eq!((signal.as_str(), signal.number()), (name, number));
+        }
+        assert_eq!(StopSignal::default().number(), libc::SIGTERM);
+        let kill = StopSignal::from_name("SIGKILL").unwrap_err();
+        assert!(
+            kill.starts_with("\"SIGKILL\"; SIGKILL cannot be caught"),
+            "{kill}"
+        );
+        assert!(kill.contains("valid values (with or without the SIG prefix): SIGTERM, SIGINT"));
+        for bad in ["STOP", "sigint", "int", "9", "", "SIGSEGV", "SIGCONT"] {
+            let err = StopSignal::from_name(bad).unwrap_err();
+            assert!(err.contains("valid values"), "{bad:?}: {err}");
+        }
     }
 
     #[test]

@@ -4,13 +4,15 @@
 //! Precedence is built-in defaults < config file < environment < command line. The pieces:
 //! - [`parse`] (pure): TOML text to a validated [`FileConfig`], errors at `file:line:column`;
 //! - [`resolve`] (pure): a `FileConfig` plus the [`Env`] snapshot and [`Overrides`] to a `Config`;
-//! - [`load`]: picks and reads the file, then the two above. It is the only I/O here.
+//! - [`load`]: picks and reads the file, then the two above, then resolves the plugins' `user`
+//!   and `group` ([`accounts`]). It is the only I/O here.
 //!
 //! Any [`ConfigError`] means exit 78 at start-up, and "keep the running configuration" on
 //! `SIGHUP`/`reload-config`. Relative paths, whether from the file, the command line or
 //! `$HOTRELOAD_CONFIG`/`$HOTRELOAD_SOCKET`, are resolved against the working directory (the SPEC
 //! defaults `plugins_dir` to `./plugins` of the working directory), never against the file's dir.
 
+pub mod accounts;
 mod effective;
 mod error;
 mod file;
@@ -25,10 +27,11 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
+pub use accounts::RunAs;
 pub use error::ConfigError;
 pub use file::{
     ControlFile, DEFAULT_FDSTORE_MAX, FileConfig, HookSettings, HotReload, PluginConfig, ReadyMode,
-    RestartPolicy, Strategy, SupervisorSettings, WatchMode,
+    RestartPolicy, StopSignal, Strategy, SupervisorSettings, WatchMode,
 };
 pub use locate::{
     CONFIG_FILE_NAME, ConfigFile, ConfigFileOrigin, Env, MAX_SOCKET_PATH_BYTES, Overrides,
@@ -68,6 +71,9 @@ pub struct Config {
     pub matchers: Matchers,
     /// `[hooks]`: commands run on reload events.
     pub hooks: HookSettings,
+    /// The accounts of plugins with `user`/`group`, by id: filled by [`load`] (empty after
+    /// [`resolve`] alone, which reads nothing from the system).
+    pub accounts: BTreeMap<String, RunAs>,
 }
 
 /// `[control]` without the socket path (that is [`Config::socket`]).
@@ -84,7 +90,9 @@ pub struct ControlSettings {
 impl Config {
     /// The effective settings of plugin `id`: defaults when it has no `[plugins.<id>]` table.
     pub fn plugin(&self, id: &str) -> PluginSettings {
-        plugin::settings(id, self.plugins.get(id), &self.supervisor)
+        let mut settings = plugin::settings(id, self.plugins.get(id), &self.supervisor);
+        settings.run_as = self.accounts.get(id).cloned();
+        settings
     }
 }
 
@@ -131,6 +139,7 @@ pub fn resolve(
         hooks: file.hooks,
         plugins,
         source,
+        accounts: BTreeMap::new(),
     })
 }
 
@@ -161,8 +170,18 @@ fn control_settings(
 }
 
 /// Resolves everything: picks the config file per SPEC §2 and reads it (a missing implicit file
-/// means defaults, a missing explicit one is an error), then applies the environment and `overrides`.
+/// means defaults, a missing explicit one is an error), then applies the environment and
+/// `overrides`, and resolves the plugins' `user`/`group` for a daemon running as `env.euid`.
 pub fn load(overrides: &Overrides, env: &Env) -> Result<Config, ConfigError> {
+    let mut config = load_file(overrides, env)?;
+    let egid = nix::unistd::getegid().as_raw();
+    config.accounts = accounts::resolve(&config, env.euid, egid)?;
+    Ok(config)
+}
+
+/// [`load`] without resolving accounts: what a client needs (a `user` it could not switch to is
+/// the daemon's business, not the client's).
+fn load_file(overrides: &Overrides, env: &Env) -> Result<Config, ConfigError> {
     locate::check_overrides(overrides)?;
     let chosen = locate_config_file(overrides, env);
     let text = match &chosen {
@@ -211,7 +230,7 @@ pub fn client_socket(cli_socket: Option<&Path>, env: &Env) -> Result<PathBuf, Co
     if let Some(path) = env.get(vars::SOCKET) {
         return Ok(absolutize(&env.cwd, Path::new(path)));
     }
-    load(&Overrides::default(), env).map(|config| config.socket)
+    load_file(&Overrides::default(), env).map(|config| config.socket)
 }
 
 #[cfg(test)]

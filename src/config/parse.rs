@@ -510,6 +510,19 @@ timeout_ms        = 2500
             "[hot_reload]\nwatch_mode = \"fanotify\"\n",
             "`watch_mode` in [hot_reload]: \"fanotify\"; valid values: auto, inotify, poll",
         );
+        let err = error("[supervisor]\nstop_signal = \"SIGKILL\"\n");
+        assert!(
+            err.starts_with(
+                "/etc/hotreload/hotreload.toml:2:15: invalid value for `stop_signal` in \
+                 [supervisor]: \"SIGKILL\"; SIGKILL cannot be caught"
+            ),
+            "{err}"
+        );
+        assert_refused_with(
+            "[plugins.p]\nstop_signal = \"SIGSEGV\"\n",
+            "`stop_signal` in [plugins.p]: \"SIGSEGV\"; valid values (with or without the SIG \
+             prefix): SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2, SIGWINCH",
+        );
     }
 
     #[test]
@@ -735,14 +748,15 @@ timeout_ms        = 2500
                 "ready_timeout_ms",
                 "restart",
                 "start_limit_burst",
-                "start_limit_interval_ms"
+                "start_limit_interval_ms",
+                "stop_signal"
             ]
         );
         // A `#[serde(flatten)]` would make derive stop calling deserialize_struct; catch that here.
         assert_eq!(field_names::<FileConfig>().len(), 8);
         assert_eq!(field_names::<HotReload>().len(), 10);
         assert_eq!(field_names::<ControlFile>().len(), 5);
-        assert_eq!(field_names::<PluginConfig>().len(), 17);
+        assert_eq!(field_names::<PluginConfig>().len(), 20);
         assert_eq!(field_names::<HookSettings>().len(), 4);
     }
 }

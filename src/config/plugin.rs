@@ -8,8 +8,10 @@ use super::socket_spec::{SocketSpec, parse_socket_spec};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use super::accounts::RunAs;
 use super::file::{
-    DEFAULT_FDSTORE_MAX, PluginConfig, ReadyMode, RestartPolicy, Strategy, SupervisorSettings,
+    DEFAULT_FDSTORE_MAX, PluginConfig, ReadyMode, RestartPolicy, StopSignal, Strategy,
+    SupervisorSettings,
 };
 
 /// Effective settings of one plugin: per-plugin overrides merged over `[supervisor]`/defaults.
@@ -44,6 +46,14 @@ pub struct PluginSettings {
     pub start_limit_burst: u32,
     /// The start limit's window; 0 = no limit.
     pub start_limit_interval_ms: u64,
+    /// Sent to the plugin's processes to ask them to stop (SIGKILL after `stop_timeout_ms`).
+    pub stop_signal: StopSignal,
+    /// `user` and `group` as written; `None`: the daemon's.
+    pub user: Option<String>,
+    pub group: Option<String>,
+    /// The account `user`/`group` resolved to (`Config::plugin` fills it from
+    /// `Config::accounts`); `None`: run as the daemon.
+    pub run_as: Option<RunAs>,
 }
 
 /// The settings of one plugin: its table's keys, else `[supervisor]`, else the defaults.
@@ -85,6 +95,10 @@ pub(crate) fn settings(
         start_limit_interval_ms: written
             .start_limit_interval_ms
             .unwrap_or(supervisor.start_limit_interval_ms),
+        stop_signal: written.stop_signal.unwrap_or(supervisor.stop_signal),
+        user: written.user.clone(),
+        group: written.group.clone(),
+        run_as: None,
     }
 }
 
@@ -124,6 +138,9 @@ pub(crate) fn complete(
         restart: Some(effective.restart),
         start_limit_burst: Some(effective.start_limit_burst),
         start_limit_interval_ms: Some(effective.start_limit_interval_ms),
+        stop_signal: Some(effective.stop_signal),
+        user: effective.user,
+        group: effective.group,
     }
 }
 
@@ -195,6 +212,7 @@ mod tests {
             restart: RestartPolicy::Never,
             start_limit_burst: 4,
             start_limit_interval_ms: 5,
+            stop_signal: StopSignal::Quit,
         };
         let inherited = settings("p", Some(&PluginConfig::default()), &supervisor);
         assert_eq!(
@@ -219,13 +237,16 @@ mod tests {
             autostart: Some(false),
             start_limit_burst: Some(0),
             start_limit_interval_ms: Some(0),
+            stop_signal: Some(StopSignal::Int),
             ..PluginConfig::default()
         };
+        assert_eq!(inherited.stop_signal, StopSignal::Quit);
         let own = settings("p", Some(&table), &supervisor);
         assert_eq!((own.start_limit_burst, own.start_limit_interval_ms), (0, 0));
         assert_eq!(own.exec, PathBuf::from("bin/p"));
         assert_eq!((own.stop_timeout_ms, own.startup_grace_ms), (10, 2));
         assert_eq!(own.restart, RestartPolicy::Always);
+        assert_eq!(own.stop_signal, StopSignal::Int);
         assert!(!own.autostart);
     }
 

@@ -605,3 +605,33 @@ fn client_socket_precedence() {
     let env = user_env(&tmp.0, &[("HOTRELOAD_SOCKET", "/e.sock")]);
     assert_eq!(client_socket(None, &env).unwrap(), Path::new("/e.sock"));
 }
+
+#[test]
+fn plugin_accounts_are_the_daemons_business_not_the_clients() {
+    let tmp = TempDir::new("accounts");
+    let file = tmp.write(
+        "home/.config/hotreload/hotreload.toml",
+        "[control]\nsocket = \"/cfg/s.sock\"\n[plugins.p]\nuser = \"root\"\n",
+    );
+    // euid 1000 in the snapshot: the daemon could not switch to root, the client need not.
+    let env = user_env(&tmp.0, &[]);
+    assert_eq!(client_socket(None, &env).unwrap(), Path::new("/cfg/s.sock"));
+    let err = load(&Overrides::default(), &env).unwrap_err();
+    assert!(
+        err.message().contains(
+            "invalid value for `user` in [plugins.p]: \"root\"; only a daemon running as root"
+        ),
+        "{err}"
+    );
+    let root = Env { euid: 0, ..env };
+    let config = load(&config_flag(&file), &root).unwrap();
+    let run_as = config
+        .plugin("p")
+        .run_as
+        .expect("resolved for a root daemon");
+    assert_eq!(
+        (run_as.user.as_str(), run_as.uid, run_as.gid),
+        ("root", 0, 0)
+    );
+    assert_eq!(config.plugin("other").run_as, None);
+}

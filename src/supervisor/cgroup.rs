@@ -399,6 +399,7 @@ mod spawning {
             pass_fds: Vec::new(),
             pid_vars: Vec::new(),
             cgroup: procs,
+            creds: None,
         };
         let t = Instant::now();
         let child = crate::supervisor::spawn::spawn(&spec).unwrap();
@@ -439,6 +440,7 @@ mod spawning {
                 pass_fds: Vec::new(),
                 pid_vars: Vec::new(),
                 cgroup: Some(raw),
+                creds: None,
             };
             let child = crate::supervisor::spawn::spawn(&spec).unwrap();
             let _ = nix::sys::wait::waitpid(child.pid, None);

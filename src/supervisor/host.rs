@@ -21,9 +21,11 @@ use std::time::Instant;
 use nix::unistd::Pid;
 
 use super::contain::{Containment, NewScope, Scope, Usage};
+use super::credentials::{self, PluginPaths};
 use super::plugin::{Plugin, Slot};
 use super::spawn::{self, SpawnError, SpawnSpec, Spawned};
 use crate::clock;
+use crate::config::RunAs;
 use crate::hooks::{self, HookContext, HookError, HookKind, HookRun};
 use crate::preflight::{self, PreflightError};
 use crate::snapshot::{self, Snapshot, SnapshotError};
@@ -86,6 +88,9 @@ pub trait Host {
     fn remove_runtime(&mut self, path: &Path) -> io::Result<()>;
 
     // -- processes
+    /// Before a start: give a plugin with `user`/`group` its state dir, snapshot and notify
+    /// socket, or take them back for one that runs as the daemon (`credentials::prepare`).
+    fn give_to_user(&mut self, run_as: Option<&RunAs>, paths: &PluginPaths<'_>) -> io::Result<()>;
     fn spawn(&mut self, spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError>;
     fn signal_group(&mut self, pgid: Pid, sig: libc::c_int) -> io::Result<()>;
     fn signal_process(
@@ -214,6 +219,10 @@ impl Host for OsHost {
 
     fn remove_runtime(&mut self, path: &Path) -> io::Result<()> {
         state_file::remove_if_exists(path)
+    }
+
+    fn give_to_user(&mut self, run_as: Option<&RunAs>, paths: &PluginPaths<'_>) -> io::Result<()> {
+        credentials::prepare(run_as, paths)
     }
 
     fn spawn(&mut self, spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {

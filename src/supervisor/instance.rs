@@ -13,12 +13,13 @@ use std::path::Path;
 use mio::{Interest, unix::SourceFd};
 use nix::unistd::Pid;
 
+use super::credentials::{self, PluginPaths};
 use super::job::DirSync;
 use super::output::{LineReader, Stream};
 use super::plugin::{Instance, JobPhase, Phase, Plugin, Rest, Slot, Snap};
 use super::reap::ExitKind;
 use super::{Ctx, Pipe, Supervisor, Timer, cancel_timer, spawn};
-use crate::config::{ReadyMode, RestartPolicy};
+use crate::config::{ReadyMode, RestartPolicy, RunAs};
 use crate::protocol::{Event, EventKind};
 
 impl Supervisor {
@@ -35,8 +36,8 @@ impl Supervisor {
         let p = self.plugins.get(id).ok_or("plugin vanished")?;
         let mut env = plugin_env(p, &target.version, &state_path, &runtime_path);
         let mut pid_vars = Vec::new();
-        if let Some(path) = notify_path {
-            env.insert("NOTIFY_SOCKET".into(), path.into_os_string());
+        if let Some(path) = &notify_path {
+            env.insert("NOTIFY_SOCKET".into(), path.clone().into_os_string());
         }
         let (pass_fds, names) = passed_fds(p);
         if !pass_fds.is_empty() {
@@ -49,6 +50,18 @@ impl Supervisor {
             env.insert("WATCHDOG_USEC".into(), usec.to_string().into());
             pid_vars.push("WATCHDOG_PID");
         }
+        if let Some(run_as) = &p.settings.run_as {
+            account_env(&mut env, run_as, &p.settings.env);
+        }
+        let paths = PluginPaths {
+            state_dir: state_path.parent().unwrap_or(&state_path),
+            snapshot: &target.path,
+            notify_socket: notify_path.as_deref(),
+        };
+        self.host
+            .give_to_user(p.settings.run_as.as_ref(), &paths)
+            .map_err(|e| e.to_string())?;
+        let creds = p.settings.run_as.as_ref().map(credentials::child_creds);
         let arg0 = p.settings.exec.to_string_lossy().into_owned();
         let scope = self.host.new_scope(id)?;
         let spec = spawn::SpawnSpec {
@@ -60,6 +73,7 @@ impl Supervisor {
             pass_fds,
             pid_vars,
             cgroup: scope.dir_fd(),
+            creds: creds.as_ref(),
         };
         let spawned = match self.host.spawn(&spec) {
             Ok(s) => s,
@@ -131,6 +145,23 @@ impl Supervisor {
             },
         ));
         Ok(seq)
+    }
+
+    /// What the plugin's `user` was given becomes the daemon's again (the plugin is removed or
+    /// the daemon stops): the next daemon may run with a configuration without that `user`.
+    pub(super) fn take_back_files(&mut self, id: &str) {
+        let state_path = self.state_path(id);
+        let snapshot_dir = self.snapshot_dir(id);
+        let notify_path = self.notify_path_of(id);
+        let paths = PluginPaths {
+            state_dir: state_path.parent().unwrap_or(&state_path),
+            // Only its directory counts when taking back.
+            snapshot: &snapshot_dir.join("-"),
+            notify_socket: notify_path.as_deref(),
+        };
+        if let Err(e) = self.host.give_to_user(None, &paths) {
+            log::warn!("[{id}] {e}");
+        }
     }
 
     /// Grace passed (exec: verified) or readiness timed out (notify: failed).
@@ -258,7 +289,9 @@ impl Supervisor {
         }
     }
 
-    /// SIGTERM to the instance's group, SIGKILL after the stop timeout.
+    /// The plugin's `stop_signal` (SIGTERM unless configured) to the instance's group and to
+    /// its processes outside the group, SIGKILL after the stop timeout. Every stop goes through
+    /// here: a reload's, a `start-stop` retirement, removal, shutdown.
     pub(super) fn stop_instance(&mut self, ctx: &mut Ctx<'_>, id: &str, slot: Slot) {
         let (version, already) = match self.plugins.get(id).and_then(|p| p.slot(slot)) {
             Some(inst) => (inst.version.clone(), inst.phase.is_stopping()),
@@ -286,11 +319,12 @@ impl Supervisor {
             return;
         };
         let timeout = p.settings.stop_timeout_ms;
+        let stop_signal = p.settings.stop_signal;
         let Some(inst) = p.slot_mut(slot) else { return };
         cancel_timer(ctx, &mut inst.phase.take_timer());
-        log::info!("[{id}] stopping pid {}", inst.pid);
-        if let Err(e) = self.host.signal_group(inst.pid, libc::SIGTERM) {
-            log::debug!("[{id}] SIGTERM to group {}: {e}", inst.pid);
+        log::info!("[{id}] stopping pid {} ({stop_signal})", inst.pid);
+        if let Err(e) = self.host.signal_group(inst.pid, stop_signal.number()) {
+            log::debug!("[{id}] {stop_signal} to group {}: {e}", inst.pid);
         }
         let _ = self.host.signal_group(inst.pid, libc::SIGCONT);
         let kill_timer = ctx.arm(timeout, Timer::Kill(id.to_string(), inst.seq));
@@ -301,7 +335,7 @@ impl Supervisor {
         };
         let reaped = inst.reaped;
         // Processes that left the group (setsid, double fork) are asked to stop too.
-        self.signal_escapees(id, slot, &[libc::SIGTERM, libc::SIGCONT]);
+        self.signal_escapees(id, slot, &[stop_signal.number(), libc::SIGCONT]);
         if reaped && !self.members_alive(id, slot) {
             self.instance_gone(ctx, id, slot);
             return;
@@ -463,6 +497,9 @@ impl Supervisor {
                 }
             }
         }
+        if !overlapping && self.shutting_down {
+            self.take_back_files(id);
+        }
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
@@ -601,6 +638,28 @@ fn passed_fds(p: &Plugin) -> (Vec<i32>, Vec<String>) {
 
 /// The plugin's environment (SPEC §4): ours minus the service-manager variables, plus the
 /// plugin's `env`, plus the HOTRELOAD_* contract.
+/// `USER`, `LOGNAME` and `HOME` of the plugin's account (as `su` and systemd's `User=` set
+/// them), unless the plugin's `env` sets them.
+fn account_env(
+    env: &mut BTreeMap<OsString, OsString>,
+    run_as: &RunAs,
+    own: &BTreeMap<String, String>,
+) {
+    let home = run_as.home.as_ref().map(|home| home.as_os_str().to_owned());
+    let vars = [
+        ("USER", Some(OsString::from(&run_as.user))),
+        ("LOGNAME", Some(OsString::from(&run_as.user))),
+        ("HOME", home),
+    ];
+    for (name, value) in vars {
+        if let Some(value) = value
+            && !own.contains_key(name)
+        {
+            env.insert(name.into(), value);
+        }
+    }
+}
+
 fn plugin_env(
     p: &Plugin,
     version: &str,

@@ -23,6 +23,7 @@
 //! | `host.rs` | the `Host` trait (every effect on the machine, and the clocks) and `OsHost` |
 //! | `contain.rs`, `cgroup.rs`, `procs.rs`, `record.rs` | containment: which processes an instance has, killing them all, the instance record |
 //! | `spawn.rs`, `reap.rs`, `output.rs` | fork/exec, waitpid, output pipes (used through `OsHost`) |
+//! | `credentials.rs` | what a plugin with `user`/`group` is given of the daemon's files |
 //! | `testhost.rs`, `tests.rs` | the recording fake host and the lifecycle's unit tests |
 //!
 //! # A job's life
@@ -41,6 +42,7 @@
 
 mod cgroup;
 mod contain;
+mod credentials;
 pub mod host;
 mod instance;
 mod job;
@@ -393,6 +395,9 @@ impl Supervisor {
     }
 
     fn forget(&mut self, ctx: &mut Ctx<'_>, id: &str) {
+        if self.plugins.contains_key(id) {
+            self.take_back_files(id);
+        }
         if self.plugins.remove(id).is_some() {
             self.close_notify_socket(ctx, id);
             let dir = self.snapshot_dir(id);
@@ -690,6 +695,9 @@ impl Supervisor {
                 job::answer_waiters(ctx, &id, &job, false, error, self.host.now());
             }
             self.stop_all_instances(ctx, &id);
+            if self.plugins.get(&id).is_some_and(|p| !p.has_processes()) {
+                self.take_back_files(&id);
+            }
         }
     }
 

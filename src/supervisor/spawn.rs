@@ -23,7 +23,7 @@ use std::process::{Command, Stdio};
 
 use nix::unistd::Pid;
 
-use crate::sys::{self, child::ChildReset};
+use crate::sys::{self, child::ChildReset, creds::ChildCreds};
 
 /// What to run and how.
 #[derive(Debug)]
@@ -42,6 +42,9 @@ pub struct SpawnSpec<'a> {
     /// The directory of the instance's cgroup (containment): the child is created in it
     /// (`clone3` with `CLONE_INTO_CGROUP`), so not even its first fork can start outside.
     pub cgroup: Option<RawFd>,
+    /// The plugin's `user`/`group`, switched to in the child (`sys::creds`); `None`: the
+    /// daemon's.
+    pub creds: Option<&'a ChildCreds>,
 }
 
 /// A freshly started plugin process.
@@ -119,14 +122,17 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
     } else {
         Some(ExecPlan::new(spec).map_err(fail)?)
     };
+    let creds = spec.creds.cloned();
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
-    // system calls (write, setsid, prctl, getppid, signal, close_range, fcntl, dup2, execve) and writes
-    // into memory it owns; it allocates nothing and touches no lock.
+    // system calls (write, setgroups, setresgid, setresuid, setsid, prctl, getppid, signal,
+    // close_range, fcntl, dup2, execve) and writes into memory it owns; it allocates nothing and
+    // touches no lock.
     unsafe {
         cmd.pre_exec(move || {
             if let Some(fd) = cgroup_procs {
                 join_cgroup(fd)?;
             }
+            switch_user(creds.as_ref())?;
             prepare_child(daemon, inherited_nofile)?;
             match plan.as_mut() {
                 Some(plan) => Err(plan.exec_in_child()),
@@ -328,6 +334,7 @@ fn spawn_into_cgroup(spec: &SpawnSpec<'_>, cgroup: RawFd) -> io::Result<Option<S
             let errno = child_after_clone(
                 [devnull.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
                 &cwd,
+                spec.creds,
                 daemon,
                 nofile,
                 &mut plan,
@@ -363,6 +370,7 @@ fn spawn_into_cgroup(spec: &SpawnSpec<'_>, cgroup: RawFd) -> io::Result<Option<S
 unsafe fn child_after_clone(
     stdio: [RawFd; 3],
     cwd: &CString,
+    creds: Option<&ChildCreds>,
     daemon: libc::pid_t,
     nofile: u64,
     plan: &mut ExecPlan,
@@ -384,7 +392,7 @@ unsafe fn child_after_clone(
             return errno();
         }
     }
-    if let Err(e) = prepare_child(daemon, nofile) {
+    if let Err(e) = switch_user(creds).and_then(|()| prepare_child(daemon, nofile)) {
         return e.raw_os_error().unwrap_or(libc::EIO);
     }
     plan.exec_in_child().raw_os_error().unwrap_or(libc::EIO)
@@ -412,6 +420,17 @@ fn join_cgroup(procs: RawFd) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// In the child, after the working directory is set (as the daemon: a plugin dir the plugin's
+/// user may not search still works) and *before* [`prepare_child`], whose parent-death signal a
+/// credential change would clear: become the plugin's user. One separate step, so that it moves
+/// with the rest onto any spawn path. Async-signal-safe (raw system calls only).
+fn switch_user(creds: Option<&ChildCreds>) -> io::Result<()> {
+    match creds {
+        Some(creds) => creds.apply(),
+        None => Ok(()),
+    }
 }
 
 /// Runs in the child between fork and exec. Async-signal-safe calls only.

@@ -285,6 +285,14 @@ impl Host for FakeHost {
         })
     }
 
+    fn give_to_user(
+        &mut self,
+        _run_as: Option<&crate::config::RunAs>,
+        _paths: &super::credentials::PluginPaths<'_>,
+    ) -> io::Result<()> {
+        Ok(())
+    }
+
     fn signal_group(&mut self, pgid: Pid, sig: libc::c_int) -> io::Result<()> {
         self.record(Call::SignalGroup {
             pgid: pgid.as_raw(),

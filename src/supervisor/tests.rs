@@ -734,6 +734,34 @@ fn a_newer_build_after_a_failed_reload_starts_the_failed_plugin() {
 }
 
 #[test]
+fn every_stop_sends_the_configured_stop_signal_and_sigkill_still_follows() {
+    let mut r =
+        Rig::new("[supervisor]\nstop_signal = \"SIGINT\"\n[plugins.p2]\nstop_signal = \"QUIT\"");
+    let old = r.running("p1", "v1");
+    r.clear();
+    r.deploy("p1", "v2");
+    assert!(r.signalled(old, libc::SIGINT), "a reload's stop");
+    assert!(!r.signalled(old, SIGTERM));
+    r.advance(1000);
+    assert!(r.signalled(old, SIGKILL), "escalation unchanged");
+    r.exit(old, ExitKind::Signal(SIGKILL));
+    r.advance(50);
+    let new = r.pid("p1").expect("v2 runs");
+    let other = r.running("p2", "w1");
+    r.clear();
+    r.shutdown();
+    assert!(
+        r.signalled(new, libc::SIGINT),
+        "shutdown, [supervisor]'s signal"
+    );
+    assert!(
+        r.signalled(other, libc::SIGQUIT),
+        "shutdown, the plugin's own signal"
+    );
+    assert!(!r.signalled(new, SIGTERM) && !r.signalled(other, SIGTERM));
+}
+
+#[test]
 fn a_stop_timeout_escalates_to_sigkill() {
     let mut r = Rig::new("");
     let old = r.running("p1", "v1");

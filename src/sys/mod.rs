@@ -6,6 +6,7 @@
 //! | file             | owns                                                               |
 //! |------------------|--------------------------------------------------------------------|
 //! | `child.rs`       | the reset every child gets between fork and exec (plugins, hooks)  |
+//! | `creds.rs`       | a plugin child's switch to its `user`/`group` before exec          |
 //! | `process.rs`     | pids, signals, pidfds, subreaper, the descriptor limit, boot time  |
 //! | `fd.rs`          | pipes, descriptor flags and numbers, reads of raw descriptors      |
 //! | `socket.rs`      | socket options and `recvmsg` with credentials and passed fds       |
@@ -35,6 +36,7 @@ macro_rules! syscall {
 }
 
 pub mod child;
+pub mod creds;
 pub mod fd;
 pub mod process;
 pub mod socket;
