@@ -7,6 +7,14 @@
 //! (rename is atomic only within one file system), is fsynced, renamed over the target, and the
 //! directory is fsynced so the rename itself survives a power loss.
 //!
+//! A reload's write is *deferred* ([`write_atomic_deferred`]): temp file, complete write, close,
+//! rename, and the two fsyncs ([`sync_written`]) once the new instance has been spawned. Against
+//! a crash of the daemon (SIGKILL, OOM kill, panic) this is exactly as safe: the written bytes
+//! and the rename live in the kernel's page cache and dentry cache, which outlive the process,
+//! and rename(2) replaces the name atomically, so every reader (the new instance, the next
+//! daemon) sees the old file or the new one, whole. Only a power loss or kernel crash in the
+//! short window before [`sync_written`] can tell the difference: see hotreloadd(8), DURABILITY.
+//!
 //! `runtime.json` is written by a plugin we do not trust to behave: it is opened with
 //! `O_NOFOLLOW` (a planted symlink is refused) and `O_NONBLOCK` (a FIFO cannot stall the daemon),
 //! must be a regular file and is read only up to a size cap.
@@ -16,6 +24,7 @@ use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -185,18 +194,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
 }
 
 /// [`write_atomic`] without the final directory fsync: the new content is complete on disk
-/// (the temp file was fsynced before the rename) and visible at once, but the rename becomes
-/// durable only with [`sync_parent`]. A crash in between leaves the previous file, whole. Lets a
-/// caller take the directory fsync off a latency-critical path and do it right after.
-pub fn write_atomic_unsynced_rename(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
-    let dir = parent_dir(path);
-    let name = path.file_name().ok_or_else(|| {
-        StateError::io(
-            path,
-            Step::CreateTemp,
-            io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"),
-        )
-    })?;
+/// (the temp file was fsynced before the rename) and visible at once.
+fn write_atomic_unsynced_rename(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    let (dir, name) = dir_and_name(path)?;
     create_private_dir(dir).map_err(|e| StateError::io(path, Step::CreateDir, e))?;
     let (temp, file) =
         create_temp(dir, name).map_err(|e| StateError::io(path, Step::CreateTemp, e))?;
@@ -212,6 +212,66 @@ pub fn write_atomic_unsynced_rename(path: &Path, bytes: &[u8]) -> Result<(), Sta
     Ok(())
 }
 
+/// Replace `path` with `bytes` atomically, leaving both fsyncs to [`sync_written`].
+///
+/// The temp file is written completely and closed before it is renamed over `path`, so the
+/// name always refers to a whole file: the old one or this one, for any process, including a
+/// daemon restarted after this one was killed. What is not yet done is making it survive a power
+/// loss; call [`sync_written`] right after the latency-critical step (the spawn) that needed the
+/// file in place. On failure before the rename the temp is removed and the old file is untouched.
+pub fn write_atomic_deferred(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    let (dir, name) = dir_and_name(path)?;
+    create_private_dir(dir).map_err(|e| StateError::io(path, Step::CreateDir, e))?;
+    let (temp, mut file) =
+        create_temp(dir, name).map_err(|e| StateError::io(path, Step::CreateTemp, e))?;
+    let result = file
+        .write_all(bytes)
+        .map_err(|e| StateError::io(path, Step::Write, e))
+        .and_then(|()| close_checked(file, path))
+        .and_then(|()| fs::rename(&temp, path).map_err(|e| StateError::io(path, Step::Rename, e)));
+    if let Err(e) = result {
+        let _ = fs::remove_file(&temp);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// The fsyncs a [`write_atomic_deferred`] owes: the file now at `path` (whatever write put it
+/// there last: a newer one is just as good), then its directory. A file removed since needs only
+/// the directory. After a failed file fsync the caller must rewrite the file from memory with
+/// [`write_atomic`] ("fsyncgate": a second fsync may report success for data that was dropped).
+pub fn sync_written(path: &Path) -> Result<(), StateError> {
+    match File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(file) => file
+            .sync_all()
+            .map_err(|e| StateError::io(path, Step::Fsync, e))?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(StateError::io(path, Step::Fsync, e)),
+    }
+    sync_parent(path)
+}
+
+/// Serialize `state` and write it with [`write_atomic_deferred`]; call [`sync_written`] soon
+/// after.
+pub fn write_state_deferred(path: &Path, state: &PluginState) -> Result<(), StateError> {
+    write_atomic_deferred(path, &state_bytes(path, state)?)
+}
+
+fn dir_and_name(path: &Path) -> Result<(&Path, &OsStr), StateError> {
+    let name = path.file_name().ok_or_else(|| {
+        StateError::io(
+            path,
+            Step::CreateTemp,
+            io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"),
+        )
+    })?;
+    Ok((parent_dir(path), name))
+}
+
 /// fsync the directory holding `path`, making a rename of it durable.
 pub fn sync_parent(path: &Path) -> Result<(), StateError> {
     sync_dir(parent_dir(path)).map_err(|e| StateError::io(path, Step::FsyncDir, e))
@@ -220,12 +280,6 @@ pub fn sync_parent(path: &Path) -> Result<(), StateError> {
 /// Serialize `state` and write it to `path` with [`write_atomic`].
 pub fn write_state(path: &Path, state: &PluginState) -> Result<(), StateError> {
     write_atomic(path, &state_bytes(path, state)?)
-}
-
-/// Serialize `state` and write it with [`write_atomic_unsynced_rename`]; call [`sync_parent`]
-/// soon after.
-pub fn write_state_unsynced_rename(path: &Path, state: &PluginState) -> Result<(), StateError> {
-    write_atomic_unsynced_rename(path, &state_bytes(path, state)?)
 }
 
 fn state_bytes(path: &Path, state: &PluginState) -> Result<Vec<u8>, StateError> {
@@ -366,7 +420,11 @@ fn fill(mut file: File, bytes: &[u8], path: &Path) -> Result<(), StateError> {
         .map_err(|e| StateError::io(path, Step::Write, e))?;
     file.sync_all()
         .map_err(|e| StateError::io(path, Step::Fsync, e))?;
-    // Dropping a File ignores close(2) errors; some file systems (NFS) report write errors there.
+    close_checked(file, path)
+}
+
+/// Dropping a File ignores close(2) errors; some file systems (NFS) report write errors there.
+fn close_checked(file: File, path: &Path) -> Result<(), StateError> {
     nix::unistd::close(OwnedFd::from(file))
         .map_err(|errno| StateError::io(path, Step::Close, io::Error::from(errno)))
 }
@@ -435,6 +493,21 @@ mod tests {
         assert_eq!(sorted_names(&t.0), vec!["state.json"]);
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn a_deferred_write_is_whole_and_in_place_before_its_fsyncs() {
+        let t = TestDir::new("state-deferred");
+        let path = t.join("plugins").join("p").join("state.json");
+        write_atomic_deferred(&path, b"old").unwrap();
+        write_atomic_deferred(&path, b"new content").unwrap();
+        // Visible to any reader (a new instance, a restarted daemon) with no fsync done yet.
+        assert_eq!(fs::read(&path).unwrap(), b"new content");
+        assert_eq!(sorted_names(path.parent().unwrap()), vec!["state.json"]);
+        sync_written(&path).unwrap();
+        fs::remove_file(&path).unwrap();
+        // A file removed since only needs its directory synced.
+        sync_written(&path).unwrap();
     }
 
     #[test]

@@ -43,9 +43,10 @@ pub struct Procs<'a> {
 pub enum Durability {
     /// Content and rename synced.
     Synced,
-    /// Content synced; the directory fsync that makes the rename durable comes later
-    /// ([`Host::sync_dir`]).
-    RenameUnsynced,
+    /// Written whole and renamed into place (safe against a crash of the daemon: see
+    /// `state_file`), with both fsyncs owed: [`Host::sync_state`] right after the spawn that
+    /// needed the file, so no fsync sits on a reload's path to the new process.
+    Deferred,
 }
 
 /// Every effect of the supervisor on the machine. See the module documentation.
@@ -77,8 +78,8 @@ pub trait Host {
         state: &PluginState,
         durability: Durability,
     ) -> Result<(), StateError>;
-    /// The directory fsync owed by a [`Durability::RenameUnsynced`] write.
-    fn sync_dir(&mut self, path: &Path) -> Result<(), StateError>;
+    /// The fsyncs owed by a [`Durability::Deferred`] write: the file, then its directory.
+    fn sync_state(&mut self, path: &Path) -> Result<(), StateError>;
     fn read_state(&self, path: &Path) -> Result<Option<PluginState>, StateError>;
     fn set_aside_state(&mut self, path: &Path) -> io::Result<PathBuf>;
     fn remove_stale_temps(&mut self, dir: &Path) -> io::Result<usize>;
@@ -188,12 +189,12 @@ impl Host for OsHost {
     ) -> Result<(), StateError> {
         match durability {
             Durability::Synced => state_file::write_state(path, state),
-            Durability::RenameUnsynced => state_file::write_state_unsynced_rename(path, state),
+            Durability::Deferred => state_file::write_state_deferred(path, state),
         }
     }
 
-    fn sync_dir(&mut self, path: &Path) -> Result<(), StateError> {
-        state_file::sync_parent(path)
+    fn sync_state(&mut self, path: &Path) -> Result<(), StateError> {
+        state_file::sync_written(path)
     }
 
     fn read_state(&self, path: &Path) -> Result<Option<PluginState>, StateError> {

@@ -220,7 +220,7 @@ impl Host for FakeHost {
         Ok(())
     }
 
-    fn sync_dir(&mut self, _path: &Path) -> Result<(), StateError> {
+    fn sync_state(&mut self, _path: &Path) -> Result<(), StateError> {
         self.record(Call::SyncDir);
         Ok(())
     }
