@@ -138,12 +138,16 @@ pub trait Host {
 #[derive(Debug)]
 pub struct OsHost {
     contain: Containment,
+    /// Previous contents of state files exchanged out of the way by deferred writes, by state
+    /// file: removed when its fsyncs are done (`sync_state`), off the reload's path.
+    replaced: Vec<(PathBuf, PathBuf)>,
 }
 
 impl OsHost {
     pub fn new(runtime_dir: &Path, plugins_state: &Path) -> OsHost {
         OsHost {
             contain: Containment::new(runtime_dir, plugins_state),
+            replaced: Vec::new(),
         }
     }
 }
@@ -189,11 +193,24 @@ impl Host for OsHost {
     ) -> Result<(), StateError> {
         match durability {
             Durability::Synced => state_file::write_state(path, state),
-            Durability::Deferred => state_file::write_state_deferred(path, state),
+            Durability::Deferred => {
+                if let Some(old) = state_file::write_state_deferred(path, state)? {
+                    self.replaced.push((path.to_path_buf(), old));
+                }
+                Ok(())
+            }
         }
     }
 
     fn sync_state(&mut self, path: &Path) -> Result<(), StateError> {
+        // The replaced contents go first, so the directory fsync covers their removal too.
+        self.replaced.retain(|(state, old)| {
+            let due = state == path;
+            if due {
+                state_file::remove_replaced(old);
+            }
+            !due
+        });
         state_file::sync_written(path)
     }
 
