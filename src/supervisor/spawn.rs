@@ -334,10 +334,12 @@ impl ExecPlan {
 
     /// In the child: fill in the pid, move the descriptors to 3.., exec. Returns only on error.
     fn exec_in_child(&mut self) -> io::Error {
-        // SAFETY: getpid cannot fail.
-        let pid = unsafe { libc::getpid() };
-        for &(index, offset) in &self.pid_slots {
-            write_decimal(&mut self.env_bufs[index][offset..], pid);
+        if !self.pid_slots.is_empty() {
+            // SAFETY: getpid cannot fail.
+            let pid = unsafe { libc::getpid() };
+            for &(index, offset) in &self.pid_slots {
+                write_decimal(&mut self.env_bufs[index][offset..], pid);
+            }
         }
         let n = self.pass_fds.len();
         let first_free = 3 + n as libc::c_int;
@@ -359,7 +361,10 @@ impl ExecPlan {
                     return io::Error::last_os_error();
                 }
             }
-            sys::child::mark_inherited_fds_cloexec(first_free as libc::c_uint);
+            if n > 0 {
+                // The common reset marked 3.. already; the parked copies came after it.
+                sys::child::mark_inherited_fds_cloexec(first_free as libc::c_uint);
+            }
             libc::execve(
                 self.path.as_ptr(),
                 self.argv_ptrs.as_ptr(),
