@@ -4,8 +4,9 @@
 //! `<runtime_dir>/snapshots/<id>/<version>` and executes the copy. A build may then overwrite the
 //! original in place (no `ETXTBSY` for the builder), and the last good version stays on disk for a
 //! rollback. `version` is the first 16 hex digits of the BLAKE3 hash of the content, exactly what
-//! `b3sum` prints, computed in the same pass as the copy so a reload reads the build only once
-//! (for a build of 256 KiB or more, a helper thread writes each window while it is hashed).
+//! `b3sum` prints, computed in the same pass as the copy so a reload reads the build only once.
+//! (Writing each window on a helper thread while hashing it was measured, issue 14: no gain in
+//! the daemon, where each snapshot starts cold, for 1 MiB or 50 MiB builds; not kept.)
 //!
 //! Why a copy and not a hard link, even of a build that was renamed in: a link shares the inode
 //! with the file in the plugin dir, so the next in-place build (`cp new plugins/foo/foo`, which
@@ -196,20 +197,19 @@ pub fn take(source: &Path, dir: &Path) -> Result<Snapshot, SnapshotError> {
         source: e,
     };
     let (temp_path, mut output) = create_temp(dir).map_err(write_error)?;
-    let copied = copy_and_hash_sized(&mut input, source, Some(&mut output), dir, meta.len())
-        .and_then(|summary| {
-            output
-                .set_permissions(Permissions::from_mode(snapshot_mode(&meta)))
-                .map_err(write_error)?;
-            drop(output);
-            let path = dir.join(&summary.version);
-            install(&temp_path, &path, &summary, snapshot_mode(&meta)).map_err(write_error)?;
-            Ok(Snapshot {
-                version: summary.version,
-                path,
-                len: summary.len,
-            })
-        });
+    let copied = copy_and_hash(&mut input, source, Some(&mut output), dir).and_then(|summary| {
+        output
+            .set_permissions(Permissions::from_mode(snapshot_mode(&meta)))
+            .map_err(write_error)?;
+        drop(output);
+        let path = dir.join(&summary.version);
+        install(&temp_path, &path, &summary, snapshot_mode(&meta)).map_err(write_error)?;
+        Ok(Snapshot {
+            version: summary.version,
+            path,
+            len: summary.len,
+        })
+    });
     if copied.is_err() {
         // Best effort: prune() removes any temp this leaves behind.
         let _ = fs::remove_file(&temp_path);
@@ -301,104 +301,6 @@ pub(crate) fn describe(file_type: FileType) -> &'static str {
 struct Summary {
     version: String,
     len: u64,
-}
-
-/// Builds at least this big are written (by a helper thread) while they are hashed: on a
-/// reload's path, writing a megabyte into the page cache (~0.3-0.45 ms on a 2-core VM, ext4 or
-/// tmpfs alike) and hashing it (~0.17 ms) then overlap instead of adding up. Below it, starting
-/// the thread (~40 us) would cost more than it saves.
-const PARALLEL_MIN: u64 = 256 * 1024;
-
-/// How much of the build is read at once, then written and hashed side by side: few thread
-/// starts for a big build, and a buffer the allocator gives back.
-const WINDOW: usize = 2 * 1024 * 1024;
-
-/// Stack of the helper thread: it only calls write(2).
-const WRITER_STACK: usize = 64 * 1024;
-
-/// Read `input` (`size` bytes by its fstat) to the end, hashing it and writing it to `output`
-/// when given.
-fn copy_and_hash_sized(
-    input: &mut File,
-    source: &Path,
-    output: Option<&mut File>,
-    dir: &Path,
-    size: u64,
-) -> Result<Summary, SnapshotError> {
-    match output {
-        Some(out) if size >= PARALLEL_MIN => copy_and_hash_parallel(input, source, out, dir, size),
-        output => copy_and_hash(input, source, output, dir),
-    }
-}
-
-/// [`copy_and_hash`] with the write of each window on a helper thread while this one hashes it.
-/// What is hashed is exactly what is written: both read the same buffer, which nothing changes
-/// until both are done. A thread that cannot be started leaves the write to this thread.
-fn copy_and_hash_parallel(
-    input: &mut File,
-    source: &Path,
-    output: &File,
-    dir: &Path,
-    size: u64,
-) -> Result<Summary, SnapshotError> {
-    let read_error = |e: io::Error| SnapshotError::Read {
-        path: source.to_path_buf(),
-        source: e,
-    };
-    let write_error = |e: io::Error| SnapshotError::Write {
-        path: source.to_path_buf(),
-        dir: dir.to_path_buf(),
-        source: e,
-    };
-    let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(WINDOW).clamp(1, WINDOW));
-    let mut hasher = blake3::Hasher::new();
-    let mut len = 0u64;
-    loop {
-        buf.clear();
-        let n = read_window(input, &mut buf).map_err(read_error)?;
-        if n == 0 {
-            break;
-        }
-        let window = &buf[..];
-        let written = std::thread::scope(|scope| {
-            // `&File` is `Write` too: the thread and the fallback share the descriptor.
-            let out: &File = output;
-            let writer = std::thread::Builder::new()
-                .name("snapshot-write".into())
-                .stack_size(WRITER_STACK)
-                .spawn_scoped(scope, move || {
-                    let mut out = out;
-                    out.write_all(window)
-                });
-            hasher.update(window);
-            match writer {
-                Ok(handle) => handle
-                    .join()
-                    .unwrap_or_else(|_| Err(io::Error::other("the snapshot writer panicked"))),
-                // No thread to be had (RLIMIT_NPROC, memory): write here.
-                Err(_) => {
-                    let mut out = out;
-                    out.write_all(window)
-                }
-            }
-        });
-        written.map_err(write_error)?;
-        len += n as u64;
-    }
-    Ok(Summary {
-        version: version_from_hash(&hasher.finalize()),
-        len,
-    })
-}
-
-/// Read up to [`WINDOW`] bytes of `input` into `buf` (empty on entry); 0 at the end.
-fn read_window(input: &mut File, buf: &mut Vec<u8>) -> io::Result<usize> {
-    loop {
-        match Read::by_ref(input).take(WINDOW as u64).read_to_end(buf) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            other => return other,
-        }
-    }
 }
 
 /// Read `input` to the end, hashing it and writing it to `output` when given.
@@ -546,23 +448,6 @@ pub(crate) mod tests {
         assert_eq!(snap.len, content.len() as u64);
         assert_eq!(fs::read(&snap.path).unwrap(), content);
         assert_eq!(version_of(&t.join("plugin")).unwrap(), snap.version);
-    }
-
-    #[test]
-    fn a_big_build_written_while_hashed_is_copied_and_versioned_exactly() {
-        let t = TestDir::new("snap-parallel");
-        // Two full windows and an odd tail: every window boundary is crossed.
-        let len = 2 * WINDOW + 12_345;
-        let content: Vec<u8> = (0..len as u32).map(|i| (i % 253) as u8).collect();
-        write_exec(&t.join("plugin"), &content);
-        let snap = take(&t.join("plugin"), &t.join("snaps")).unwrap();
-        assert_eq!(snap.version, expected_version(&content));
-        assert_eq!(snap.len, len as u64);
-        assert_eq!(fs::read(&snap.path).unwrap(), content);
-        let small = &content[..PARALLEL_MIN as usize - 1];
-        write_exec(&t.join("small"), small);
-        let snap = take(&t.join("small"), &t.join("snaps")).unwrap();
-        assert_eq!(fs::read(&snap.path).unwrap(), small);
     }
 
     #[test]
