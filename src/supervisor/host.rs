@@ -80,9 +80,6 @@ pub trait Host {
     ) -> Result<(), StateError>;
     /// The fsyncs owed by a [`Durability::Deferred`] write: the file, then its directory.
     fn sync_state(&mut self, path: &Path) -> Result<(), StateError>;
-    /// Remove what [`Durability::Deferred`] writes of `path` exchanged out of the way, ahead of
-    /// their fsyncs (which [`Host::sync_state`] does anyway).
-    fn remove_replaced_state(&mut self, path: &Path);
     fn read_state(&self, path: &Path) -> Result<Option<PluginState>, StateError>;
     fn set_aside_state(&mut self, path: &Path) -> io::Result<PathBuf>;
     fn remove_stale_temps(&mut self, dir: &Path) -> io::Result<usize>;
@@ -207,11 +204,6 @@ impl Host for OsHost {
 
     fn sync_state(&mut self, path: &Path) -> Result<(), StateError> {
         // The replaced contents go first, so the directory fsync covers their removal too.
-        self.remove_replaced_state(path);
-        state_file::sync_written(path)
-    }
-
-    fn remove_replaced_state(&mut self, path: &Path) {
         self.replaced.retain(|(state, old)| {
             let due = state == path;
             if due {
@@ -219,6 +211,7 @@ impl Host for OsHost {
             }
             !due
         });
+        state_file::sync_written(path)
     }
 
     fn read_state(&self, path: &Path) -> Result<Option<PluginState>, StateError> {

@@ -307,11 +307,6 @@ impl Supervisor {
         let (later, due): (Vec<_>, Vec<_>) = std::mem::take(&mut self.dir_syncs_after_stop)
             .into_iter()
             .partition(|(id, _)| waits_for_stop(id));
-        // The previous content a write during a stop exchanged out of the way goes now, while
-        // the old instance exits: a daemon killed during a long stop leaves no stale file.
-        for (_, path) in &later {
-            self.host.remove_replaced_state(path);
-        }
         self.dir_syncs_after_stop = later;
         self.dir_syncs.extend(due);
         for (id, path) in std::mem::take(&mut self.dir_syncs) {

@@ -220,8 +220,6 @@ impl Host for FakeHost {
         Ok(())
     }
 
-    fn remove_replaced_state(&mut self, _path: &Path) {}
-
     fn sync_state(&mut self, _path: &Path) -> Result<(), StateError> {
         self.record(Call::SyncDir);
         Ok(())
