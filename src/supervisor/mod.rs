@@ -325,7 +325,7 @@ impl Supervisor {
             return;
         };
         let status = match self.plugins.get(id).and_then(|p| p.instance.as_ref()) {
-            Some(_) => "running",
+            Some(_) => "starting",
             None => "stopped",
         };
         if let Err(e) = self.write_state_file(id, &written.version, status, DirSync::Now) {
