@@ -45,9 +45,10 @@ pub struct Procs<'a> {
 pub enum Durability {
     /// Content and rename synced.
     Synced,
-    /// Content synced; the directory fsync that makes the rename durable comes later
-    /// ([`Host::sync_dir`]).
-    RenameUnsynced,
+    /// Written whole and renamed into place (safe against a crash of the daemon: see
+    /// `state_file`), with both fsyncs owed: [`Host::sync_state`] right after the spawn that
+    /// needed the file, so no fsync sits on a reload's path to the new process.
+    Deferred,
 }
 
 /// Every effect of the supervisor on the machine. See the module documentation.
@@ -79,8 +80,8 @@ pub trait Host {
         state: &PluginState,
         durability: Durability,
     ) -> Result<(), StateError>;
-    /// The directory fsync owed by a [`Durability::RenameUnsynced`] write.
-    fn sync_dir(&mut self, path: &Path) -> Result<(), StateError>;
+    /// The fsyncs owed by a [`Durability::Deferred`] write: the file, then its directory.
+    fn sync_state(&mut self, path: &Path) -> Result<(), StateError>;
     fn read_state(&self, path: &Path) -> Result<Option<PluginState>, StateError>;
     fn set_aside_state(&mut self, path: &Path) -> io::Result<PathBuf>;
     fn remove_stale_temps(&mut self, dir: &Path) -> io::Result<usize>;
@@ -142,12 +143,16 @@ pub trait Host {
 #[derive(Debug)]
 pub struct OsHost {
     contain: Containment,
+    /// Previous contents of state files exchanged out of the way by deferred writes, by state
+    /// file: removed when its fsyncs are done (`sync_state`), off the reload's path.
+    replaced: Vec<(PathBuf, PathBuf)>,
 }
 
 impl OsHost {
     pub fn new(runtime_dir: &Path, plugins_state: &Path) -> OsHost {
         OsHost {
             contain: Containment::new(runtime_dir, plugins_state),
+            replaced: Vec::new(),
         }
     }
 }
@@ -193,12 +198,25 @@ impl Host for OsHost {
     ) -> Result<(), StateError> {
         match durability {
             Durability::Synced => state_file::write_state(path, state),
-            Durability::RenameUnsynced => state_file::write_state_unsynced_rename(path, state),
+            Durability::Deferred => {
+                if let Some(old) = state_file::write_state_deferred(path, state)? {
+                    self.replaced.push((path.to_path_buf(), old));
+                }
+                Ok(())
+            }
         }
     }
 
-    fn sync_dir(&mut self, path: &Path) -> Result<(), StateError> {
-        state_file::sync_parent(path)
+    fn sync_state(&mut self, path: &Path) -> Result<(), StateError> {
+        // The replaced contents go first, so the directory fsync covers their removal too.
+        self.replaced.retain(|(state, old)| {
+            let due = state == path;
+            if due {
+                state_file::remove_replaced(old);
+            }
+            !due
+        });
+        state_file::sync_written(path)
     }
 
     fn read_state(&self, path: &Path) -> Result<Option<PluginState>, StateError> {

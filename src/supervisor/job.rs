@@ -551,13 +551,13 @@ impl Supervisor {
                 .map_err(|e| e.to_string())?,
             DirSync::EndOfTurn => {
                 self.host
-                    .write_state(&path, &state, Durability::RenameUnsynced)
+                    .write_state(&path, &state, Durability::Deferred)
                     .map_err(|e| e.to_string())?;
-                self.dir_syncs.push(path);
+                self.dir_syncs.push((id.to_string(), path));
             }
             DirSync::AfterStop => {
                 self.host
-                    .write_state(&path, &state, Durability::RenameUnsynced)
+                    .write_state(&path, &state, Durability::Deferred)
                     .map_err(|e| e.to_string())?;
                 self.dir_syncs_after_stop.push((id.to_string(), path));
             }
@@ -939,14 +939,14 @@ fn new_job(
     }
 }
 
-/// When the directory fsync that makes a state file's rename durable happens. The content is
-/// fsynced before the rename in every case, so a crash before the directory fsync leaves the
-/// previous file, whole.
+/// When the fsyncs that make a state file durable happen. Every write is whole and renamed
+/// into place before it returns, so a crash of the daemon at any point leaves the previous file
+/// or the new one, whole; the deferred fsyncs only matter for a power loss (hotreloadd(8)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum DirSync {
     /// Before the write returns.
     Now,
-    /// At the end of the loop turn: after the spawn that reads the file.
+    /// At the end of the loop turn: after the spawn that reads the file (file and directory).
     EndOfTurn,
     /// Once the reload waiting for the old instance's stop has moved on (it spawned).
     AfterStop,

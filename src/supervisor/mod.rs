@@ -78,6 +78,7 @@ use crate::{state_file, token};
 use host::Procs;
 pub use host::{Host, OsHost};
 
+use job::DirSync;
 use output::{LineReader, PipeStatus, Stream};
 use plugin::{JobPhase, Queued};
 pub use plugin::{Plugin, Reply, Trigger, Waiter};
@@ -160,8 +161,9 @@ pub struct Supervisor {
     backlog: Vec<Token>,
     /// Plugins found at start (or added) waiting for their first start.
     pending_starts: VecDeque<String>,
-    /// State files renamed into place whose directory fsync is still due (`sync_state_dirs`).
-    dir_syncs: Vec<PathBuf>,
+    /// State files renamed into place (plugin id, path) whose fsyncs are still due
+    /// (`sync_state_dirs`).
+    dir_syncs: Vec<(String, PathBuf)>,
     /// The same, for state files written while the plugin's old instance stops: due once no
     /// reload waits for that stop any more (its new instance spawned, or the reload ended).
     dir_syncs_after_stop: Vec<(String, PathBuf)>,
@@ -296,8 +298,10 @@ impl Supervisor {
         !self.pending_starts.is_empty()
     }
 
-    /// Make the state files written before this turn's starts durable (their directory fsync),
-    /// once the new instances run: off a reload's critical path, still within the same turn.
+    /// Make the state files written before this turn's starts durable (the file's fsync, then
+    /// its directory's), once the new instances run: off a reload's critical path, still within
+    /// the same turn. Until then a crash of the daemon loses nothing (the file is whole and in
+    /// place in the page cache); only a power loss in that window could (hotreloadd(8)).
     pub fn sync_state_dirs(&mut self) {
         // The instance record too: once per turn, however many instances came and went.
         self.flush_record();
@@ -312,11 +316,28 @@ impl Supervisor {
             .into_iter()
             .partition(|(id, _)| waits_for_stop(id));
         self.dir_syncs_after_stop = later;
-        self.dir_syncs.extend(due.into_iter().map(|(_, path)| path));
-        for path in std::mem::take(&mut self.dir_syncs) {
-            if let Err(e) = self.host.sync_dir(&path) {
-                log::warn!("{e}");
+        self.dir_syncs.extend(due);
+        for (id, path) in std::mem::take(&mut self.dir_syncs) {
+            if let Err(e) = self.host.sync_state(&path) {
+                log::warn!("[{id}] {e}; writing it again");
+                self.rewrite_state(&id);
             }
+        }
+    }
+
+    /// A deferred fsync failed: the kernel may have dropped the data it could not write, and a
+    /// second fsync could report success for it ("fsyncgate"). Write the file afresh, durably,
+    /// from what the daemon holds in memory.
+    fn rewrite_state(&mut self, id: &str) {
+        let Some(written) = self.plugins.get_mut(id).and_then(|p| p.written.take()) else {
+            return;
+        };
+        let status = match self.plugins.get(id).and_then(|p| p.instance.as_ref()) {
+            Some(_) => "starting",
+            None => "stopped",
+        };
+        if let Err(e) = self.write_state_file(id, &written.version, status, DirSync::Now) {
+            log::warn!("[{id}] cannot write state file: {e}");
         }
     }
 

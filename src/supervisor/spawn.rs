@@ -2,6 +2,12 @@
 //! `unsafe` outside `sys` (the code between fork and exec cannot go through `sys`' allocating
 //! wrappers). Raw system calls are `sys`'; the child reset is `sys::child`, shared with hooks.
 //!
+//! A start is on every reload's critical path, so it is posix_spawn-shaped: `clone(CLONE_VM |
+//! CLONE_VFORK)` (no copy of the daemon), every signal blocked across it, the child running only
+//! prepared, allocation-free code, and the exec's outcome known when `clone` returns
+//! ([`spawn_vfork`]). Into a cgroup it is `clone3(CLONE_INTO_CGROUP)`, a fork-like clone (glibc has
+//! no clone3 wrapper that runs a function on a new stack), with the same child code.
+//!
 //! Every plugin starts from a clean slate whatever state the daemon was started in (under `nohup`,
 //! from a shell with signals blocked, with stray descriptors inherited from its parent):
 //! its own session and process group (so one `kill(-pgid)` reaches its whole tree), default
@@ -88,23 +94,124 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
         program: spec.program.to_path_buf(),
         source,
     };
-    let mut join = None;
-    if let Some(dir) = spec.cgroup {
-        if !CLONE3_REFUSED.load(std::sync::atomic::Ordering::Relaxed) {
-            match spawn_into_cgroup(spec, dir).map_err(fail)? {
-                Some(spawned) => return Ok(spawned),
-                None => {
-                    CLONE3_REFUSED.store(true, std::sync::atomic::Ordering::Relaxed);
-                    log::info!(
-                        "clone3 is not allowed here (a seccomp filter such as systemd's \
-                         RestrictNamespaces=): plugins join their cgroup after fork instead, \
-                         which costs each start a cgroup migration"
-                    );
-                }
+    let Some(dir) = spec.cgroup else {
+        return spawn_vfork(spec).map_err(fail);
+    };
+    if !CLONE3_REFUSED.load(std::sync::atomic::Ordering::Relaxed) {
+        match spawn_into_cgroup(spec, dir).map_err(fail)? {
+            Some(spawned) => return Ok(spawned),
+            None => {
+                CLONE3_REFUSED.store(true, std::sync::atomic::Ordering::Relaxed);
+                log::info!(
+                    "clone3 is not allowed here (a seccomp filter such as systemd's \
+                     RestrictNamespaces=): plugins join their cgroup after fork instead, \
+                     which costs each start a cgroup migration"
+                );
             }
         }
-        join = Some(open_procs_at(dir).map_err(fail)?);
     }
+    spawn_joining_cgroup(spec, dir).map_err(fail)
+}
+
+/// Stack of the `CLONE_VM` child: it runs only the short, non-recursive code of
+/// `child_after_clone` (the kernel's execve needs none of it).
+const CHILD_STACK: usize = 64 * 1024;
+
+/// What the `CLONE_VM | CLONE_VFORK` child reads (everything prepared by the parent: the child
+/// must not allocate) and the one thing it writes: why it could not exec.
+struct VforkChild<'a> {
+    stdio: [RawFd; 3],
+    cwd: &'a CString,
+    creds: Option<&'a ChildCreds>,
+    daemon: libc::pid_t,
+    nofile: u64,
+    plan: &'a mut ExecPlan,
+    /// 0 while the child runs and after a successful exec; the errno of the failed step when it
+    /// gave up (written just before its `_exit`, read by the parent once `clone` returns).
+    error: i32,
+}
+
+/// The plugin start without a cgroup (and the model of the others): posix_spawn-style
+/// `clone(CLONE_VM | CLONE_VFORK)`. The daemon is suspended while the child sets itself up and
+/// execs (the two would otherwise compete for the same cores anyway), and when `clone` returns
+/// the outcome is known: exec'd, or an errno the child left in [`VforkChild::error`]. A full
+/// fork would copy the daemon's page tables and make it take copy-on-write faults afterwards,
+/// and std's `Command` then blocks on a status pipe until exec all the same.
+fn spawn_vfork(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
+    let mut plan = ExecPlan::new(spec)?;
+    let cwd = CString::new(spec.cwd.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other("NUL byte in the working directory"))?;
+    let devnull = high_fd(std::fs::File::open("/dev/null")?.into())?;
+    let (out_r, out_w) = sys::fd::pipe()?;
+    let (err_r, err_w) = sys::fd::pipe()?;
+    let (out_w, err_w) = (high_fd(out_w)?, high_fd(err_w)?);
+    let mut stack = vec![0u8; CHILD_STACK];
+    let mut child = VforkChild {
+        stdio: [devnull.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
+        cwd: &cwd,
+        creds: spec.creds,
+        daemon: parent_pid(),
+        nofile: INHERITED_NOFILE.load(std::sync::atomic::Ordering::Relaxed),
+        plan: &mut plan,
+        error: 0,
+    };
+    // Every signal blocked across the clone: the child starts with this mask, so no handler of
+    // the daemon's (signal-hook's, which would write into our memory and our self-pipe) can run
+    // in it before `ChildReset` has set every disposition back to the default and unblocked.
+    let mask = sys::process::block_all_signals();
+    // SAFETY: `vfork_child` keeps the clone_vfork contract (see there); `child` and `stack`
+    // outlive the call, which returns only once the child exec'd or exited.
+    let cloned = unsafe {
+        sys::process::clone_vfork(
+            vfork_child,
+            (&mut child as *mut VforkChild<'_>).cast(),
+            &mut stack,
+        )
+    };
+    sys::process::restore_signal_mask(&mask);
+    let (pid, pidfd) = cloned?;
+    // SAFETY: the child is gone from our memory (exec'd or exited): nothing writes it any more.
+    let error = unsafe { std::ptr::read_volatile(&child.error) };
+    drop((devnull, out_w, err_w));
+    let pid = Pid::from_raw(pid);
+    if error != 0 {
+        // It exited with 127 before exec: reap it here, it never was a plugin.
+        let _ = nix::sys::wait::waitpid(pid, None);
+        return Err(io::Error::from_raw_os_error(error));
+    }
+    set_nonblocking(&out_r)?;
+    set_nonblocking(&err_r)?;
+    Ok(Spawned {
+        pid,
+        pidfd: pidfd.or_else(|| pidfd_open(pid)),
+        stdout: out_r,
+        stderr: err_r,
+    })
+}
+
+/// The `CLONE_VM` child: set up, exec; on failure leave the errno and `_exit(127)`.
+extern "C" fn vfork_child(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the parent's `VforkChild`, alive and untouched while the parent is
+    // suspended in clone; the calls below are the async-signal-safe ones of child_after_clone.
+    unsafe {
+        let child = &mut *arg.cast::<VforkChild<'_>>();
+        let errno = child_after_clone(
+            child.stdio,
+            child.cwd,
+            child.creds,
+            child.daemon,
+            child.nofile,
+            child.plan,
+        );
+        std::ptr::write_volatile(&mut child.error, if errno == 0 { libc::EIO } else { errno });
+        libc::_exit(127)
+    }
+}
+
+/// The fallback where `clone3` is refused (seccomp): std's fork + exec, the child joining the
+/// instance's cgroup by writing `cgroup.procs` (slow: a cgroup migration per start).
+fn spawn_joining_cgroup(spec: &SpawnSpec<'_>, dir: RawFd) -> io::Result<Spawned> {
+    let join = open_procs_at(dir)?;
     let mut cmd = Command::new(spec.program);
     cmd.arg0(spec.arg0)
         .args(spec.args)
@@ -116,11 +223,11 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
         .stderr(Stdio::piped());
     let daemon = parent_pid();
     let inherited_nofile = INHERITED_NOFILE.load(std::sync::atomic::Ordering::Relaxed);
-    let cgroup_procs = join.as_ref().map(AsRawFd::as_raw_fd);
+    let cgroup_procs = join.as_raw_fd();
     let mut plan = if spec.pass_fds.is_empty() && spec.pid_vars.is_empty() {
         None
     } else {
-        Some(ExecPlan::new(spec).map_err(fail)?)
+        Some(ExecPlan::new(spec)?)
     };
     let creds = spec.creds.cloned();
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
@@ -129,9 +236,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
     // touches no lock.
     unsafe {
         cmd.pre_exec(move || {
-            if let Some(fd) = cgroup_procs {
-                join_cgroup(fd)?;
-            }
+            join_cgroup(cgroup_procs)?;
             switch_user(creds.as_ref())?;
             prepare_child(daemon, inherited_nofile)?;
             match plan.as_mut() {
@@ -140,7 +245,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
             }
         });
     }
-    let mut child = cmd.spawn().map_err(fail)?;
+    let mut child = cmd.spawn()?;
     drop(join);
     let pid = Pid::from_raw(child.id() as libc::pid_t);
     let stdout = child.stdout.take().map(OwnedFd::from);
@@ -148,10 +253,10 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
     // The std handle is dropped without waiting: the reaper owns the exit status.
     drop(child);
     let (Some(stdout), Some(stderr)) = (stdout, stderr) else {
-        return Err(fail(io::Error::other("child pipes missing")));
+        return Err(io::Error::other("child pipes missing"));
     };
-    set_nonblocking(&stdout).map_err(fail)?;
-    set_nonblocking(&stderr).map_err(fail)?;
+    set_nonblocking(&stdout)?;
+    set_nonblocking(&stderr)?;
     Ok(Spawned {
         pid,
         pidfd: pidfd_open(pid),
@@ -238,10 +343,12 @@ impl ExecPlan {
 
     /// In the child: fill in the pid, move the descriptors to 3.., exec. Returns only on error.
     fn exec_in_child(&mut self) -> io::Error {
-        // SAFETY: getpid cannot fail.
-        let pid = unsafe { libc::getpid() };
-        for &(index, offset) in &self.pid_slots {
-            write_decimal(&mut self.env_bufs[index][offset..], pid);
+        if !self.pid_slots.is_empty() {
+            // SAFETY: getpid cannot fail.
+            let pid = unsafe { libc::getpid() };
+            for &(index, offset) in &self.pid_slots {
+                write_decimal(&mut self.env_bufs[index][offset..], pid);
+            }
         }
         let n = self.pass_fds.len();
         let first_free = 3 + n as libc::c_int;
@@ -263,7 +370,10 @@ impl ExecPlan {
                     return io::Error::last_os_error();
                 }
             }
-            sys::child::mark_inherited_fds_cloexec(first_free as libc::c_uint);
+            if n > 0 {
+                // The common reset marked 3.. already; the parked copies came after it.
+                sys::child::mark_inherited_fds_cloexec(first_free as libc::c_uint);
+            }
             libc::execve(
                 self.path.as_ptr(),
                 self.argv_ptrs.as_ptr(),
@@ -506,5 +616,109 @@ mod tests {
         assert_eq!(&slot[..8], b"4194304\0");
         write_decimal(&mut slot, 1);
         assert_eq!(&slot[..2], b"1\0");
+    }
+
+    /// Everything the child printed on stdout, until it closed it.
+    fn read_all(fd: OwnedFd) -> String {
+        use std::io::Read;
+        let mut file = std::fs::File::from(fd);
+        // The daemon's side is non-blocking: make it blocking for the test.
+        // SAFETY: F_SETFL on a descriptor we own has no memory effects.
+        assert!(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, 0) } == 0);
+        let mut out = String::new();
+        file.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    fn sh_spec<'a>(script: &'a [String], cwd: &'a Path) -> SpawnSpec<'a> {
+        let mut env = BTreeMap::new();
+        env.insert(OsString::from("GREETING"), OsString::from("hello"));
+        SpawnSpec {
+            program: Path::new("/bin/sh"),
+            arg0: "plugin-name",
+            args: script,
+            cwd,
+            env,
+            pass_fds: Vec::new(),
+            pid_vars: Vec::new(),
+            cgroup: None,
+            creds: None,
+        }
+    }
+
+    #[test]
+    fn a_vfork_start_runs_the_program_in_a_clean_child() {
+        // The test harness ignores SIGPIPE (Rust does) and we block SIGUSR1 here: neither may
+        // reach the plugin.
+        let blocked = sys::process::block_all_signals();
+        sys::process::restore_signal_mask(&blocked);
+        let mut usr1 = nix::sys::signal::SigSet::empty();
+        usr1.add(nix::sys::signal::Signal::SIGUSR1);
+        usr1.thread_block().unwrap();
+        let script = [
+            "-c".to_string(),
+            "echo $0 $GREETING $(pwd); grep -E '^(SigBlk|SigIgn)' /proc/self/status; \
+             [ $(ps -o sid= -p $$) = $$ ] && echo own-session"
+                .to_string(),
+        ];
+        let spawned = spawn(&sh_spec(&script, Path::new("/tmp"))).unwrap();
+        usr1.thread_unblock().unwrap();
+        assert!(spawned.pidfd.is_some(), "a pidfd from clone");
+        let out = read_all(spawned.stdout);
+        let status = nix::sys::wait::waitpid(spawned.pid, None).unwrap();
+        assert_eq!(
+            status,
+            nix::sys::wait::WaitStatus::Exited(spawned.pid, 0),
+            "{out}"
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "plugin-name hello /tmp", "{out}");
+        assert!(out.contains("SigBlk:\t0000000000000000"), "{out}");
+        // The classic signals (1-31) are reset; real-time ones are left as inherited.
+        let ignored = out
+            .lines()
+            .find_map(|l| l.strip_prefix("SigIgn:\t"))
+            .unwrap();
+        let ignored = u64::from_str_radix(ignored, 16).unwrap();
+        assert_eq!(ignored & 0x7fff_ffff, 0, "{out}");
+        if !out.contains("own-session") {
+            // `ps` may be missing: the session is checked by the integration tests then.
+            assert!(!Path::new("/bin/ps").exists(), "{out}");
+        }
+    }
+
+    #[test]
+    fn a_vfork_start_that_cannot_exec_reports_why_and_leaves_no_child() {
+        let missing = Path::new("/nonexistent/hotreload-plugin");
+        let spec = SpawnSpec {
+            program: missing,
+            ..sh_spec(&[], Path::new("/tmp"))
+        };
+        let error = spawn(&spec).unwrap_err();
+        assert_eq!(error.source.raw_os_error(), Some(libc::ENOENT), "{error}");
+        assert!(error.to_string().contains("/nonexistent/hotreload-plugin"));
+        let bad_cwd = sh_spec(&[], Path::new("/nonexistent-dir"));
+        let error = spawn(&bad_cwd).unwrap_err();
+        assert_eq!(error.source.raw_os_error(), Some(libc::ENOENT), "{error}");
+    }
+
+    #[test]
+    fn a_vfork_start_passes_descriptors_and_the_childs_own_pid() {
+        let (keep_r, keep_w) = sys::fd::pipe().unwrap();
+        let script = [
+            "-c".to_string(),
+            "echo $LISTEN_PID $$; [ -e /proc/self/fd/3 ] && echo fd3; \
+             [ -e /proc/self/fd/4 ] || echo no-fd4"
+                .to_string(),
+        ];
+        let mut spec = sh_spec(&script, Path::new("/"));
+        spec.pass_fds = vec![keep_r.as_raw_fd()];
+        spec.pid_vars = vec!["LISTEN_PID"];
+        let spawned = spawn(&spec).unwrap();
+        let out = read_all(spawned.stdout);
+        nix::sys::wait::waitpid(spawned.pid, None).unwrap();
+        let pid = spawned.pid.as_raw();
+        assert_eq!(out, format!("{pid} {pid}\nfd3\nno-fd4\n"));
+        drop((keep_r, keep_w));
     }
 }

@@ -80,6 +80,8 @@ pub struct World {
     pub runtime: Option<Value>,
     /// state.json writes fail (read-only state dir).
     pub state_writes_fail: bool,
+    /// The deferred fsyncs of state.json fail (EIO), once each.
+    pub state_syncs_fail: bool,
     /// The last state.json written, by path.
     pub states: BTreeMap<PathBuf, PluginState>,
     next_pid: i32,
@@ -98,6 +100,7 @@ impl World {
             members_alive: HashSet::new(),
             runtime: None,
             state_writes_fail: false,
+            state_syncs_fail: false,
             states: BTreeMap::new(),
             next_pid: FIRST_PID,
         }
@@ -220,8 +223,12 @@ impl Host for FakeHost {
         Ok(())
     }
 
-    fn sync_dir(&mut self, _path: &Path) -> Result<(), StateError> {
+    fn sync_state(&mut self, _path: &Path) -> Result<(), StateError> {
         self.record(Call::SyncDir);
+        if std::mem::take(&mut self.0.borrow_mut().state_syncs_fail) {
+            // fsync of a directory that is not there: the I/O error the tests need.
+            return crate::state_file::sync_written(Path::new("/dev/null/hr/state.json"));
+        }
         Ok(())
     }
 

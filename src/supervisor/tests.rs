@@ -2488,3 +2488,37 @@ fn restart_during_a_first_start_restarts_once_it_runs() {
     assert_eq!(r.spawned().len(), 2);
     assert_eq!(r.answer(1), Some((true, None)));
 }
+
+#[test]
+fn a_failed_deferred_fsync_of_state_json_writes_it_again_durably() {
+    let mut r = Rig::new("");
+    let old = r.running("p1", "v1");
+    r.deploy("p1", "v2");
+    r.world.borrow_mut().state_syncs_fail = true;
+    r.clear();
+    r.terminated(old);
+    let calls = r.calls();
+    let writes: Vec<&Call> = calls
+        .iter()
+        .filter(|c| matches!(c, Call::WriteState { .. }))
+        .collect();
+    // The deferred write happened while v1 stopped; after its fsync failed, one synced rewrite
+    // with the same content (fsyncgate: never trust a second fsync of the same data).
+    assert_eq!(
+        writes,
+        vec![&Call::WriteState {
+            version: "v2".into(),
+            status: "starting".into()
+        }],
+        "{calls:?}"
+    );
+    let spawn = calls
+        .iter()
+        .position(|c| matches!(c, Call::Spawn { .. }))
+        .expect("spawned");
+    let rewrite = calls
+        .iter()
+        .position(|c| matches!(c, Call::WriteState { .. }))
+        .unwrap();
+    assert!(spawn < rewrite, "{calls:?}");
+}

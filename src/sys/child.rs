@@ -6,7 +6,10 @@
 //! signal mask survive `execve` (an ignored SIGCHLD breaks the child's own `waitpid`, a blocked
 //! SIGTERM makes it unstoppable), so both are reset here; so are descriptors a library opened
 //! without `O_CLOEXEC`. Everything here runs in the forked child: async-signal-safe system calls
-//! only, no allocation, no lock.
+//! only, no allocation, no lock. Plugins start with `clone(CLONE_VM | CLONE_VFORK)`
+//! (`supervisor::spawn`): the child then shares the daemon's memory until exec, so it must also
+//! not touch any state of glibc's that assumes it is the daemon's thread (no `setuid()`-style
+//! wrappers that signal "all threads": use the raw system calls).
 
 use std::io;
 use std::os::unix::process::CommandExt;
@@ -37,6 +40,11 @@ impl ChildReset {
             // SAFETY: setsid takes no arguments.
             syscall!(setsid())?;
         }
+        // CREDENTIALS STEP (plugin `user`/`group`): setgroups, setgid, setuid from values the
+        // parent resolved, as raw system calls (SYS_setgroups, SYS_setresgid, SYS_setresuid:
+        // glibc's wrappers broadcast to the daemon's threads, wrong in a CLONE_VM child). Here:
+        // after setsid and the rlimit, and before PR_SET_PDEATHSIG, which a credential change
+        // clears.
         // SAFETY: prctl with integer arguments only.
         syscall!(prctl(
             libc::PR_SET_PDEATHSIG,

@@ -4,6 +4,7 @@ mod containment;
 mod control;
 mod ctl;
 mod docs;
+mod durability;
 mod faults;
 mod lifecycle;
 mod lifecycle_cmds;
