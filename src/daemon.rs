@@ -858,8 +858,8 @@ impl Core {
             self.sup.running_count(),
             total,
             if self.enabled { "on" } else { "off" },
-            self.sup.totals.reload_count,
-            self.sup.totals.failed_reloads
+            self.sup.totals().reload_count,
+            self.sup.totals().failed_reloads
         )
     }
 
@@ -872,7 +872,7 @@ impl Core {
             usize::from(w.root_watched())
                 + self.sup.plugins().filter(|p| w.is_watching(&p.id)).count()
         });
-        let totals = &self.sup.totals;
+        let totals = self.sup.totals();
         StatusReply {
             daemon: DaemonStatus {
                 pid: std::process::id(),

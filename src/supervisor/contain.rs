@@ -397,7 +397,7 @@ pub struct Usage {
 impl Supervisor {
     /// `tasks`, `memory_bytes`, `cpu_usage_ms` for `list` and `plugin`.
     pub fn usage(&self, p: &Plugin) -> Usage {
-        self.host.usage(&self.procs(), p)
+        self.core.host.usage(&self.procs(), p)
     }
 
     /// The `list` entry of a plugin with its process figures.

@@ -40,7 +40,7 @@ pub struct Procs<'a> {
     pub hooks: &'a HashMap<Pid, (HookRun, TimerId)>,
 }
 
-/// How durable a state.json write is before it returns (see `job::DirSync`).
+/// How durable a state.json write is before it returns (see `state::DirSync`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
     /// Content and rename synced.

@@ -14,10 +14,10 @@ use mio::{Interest, unix::SourceFd};
 use nix::unistd::Pid;
 
 use super::credentials::{self, PluginPaths};
-use super::job::DirSync;
 use super::output::{LineReader, Stream};
 use super::plugin::{Instance, JobPhase, Phase, Plugin, Rest, Slot, Snap};
 use super::reap::ExitKind;
+use super::state::DirSync;
 use super::{Ctx, Pipe, Supervisor, Timer, cancel_timer, spawn};
 use crate::config::{ReadyMode, RestartPolicy, RunAs};
 use crate::protocol::{Event, EventKind};
@@ -58,12 +58,13 @@ impl Supervisor {
             snapshot: &target.path,
             notify_socket: notify_path.as_deref(),
         };
-        self.host
+        self.core
+            .host
             .give_to_user(p.settings.run_as.as_ref(), &paths)
             .map_err(|e| e.to_string())?;
         let creds = p.settings.run_as.as_ref().map(credentials::child_creds);
         let arg0 = p.settings.exec.to_string_lossy().into_owned();
-        let scope = self.host.new_scope(id)?;
+        let scope = self.core.host.new_scope(id)?;
         let spec = spawn::SpawnSpec {
             program: &target.path,
             arg0: &arg0,
@@ -75,19 +76,19 @@ impl Supervisor {
             cgroup: scope.dir_fd(),
             creds: creds.as_ref(),
         };
-        let spawned = match self.host.spawn(&spec) {
+        let spawned = match self.core.host.spawn(&spec) {
             Ok(s) => s,
             Err(e) => {
-                self.host.abandon_scope(scope);
+                self.core.host.abandon_scope(scope);
                 return Err(e.to_string());
             }
         };
         if let Some(p) = self.plugins.get_mut(id) {
             p.record_start(ctx);
         }
-        self.next_seq += 1;
-        let seq = self.next_seq;
-        let scope = self.host.scope_started(seq, id, spawned.pid, scope);
+        self.core.next_seq += 1;
+        let seq = self.core.next_seq;
+        let scope = self.core.host.scope_started(seq, id, spawned.pid, scope);
         let mut pipes = Vec::new();
         for (fd, stream) in [
             (spawned.stdout, Stream::Stdout),
@@ -108,13 +109,13 @@ impl Supervisor {
                 stream,
                 reader,
             };
-            self.pipes.insert(token, pipe);
+            self.core.pipes.insert(token, pipe);
             // Output may already be waiting (edge-triggered: read once now).
-            self.backlog.push(token);
+            self.core.backlog.push(token);
             pipes.push(token);
         }
         let pid = spawned.pid;
-        self.pids.insert(pid, (id.to_string(), seq));
+        self.core.pids.insert(pid, (id.to_string(), seq));
         let p = self.plugins.get_mut(id).ok_or("plugin vanished")?;
         let verify_ms = match p.settings.ready {
             ReadyMode::Exec => p.settings.startup_grace_ms,
@@ -126,8 +127,8 @@ impl Supervisor {
             pid,
             pidfd: spawned.pidfd,
             version: target.version.clone(),
-            started_wall: self.host.wall(),
-            started: self.host.now(),
+            started_wall: self.core.host.wall(),
+            started: self.core.host.now(),
             phase: Phase::Starting {
                 verify_timer: Some(ctx.arm(verify_ms, Timer::Verify(id.to_string(), seq))),
             },
@@ -159,7 +160,7 @@ impl Supervisor {
             snapshot: &snapshot_dir.join("-"),
             notify_socket: notify_path.as_deref(),
         };
-        if let Err(e) = self.host.give_to_user(None, &paths) {
+        if let Err(e) = self.core.host.give_to_user(None, &paths) {
             log::warn!("[{id}] {e}");
         }
     }
@@ -241,6 +242,7 @@ impl Supervisor {
         }
         if !inst.reaped {
             let _ = self
+                .core
                 .host
                 .signal_process(inst.pid, inst.pidfd.as_ref(), libc::SIGKILL);
         }
@@ -277,9 +279,10 @@ impl Supervisor {
             },
         ));
         let _ = self
+            .core
             .host
             .signal_process(inst.pid, inst.pidfd.as_ref(), libc::SIGABRT);
-        let _ = self.host.signal_group(inst.pid, libc::SIGKILL);
+        let _ = self.core.host.signal_group(inst.pid, libc::SIGKILL);
     }
 
     /// Stop every instance of a plugin (shutdown, removal).
@@ -304,29 +307,28 @@ impl Supervisor {
         // not changed since the state file was written, the file already preserves it, and the
         // reload's critical path is spared a durable write.
         let next_version = self.version_started_after_stop(id, slot);
+        let Some((core, p)) = self.split(id) else {
+            return;
+        };
         if slot == Slot::Current {
-            let before = self.plugins.get(id).map(|p| p.runtime_data.clone());
-            self.fold_runtime(ctx, id);
-            let after = self.plugins.get(id).map(|p| &p.runtime_data);
+            let before = p.runtime_data.clone();
+            core.fold_runtime(ctx, p);
             // With a reload to follow, the write below (after SIGTERM) saves the same data.
-            if before.as_ref() != after && next_version.is_none() {
-                if let Err(e) = self.write_state(ctx, id, &version, "stopping") {
+            if before != p.runtime_data && next_version.is_none() {
+                if let Err(e) = core.write_state(ctx, p, &version, "stopping") {
                     log::warn!("[{id}] cannot write state file before stopping: {e}");
                 }
             }
         }
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
         let timeout = p.settings.stop_timeout_ms;
         let stop_signal = p.settings.stop_signal;
         let Some(inst) = p.slot_mut(slot) else { return };
         cancel_timer(ctx, &mut inst.phase.take_timer());
         log::info!("[{id}] stopping pid {} ({stop_signal})", inst.pid);
-        if let Err(e) = self.host.signal_group(inst.pid, stop_signal.number()) {
+        if let Err(e) = core.host.signal_group(inst.pid, stop_signal.number()) {
             log::debug!("[{id}] {stop_signal} to group {}: {e}", inst.pid);
         }
-        let _ = self.host.signal_group(inst.pid, libc::SIGCONT);
+        let _ = core.host.signal_group(inst.pid, libc::SIGCONT);
         let kill_timer = ctx.arm(timeout, Timer::Kill(id.to_string(), inst.seq));
         inst.phase = Phase::Stopping {
             kill_timer: Some(kill_timer),
@@ -344,7 +346,8 @@ impl Supervisor {
         // so the durable write overlaps the exit instead of sitting between the reap and the
         // spawn. After the reap, only what the old instance saved on its way out is written.
         if let Some(version) = next_version
-            && let Err(e) = self.write_state_with(ctx, id, &version, "starting", DirSync::AfterStop)
+            && let Some((core, p)) = self.split(id)
+            && let Err(e) = core.write_state_with(ctx, p, &version, "starting", DirSync::AfterStop)
         {
             // prepare_state tries again, and reports, once the old instance is gone.
             log::debug!("[{id}] cannot write state file while stopping: {e}");
@@ -380,6 +383,7 @@ impl Supervisor {
         );
         if !inst.reaped {
             let _ = self
+                .core
                 .host
                 .signal_process(inst.pid, inst.pidfd.as_ref(), libc::SIGKILL);
         }
@@ -397,7 +401,7 @@ impl Supervisor {
         if self.on_hook_exit(ctx, pid, status) {
             return;
         }
-        let Some((id, seq)) = self.pids.remove(&pid) else {
+        let Some((id, seq)) = self.core.pids.remove(&pid) else {
             log::debug!("reaped pid {pid} ({status}), not a plugin leader");
             return;
         };
@@ -430,7 +434,7 @@ impl Supervisor {
             let killed = inst.phase.killed();
             if !killed && self.members_alive(&id, slot) {
                 log::debug!("[{id}] leader exited, other processes of the instance remain");
-                self.host.leader_reaped(seq);
+                self.core.host.leader_reaped(seq);
                 return;
             }
             self.instance_gone(ctx, &id, slot);
@@ -438,7 +442,7 @@ impl Supervisor {
             // Anything the plugin left behind goes with it, in its group or not.
             self.kill_members(&id, slot);
             if let Some(inst) = self.plugins.get(&id).and_then(|p| p.slot(slot)) {
-                self.host.scope_ended(inst.seq, &inst.scope);
+                self.core.host.scope_ended(inst.seq, &inst.scope);
             }
             self.unexpected_exit(ctx, &id, slot, status);
         }
@@ -479,7 +483,7 @@ impl Supervisor {
         let Some(mut inst) = p.take_slot(slot) else {
             return;
         };
-        self.host.scope_ended(inst.seq, &inst.scope);
+        self.core.host.scope_ended(inst.seq, &inst.scope);
         cancel_timer(ctx, &mut inst.phase.take_timer());
         let overlapping = p.has_processes();
         // A job about to start the next instance writes the state file itself, right away.
@@ -490,14 +494,14 @@ impl Supervisor {
             );
         if !overlapping {
             // The last instance is gone: what it left in runtime.json is the state to keep.
-            self.fold_runtime(ctx, id);
+            self.core.fold_runtime(ctx, p);
             if !next_start {
-                if let Err(e) = self.write_state(ctx, id, &inst.version, "stopped") {
+                if let Err(e) = self.core.write_state(ctx, p, &inst.version, "stopped") {
                     log::warn!("[{id}] cannot write state file: {e}");
                 }
             }
         }
-        if !overlapping && self.shutting_down {
+        if !overlapping && self.core.shutting_down {
             self.take_back_files(id);
         }
         let Some(p) = self.plugins.get_mut(id) else {
@@ -543,11 +547,8 @@ impl Supervisor {
         let seq = inst.seq;
         let announced = inst.stopping_announced;
         if !p.has_processes() {
-            self.fold_runtime(ctx, id);
+            self.core.fold_runtime(ctx, p);
         }
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
         if slot == Slot::Retiring {
             log::warn!("[{id}] the instance being replaced exited on its own with {status}");
             return;
@@ -567,7 +568,7 @@ impl Supervisor {
             self.fail_attempt(ctx, id, why);
             return;
         }
-        if self.shutting_down || p.removing {
+        if self.core.shutting_down || p.removing {
             return;
         }
         if announced {
@@ -615,7 +616,10 @@ impl Supervisor {
 impl Supervisor {
     /// A plugin left down: what it left in runtime.json is written to its state file.
     fn save_final_state(&mut self, ctx: &mut Ctx<'_>, id: &str, version: &str) {
-        if let Err(e) = self.write_state(ctx, id, version, "stopped") {
+        let Some((core, p)) = self.split(id) else {
+            return;
+        };
+        if let Err(e) = core.write_state(ctx, p, version, "stopped") {
             log::warn!("[{id}] cannot write state file: {e}");
         }
     }

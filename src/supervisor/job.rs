@@ -8,19 +8,15 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use serde_json::Value;
-
-use super::host::{Durability, Host};
-use super::plugin::{
-    HistoryEntry, Instance, Job, JobKind, JobPhase, Plugin, Rest, Slot, Snap, Written,
-};
+use super::host::Host;
+use super::plugin::{HistoryEntry, Instance, Job, JobKind, JobPhase, Plugin, Rest, Slot, Snap};
 use super::start_limit::LimitHit;
-use super::{Ctx, MAX_RUNTIME_BYTES, Supervisor, Timer, Totals, Trigger, Waiter, retry_delay};
+use super::{Ctx, Supervisor, Timer, Totals, Trigger, Waiter, retry_delay};
 use crate::config::Strategy;
 use crate::hooks::{HookContext, HookKind};
 use crate::protocol::TriggerResult;
 use crate::protocol::{Event, EventKind};
-use crate::{clock, preflight, snapshot, state_file};
+use crate::{clock, preflight, snapshot};
 
 /// Why a start attempt did not work out.
 pub(super) type AttemptError = String;
@@ -42,7 +38,7 @@ impl Supervisor {
         let old_version = p.current.as_ref().map(|s| s.version.clone());
         let max_attempts = ctx.config.hot_reload.max_retries.saturating_add(1);
         let job = new_job(
-            self.host.as_ref(),
+            self.core.host.as_ref(),
             kind,
             trigger,
             files,
@@ -58,7 +54,7 @@ impl Supervisor {
     /// (stop-start), or start the new one beside it (start-stop), or go straight to the first
     /// attempt.
     fn prepare(&mut self, ctx: &mut Ctx<'_>, id: &str, mut job: Job) {
-        if self.shutting_down {
+        if self.core.shutting_down {
             answer_failure(ctx, id, &job.waiters, "the daemon is shutting down");
             return;
         }
@@ -67,16 +63,16 @@ impl Supervisor {
             return;
         };
         let exec = p.exec_path();
-        match self.host.snapshot(&exec, &snap_dir) {
+        match self.core.host.snapshot(&exec, &snap_dir) {
             Ok(s) => {
                 job.target = Snap {
                     version: s.version,
                     path: s.path,
                 };
             }
-            Err(e) if newest_good_instead(self.host.as_ref(), p, &job).is_some() => {
+            Err(e) if newest_good_instead(self.core.host.as_ref(), p, &job).is_some() => {
                 // `start`/`restart`: the newest build that can run is the last good one.
-                if let Some(good) = newest_good_instead(self.host.as_ref(), p, &job) {
+                if let Some(good) = newest_good_instead(self.core.host.as_ref(), p, &job) {
                     log::warn!(
                         "[{id}] {e}: starting the last good version {}",
                         good.version
@@ -106,13 +102,13 @@ impl Supervisor {
         if self.build_unchanged(ctx, id, &exec, &job) {
             return;
         }
-        if let Err(e) = self.host.preflight(&job.target.path) {
+        if let Err(e) = self.core.host.preflight(&job.target.path) {
             // Name the file the user wrote, not the daemon's private copy.
             let error = format!("{}: {}", preflight::FAILED_PREFIX, e.about_build(&exec));
             let good = self
                 .plugins
                 .get(id)
-                .and_then(|p| newest_good_instead(self.host.as_ref(), p, &job));
+                .and_then(|p| newest_good_instead(self.core.host.as_ref(), p, &job));
             let Some(good) = good.filter(|good| *good != job.target) else {
                 self.refuse_build(ctx, id, job, error);
                 return;
@@ -197,7 +193,8 @@ impl Supervisor {
             ));
         }
         let new = Some(version.to_owned());
-        let duration_ms = clock::millis(self.host.now().saturating_duration_since(job.started));
+        let duration_ms =
+            clock::millis(self.core.host.now().saturating_duration_since(job.started));
         if job.announced {
             // Announced when an earlier copy of the build failed: it gets its outcome too.
             ctx.emit(Event::plugin(
@@ -209,7 +206,7 @@ impl Supervisor {
                 },
             ));
             if let Some(p) = self.plugins.get_mut(id) {
-                let entry = HistoryEntry::of_reload(job, self.host.wall(), duration_ms, None);
+                let entry = HistoryEntry::of_reload(job, self.core.host.wall(), duration_ms, None);
                 p.push_history(entry);
             }
         }
@@ -233,7 +230,7 @@ impl Supervisor {
         let superseded = p.job.take();
         p.instance = p.retiring.take();
         p.current = Some(build.clone());
-        prune_snapshots(self.host.as_mut(), &snap_dir, p);
+        prune_snapshots(self.core.host.as_mut(), &snap_dir, p);
         let Some(job) = superseded else { return };
         cancel_job_timer(ctx, &job);
         let error = format!(
@@ -242,12 +239,13 @@ impl Supervisor {
         );
         log::warn!("[{id}] hot reload to {} ended: {error}", job.target.version);
         if job.kind == JobKind::Reload {
-            let duration_ms = clock::millis(self.host.now().saturating_duration_since(job.started));
+            let duration_ms =
+                clock::millis(self.core.host.now().saturating_duration_since(job.started));
             record_failed_reload(
                 p,
-                &mut self.totals,
+                &mut self.core.totals,
                 &job,
-                self.host.wall(),
+                self.core.host.wall(),
                 duration_ms,
                 &error,
             );
@@ -256,7 +254,14 @@ impl Supervisor {
                 emit_reload_failed(ctx, id, &error, attempts, None);
             }
         }
-        answer_waiters(ctx, id, &job, false, Some(error.clone()), self.host.now());
+        answer_waiters(
+            ctx,
+            id,
+            &job,
+            false,
+            Some(error.clone()),
+            self.core.host.now(),
+        );
         if job.kind == JobKind::Reload {
             let new_version = Some(job.target.version.as_str());
             self.run_job_hook(
@@ -327,26 +332,34 @@ impl Supervisor {
             log::warn!("[{id}] cannot start: {error}");
             p.rest = Rest::Missing;
             answer_not_started(ctx, id, &job.waiters, new_version, error);
-            prune_snapshots(self.host.as_mut(), &snap_dir, p);
+            prune_snapshots(self.core.host.as_mut(), &snap_dir, p);
             return;
         }
-        let duration_ms = clock::millis(self.host.now().saturating_duration_since(job.started));
+        let duration_ms =
+            clock::millis(self.core.host.now().saturating_duration_since(job.started));
         record_failed_reload(
             p,
-            &mut self.totals,
+            &mut self.core.totals,
             &job,
-            self.host.wall(),
+            self.core.host.wall(),
             duration_ms,
             &error,
         );
         // The refused snapshot is useless: keep only what runs and the last good one.
-        prune_snapshots(self.host.as_mut(), &snap_dir, p);
+        prune_snapshots(self.core.host.as_mut(), &snap_dir, p);
         if !job.announced {
             self.announce_reload(ctx, id, &mut job);
         }
         log::warn!("[{id}] hot reload failed: {error}");
         emit_reload_failed(ctx, id, &error, job.attempt, None);
-        answer_waiters(ctx, id, &job, false, Some(error.clone()), self.host.now());
+        answer_waiters(
+            ctx,
+            id,
+            &job,
+            false,
+            Some(error.clone()),
+            self.core.host.now(),
+        );
         let new_version = new_version.as_deref();
         self.run_job_hook(
             ctx,
@@ -377,192 +390,15 @@ impl Supervisor {
     }
 
     fn try_start(&mut self, ctx: &mut Ctx<'_>, id: &str) -> Result<(), AttemptError> {
-        let target = {
-            let p = self.plugins.get(id).ok_or("plugin vanished")?;
-            p.job.as_ref().ok_or("no job")?.target.clone()
-        };
-        self.prepare_state(ctx, id, &target.version)?;
+        let (core, p) = self.split(id).ok_or("plugin vanished")?;
+        let target = p.job.as_ref().ok_or("no job")?.target.clone();
+        core.prepare_state(ctx, p, &target.version)?;
         let seq = self.spawn_instance(ctx, id, &target)?;
         let p = self.plugins.get_mut(id).ok_or("plugin vanished")?;
         if let Some(job) = p.job.as_mut() {
             job.phase = JobPhase::Verifying { seq };
         }
         p.current = Some(target);
-        Ok(())
-    }
-
-    /// Carry runtime.json into state.json before a start; without preserve_state, start afresh:
-    /// runtime.json removed, state.json rewritten with `runtime_data: null` (SPEC §4). Either
-    /// way state.json is written, which creates the plugin's state dir for its runtime.json.
-    fn prepare_state(
-        &mut self,
-        ctx: &mut Ctx<'_>,
-        id: &str,
-        version: &str,
-    ) -> Result<(), AttemptError> {
-        if ctx.config.hot_reload.preserve_state {
-            self.fold_runtime(ctx, id);
-        } else {
-            self.forget_runtime(ctx, id);
-        }
-        // A full or read-only state dir must not keep the plugin down (it would end `failed`):
-        // it starts with state.json as it was (intact, atomic writes), runtime_data stays in
-        // memory and runtime.json on disk, and the next write that works saves them.
-        // The directory fsync that makes the rename durable waits until the new instance runs
-        // (`sync_state_dirs`): the content itself is on disk before the rename.
-        if let Err(e) = self.write_state_file(id, version, "starting", DirSync::EndOfTurn) {
-            let path = self.state_path(id);
-            log::warn!("[{id}] cannot write state file, starting with the one on disk: {e}");
-            ctx.emit(Event::plugin(
-                id,
-                EventKind::StateWarning {
-                    error: format!("cannot write state file: {e}"),
-                    path: path.to_string_lossy().into_owned(),
-                },
-            ));
-        }
-        Ok(())
-    }
-
-    /// preserve_state = false: nothing the plugin saved reaches its next instance. A runtime.json
-    /// that cannot be removed (read-only state dir) is reported, and does not keep the plugin
-    /// down: the daemon never reads it back in this mode.
-    fn forget_runtime(&mut self, ctx: &mut Ctx<'_>, id: &str) {
-        let path = self.runtime_path(id);
-        if let Err(e) = self.host.remove_runtime(&path) {
-            // `e` names the file.
-            let error = e.to_string();
-            log::warn!("[{id}] {error}");
-            ctx.emit(Event::plugin(
-                id,
-                EventKind::StateWarning {
-                    error: error.to_string(),
-                    path: path.to_string_lossy().into_owned(),
-                },
-            ));
-        }
-        if let Some(p) = self.plugins.get_mut(id) {
-            p.runtime_data = Value::Null;
-        }
-    }
-
-    /// Read runtime.json into runtime_data; an invalid file keeps the previous value (warned).
-    pub(super) fn fold_runtime(&mut self, ctx: &mut Ctx<'_>, id: &str) {
-        let path = self.runtime_path(id);
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
-        match self.host.read_runtime(&path, MAX_RUNTIME_BYTES) {
-            state_file::RuntimeRead::Missing => {
-                // Only worth saying when there was data to lose: it is kept (SPEC §4).
-                if !p.runtime_data.is_null() {
-                    let reason = format!(
-                        "{} is missing; keeping the previous runtime_data",
-                        path.display()
-                    );
-                    log::warn!("[{id}] {reason}");
-                    ctx.emit(Event::plugin(
-                        id,
-                        EventKind::StateWarning {
-                            error: reason.clone(),
-                            path: path.to_string_lossy().into_owned(),
-                        },
-                    ));
-                }
-            }
-            state_file::RuntimeRead::Valid(v) => p.runtime_data = v,
-            state_file::RuntimeRead::Invalid(reason) => {
-                log::warn!("[{id}] keeping the previous runtime_data: {reason}");
-                ctx.emit(Event::plugin(
-                    id,
-                    EventKind::StateWarning {
-                        error: reason.clone(),
-                        path: path.to_string_lossy().into_owned(),
-                    },
-                ));
-            }
-        }
-    }
-
-    /// Write state.json when what a plugin reads from it (version, configuration, runtime_data)
-    /// differs from what is on disk. `status` and `last_activity` alone are not worth a durable
-    /// write: with one fsync'd write per start, a reload's critical path and a 1000-plugin start
-    /// stay short.
-    pub(super) fn write_state(
-        &mut self,
-        ctx: &mut Ctx<'_>,
-        id: &str,
-        version: &str,
-        status: &str,
-    ) -> Result<(), String> {
-        self.write_state_with(ctx, id, version, status, DirSync::Now)
-    }
-
-    pub(super) fn write_state_with(
-        &mut self,
-        ctx: &mut Ctx<'_>,
-        id: &str,
-        version: &str,
-        status: &str,
-        dir_sync: DirSync,
-    ) -> Result<(), String> {
-        // Without preserve_state only a start writes the file (`prepare_state`): what a plugin
-        // saved is never carried into it.
-        if !ctx.config.hot_reload.preserve_state {
-            return Ok(());
-        }
-        self.write_state_file(id, version, status, dir_sync)
-    }
-
-    /// Write state.json (see [`Supervisor::write_state`]), whatever preserve_state says.
-    pub(super) fn write_state_file(
-        &mut self,
-        id: &str,
-        version: &str,
-        status: &str,
-        dir_sync: DirSync,
-    ) -> Result<(), String> {
-        let path = self.state_path(id);
-        let Some(p) = self.plugins.get_mut(id) else {
-            return Ok(());
-        };
-        let content = Written {
-            version: version.to_string(),
-            configuration: p.settings.config.clone(),
-            runtime_data: p.runtime_data.clone(),
-            control: p.control_record(),
-        };
-        if p.written.as_ref() == Some(&content) {
-            return Ok(());
-        }
-        let state = state_file::PluginState {
-            plugin_id: id.to_string(),
-            configuration: content.configuration.clone(),
-            runtime_data: content.runtime_data.clone(),
-            last_activity: self.host.wall(),
-            version: content.version.clone(),
-            status: status.to_string(),
-            control: content.control.clone(),
-        };
-        match dir_sync {
-            DirSync::Now => self
-                .host
-                .write_state(&path, &state, Durability::Synced)
-                .map_err(|e| e.to_string())?,
-            DirSync::EndOfTurn => {
-                self.host
-                    .write_state(&path, &state, Durability::Deferred)
-                    .map_err(|e| e.to_string())?;
-                self.dir_syncs.push((id.to_string(), path));
-            }
-            DirSync::AfterStop => {
-                self.host
-                    .write_state(&path, &state, Durability::Deferred)
-                    .map_err(|e| e.to_string())?;
-                self.dir_syncs_after_stop.push((id.to_string(), path));
-            }
-        }
-        p.written = Some(content);
         Ok(())
     }
 
@@ -573,16 +409,17 @@ impl Supervisor {
             return;
         };
         let Some(job) = p.job.take() else { return };
-        let duration_ms = clock::millis(self.host.now().saturating_duration_since(job.started));
+        let duration_ms =
+            clock::millis(self.core.host.now().saturating_duration_since(job.started));
         p.last_good = Some(job.target.clone());
         p.rest = Rest::Stopped;
         match job.kind {
             JobKind::Reload => {
                 p.reload_count += 1;
                 p.last_error = None;
-                self.totals.reload_count += 1;
-                let now = self.host.wall();
-                self.totals.last_reload = Some(now.clone());
+                self.core.totals.reload_count += 1;
+                let now = self.core.host.wall();
+                self.core.totals.last_reload = Some(now.clone());
                 p.push_history(HistoryEntry::of_reload(&job, now, duration_ms, None));
                 log::info!(
                     "[{id}] hot reload completed: {} -> {} in {duration_ms} ms",
@@ -613,8 +450,8 @@ impl Supervisor {
             JobKind::Restart => {}
         }
         // A rollback's waiters are those of a `start` or `restart` it carried on.
-        answer_waiters(ctx, id, &job, true, None, self.host.now());
-        prune_snapshots(self.host.as_mut(), &snap_dir, p);
+        answer_waiters(ctx, id, &job, true, None, self.core.host.now());
+        prune_snapshots(self.core.host.as_mut(), &snap_dir, p);
         if p.retiring.is_some() {
             self.stop_instance(ctx, id, Slot::Retiring);
         }
@@ -728,19 +565,27 @@ impl Supervisor {
         if job.trigger.wants_newest_good() {
             std::mem::swap(&mut carried, &mut job.waiters);
         }
-        let duration_ms = clock::millis(self.host.now().saturating_duration_since(job.started));
+        let duration_ms =
+            clock::millis(self.core.host.now().saturating_duration_since(job.started));
         if job.kind == JobKind::Reload {
             record_failed_reload(
                 p,
-                &mut self.totals,
+                &mut self.core.totals,
                 &job,
-                self.host.wall(),
+                self.core.host.wall(),
                 duration_ms,
                 &error,
             );
         }
         // A rollback's waiters are those it carried.
-        answer_waiters(ctx, id, &job, false, Some(error.clone()), self.host.now());
+        answer_waiters(
+            ctx,
+            id,
+            &job,
+            false,
+            Some(error.clone()),
+            self.core.host.now(),
+        );
         let mut no_rollback = |ctx: &mut Ctx<'_>, job: &mut Job, now| {
             job.waiters = std::mem::take(&mut carried);
             answer_waiters(ctx, id, job, false, Some(error.clone()), now);
@@ -763,7 +608,7 @@ impl Supervisor {
             // The build never copied, so this reload stopped nothing: whatever runs stays, and
             // a plugin that is down stays down (its own restart policy decided that).
             log::warn!("[{id}] giving up on the build that cannot be copied: {error}");
-            no_rollback(ctx, &mut job, self.host.now());
+            no_rollback(ctx, &mut job, self.core.host.now());
             self.run_queued(ctx, id);
             return;
         }
@@ -780,13 +625,13 @@ impl Supervisor {
                         version: version.to_string(),
                     },
                 ));
-                no_rollback(ctx, &mut job, self.host.now());
+                no_rollback(ctx, &mut job, self.core.host.now());
                 self.run_queued(ctx, id);
                 return;
             }
         }
         let nothing_runs = p.instance.is_none();
-        let host = &self.host;
+        let host = &self.core.host;
         let rollback_to = p.last_good.clone().filter(|good| {
             nothing_runs
                 && (job.kind == JobKind::Reload || job.trigger == Trigger::Start)
@@ -798,7 +643,7 @@ impl Supervisor {
             p.current = p.last_good.clone();
             log::warn!("[{id}] rolling back to last good version {}", good.version);
             p.job = Some(new_job(
-                self.host.as_ref(),
+                self.core.host.as_ref(),
                 JobKind::Rollback,
                 Trigger::Watch,
                 Vec::new(),
@@ -810,11 +655,11 @@ impl Supervisor {
             self.attempt(ctx, id);
             return;
         }
-        no_rollback(ctx, &mut job, self.host.now());
+        no_rollback(ctx, &mut job, self.core.host.now());
         p.rest = Rest::Failed;
         log::error!("[{id}] failed: {error}");
         if let Some(hit) = limit.filter(|_| limited.is_some() || rollback_forbidden) {
-            self.announce_start_limit(ctx, id, hit);
+            p.announce_start_limit(ctx, hit);
         }
         self.run_queued(ctx, id);
     }
@@ -859,7 +704,7 @@ impl Supervisor {
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
-        if p.removing || self.shutting_down || p.job.is_some() {
+        if p.removing || self.core.shutting_down || p.job.is_some() {
             return;
         }
         let Some(q) = p.queued.take() else { return };
@@ -894,7 +739,7 @@ impl Supervisor {
         let max_attempts = ctx.config.hot_reload.max_retries.saturating_add(1);
         let old = Some(target.version.clone());
         let mut job = new_job(
-            self.host.as_ref(),
+            self.core.host.as_ref(),
             JobKind::Restart,
             Trigger::Watch,
             Vec::new(),
@@ -937,19 +782,6 @@ fn new_job(
         last_error: None,
         announced: false,
     }
-}
-
-/// When the fsyncs that make a state file durable happen. Every write is whole and renamed
-/// into place before it returns, so a crash of the daemon at any point leaves the previous file
-/// or the new one, whole; the deferred fsyncs only matter for a power loss (hotreloadd(8)).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum DirSync {
-    /// Before the write returns.
-    Now,
-    /// At the end of the loop turn: after the spawn that reads the file (file and directory).
-    EndOfTurn,
-    /// Once the reload waiting for the old instance's stop has moved on (it spawned).
-    AfterStop,
 }
 
 /// The last good build, for a job that starts the newest good one (`start`, `restart`) when its

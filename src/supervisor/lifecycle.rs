@@ -9,8 +9,9 @@
 //! job start the newest good build (`Trigger::wants_newest_good`). What holds survives a daemon
 //! restart in the plugin's state file ([`ControlRecord`]).
 
-use super::job::{self, DirSync};
+use super::job;
 use super::plugin::{JobPhase, Plugin, ReloadSwitch, Wanted};
+use super::state::DirSync;
 use super::{Ctx, Supervisor, Trigger, Waiter, cancel_timer};
 use crate::protocol::TriggerResult;
 use crate::protocol::{Event, EventKind};
@@ -43,8 +44,8 @@ impl Supervisor {
     /// `stop ID`: stop the plugin and keep it down until `start` or `restart`. `waiter` is
     /// answered once every instance is gone (at once when none runs).
     pub fn stop(&mut self, ctx: &mut Ctx<'_>, id: &str, waiter: Option<Waiter>) {
-        let since = self.host.wall();
-        let now = self.host.now();
+        let since = self.core.host.wall();
+        let now = self.core.host.now();
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
@@ -216,7 +217,7 @@ impl Supervisor {
     /// The control record of a state file not read for its runtime data (`preserve_state =
     /// false`): a stop or a switch outlives a daemon restart whatever that setting says.
     pub(super) fn control_record_on_disk(&self, id: &str) -> ControlRecord {
-        match self.host.read_state(&self.state_path(id)) {
+        match self.core.host.read_state(&self.state_path(id)) {
             Ok(Some(state)) => state.control,
             _ => ControlRecord::default(),
         }
@@ -224,7 +225,7 @@ impl Supervisor {
 
     /// Writes the plugin's state file when what the control commands decided changed.
     fn record_control(&mut self, ctx: &mut Ctx<'_>, id: &str) {
-        let Some(p) = self.plugins.get(id) else {
+        let Some((core, p)) = self.split(id) else {
             return;
         };
         let version = p
@@ -235,8 +236,8 @@ impl Supervisor {
             .or_else(|| p.written.as_ref().map(|w| w.version.clone()))
             .unwrap_or_default();
         let status = p.state_name();
-        if let Err(e) = self.write_state_file(id, &version, status, DirSync::Now) {
-            let path = self.state_path(id);
+        if let Err(e) = core.write_state_file(p, &version, status, DirSync::Now) {
+            let path = core.state_path(id);
             log::warn!("[{id}] cannot record the request in the state file: {e}");
             ctx.emit(Event::plugin(
                 id,

@@ -55,6 +55,7 @@ pub mod reap;
 mod record;
 pub mod spawn;
 mod start_limit;
+mod state;
 #[cfg(test)]
 mod testhost;
 #[cfg(test)]
@@ -78,10 +79,10 @@ use crate::{state_file, token};
 use host::Procs;
 pub use host::{Host, OsHost};
 
-use job::DirSync;
 use output::{LineReader, PipeStatus, Stream};
 use plugin::{JobPhase, Queued};
 pub use plugin::{Plugin, Reply, Trigger, Waiter};
+use state::DirSync;
 
 /// Largest runtime.json the daemon will read (a plugin writing more gets a warning, not an OOM).
 pub const MAX_RUNTIME_BYTES: u64 = 16 * 1024 * 1024;
@@ -150,6 +151,15 @@ pub struct Totals {
 
 pub struct Supervisor {
     plugins: BTreeMap<String, Plugin>,
+    /// Everything but the plugins, lent with one of them (`split`).
+    core: Core,
+}
+
+/// What the lifecycle logic needs besides the plugin it works on: the host, the bookkeeping
+/// shared by all plugins (leader pids, pipes, notify sockets, hooks, counters) and the paths.
+/// Kept apart from the plugin table so that an entry point looks a plugin up once and lends
+/// both (`Supervisor::split`).
+pub(super) struct Core {
     /// Leader pid → (plugin, instance seq).
     pids: HashMap<Pid, (String, u64)>,
     pipes: HashMap<Token, Pipe>,
@@ -169,7 +179,7 @@ pub struct Supervisor {
     dir_syncs_after_stop: Vec<(String, PathBuf)>,
     next_token: usize,
     next_seq: u64,
-    pub totals: Totals,
+    totals: Totals,
     shutting_down: bool,
     snapshots_dir: PathBuf,
     notify_dir: PathBuf,
@@ -186,8 +196,7 @@ impl Supervisor {
 
     /// A supervisor acting through `host` (a fake one in unit tests).
     pub fn with_host(runtime_dir: &Path, state_dir: &Path, host: Box<dyn Host>) -> Supervisor {
-        Supervisor {
-            plugins: BTreeMap::new(),
+        let core = Core {
             pids: HashMap::new(),
             pipes: HashMap::new(),
             notify: HashMap::new(),
@@ -204,7 +213,23 @@ impl Supervisor {
             notify_dir: runtime_dir.join("notify"),
             state_dir: state_dir.join("plugins"),
             host,
+        };
+        Supervisor {
+            plugins: BTreeMap::new(),
+            core,
         }
+    }
+
+    /// The plugin `id` and the rest of the supervisor, lent together: the one lookup an entry
+    /// point makes before handing both to the lifecycle logic.
+    fn split(&mut self, id: &str) -> Option<(&mut Core, &mut Plugin)> {
+        let p = self.plugins.get_mut(id)?;
+        Some((&mut self.core, p))
+    }
+
+    /// Totals across plugins for `status`.
+    pub fn totals(&self) -> &Totals {
+        &self.core.totals
     }
 
     pub fn plugins(&self) -> impl Iterator<Item = &Plugin> {
@@ -224,20 +249,20 @@ impl Supervisor {
     }
 
     pub fn state_path(&self, id: &str) -> PathBuf {
-        self.state_dir.join(id).join("state.json")
+        self.core.state_path(id)
     }
 
     pub fn runtime_path(&self, id: &str) -> PathBuf {
-        self.state_dir.join(id).join("runtime.json")
+        self.core.runtime_path(id)
     }
 
     fn snapshot_dir(&self, id: &str) -> PathBuf {
-        self.snapshots_dir.join(id)
+        self.core.snapshots_dir.join(id)
     }
 
     fn new_token(&mut self) -> Token {
-        let t = Token(token::PIPES_BASE + self.next_token);
-        self.next_token += 1;
+        let t = Token(token::PIPES_BASE + self.core.next_token);
+        self.core.next_token += 1;
         t
     }
 
@@ -256,7 +281,11 @@ impl Supervisor {
             return;
         }
         // Temp files of state writes cut short by a crash (ours or the machine's).
-        if let Err(e) = self.host.remove_stale_temps(&self.state_dir.join(id)) {
+        if let Err(e) = self
+            .core
+            .host
+            .remove_stale_temps(&self.core.state_dir.join(id))
+        {
             log::warn!("[{id}] {e}");
         }
         let settings = ctx.config.plugin(id);
@@ -274,17 +303,17 @@ impl Supervisor {
         self.open_plugin_sockets(ctx, id);
         log::info!("[{id}] plugin added");
         ctx.emit(Event::plugin(id, EventKind::PluginAdded));
-        if autostart && !self.shutting_down {
+        if autostart && !self.core.shutting_down {
             // Started from the loop a few at a time, so that a daemon with a thousand plugins
             // answers its socket while it brings them up.
-            self.pending_starts.push_back(id.to_string());
+            self.core.pending_starts.push_back(id.to_string());
         }
     }
 
     /// Begin up to `max` queued first starts; true while more are waiting.
     pub fn start_pending(&mut self, ctx: &mut Ctx<'_>, max: usize) -> bool {
         for _ in 0..max {
-            let Some(id) = self.pending_starts.pop_front() else {
+            let Some(id) = self.core.pending_starts.pop_front() else {
                 break;
             };
             let idle = self.plugins.get(&id).is_some_and(|p| {
@@ -295,7 +324,7 @@ impl Supervisor {
                 self.begin(ctx, &id, kind, Trigger::Rescan, Vec::new(), Vec::new());
             }
         }
-        !self.pending_starts.is_empty()
+        !self.core.pending_starts.is_empty()
     }
 
     /// Make the state files written before this turn's starts durable (the file's fsync, then
@@ -312,13 +341,13 @@ impl Supervisor {
                 .and_then(|p| p.job.as_ref())
                 .is_some_and(|job| matches!(job.phase, JobPhase::StoppingOld))
         };
-        let (later, due): (Vec<_>, Vec<_>) = std::mem::take(&mut self.dir_syncs_after_stop)
+        let (later, due): (Vec<_>, Vec<_>) = std::mem::take(&mut self.core.dir_syncs_after_stop)
             .into_iter()
             .partition(|(id, _)| waits_for_stop(id));
-        self.dir_syncs_after_stop = later;
-        self.dir_syncs.extend(due);
-        for (id, path) in std::mem::take(&mut self.dir_syncs) {
-            if let Err(e) = self.host.sync_state(&path) {
+        self.core.dir_syncs_after_stop = later;
+        self.core.dir_syncs.extend(due);
+        for (id, path) in std::mem::take(&mut self.core.dir_syncs) {
+            if let Err(e) = self.core.host.sync_state(&path) {
                 log::warn!("[{id}] {e}; writing it again");
                 self.rewrite_state(&id);
             }
@@ -329,20 +358,23 @@ impl Supervisor {
     /// second fsync could report success for it ("fsyncgate"). Write the file afresh, durably,
     /// from what the daemon holds in memory.
     fn rewrite_state(&mut self, id: &str) {
-        let Some(written) = self.plugins.get_mut(id).and_then(|p| p.written.take()) else {
+        let Some((core, p)) = self.split(id) else {
             return;
         };
-        let status = match self.plugins.get(id).and_then(|p| p.instance.as_ref()) {
+        let Some(written) = p.written.take() else {
+            return;
+        };
+        let status = match p.instance {
             Some(_) => "starting",
             None => "stopped",
         };
-        if let Err(e) = self.write_state_file(id, &written.version, status, DirSync::Now) {
+        if let Err(e) = core.write_state_file(p, &written.version, status, DirSync::Now) {
             log::warn!("[{id}] cannot write state file: {e}");
         }
     }
 
     pub fn has_pending_starts(&self) -> bool {
-        !self.pending_starts.is_empty()
+        !self.core.pending_starts.is_empty()
     }
 
     /// The previous run's runtime_data (and what its state.json holds), so state survives a
@@ -356,10 +388,10 @@ impl Supervisor {
             return (Value::Null, None);
         }
         let path = self.state_path(id);
-        let saved = match self.host.read_state(&path) {
+        let saved = match self.core.host.read_state(&path) {
             Ok(state) => state,
             Err(e) if state_file::is_unusable_content(&e) => {
-                set_aside_unusable_state(self.host.as_mut(), ctx, id, &path, &e);
+                set_aside_unusable_state(self.core.host.as_mut(), ctx, id, &path, &e);
                 None
             }
             Err(e) => {
@@ -377,6 +409,7 @@ impl Supervisor {
         // After a crash of the daemon the plugin's own runtime.json may be newer than the state
         // file: it is the plugin's durable record, so it wins when valid.
         let data = match self
+            .core
             .host
             .read_runtime(&self.runtime_path(id), MAX_RUNTIME_BYTES)
         {
@@ -405,7 +438,7 @@ impl Supervisor {
                 &job,
                 false,
                 Some("plugin directory removed".into()),
-                self.host.now(),
+                self.core.host.now(),
             );
         }
         if p.has_processes() {
@@ -422,7 +455,7 @@ impl Supervisor {
         if self.plugins.remove(id).is_some() {
             self.close_notify_socket(ctx, id);
             let dir = self.snapshot_dir(id);
-            self.host.remove_snapshots(&dir);
+            self.core.host.remove_snapshots(&dir);
             log::info!("[{id}] plugin removed");
             ctx.emit(Event::plugin(id, EventKind::PluginRemoved));
         }
@@ -495,7 +528,7 @@ impl Supervisor {
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
-        if self.shutting_down || p.removing {
+        if self.core.shutting_down || p.removing {
             let why = if p.removing {
                 "plugin directory removed"
             } else {
@@ -584,7 +617,7 @@ impl Supervisor {
             return;
         }
         let exec = p.exec_path();
-        let Ok(version) = self.host.version_of(&exec) else {
+        let Ok(version) = self.core.host.version_of(&exec) else {
             return;
         };
         let current = p.current.as_ref().map(|s| s.version.as_str());
@@ -611,7 +644,7 @@ impl Supervisor {
 
     /// A readable plugin pipe or notify socket.
     pub fn on_fd(&mut self, ctx: &mut Ctx<'_>, token: Token) {
-        if self.notify.contains_key(&token) {
+        if self.core.notify.contains_key(&token) {
             self.on_notify(ctx, token);
         } else {
             self.on_pipe(ctx, token);
@@ -620,7 +653,7 @@ impl Supervisor {
 
     /// Read a plugin's output pipe: each line to the log and to subscribers.
     fn on_pipe(&mut self, ctx: &mut Ctx<'_>, token: Token) {
-        let Some(pipe) = self.pipes.get_mut(&token) else {
+        let Some(pipe) = self.core.pipes.get_mut(&token) else {
             return;
         };
         let id = pipe.plugin.clone();
@@ -638,9 +671,9 @@ impl Supervisor {
         });
         match status {
             PipeStatus::Idle => {}
-            PipeStatus::MoreLater => self.backlog.push(token),
+            PipeStatus::MoreLater => self.core.backlog.push(token),
             PipeStatus::Closed => {
-                if let Some(pipe) = self.pipes.remove(&token) {
+                if let Some(pipe) = self.core.pipes.remove(&token) {
                     let raw = std::os::fd::AsRawFd::as_raw_fd(pipe.reader.fd());
                     let _ = ctx.registry.deregister(&mut SourceFd(&raw));
                 }
@@ -650,11 +683,11 @@ impl Supervisor {
 
     /// Pipes to read again this turn (budget ran out, or freshly spawned).
     pub fn take_backlog(&mut self) -> Vec<Token> {
-        std::mem::take(&mut self.backlog)
+        std::mem::take(&mut self.core.backlog)
     }
 
     pub fn has_backlog(&self) -> bool {
-        !self.backlog.is_empty()
+        !self.core.backlog.is_empty()
     }
 
     /// Settings changed by a config reload: restart plugins whose effective settings differ.
@@ -699,8 +732,8 @@ impl Supervisor {
 
     /// SIGTERM/SIGINT: stop every plugin in parallel, preserving state.
     pub fn begin_shutdown(&mut self, ctx: &mut Ctx<'_>) {
-        self.shutting_down = true;
-        self.pending_starts.clear();
+        self.core.shutting_down = true;
+        self.core.pending_starts.clear();
         let ids: Vec<String> = self.plugins.keys().cloned().collect();
         for id in ids {
             let Some(p) = self.plugins.get_mut(&id) else {
@@ -713,7 +746,7 @@ impl Supervisor {
             if let Some(job) = p.job.take() {
                 job::cancel_job_timer(ctx, &job);
                 let error = Some("the daemon is shutting down".to_string());
-                job::answer_waiters(ctx, &id, &job, false, error, self.host.now());
+                job::answer_waiters(ctx, &id, &job, false, error, self.core.host.now());
             }
             self.stop_all_instances(ctx, &id);
             if self.plugins.get(&id).is_some_and(|p| !p.has_processes()) {
@@ -728,7 +761,7 @@ impl Supervisor {
 
     /// A plugin's last-known PluginState as written on disk (for the `plugin` command).
     pub fn state_file_json(&self, id: &str) -> Value {
-        match self.host.read_state(&self.state_path(id)) {
+        match self.core.host.read_state(&self.state_path(id)) {
             Ok(Some(state)) => serde_json::to_value(state).unwrap_or(Value::Null),
             _ => Value::Null,
         }
@@ -742,8 +775,8 @@ impl Supervisor {
     pub(super) fn procs(&self) -> Procs<'_> {
         Procs {
             plugins: &self.plugins,
-            pids: &self.pids,
-            hooks: &self.hooks,
+            pids: &self.core.pids,
+            hooks: &self.core.hooks,
         }
     }
 
@@ -751,30 +784,30 @@ impl Supervisor {
     pub(super) fn members_alive(&mut self, id: &str, slot: plugin::Slot) -> bool {
         let w = Procs {
             plugins: &self.plugins,
-            pids: &self.pids,
-            hooks: &self.hooks,
+            pids: &self.core.pids,
+            hooks: &self.core.hooks,
         };
-        self.host.members_alive(&w, id, slot)
+        self.core.host.members_alive(&w, id, slot)
     }
 
     /// SIGKILL to every process of the instance.
     pub(super) fn kill_members(&mut self, id: &str, slot: plugin::Slot) {
         let w = Procs {
             plugins: &self.plugins,
-            pids: &self.pids,
-            hooks: &self.hooks,
+            pids: &self.core.pids,
+            hooks: &self.core.hooks,
         };
-        self.host.kill_members(&w, id, slot);
+        self.core.host.kill_members(&w, id, slot);
     }
 
     /// `sigs` to every process of the instance outside its leader's group.
     pub(super) fn signal_escapees(&mut self, id: &str, slot: plugin::Slot, sigs: &[libc::c_int]) {
         let w = Procs {
             plugins: &self.plugins,
-            pids: &self.pids,
-            hooks: &self.hooks,
+            pids: &self.core.pids,
+            hooks: &self.core.hooks,
         };
-        self.host.signal_escapees(&w, id, slot, sigs);
+        self.core.host.signal_escapees(&w, id, slot, sigs);
     }
 
     /// After the last plugin stopped: whatever the daemon still has below it that no plugin
@@ -782,25 +815,25 @@ impl Supervisor {
     pub fn kill_strays(&mut self) {
         let w = Procs {
             plugins: &self.plugins,
-            pids: &self.pids,
-            hooks: &self.hooks,
+            pids: &self.core.pids,
+            hooks: &self.core.hooks,
         };
-        self.host.kill_strays(&w);
+        self.core.host.kill_strays(&w);
     }
 
     /// The daemon's start-up containment work (see `Containment::prepare`).
     pub fn prepare_containment(&mut self) {
-        self.host.prepare_containment();
+        self.core.host.prepare_containment();
     }
 
     /// Write the instance record if this turn changed it.
     fn flush_record(&mut self) {
-        self.host.flush_record(&mut self.plugins);
+        self.core.host.flush_record(&mut self.plugins);
     }
 
     /// Retry removing cgroups of killed instances.
     fn remove_emptied_cgroups(&mut self) {
-        self.host.remove_emptied_cgroups();
+        self.core.host.remove_emptied_cgroups();
     }
 }
 

@@ -41,17 +41,18 @@ impl Supervisor {
     /// Where the plugin's notify socket lives: `<runtime>/notify/<id>.sock`, or a short hashed
     /// name when a long runtime dir would overflow `sun_path`.
     fn notify_socket_path(&self, id: &str) -> Option<PathBuf> {
-        let plain = self.notify_dir.join(format!("{id}.sock"));
+        let plain = self.core.notify_dir.join(format!("{id}.sock"));
         if plain.as_os_str().len() <= MAX_SOCKET_PATH {
             return Some(plain);
         }
         let hash = blake3::hash(id.as_bytes()).to_hex();
-        let short = self.notify_dir.join(format!("{}.sock", &hash[..12]));
+        let short = self.core.notify_dir.join(format!("{}.sock", &hash[..12]));
         (short.as_os_str().len() <= MAX_SOCKET_PATH).then_some(short)
     }
 
     pub(super) fn notify_path_of(&self, id: &str) -> Option<PathBuf> {
-        self.notify
+        self.core
+            .notify
             .values()
             .find(|(owner, _)| owner == id)
             .map(|(_, sock)| sock.path().to_path_buf())
@@ -64,8 +65,11 @@ impl Supervisor {
             );
             return;
         };
-        if let Err(e) = create_private_dir(&self.notify_dir) {
-            log::warn!("[{id}] cannot create {}: {e}", self.notify_dir.display());
+        if let Err(e) = create_private_dir(&self.core.notify_dir) {
+            log::warn!(
+                "[{id}] cannot create {}: {e}",
+                self.core.notify_dir.display()
+            );
             return;
         }
         let sock = match NotifySocket::bind(&path) {
@@ -84,18 +88,19 @@ impl Supervisor {
             log::warn!("[{id}] cannot poll its notify socket: {e}");
             return;
         }
-        self.notify.insert(token, (id.to_string(), sock));
+        self.core.notify.insert(token, (id.to_string(), sock));
     }
 
     pub(super) fn close_notify_socket(&mut self, ctx: &mut Ctx<'_>, id: &str) {
         let tokens: Vec<Token> = self
+            .core
             .notify
             .iter()
             .filter(|(_, (owner, _))| owner == id)
             .map(|(t, _)| *t)
             .collect();
         for token in tokens {
-            if let Some((_, sock)) = self.notify.remove(&token) {
+            if let Some((_, sock)) = self.core.notify.remove(&token) {
                 let fd = sock.fd();
                 let _ = ctx.registry.deregister(&mut SourceFd(&fd));
             }
@@ -132,7 +137,7 @@ impl Supervisor {
 
     /// Datagrams on a plugin's notify socket.
     pub(super) fn on_notify(&mut self, ctx: &mut Ctx<'_>, token: Token) {
-        let Some((id, sock)) = self.notify.get_mut(&token) else {
+        let Some((id, sock)) = self.core.notify.get_mut(&token) else {
             return;
         };
         let id = id.clone();
@@ -244,7 +249,7 @@ impl Supervisor {
             HookKind::ReloadFailure => &ctx.config.hooks.on_reload_failure,
         };
         let Some(argv) = argv.clone() else { return };
-        match self.host.spawn_hook(&argv, kind, hook) {
+        match self.core.host.spawn_hook(&argv, kind, hook) {
             Ok(run) => {
                 let timer = ctx.arm(
                     ctx.config.hooks.timeout_ms,
@@ -256,7 +261,7 @@ impl Supervisor {
                     kind.as_str(),
                     run.pid
                 );
-                self.hooks.insert(run.pid, (run, timer));
+                self.core.hooks.insert(run.pid, (run, timer));
             }
             Err(e) => {
                 log::warn!(
@@ -271,11 +276,11 @@ impl Supervisor {
 
     /// A reaped pid that was a hook: log and event a failure; never affects the reload.
     pub(super) fn on_hook_exit(&mut self, ctx: &mut Ctx<'_>, pid: Pid, status: ExitKind) -> bool {
-        let Some((run, timer)) = self.hooks.remove(&pid) else {
+        let Some((run, timer)) = self.core.hooks.remove(&pid) else {
             return false;
         };
         ctx.wheel.cancel(timer);
-        let _ = self.host.signal_group(pid, libc::SIGKILL);
+        let _ = self.core.host.signal_group(pid, libc::SIGKILL);
         if !status.is_success() {
             log::warn!(
                 "[{}] {} hook exited with {status}",
@@ -294,7 +299,7 @@ impl Supervisor {
     }
 
     pub(super) fn on_hook_timeout(&mut self, ctx: &mut Ctx<'_>, pid: Pid) {
-        let Some((run, _)) = self.hooks.get(&pid) else {
+        let Some((run, _)) = self.core.hooks.get(&pid) else {
             return;
         };
         let ms = ctx.config.hooks.timeout_ms;
@@ -305,7 +310,7 @@ impl Supervisor {
         );
         let error = format!("killed after timeout_ms ({ms} ms)");
         ctx.emit(hook_failed(&run.plugin, run.kind, error));
-        self.host.kill_hook(run);
+        self.core.host.kill_hook(run);
     }
 }
 

@@ -158,20 +158,16 @@ impl Plugin {
         let limits = self.limits(ctx);
         self.start_limit.next_restart_delay(ctx.now_ms, &limits)
     }
-}
 
-impl Supervisor {
-    /// Says that the limit stopped `id`: its `last_error`, the log and `start_limit_hit`.
-    pub(super) fn announce_start_limit(&mut self, ctx: &mut Ctx<'_>, id: &str, hit: LimitHit) {
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
+    /// Says that the limit stopped the plugin: its `last_error`, the log and `start_limit_hit`.
+    pub(super) fn announce_start_limit(&mut self, ctx: &mut Ctx<'_>, hit: LimitHit) {
+        let id = &self.id;
         let message = hit.message();
         log::error!(
             "[{id}] {message} (start_limit_burst = {}): left failed until a new build, trigger, start or restart",
-            p.settings.start_limit_burst
+            self.settings.start_limit_burst
         );
-        p.last_error = Some(message);
+        self.last_error = Some(message);
         ctx.emit(Event::plugin(
             id,
             EventKind::StartLimitHit {
@@ -180,7 +176,9 @@ impl Supervisor {
             },
         ));
     }
+}
 
+impl Supervisor {
     /// A plugin that crashed with no job in flight and no room to restart: `failed`, with what
     /// it left in runtime.json saved.
     pub(super) fn fail_at_start_limit(
@@ -190,12 +188,12 @@ impl Supervisor {
         version: &str,
         hit: LimitHit,
     ) {
-        self.announce_start_limit(ctx, id, hit);
-        if let Some(p) = self.plugins.get_mut(id) {
+        if let Some((core, p)) = self.split(id) {
+            p.announce_start_limit(ctx, hit);
             p.rest = Rest::Failed;
-        }
-        if let Err(e) = self.write_state(ctx, id, version, "stopped") {
-            log::warn!("[{id}] cannot write state file: {e}");
+            if let Err(e) = core.write_state(ctx, p, version, "stopped") {
+                log::warn!("[{id}] cannot write state file: {e}");
+            }
         }
         self.run_queued(ctx, id);
     }

@@ -546,7 +546,7 @@ fn a_reload_stops_the_old_instance_then_starts_and_verifies_the_new_build() {
     assert_eq!(p.last_good.as_ref().unwrap().version, "v2");
     assert_eq!(p.history.len(), 1);
     assert!(p.history[0].ok);
-    assert_eq!(r.sup.totals.reload_count, 1);
+    assert_eq!(r.sup.totals().reload_count, 1);
 }
 
 #[test]
