@@ -94,7 +94,7 @@ impl Supervisor {
             (spawned.stdout, Stream::Stdout),
             (spawned.stderr, Stream::Stderr),
         ] {
-            let token = self.new_token();
+            let token = self.core.new_token();
             let reader = LineReader::new(fd);
             let raw = reader.fd().as_raw_fd();
             if let Err(e) = ctx
@@ -152,7 +152,7 @@ impl Supervisor {
     /// the daemon stops): the next daemon may run with a configuration without that `user`.
     pub(super) fn take_back_files(&mut self, id: &str) {
         let state_path = self.state_path(id);
-        let snapshot_dir = self.snapshot_dir(id);
+        let snapshot_dir = self.core.snapshot_dir(id);
         let notify_path = self.notify_path_of(id);
         let paths = PluginPaths {
             state_dir: state_path.parent().unwrap_or(&state_path),

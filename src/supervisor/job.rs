@@ -11,7 +11,7 @@ use std::time::Instant;
 use super::host::Host;
 use super::plugin::{HistoryEntry, Instance, Job, JobKind, JobPhase, Plugin, Rest, Slot, Snap};
 use super::start_limit::LimitHit;
-use super::{Ctx, Supervisor, Timer, Totals, Trigger, Waiter, retry_delay};
+use super::{Core, Ctx, Supervisor, Timer, Trigger, Waiter, retry_delay};
 use crate::config::Strategy;
 use crate::hooks::{HookContext, HookKind};
 use crate::protocol::TriggerResult;
@@ -58,21 +58,21 @@ impl Supervisor {
             answer_failure(ctx, id, &job.waiters, "the daemon is shutting down");
             return;
         }
-        let snap_dir = self.snapshot_dir(id);
-        let Some(p) = self.plugins.get_mut(id) else {
+        let Some((core, p)) = self.split(id) else {
             return;
         };
         let exec = p.exec_path();
-        match self.core.host.snapshot(&exec, &snap_dir) {
+        let snap_dir = core.snapshot_dir(id);
+        match core.host.snapshot(&exec, &snap_dir) {
             Ok(s) => {
                 job.target = Snap {
                     version: s.version,
                     path: s.path,
                 };
             }
-            Err(e) if newest_good_instead(self.core.host.as_ref(), p, &job).is_some() => {
+            Err(e) if newest_good_instead(core.host.as_ref(), p, &job).is_some() => {
                 // `start`/`restart`: the newest build that can run is the last good one.
-                if let Some(good) = newest_good_instead(self.core.host.as_ref(), p, &job) {
+                if let Some(good) = newest_good_instead(core.host.as_ref(), p, &job) {
                     log::warn!(
                         "[{id}] {e}: starting the last good version {}",
                         good.version
@@ -99,16 +99,19 @@ impl Supervisor {
             }
         }
         take_over_copy_retry(ctx, p, &mut job);
-        if self.build_unchanged(ctx, id, &exec, &job) {
-            return;
+        match core.build_unchanged(ctx, p, &exec, &job) {
+            Unchanged::No => {}
+            Unchanged::Ignored => return,
+            Unchanged::KeptRetiring => {
+                // The reload it ended may have had one queued behind it.
+                self.run_queued(ctx, id);
+                return;
+            }
         }
-        if let Err(e) = self.core.host.preflight(&job.target.path) {
+        if let Err(e) = core.host.preflight(&job.target.path) {
             // Name the file the user wrote, not the daemon's private copy.
             let error = format!("{}: {}", preflight::FAILED_PREFIX, e.about_build(&exec));
-            let good = self
-                .plugins
-                .get(id)
-                .and_then(|p| newest_good_instead(self.core.host.as_ref(), p, &job));
+            let good = newest_good_instead(core.host.as_ref(), p, &job);
             let Some(good) = good.filter(|good| *good != job.target) else {
                 self.refuse_build(ctx, id, job, error);
                 return;
@@ -119,20 +122,14 @@ impl Supervisor {
             );
             job.target = good;
         }
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
         // The newest build supersedes a job waiting in backoff: it takes over its waiters.
         if let Some(old) = p.job.take() {
             cancel_job_timer(ctx, &old);
             job.waiters.extend(old.waiters);
         }
         if job.kind == JobKind::Reload && !job.announced {
-            self.announce_reload(ctx, id, &mut job);
+            core.announce_reload(ctx, id, &mut job);
         }
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
         p.job = Some(job);
         let overlap = p.settings.strategy == Strategy::StartStop;
         let old_running = p.instance.as_ref().is_some_and(|i| !i.phase.is_leaving());
@@ -145,154 +142,6 @@ impl Supervisor {
         } else {
             self.attempt(ctx, id);
         }
-    }
-
-    /// No-op detection: only the executable changed and its content is what already runs (or
-    /// already failed, with nothing new to try instead). Answers the job's waiters when so.
-    fn build_unchanged(&mut self, ctx: &mut Ctx<'_>, id: &str, exec: &Path, job: &Job) -> bool {
-        let Some(p) = self.plugins.get(id) else {
-            return false;
-        };
-        let exec_str = exec.to_string_lossy();
-        let only_exec = !job.files.is_empty() && job.files.iter().all(|f| *f == exec_str);
-        let version = job.target.version.as_str();
-        let alive = |i: &&Instance| !i.phase.is_leaving();
-        // start-stop: while a failed attempt of a newer build waits to retry, the old instance
-        // is the one serving, from the retiring slot.
-        let serving = match &p.instance {
-            Some(inst) => Some(inst).filter(alive),
-            None => p.retiring.as_ref().filter(alive),
-        };
-        let running = serving.map(|i| i.version.as_str());
-        let keeps_retiring = p.instance.is_none() && running == Some(version);
-        let failed_same = p.instance.is_none()
-            && p.rest == Rest::Failed
-            && job.old_version.as_deref() == Some(version);
-        // Down after a crash and waiting to restart this very build: the restart (and the start
-        // limit counting it) goes on; the same bytes landing again are not a new build.
-        let restarting_same = p.instance.is_none()
-            && p.job
-                .as_ref()
-                .is_some_and(|j| j.kind == JobKind::Restart && j.target.version == version);
-        let unchanged = running == Some(version) || failed_same || restarting_same;
-        let implicit = matches!(job.trigger, Trigger::Rescan | Trigger::Enable);
-        if !(unchanged && (only_exec || implicit)) {
-            return false;
-        }
-        log::debug!("[{id}] build unchanged ({version}), nothing to reload");
-        if keeps_retiring {
-            self.keep_retiring(ctx, id, &job.target);
-        }
-        for f in &job.files {
-            ctx.emit(Event::plugin(
-                id,
-                EventKind::ChangeIgnored {
-                    path: f.clone(),
-                    reason: format!("unchanged version {version}"),
-                },
-            ));
-        }
-        let new = Some(version.to_owned());
-        let duration_ms =
-            clock::millis(self.core.host.now().saturating_duration_since(job.started));
-        if job.announced {
-            // Announced when an earlier copy of the build failed: it gets its outcome too.
-            ctx.emit(Event::plugin(
-                id,
-                EventKind::ReloadSucceeded {
-                    old_version: job.old_version.clone(),
-                    new_version: version.to_string(),
-                    duration_ms,
-                },
-            ));
-            if let Some(p) = self.plugins.get_mut(id) {
-                let entry = HistoryEntry::of_reload(job, self.core.host.wall(), duration_ms, None);
-                p.push_history(entry);
-            }
-        }
-        let old = job.old_version.clone();
-        answer_list(ctx, id, &job.waiters, true, old, new, None, duration_ms);
-        if keeps_retiring {
-            self.run_queued(ctx, id);
-        }
-        true
-    }
-
-    /// start-stop: the build installed while a newer one waits to retry is the one still
-    /// serving from the retiring slot, which simply stays, as after the last failed attempt
-    /// (SPEC §5 "No-op, always"). The reload waiting to retry ends there: a final
-    /// `reload_failed`, its waiters answered with it, the failure hook run.
-    fn keep_retiring(&mut self, ctx: &mut Ctx<'_>, id: &str, build: &Snap) {
-        let snap_dir = self.snapshot_dir(id);
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
-        let superseded = p.job.take();
-        p.instance = p.retiring.take();
-        p.current = Some(build.clone());
-        prune_snapshots(self.core.host.as_mut(), &snap_dir, p);
-        let Some(job) = superseded else { return };
-        cancel_job_timer(ctx, &job);
-        let error = format!(
-            "superseded: version {}, which is still running, was installed again",
-            build.version
-        );
-        log::warn!("[{id}] hot reload to {} ended: {error}", job.target.version);
-        if job.kind == JobKind::Reload {
-            let duration_ms =
-                clock::millis(self.core.host.now().saturating_duration_since(job.started));
-            record_failed_reload(
-                p,
-                &mut self.core.totals,
-                &job,
-                self.core.host.wall(),
-                duration_ms,
-                &error,
-            );
-            if job.announced {
-                let attempts = job.attempt.saturating_sub(1).max(1);
-                emit_reload_failed(ctx, id, &error, attempts, None);
-            }
-        }
-        answer_waiters(
-            ctx,
-            id,
-            &job,
-            false,
-            Some(error.clone()),
-            self.core.host.now(),
-        );
-        if job.kind == JobKind::Reload {
-            let new_version = Some(job.target.version.as_str());
-            self.run_job_hook(
-                ctx,
-                id,
-                HookKind::ReloadFailure,
-                &job,
-                new_version,
-                Some(&error),
-            );
-        }
-    }
-
-    /// `hot reload started`: the log line, the `reload_started` event and the start hook.
-    fn announce_reload(&mut self, ctx: &mut Ctx<'_>, id: &str, job: &mut Job) {
-        job.announced = true;
-        let new_version = (!awaiting_snapshot(job)).then_some(job.target.version.as_str());
-        log::info!(
-            "[{id}] hot reload started ({}): {} -> {}",
-            job.trigger.as_str(),
-            job.old_version.as_deref().unwrap_or("none"),
-            new_version.unwrap_or("(not copied yet)")
-        );
-        ctx.emit(Event::plugin(
-            id,
-            EventKind::ReloadStarted {
-                trigger: job.trigger.as_str().to_owned(),
-                files: job.files.clone(),
-            },
-        ));
-        self.run_job_hook(ctx, id, HookKind::ReloadStart, job, new_version, None);
     }
 
     /// The build could not be copied (the runtime dir full, the file gone between the event and
@@ -310,11 +159,8 @@ impl Supervisor {
         // A newer change restarts the count (it is a newer build).
         take_over_copy_retry(ctx, p, &mut job);
         if job.kind != JobKind::Start && !job.announced {
-            self.announce_reload(ctx, id, &mut job);
+            self.core.announce_reload(ctx, id, &mut job);
         }
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
         p.job = Some(job);
         self.fail_attempt(ctx, id, error);
     }
@@ -322,53 +168,27 @@ impl Supervisor {
     /// A build that failed pre-flight (or could not be copied while another job waits): nothing
     /// was stopped, nothing to retry (the same bytes would fail again).
     fn refuse_build(&mut self, ctx: &mut Ctx<'_>, id: &str, mut job: Job, error: String) {
-        let snap_dir = self.snapshot_dir(id);
-        let Some(p) = self.plugins.get_mut(id) else {
+        let Some((core, p)) = self.split(id) else {
             return;
         };
+        let snap_dir = core.snapshot_dir(id);
         p.last_error = Some(error.clone());
         let new_version = (!awaiting_snapshot(&job)).then(|| job.target.version.clone());
+        // The refused snapshot is useless: keep only what runs and the last good one.
         if job.kind == JobKind::Start {
             log::warn!("[{id}] cannot start: {error}");
             p.rest = Rest::Missing;
             answer_not_started(ctx, id, &job.waiters, new_version, error);
-            prune_snapshots(self.core.host.as_mut(), &snap_dir, p);
+            prune_snapshots(core.host.as_mut(), &snap_dir, p);
             return;
         }
-        let duration_ms =
-            clock::millis(self.core.host.now().saturating_duration_since(job.started));
-        record_failed_reload(
-            p,
-            &mut self.core.totals,
-            &job,
-            self.core.host.wall(),
-            duration_ms,
-            &error,
-        );
-        // The refused snapshot is useless: keep only what runs and the last good one.
-        prune_snapshots(self.core.host.as_mut(), &snap_dir, p);
+        prune_snapshots(core.host.as_mut(), &snap_dir, p);
         if !job.announced {
-            self.announce_reload(ctx, id, &mut job);
+            core.announce_reload(ctx, id, &mut job);
         }
         log::warn!("[{id}] hot reload failed: {error}");
         emit_reload_failed(ctx, id, &error, job.attempt, None);
-        answer_waiters(
-            ctx,
-            id,
-            &job,
-            false,
-            Some(error.clone()),
-            self.core.host.now(),
-        );
-        let new_version = new_version.as_deref();
-        self.run_job_hook(
-            ctx,
-            id,
-            HookKind::ReloadFailure,
-            &job,
-            new_version,
-            Some(&error),
-        );
+        core.end_failed_job(ctx, p, &job, &error, new_version.as_deref());
         self.run_queued(ctx, id);
     }
 
@@ -404,22 +224,21 @@ impl Supervisor {
 
     /// The new instance proved itself: record, answer, retire the old one, run what queued.
     pub(super) fn succeed(&mut self, ctx: &mut Ctx<'_>, id: &str) {
-        let snap_dir = self.snapshot_dir(id);
-        let Some(p) = self.plugins.get_mut(id) else {
+        let Some((core, p)) = self.split(id) else {
             return;
         };
+        let snap_dir = core.snapshot_dir(id);
         let Some(job) = p.job.take() else { return };
-        let duration_ms =
-            clock::millis(self.core.host.now().saturating_duration_since(job.started));
+        let duration_ms = clock::millis(core.host.now().saturating_duration_since(job.started));
         p.last_good = Some(job.target.clone());
         p.rest = Rest::Stopped;
         match job.kind {
             JobKind::Reload => {
                 p.reload_count += 1;
                 p.last_error = None;
-                self.core.totals.reload_count += 1;
-                let now = self.core.host.wall();
-                self.core.totals.last_reload = Some(now.clone());
+                core.totals.reload_count += 1;
+                let now = core.host.wall();
+                core.totals.last_reload = Some(now.clone());
                 p.push_history(HistoryEntry::of_reload(&job, now, duration_ms, None));
                 log::info!(
                     "[{id}] hot reload completed: {} -> {} in {duration_ms} ms",
@@ -450,14 +269,16 @@ impl Supervisor {
             JobKind::Restart => {}
         }
         // A rollback's waiters are those of a `start` or `restart` it carried on.
-        answer_waiters(ctx, id, &job, true, None, self.core.host.now());
-        prune_snapshots(self.core.host.as_mut(), &snap_dir, p);
+        answer_waiters(ctx, id, &job, true, None, core.host.now());
+        prune_snapshots(core.host.as_mut(), &snap_dir, p);
         if p.retiring.is_some() {
             self.stop_instance(ctx, id, Slot::Retiring);
         }
         if job.kind == JobKind::Reload {
             let new_version = Some(job.target.version.as_str());
-            self.run_job_hook(ctx, id, HookKind::ReloadSuccess, &job, new_version, None);
+            let kind = HookKind::ReloadSuccess;
+            self.core
+                .run_job_hook(ctx, id, kind, &job, new_version, None);
         }
         self.run_queued(ctx, id);
     }
@@ -520,26 +341,6 @@ impl Supervisor {
         self.give_up(ctx, id, error);
     }
 
-    /// Runs the `kind` hook for reload `job` towards `new_version` (SPEC §3 `[hooks]`), with the
-    /// error of a failure.
-    fn run_job_hook(
-        &mut self,
-        ctx: &mut Ctx<'_>,
-        id: &str,
-        kind: HookKind,
-        job: &Job,
-        new_version: Option<&str>,
-        error: Option<&str>,
-    ) {
-        let hook = HookContext {
-            plugin: id,
-            old_version: job.old_version.as_deref(),
-            new_version,
-            error,
-        };
-        self.run_hook(ctx, kind, &hook);
-    }
-
     /// The last attempt failed: record it, answer waiters, fall back if there is somewhere to go.
     fn give_up(&mut self, ctx: &mut Ctx<'_>, id: &str, error: String) {
         self.give_up_at(ctx, id, error, None);
@@ -554,7 +355,7 @@ impl Supervisor {
         error: String,
         limited: Option<LimitHit>,
     ) {
-        let Some(p) = self.plugins.get_mut(id) else {
+        let Some((core, p)) = self.split(id) else {
             return;
         };
         let limit = limited.or_else(|| p.start_limit_reached(ctx));
@@ -565,50 +366,18 @@ impl Supervisor {
         if job.trigger.wants_newest_good() {
             std::mem::swap(&mut carried, &mut job.waiters);
         }
-        let duration_ms =
-            clock::millis(self.core.host.now().saturating_duration_since(job.started));
-        if job.kind == JobKind::Reload {
-            record_failed_reload(
-                p,
-                &mut self.core.totals,
-                &job,
-                self.core.host.wall(),
-                duration_ms,
-                &error,
-            );
-        }
         // A rollback's waiters are those it carried.
-        answer_waiters(
-            ctx,
-            id,
-            &job,
-            false,
-            Some(error.clone()),
-            self.core.host.now(),
-        );
+        let hook_version = Some(job.target.version.as_str());
+        core.end_failed_job(ctx, p, &job, &error, hook_version);
         let mut no_rollback = |ctx: &mut Ctx<'_>, job: &mut Job, now| {
             job.waiters = std::mem::take(&mut carried);
             answer_waiters(ctx, id, job, false, Some(error.clone()), now);
-        };
-        if job.kind == JobKind::Reload {
-            let new_version = Some(job.target.version.as_str());
-            self.run_job_hook(
-                ctx,
-                id,
-                HookKind::ReloadFailure,
-                &job,
-                new_version,
-                Some(&error),
-            );
-        }
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
         };
         if awaiting_snapshot(&job) {
             // The build never copied, so this reload stopped nothing: whatever runs stays, and
             // a plugin that is down stays down (its own restart policy decided that).
             log::warn!("[{id}] giving up on the build that cannot be copied: {error}");
-            no_rollback(ctx, &mut job, self.core.host.now());
+            no_rollback(ctx, &mut job, core.host.now());
             self.run_queued(ctx, id);
             return;
         }
@@ -625,13 +394,13 @@ impl Supervisor {
                         version: version.to_string(),
                     },
                 ));
-                no_rollback(ctx, &mut job, self.core.host.now());
+                no_rollback(ctx, &mut job, core.host.now());
                 self.run_queued(ctx, id);
                 return;
             }
         }
         let nothing_runs = p.instance.is_none();
-        let host = &self.core.host;
+        let host = &core.host;
         let rollback_to = p.last_good.clone().filter(|good| {
             nothing_runs
                 && (job.kind == JobKind::Reload || job.trigger == Trigger::Start)
@@ -643,7 +412,7 @@ impl Supervisor {
             p.current = p.last_good.clone();
             log::warn!("[{id}] rolling back to last good version {}", good.version);
             p.job = Some(new_job(
-                self.core.host.as_ref(),
+                core.host.as_ref(),
                 JobKind::Rollback,
                 Trigger::Watch,
                 Vec::new(),
@@ -655,7 +424,7 @@ impl Supervisor {
             self.attempt(ctx, id);
             return;
         }
-        no_rollback(ctx, &mut job, self.core.host.now());
+        no_rollback(ctx, &mut job, core.host.now());
         p.rest = Rest::Failed;
         log::error!("[{id}] failed: {error}");
         if let Some(hit) = limit.filter(|_| limited.is_some() || rollback_forbidden) {
@@ -753,6 +522,193 @@ impl Supervisor {
             due_ms: ctx.now_ms + delay,
         };
         p.job = Some(job);
+    }
+}
+
+/// What [`Core::build_unchanged`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unchanged {
+    /// A new build (or an explicit request): the job goes on.
+    No,
+    /// Nothing to do; the job's waiters are answered.
+    Ignored,
+    /// The build still serving from the retiring slot stays; the reload waiting to retry ended
+    /// (what queued behind it may run now).
+    KeptRetiring,
+}
+
+/// The parts of a job that touch one plugin and the host, and never another plugin.
+impl Core {
+    /// No-op detection: only the executable changed and its content is what already runs (or
+    /// already failed, with nothing new to try instead). Answers the job's waiters when so.
+    fn build_unchanged(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        p: &mut Plugin,
+        exec: &Path,
+        job: &Job,
+    ) -> Unchanged {
+        let exec_str = exec.to_string_lossy();
+        let only_exec = !job.files.is_empty() && job.files.iter().all(|f| *f == exec_str);
+        let version = job.target.version.as_str();
+        let alive = |i: &&Instance| !i.phase.is_leaving();
+        // start-stop: while a failed attempt of a newer build waits to retry, the old instance
+        // is the one serving, from the retiring slot.
+        let serving = match &p.instance {
+            Some(inst) => Some(inst).filter(alive),
+            None => p.retiring.as_ref().filter(alive),
+        };
+        let running = serving.map(|i| i.version.as_str());
+        let keeps_retiring = p.instance.is_none() && running == Some(version);
+        let failed_same = p.instance.is_none()
+            && p.rest == Rest::Failed
+            && job.old_version.as_deref() == Some(version);
+        // Down after a crash and waiting to restart this very build: the restart (and the start
+        // limit counting it) goes on; the same bytes landing again are not a new build.
+        let restarting_same = p.instance.is_none()
+            && p.job
+                .as_ref()
+                .is_some_and(|j| j.kind == JobKind::Restart && j.target.version == version);
+        let unchanged = running == Some(version) || failed_same || restarting_same;
+        let implicit = matches!(job.trigger, Trigger::Rescan | Trigger::Enable);
+        if !(unchanged && (only_exec || implicit)) {
+            return Unchanged::No;
+        }
+        let id = p.id.clone();
+        log::debug!("[{id}] build unchanged ({version}), nothing to reload");
+        if keeps_retiring {
+            self.keep_retiring(ctx, p, &job.target);
+        }
+        for f in &job.files {
+            ctx.emit(Event::plugin(
+                &id,
+                EventKind::ChangeIgnored {
+                    path: f.clone(),
+                    reason: format!("unchanged version {version}"),
+                },
+            ));
+        }
+        let new = Some(version.to_owned());
+        let duration_ms = clock::millis(self.host.now().saturating_duration_since(job.started));
+        if job.announced {
+            // Announced when an earlier copy of the build failed: it gets its outcome too.
+            ctx.emit(Event::plugin(
+                &id,
+                EventKind::ReloadSucceeded {
+                    old_version: job.old_version.clone(),
+                    new_version: version.to_string(),
+                    duration_ms,
+                },
+            ));
+            let entry = HistoryEntry::of_reload(job, self.host.wall(), duration_ms, None);
+            p.push_history(entry);
+        }
+        let old = job.old_version.clone();
+        answer_list(ctx, &id, &job.waiters, true, old, new, None, duration_ms);
+        if keeps_retiring {
+            Unchanged::KeptRetiring
+        } else {
+            Unchanged::Ignored
+        }
+    }
+
+    /// start-stop: the build installed while a newer one waits to retry is the one still
+    /// serving from the retiring slot, which simply stays, as after the last failed attempt
+    /// (SPEC §5 "No-op, always"). The reload waiting to retry ends there: a final
+    /// `reload_failed`, its waiters answered with it, the failure hook run.
+    fn keep_retiring(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin, build: &Snap) {
+        let snap_dir = self.snapshot_dir(&p.id);
+        let superseded = p.job.take();
+        p.instance = p.retiring.take();
+        p.current = Some(build.clone());
+        prune_snapshots(self.host.as_mut(), &snap_dir, p);
+        let Some(job) = superseded else { return };
+        cancel_job_timer(ctx, &job);
+        let error = format!(
+            "superseded: version {}, which is still running, was installed again",
+            build.version
+        );
+        let id = &p.id;
+        log::warn!("[{id}] hot reload to {} ended: {error}", job.target.version);
+        if job.kind == JobKind::Reload && job.announced {
+            let attempts = job.attempt.saturating_sub(1).max(1);
+            emit_reload_failed(ctx, id, &error, attempts, None);
+        }
+        let hook_version = Some(job.target.version.as_str());
+        self.end_failed_job(ctx, p, &job, &error, hook_version);
+    }
+
+    /// A job that ended failed, whichever way: a reload's failure counted and kept in the
+    /// history, the job's waiters answered, a reload's failure hook run (towards
+    /// `hook_version`). What leads there (events, fallbacks) is the caller's.
+    fn end_failed_job(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        p: &mut Plugin,
+        job: &Job,
+        error: &str,
+        hook_version: Option<&str>,
+    ) {
+        let now = self.host.now();
+        if job.kind == JobKind::Reload {
+            let duration_ms = clock::millis(now.saturating_duration_since(job.started));
+            p.failed_reloads += 1;
+            self.totals.failed_reloads += 1;
+            let time = self.host.wall();
+            let entry = HistoryEntry::of_reload(job, time, duration_ms, Some(error.into()));
+            p.push_history(entry);
+        }
+        answer_waiters(ctx, &p.id, job, false, Some(error.to_owned()), now);
+        if job.kind == JobKind::Reload {
+            self.run_job_hook(
+                ctx,
+                &p.id,
+                HookKind::ReloadFailure,
+                job,
+                hook_version,
+                Some(error),
+            );
+        }
+    }
+
+    /// `hot reload started`: the log line, the `reload_started` event and the start hook.
+    fn announce_reload(&mut self, ctx: &mut Ctx<'_>, id: &str, job: &mut Job) {
+        job.announced = true;
+        let new_version = (!awaiting_snapshot(job)).then_some(job.target.version.as_str());
+        log::info!(
+            "[{id}] hot reload started ({}): {} -> {}",
+            job.trigger.as_str(),
+            job.old_version.as_deref().unwrap_or("none"),
+            new_version.unwrap_or("(not copied yet)")
+        );
+        ctx.emit(Event::plugin(
+            id,
+            EventKind::ReloadStarted {
+                trigger: job.trigger.as_str().to_owned(),
+                files: job.files.clone(),
+            },
+        ));
+        self.run_job_hook(ctx, id, HookKind::ReloadStart, job, new_version, None);
+    }
+
+    /// Runs the `kind` hook for reload `job` towards `new_version` (SPEC §3 `[hooks]`), with the
+    /// error of a failure.
+    fn run_job_hook(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        id: &str,
+        kind: HookKind,
+        job: &Job,
+        new_version: Option<&str>,
+        error: Option<&str>,
+    ) {
+        let hook = HookContext {
+            plugin: id,
+            old_version: job.old_version.as_deref(),
+            new_version,
+            error,
+        };
+        self.run_hook(ctx, kind, &hook);
     }
 }
 
@@ -985,21 +941,6 @@ pub(super) fn prune_snapshots(host: &mut dyn Host, dir: &Path, p: &Plugin) {
     if let Err(e) = host.prune_snapshots(dir, &keep) {
         log::debug!("[{}] pruning snapshots in {}: {e}", p.id, dir.display());
     }
-}
-
-/// Counts a failed reload `job` for the plugin and the daemon, and adds it to the history.
-fn record_failed_reload(
-    p: &mut Plugin,
-    totals: &mut Totals,
-    job: &Job,
-    time: String,
-    duration_ms: u64,
-    error: &str,
-) {
-    p.failed_reloads += 1;
-    totals.failed_reloads += 1;
-    let entry = HistoryEntry::of_reload(job, time, duration_ms, Some(error.into()));
-    p.push_history(entry);
 }
 
 #[cfg(test)]

@@ -188,6 +188,18 @@ pub(super) struct Core {
     host: Box<dyn Host>,
 }
 
+impl Core {
+    fn snapshot_dir(&self, id: &str) -> PathBuf {
+        self.snapshots_dir.join(id)
+    }
+
+    fn new_token(&mut self) -> Token {
+        let t = Token(token::PIPES_BASE + self.next_token);
+        self.next_token += 1;
+        t
+    }
+}
+
 impl Supervisor {
     pub fn new(runtime_dir: &Path, state_dir: &Path) -> Supervisor {
         let host = OsHost::new(runtime_dir, &state_dir.join("plugins"));
@@ -254,16 +266,6 @@ impl Supervisor {
 
     pub fn runtime_path(&self, id: &str) -> PathBuf {
         self.core.runtime_path(id)
-    }
-
-    fn snapshot_dir(&self, id: &str) -> PathBuf {
-        self.core.snapshots_dir.join(id)
-    }
-
-    fn new_token(&mut self) -> Token {
-        let t = Token(token::PIPES_BASE + self.core.next_token);
-        self.core.next_token += 1;
-        t
     }
 
     // ---------------------------------------------------------------------------------------
@@ -454,7 +456,7 @@ impl Supervisor {
         }
         if self.plugins.remove(id).is_some() {
             self.close_notify_socket(ctx, id);
-            let dir = self.snapshot_dir(id);
+            let dir = self.core.snapshot_dir(id);
             self.core.host.remove_snapshots(&dir);
             log::info!("[{id}] plugin removed");
             ctx.emit(Event::plugin(id, EventKind::PluginRemoved));

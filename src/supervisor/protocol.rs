@@ -21,7 +21,7 @@ use nix::unistd::Pid;
 
 use super::plugin::{Phase, Slot};
 use super::reap::ExitKind;
-use super::{Ctx, Supervisor, Timer};
+use super::{Core, Ctx, Supervisor, Timer};
 use crate::fsutil::create_private_dir;
 use crate::hooks::{HookContext, HookKind};
 use crate::listen;
@@ -79,7 +79,7 @@ impl Supervisor {
                 return;
             }
         };
-        let token = self.new_token();
+        let token = self.core.new_token();
         let fd = sock.fd();
         if let Err(e) = ctx
             .registry
@@ -242,38 +242,6 @@ impl Supervisor {
 
     // -- hooks
 
-    pub(super) fn run_hook(&mut self, ctx: &mut Ctx<'_>, kind: HookKind, hook: &HookContext<'_>) {
-        let argv = match kind {
-            HookKind::ReloadStart => &ctx.config.hooks.on_reload_start,
-            HookKind::ReloadSuccess => &ctx.config.hooks.on_reload_success,
-            HookKind::ReloadFailure => &ctx.config.hooks.on_reload_failure,
-        };
-        let Some(argv) = argv.clone() else { return };
-        match self.core.host.spawn_hook(&argv, kind, hook) {
-            Ok(run) => {
-                let timer = ctx.arm(
-                    ctx.config.hooks.timeout_ms,
-                    Timer::HookTimeout(run.pid.as_raw()),
-                );
-                log::debug!(
-                    "[{}] {} hook started (pid {})",
-                    hook.plugin,
-                    kind.as_str(),
-                    run.pid
-                );
-                self.core.hooks.insert(run.pid, (run, timer));
-            }
-            Err(e) => {
-                log::warn!(
-                    "[{}] {} hook failed to start: {e}",
-                    hook.plugin,
-                    kind.as_str()
-                );
-                ctx.emit(hook_failed(hook.plugin, kind, e.to_string()));
-            }
-        }
-    }
-
     /// A reaped pid that was a hook: log and event a failure; never affects the reload.
     pub(super) fn on_hook_exit(&mut self, ctx: &mut Ctx<'_>, pid: Pid, status: ExitKind) -> bool {
         let Some((run, timer)) = self.core.hooks.remove(&pid) else {
@@ -311,6 +279,42 @@ impl Supervisor {
         let error = format!("killed after timeout_ms ({ms} ms)");
         ctx.emit(hook_failed(&run.plugin, run.kind, error));
         self.core.host.kill_hook(run);
+    }
+}
+
+impl Core {
+    /// Starts the `kind` hook, if one is configured, with its time limit armed (the daemon's
+    /// one waitpid loop reaps it: `on_hook_exit`).
+    pub(super) fn run_hook(&mut self, ctx: &mut Ctx<'_>, kind: HookKind, hook: &HookContext<'_>) {
+        let argv = match kind {
+            HookKind::ReloadStart => &ctx.config.hooks.on_reload_start,
+            HookKind::ReloadSuccess => &ctx.config.hooks.on_reload_success,
+            HookKind::ReloadFailure => &ctx.config.hooks.on_reload_failure,
+        };
+        let Some(argv) = argv.clone() else { return };
+        match self.host.spawn_hook(&argv, kind, hook) {
+            Ok(run) => {
+                let timer = ctx.arm(
+                    ctx.config.hooks.timeout_ms,
+                    Timer::HookTimeout(run.pid.as_raw()),
+                );
+                log::debug!(
+                    "[{}] {} hook started (pid {})",
+                    hook.plugin,
+                    kind.as_str(),
+                    run.pid
+                );
+                self.hooks.insert(run.pid, (run, timer));
+            }
+            Err(e) => {
+                log::warn!(
+                    "[{}] {} hook failed to start: {e}",
+                    hook.plugin,
+                    kind.as_str()
+                );
+                ctx.emit(hook_failed(hook.plugin, kind, e.to_string()));
+            }
+        }
     }
 }
 
