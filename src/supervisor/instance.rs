@@ -18,153 +18,11 @@ use super::output::{LineReader, Stream};
 use super::plugin::{Instance, JobPhase, Phase, Plugin, Rest, Slot, Snap};
 use super::reap::ExitKind;
 use super::state::DirSync;
-use super::{Ctx, Pipe, Supervisor, Timer, cancel_timer, spawn};
+use super::{Core, Ctx, Pipe, Supervisor, Timer, cancel_timer, spawn};
 use crate::config::{ReadyMode, RestartPolicy, RunAs};
 use crate::protocol::{Event, EventKind};
 
 impl Supervisor {
-    /// Spawn `target` into the Current slot with its pipes, sockets and environment.
-    pub(super) fn spawn_instance(
-        &mut self,
-        ctx: &mut Ctx<'_>,
-        id: &str,
-        target: &Snap,
-    ) -> Result<u64, String> {
-        let state_path = self.state_path(id);
-        let runtime_path = self.runtime_path(id);
-        let notify_path = self.notify_path_of(id);
-        let p = self.plugins.get(id).ok_or("plugin vanished")?;
-        let mut env = plugin_env(p, &target.version, &state_path, &runtime_path);
-        let mut pid_vars = Vec::new();
-        if let Some(path) = &notify_path {
-            env.insert("NOTIFY_SOCKET".into(), path.clone().into_os_string());
-        }
-        let (pass_fds, names) = passed_fds(p);
-        if !pass_fds.is_empty() {
-            env.insert("LISTEN_FDS".into(), pass_fds.len().to_string().into());
-            env.insert("LISTEN_FDNAMES".into(), names.join(":").into());
-            pid_vars.push("LISTEN_PID");
-        }
-        if p.settings.watchdog_ms > 0 {
-            let usec = p.settings.watchdog_ms.saturating_mul(1000);
-            env.insert("WATCHDOG_USEC".into(), usec.to_string().into());
-            pid_vars.push("WATCHDOG_PID");
-        }
-        if let Some(run_as) = &p.settings.run_as {
-            account_env(&mut env, run_as, &p.settings.env);
-        }
-        let paths = PluginPaths {
-            state_dir: state_path.parent().unwrap_or(&state_path),
-            snapshot: &target.path,
-            notify_socket: notify_path.as_deref(),
-        };
-        self.core
-            .host
-            .give_to_user(p.settings.run_as.as_ref(), &paths)
-            .map_err(|e| e.to_string())?;
-        let creds = p.settings.run_as.as_ref().map(credentials::child_creds);
-        let arg0 = p.settings.exec.to_string_lossy().into_owned();
-        let scope = self.core.host.new_scope(id)?;
-        let spec = spawn::SpawnSpec {
-            program: &target.path,
-            arg0: &arg0,
-            args: &p.settings.args,
-            cwd: &p.dir,
-            env,
-            pass_fds,
-            pid_vars,
-            cgroup: scope.dir_fd(),
-            creds: creds.as_ref(),
-        };
-        let spawned = match self.core.host.spawn(&spec) {
-            Ok(s) => s,
-            Err(e) => {
-                self.core.host.abandon_scope(scope);
-                return Err(e.to_string());
-            }
-        };
-        if let Some(p) = self.plugins.get_mut(id) {
-            p.record_start(ctx);
-        }
-        self.core.next_seq += 1;
-        let seq = self.core.next_seq;
-        let scope = self.core.host.scope_started(seq, id, spawned.pid, scope);
-        let mut pipes = Vec::new();
-        for (fd, stream) in [
-            (spawned.stdout, Stream::Stdout),
-            (spawned.stderr, Stream::Stderr),
-        ] {
-            let token = self.core.new_token();
-            let reader = LineReader::new(fd);
-            let raw = reader.fd().as_raw_fd();
-            if let Err(e) = ctx
-                .registry
-                .register(&mut SourceFd(&raw), token, Interest::READABLE)
-            {
-                log::warn!("[{id}] cannot poll the plugin's {}: {e}", stream.as_str());
-                continue;
-            }
-            let pipe = Pipe {
-                plugin: id.to_string(),
-                stream,
-                reader,
-            };
-            self.core.pipes.insert(token, pipe);
-            // Output may already be waiting (edge-triggered: read once now).
-            self.core.backlog.push(token);
-            pipes.push(token);
-        }
-        let pid = spawned.pid;
-        self.core.pids.insert(pid, (id.to_string(), seq));
-        let p = self.plugins.get_mut(id).ok_or("plugin vanished")?;
-        let verify_ms = match p.settings.ready {
-            ReadyMode::Exec => p.settings.startup_grace_ms,
-            ReadyMode::Notify => p.settings.ready_timeout_ms,
-        };
-        p.status_text = None;
-        p.instance = Some(Instance {
-            seq,
-            pid,
-            pidfd: spawned.pidfd,
-            version: target.version.clone(),
-            started_wall: self.core.host.wall(),
-            started: self.core.host.now(),
-            phase: Phase::Starting {
-                verify_timer: Some(ctx.arm(verify_ms, Timer::Verify(id.to_string(), seq))),
-            },
-            pipes,
-            reaped: false,
-            stopping_announced: false,
-            scope,
-        });
-        log::info!("[{id}] started pid {} version {}", pid, target.version);
-        ctx.emit(Event::plugin(
-            id,
-            EventKind::PluginStarted {
-                pid: pid.as_raw(),
-                version: target.version.clone(),
-            },
-        ));
-        Ok(seq)
-    }
-
-    /// What the plugin's `user` was given becomes the daemon's again (the plugin is removed or
-    /// the daemon stops): the next daemon may run with a configuration without that `user`.
-    pub(super) fn take_back_files(&mut self, id: &str) {
-        let state_path = self.state_path(id);
-        let snapshot_dir = self.core.snapshot_dir(id);
-        let notify_path = self.notify_path_of(id);
-        let paths = PluginPaths {
-            state_dir: state_path.parent().unwrap_or(&state_path),
-            // Only its directory counts when taking back.
-            snapshot: &snapshot_dir.join("-"),
-            notify_socket: notify_path.as_deref(),
-        };
-        if let Err(e) = self.core.host.give_to_user(None, &paths) {
-            log::warn!("[{id}] {e}");
-        }
-    }
-
     /// Grace passed (exec: verified) or readiness timed out (notify: failed).
     pub(super) fn on_verify_timer(&mut self, ctx: &mut Ctx<'_>, id: &str, seq: u64) {
         let Some(p) = self.plugins.get_mut(id) else {
@@ -502,7 +360,7 @@ impl Supervisor {
             }
         }
         if !overlapping && self.core.shutting_down {
-            self.take_back_files(id);
+            self.core.take_back_files(id);
         }
         let Some(p) = self.plugins.get_mut(id) else {
             return;
@@ -621,6 +479,148 @@ impl Supervisor {
         };
         if let Err(e) = core.write_state(ctx, p, version, "stopped") {
             log::warn!("[{id}] cannot write state file: {e}");
+        }
+    }
+}
+
+/// Starting a process and giving back its files: the plugin and the host, nothing else.
+impl Core {
+    /// Spawn `target` into the Current slot with its pipes, sockets and environment.
+    pub(super) fn spawn_instance(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        p: &mut Plugin,
+        target: &Snap,
+    ) -> Result<u64, String> {
+        let id = p.id.as_str();
+        let state_path = self.state_path(id);
+        let runtime_path = self.runtime_path(id);
+        let notify_path = self.notify_path_of(id);
+        let mut env = plugin_env(p, &target.version, &state_path, &runtime_path);
+        let mut pid_vars = Vec::new();
+        if let Some(path) = &notify_path {
+            env.insert("NOTIFY_SOCKET".into(), path.clone().into_os_string());
+        }
+        let (pass_fds, names) = passed_fds(p);
+        if !pass_fds.is_empty() {
+            env.insert("LISTEN_FDS".into(), pass_fds.len().to_string().into());
+            env.insert("LISTEN_FDNAMES".into(), names.join(":").into());
+            pid_vars.push("LISTEN_PID");
+        }
+        if p.settings.watchdog_ms > 0 {
+            let usec = p.settings.watchdog_ms.saturating_mul(1000);
+            env.insert("WATCHDOG_USEC".into(), usec.to_string().into());
+            pid_vars.push("WATCHDOG_PID");
+        }
+        if let Some(run_as) = &p.settings.run_as {
+            account_env(&mut env, run_as, &p.settings.env);
+        }
+        let paths = PluginPaths {
+            state_dir: state_path.parent().unwrap_or(&state_path),
+            snapshot: &target.path,
+            notify_socket: notify_path.as_deref(),
+        };
+        self.host
+            .give_to_user(p.settings.run_as.as_ref(), &paths)
+            .map_err(|e| e.to_string())?;
+        let creds = p.settings.run_as.as_ref().map(credentials::child_creds);
+        let arg0 = p.settings.exec.to_string_lossy().into_owned();
+        let scope = self.host.new_scope(id)?;
+        let spec = spawn::SpawnSpec {
+            program: &target.path,
+            arg0: &arg0,
+            args: &p.settings.args,
+            cwd: &p.dir,
+            env,
+            pass_fds,
+            pid_vars,
+            cgroup: scope.dir_fd(),
+            creds: creds.as_ref(),
+        };
+        let spawned = match self.host.spawn(&spec) {
+            Ok(s) => s,
+            Err(e) => {
+                self.host.abandon_scope(scope);
+                return Err(e.to_string());
+            }
+        };
+        p.record_start(ctx);
+        let id = p.id.as_str();
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        let scope = self.host.scope_started(seq, id, spawned.pid, scope);
+        let mut pipes = Vec::new();
+        for (fd, stream) in [
+            (spawned.stdout, Stream::Stdout),
+            (spawned.stderr, Stream::Stderr),
+        ] {
+            let token = self.new_token();
+            let reader = LineReader::new(fd);
+            let raw = reader.fd().as_raw_fd();
+            if let Err(e) = ctx
+                .registry
+                .register(&mut SourceFd(&raw), token, Interest::READABLE)
+            {
+                log::warn!("[{id}] cannot poll the plugin's {}: {e}", stream.as_str());
+                continue;
+            }
+            let pipe = Pipe {
+                plugin: id.to_string(),
+                stream,
+                reader,
+            };
+            self.pipes.insert(token, pipe);
+            // Output may already be waiting (edge-triggered: read once now).
+            self.backlog.push(token);
+            pipes.push(token);
+        }
+        let pid = spawned.pid;
+        self.pids.insert(pid, (id.to_string(), seq));
+        let verify_ms = match p.settings.ready {
+            ReadyMode::Exec => p.settings.startup_grace_ms,
+            ReadyMode::Notify => p.settings.ready_timeout_ms,
+        };
+        p.status_text = None;
+        p.instance = Some(Instance {
+            seq,
+            pid,
+            pidfd: spawned.pidfd,
+            version: target.version.clone(),
+            started_wall: self.host.wall(),
+            started: self.host.now(),
+            phase: Phase::Starting {
+                verify_timer: Some(ctx.arm(verify_ms, Timer::Verify(id.to_string(), seq))),
+            },
+            pipes,
+            reaped: false,
+            stopping_announced: false,
+            scope,
+        });
+        log::info!("[{id}] started pid {} version {}", pid, target.version);
+        ctx.emit(Event::plugin(
+            id,
+            EventKind::PluginStarted {
+                pid: pid.as_raw(),
+                version: target.version.clone(),
+            },
+        ));
+        Ok(seq)
+    }
+
+    /// What the plugin's `user` was given becomes the daemon's again (the plugin is removed or
+    /// the daemon stops): the next daemon may run with a configuration without that `user`.
+    pub(super) fn take_back_files(&mut self, id: &str) {
+        let state_path = self.state_path(id);
+        let snapshot_dir = self.snapshot_dir(id);
+        let notify_path = self.notify_path_of(id);
+        let paths = PluginPaths {
+            state_dir: state_path.parent().unwrap_or(&state_path),
+            // Only its directory counts when taking back.
+            snapshot: &snapshot_dir.join("-"),
+            notify_socket: notify_path.as_deref(),
+        };
+        if let Err(e) = self.host.give_to_user(None, &paths) {
+            log::warn!("[{id}] {e}");
         }
     }
 }

@@ -213,8 +213,7 @@ impl Supervisor {
         let (core, p) = self.split(id).ok_or("plugin vanished")?;
         let target = p.job.as_ref().ok_or("no job")?.target.clone();
         core.prepare_state(ctx, p, &target.version)?;
-        let seq = self.spawn_instance(ctx, id, &target)?;
-        let p = self.plugins.get_mut(id).ok_or("plugin vanished")?;
+        let seq = core.spawn_instance(ctx, p, &target)?;
         if let Some(job) = p.job.as_mut() {
             job.phase = JobPhase::Verifying { seq };
         }

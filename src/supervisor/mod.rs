@@ -452,7 +452,7 @@ impl Supervisor {
 
     fn forget(&mut self, ctx: &mut Ctx<'_>, id: &str) {
         if self.plugins.contains_key(id) {
-            self.take_back_files(id);
+            self.core.take_back_files(id);
         }
         if self.plugins.remove(id).is_some() {
             self.close_notify_socket(ctx, id);
@@ -752,7 +752,7 @@ impl Supervisor {
             }
             self.stop_all_instances(ctx, &id);
             if self.plugins.get(&id).is_some_and(|p| !p.has_processes()) {
-                self.take_back_files(&id);
+                self.core.take_back_files(&id);
             }
         }
     }

@@ -38,28 +38,8 @@ impl Supervisor {
         self.open_listen_sockets(id);
     }
 
-    /// Where the plugin's notify socket lives: `<runtime>/notify/<id>.sock`, or a short hashed
-    /// name when a long runtime dir would overflow `sun_path`.
-    fn notify_socket_path(&self, id: &str) -> Option<PathBuf> {
-        let plain = self.core.notify_dir.join(format!("{id}.sock"));
-        if plain.as_os_str().len() <= MAX_SOCKET_PATH {
-            return Some(plain);
-        }
-        let hash = blake3::hash(id.as_bytes()).to_hex();
-        let short = self.core.notify_dir.join(format!("{}.sock", &hash[..12]));
-        (short.as_os_str().len() <= MAX_SOCKET_PATH).then_some(short)
-    }
-
-    pub(super) fn notify_path_of(&self, id: &str) -> Option<PathBuf> {
-        self.core
-            .notify
-            .values()
-            .find(|(owner, _)| owner == id)
-            .map(|(_, sock)| sock.path().to_path_buf())
-    }
-
     fn open_notify_socket(&mut self, ctx: &mut Ctx<'_>, id: &str) {
-        let Some(path) = self.notify_socket_path(id) else {
+        let Some(path) = self.core.notify_socket_path(id) else {
             log::warn!(
                 "[{id}] runtime dir path too long for a notify socket: NOTIFY_SOCKET not offered"
             );
@@ -283,6 +263,25 @@ impl Supervisor {
 }
 
 impl Core {
+    /// Where the plugin's notify socket lives: `<runtime>/notify/<id>.sock`, or a short hashed
+    /// name when a long runtime dir would overflow `sun_path`.
+    pub(super) fn notify_socket_path(&self, id: &str) -> Option<PathBuf> {
+        let plain = self.notify_dir.join(format!("{id}.sock"));
+        if plain.as_os_str().len() <= MAX_SOCKET_PATH {
+            return Some(plain);
+        }
+        let hash = blake3::hash(id.as_bytes()).to_hex();
+        let short = self.notify_dir.join(format!("{}.sock", &hash[..12]));
+        (short.as_os_str().len() <= MAX_SOCKET_PATH).then_some(short)
+    }
+
+    pub(super) fn notify_path_of(&self, id: &str) -> Option<PathBuf> {
+        self.notify
+            .values()
+            .find(|(owner, _)| owner == id)
+            .map(|(_, sock)| sock.path().to_path_buf())
+    }
+
     /// Starts the `kind` hook, if one is configured, with its time limit armed (the daemon's
     /// one waitpid loop reaps it: `on_hook_exit`).
     pub(super) fn run_hook(&mut self, ctx: &mut Ctx<'_>, kind: HookKind, hook: &HookContext<'_>) {
