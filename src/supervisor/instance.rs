@@ -111,38 +111,6 @@ impl Supervisor {
         }
     }
 
-    /// WATCHDOG=1 did not arrive in time: kill the plugin; its exit is handled like a crash.
-    pub(super) fn on_plugin_watchdog(&mut self, ctx: &mut Ctx<'_>, id: &str, seq: u64) {
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
-        let ms = p.settings.watchdog_ms;
-        let Some(slot) = p.slot_of(seq) else { return };
-        let Some(inst) = p.slot_mut(slot) else { return };
-        match &mut inst.phase {
-            Phase::Running { watchdog_timer } => *watchdog_timer = None,
-            Phase::Stopping { .. } => return,
-            // WATCHDOG=trigger before it is verified, or while it is being aborted.
-            Phase::Starting { .. } | Phase::Aborting { .. } => {}
-        }
-        log::warn!(
-            "[{id}] watchdog timeout: no WATCHDOG=1 for {ms} ms; killing pid {}",
-            inst.pid
-        );
-        ctx.emit(Event::plugin(
-            id,
-            EventKind::PluginWatchdog {
-                pid: inst.pid.as_raw(),
-                watchdog_ms: ms,
-            },
-        ));
-        let _ = self
-            .core
-            .host
-            .signal_process(inst.pid, inst.pidfd.as_ref(), libc::SIGABRT);
-        let _ = self.core.host.signal_group(inst.pid, libc::SIGKILL);
-    }
-
     /// Stop every instance of a plugin (shutdown, removal).
     pub(super) fn stop_all_instances(&mut self, ctx: &mut Ctx<'_>, id: &str) {
         for slot in [Slot::Retiring, Slot::Current] {
@@ -485,6 +453,36 @@ impl Supervisor {
 
 /// Starting a process and giving back its files: the plugin and the host, nothing else.
 impl Core {
+    /// WATCHDOG=1 did not arrive in time: kill the plugin; its exit is handled like a crash.
+    pub(super) fn on_plugin_watchdog(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin, seq: u64) {
+        let id = p.id.clone();
+        let id = id.as_str();
+        let ms = p.settings.watchdog_ms;
+        let Some(slot) = p.slot_of(seq) else { return };
+        let Some(inst) = p.slot_mut(slot) else { return };
+        match &mut inst.phase {
+            Phase::Running { watchdog_timer } => *watchdog_timer = None,
+            Phase::Stopping { .. } => return,
+            // WATCHDOG=trigger before it is verified, or while it is being aborted.
+            Phase::Starting { .. } | Phase::Aborting { .. } => {}
+        }
+        log::warn!(
+            "[{id}] watchdog timeout: no WATCHDOG=1 for {ms} ms; killing pid {}",
+            inst.pid
+        );
+        ctx.emit(Event::plugin(
+            id,
+            EventKind::PluginWatchdog {
+                pid: inst.pid.as_raw(),
+                watchdog_ms: ms,
+            },
+        ));
+        let _ = self
+            .host
+            .signal_process(inst.pid, inst.pidfd.as_ref(), libc::SIGABRT);
+        let _ = self.host.signal_group(inst.pid, libc::SIGKILL);
+    }
+
     /// Spawn `target` into the Current slot with its pipes, sockets and environment.
     pub(super) fn spawn_instance(
         &mut self,

@@ -638,7 +638,11 @@ impl Supervisor {
             Timer::Backoff(id) => self.on_backoff(ctx, &id),
             Timer::Verify(id, seq) => self.on_verify_timer(ctx, &id, seq),
             Timer::Kill(id, seq) => self.on_kill_timer(ctx, &id, seq),
-            Timer::PluginWatchdog(id, seq) => self.on_plugin_watchdog(ctx, &id, seq),
+            Timer::PluginWatchdog(id, seq) => {
+                if let Some((core, p)) = self.split(&id) {
+                    core.on_plugin_watchdog(ctx, p, seq);
+                }
+            }
             Timer::HookTimeout(pid) => self.on_hook_timeout(ctx, Pid::from_raw(pid)),
             Timer::Watchdog | Timer::PluginsDir => {}
         }

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use mio::{Interest, Token, unix::SourceFd};
 use nix::unistd::Pid;
 
-use super::plugin::{Phase, Slot};
+use super::plugin::{Phase, Plugin, Slot};
 use super::reap::ExitKind;
 use super::{Core, Ctx, Supervisor, Timer};
 use crate::fsutil::create_private_dir;
@@ -193,30 +193,13 @@ impl Supervisor {
         }
         if msg.fdstore {
             let name = msg.fdname.clone().unwrap_or_else(|| "stored".to_string());
-            self.park_fds(id, name, dgram.fds);
+            p.park_fds(name, dgram.fds);
         }
         if msg.watchdog_trigger {
-            self.on_plugin_watchdog(ctx, id, seq);
+            self.core.on_plugin_watchdog(ctx, p, seq);
         }
         if msg.ready && slot == Slot::Current {
             self.mark_verified(ctx, id, seq);
-        }
-    }
-
-    /// FDSTORE=1: keep the descriptors for the next instance, up to fdstore_max.
-    fn park_fds(&mut self, id: &str, name: String, fds: Vec<OwnedFd>) {
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
-        let max = p.settings.fdstore_max;
-        for fd in fds {
-            if p.fdstore.len() >= max {
-                log::warn!(
-                    "[{id}] fd store full (fdstore_max = {max}): closing a descriptor named {name:?}"
-                );
-                continue;
-            }
-            p.fdstore.push((name.clone(), fd));
         }
     }
 
@@ -259,6 +242,23 @@ impl Supervisor {
         let error = format!("killed after timeout_ms ({ms} ms)");
         ctx.emit(hook_failed(&run.plugin, run.kind, error));
         self.core.host.kill_hook(run);
+    }
+}
+
+impl Plugin {
+    /// FDSTORE=1: keep the descriptors for the next instance, up to fdstore_max.
+    fn park_fds(&mut self, name: String, fds: Vec<OwnedFd>) {
+        let id = &self.id;
+        let max = self.settings.fdstore_max;
+        for fd in fds {
+            if self.fdstore.len() >= max {
+                log::warn!(
+                    "[{id}] fd store full (fdstore_max = {max}): closing a descriptor named {name:?}"
+                );
+                continue;
+            }
+            self.fdstore.push((name.clone(), fd));
+        }
     }
 }
 
