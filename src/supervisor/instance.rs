@@ -299,7 +299,9 @@ impl Supervisor {
     /// and finish a `stop ID` once it was the last one.
     pub(super) fn instance_gone(&mut self, ctx: &mut Ctx<'_>, id: &str, slot: Slot) {
         self.continue_after_instance(ctx, id, slot);
-        self.settle_stop(ctx, id);
+        if let Some(p) = self.plugins.get_mut(id) {
+            p.settle_stop(ctx);
+        }
     }
 
     fn continue_after_instance(&mut self, ctx: &mut Ctx<'_>, id: &str, slot: Slot) {

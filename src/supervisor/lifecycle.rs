@@ -12,7 +12,7 @@
 use super::job;
 use super::plugin::{JobPhase, Plugin, ReloadSwitch, Wanted};
 use super::state::DirSync;
-use super::{Ctx, Supervisor, Trigger, Waiter, cancel_timer};
+use super::{Core, Ctx, Supervisor, Trigger, Waiter, cancel_timer};
 use crate::protocol::TriggerResult;
 use crate::protocol::{Event, EventKind};
 use crate::state_file::ControlRecord;
@@ -40,15 +40,108 @@ impl Plugin {
     }
 }
 
+impl Plugin {
+    /// A stop in progress whose instances are all gone is done: the plugin is `Down`.
+    pub(super) fn settle_stop(&mut self, ctx: &mut Ctx<'_>) {
+        if self.has_processes() || !matches!(self.wanted, Wanted::Stopping { .. }) {
+            return;
+        }
+        let Wanted::Stopping { since, waiters } = std::mem::replace(&mut self.wanted, Wanted::Up)
+        else {
+            return;
+        };
+        self.wanted = Wanted::Down { since };
+        let id = &self.id;
+        let version = self.current.as_ref().map(|s| s.version.clone());
+        log::info!("[{id}] stopped by request; `start {id}` starts it again");
+        let stopped = EventKind::PluginStopped {
+            version: version.clone(),
+        };
+        ctx.emit(Event::plugin(id, stopped));
+        answer(ctx, id, &waiters, true, version, None);
+    }
+}
+
+/// The parts of the commands that touch one plugin and its state file.
+impl Core {
+    /// `start` or `restart` (`action`) was asked for: the plugin is wanted up again.
+    fn lift_stop(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin, action: &str) {
+        let id = p.id.clone();
+        let id = id.as_str();
+        let held = std::mem::replace(&mut p.wanted, Wanted::Up);
+        if let Wanted::Stopping { waiters, .. } = &held {
+            let why = format!("a {action} request came before the plugin was down");
+            job::answer_failure(ctx, id, waiters, &why);
+        }
+        if held.is_held_down() {
+            log::info!("[{id}] {action} requested: the stop no longer holds");
+            self.record_control(ctx, p);
+        } else {
+            log::info!("[{id}] {action} requested");
+        }
+        let action = action.to_owned();
+        ctx.emit(Event::plugin(
+            id,
+            EventKind::PluginStartRequested { action },
+        ));
+    }
+
+    /// `[plugins.ID] hot_reload` changed in a reloaded configuration: it is the newest word, so
+    /// an `enable ID` / `disable ID` made before no longer overrides it.
+    pub(super) fn hot_reload_setting_changed(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        p: &mut Plugin,
+        on: bool,
+    ) {
+        p.settings.hot_reload = on;
+        p.switch = ReloadSwitch::Configured;
+        self.record_control(ctx, p);
+    }
+
+    /// The control record of a state file not read for its runtime data (`preserve_state =
+    /// false`): a stop or a switch outlives a daemon restart whatever that setting says.
+    pub(super) fn control_record_on_disk(&self, id: &str) -> ControlRecord {
+        match self.host.read_state(&self.state_path(id)) {
+            Ok(Some(state)) => state.control,
+            _ => ControlRecord::default(),
+        }
+    }
+
+    /// Writes the plugin's state file when what the control commands decided changed.
+    fn record_control(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin) {
+        let version = p
+            .instance
+            .as_ref()
+            .map(|i| i.version.clone())
+            .or_else(|| p.current.as_ref().map(|s| s.version.clone()))
+            .or_else(|| p.written.as_ref().map(|w| w.version.clone()))
+            .unwrap_or_default();
+        let status = p.state_name();
+        if let Err(e) = self.write_state_file(p, &version, status, DirSync::Now) {
+            let id = p.id.as_str();
+            let path = self.state_path(id);
+            log::warn!("[{id}] cannot record the request in the state file: {e}");
+            ctx.emit(Event::plugin(
+                id,
+                EventKind::StateWarning {
+                    error: format!("cannot write state file: {e}"),
+                    path: path.to_string_lossy().into_owned(),
+                },
+            ));
+        }
+    }
+}
+
 impl Supervisor {
     /// `stop ID`: stop the plugin and keep it down until `start` or `restart`. `waiter` is
     /// answered once every instance is gone (at once when none runs).
     pub fn stop(&mut self, ctx: &mut Ctx<'_>, id: &str, waiter: Option<Waiter>) {
-        let since = self.core.host.wall();
-        let now = self.core.host.now();
-        let Some(p) = self.plugins.get_mut(id) else {
+        let Some((core, p)) = self.split(id) else {
             return;
         };
+        let since = core.host.wall();
+        let now = core.host.now();
         let waiters: Vec<Waiter> = waiter.into_iter().collect();
         if p.removing {
             job::answer_failure(ctx, id, &waiters, "plugin directory removed");
@@ -86,18 +179,20 @@ impl Supervisor {
                 Wanted::Down { since }
             }
         };
-        self.record_control(ctx, id);
+        core.record_control(ctx, p);
         self.stop_all_instances(ctx, id);
-        self.settle_stop(ctx, id);
+        if let Some(p) = self.plugins.get_mut(id) {
+            p.settle_stop(ctx);
+        }
     }
 
     /// `start ID`: lift a stop, and start the newest good build unless the plugin is up or on
     /// its way up already. `waiter` is answered when it runs or finally failed to start.
     pub fn start(&mut self, ctx: &mut Ctx<'_>, id: &str, waiter: Option<Waiter>) {
-        self.lift_stop(ctx, id, "start");
-        let Some(p) = self.plugins.get_mut(id) else {
+        let Some((core, p)) = self.split(id) else {
             return;
         };
+        core.lift_stop(ctx, p, "start");
         let mut waiters: Vec<Waiter> = waiter.into_iter().collect();
         let job_busy = p
             .job
@@ -120,54 +215,11 @@ impl Supervisor {
     /// `restart ID`: lift a stop, then stop and start the plugin with its newest good build,
     /// whatever its version and state (a `trigger` that also works on a stopped or failed one).
     pub fn restart(&mut self, ctx: &mut Ctx<'_>, id: &str, waiter: Option<Waiter>) {
-        self.lift_stop(ctx, id, "restart");
+        if let Some((core, p)) = self.split(id) {
+            core.lift_stop(ctx, p, "restart");
+        }
         let waiters = waiter.into_iter().collect();
         self.request(ctx, id, Trigger::Restart, Vec::new(), waiters);
-    }
-
-    /// `start` or `restart` (`action`) was asked for: the plugin is wanted up again.
-    fn lift_stop(&mut self, ctx: &mut Ctx<'_>, id: &str, action: &str) {
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
-        let held = std::mem::replace(&mut p.wanted, Wanted::Up);
-        if let Wanted::Stopping { waiters, .. } = &held {
-            let why = format!("a {action} request came before the plugin was down");
-            job::answer_failure(ctx, id, waiters, &why);
-        }
-        if held.is_held_down() {
-            log::info!("[{id}] {action} requested: the stop no longer holds");
-            self.record_control(ctx, id);
-        } else {
-            log::info!("[{id}] {action} requested");
-        }
-        let action = action.to_owned();
-        ctx.emit(Event::plugin(
-            id,
-            EventKind::PluginStartRequested { action },
-        ));
-    }
-
-    /// A stop in progress whose instances are all gone is done: the plugin is `Down`.
-    pub(super) fn settle_stop(&mut self, ctx: &mut Ctx<'_>, id: &str) {
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
-        if p.has_processes() || !matches!(p.wanted, Wanted::Stopping { .. }) {
-            return;
-        }
-        let Wanted::Stopping { since, waiters } = std::mem::replace(&mut p.wanted, Wanted::Up)
-        else {
-            return;
-        };
-        p.wanted = Wanted::Down { since };
-        let version = p.current.as_ref().map(|s| s.version.clone());
-        log::info!("[{id}] stopped by request; `start {id}` starts it again");
-        let stopped = EventKind::PluginStopped {
-            version: version.clone(),
-        };
-        ctx.emit(Event::plugin(id, stopped));
-        answer(ctx, id, &waiters, true, version, None);
     }
 
     /// `enable ID` / `disable ID`: the plugin's own hot reload switch. Switching it on reloads
@@ -196,57 +248,11 @@ impl Supervisor {
         }
         let changed = on && global_enabled && std::mem::take(&mut p.changed_while_disabled);
         let exec = p.exec_path().to_string_lossy().into_owned();
-        self.record_control(ctx, id);
+        self.core.record_control(ctx, p);
         if changed {
             self.request(ctx, id, Trigger::Enable, vec![exec], Vec::new());
         }
         on
-    }
-
-    /// `[plugins.ID] hot_reload` changed in a reloaded configuration: it is the newest word, so
-    /// an `enable ID` / `disable ID` made before no longer overrides it.
-    pub(super) fn hot_reload_setting_changed(&mut self, ctx: &mut Ctx<'_>, id: &str, on: bool) {
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
-        p.settings.hot_reload = on;
-        p.switch = ReloadSwitch::Configured;
-        self.record_control(ctx, id);
-    }
-
-    /// The control record of a state file not read for its runtime data (`preserve_state =
-    /// false`): a stop or a switch outlives a daemon restart whatever that setting says.
-    pub(super) fn control_record_on_disk(&self, id: &str) -> ControlRecord {
-        match self.core.host.read_state(&self.state_path(id)) {
-            Ok(Some(state)) => state.control,
-            _ => ControlRecord::default(),
-        }
-    }
-
-    /// Writes the plugin's state file when what the control commands decided changed.
-    fn record_control(&mut self, ctx: &mut Ctx<'_>, id: &str) {
-        let Some((core, p)) = self.split(id) else {
-            return;
-        };
-        let version = p
-            .instance
-            .as_ref()
-            .map(|i| i.version.clone())
-            .or_else(|| p.current.as_ref().map(|s| s.version.clone()))
-            .or_else(|| p.written.as_ref().map(|w| w.version.clone()))
-            .unwrap_or_default();
-        let status = p.state_name();
-        if let Err(e) = core.write_state_file(p, &version, status, DirSync::Now) {
-            let path = core.state_path(id);
-            log::warn!("[{id}] cannot record the request in the state file: {e}");
-            ctx.emit(Event::plugin(
-                id,
-                EventKind::StateWarning {
-                    error: format!("cannot write state file: {e}"),
-                    path: path.to_string_lossy().into_owned(),
-                },
-            ));
-        }
     }
 }
 

@@ -296,7 +296,7 @@ impl Supervisor {
         plugin.runtime_data = runtime_data;
         let control = match &written {
             Some(w) => w.control.clone(),
-            None => self.control_record_on_disk(id),
+            None => self.core.control_record_on_disk(id),
         };
         plugin.written = written;
         plugin.apply_control_record(&control);
@@ -701,15 +701,12 @@ impl Supervisor {
         let ids: Vec<String> = self.plugins.keys().cloned().collect();
         for id in ids {
             let settings = ctx.config.plugin(&id);
-            let Some(p) = self.plugins.get_mut(&id) else {
+            let Some((core, p)) = self.split(&id) else {
                 continue;
             };
             if p.settings.hot_reload != settings.hot_reload {
-                self.hot_reload_setting_changed(ctx, &id, settings.hot_reload);
+                core.hot_reload_setting_changed(ctx, p, settings.hot_reload);
             }
-            let Some(p) = self.plugins.get_mut(&id) else {
-                continue;
-            };
             // The switch alone restarts nothing: it decides what later changes do.
             let restart_settings = config::PluginSettings {
                 hot_reload: p.settings.hot_reload,
