@@ -239,7 +239,7 @@ impl Containment {
         }
         let tree = Tree::new();
         let mut roots = Vec::new();
-        if !inst.reaped {
+        if !inst.leader.is_reaped() {
             roots.push(inst.pid.as_raw());
         }
         for orphan in self.orphans(w, &tree) {
@@ -450,7 +450,8 @@ impl Containment {
             let Some(inst) = p.slot_of(seq).and_then(|slot| p.slot_mut(slot)) else {
                 continue;
             };
-            if let Some(stat) = procs::stat(inst.pid.as_raw()).filter(|_| !inst.reaped) {
+            if let Some(stat) = procs::stat(inst.pid.as_raw()).filter(|_| !inst.leader.is_reaped())
+            {
                 inst.scope.start_ticks = stat.start_ticks;
                 self.record.set_start_ticks(seq, stat.start_ticks);
             }

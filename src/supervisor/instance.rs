@@ -15,7 +15,7 @@ use nix::unistd::Pid;
 
 use super::credentials::{self, PluginPaths};
 use super::output::{LineReader, Stream};
-use super::plugin::{Instance, JobPhase, Phase, Plugin, Rest, Slot, Snap};
+use super::plugin::{Instance, JobPhase, Leader, Phase, Plugin, Rest, Slot, Snap};
 use super::reap::ExitKind;
 use super::state::DirSync;
 use super::{Core, Ctx, Pipe, Supervisor, Timer, cancel_timer, spawn};
@@ -98,13 +98,13 @@ impl Supervisor {
                 *phase = Phase::Aborting { why };
             }
         }
-        if !inst.reaped {
+        if let Leader::Alive { pidfd } = &inst.leader {
             let _ = self
                 .core
                 .host
-                .signal_process(inst.pid, inst.pidfd.as_ref(), libc::SIGKILL);
+                .signal_process(inst.pid, pidfd.as_ref(), libc::SIGKILL);
         }
-        let reaped = inst.reaped;
+        let reaped = inst.leader.is_reaped();
         self.kill_members(id, Slot::Current);
         if reaped && !self.members_alive(id, Slot::Current) {
             self.instance_gone(ctx, id, Slot::Current);
@@ -161,7 +161,7 @@ impl Supervisor {
             killed: false,
             failure: inst.phase.take_failure(),
         };
-        let reaped = inst.reaped;
+        let reaped = inst.leader.is_reaped();
         // Processes that left the group (setsid, double fork) are asked to stop too.
         self.signal_escapees(id, slot, &[stop_signal.number(), libc::SIGCONT]);
         if reaped && !self.members_alive(id, slot) {
@@ -207,13 +207,13 @@ impl Supervisor {
             "[{id}] pid {} did not exit within the stop timeout: sending SIGKILL to its process group",
             inst.pid
         );
-        if !inst.reaped {
+        if let Leader::Alive { pidfd } = &inst.leader {
             let _ = self
                 .core
                 .host
-                .signal_process(inst.pid, inst.pidfd.as_ref(), libc::SIGKILL);
+                .signal_process(inst.pid, pidfd.as_ref(), libc::SIGKILL);
         }
-        let reaped = inst.reaped;
+        let reaped = inst.leader.is_reaped();
         // The group, and every process that left it (cgroup.kill under cgroups).
         self.kill_members(id, slot);
         if reaped {
@@ -236,8 +236,8 @@ impl Supervisor {
         };
         let Some(slot) = p.slot_of(seq) else { return };
         let Some(inst) = p.slot_mut(slot) else { return };
-        inst.reaped = true;
-        inst.pidfd = None;
+        // Its pidfd is closed with it.
+        inst.leader = Leader::Reaped;
         let expected = inst.phase.is_leaving() || inst.stopping_announced;
         let pid_raw = inst.pid.as_raw();
         let suffix = if expected { "" } else { " (unexpected)" };
@@ -282,7 +282,7 @@ impl Supervisor {
         for p in self.plugins.values() {
             for slot in [Slot::Current, Slot::Retiring] {
                 if p.slot(slot)
-                    .is_some_and(|i| i.reaped && i.phase.is_leaving())
+                    .is_some_and(|i| i.leader.is_reaped() && i.phase.is_leaving())
                 {
                     leaving.push((p.id.clone(), slot));
                 }
@@ -479,9 +479,8 @@ impl Core {
                 watchdog_ms: ms,
             },
         ));
-        let _ = self
-            .host
-            .signal_process(inst.pid, inst.pidfd.as_ref(), libc::SIGABRT);
+        let pidfd = inst.leader.pidfd();
+        let _ = self.host.signal_process(inst.pid, pidfd, libc::SIGABRT);
         let _ = self.host.signal_group(inst.pid, libc::SIGKILL);
     }
 
@@ -584,7 +583,9 @@ impl Core {
         p.instance = Some(Instance {
             seq,
             pid,
-            pidfd: spawned.pidfd,
+            leader: Leader::Alive {
+                pidfd: spawned.pidfd,
+            },
             version: target.version.clone(),
             started_wall: self.host.wall(),
             started: self.host.now(),
@@ -592,7 +593,6 @@ impl Core {
                 verify_timer: Some(ctx.arm(verify_ms, Timer::Verify(id.to_string(), seq))),
             },
             pipes,
-            reaped: false,
             stopping_announced: false,
             scope,
         });

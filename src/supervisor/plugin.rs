@@ -90,20 +90,43 @@ pub enum Reply {
 pub struct Instance {
     pub seq: u64,
     pub pid: Pid,
-    pub pidfd: Option<OwnedFd>,
+    /// Its leader process: alive, or reaped while members of its group may remain.
+    pub leader: Leader,
     pub version: String,
     pub started_wall: String,
     pub started: Instant,
     /// Where it is in its life, with the timer that ends that phase.
     pub phase: Phase,
     pub pipes: Vec<Token>,
-    /// The leader has been reaped but members of its group may still live (only while the
-    /// instance is leaving: an exit of one that is not is handled at once).
-    pub reaped: bool,
     /// The plugin sent STOPPING=1: its exit is expected, not a crash.
     pub stopping_announced: bool,
     /// Its cgroup, if any, and the leader's start time (containment).
     pub scope: super::contain::Scope,
+}
+
+/// The life of an instance's leader process, which its `Phase` does not tell: a leaving
+/// instance is done only when its leader is reaped *and* the rest of its group is gone.
+#[derive(Debug)]
+pub enum Leader {
+    /// Not reaped yet; signals go through its pidfd when the kernel gave one, so they cannot
+    /// reach a process that reused its pid.
+    Alive { pidfd: Option<OwnedFd> },
+    /// Reaped, while members of its group may still live (only while the instance is leaving:
+    /// an exit of one that is not is handled at once). Its pid may be reused from now on.
+    Reaped,
+}
+
+impl Leader {
+    pub const fn is_reaped(&self) -> bool {
+        matches!(self, Leader::Reaped)
+    }
+
+    pub fn pidfd(&self) -> Option<&OwnedFd> {
+        match self {
+            Leader::Alive { pidfd } => pidfd.as_ref(),
+            Leader::Reaped => None,
+        }
+    }
 }
 
 /// An instance's life: starting → running → stopping, or starting → aborting (killed for
@@ -547,7 +570,7 @@ impl Plugin {
 
     /// The `list` entry of SPEC §6.
     pub fn list_entry(&self) -> PluginInfo {
-        let inst = self.instance.as_ref().filter(|i| !i.reaped);
+        let inst = self.instance.as_ref().filter(|i| !i.leader.is_reaped());
         PluginInfo {
             // The supervisor adds the process figures (`Supervisor::list_entry`).
             cpu_usage_ms: None,

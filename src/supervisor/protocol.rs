@@ -131,8 +131,9 @@ impl Supervisor {
             return;
         };
         let slot = [Slot::Current, Slot::Retiring].into_iter().find(|&s| {
-            p.slot(s)
-                .is_some_and(|i| !i.reaped && sender_in_group(dgram.pid, i.pid.as_raw()))
+            p.slot(s).is_some_and(|i| {
+                !i.leader.is_reaped() && sender_in_group(dgram.pid, i.pid.as_raw())
+            })
         });
         let Some(slot) = slot else {
             log::warn!(

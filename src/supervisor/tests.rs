@@ -226,7 +226,7 @@ impl Rig {
         let p = self.sup.get(id)?;
         p.instance
             .as_ref()
-            .filter(|i| !i.reaped)
+            .filter(|i| !i.leader.is_reaped())
             .map(|i| i.pid.as_raw())
     }
 
