@@ -98,12 +98,7 @@ impl Supervisor {
                 *phase = Phase::Aborting { why };
             }
         }
-        if let Leader::Alive { pidfd } = &inst.leader {
-            let _ = self
-                .core
-                .host
-                .signal_process(inst.pid, pidfd.as_ref(), libc::SIGKILL);
-        }
+        self.core.kill_leader(inst);
         let reaped = inst.leader.is_reaped();
         self.kill_members(id, Slot::Current);
         if reaped && !self.members_alive(id, Slot::Current) {
@@ -207,12 +202,7 @@ impl Supervisor {
             "[{id}] pid {} did not exit within the stop timeout: sending SIGKILL to its process group",
             inst.pid
         );
-        if let Leader::Alive { pidfd } = &inst.leader {
-            let _ = self
-                .core
-                .host
-                .signal_process(inst.pid, pidfd.as_ref(), libc::SIGKILL);
-        }
+        self.core.kill_leader(inst);
         let reaped = inst.leader.is_reaped();
         // The group, and every process that left it (cgroup.kill under cgroups).
         self.kill_members(id, slot);
@@ -455,6 +445,16 @@ impl Supervisor {
 
 /// Starting a process and giving back its files: the plugin and the host, nothing else.
 impl Core {
+    /// SIGKILL to the instance's leader while it lives (through its pidfd when there is one:
+    /// the pid of a reaped leader may belong to someone else already).
+    fn kill_leader(&mut self, inst: &Instance) {
+        if let Leader::Alive { pidfd } = &inst.leader {
+            let _ = self
+                .host
+                .signal_process(inst.pid, pidfd.as_ref(), libc::SIGKILL);
+        }
+    }
+
     /// WATCHDOG=1 did not arrive in time: kill the plugin; its exit is handled like a crash.
     pub(super) fn on_plugin_watchdog(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin, seq: u64) {
         let id = p.id.clone();

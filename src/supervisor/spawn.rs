@@ -138,21 +138,15 @@ struct VforkChild<'a> {
 /// fork would copy the daemon's page tables and make it take copy-on-write faults afterwards,
 /// and std's `Command` then blocks on a status pipe until exec all the same.
 fn spawn_vfork(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
-    let mut plan = ExecPlan::new(spec)?;
-    let cwd = CString::new(spec.cwd.as_os_str().as_bytes())
-        .map_err(|_| io::Error::other("NUL byte in the working directory"))?;
-    let devnull = high_fd(std::fs::File::open("/dev/null")?.into())?;
-    let (out_r, out_w) = sys::fd::pipe()?;
-    let (err_r, err_w) = sys::fd::pipe()?;
-    let (out_w, err_w) = (high_fd(out_w)?, high_fd(err_w)?);
+    let mut setup = ChildSetup::new(spec)?;
     let mut stack = vec![0u8; CHILD_STACK];
     let mut child = VforkChild {
-        stdio: [devnull.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
-        cwd: &cwd,
+        stdio: setup.stdio(),
+        cwd: &setup.cwd,
         creds: spec.creds,
         daemon: parent_pid(),
         nofile: INHERITED_NOFILE.load(std::sync::atomic::Ordering::Relaxed),
-        plan: &mut plan,
+        plan: &mut setup.plan,
         error: 0,
     };
     // Every signal blocked across the clone: the child starts with this mask, so no handler of
@@ -172,7 +166,7 @@ fn spawn_vfork(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
     let (pid, pidfd) = cloned?;
     // SAFETY: the child is gone from our memory (exec'd or exited): nothing writes it any more.
     let error = unsafe { std::ptr::read_volatile(&child.error) };
-    drop((devnull, out_w, err_w));
+    let (out_r, err_r) = setup.into_readers();
     let pid = Pid::from_raw(pid);
     if error != 0 {
         // It exited with 127 before exec: reap it here, it never was a plugin.
@@ -187,6 +181,51 @@ fn spawn_vfork(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
         stdout: out_r,
         stderr: err_r,
     })
+}
+
+/// What a clone-based start prepares in the daemon for its child: the exec plan, the working
+/// directory as a C string, and the child's stdio: /dev/null in, the write ends of the two
+/// output pipes out (all above fd 2, so that none of the child's `dup2`s clobbers another).
+struct ChildSetup {
+    plan: ExecPlan,
+    cwd: CString,
+    devnull: OwnedFd,
+    /// (read end, write end) of stdout's and stderr's pipes.
+    out: (OwnedFd, OwnedFd),
+    err: (OwnedFd, OwnedFd),
+}
+
+impl ChildSetup {
+    fn new(spec: &SpawnSpec<'_>) -> io::Result<ChildSetup> {
+        let plan = ExecPlan::new(spec)?;
+        let cwd = CString::new(spec.cwd.as_os_str().as_bytes())
+            .map_err(|_| io::Error::other("NUL byte in the working directory"))?;
+        let devnull = high_fd(std::fs::File::open("/dev/null")?.into())?;
+        let (out_r, out_w) = sys::fd::pipe()?;
+        let (err_r, err_w) = sys::fd::pipe()?;
+        Ok(ChildSetup {
+            plan,
+            cwd,
+            devnull,
+            out: (out_r, high_fd(out_w)?),
+            err: (err_r, high_fd(err_w)?),
+        })
+    }
+
+    /// The child's fds 0, 1 and 2.
+    fn stdio(&self) -> [RawFd; 3] {
+        [
+            self.devnull.as_raw_fd(),
+            self.out.1.as_raw_fd(),
+            self.err.1.as_raw_fd(),
+        ]
+    }
+
+    /// Once the child has its copies: the daemon keeps the read ends and closes the rest, so
+    /// that the pipes close when the plugin's last writer exits.
+    fn into_readers(self) -> (OwnedFd, OwnedFd) {
+        (self.out.0, self.err.0)
+    }
 }
 
 /// The `CLONE_VM` child: set up, exec; on failure leave the errno and `_exit(127)`.
@@ -419,14 +458,10 @@ pub fn refuse_clone3(refused: bool) {
 /// nothing extra. `None` when clone3 is refused (ENOSYS, EPERM: kernel < 5.7, or a seccomp
 /// filter), so that the caller falls back.
 fn spawn_into_cgroup(spec: &SpawnSpec<'_>, cgroup: RawFd) -> io::Result<Option<Spawned>> {
-    let mut plan = ExecPlan::new(spec)?;
-    let cwd = CString::new(spec.cwd.as_os_str().as_bytes())
-        .map_err(|_| io::Error::other("NUL byte in the working directory"))?;
-    let devnull = high_fd(std::fs::File::open("/dev/null")?.into())?;
-    let (out_r, out_w) = sys::fd::pipe()?;
-    let (err_r, err_w) = sys::fd::pipe()?;
+    let mut setup = ChildSetup::new(spec)?;
     let (status_r, status_w) = sys::fd::pipe()?;
-    let (out_w, err_w) = (high_fd(out_w)?, high_fd(err_w)?);
+    // Above fd 2 too: the child writes its errno there after its `dup2`s.
+    let status_w = high_fd(status_w)?;
     let daemon = parent_pid();
     let nofile = INHERITED_NOFILE.load(std::sync::atomic::Ordering::Relaxed);
     // SAFETY: a fork-like clone: the child gets a copy of our memory. In the child, only
@@ -442,12 +477,12 @@ fn spawn_into_cgroup(spec: &SpawnSpec<'_>, cgroup: RawFd) -> io::Result<Option<S
         // SAFETY: see above; every descriptor used here is ours and open.
         unsafe {
             let errno = child_after_clone(
-                [devnull.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
-                &cwd,
+                setup.stdio(),
+                &setup.cwd,
                 spec.creds,
                 daemon,
                 nofile,
-                &mut plan,
+                &mut setup.plan,
             );
             let bytes = errno.to_ne_bytes();
             libc::write(status_w.as_raw_fd(), bytes.as_ptr().cast(), bytes.len());
@@ -455,7 +490,8 @@ fn spawn_into_cgroup(spec: &SpawnSpec<'_>, cgroup: RawFd) -> io::Result<Option<S
         }
     }
     let pid = Pid::from_raw(pid);
-    drop((devnull, out_w, err_w, status_w));
+    let (out_r, err_r) = setup.into_readers();
+    drop(status_w);
     // The status pipe closes at exec (success) or carries the child's errno (failure).
     let mut buf = [0u8; 4];
     let n = sys::fd::read_full(status_r.as_fd(), &mut buf);
