@@ -11,7 +11,7 @@
 
 use super::job;
 use super::plugin::{JobPhase, Plugin, ReloadSwitch, Wanted};
-use super::state::DirSync;
+use super::state::{DirSync, emit_state_warning};
 use super::{Core, Ctx, Supervisor, Trigger, Waiter, cancel_timer};
 use crate::protocol::TriggerResult;
 use crate::protocol::{Event, EventKind};
@@ -122,13 +122,7 @@ impl Core {
             let id = p.id.as_str();
             let path = self.state_path(id);
             log::warn!("[{id}] cannot record the request in the state file: {e}");
-            ctx.emit(Event::plugin(
-                id,
-                EventKind::StateWarning {
-                    error: format!("cannot write state file: {e}"),
-                    path: path.to_string_lossy().into_owned(),
-                },
-            ));
+            emit_state_warning(ctx, id, format!("cannot write state file: {e}"), &path);
         }
     }
 }

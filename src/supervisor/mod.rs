@@ -72,9 +72,8 @@ use crate::config::{self, Config};
 use crate::hooks::HookRun;
 use crate::plugin_notify::NotifySocket;
 use crate::protocol::{Event, EventKind};
-use crate::state_file::StateError;
+use crate::token;
 use crate::wheel::{TimerId, TimerWheel};
-use crate::{state_file, token};
 
 use host::Procs;
 pub use host::{Host, OsHost};
@@ -82,7 +81,6 @@ pub use host::{Host, OsHost};
 use output::{LineReader, PipeStatus, Stream};
 use plugin::{JobPhase, Queued};
 pub use plugin::{Plugin, Reply, Trigger, Waiter};
-use state::DirSync;
 
 /// Largest runtime.json the daemon will read (a plugin writing more gets a warning, not an OOM).
 pub const MAX_RUNTIME_BYTES: u64 = 16 * 1024 * 1024;
@@ -292,7 +290,7 @@ impl Supervisor {
         }
         let settings = ctx.config.plugin(id);
         let mut plugin = Plugin::new(id, dir, settings);
-        let (runtime_data, written) = self.load_preserved_state(ctx, id);
+        let (runtime_data, written) = self.core.load_preserved_state(ctx, id);
         plugin.runtime_data = runtime_data;
         let control = match &written {
             Some(w) => w.control.clone(),
@@ -351,74 +349,15 @@ impl Supervisor {
         for (id, path) in std::mem::take(&mut self.core.dir_syncs) {
             if let Err(e) = self.core.host.sync_state(&path) {
                 log::warn!("[{id}] {e}; writing it again");
-                self.rewrite_state(&id);
+                if let Some((core, p)) = self.split(&id) {
+                    core.rewrite_state(p);
+                }
             }
-        }
-    }
-
-    /// A deferred fsync failed: the kernel may have dropped the data it could not write, and a
-    /// second fsync could report success for it ("fsyncgate"). Write the file afresh, durably,
-    /// from what the daemon holds in memory.
-    fn rewrite_state(&mut self, id: &str) {
-        let Some((core, p)) = self.split(id) else {
-            return;
-        };
-        let Some(written) = p.written.take() else {
-            return;
-        };
-        let status = match p.instance {
-            Some(_) => "starting",
-            None => "stopped",
-        };
-        if let Err(e) = core.write_state_file(p, &written.version, status, DirSync::Now) {
-            log::warn!("[{id}] cannot write state file: {e}");
         }
     }
 
     pub fn has_pending_starts(&self) -> bool {
         !self.core.pending_starts.is_empty()
-    }
-
-    /// The previous run's runtime_data (and what its state.json holds), so state survives a
-    /// daemon restart too.
-    fn load_preserved_state(
-        &mut self,
-        ctx: &mut Ctx<'_>,
-        id: &str,
-    ) -> (Value, Option<plugin::Written>) {
-        if !ctx.config.hot_reload.preserve_state {
-            return (Value::Null, None);
-        }
-        let path = self.state_path(id);
-        let saved = match self.core.host.read_state(&path) {
-            Ok(state) => state,
-            Err(e) if state_file::is_unusable_content(&e) => {
-                set_aside_unusable_state(self.core.host.as_mut(), ctx, id, &path, &e);
-                None
-            }
-            Err(e) => {
-                log::warn!("[{id}] ignoring unreadable state file: {e}");
-                None
-            }
-        };
-        let written = saved.as_ref().map(|s| plugin::Written {
-            version: s.version.clone(),
-            configuration: s.configuration.clone(),
-            runtime_data: s.runtime_data.clone(),
-            control: s.control.clone(),
-        });
-        let saved_data = saved.map_or(Value::Null, |s| s.runtime_data);
-        // After a crash of the daemon the plugin's own runtime.json may be newer than the state
-        // file: it is the plugin's durable record, so it wins when valid.
-        let data = match self
-            .core
-            .host
-            .read_runtime(&self.runtime_path(id), MAX_RUNTIME_BYTES)
-        {
-            state_file::RuntimeRead::Valid(v) => v,
-            _ => saved_data,
-        };
-        (data, written)
     }
 
     /// The plugin directory is gone: stop the plugin, then forget it.
@@ -838,32 +777,6 @@ impl Supervisor {
     fn remove_emptied_cgroups(&mut self) {
         self.core.host.remove_emptied_cgroups();
     }
-}
-
-/// A state.json that cannot be used is moved aside, not overwritten by the next write: it may be
-/// the only copy of what the plugin had saved (a torn write by hand, a disk fault).
-fn set_aside_unusable_state(
-    host: &mut dyn Host,
-    ctx: &mut Ctx<'_>,
-    id: &str,
-    path: &Path,
-    error: &StateError,
-) {
-    let kept = match host.set_aside_state(path) {
-        Ok(aside) => format!("moved it to `{}`", aside.display()),
-        Err(e) => format!("could not move it aside ({e})"),
-    };
-    let reason = format!(
-        "{error}; {kept}: the plugin starts with the runtime_data of its runtime.json, if valid"
-    );
-    log::warn!("[{id}] unusable state file: {reason}");
-    ctx.emit(Event::plugin(
-        id,
-        EventKind::StateWarning {
-            error: reason.clone(),
-            path: path.to_string_lossy().into_owned(),
-        },
-    ));
 }
 
 fn retry_delay(base_ms: u64, exponent: u32) -> u64 {

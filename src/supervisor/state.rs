@@ -4,7 +4,7 @@
 //! These are [`Core`] methods taking the plugin they work on: the entry points look the plugin
 //! up once (`Supervisor::split`) and lend it here together with the host that does the I/O.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
@@ -13,7 +13,7 @@ use super::job::AttemptError;
 use super::plugin::{Plugin, Written};
 use super::{Core, Ctx, MAX_RUNTIME_BYTES};
 use crate::protocol::{Event, EventKind};
-use crate::state_file;
+use crate::state_file::{self, StateError};
 
 /// When the fsyncs that make a state file durable happen. Every write is whole and renamed
 /// into place before it returns, so a crash of the daemon at any point leaves the previous file
@@ -26,6 +26,18 @@ pub(super) enum DirSync {
     EndOfTurn,
     /// Once the reload waiting for the old instance's stop has moved on (it spawned).
     AfterStop,
+}
+
+/// Something went wrong with the plugin's state files: said on the event stream as
+/// `state_warning` (the caller logs it, in its own words).
+pub(super) fn emit_state_warning(ctx: &mut Ctx<'_>, id: &str, error: String, path: &Path) {
+    ctx.emit(Event::plugin(
+        id,
+        EventKind::StateWarning {
+            error,
+            path: path.to_string_lossy().into_owned(),
+        },
+    ));
 }
 
 impl Core {
@@ -60,13 +72,7 @@ impl Core {
             let id = &p.id;
             let path = self.state_path(id);
             log::warn!("[{id}] cannot write state file, starting with the one on disk: {e}");
-            ctx.emit(Event::plugin(
-                id,
-                EventKind::StateWarning {
-                    error: format!("cannot write state file: {e}"),
-                    path: path.to_string_lossy().into_owned(),
-                },
-            ));
+            emit_state_warning(ctx, id, format!("cannot write state file: {e}"), &path);
         }
         Ok(())
     }
@@ -81,13 +87,7 @@ impl Core {
             // `e` names the file.
             let error = e.to_string();
             log::warn!("[{id}] {error}");
-            ctx.emit(Event::plugin(
-                id,
-                EventKind::StateWarning {
-                    error: error.to_string(),
-                    path: path.to_string_lossy().into_owned(),
-                },
-            ));
+            emit_state_warning(ctx, id, error, &path);
         }
         p.runtime_data = Value::Null;
     }
@@ -105,25 +105,13 @@ impl Core {
                         path.display()
                     );
                     log::warn!("[{id}] {reason}");
-                    ctx.emit(Event::plugin(
-                        id,
-                        EventKind::StateWarning {
-                            error: reason.clone(),
-                            path: path.to_string_lossy().into_owned(),
-                        },
-                    ));
+                    emit_state_warning(ctx, id, reason, &path);
                 }
             }
             state_file::RuntimeRead::Valid(v) => p.runtime_data = v,
             state_file::RuntimeRead::Invalid(reason) => {
                 log::warn!("[{id}] keeping the previous runtime_data: {reason}");
-                ctx.emit(Event::plugin(
-                    id,
-                    EventKind::StateWarning {
-                        error: reason.clone(),
-                        path: path.to_string_lossy().into_owned(),
-                    },
-                ));
+                emit_state_warning(ctx, id, reason, &path);
             }
         }
     }
@@ -199,5 +187,82 @@ impl Core {
         }
         p.written = Some(content);
         Ok(())
+    }
+
+    /// The previous run's runtime_data (and what its state.json holds), so state survives a
+    /// daemon restart too.
+    pub(super) fn load_preserved_state(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        id: &str,
+    ) -> (Value, Option<Written>) {
+        if !ctx.config.hot_reload.preserve_state {
+            return (Value::Null, None);
+        }
+        let path = self.state_path(id);
+        let saved = match self.host.read_state(&path) {
+            Ok(state) => state,
+            Err(e) if state_file::is_unusable_content(&e) => {
+                self.set_aside_unusable_state(ctx, id, &path, &e);
+                None
+            }
+            Err(e) => {
+                log::warn!("[{id}] ignoring unreadable state file: {e}");
+                None
+            }
+        };
+        let written = saved.as_ref().map(|s| Written {
+            version: s.version.clone(),
+            configuration: s.configuration.clone(),
+            runtime_data: s.runtime_data.clone(),
+            control: s.control.clone(),
+        });
+        let saved_data = saved.map_or(Value::Null, |s| s.runtime_data);
+        // After a crash of the daemon the plugin's own runtime.json may be newer than the state
+        // file: it is the plugin's durable record, so it wins when valid.
+        let data = match self
+            .host
+            .read_runtime(&self.runtime_path(id), MAX_RUNTIME_BYTES)
+        {
+            state_file::RuntimeRead::Valid(v) => v,
+            _ => saved_data,
+        };
+        (data, written)
+    }
+
+    /// A deferred fsync failed: the kernel may have dropped the data it could not write, and a
+    /// second fsync could report success for it ("fsyncgate"). Write the file afresh, durably,
+    /// from what the daemon holds in memory.
+    pub(super) fn rewrite_state(&mut self, p: &mut Plugin) {
+        let Some(written) = p.written.take() else {
+            return;
+        };
+        let status = match p.instance {
+            Some(_) => "starting",
+            None => "stopped",
+        };
+        if let Err(e) = self.write_state_file(p, &written.version, status, DirSync::Now) {
+            log::warn!("[{}] cannot write state file: {e}", p.id);
+        }
+    }
+
+    /// A state.json that cannot be used is moved aside, not overwritten by the next write: it
+    /// may be the only copy of what the plugin had saved (a torn write by hand, a disk fault).
+    fn set_aside_unusable_state(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        id: &str,
+        path: &Path,
+        error: &StateError,
+    ) {
+        let kept = match self.host.set_aside_state(path) {
+            Ok(aside) => format!("moved it to `{}`", aside.display()),
+            Err(e) => format!("could not move it aside ({e})"),
+        };
+        let reason = format!(
+            "{error}; {kept}: the plugin starts with the runtime_data of its runtime.json, if valid"
+        );
+        log::warn!("[{id}] unusable state file: {reason}");
+        emit_state_warning(ctx, id, reason, path);
     }
 }
