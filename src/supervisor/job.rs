@@ -4,6 +4,12 @@
 //! phase says what it waits for: the old instance to exit (`StoppingOld`), the new one to prove
 //! itself (`Verifying`), or the next attempt (`Backoff`). Instances are the business of
 //! `instance.rs`; this file decides what to do with them.
+//!
+//! The steps that concern the job's plugin alone (the no-op check, keeping a retiring instance,
+//! announcing a reload, ending a failed job, running its hooks) are `Core` methods taking
+//! `&mut Plugin`; the steps that go on to stop or start instances (`prepare`, `attempt`,
+//! `succeed`, `fail_attempt`, `give_up_at`, `run_queued`) are `Supervisor` methods, each
+//! looking its plugin up once per step.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -1,21 +1,31 @@
 //! The supervisor: every plugin's processes, reloads, retries, rollbacks and crash restarts.
 //!
-//! It owns the plugin table, the pid → plugin index, the plugins' output pipes and notify
-//! sockets, and the reload hooks in flight. It never polls: the daemon hands it inputs (a
-//! debounced change, a trigger, a reaped exit, an expired timer, a readable fd) together with a
-//! `Ctx` carrying the loop's time (which timers are armed against), the timer wheel and an
-//! outbox, and it answers by arming timers and queueing events and replies. What it does to the
-//! machine (spawn, signal, snapshot, pre-flight, state files, hooks, containment) and the clocks
-//! it reads for durations and timestamps go through its [`Host`] (`host.rs`): the real one, or a
-//! recording fake in the unit tests (`tests.rs`).
+//! It never polls: the daemon hands it inputs (a debounced change, a trigger, a reaped exit, an
+//! expired timer, a readable fd) together with a `Ctx` carrying the loop's time (which timers
+//! are armed against), the timer wheel and an outbox, and it answers by arming timers and
+//! queueing events and replies. What it does to the machine (spawn, signal, snapshot,
+//! pre-flight, state files, hooks, containment) and the clocks it reads for durations and
+//! timestamps go through its [`Host`] (`host.rs`): the real one, or a recording fake in the
+//! unit tests (`tests.rs`).
+//!
+//! `Supervisor` is two halves: the plugin table, and `Core`: the host and what all plugins
+//! share (the pid → plugin index, output pipes, notify sockets, reload hooks in flight, the
+//! sequence and token counters, the deferred fsyncs, `shutting_down`, the totals). An entry
+//! point (a timer, a reap, a control request, a watch change) looks its plugin up once and
+//! lends both halves with `split(id)`; the logic that concerns that one plugin is a `Core`
+//! method taking `&mut Plugin`, or a `Plugin` method. What still takes `(&mut Supervisor, id)`
+//! is what must reach past the one plugin: stopping and killing an instance (containment
+//! attributes orphans by looking at every plugin), and the steps that chain into those (a
+//! job's attempt, success and giving up, a queued reload, an instance that is gone).
 //!
 //! The code is split by concern:
 //!
 //! | file | owns |
 //! | --- | --- |
-//! | `mod.rs` | the plugin table; plugins coming and going, changes, triggers, timers, shutdown |
-//! | `plugin.rs` | the data: `Plugin`, `Instance` and its `Phase`, `Job` and its `JobPhase`, `Rest`; `state_name` |
+//! | `mod.rs` | `Supervisor` and `Core`; plugins coming and going, changes, triggers, timers, shutdown |
+//! | `plugin.rs` | the data: `Plugin`, `Instance` with its `Phase` and `Leader`, `Job` and its `JobPhase`, `Rest`, `Wanted`; `state_name` |
 //! | `job.rs` | a reload/start/restart/rollback from snapshot to success or giving up |
+//! | `state.rs` | the plugin's state.json and runtime.json: loading, folding, writing, setting aside |
 //! | `lifecycle.rs` | `stop`, `start`, `restart` of one plugin; its own hot reload switch |
 //! | `instance.rs` | starting, verifying, stopping and reaping processes |
 //! | `start_limit.rs` | the start limit and the crash restart delay |
@@ -31,7 +41,7 @@
 //! ```text
 //! begin: snapshot → pre-flight ──(fails: reload_failed, old instance untouched)
 //!   │ stop-start: old instance running? → write state, SIGTERM group, arm SIGKILL → reaped ─┐
-//!   │ start-start: the old instance keeps serving in the `Retiring` slot                   │
+//!   │ start-stop: the old instance keeps serving in the `Retiring` slot                    │
 //!   ▼                                                                                     ◄─┘
 //! attempt: fold runtime.json → write state.json → spawn → verify (grace or READY=1)
 //!   │ exits / misses readiness / exec fails → attempt failed → backoff (doubling) → attempt

@@ -1,8 +1,9 @@
 //! One supervised plugin: what runs, what is being done to it, and what it has been through.
 //!
 //! The lifecycle is split in two so each half stays small: the *instance* (the process we are
-//! running, if any, and its [`Phase`]: starting, running, aborting or stopping, each with the
-//! timer that ends it) and the *job* (the reload, start, restart or rollback in progress, if any,
+//! running, if any, its [`Phase`]: starting, running, aborting or stopping, each with the
+//! timer that ends it, and its [`Leader`]: alive with its pidfd, or reaped while the rest of
+//! its group may remain) and the *job* (the reload, start, restart or rollback in progress, if any,
 //! with its attempt count, waiters and [`JobPhase`]). When neither runs, [`Rest`] says where the
 //! plugin rests. The state name users see (`missing`, `starting`, `running`, `stopping`,
 //! `reloading`, `backoff`, `failed`, `stopped`) is a `match` on those, never stored, so it cannot

@@ -9,8 +9,9 @@
 //! `trigger`, `start` or `restart`. Such a start clears the record, which is why reloads for new
 //! builds never count. Restarts after crashes back off, doubling per restart, from a floor.
 //!
-//! [`StartLimit`] is the pure bookkeeping (it takes the time, it has no clock); the
-//! `Supervisor` methods below apply it to a plugin.
+//! [`StartLimit`] is the pure bookkeeping (it takes the time, it has no clock); the `Plugin`
+//! methods below apply it to a plugin (recording a start, the limit, the restart delay, saying
+//! that it was hit), and `Supervisor::fail_at_start_limit` leaves a crashed plugin `failed`.
 
 use std::collections::VecDeque;
 
