@@ -117,7 +117,10 @@ impl Supervisor {
     /// its processes outside the group, SIGKILL after the stop timeout. Every stop goes through
     /// here: a reload's, a `start-stop` retirement, removal, shutdown.
     pub(super) fn stop_instance(&mut self, ctx: &mut Ctx<'_>, id: &str, slot: Slot) {
-        let (version, already) = match self.plugins.get(id).and_then(|p| p.slot(slot)) {
+        let Some((core, p)) = self.split(id) else {
+            return;
+        };
+        let (version, already) = match p.slot(slot) {
             Some(inst) => (inst.version.clone(), inst.phase.is_stopping()),
             None => return,
         };
@@ -127,10 +130,7 @@ impl Supervisor {
         // The old instance's latest runtime data, saved before it is asked to go. When it has
         // not changed since the state file was written, the file already preserves it, and the
         // reload's critical path is spared a durable write.
-        let next_version = self.version_started_after_stop(id, slot);
-        let Some((core, p)) = self.split(id) else {
-            return;
-        };
+        let next_version = p.version_started_after_stop(slot);
         if slot == Slot::Current {
             let before = p.runtime_data.clone();
             core.fold_runtime(ctx, p);
@@ -173,15 +173,6 @@ impl Supervisor {
             // prepare_state tries again, and reports, once the old instance is gone.
             log::debug!("[{id}] cannot write state file while stopping: {e}");
         }
-    }
-
-    /// The version a stop-start job starts once the instance in `slot` is gone, if any.
-    fn version_started_after_stop(&self, id: &str, slot: Slot) -> Option<String> {
-        let job = self.plugins.get(id)?.job.as_ref()?;
-        let waits_for_this_stop = slot == Slot::Current
-            && matches!(job.phase, JobPhase::StoppingOld)
-            && !super::job::awaiting_snapshot(job);
-        waits_for_this_stop.then(|| job.target.version.clone())
     }
 
     pub(super) fn on_kill_timer(&mut self, ctx: &mut Ctx<'_>, id: &str, seq: u64) {
@@ -440,6 +431,17 @@ impl Supervisor {
         if let Err(e) = core.write_state(ctx, p, version, "stopped") {
             log::warn!("[{id}] cannot write state file: {e}");
         }
+    }
+}
+
+impl Plugin {
+    /// The version a stop-start job starts once the instance in `slot` is gone, if any.
+    fn version_started_after_stop(&self, slot: Slot) -> Option<String> {
+        let job = self.job.as_ref()?;
+        let waits_for_this_stop = slot == Slot::Current
+            && matches!(job.phase, JobPhase::StoppingOld)
+            && !super::job::awaiting_snapshot(job);
+        waits_for_this_stop.then(|| job.target.version.clone())
     }
 }
 

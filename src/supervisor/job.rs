@@ -292,15 +292,14 @@ impl Supervisor {
     pub(super) fn fail_attempt(&mut self, ctx: &mut Ctx<'_>, id: &str, error: AttemptError) {
         // Another try is a start the daemon makes on its own: the start limit may forbid it
         // (a copy that failed starts nothing, so its retry is not limited).
-        let retry = self
-            .plugins
-            .get(id)
-            .and_then(|p| p.job.as_ref())
-            .filter(|job| job.attempt < job.max_attempts && !awaiting_snapshot(job))
-            .map(|job| job.kind);
         let Some(p) = self.plugins.get_mut(id) else {
             return;
         };
+        let retry = p
+            .job
+            .as_ref()
+            .filter(|job| job.attempt < job.max_attempts && !awaiting_snapshot(job))
+            .map(|job| job.kind);
         let limit = retry.and_then(|_| p.start_limit_reached(ctx));
         // A restart after a crash backs off like the crash restarts before it.
         let restart_delay =
@@ -502,9 +501,6 @@ impl Supervisor {
             self.fail_at_start_limit(ctx, id, &target.version, hit);
             return;
         }
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
         let delay = p.restart_delay(ctx);
         p.restarts += 1;
         p.last_error = Some(why.clone());
