@@ -313,9 +313,6 @@ impl Supervisor {
         if !overlapping && self.core.shutting_down {
             self.core.take_back_files(id);
         }
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
         if p.removing {
             if !p.has_processes() {
                 self.forget(ctx, id);
