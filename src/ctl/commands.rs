@@ -150,25 +150,42 @@ pub(super) fn trigger(
     json: bool,
     io: &mut Io<'_>,
 ) -> Result<Outcome, CtlError> {
-    if wait {
-        // Retries with backoff can legitimately take minutes; the daemon always answers in the end.
-        client.set_read_timeout(None)?;
-    }
     let request = Request::new(protocol::Command::Trigger {
         id: id.to_owned(),
         wait,
     });
-    let result = if wait {
-        answer::<TriggerReply>(client, &request, json, io).map(Some)
-    } else {
-        answer::<ScheduledReply>(client, &request, json, io).map(|_| None)
-    };
-    client.set_read_timeout(Some(super::client::REQUEST_TIMEOUT))?;
-    let Some(reply) = result? else {
+    let Some(reply) = send_waiting::<TriggerReply>(client, &request, wait, json, io)? else {
         human(io, json, &format!("{id}: reload scheduled\n"))?;
         return Ok(Outcome::Success);
     };
     let (line, ok) = render::trigger_result(&reply.result, &io.style());
+    finish(io, json, &line, ok)
+}
+
+/// Sends a request that answers when its work is done (`trigger`, `stop`, `start`, `restart`):
+/// with `wait`, reads the answer `R` with no read timeout (retries with backoff can take
+/// minutes; the daemon always answers in the end); without, only `scheduled` (`None`).
+fn send_waiting<R: DeserializeOwned>(
+    client: &mut Client,
+    request: &Request,
+    wait: bool,
+    json: bool,
+    io: &mut Io<'_>,
+) -> Result<Option<R>, CtlError> {
+    if wait {
+        client.set_read_timeout(None)?;
+    }
+    let result = if wait {
+        answer::<R>(client, request, json, io).map(Some)
+    } else {
+        answer::<ScheduledReply>(client, request, json, io).map(|_| None)
+    };
+    client.set_read_timeout(Some(super::client::REQUEST_TIMEOUT))?;
+    result
+}
+
+/// Prints a waited-for result's line (not with `--json`) and turns `ok` into the exit outcome.
+fn finish(io: &mut Io<'_>, json: bool, line: &str, ok: bool) -> Result<Outcome, CtlError> {
     human(io, json, &format!("{line}\n"))?;
     Ok(if ok {
         Outcome::Success
@@ -214,27 +231,13 @@ pub(super) fn lifecycle(
     json: bool,
     io: &mut Io<'_>,
 ) -> Result<Outcome, CtlError> {
-    if wait {
-        client.set_read_timeout(None)?;
-    }
     let request = Request::new(action.request(id, wait));
-    let result = if wait {
-        answer::<LifecycleReply>(client, &request, json, io).map(Some)
-    } else {
-        answer::<ScheduledReply>(client, &request, json, io).map(|_| None)
-    };
-    client.set_read_timeout(Some(super::client::REQUEST_TIMEOUT))?;
-    let Some(reply) = result? else {
+    let Some(reply) = send_waiting::<LifecycleReply>(client, &request, wait, json, io)? else {
         human(io, json, &format!("{id}: {} scheduled\n", action.name()))?;
         return Ok(Outcome::Success);
     };
     let (line, ok) = render::lifecycle_result(action.name(), &reply.result, &io.style());
-    human(io, json, &format!("{line}\n"))?;
-    Ok(if ok {
-        Outcome::Success
-    } else {
-        Outcome::Failure
-    })
+    finish(io, json, &line, ok)
 }
 
 /// Which events a follower shows.
