@@ -292,6 +292,7 @@ impl Supervisor {
         let Some(mut inst) = p.take_slot(slot) else {
             return;
         };
+        self.core.forget_live(inst.seq);
         self.core.host.scope_ended(inst.seq, &inst.scope);
         cancel_timer(ctx, &mut inst.phase.take_timer());
         let overlapping = p.has_processes();
@@ -349,6 +350,7 @@ impl Supervisor {
         let Some(mut inst) = p.take_slot(slot) else {
             return;
         };
+        self.core.forget_live(inst.seq);
         cancel_timer(ctx, &mut inst.phase.take_timer());
         let seq = inst.seq;
         let announced = inst.stopping_announced;
@@ -574,6 +576,13 @@ impl Core {
         }
         let pid = spawned.pid;
         self.pids.insert(pid, (id.to_string(), seq));
+        let live = super::host::Live {
+            plugin: id.to_string(),
+            leader: pid.as_raw(),
+            version: target.version.clone(),
+            start_ticks: scope.start_ticks,
+        };
+        self.live.insert(seq, live);
         let verify_ms = match p.settings.ready {
             ReadyMode::Exec => p.settings.startup_grace_ms,
             ReadyMode::Notify => p.settings.ready_timeout_ms,

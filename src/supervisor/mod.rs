@@ -89,7 +89,7 @@ use host::Procs;
 pub use host::{Host, OsHost};
 
 use output::{LineReader, PipeStatus, Stream};
-use plugin::{JobPhase, Queued};
+use plugin::{Instance, JobPhase, Queued};
 pub use plugin::{Plugin, Reply, Trigger, Waiter};
 
 /// Largest runtime.json the daemon will read (a plugin writing more gets a warning, not an OOM).
@@ -170,6 +170,9 @@ pub struct Supervisor {
 pub(super) struct Core {
     /// Leader pid → (plugin, instance seq).
     pids: HashMap<Pid, (String, u64)>,
+    /// Every instance in a plugin's slot, by seq, from its spawn until it leaves the slot:
+    /// what containment needs to attribute an orphan without the plugin table (`host::Live`).
+    live: BTreeMap<u64, host::Live>,
     pipes: HashMap<Token, Pipe>,
     /// Notify sockets by token → plugin id.
     notify: HashMap<Token, (String, NotifySocket)>,
@@ -218,6 +221,7 @@ impl Supervisor {
     pub fn with_host(runtime_dir: &Path, state_dir: &Path, host: Box<dyn Host>) -> Supervisor {
         let core = Core {
             pids: HashMap::new(),
+            live: BTreeMap::new(),
             pipes: HashMap::new(),
             notify: HashMap::new(),
             hooks: HashMap::new(),
@@ -404,6 +408,7 @@ impl Supervisor {
             self.core.take_back_files(id);
         }
         if self.plugins.remove(id).is_some() {
+            self.core.live.retain(|_, l| l.plugin != id);
             self.close_notify_socket(ctx, id);
             let dir = self.core.snapshot_dir(id);
             self.core.host.remove_snapshots(&dir);
@@ -723,50 +728,87 @@ impl Supervisor {
 // -------------------------------------------------------------------------------------------
 // Containment, through the host
 
-impl Supervisor {
+impl Core {
+    /// What containment sees of the supervisor: `Core`'s own bookkeeping, not the plugins.
     pub(super) fn procs(&self) -> Procs<'_> {
         Procs {
-            plugins: &self.plugins,
-            pids: &self.core.pids,
-            hooks: &self.core.hooks,
+            live: &self.live,
+            pids: &self.pids,
+            hooks: &self.hooks,
         }
     }
 
-    /// True while any process of the instance (its leader aside) lives.
+    /// True while any process of `inst` of `id` (its leader aside) lives.
+    pub(super) fn members_alive(&mut self, id: &str, inst: &Instance) -> bool {
+        let w = Procs {
+            live: &self.live,
+            pids: &self.pids,
+            hooks: &self.hooks,
+        };
+        self.host.members_alive(&w, id, inst)
+    }
+
+    /// SIGKILL to every process of `inst` of `id`.
+    pub(super) fn kill_members(&mut self, id: &str, inst: &Instance) {
+        let w = Procs {
+            live: &self.live,
+            pids: &self.pids,
+            hooks: &self.hooks,
+        };
+        self.host.kill_members(&w, id, inst);
+    }
+
+    /// `sigs` to every process of `inst` of `id` outside its leader's group.
+    pub(super) fn signal_escapees(&mut self, id: &str, inst: &Instance, sigs: &[libc::c_int]) {
+        let w = Procs {
+            live: &self.live,
+            pids: &self.pids,
+            hooks: &self.hooks,
+        };
+        self.host.signal_escapees(&w, id, inst, sigs);
+    }
+
+    /// Instance `seq` left its plugin's slot: containment no longer attributes orphans to it.
+    pub(super) fn forget_live(&mut self, seq: u64) {
+        self.live.remove(&seq);
+    }
+}
+
+impl Supervisor {
+    /// True while any process of instance `slot` of `id` (its leader aside) lives.
     pub(super) fn members_alive(&mut self, id: &str, slot: plugin::Slot) -> bool {
-        let w = Procs {
-            plugins: &self.plugins,
-            pids: &self.core.pids,
-            hooks: &self.core.hooks,
+        let Some((core, p)) = self.split(id) else {
+            return false;
         };
-        self.core.host.members_alive(&w, id, slot)
+        let Some(inst) = p.slot(slot) else {
+            return false;
+        };
+        core.members_alive(id, inst)
     }
 
-    /// SIGKILL to every process of the instance.
+    /// SIGKILL to every process of instance `slot` of `id`.
     pub(super) fn kill_members(&mut self, id: &str, slot: plugin::Slot) {
-        let w = Procs {
-            plugins: &self.plugins,
-            pids: &self.core.pids,
-            hooks: &self.core.hooks,
-        };
-        self.core.host.kill_members(&w, id, slot);
+        if let Some((core, p)) = self.split(id) {
+            if let Some(inst) = p.slot(slot) {
+                core.kill_members(id, inst);
+            }
+        }
     }
 
-    /// `sigs` to every process of the instance outside its leader's group.
+    /// `sigs` to every process of instance `slot` of `id` outside its leader's group.
     pub(super) fn signal_escapees(&mut self, id: &str, slot: plugin::Slot, sigs: &[libc::c_int]) {
-        let w = Procs {
-            plugins: &self.plugins,
-            pids: &self.core.pids,
-            hooks: &self.core.hooks,
-        };
-        self.core.host.signal_escapees(&w, id, slot, sigs);
+        if let Some((core, p)) = self.split(id) {
+            if let Some(inst) = p.slot(slot) {
+                core.signal_escapees(id, inst, sigs);
+            }
+        }
     }
 
     /// After the last plugin stopped: whatever the daemon still has below it that no plugin
     /// claimed is killed, so that the daemon's stop leaves nothing behind.
     pub fn kill_strays(&mut self) {
         let w = Procs {
-            plugins: &self.plugins,
+            live: &self.core.live,
             pids: &self.core.pids,
             hooks: &self.core.hooks,
         };
@@ -781,6 +823,19 @@ impl Supervisor {
     /// Write the instance record if this turn changed it.
     fn flush_record(&mut self) {
         self.core.host.flush_record(&mut self.plugins);
+        // The start times just read, for orphan attribution (`host::Live`); an instance no
+        // longer in its slot is dropped (the slots are the truth, the index their copy).
+        let plugins = &self.plugins;
+        self.core.live.retain(|seq, live| {
+            let inst = plugins.get(&live.plugin).and_then(|p| {
+                let slot = p.slot_of(*seq)?;
+                p.slot(slot)
+            });
+            if let Some(inst) = inst {
+                live.start_ticks = inst.scope.start_ticks;
+            }
+            inst.is_some()
+        });
     }
 
     /// Retry removing cgroups of killed instances.
