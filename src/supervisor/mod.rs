@@ -775,35 +775,6 @@ impl Core {
 }
 
 impl Supervisor {
-    /// True while any process of instance `slot` of `id` (its leader aside) lives.
-    pub(super) fn members_alive(&mut self, id: &str, slot: plugin::Slot) -> bool {
-        let Some((core, p)) = self.split(id) else {
-            return false;
-        };
-        let Some(inst) = p.slot(slot) else {
-            return false;
-        };
-        core.members_alive(id, inst)
-    }
-
-    /// SIGKILL to every process of instance `slot` of `id`.
-    pub(super) fn kill_members(&mut self, id: &str, slot: plugin::Slot) {
-        if let Some((core, p)) = self.split(id) {
-            if let Some(inst) = p.slot(slot) {
-                core.kill_members(id, inst);
-            }
-        }
-    }
-
-    /// `sigs` to every process of instance `slot` of `id` outside its leader's group.
-    pub(super) fn signal_escapees(&mut self, id: &str, slot: plugin::Slot, sigs: &[libc::c_int]) {
-        if let Some((core, p)) = self.split(id) {
-            if let Some(inst) = p.slot(slot) {
-                core.signal_escapees(id, inst, sigs);
-            }
-        }
-    }
-
     /// After the last plugin stopped: whatever the daemon still has below it that no plugin
     /// claimed is killed, so that the daemon's stop leaves nothing behind.
     pub fn kill_strays(&mut self) {
