@@ -13,6 +13,9 @@
 //! `HOTRELOAD_STATE_FILE` names the plugin (and its `HOTRELOAD_VERSION` or start time the
 //! instance, when a `start-stop` reload runs two). What cannot be attributed (an orphan that
 //! replaced its environment and left the group and session) is stopped with the daemon.
+//! Attribution reads the supervisor's index of live instances (`host::Live`: plugin, leader,
+//! version, start time, by seq), not its plugin table, so an instance is stopped and killed
+//! while only its own plugin is lent out.
 //!
 //! The instance record (`record.rs`) lets the next daemon stop what a killed one left behind
 //! (`stop_leftovers`), before it starts anything.

@@ -9,14 +9,18 @@
 //! unit tests (`tests.rs`).
 //!
 //! `Supervisor` is two halves: the plugin table, and `Core`: the host and what all plugins
-//! share (the pid → plugin index, output pipes, notify sockets, reload hooks in flight, the
-//! sequence and token counters, the deferred fsyncs, `shutting_down`, the totals). An entry
-//! point (a timer, a reap, a control request, a watch change) looks its plugin up once and
-//! lends both halves with `split(id)`; the logic that concerns that one plugin is a `Core`
-//! method taking `&mut Plugin`, or a `Plugin` method. What still takes `(&mut Supervisor, id)`
-//! is what must reach past the one plugin: stopping and killing an instance (containment
-//! attributes orphans by looking at every plugin), and the steps that chain into those (a
-//! job's attempt, success and giving up, a queued reload, an instance that is gone).
+//! share (the pid → plugin index, the index of live instances containment attributes orphans
+//! with, output pipes, notify sockets, reload hooks in flight, the sequence and token
+//! counters, the deferred fsyncs, `shutting_down`, the totals). An entry point (a timer, a
+//! reap, a control request, a watch change) looks its plugin up once and lends both halves
+//! with `split(id)`; the logic that concerns that one plugin is a `Core` method taking
+//! `&mut Plugin`, or a `Plugin` method. That includes stopping, aborting and killing an
+//! instance (`Core::stop_instance`, `abort_instance`, `kill_stopping`, containment's
+//! `kill_members`, `members_alive`, `signal_escapees`): each says whether the instance is
+//! already gone. What still takes `(&mut Supervisor, id)` is what follows an instance being
+//! gone (`instance_gone`, which may remove the plugin from the table) and the job steps that
+//! chain into it (begin, prepare, attempt, success, failing an attempt, giving up, a queued
+//! reload, a crash restart).
 //!
 //! The code is split by concern:
 //!
