@@ -13,6 +13,9 @@
 //! `HOTRELOAD_STATE_FILE` names the plugin (and its `HOTRELOAD_VERSION` or start time the
 //! instance, when a `start-stop` reload runs two). What cannot be attributed (an orphan that
 //! replaced its environment and left the group and session) is stopped with the daemon.
+//! Attribution reads the supervisor's index of live instances (`host::Live`: plugin, leader,
+//! version, start time, by seq), not its plugin table, so an instance is stopped and killed
+//! while only its own plugin is lent out.
 //!
 //! The instance record (`record.rs`) lets the next daemon stop what a killed one left behind
 //! (`stop_leftovers`), before it starts anything.
@@ -26,7 +29,7 @@ use crate::protocol::PluginInfo;
 use nix::unistd::Pid;
 
 use super::cgroup::{self, Cgroups};
-use super::host::Procs;
+use super::host::{Live, Procs};
 use super::plugin::{Instance, Plugin, Slot};
 use super::procs::{self, Tree};
 use super::record::{self, Entry, Record};
@@ -229,11 +232,8 @@ impl Containment {
 }
 
 impl Containment {
-    /// Every process of instance `slot` of `id` (zombies included).
-    pub(super) fn members(&self, w: &Procs<'_>, id: &str, slot: Slot) -> Vec<i32> {
-        let Some(inst) = w.plugins.get(id).and_then(|p| p.slot(slot)) else {
-            return Vec::new();
-        };
+    /// Every process of `inst` (zombies included).
+    pub(super) fn members(&self, w: &Procs<'_>, inst: &Instance) -> Vec<i32> {
         if let Some(dir) = &inst.scope.cgroup {
             return cgroup::procs(dir);
         }
@@ -243,10 +243,7 @@ impl Containment {
             roots.push(inst.pid.as_raw());
         }
         for orphan in self.orphans(w, &tree) {
-            if self
-                .owner_of_orphan(w, orphan)
-                .is_some_and(|(owner, s)| owner == id && s == slot)
-            {
+            if self.owner_of_orphan(w, orphan) == Some(inst.seq) {
                 roots.push(orphan);
             }
         }
@@ -266,24 +263,24 @@ impl Containment {
             .collect()
     }
 
-    /// Which instance an orphan belongs to (see the module documentation).
-    fn owner_of_orphan(&self, w: &Procs<'_>, pid: i32) -> Option<(String, Slot)> {
+    /// Which instance (by seq) an orphan belongs to (see the module documentation).
+    fn owner_of_orphan(&self, w: &Procs<'_>, pid: i32) -> Option<u64> {
         let stat = procs::stat(pid)?;
-        for p in w.plugins.values() {
-            for slot in [Slot::Current, Slot::Retiring] {
-                if let Some(inst) = p.slot(slot) {
-                    let leader = inst.pid.as_raw();
-                    if stat.pgid == leader || stat.sid == leader {
-                        return Some((p.id.clone(), slot));
-                    }
-                }
-            }
+        // Leader pids of live instances differ, but a reaped leader's number may have been
+        // given to another plugin's leader once its group emptied: the first plugin by id, its
+        // current (newer) instance first, as when the plugin table was walked.
+        let by_group = w
+            .live
+            .iter()
+            .filter(|(_, l)| stat.pgid == l.leader || stat.sid == l.leader)
+            .min_by(|(a_seq, a), (b_seq, b)| a.plugin.cmp(&b.plugin).then(b_seq.cmp(a_seq)))
+            .map(|(&seq, _)| seq);
+        if by_group.is_some() {
+            return by_group;
         }
         let file = procs::environ_var(pid, "HOTRELOAD_STATE_FILE")?;
         let id = procs::plugin_of(&file, &self.plugins_state)?;
-        let p = w.plugins.get(&id)?;
-        let slot = instance_of(p, pid, stat.start_ticks)?;
-        Some((id, slot))
+        instance_of(w, &id, pid, stat.start_ticks)
     }
 
     /// Send `sigs` to every process of the instance outside its leader's process group (the
@@ -292,15 +289,12 @@ impl Containment {
         &self,
         w: &Procs<'_>,
         id: &str,
-        slot: Slot,
+        inst: &Instance,
         sigs: &[libc::c_int],
     ) {
-        let Some(inst) = w.plugins.get(id).and_then(|p| p.slot(slot)) else {
-            return;
-        };
         let leader = inst.pid.as_raw();
         let mut sent = Vec::new();
-        for pid in self.members(w, id, slot) {
+        for pid in self.members(w, inst) {
             // The leader leads its group (and session) for life: the group signal reached it.
             if pid != leader && procs::stat(pid).is_some_and(|s| s.pgid != leader && !s.exited()) {
                 for &sig in sigs {
@@ -316,10 +310,7 @@ impl Containment {
 
     /// SIGKILL to every process of the instance: `cgroup.kill`, or a few rounds over its
     /// members (a process may fork between the look and the kill).
-    pub(super) fn kill_members(&self, w: &Procs<'_>, id: &str, slot: Slot) {
-        let Some(inst) = w.plugins.get(id).and_then(|p| p.slot(slot)) else {
-            return;
-        };
+    pub(super) fn kill_members(&self, w: &Procs<'_>, inst: &Instance) {
         let _ = spawn::signal_group(inst.pid, libc::SIGKILL);
         if let Some(dir) = &inst.scope.cgroup {
             cgroup::kill(dir);
@@ -328,7 +319,7 @@ impl Containment {
         let mut killed: Vec<i32> = Vec::new();
         for _ in 0..KILL_ROUNDS {
             let fresh: Vec<i32> = self
-                .members(w, id, slot)
+                .members(w, inst)
                 .into_iter()
                 .filter(|pid| !killed.contains(pid))
                 .filter(|&pid| procs::stat(pid).is_some_and(|s| !s.exited()))
@@ -344,16 +335,13 @@ impl Containment {
     }
 
     /// True while any process of the instance (its leader aside) lives.
-    pub(super) fn members_alive(&self, w: &Procs<'_>, id: &str, slot: Slot) -> bool {
-        let Some(inst) = w.plugins.get(id).and_then(|p| p.slot(slot)) else {
-            return false;
-        };
+    pub(super) fn members_alive(&self, w: &Procs<'_>, inst: &Instance) -> bool {
         if let Some(dir) = &inst.scope.cgroup {
             return cgroup::populated(dir);
         }
         spawn::group_alive(inst.pid)
             || self
-                .members(w, id, slot)
+                .members(w, inst)
                 .into_iter()
                 .any(|pid| procs::stat(pid).is_some_and(|s| !s.exited()))
     }
@@ -366,7 +354,7 @@ impl Containment {
         for slot in [Slot::Current, Slot::Retiring] {
             let Some(inst) = p.slot(slot) else { continue };
             tasks += self
-                .members(w, &p.id, slot)
+                .members(w, inst)
                 .into_iter()
                 .filter(|&pid| procs::stat(pid).is_some_and(|s| !s.exited()))
                 .count();
@@ -397,7 +385,7 @@ pub struct Usage {
 impl Supervisor {
     /// `tasks`, `memory_bytes`, `cpu_usage_ms` for `list` and `plugin`.
     pub fn usage(&self, p: &Plugin) -> Usage {
-        self.core.host.usage(&self.procs(), p)
+        self.core.host.usage(&self.core.procs(), p)
     }
 
     /// The `list` entry of a plugin with its process figures.
@@ -460,34 +448,37 @@ impl Containment {
     }
 }
 
-/// The instance of `p` an orphan started at `start_ticks` belongs to: the only one; or, during
-/// a `start-stop` reload, the one whose version it was given, else the latest one started
-/// before it.
-fn instance_of(p: &Plugin, pid: i32, start_ticks: u64) -> Option<Slot> {
-    let present: Vec<(Slot, &Instance)> = [Slot::Current, Slot::Retiring]
-        .into_iter()
-        .filter_map(|s| p.slot(s).map(|i| (s, i)))
+/// The instance (by seq) of plugin `id` an orphan started at `start_ticks` belongs to: the only
+/// one; or, during a `start-stop` reload, the one whose version it was given, else the latest
+/// one started before it, else the retiring (older) one.
+fn instance_of(w: &Procs<'_>, id: &str, pid: i32, start_ticks: u64) -> Option<u64> {
+    let present: Vec<(u64, &Live)> = w
+        .live
+        .iter()
+        .filter(|(_, l)| l.plugin == id)
+        .map(|(&seq, l)| (seq, l))
         .collect();
     match present.as_slice() {
         [] => None,
-        [(slot, _)] => Some(*slot),
+        [(seq, _)] => Some(*seq),
         _ => {
             if let Some(version) = procs::environ_var(pid, "HOTRELOAD_VERSION") {
-                let same: Vec<Slot> = present
+                let same: Vec<u64> = present
                     .iter()
-                    .filter(|(_, i)| i.version.as_bytes() == version.as_slice())
-                    .map(|(s, _)| *s)
+                    .filter(|(_, l)| l.version.as_bytes() == version.as_slice())
+                    .map(|(seq, _)| *seq)
                     .collect();
                 if let [only] = same.as_slice() {
                     return Some(*only);
                 }
             }
+            // Both slots taken: the retiring instance is the older one (lower seq).
             present
                 .iter()
-                .filter(|(_, i)| i.scope.start_ticks <= start_ticks)
-                .max_by_key(|(_, i)| i.scope.start_ticks)
-                .map(|(s, _)| *s)
-                .or(Some(Slot::Retiring))
+                .filter(|(_, l)| l.start_ticks <= start_ticks)
+                .max_by_key(|(_, l)| l.start_ticks)
+                .map(|(seq, _)| *seq)
+                .or_else(|| present.iter().map(|(seq, _)| *seq).min())
         }
     }
 }

@@ -22,7 +22,7 @@ use nix::unistd::Pid;
 
 use super::contain::{Containment, NewScope, Scope, Usage};
 use super::credentials::{self, PluginPaths};
-use super::plugin::{Plugin, Slot};
+use super::plugin::{Instance, Plugin};
 use super::spawn::{self, SpawnError, SpawnSpec, Spawned};
 use crate::clock;
 use crate::config::RunAs;
@@ -32,12 +32,27 @@ use crate::snapshot::{self, Snapshot, SnapshotError};
 use crate::state_file::{self, PluginState, RuntimeRead, StateError};
 use crate::wheel::TimerId;
 
-/// What containment needs to know about the supervisor to attribute processes: its plugins,
-/// the leaders it reaps and the hooks it runs.
+/// What containment needs to know about the supervisor to attribute processes: the instances
+/// in the plugins' slots, the leaders it reaps and the hooks it runs. It borrows only `Core`,
+/// so that an instance can be stopped while its plugin is lent out (`Supervisor::split`).
 pub struct Procs<'a> {
-    pub plugins: &'a BTreeMap<String, Plugin>,
+    /// Every instance in a plugin's slot, by seq (`Core::live`).
+    pub live: &'a BTreeMap<u64, Live>,
     pub pids: &'a HashMap<Pid, (String, u64)>,
     pub hooks: &'a HashMap<Pid, (HookRun, TimerId)>,
+}
+
+/// What orphan attribution needs of one instance in a plugin's slot (`contain.rs`): kept in
+/// `Core` from its spawn until it leaves its slot, so that attributing an orphan does not need
+/// the plugin table.
+#[derive(Debug, Clone)]
+pub struct Live {
+    pub plugin: String,
+    /// Its leader's pid: the number of its process group and session.
+    pub leader: i32,
+    pub version: String,
+    /// The leader's start time, once read (`flush_record`); 0 until then.
+    pub start_ticks: u64,
 }
 
 /// How durable a state.json write is before it returns (see `state::DirSync`).
@@ -113,11 +128,11 @@ pub trait Host {
     /// Instance `seq` is over.
     fn scope_ended(&mut self, seq: u64, scope: &Scope);
     /// True while any process of the instance (its leader aside) lives.
-    fn members_alive(&mut self, w: &Procs<'_>, id: &str, slot: Slot) -> bool;
+    fn members_alive(&mut self, w: &Procs<'_>, id: &str, inst: &Instance) -> bool;
     /// SIGKILL to every process of the instance.
-    fn kill_members(&mut self, w: &Procs<'_>, id: &str, slot: Slot);
+    fn kill_members(&mut self, w: &Procs<'_>, id: &str, inst: &Instance);
     /// `sigs` to every process of the instance outside its leader's group.
-    fn signal_escapees(&mut self, w: &Procs<'_>, id: &str, slot: Slot, sigs: &[libc::c_int]);
+    fn signal_escapees(&mut self, w: &Procs<'_>, id: &str, inst: &Instance, sigs: &[libc::c_int]);
     /// `tasks`, `memory_bytes`, `cpu_usage_ms` of a plugin.
     fn usage(&self, w: &Procs<'_>, p: &Plugin) -> Usage;
     /// After the last plugin stopped: kill what no plugin claims, drop the record.
@@ -280,16 +295,16 @@ impl Host for OsHost {
         self.contain.ended(seq, scope);
     }
 
-    fn members_alive(&mut self, w: &Procs<'_>, id: &str, slot: Slot) -> bool {
-        self.contain.members_alive(w, id, slot)
+    fn members_alive(&mut self, w: &Procs<'_>, _id: &str, inst: &Instance) -> bool {
+        self.contain.members_alive(w, inst)
     }
 
-    fn kill_members(&mut self, w: &Procs<'_>, id: &str, slot: Slot) {
-        self.contain.kill_members(w, id, slot);
+    fn kill_members(&mut self, w: &Procs<'_>, _id: &str, inst: &Instance) {
+        self.contain.kill_members(w, inst);
     }
 
-    fn signal_escapees(&mut self, w: &Procs<'_>, id: &str, slot: Slot, sigs: &[libc::c_int]) {
-        self.contain.signal_escapees(w, id, slot, sigs);
+    fn signal_escapees(&mut self, w: &Procs<'_>, id: &str, inst: &Instance, sigs: &[libc::c_int]) {
+        self.contain.signal_escapees(w, id, inst, sigs);
     }
 
     fn usage(&self, w: &Procs<'_>, p: &Plugin) -> Usage {

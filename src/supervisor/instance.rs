@@ -80,28 +80,10 @@ impl Supervisor {
 
     /// Kill an instance that failed verification; its reaped exit fails the job's attempt.
     pub(super) fn abort_instance(&mut self, ctx: &mut Ctx<'_>, id: &str, why: String) {
-        let Some(p) = self.plugins.get_mut(id) else {
+        let Some((core, p)) = self.split(id) else {
             return;
         };
-        let Some(inst) = p.instance.as_mut() else {
-            return;
-        };
-        if inst.phase.failure().is_some() {
-            return;
-        }
-        log::warn!("[{id}] pid {}: {why}; killing it", inst.pid);
-        match &mut inst.phase {
-            // Being stopped already (its stop timer stays): the exit fails the attempt too.
-            Phase::Stopping { failure, .. } => *failure = Some(why),
-            phase => {
-                cancel_timer(ctx, &mut phase.take_timer());
-                *phase = Phase::Aborting { why };
-            }
-        }
-        self.core.kill_leader(inst);
-        let reaped = inst.leader.is_reaped();
-        self.kill_members(id, Slot::Current);
-        if reaped && !self.members_alive(id, Slot::Current) {
+        if core.abort_instance(ctx, p, why) {
             self.instance_gone(ctx, id, Slot::Current);
         }
     }
@@ -113,92 +95,22 @@ impl Supervisor {
         }
     }
 
-    /// The plugin's `stop_signal` (SIGTERM unless configured) to the instance's group and to
-    /// its processes outside the group, SIGKILL after the stop timeout. Every stop goes through
-    /// here: a reload's, a `start-stop` retirement, removal, shutdown.
+    /// Stop instance `slot` of `id` (`Core::stop_instance`), and continue at once when nothing
+    /// of it was left to wait for.
     pub(super) fn stop_instance(&mut self, ctx: &mut Ctx<'_>, id: &str, slot: Slot) {
         let Some((core, p)) = self.split(id) else {
             return;
         };
-        let (version, already) = match p.slot(slot) {
-            Some(inst) => (inst.version.clone(), inst.phase.is_stopping()),
-            None => return,
-        };
-        if already {
-            return;
-        }
-        // The old instance's latest runtime data, saved before it is asked to go. When it has
-        // not changed since the state file was written, the file already preserves it, and the
-        // reload's critical path is spared a durable write.
-        let next_version = p.version_started_after_stop(slot);
-        if slot == Slot::Current {
-            let before = p.runtime_data.clone();
-            core.fold_runtime(ctx, p);
-            // With a reload to follow, the write below (after SIGTERM) saves the same data.
-            if before != p.runtime_data && next_version.is_none() {
-                if let Err(e) = core.write_state(ctx, p, &version, "stopping") {
-                    log::warn!("[{id}] cannot write state file before stopping: {e}");
-                }
-            }
-        }
-        let timeout = p.settings.stop_timeout_ms;
-        let stop_signal = p.settings.stop_signal;
-        let Some(inst) = p.slot_mut(slot) else { return };
-        cancel_timer(ctx, &mut inst.phase.take_timer());
-        log::info!("[{id}] stopping pid {} ({stop_signal})", inst.pid);
-        if let Err(e) = core.host.signal_group(inst.pid, stop_signal.number()) {
-            log::debug!("[{id}] {stop_signal} to group {}: {e}", inst.pid);
-        }
-        let _ = core.host.signal_group(inst.pid, libc::SIGCONT);
-        let kill_timer = ctx.arm(timeout, Timer::Kill(id.to_string(), inst.seq));
-        inst.phase = Phase::Stopping {
-            kill_timer: Some(kill_timer),
-            killed: false,
-            failure: inst.phase.take_failure(),
-        };
-        let reaped = inst.leader.is_reaped();
-        // Processes that left the group (setsid, double fork) are asked to stop too.
-        self.signal_escapees(id, slot, &[stop_signal.number(), libc::SIGCONT]);
-        if reaped && !self.members_alive(id, slot) {
+        if core.stop_instance(ctx, p, slot) {
             self.instance_gone(ctx, id, slot);
-            return;
-        }
-        // A stop-start reload: state.json gets the new version while the old instance exits,
-        // so the durable write overlaps the exit instead of sitting between the reap and the
-        // spawn. After the reap, only what the old instance saved on its way out is written.
-        if let Some(version) = next_version
-            && let Some((core, p)) = self.split(id)
-            && let Err(e) = core.write_state_with(ctx, p, &version, "starting", DirSync::AfterStop)
-        {
-            // prepare_state tries again, and reports, once the old instance is gone.
-            log::debug!("[{id}] cannot write state file while stopping: {e}");
         }
     }
 
     pub(super) fn on_kill_timer(&mut self, ctx: &mut Ctx<'_>, id: &str, seq: u64) {
-        let Some(p) = self.plugins.get_mut(id) else {
+        let Some((core, p)) = self.split(id) else {
             return;
         };
-        let Some(slot) = p.slot_of(seq) else { return };
-        let Some(inst) = p.slot_mut(slot) else { return };
-        let Phase::Stopping {
-            kill_timer, killed, ..
-        } = &mut inst.phase
-        else {
-            return;
-        };
-        *kill_timer = None;
-        *killed = true;
-        log::warn!(
-            "[{id}] pid {} did not exit within the stop timeout: sending SIGKILL to its process group",
-            inst.pid
-        );
-        self.core.kill_leader(inst);
-        let reaped = inst.leader.is_reaped();
-        // The group, and every process that left it (cgroup.kill under cgroups).
-        self.kill_members(id, slot);
-        if reaped {
-            // Only stragglers were left, and SIGKILL cannot be ignored.
+        if let Some(slot) = core.kill_stopping(p, seq) {
             self.instance_gone(ctx, id, slot);
         }
     }
@@ -212,7 +124,7 @@ impl Supervisor {
             log::debug!("reaped pid {pid} ({status}), not a plugin leader");
             return;
         };
-        let Some(p) = self.plugins.get_mut(&id) else {
+        let Some((core, p)) = self.split(&id) else {
             return;
         };
         let Some(slot) = p.slot_of(seq) else { return };
@@ -239,18 +151,16 @@ impl Supervisor {
         if inst.phase.is_leaving() {
             // Other processes of the instance may outlive the leader: the kill timer sweeps them.
             let killed = inst.phase.killed();
-            if !killed && self.members_alive(&id, slot) {
+            if !killed && core.members_alive(&id, inst) {
                 log::debug!("[{id}] leader exited, other processes of the instance remain");
-                self.core.host.leader_reaped(seq);
+                core.host.leader_reaped(seq);
                 return;
             }
             self.instance_gone(ctx, &id, slot);
         } else {
             // Anything the plugin left behind goes with it, in its group or not.
-            self.kill_members(&id, slot);
-            if let Some(inst) = self.plugins.get(&id).and_then(|p| p.slot(slot)) {
-                self.core.host.scope_ended(inst.seq, &inst.scope);
-            }
+            core.kill_members(&id, inst);
+            core.host.scope_ended(inst.seq, &inst.scope);
             self.unexpected_exit(ctx, &id, slot, status);
         }
     }
@@ -270,7 +180,11 @@ impl Supervisor {
             }
         }
         // All looked at before any is acted on (acting may start the next instance).
-        leaving.retain(|(id, slot)| !self.members_alive(id, *slot));
+        let Supervisor { plugins, core } = self;
+        leaving.retain(|(id, slot)| {
+            let inst = plugins.get(id).and_then(|p| p.slot(*slot));
+            inst.is_none_or(|inst| !core.members_alive(id, inst))
+        });
         for (id, slot) in leaving {
             self.instance_gone(ctx, &id, slot);
         }
@@ -292,6 +206,7 @@ impl Supervisor {
         let Some(mut inst) = p.take_slot(slot) else {
             return;
         };
+        self.core.forget_live(inst.seq);
         self.core.host.scope_ended(inst.seq, &inst.scope);
         cancel_timer(ctx, &mut inst.phase.take_timer());
         let overlapping = p.has_processes();
@@ -349,6 +264,7 @@ impl Supervisor {
         let Some(mut inst) = p.take_slot(slot) else {
             return;
         };
+        self.core.forget_live(inst.seq);
         cancel_timer(ctx, &mut inst.phase.take_timer());
         let seq = inst.seq;
         let announced = inst.stopping_announced;
@@ -443,6 +359,130 @@ impl Plugin {
 }
 
 /// Starting a process and giving back its files: the plugin and the host, nothing else.
+/// Stopping and killing one instance. Each returns whether the instance is already gone (its
+/// leader reaped and no member left): what follows (`Supervisor::instance_gone`) may start the
+/// next job step or remove the plugin, which needs the plugin table.
+impl Core {
+    /// Kill the current instance of `p`, which failed verification. True when it is gone.
+    pub(super) fn abort_instance(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        p: &mut Plugin,
+        why: String,
+    ) -> bool {
+        let id = p.id.as_str();
+        let Some(inst) = p.instance.as_mut() else {
+            return false;
+        };
+        if inst.phase.failure().is_some() {
+            return false;
+        }
+        log::warn!("[{id}] pid {}: {why}; killing it", inst.pid);
+        match &mut inst.phase {
+            // Being stopped already (its stop timer stays): the exit fails the attempt too.
+            Phase::Stopping { failure, .. } => *failure = Some(why),
+            phase => {
+                cancel_timer(ctx, &mut phase.take_timer());
+                *phase = Phase::Aborting { why };
+            }
+        }
+        self.kill_leader(inst);
+        let reaped = inst.leader.is_reaped();
+        self.kill_members(id, inst);
+        reaped && !self.members_alive(id, inst)
+    }
+
+    /// The plugin's `stop_signal` (SIGTERM unless configured) to the instance's group and to
+    /// its processes outside the group, SIGKILL after the stop timeout. Every stop goes through
+    /// here: a reload's, a `start-stop` retirement, removal, shutdown. True when the instance
+    /// is already gone.
+    pub(super) fn stop_instance(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin, slot: Slot) -> bool {
+        let (version, already) = match p.slot(slot) {
+            Some(inst) => (inst.version.clone(), inst.phase.is_stopping()),
+            None => return false,
+        };
+        if already {
+            return false;
+        }
+        // The old instance's latest runtime data, saved before it is asked to go. When it has
+        // not changed since the state file was written, the file already preserves it, and the
+        // reload's critical path is spared a durable write.
+        let next_version = p.version_started_after_stop(slot);
+        if slot == Slot::Current {
+            let before = p.runtime_data.clone();
+            self.fold_runtime(ctx, p);
+            // With a reload to follow, the write below (after SIGTERM) saves the same data.
+            if before != p.runtime_data && next_version.is_none() {
+                if let Err(e) = self.write_state(ctx, p, &version, "stopping") {
+                    log::warn!("[{}] cannot write state file before stopping: {e}", p.id);
+                }
+            }
+        }
+        let timeout = p.settings.stop_timeout_ms;
+        let stop_signal = p.settings.stop_signal;
+        let id = p.id.clone();
+        let id = id.as_str();
+        let Some(inst) = p.slot_mut(slot) else {
+            return false;
+        };
+        cancel_timer(ctx, &mut inst.phase.take_timer());
+        log::info!("[{id}] stopping pid {} ({stop_signal})", inst.pid);
+        if let Err(e) = self.host.signal_group(inst.pid, stop_signal.number()) {
+            log::debug!("[{id}] {stop_signal} to group {}: {e}", inst.pid);
+        }
+        let _ = self.host.signal_group(inst.pid, libc::SIGCONT);
+        let kill_timer = ctx.arm(timeout, Timer::Kill(id.to_string(), inst.seq));
+        inst.phase = Phase::Stopping {
+            kill_timer: Some(kill_timer),
+            killed: false,
+            failure: inst.phase.take_failure(),
+        };
+        let reaped = inst.leader.is_reaped();
+        // Processes that left the group (setsid, double fork) are asked to stop too.
+        self.signal_escapees(id, inst, &[stop_signal.number(), libc::SIGCONT]);
+        if reaped && !self.members_alive(id, inst) {
+            return true;
+        }
+        // A stop-start reload: state.json gets the new version while the old instance exits,
+        // so the durable write overlaps the exit instead of sitting between the reap and the
+        // spawn. After the reap, only what the old instance saved on its way out is written.
+        if let Some(version) = next_version
+            && let Err(e) = self.write_state_with(ctx, p, &version, "starting", DirSync::AfterStop)
+        {
+            // prepare_state tries again, and reports, once the old instance is gone.
+            log::debug!("[{}] cannot write state file while stopping: {e}", p.id);
+        }
+        false
+    }
+
+    /// The stop timeout of instance `seq` of `p` expired: SIGKILL to it all. The instance's
+    /// slot when it is gone.
+    pub(super) fn kill_stopping(&mut self, p: &mut Plugin, seq: u64) -> Option<Slot> {
+        let id = p.id.clone();
+        let id = id.as_str();
+        let slot = p.slot_of(seq)?;
+        let inst = p.slot_mut(slot)?;
+        let Phase::Stopping {
+            kill_timer, killed, ..
+        } = &mut inst.phase
+        else {
+            return None;
+        };
+        *kill_timer = None;
+        *killed = true;
+        log::warn!(
+            "[{id}] pid {} did not exit within the stop timeout: sending SIGKILL to its process group",
+            inst.pid
+        );
+        self.kill_leader(inst);
+        let reaped = inst.leader.is_reaped();
+        // The group, and every process that left it (cgroup.kill under cgroups).
+        self.kill_members(id, inst);
+        // Only stragglers were left, and SIGKILL cannot be ignored.
+        reaped.then_some(slot)
+    }
+}
+
 impl Core {
     /// SIGKILL to the instance's leader while it lives (through its pidfd when there is one:
     /// the pid of a reaped leader may belong to someone else already).
@@ -574,6 +614,13 @@ impl Core {
         }
         let pid = spawned.pid;
         self.pids.insert(pid, (id.to_string(), seq));
+        let live = super::host::Live {
+            plugin: id.to_string(),
+            leader: pid.as_raw(),
+            version: target.version.clone(),
+            start_ticks: scope.start_ticks,
+        };
+        self.live.insert(seq, live);
         let verify_ms = match p.settings.ready {
             ReadyMode::Exec => p.settings.startup_grace_ms,
             ReadyMode::Notify => p.settings.ready_timeout_ms,

@@ -9,14 +9,18 @@
 //! unit tests (`tests.rs`).
 //!
 //! `Supervisor` is two halves: the plugin table, and `Core`: the host and what all plugins
-//! share (the pid → plugin index, output pipes, notify sockets, reload hooks in flight, the
-//! sequence and token counters, the deferred fsyncs, `shutting_down`, the totals). An entry
-//! point (a timer, a reap, a control request, a watch change) looks its plugin up once and
-//! lends both halves with `split(id)`; the logic that concerns that one plugin is a `Core`
-//! method taking `&mut Plugin`, or a `Plugin` method. What still takes `(&mut Supervisor, id)`
-//! is what must reach past the one plugin: stopping and killing an instance (containment
-//! attributes orphans by looking at every plugin), and the steps that chain into those (a
-//! job's attempt, success and giving up, a queued reload, an instance that is gone).
+//! share (the pid → plugin index, the index of live instances containment attributes orphans
+//! with, output pipes, notify sockets, reload hooks in flight, the sequence and token
+//! counters, the deferred fsyncs, `shutting_down`, the totals). An entry point (a timer, a
+//! reap, a control request, a watch change) looks its plugin up once and lends both halves
+//! with `split(id)`; the logic that concerns that one plugin is a `Core` method taking
+//! `&mut Plugin`, or a `Plugin` method. That includes stopping, aborting and killing an
+//! instance (`Core::stop_instance`, `abort_instance`, `kill_stopping`, containment's
+//! `kill_members`, `members_alive`, `signal_escapees`): each says whether the instance is
+//! already gone. What still takes `(&mut Supervisor, id)` is what follows an instance being
+//! gone (`instance_gone`, which may remove the plugin from the table) and the job steps that
+//! chain into it (begin, prepare, attempt, success, failing an attempt, giving up, a queued
+//! reload, a crash restart).
 //!
 //! The code is split by concern:
 //!
@@ -89,7 +93,7 @@ use host::Procs;
 pub use host::{Host, OsHost};
 
 use output::{LineReader, PipeStatus, Stream};
-use plugin::{JobPhase, Queued};
+use plugin::{Instance, JobPhase, Queued};
 pub use plugin::{Plugin, Reply, Trigger, Waiter};
 
 /// Largest runtime.json the daemon will read (a plugin writing more gets a warning, not an OOM).
@@ -170,6 +174,9 @@ pub struct Supervisor {
 pub(super) struct Core {
     /// Leader pid → (plugin, instance seq).
     pids: HashMap<Pid, (String, u64)>,
+    /// Every instance in a plugin's slot, by seq, from its spawn until it leaves the slot:
+    /// what containment needs to attribute an orphan without the plugin table (`host::Live`).
+    live: BTreeMap<u64, host::Live>,
     pipes: HashMap<Token, Pipe>,
     /// Notify sockets by token → plugin id.
     notify: HashMap<Token, (String, NotifySocket)>,
@@ -218,6 +225,7 @@ impl Supervisor {
     pub fn with_host(runtime_dir: &Path, state_dir: &Path, host: Box<dyn Host>) -> Supervisor {
         let core = Core {
             pids: HashMap::new(),
+            live: BTreeMap::new(),
             pipes: HashMap::new(),
             notify: HashMap::new(),
             hooks: HashMap::new(),
@@ -404,6 +412,7 @@ impl Supervisor {
             self.core.take_back_files(id);
         }
         if self.plugins.remove(id).is_some() {
+            self.core.live.retain(|_, l| l.plugin != id);
             self.close_notify_socket(ctx, id);
             let dir = self.core.snapshot_dir(id);
             self.core.host.remove_snapshots(&dir);
@@ -723,50 +732,58 @@ impl Supervisor {
 // -------------------------------------------------------------------------------------------
 // Containment, through the host
 
-impl Supervisor {
+impl Core {
+    /// What containment sees of the supervisor: `Core`'s own bookkeeping, not the plugins.
     pub(super) fn procs(&self) -> Procs<'_> {
         Procs {
-            plugins: &self.plugins,
-            pids: &self.core.pids,
-            hooks: &self.core.hooks,
+            live: &self.live,
+            pids: &self.pids,
+            hooks: &self.hooks,
         }
     }
 
-    /// True while any process of the instance (its leader aside) lives.
-    pub(super) fn members_alive(&mut self, id: &str, slot: plugin::Slot) -> bool {
+    /// True while any process of `inst` of `id` (its leader aside) lives.
+    pub(super) fn members_alive(&mut self, id: &str, inst: &Instance) -> bool {
         let w = Procs {
-            plugins: &self.plugins,
-            pids: &self.core.pids,
-            hooks: &self.core.hooks,
+            live: &self.live,
+            pids: &self.pids,
+            hooks: &self.hooks,
         };
-        self.core.host.members_alive(&w, id, slot)
+        self.host.members_alive(&w, id, inst)
     }
 
-    /// SIGKILL to every process of the instance.
-    pub(super) fn kill_members(&mut self, id: &str, slot: plugin::Slot) {
+    /// SIGKILL to every process of `inst` of `id`.
+    pub(super) fn kill_members(&mut self, id: &str, inst: &Instance) {
         let w = Procs {
-            plugins: &self.plugins,
-            pids: &self.core.pids,
-            hooks: &self.core.hooks,
+            live: &self.live,
+            pids: &self.pids,
+            hooks: &self.hooks,
         };
-        self.core.host.kill_members(&w, id, slot);
+        self.host.kill_members(&w, id, inst);
     }
 
-    /// `sigs` to every process of the instance outside its leader's group.
-    pub(super) fn signal_escapees(&mut self, id: &str, slot: plugin::Slot, sigs: &[libc::c_int]) {
+    /// `sigs` to every process of `inst` of `id` outside its leader's group.
+    pub(super) fn signal_escapees(&mut self, id: &str, inst: &Instance, sigs: &[libc::c_int]) {
         let w = Procs {
-            plugins: &self.plugins,
-            pids: &self.core.pids,
-            hooks: &self.core.hooks,
+            live: &self.live,
+            pids: &self.pids,
+            hooks: &self.hooks,
         };
-        self.core.host.signal_escapees(&w, id, slot, sigs);
+        self.host.signal_escapees(&w, id, inst, sigs);
     }
 
+    /// Instance `seq` left its plugin's slot: containment no longer attributes orphans to it.
+    pub(super) fn forget_live(&mut self, seq: u64) {
+        self.live.remove(&seq);
+    }
+}
+
+impl Supervisor {
     /// After the last plugin stopped: whatever the daemon still has below it that no plugin
     /// claimed is killed, so that the daemon's stop leaves nothing behind.
     pub fn kill_strays(&mut self) {
         let w = Procs {
-            plugins: &self.plugins,
+            live: &self.core.live,
             pids: &self.core.pids,
             hooks: &self.core.hooks,
         };
@@ -781,6 +798,19 @@ impl Supervisor {
     /// Write the instance record if this turn changed it.
     fn flush_record(&mut self) {
         self.core.host.flush_record(&mut self.plugins);
+        // The start times just read, for orphan attribution (`host::Live`); an instance no
+        // longer in its slot is dropped (the slots are the truth, the index their copy).
+        let plugins = &self.plugins;
+        self.core.live.retain(|seq, live| {
+            let inst = plugins.get(&live.plugin).and_then(|p| {
+                let slot = p.slot_of(*seq)?;
+                p.slot(slot)
+            });
+            if let Some(inst) = inst {
+                live.start_ticks = inst.scope.start_ticks;
+            }
+            inst.is_some()
+        });
     }
 
     /// Retry removing cgroups of killed instances.

@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use super::contain::{NewScope, Scope, Usage};
 use super::host::{Durability, Host, Procs};
-use super::plugin::{Plugin, Slot};
+use super::plugin::{Instance, Plugin};
 use super::spawn::{SpawnError, SpawnSpec, Spawned};
 use crate::hooks::{HookContext, HookError, HookKind, HookRun};
 use crate::preflight::PreflightError;
@@ -335,18 +335,21 @@ impl Host for FakeHost {
 
     fn scope_ended(&mut self, _seq: u64, _scope: &Scope) {}
 
-    fn members_alive(&mut self, w: &Procs<'_>, id: &str, slot: Slot) -> bool {
-        let Some(inst) = w.plugins.get(id).and_then(|p| p.slot(slot)) else {
-            return false;
-        };
+    fn members_alive(&mut self, _w: &Procs<'_>, _id: &str, inst: &Instance) -> bool {
         self.0.borrow().members_alive.contains(&inst.pid.as_raw())
     }
 
-    fn kill_members(&mut self, _w: &Procs<'_>, id: &str, _slot: Slot) {
+    fn kill_members(&mut self, _w: &Procs<'_>, id: &str, _inst: &Instance) {
         self.record(Call::KillMembers(id.to_string()));
     }
 
-    fn signal_escapees(&mut self, _w: &Procs<'_>, id: &str, _slot: Slot, _sigs: &[libc::c_int]) {
+    fn signal_escapees(
+        &mut self,
+        _w: &Procs<'_>,
+        id: &str,
+        _inst: &Instance,
+        _sigs: &[libc::c_int],
+    ) {
         self.record(Call::SignalEscapees(id.to_string()));
     }
 
