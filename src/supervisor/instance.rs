@@ -194,6 +194,11 @@ impl Supervisor {
     /// and finish a `stop ID` once it was the last one.
     pub(super) fn instance_gone(&mut self, ctx: &mut Ctx<'_>, id: &str, slot: Slot) {
         self.continue_after_instance(ctx, id, slot);
+        if self.core.to_forget.iter().any(|f| f == id) {
+            // A removed plugin with nothing left goes from the table; no stop to settle.
+            self.forget_pending(ctx);
+            return;
+        }
         if let Some(p) = self.plugins.get_mut(id) {
             p.settle_stop(ctx);
         }
@@ -230,7 +235,7 @@ impl Supervisor {
         }
         if p.removing {
             if !p.has_processes() {
-                self.forget(ctx, id);
+                self.core.to_forget.push(id.to_string());
             }
             return;
         }

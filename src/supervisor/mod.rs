@@ -192,6 +192,9 @@ pub(super) struct Core {
     /// The same, for state files written while the plugin's old instance stops: due once no
     /// reload waits for that stop any more (its new instance spawned, or the reload ended).
     dir_syncs_after_stop: Vec<(String, PathBuf)>,
+    /// Removed plugins whose last instance is gone: taken out of the table (`forget`) by the
+    /// `Supervisor` method that lent the plugin out, once it has it back.
+    to_forget: Vec<String>,
     next_token: usize,
     next_seq: u64,
     totals: Totals,
@@ -233,6 +236,7 @@ impl Supervisor {
             pending_starts: VecDeque::new(),
             dir_syncs: Vec::new(),
             dir_syncs_after_stop: Vec::new(),
+            to_forget: Vec::new(),
             next_token: 0,
             next_seq: 0,
             totals: Totals::default(),
@@ -404,6 +408,13 @@ impl Supervisor {
             self.stop_all_instances(ctx, id);
         } else {
             self.forget(ctx, id);
+        }
+    }
+
+    /// Forget the removed plugins whose last instance went (`Core::to_forget`).
+    fn forget_pending(&mut self, ctx: &mut Ctx<'_>) {
+        for id in std::mem::take(&mut self.core.to_forget) {
+            self.forget(ctx, &id);
         }
     }
 
