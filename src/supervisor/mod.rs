@@ -18,9 +18,13 @@
 //! instance (`Core::stop_instance`, `abort_instance`, `kill_stopping`, containment's
 //! `kill_members`, `members_alive`, `signal_escapees`): each says whether the instance is
 //! already gone. What still takes `(&mut Supervisor, id)` is what follows an instance being
-//! gone (`instance_gone`, which may remove the plugin from the table) and the job steps that
+//! gone (`instance_gone`, `continue_after_instance`, `unexpected_exit`) and the job steps that
 //! chain into it (begin, prepare, attempt, success, failing an attempt, giving up, a queued
-//! reload, a crash restart).
+//! reload, a crash restart, `request`, `fail_at_start_limit`, `stop_all_instances`). None of
+//! them takes a plugin out of the table while it is lent out: a removed plugin whose last
+//! instance went is recorded in `Core::to_forget`, and `instance_gone` forgets it (without a
+//! stop to settle) once the rest has returned; a removed plugin never has a job, so nothing
+//! after that point acts on it.
 //!
 //! The code is split by concern:
 //!
