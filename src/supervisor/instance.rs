@@ -25,9 +25,82 @@ use crate::protocol::{Event, EventKind};
 impl Supervisor {
     /// Grace passed (exec: verified) or readiness timed out (notify: failed).
     pub(super) fn on_verify_timer(&mut self, ctx: &mut Ctx<'_>, id: &str, seq: u64) {
-        let Some(p) = self.plugins.get_mut(id) else {
+        if let Some((core, p)) = self.split(id) {
+            core.on_verify_timer(ctx, p, seq);
+        }
+        self.forget_pending(ctx);
+    }
+
+    /// The instance counts as started (grace survived, or READY=1 received).
+    pub(super) fn mark_verified(&mut self, ctx: &mut Ctx<'_>, id: &str, seq: u64) {
+        if let Some((core, p)) = self.split(id) {
+            core.mark_verified(ctx, p, seq);
+        }
+        self.forget_pending(ctx);
+    }
+
+    pub(super) fn on_kill_timer(&mut self, ctx: &mut Ctx<'_>, id: &str, seq: u64) {
+        let Some((core, p)) = self.split(id) else {
             return;
         };
+        if let Some(slot) = core.kill_stopping(p, seq) {
+            core.instance_gone(ctx, p, slot);
+        }
+        self.forget_pending(ctx);
+    }
+
+    /// Reaped children from the daemon's waitpid loop.
+    pub fn on_exit(&mut self, ctx: &mut Ctx<'_>, pid: Pid, status: ExitKind) {
+        if self.on_hook_exit(ctx, pid, status) {
+            return;
+        }
+        let Some((id, seq)) = self.core.pids.remove(&pid) else {
+            log::debug!("reaped pid {pid} ({status}), not a plugin leader");
+            return;
+        };
+        let Some((core, p)) = self.split(&id) else {
+            return;
+        };
+        core.on_leader_reaped(ctx, p, seq, status);
+        self.forget_pending(ctx);
+    }
+
+    /// After any reap: a stopped instance whose leader is gone may have been waiting only for
+    /// members of its group (now reaped by us as subreaper, or exited on their own).
+    pub fn check_stragglers(&mut self, ctx: &mut Ctx<'_>) {
+        self.remove_emptied_cgroups();
+        let mut leaving = Vec::new();
+        for p in self.plugins.values() {
+            for slot in [Slot::Current, Slot::Retiring] {
+                if p.slot(slot)
+                    .is_some_and(|i| i.leader.is_reaped() && i.phase.is_leaving())
+                {
+                    leaving.push((p.id.clone(), slot));
+                }
+            }
+        }
+        // All looked at before any is acted on (acting may start the next instance).
+        let Supervisor { plugins, core } = self;
+        leaving.retain(|(id, slot)| {
+            let inst = plugins.get(id).and_then(|p| p.slot(*slot));
+            inst.is_none_or(|inst| !core.members_alive(id, inst))
+        });
+        for (id, slot) in leaving {
+            if let Some((core, p)) = self.split(&id) {
+                core.instance_gone(ctx, p, slot);
+            }
+            self.forget_pending(ctx);
+        }
+    }
+}
+
+/// What follows an instance's start, stop or exit, for the plugin lent with the core: the
+/// next job step, a crash restart, the end of a `stop ID`. None of it touches another plugin;
+/// a removed plugin whose last instance went is only recorded in `to_forget`, for the
+/// `Supervisor` entry point to forget once it has the plugin back (`forget_pending`).
+impl Core {
+    /// Grace passed (exec: verified) or readiness timed out (notify: failed).
+    fn on_verify_timer(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin, seq: u64) {
         let Some(inst) = p.instance.as_mut().filter(|i| i.seq == seq) else {
             return;
         };
@@ -35,12 +108,12 @@ impl Supervisor {
             *verify_timer = None;
         }
         match p.settings.ready {
-            ReadyMode::Exec => self.mark_verified(ctx, id, seq),
+            ReadyMode::Exec => self.mark_verified(ctx, p, seq),
             ReadyMode::Notify => {
                 let ms = p.settings.ready_timeout_ms;
-                self.abort_instance(
+                self.abort_and_continue(
                     ctx,
-                    id,
+                    p,
                     format!("no READY=1 within ready_timeout_ms ({ms} ms)"),
                 );
             }
@@ -48,10 +121,9 @@ impl Supervisor {
     }
 
     /// The instance counts as started (grace survived, or READY=1 received).
-    pub(super) fn mark_verified(&mut self, ctx: &mut Ctx<'_>, id: &str, seq: u64) {
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
+    fn mark_verified(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin, seq: u64) {
+        let id = p.id.clone();
+        let id = id.as_str();
         let watchdog_ms = p.settings.watchdog_ms;
         let Some(inst) = p.instance.as_mut().filter(|i| i.seq == seq) else {
             return;
@@ -74,59 +146,35 @@ impl Supervisor {
             Some(JobPhase::Verifying { seq: s }) if *s == seq
         );
         if verifying {
-            self.succeed(ctx, id);
+            self.succeed(ctx, p);
         }
     }
 
     /// Kill an instance that failed verification; its reaped exit fails the job's attempt.
-    pub(super) fn abort_instance(&mut self, ctx: &mut Ctx<'_>, id: &str, why: String) {
-        let Some((core, p)) = self.split(id) else {
-            return;
-        };
-        if core.abort_instance(ctx, p, why) {
-            self.instance_gone(ctx, id, Slot::Current);
+    fn abort_and_continue(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin, why: String) {
+        if self.abort_instance(ctx, p, why) {
+            self.instance_gone(ctx, p, Slot::Current);
         }
     }
 
     /// Stop every instance of a plugin (shutdown, removal).
-    pub(super) fn stop_all_instances(&mut self, ctx: &mut Ctx<'_>, id: &str) {
+    pub(super) fn stop_all_instances(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin) {
         for slot in [Slot::Retiring, Slot::Current] {
-            self.stop_instance(ctx, id, slot);
+            self.stop_and_continue(ctx, p, slot);
         }
     }
 
-    /// Stop instance `slot` of `id` (`Core::stop_instance`), and continue at once when nothing
+    /// Stop instance `slot` of `p` (`Core::stop_instance`), and continue at once when nothing
     /// of it was left to wait for.
-    pub(super) fn stop_instance(&mut self, ctx: &mut Ctx<'_>, id: &str, slot: Slot) {
-        let Some((core, p)) = self.split(id) else {
-            return;
-        };
-        if core.stop_instance(ctx, p, slot) {
-            self.instance_gone(ctx, id, slot);
+    pub(super) fn stop_and_continue(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin, slot: Slot) {
+        if self.stop_instance(ctx, p, slot) {
+            self.instance_gone(ctx, p, slot);
         }
     }
 
-    pub(super) fn on_kill_timer(&mut self, ctx: &mut Ctx<'_>, id: &str, seq: u64) {
-        let Some((core, p)) = self.split(id) else {
-            return;
-        };
-        if let Some(slot) = core.kill_stopping(p, seq) {
-            self.instance_gone(ctx, id, slot);
-        }
-    }
-
-    /// Reaped children from the daemon's waitpid loop.
-    pub fn on_exit(&mut self, ctx: &mut Ctx<'_>, pid: Pid, status: ExitKind) {
-        if self.on_hook_exit(ctx, pid, status) {
-            return;
-        }
-        let Some((id, seq)) = self.core.pids.remove(&pid) else {
-            log::debug!("reaped pid {pid} ({status}), not a plugin leader");
-            return;
-        };
-        let Some((core, p)) = self.split(&id) else {
-            return;
-        };
+    /// The leader of instance `seq` of `p` was reaped.
+    fn on_leader_reaped(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin, seq: u64, status: ExitKind) {
+        let id = p.id.clone();
         let Some(slot) = p.slot_of(seq) else { return };
         let Some(inst) = p.slot_mut(slot) else { return };
         // Its pidfd is closed with it.
@@ -151,68 +199,40 @@ impl Supervisor {
         if inst.phase.is_leaving() {
             // Other processes of the instance may outlive the leader: the kill timer sweeps them.
             let killed = inst.phase.killed();
-            if !killed && core.members_alive(&id, inst) {
+            if !killed && self.members_alive(&id, inst) {
                 log::debug!("[{id}] leader exited, other processes of the instance remain");
-                core.host.leader_reaped(seq);
+                self.host.leader_reaped(seq);
                 return;
             }
-            self.instance_gone(ctx, &id, slot);
+            self.instance_gone(ctx, p, slot);
         } else {
             // Anything the plugin left behind goes with it, in its group or not.
-            core.kill_members(&id, inst);
-            core.host.scope_ended(inst.seq, &inst.scope);
-            self.unexpected_exit(ctx, &id, slot, status);
-        }
-    }
-
-    /// After any reap: a stopped instance whose leader is gone may have been waiting only for
-    /// members of its group (now reaped by us as subreaper, or exited on their own).
-    pub fn check_stragglers(&mut self, ctx: &mut Ctx<'_>) {
-        self.remove_emptied_cgroups();
-        let mut leaving = Vec::new();
-        for p in self.plugins.values() {
-            for slot in [Slot::Current, Slot::Retiring] {
-                if p.slot(slot)
-                    .is_some_and(|i| i.leader.is_reaped() && i.phase.is_leaving())
-                {
-                    leaving.push((p.id.clone(), slot));
-                }
-            }
-        }
-        // All looked at before any is acted on (acting may start the next instance).
-        let Supervisor { plugins, core } = self;
-        leaving.retain(|(id, slot)| {
-            let inst = plugins.get(id).and_then(|p| p.slot(*slot));
-            inst.is_none_or(|inst| !core.members_alive(id, inst))
-        });
-        for (id, slot) in leaving {
-            self.instance_gone(ctx, &id, slot);
+            self.kill_members(&id, inst);
+            self.host.scope_ended(inst.seq, &inst.scope);
+            self.unexpected_exit(ctx, p, slot, status);
         }
     }
 
     /// A stopped (or aborted) instance and its group are gone: continue whatever asked for it,
     /// and finish a `stop ID` once it was the last one.
-    pub(super) fn instance_gone(&mut self, ctx: &mut Ctx<'_>, id: &str, slot: Slot) {
-        self.continue_after_instance(ctx, id, slot);
-        if self.core.to_forget.iter().any(|f| f == id) {
-            // A removed plugin with nothing left goes from the table; no stop to settle.
-            self.forget_pending(ctx);
+    pub(super) fn instance_gone(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin, slot: Slot) {
+        self.continue_after_instance(ctx, p, slot);
+        if self.to_forget.contains(&p.id) {
+            // A removed plugin with nothing left goes from the table (once the entry point has
+            // it back); no stop to settle.
             return;
         }
-        if let Some(p) = self.plugins.get_mut(id) {
-            p.settle_stop(ctx);
-        }
+        p.settle_stop(ctx);
     }
 
-    fn continue_after_instance(&mut self, ctx: &mut Ctx<'_>, id: &str, slot: Slot) {
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
+    fn continue_after_instance(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin, slot: Slot) {
+        let id = p.id.clone();
+        let id = id.as_str();
         let Some(mut inst) = p.take_slot(slot) else {
             return;
         };
-        self.core.forget_live(inst.seq);
-        self.core.host.scope_ended(inst.seq, &inst.scope);
+        self.forget_live(inst.seq);
+        self.host.scope_ended(inst.seq, &inst.scope);
         cancel_timer(ctx, &mut inst.phase.take_timer());
         let overlapping = p.has_processes();
         // A job about to start the next instance writes the state file itself, right away.
@@ -223,31 +243,31 @@ impl Supervisor {
             );
         if !overlapping {
             // The last instance is gone: what it left in runtime.json is the state to keep.
-            self.core.fold_runtime(ctx, p);
+            self.fold_runtime(ctx, p);
             if !next_start {
-                if let Err(e) = self.core.write_state(ctx, p, &inst.version, "stopped") {
+                if let Err(e) = self.write_state(ctx, p, &inst.version, "stopped") {
                     log::warn!("[{id}] cannot write state file: {e}");
                 }
             }
         }
-        if !overlapping && self.core.shutting_down {
-            self.core.take_back_files(id);
+        if !overlapping && self.shutting_down {
+            self.take_back_files(id);
         }
         if p.removing {
             if !p.has_processes() {
-                self.core.to_forget.push(id.to_string());
+                self.to_forget.push(id.to_string());
             }
             return;
         }
         if let Some(why) = inst.phase.take_failure() {
             if slot == Slot::Current {
-                self.fail_attempt(ctx, id, why);
+                self.fail_attempt(ctx, p, why);
             }
             return;
         }
         if slot == Slot::Retiring {
             // A reload asked for while the old instance was still leaving can go now.
-            self.run_queued(ctx, id);
+            self.run_queued(ctx, p);
             return;
         }
         let waiting_for_stop = matches!(
@@ -255,26 +275,25 @@ impl Supervisor {
             Some(JobPhase::StoppingOld)
         );
         if waiting_for_stop {
-            self.attempt(ctx, id);
+            self.attempt(ctx, p);
         } else if p.job.is_none() {
             p.rest = Rest::Stopped;
-            self.run_queued(ctx, id);
+            self.run_queued(ctx, p);
         }
     }
 
-    fn unexpected_exit(&mut self, ctx: &mut Ctx<'_>, id: &str, slot: Slot, status: ExitKind) {
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
+    fn unexpected_exit(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin, slot: Slot, status: ExitKind) {
+        let id = p.id.clone();
+        let id = id.as_str();
         let Some(mut inst) = p.take_slot(slot) else {
             return;
         };
-        self.core.forget_live(inst.seq);
+        self.forget_live(inst.seq);
         cancel_timer(ctx, &mut inst.phase.take_timer());
         let seq = inst.seq;
         let announced = inst.stopping_announced;
         if !p.has_processes() {
-            self.core.fold_runtime(ctx, p);
+            self.fold_runtime(ctx, p);
         }
         if slot == Slot::Retiring {
             log::warn!("[{id}] the instance being replaced exited on its own with {status}");
@@ -292,16 +311,16 @@ impl Supervisor {
                 ),
                 ReadyMode::Notify => format!("exited before sending READY=1, with {status}"),
             };
-            self.fail_attempt(ctx, id, why);
+            self.fail_attempt(ctx, p, why);
             return;
         }
-        if self.core.shutting_down || p.removing {
+        if self.shutting_down || p.removing {
             return;
         }
         if announced {
             // It said STOPPING=1 first: a deliberate exit, not a crash.
             p.rest = Rest::Stopped;
-            self.save_final_state(ctx, id, &inst.version);
+            self.save_final_state(ctx, p, &inst.version);
             return;
         }
         if p.job.as_ref().is_some_and(super::job::awaiting_snapshot) {
@@ -310,11 +329,8 @@ impl Supervisor {
             let why = format!(
                 "the running instance exited with {status} before the new build could be copied"
             );
-            self.abandon_snapshot_retry(ctx, id, why);
+            self.abandon_snapshot_retry(ctx, p, why);
         }
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
         if p.job.is_some() {
             // A job is in flight (e.g. waiting in backoff with nothing running): it decides.
             return;
@@ -333,21 +349,16 @@ impl Supervisor {
             if !status.is_success() {
                 p.last_error = Some(format!("exited with {status}"));
             }
-            self.save_final_state(ctx, id, &inst.version);
+            self.save_final_state(ctx, p, &inst.version);
             return;
         }
-        self.schedule_restart(ctx, id, format!("exited unexpectedly with {status}"));
+        self.schedule_restart(ctx, p, format!("exited unexpectedly with {status}"));
     }
-}
 
-impl Supervisor {
     /// A plugin left down: what it left in runtime.json is written to its state file.
-    fn save_final_state(&mut self, ctx: &mut Ctx<'_>, id: &str, version: &str) {
-        let Some((core, p)) = self.split(id) else {
-            return;
-        };
-        if let Err(e) = core.write_state(ctx, p, version, "stopped") {
-            log::warn!("[{id}] cannot write state file: {e}");
+    fn save_final_state(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin, version: &str) {
+        if let Err(e) = self.write_state(ctx, p, version, "stopped") {
+            log::warn!("[{}] cannot write state file: {e}", p.id);
         }
     }
 }
@@ -365,8 +376,7 @@ impl Plugin {
 
 /// Starting a process and giving back its files: the plugin and the host, nothing else.
 /// Stopping and killing one instance. Each returns whether the instance is already gone (its
-/// leader reaped and no member left): what follows (`Supervisor::instance_gone`) may start the
-/// next job step or remove the plugin, which needs the plugin table.
+/// leader reaped and no member left): what follows is `Core::instance_gone`.
 impl Core {
     /// Kill the current instance of `p`, which failed verification. True when it is gone.
     pub(super) fn abort_instance(

@@ -17,7 +17,7 @@ use std::time::Instant;
 use super::host::Host;
 use super::plugin::{HistoryEntry, Instance, Job, JobKind, JobPhase, Plugin, Rest, Slot, Snap};
 use super::start_limit::LimitHit;
-use super::{Core, Ctx, Supervisor, Timer, Trigger, Waiter, retry_delay};
+use super::{Core, Ctx, Timer, Trigger, Waiter, retry_delay};
 use crate::config::Strategy;
 use crate::hooks::{HookContext, HookKind};
 use crate::protocol::TriggerResult;
@@ -27,24 +27,23 @@ use crate::{clock, preflight, snapshot};
 /// Why a start attempt did not work out.
 pub(super) type AttemptError = String;
 
-impl Supervisor {
-    /// A reload or first start of the plugin's current build: see [`Supervisor::prepare`].
+/// The job steps that go on to stop or start instances: each takes the plugin lent with the
+/// core, and never another plugin.
+impl Core {
+    /// A reload or first start of the plugin's current build: see [`Core::prepare`].
     pub(super) fn begin(
         &mut self,
         ctx: &mut Ctx<'_>,
-        id: &str,
+        p: &mut Plugin,
         kind: JobKind,
         trigger: Trigger,
         files: Vec<String>,
         waiters: Vec<Waiter>,
     ) {
-        let Some(p) = self.plugins.get(id) else {
-            return;
-        };
         let old_version = p.current.as_ref().map(|s| s.version.clone());
         let max_attempts = ctx.config.hot_reload.max_retries.saturating_add(1);
         let job = new_job(
-            self.core.host.as_ref(),
+            self.host.as_ref(),
             kind,
             trigger,
             files,
@@ -53,32 +52,31 @@ impl Supervisor {
             max_attempts,
             waiters,
         );
-        self.prepare(ctx, id, job);
+        self.prepare(ctx, p, job);
     }
 
     /// Snapshot, no-op check and pre-flight of the job's build; then stop the old instance
     /// (stop-start), or start the new one beside it (start-stop), or go straight to the first
     /// attempt.
-    fn prepare(&mut self, ctx: &mut Ctx<'_>, id: &str, mut job: Job) {
-        if self.core.shutting_down {
+    fn prepare(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin, mut job: Job) {
+        let id = p.id.clone();
+        let id = id.as_str();
+        if self.shutting_down {
             answer_failure(ctx, id, &job.waiters, "the daemon is shutting down");
             return;
         }
-        let Some((core, p)) = self.split(id) else {
-            return;
-        };
         let exec = p.exec_path();
-        let snap_dir = core.snapshot_dir(id);
-        match core.host.snapshot(&exec, &snap_dir) {
+        let snap_dir = self.snapshot_dir(id);
+        match self.host.snapshot(&exec, &snap_dir) {
             Ok(s) => {
                 job.target = Snap {
                     version: s.version,
                     path: s.path,
                 };
             }
-            Err(e) if newest_good_instead(core.host.as_ref(), p, &job).is_some() => {
+            Err(e) if newest_good_instead(self.host.as_ref(), p, &job).is_some() => {
                 // `start`/`restart`: the newest build that can run is the last good one.
-                if let Some(good) = newest_good_instead(core.host.as_ref(), p, &job) {
+                if let Some(good) = newest_good_instead(self.host.as_ref(), p, &job) {
                     log::warn!(
                         "[{id}] {e}: starting the last good version {}",
                         good.version
@@ -100,26 +98,26 @@ impl Supervisor {
             }
             Err(e) => {
                 let error = format!("cannot snapshot the build: {e}");
-                self.snapshot_failed(ctx, id, job, error);
+                self.snapshot_failed(ctx, p, job, error);
                 return;
             }
         }
         take_over_copy_retry(ctx, p, &mut job);
-        match core.build_unchanged(ctx, p, &exec, &job) {
+        match self.build_unchanged(ctx, p, &exec, &job) {
             Unchanged::No => {}
             Unchanged::Ignored => return,
             Unchanged::KeptRetiring => {
                 // The reload it ended may have had one queued behind it.
-                self.run_queued(ctx, id);
+                self.run_queued(ctx, p);
                 return;
             }
         }
-        if let Err(e) = core.host.preflight(&job.target.path) {
+        if let Err(e) = self.host.preflight(&job.target.path) {
             // Name the file the user wrote, not the daemon's private copy.
             let error = format!("{}: {}", preflight::FAILED_PREFIX, e.about_build(&exec));
-            let good = newest_good_instead(core.host.as_ref(), p, &job);
+            let good = newest_good_instead(self.host.as_ref(), p, &job);
             let Some(good) = good.filter(|good| *good != job.target) else {
-                self.refuse_build(ctx, id, job, error);
+                self.refuse_build(ctx, p, job, error);
                 return;
             };
             log::warn!(
@@ -134,7 +132,7 @@ impl Supervisor {
             job.waiters.extend(old.waiters);
         }
         if job.kind == JobKind::Reload && !job.announced {
-            core.announce_reload(ctx, id, &mut job);
+            self.announce_reload(ctx, id, &mut job);
         }
         p.job = Some(job);
         let overlap = p.settings.strategy == Strategy::StartStop;
@@ -142,11 +140,11 @@ impl Supervisor {
         if old_running && overlap && p.retiring.is_none() {
             // start-stop: the old instance keeps serving until the new one is ready.
             p.retiring = p.instance.take();
-            self.attempt(ctx, id);
+            self.attempt(ctx, p);
         } else if p.instance.is_some() {
-            self.stop_instance(ctx, id, Slot::Current);
+            self.stop_and_continue(ctx, p, Slot::Current);
         } else {
-            self.attempt(ctx, id);
+            self.attempt(ctx, p);
         }
     }
 
@@ -154,30 +152,28 @@ impl Supervisor {
     /// the copy). Nothing was stopped, so whatever runs keeps running, and the copy is retried
     /// with the reload backoff (SPEC §5). When a job whose build did copy is already waiting in
     /// backoff, that one goes on and this change is just refused.
-    fn snapshot_failed(&mut self, ctx: &mut Ctx<'_>, id: &str, mut job: Job, error: String) {
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
+    fn snapshot_failed(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin, mut job: Job, error: String) {
+        let id = p.id.clone();
+        let id = id.as_str();
         if p.job.as_ref().is_some_and(|j| !awaiting_snapshot(j)) {
-            self.refuse_build(ctx, id, job, error);
+            self.refuse_build(ctx, p, job, error);
             return;
         }
         // A newer change restarts the count (it is a newer build).
         take_over_copy_retry(ctx, p, &mut job);
         if job.kind != JobKind::Start && !job.announced {
-            self.core.announce_reload(ctx, id, &mut job);
+            self.announce_reload(ctx, id, &mut job);
         }
         p.job = Some(job);
-        self.fail_attempt(ctx, id, error);
+        self.fail_attempt(ctx, p, error);
     }
 
     /// A build that failed pre-flight (or could not be copied while another job waits): nothing
     /// was stopped, nothing to retry (the same bytes would fail again).
-    fn refuse_build(&mut self, ctx: &mut Ctx<'_>, id: &str, mut job: Job, error: String) {
-        let Some((core, p)) = self.split(id) else {
-            return;
-        };
-        let snap_dir = core.snapshot_dir(id);
+    fn refuse_build(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin, mut job: Job, error: String) {
+        let id = p.id.clone();
+        let id = id.as_str();
+        let snap_dir = self.snapshot_dir(id);
         p.last_error = Some(error.clone());
         let new_version = (!awaiting_snapshot(&job)).then(|| job.target.version.clone());
         // The refused snapshot is useless: keep only what runs and the last good one.
@@ -185,41 +181,37 @@ impl Supervisor {
             log::warn!("[{id}] cannot start: {error}");
             p.rest = Rest::Missing;
             answer_not_started(ctx, id, &job.waiters, new_version, error);
-            prune_snapshots(core.host.as_mut(), &snap_dir, p);
+            prune_snapshots(self.host.as_mut(), &snap_dir, p);
             return;
         }
-        prune_snapshots(core.host.as_mut(), &snap_dir, p);
+        prune_snapshots(self.host.as_mut(), &snap_dir, p);
         if !job.announced {
-            core.announce_reload(ctx, id, &mut job);
+            self.announce_reload(ctx, id, &mut job);
         }
         log::warn!("[{id}] hot reload failed: {error}");
         emit_reload_failed(ctx, id, &error, job.attempt, None);
-        core.end_failed_job(ctx, p, &job, &error, new_version.as_deref());
-        self.run_queued(ctx, id);
+        self.end_failed_job(ctx, p, &job, &error, new_version.as_deref());
+        self.run_queued(ctx, p);
     }
 
     /// One start of the job's target. While an instance is still on its way out (a killed
     /// failed attempt), the start waits for its reap.
-    pub(super) fn attempt(&mut self, ctx: &mut Ctx<'_>, id: &str) {
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
+    pub(super) fn attempt(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin) {
         if p.instance.is_some() {
             if let Some(job) = p.job.as_mut() {
                 job.phase = JobPhase::StoppingOld;
             }
             return;
         }
-        if let Err(error) = self.try_start(ctx, id) {
-            self.fail_attempt(ctx, id, error);
+        if let Err(error) = self.try_start(ctx, p) {
+            self.fail_attempt(ctx, p, error);
         }
     }
 
-    fn try_start(&mut self, ctx: &mut Ctx<'_>, id: &str) -> Result<(), AttemptError> {
-        let (core, p) = self.split(id).ok_or("plugin vanished")?;
+    fn try_start(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin) -> Result<(), AttemptError> {
         let target = p.job.as_ref().ok_or("no job")?.target.clone();
-        core.prepare_state(ctx, p, &target.version)?;
-        let seq = core.spawn_instance(ctx, p, &target)?;
+        self.prepare_state(ctx, p, &target.version)?;
+        let seq = self.spawn_instance(ctx, p, &target)?;
         if let Some(job) = p.job.as_mut() {
             job.phase = JobPhase::Verifying { seq };
         }
@@ -228,22 +220,21 @@ impl Supervisor {
     }
 
     /// The new instance proved itself: record, answer, retire the old one, run what queued.
-    pub(super) fn succeed(&mut self, ctx: &mut Ctx<'_>, id: &str) {
-        let Some((core, p)) = self.split(id) else {
-            return;
-        };
-        let snap_dir = core.snapshot_dir(id);
+    pub(super) fn succeed(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin) {
+        let id = p.id.clone();
+        let id = id.as_str();
+        let snap_dir = self.snapshot_dir(id);
         let Some(job) = p.job.take() else { return };
-        let duration_ms = clock::millis(core.host.now().saturating_duration_since(job.started));
+        let duration_ms = clock::millis(self.host.now().saturating_duration_since(job.started));
         p.last_good = Some(job.target.clone());
         p.rest = Rest::Stopped;
         match job.kind {
             JobKind::Reload => {
                 p.reload_count += 1;
                 p.last_error = None;
-                core.totals.reload_count += 1;
-                let now = core.host.wall();
-                core.totals.last_reload = Some(now.clone());
+                self.totals.reload_count += 1;
+                let now = self.host.wall();
+                self.totals.last_reload = Some(now.clone());
                 p.push_history(HistoryEntry::of_reload(&job, now, duration_ms, None));
                 log::info!(
                     "[{id}] hot reload completed: {} -> {} in {duration_ms} ms",
@@ -274,27 +265,25 @@ impl Supervisor {
             JobKind::Restart => {}
         }
         // A rollback's waiters are those of a `start` or `restart` it carried on.
-        answer_waiters(ctx, id, &job, true, None, core.host.now());
-        prune_snapshots(core.host.as_mut(), &snap_dir, p);
+        answer_waiters(ctx, id, &job, true, None, self.host.now());
+        prune_snapshots(self.host.as_mut(), &snap_dir, p);
         if p.retiring.is_some() {
-            self.stop_instance(ctx, id, Slot::Retiring);
+            self.stop_and_continue(ctx, p, Slot::Retiring);
         }
         if job.kind == JobKind::Reload {
             let new_version = Some(job.target.version.as_str());
             let kind = HookKind::ReloadSuccess;
-            self.core
-                .run_job_hook(ctx, id, kind, &job, new_version, None);
+            self.run_job_hook(ctx, id, kind, &job, new_version, None);
         }
-        self.run_queued(ctx, id);
+        self.run_queued(ctx, p);
     }
 
     /// An attempt failed: retry after backoff, or give up (rollback, then `failed`).
-    pub(super) fn fail_attempt(&mut self, ctx: &mut Ctx<'_>, id: &str, error: AttemptError) {
+    pub(super) fn fail_attempt(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin, error: AttemptError) {
+        let id = p.id.clone();
+        let id = id.as_str();
         // Another try is a start the daemon makes on its own: the start limit may forbid it
         // (a copy that failed starts nothing, so its retry is not limited).
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
         let retry = p
             .job
             .as_ref()
@@ -323,7 +312,7 @@ impl Supervisor {
             emit_reload_failed(ctx, id, &error, attempt, (!last).then_some(delay));
         }
         if let Some(hit) = limit {
-            self.give_up_at(ctx, id, error, Some(hit));
+            self.give_up_at(ctx, p, error, Some(hit));
             return;
         }
         if endless && attempt == job.max_attempts {
@@ -342,26 +331,25 @@ impl Supervisor {
             };
             return;
         }
-        self.give_up(ctx, id, error);
+        self.give_up(ctx, p, error);
     }
 
     /// The last attempt failed: record it, answer waiters, fall back if there is somewhere to go.
-    fn give_up(&mut self, ctx: &mut Ctx<'_>, id: &str, error: String) {
-        self.give_up_at(ctx, id, error, None);
+    fn give_up(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin, error: String) {
+        self.give_up_at(ctx, p, error, None);
     }
 
-    /// [`Supervisor::give_up`], or, with `limited`, giving up because the start limit forbids
+    /// [`Core::give_up`], or, with `limited`, giving up because the start limit forbids
     /// another attempt. A rollback is a start of its own, so the limit may forbid it too.
     fn give_up_at(
         &mut self,
         ctx: &mut Ctx<'_>,
-        id: &str,
+        p: &mut Plugin,
         error: String,
         limited: Option<LimitHit>,
     ) {
-        let Some((core, p)) = self.split(id) else {
-            return;
-        };
+        let id = p.id.clone();
+        let id = id.as_str();
         let limit = limited.or_else(|| p.start_limit_reached(ctx));
         let Some(mut job) = p.job.take() else { return };
         // `start`/`restart` ask for the newest *good* build: who waits for them follows a
@@ -372,7 +360,7 @@ impl Supervisor {
         }
         // A rollback's waiters are those it carried.
         let hook_version = Some(job.target.version.as_str());
-        core.end_failed_job(ctx, p, &job, &error, hook_version);
+        self.end_failed_job(ctx, p, &job, &error, hook_version);
         let mut no_rollback = |ctx: &mut Ctx<'_>, job: &mut Job, now| {
             job.waiters = std::mem::take(&mut carried);
             answer_waiters(ctx, id, job, false, Some(error.clone()), now);
@@ -381,8 +369,8 @@ impl Supervisor {
             // The build never copied, so this reload stopped nothing: whatever runs stays, and
             // a plugin that is down stays down (its own restart policy decided that).
             log::warn!("[{id}] giving up on the build that cannot be copied: {error}");
-            no_rollback(ctx, &mut job, core.host.now());
-            self.run_queued(ctx, id);
+            no_rollback(ctx, &mut job, self.host.now());
+            self.run_queued(ctx, p);
             return;
         }
         // start-stop: the old instance never stopped, so "rolling back" is keeping it.
@@ -398,13 +386,13 @@ impl Supervisor {
                         version: version.to_string(),
                     },
                 ));
-                no_rollback(ctx, &mut job, core.host.now());
-                self.run_queued(ctx, id);
+                no_rollback(ctx, &mut job, self.host.now());
+                self.run_queued(ctx, p);
                 return;
             }
         }
         let nothing_runs = p.instance.is_none();
-        let host = &core.host;
+        let host = &self.host;
         let rollback_to = p.last_good.clone().filter(|good| {
             nothing_runs
                 && (job.kind == JobKind::Reload || job.trigger == Trigger::Start)
@@ -416,7 +404,7 @@ impl Supervisor {
             p.current = p.last_good.clone();
             log::warn!("[{id}] rolling back to last good version {}", good.version);
             p.job = Some(new_job(
-                core.host.as_ref(),
+                self.host.as_ref(),
                 JobKind::Rollback,
                 Trigger::Watch,
                 Vec::new(),
@@ -425,24 +413,28 @@ impl Supervisor {
                 1,
                 carried,
             ));
-            self.attempt(ctx, id);
+            self.attempt(ctx, p);
             return;
         }
-        no_rollback(ctx, &mut job, core.host.now());
+        no_rollback(ctx, &mut job, self.host.now());
         p.rest = Rest::Failed;
         log::error!("[{id}] failed: {error}");
         if let Some(hit) = limit.filter(|_| limited.is_some() || rollback_forbidden) {
             p.announce_start_limit(ctx, hit);
         }
-        self.run_queued(ctx, id);
+        self.run_queued(ctx, p);
     }
 
     /// Ends a reload waiting to retry the copy of its build as failed, with no further attempt:
     /// the running instance it would have replaced exited on its own meanwhile.
-    pub(super) fn abandon_snapshot_retry(&mut self, ctx: &mut Ctx<'_>, id: &str, error: String) {
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
+    pub(super) fn abandon_snapshot_retry(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        p: &mut Plugin,
+        error: String,
+    ) {
+        let id = p.id.clone();
+        let id = id.as_str();
         let Some(job) = p.job.as_ref().filter(|job| awaiting_snapshot(job)) else {
             return;
         };
@@ -451,13 +443,10 @@ impl Supervisor {
         p.last_error = Some(error.clone());
         log::warn!("[{id}] hot reload failed (attempt {attempt}): {error}");
         emit_reload_failed(ctx, id, &error, attempt, None);
-        self.give_up(ctx, id, error);
+        self.give_up(ctx, p, error);
     }
 
-    pub(super) fn on_backoff(&mut self, ctx: &mut Ctx<'_>, id: &str) {
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
+    pub(super) fn on_backoff(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin) {
         let Some(job) = p.job.as_mut() else { return };
         if !matches!(job.phase, JobPhase::Backoff { .. }) {
             return;
@@ -465,32 +454,28 @@ impl Supervisor {
         job.phase = JobPhase::StoppingOld;
         if awaiting_snapshot(job) {
             if let Some(job) = p.job.take() {
-                self.prepare(ctx, id, job);
+                self.prepare(ctx, p, job);
             }
             return;
         }
-        self.attempt(ctx, id);
+        self.attempt(ctx, p);
     }
 
     /// Start the reload that was asked for while the last job ran.
-    pub(super) fn run_queued(&mut self, ctx: &mut Ctx<'_>, id: &str) {
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
-        if p.removing || self.core.shutting_down || p.job.is_some() {
+    pub(super) fn run_queued(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin) {
+        if p.removing || self.shutting_down || p.job.is_some() {
             return;
         }
         let Some(q) = p.queued.take() else { return };
         let trigger = q.trigger.unwrap_or(Trigger::Watch);
-        self.request(ctx, id, trigger, q.files.into_iter().collect(), q.waiters);
+        self.request(ctx, p, trigger, q.files.into_iter().collect(), q.waiters);
     }
 
     /// An unexpected exit of a verified instance: restart per policy after a delay that doubles
     /// per restart, unless the start limit says the plugin has been restarted enough.
-    pub(super) fn schedule_restart(&mut self, ctx: &mut Ctx<'_>, id: &str, why: String) {
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
+    pub(super) fn schedule_restart(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin, why: String) {
+        let id = p.id.clone();
+        let id = id.as_str();
         let limit = p.start_limit_reached(ctx);
         let Some(target) = p.current.clone() else {
             p.rest = Rest::Failed;
@@ -498,7 +483,7 @@ impl Supervisor {
         };
         if let Some(hit) = limit {
             log::warn!("[{id}] {why}: not restarted");
-            self.fail_at_start_limit(ctx, id, &target.version, hit);
+            self.fail_at_start_limit(ctx, p, &target.version, hit);
             return;
         }
         let delay = p.restart_delay(ctx);
@@ -509,7 +494,7 @@ impl Supervisor {
         let max_attempts = ctx.config.hot_reload.max_retries.saturating_add(1);
         let old = Some(target.version.clone());
         let mut job = new_job(
-            self.core.host.as_ref(),
+            self.host.as_ref(),
             JobKind::Restart,
             Trigger::Watch,
             Vec::new(),

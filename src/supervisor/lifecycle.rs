@@ -174,10 +174,9 @@ impl Supervisor {
             }
         };
         core.record_control(ctx, p);
-        self.stop_all_instances(ctx, id);
-        if let Some(p) = self.plugins.get_mut(id) {
-            p.settle_stop(ctx);
-        }
+        core.stop_all_instances(ctx, p);
+        p.settle_stop(ctx);
+        self.forget_pending(ctx);
     }
 
     /// `start ID`: lift a stop, and start the newest good build unless the plugin is up or on
@@ -203,7 +202,8 @@ impl Supervisor {
             answer(ctx, id, &waiters, true, version, None);
             return;
         }
-        self.request(ctx, id, Trigger::Start, Vec::new(), waiters);
+        core.request(ctx, p, Trigger::Start, Vec::new(), waiters);
+        self.forget_pending(ctx);
     }
 
     /// `restart ID`: lift a stop, then stop and start the plugin with its newest good build,
@@ -211,9 +211,10 @@ impl Supervisor {
     pub fn restart(&mut self, ctx: &mut Ctx<'_>, id: &str, waiter: Option<Waiter>) {
         if let Some((core, p)) = self.split(id) {
             core.lift_stop(ctx, p, "restart");
+            let waiters = waiter.into_iter().collect();
+            core.request(ctx, p, Trigger::Restart, Vec::new(), waiters);
         }
-        let waiters = waiter.into_iter().collect();
-        self.request(ctx, id, Trigger::Restart, Vec::new(), waiters);
+        self.forget_pending(ctx);
     }
 
     /// `enable ID` / `disable ID`: the plugin's own hot reload switch. Switching it on reloads
@@ -244,7 +245,9 @@ impl Supervisor {
         let exec = p.exec_path().to_string_lossy().into_owned();
         self.core.record_control(ctx, p);
         if changed {
-            self.request(ctx, id, Trigger::Enable, vec![exec], Vec::new());
+            self.core
+                .request(ctx, p, Trigger::Enable, vec![exec], Vec::new());
+            self.forget_pending(ctx);
         }
         on
     }

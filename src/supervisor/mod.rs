@@ -345,9 +345,10 @@ impl Supervisor {
             let idle = self.plugins.get(&id).is_some_and(|p| {
                 !p.removing && p.job.is_none() && !p.has_processes() && !p.wanted.is_held_down()
             });
-            if idle {
+            if idle && let Some((core, p)) = self.split(&id) {
                 let kind = plugin::JobKind::Start;
-                self.begin(ctx, &id, kind, Trigger::Rescan, Vec::new(), Vec::new());
+                core.begin(ctx, p, kind, Trigger::Rescan, Vec::new(), Vec::new());
+                self.forget_pending(ctx);
             }
         }
         !self.core.pending_starts.is_empty()
@@ -409,7 +410,8 @@ impl Supervisor {
             );
         }
         if p.has_processes() {
-            self.stop_all_instances(ctx, id);
+            self.core.stop_all_instances(ctx, p);
+            self.forget_pending(ctx);
         } else {
             self.forget(ctx, id);
         }
@@ -487,11 +489,11 @@ impl Supervisor {
         };
         p.debounce = None;
         let files: Vec<String> = std::mem::take(&mut p.pending_files).into_iter().collect();
-        self.request(ctx, id, Trigger::Watch, files, Vec::new());
+        self.core.request(ctx, p, Trigger::Watch, files, Vec::new());
+        self.forget_pending(ctx);
     }
 
-    /// Ask for a reload (or first start) of `id`: now if idle, queued if a job runs. A pending
-    /// retry is superseded: the newest build restarts the attempt count.
+    /// Ask for a reload (or first start) of `id`: see [`Core::request`].
     pub fn request(
         &mut self,
         ctx: &mut Ctx<'_>,
@@ -500,55 +502,10 @@ impl Supervisor {
         files: Vec<String>,
         waiters: Vec<Waiter>,
     ) {
-        let Some(p) = self.plugins.get_mut(id) else {
-            return;
-        };
-        if self.core.shutting_down || p.removing {
-            let why = if p.removing {
-                "plugin directory removed"
-            } else {
-                "the daemon is shutting down"
-            };
-            job::answer_failure(ctx, id, &waiters, why);
-            return;
+        if let Some((core, p)) = self.split(id) {
+            core.request(ctx, p, trigger, files, waiters);
         }
-        if p.wanted.is_held_down() {
-            // Nothing starts a plugin stopped by `stop ID` but `start` and `restart`, which
-            // lift the stop before they ask.
-            let why =
-                format!("plugin {id} is stopped (stop); `start {id}` or `restart {id}` starts it");
-            log::debug!("[{id}] {} not carried out: {why}", trigger.as_str());
-            job::answer_failure(ctx, id, &waiters, &why);
-            return;
-        }
-        let in_backoff = matches!(
-            p.job.as_ref().map(|j| &j.phase),
-            Some(JobPhase::Backoff { .. })
-        );
-        // An instance on its way out (stopping, or killed for failing) must be gone before the
-        // next build starts, or two instances would run where the strategy allows one.
-        let leaving = |i: &plugin::Instance| i.phase.is_leaving();
-        let busy_instance =
-            p.instance.as_ref().is_some_and(leaving) || p.retiring.as_ref().is_some_and(leaving);
-        if (p.job.is_some() && !in_backoff) || busy_instance {
-            let q = p.queued.get_or_insert_with(Queued::default);
-            // A `start`/`restart` waiting is not turned into a reload that may be a no-op.
-            if !q.trigger.is_some_and(Trigger::wants_newest_good) {
-                q.trigger = Some(trigger);
-            }
-            q.files.extend(files);
-            q.waiters.extend(waiters);
-            log::debug!("[{id}] reload queued behind the one in progress");
-            return;
-        }
-        // A job waiting in backoff is superseded by the newest build, but only once that build
-        // has passed snapshot and pre-flight (`begin` takes it over then).
-        let kind = if trigger != Trigger::Start && (p.current.is_some() || p.instance.is_some()) {
-            plugin::JobKind::Reload
-        } else {
-            plugin::JobKind::Start
-        };
-        self.begin(ctx, id, kind, trigger, files, waiters);
+        self.forget_pending(ctx);
     }
 
     /// `enable`: reload every plugin whose build changed while hot reload was off.
@@ -561,10 +518,11 @@ impl Supervisor {
             .map(|p| p.id.clone())
             .collect();
         for id in ids {
-            if let Some(p) = self.plugins.get_mut(&id) {
+            if let Some((core, p)) = self.split(&id) {
                 p.changed_while_disabled = false;
                 let exec = p.exec_path().to_string_lossy().into_owned();
-                self.request(ctx, &id, Trigger::Enable, vec![exec], Vec::new());
+                core.request(ctx, p, Trigger::Enable, vec![exec], Vec::new());
+                self.forget_pending(ctx);
             }
         }
     }
@@ -598,7 +556,9 @@ impl Supervisor {
         let current = p.current.as_ref().map(|s| s.version.as_str());
         if current != Some(version.as_str()) {
             let files = vec![exec.to_string_lossy().into_owned()];
-            self.request(ctx, id, Trigger::Rescan, files, Vec::new());
+            self.core
+                .request(ctx, p, Trigger::Rescan, files, Vec::new());
+            self.forget_pending(ctx);
         }
     }
 
@@ -608,7 +568,12 @@ impl Supervisor {
     pub fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: Timer) {
         match timer {
             Timer::Debounce(id) => self.on_debounce(ctx, &id),
-            Timer::Backoff(id) => self.on_backoff(ctx, &id),
+            Timer::Backoff(id) => {
+                if let Some((core, p)) = self.split(&id) {
+                    core.on_backoff(ctx, p);
+                }
+                self.forget_pending(ctx);
+            }
             Timer::Verify(id, seq) => self.on_verify_timer(ctx, &id, seq),
             Timer::Kill(id, seq) => self.on_kill_timer(ctx, &id, seq),
             Timer::PluginWatchdog(id, seq) => {
@@ -695,13 +660,14 @@ impl Supervisor {
             if sockets_changed {
                 self.open_listen_sockets(&id);
             }
-            let Some(p) = self.plugins.get(&id) else {
+            let Some((core, p)) = self.split(&id) else {
                 continue;
             };
             let exec = p.exec_path().to_string_lossy().into_owned();
             if p.instance.is_some() || p.current.is_some() {
                 let files = vec![exec, "hotreload.toml".into()];
-                self.request(ctx, &id, Trigger::Config, files, Vec::new());
+                core.request(ctx, p, Trigger::Config, files, Vec::new());
+                self.forget_pending(ctx);
             }
         }
     }
@@ -724,7 +690,8 @@ impl Supervisor {
                 let error = Some("the daemon is shutting down".to_string());
                 job::answer_waiters(ctx, &id, &job, false, error, self.core.host.now());
             }
-            self.stop_all_instances(ctx, &id);
+            self.core.stop_all_instances(ctx, p);
+            self.forget_pending(ctx);
             if self.plugins.get(&id).is_some_and(|p| !p.has_processes()) {
                 self.core.take_back_files(&id);
             }
@@ -741,6 +708,69 @@ impl Supervisor {
             Ok(Some(state)) => serde_json::to_value(state).unwrap_or(Value::Null),
             _ => Value::Null,
         }
+    }
+}
+
+/// Asking for a job: the start of the job loop (`job.rs`).
+impl Core {
+    /// Ask for a reload (or first start) of `p`: now if idle, queued if a job runs. A pending
+    /// retry is superseded: the newest build restarts the attempt count.
+    pub(super) fn request(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        p: &mut Plugin,
+        trigger: Trigger,
+        files: Vec<String>,
+        waiters: Vec<Waiter>,
+    ) {
+        let id = p.id.clone();
+        let id = id.as_str();
+        if self.shutting_down || p.removing {
+            let why = if p.removing {
+                "plugin directory removed"
+            } else {
+                "the daemon is shutting down"
+            };
+            job::answer_failure(ctx, id, &waiters, why);
+            return;
+        }
+        if p.wanted.is_held_down() {
+            // Nothing starts a plugin stopped by `stop ID` but `start` and `restart`, which
+            // lift the stop before they ask.
+            let why =
+                format!("plugin {id} is stopped (stop); `start {id}` or `restart {id}` starts it");
+            log::debug!("[{id}] {} not carried out: {why}", trigger.as_str());
+            job::answer_failure(ctx, id, &waiters, &why);
+            return;
+        }
+        let in_backoff = matches!(
+            p.job.as_ref().map(|j| &j.phase),
+            Some(JobPhase::Backoff { .. })
+        );
+        // An instance on its way out (stopping, or killed for failing) must be gone before the
+        // next build starts, or two instances would run where the strategy allows one.
+        let leaving = |i: &plugin::Instance| i.phase.is_leaving();
+        let busy_instance =
+            p.instance.as_ref().is_some_and(leaving) || p.retiring.as_ref().is_some_and(leaving);
+        if (p.job.is_some() && !in_backoff) || busy_instance {
+            let q = p.queued.get_or_insert_with(Queued::default);
+            // A `start`/`restart` waiting is not turned into a reload that may be a no-op.
+            if !q.trigger.is_some_and(Trigger::wants_newest_good) {
+                q.trigger = Some(trigger);
+            }
+            q.files.extend(files);
+            q.waiters.extend(waiters);
+            log::debug!("[{id}] reload queued behind the one in progress");
+            return;
+        }
+        // A job waiting in backoff is superseded by the newest build, but only once that build
+        // has passed snapshot and pre-flight (`begin` takes it over then).
+        let kind = if trigger != Trigger::Start && (p.current.is_some() || p.instance.is_some()) {
+            plugin::JobKind::Reload
+        } else {
+            plugin::JobKind::Start
+        };
+        self.begin(ctx, p, kind, trigger, files, waiters);
     }
 }
 

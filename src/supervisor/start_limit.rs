@@ -11,12 +11,12 @@
 //!
 //! [`StartLimit`] is the pure bookkeeping (it takes the time, it has no clock); the `Plugin`
 //! methods below apply it to a plugin (recording a start, the limit, the restart delay, saying
-//! that it was hit), and `Supervisor::fail_at_start_limit` leaves a crashed plugin `failed`.
+//! that it was hit), and `Core::fail_at_start_limit` leaves a crashed plugin `failed`.
 
 use std::collections::VecDeque;
 
 use super::plugin::{Job, JobKind, Plugin, Rest};
-use super::{Ctx, MAX_RETRY_DELAY_MS, Supervisor, retry_delay};
+use super::{Core, Ctx, MAX_RETRY_DELAY_MS, retry_delay};
 use crate::protocol::{Event, EventKind};
 
 /// The shortest wait before a restart after a crash, whatever `retry_delay_ms` says: with
@@ -179,24 +179,22 @@ impl Plugin {
     }
 }
 
-impl Supervisor {
+impl Core {
     /// A plugin that crashed with no job in flight and no room to restart: `failed`, with what
     /// it left in runtime.json saved.
     pub(super) fn fail_at_start_limit(
         &mut self,
         ctx: &mut Ctx<'_>,
-        id: &str,
+        p: &mut Plugin,
         version: &str,
         hit: LimitHit,
     ) {
-        if let Some((core, p)) = self.split(id) {
-            p.announce_start_limit(ctx, hit);
-            p.rest = Rest::Failed;
-            if let Err(e) = core.write_state(ctx, p, version, "stopped") {
-                log::warn!("[{id}] cannot write state file: {e}");
-            }
+        p.announce_start_limit(ctx, hit);
+        p.rest = Rest::Failed;
+        if let Err(e) = self.write_state(ctx, p, version, "stopped") {
+            log::warn!("[{}] cannot write state file: {e}", p.id);
         }
-        self.run_queued(ctx, id);
+        self.run_queued(ctx, p);
     }
 }
 
