@@ -4,6 +4,12 @@
 //! `Retiring` one that keeps serving until the new one is ready. Every instance has a sequence
 //! number; timers and reaped pids carry it, so a timer or exit that belongs to an instance that
 //! is already gone is recognised and ignored.
+//!
+//! The `Supervisor` methods here are entry points (a verify or kill timer, a reap, stragglers):
+//! each lends its plugin with `split` once, calls the `Core` method taking `&mut Plugin`, and
+//! then forgets a removed plugin whose last instance went (`forget_pending`). What follows an
+//! instance being gone (`Core::instance_gone`, `continue_after_instance`, `unexpected_exit`)
+//! chains into the job steps of `job.rs` on the same plugin.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;

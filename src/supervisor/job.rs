@@ -5,11 +5,12 @@
 //! itself (`Verifying`), or the next attempt (`Backoff`). Instances are the business of
 //! `instance.rs`; this file decides what to do with them.
 //!
-//! The steps that concern the job's plugin alone (the no-op check, keeping a retiring instance,
-//! announcing a reload, ending a failed job, running its hooks) are `Core` methods taking
-//! `&mut Plugin`; the steps that go on to stop or start instances (`prepare`, `attempt`,
-//! `succeed`, `fail_attempt`, `give_up_at`, `run_queued`) are `Supervisor` methods, each
-//! looking its plugin up once per step.
+//! Every step is a `Core` method taking the job's `&mut Plugin`, lent once by the `Supervisor`
+//! entry point that started the chain (a timer, a reap, a request): the no-op check, keeping a
+//! retiring instance, announcing a reload, ending a failed job and its hooks, as well as the
+//! steps that go on to stop or start instances (`prepare`, `attempt`, `succeed`,
+//! `fail_attempt`, `give_up_at`, `run_queued`, `schedule_restart`). None touches another
+//! plugin.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

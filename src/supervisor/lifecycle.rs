@@ -4,7 +4,7 @@
 //! `stop ID` puts the plugin in [`Wanted::Stopping`] and stops its instances; once the last one
 //! is gone it is [`Wanted::Down`]: nothing starts it on its own (a new build, `reload-config`, a
 //! crash restart, a global `enable`, a daemon restart), because every automatic start goes
-//! through `Supervisor::request`, which refuses while the stop holds. `start ID` and
+//! through `Core::request`, which refuses while the stop holds. `start ID` and
 //! `restart ID` lift the stop first and then ask like anyone else, with a trigger that makes the
 //! job start the newest good build (`Trigger::wants_newest_good`). What holds survives a daemon
 //! restart in the plugin's state file ([`ControlRecord`]).

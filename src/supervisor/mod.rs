@@ -16,15 +16,16 @@
 //! with `split(id)`; the logic that concerns that one plugin is a `Core` method taking
 //! `&mut Plugin`, or a `Plugin` method. That includes stopping, aborting and killing an
 //! instance (`Core::stop_instance`, `abort_instance`, `kill_stopping`, containment's
-//! `kill_members`, `members_alive`, `signal_escapees`): each says whether the instance is
-//! already gone. What still takes `(&mut Supervisor, id)` is what follows an instance being
-//! gone (`instance_gone`, `continue_after_instance`, `unexpected_exit`) and the job steps that
-//! chain into it (begin, prepare, attempt, success, failing an attempt, giving up, a queued
-//! reload, a crash restart, `request`, `fail_at_start_limit`, `stop_all_instances`). None of
-//! them takes a plugin out of the table while it is lent out: a removed plugin whose last
-//! instance went is recorded in `Core::to_forget`, and `instance_gone` forgets it (without a
-//! stop to settle) once the rest has returned; a removed plugin never has a job, so nothing
-//! after that point acts on it.
+//! `kill_members`, `members_alive`, `signal_escapees`), each saying whether the instance is
+//! already gone, and the whole loop that follows: what follows an instance being gone
+//! (`instance_gone`, `continue_after_instance`, `unexpected_exit`) and the job steps that chain
+//! into it (begin, prepare, attempt, success, failing an attempt, giving up, a queued reload,
+//! a crash restart, `request`, `fail_at_start_limit`, `stop_all_instances`). None of them takes
+//! a plugin out of the table, which they cannot see: a removed plugin whose last instance went
+//! is recorded in `Core::to_forget` (`instance_gone` settles no stop for it), and the entry
+//! point forgets it with `forget_pending` once it has the plugin back; a removed plugin never
+//! has a job, so nothing after that point acts on it. `Supervisor::request` stays for the
+//! daemon's `trigger` and the tests.
 //!
 //! The code is split by concern:
 //!
@@ -196,8 +197,8 @@ pub(super) struct Core {
     /// The same, for state files written while the plugin's old instance stops: due once no
     /// reload waits for that stop any more (its new instance spawned, or the reload ended).
     dir_syncs_after_stop: Vec<(String, PathBuf)>,
-    /// Removed plugins whose last instance is gone: taken out of the table (`forget`) by the
-    /// `Supervisor` method that lent the plugin out, once it has it back.
+    /// Removed plugins whose last instance is gone: taken out of the table (`forget_pending`)
+    /// by the `Supervisor` entry point that lent the plugin out, once it has it back.
     to_forget: Vec<String>,
     next_token: usize,
     next_seq: u64,
