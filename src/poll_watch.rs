@@ -283,18 +283,7 @@ const REMOTE_FS: &[(i64, &str)] = &[
 /// The name of the remote file system `dir` is on, or None for a local one (or when `statfs`
 /// fails: inotify is then tried, and says what is wrong).
 pub fn remote_fs(dir: &Path) -> Option<&'static str> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statfs is plain data; all-zero is a valid value for it.
-    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `path` is a NUL-terminated string and `buf` a valid, writable statfs that outlives
-    // the call.
-    if unsafe { libc::statfs(path.as_ptr(), &mut buf) } != 0 {
-        return None;
-    }
-    #[allow(clippy::unnecessary_cast)] // f_type's width differs between architectures
-    let magic = (buf.f_type as i64) & 0xFFFF_FFFF;
-    fs_name(magic)
+    fs_name(crate::sys::fs::fs_type(dir).ok()?)
 }
 
 fn fs_name(magic: i64) -> Option<&'static str> {

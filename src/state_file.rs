@@ -335,25 +335,9 @@ pub fn write_atomic_deferred(path: &Path, bytes: &[u8]) -> Result<Option<PathBuf
 /// Give `temp` the name `path`: `Ok(true)` when exchanged (the old file is now at `temp`),
 /// `Ok(false)` when renamed (there was no old file, or no exchange on this file system).
 fn swap_into_place(temp: &Path, path: &Path) -> io::Result<bool> {
-    let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in a path"))
-    };
-    let (from, to) = (c(temp)?, c(path)?);
-    // SAFETY: two NUL-terminated paths that outlive the call; integers otherwise.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
-    };
-    if rc == 0 {
+    let Err(error) = crate::sys::fs::rename_exchange(temp, path) else {
         return Ok(true);
-    }
-    let error = io::Error::last_os_error();
+    };
     match error.raw_os_error() {
         // No old file to exchange with; no RENAME_EXCHANGE on this file system or kernel.
         Some(libc::ENOENT | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {

@@ -9,6 +9,7 @@
 //! | `creds.rs`       | a plugin child's switch to its `user`/`group` before exec          |
 //! | `process.rs`     | pids, signals, pidfds, subreaper, the descriptor limit, boot time  |
 //! | `fd.rs`          | pipes, descriptor flags and numbers, reads of raw descriptors      |
+//! | `fs.rs`          | `renameat2(RENAME_EXCHANGE)`, the file-system type (`statfs`)      |
 //! | `socket.rs`      | socket options and `recvmsg` with credentials and passed fds       |
 //! | `socket_file.rs` | a Unix socket's file: claim, stale-file probe, remove if still ours |
 //! | `xattr.rs`       | extended attributes (the cgroup delegation marker)                 |
@@ -38,6 +39,7 @@ macro_rules! syscall {
 pub mod child;
 pub mod creds;
 pub mod fd;
+pub mod fs;
 pub mod process;
 pub mod socket;
 pub mod socket_file;

@@ -98,6 +98,18 @@ fn sigkill_of_the_daemon_at_random_points_of_reloads_never_leaves_state_json_tor
         d.wait_exit(TIMEOUT);
         kills += 1;
         let started = started_versions(&mut sub);
+        // The next daemon refuses to start (exit 71, "another hotreloadd is already listening")
+        // while a listener of the killed one still answers, which was seen for a few ms after
+        // the kill under load; this test is about state.json, so it waits for that to pass.
+        wait_until(
+            TIMEOUT,
+            "the killed daemon's control socket to stop answering",
+            || {
+                std::os::unix::net::UnixStream::connect(&d.socket)
+                    .is_err()
+                    .then_some(())
+            },
+        );
         let path = d.state_file("p1");
         let bytes = fs::read(&path)
             .unwrap_or_else(|e| panic!("kill {kills}: {} must exist: {e}", path.display()));
