@@ -1274,23 +1274,16 @@ fn decode_root(
     let may_be_dir = mask.contains(EventMask::ISDIR)
         || !arrived
         || std::fs::symlink_metadata(root.join(name)).is_ok_and(|m| m.file_type().is_symlink());
-    if !may_be_dir {
+    let why_not = if !may_be_dir {
+        Some("not a plugin directory (a file in plugins_dir)")
+    } else if !matchers.is_plugin_dir_name(name) {
+        Some("directory name matches no watch_patterns glob")
+    } else {
+        None
+    };
+    if let Some(reason) = why_not {
         if explain {
-            out.push(ignored(
-                None,
-                root.join(name),
-                "not a plugin directory (a file in plugins_dir)".into(),
-            ));
-        }
-        return;
-    }
-    if !matchers.is_plugin_dir_name(name) {
-        if explain {
-            out.push(ignored(
-                None,
-                root.join(name),
-                "directory name matches no watch_patterns glob".into(),
-            ));
+            out.push(ignored(None, root.join(name), reason.to_owned()));
         }
         return;
     }
