@@ -1046,21 +1046,8 @@ fn inotify_watch_limit_reached_still_supervises_every_plugin() {
             "needs unshare -U -r (user namespaces)",
         );
     }
-    // A user namespace has its own inotify limits: the machine's stay as they are. Three
-    // watches: the plugins dir, p1 and p2; p3 and anything later cannot be watched.
-    let limited = "echo 3 >/proc/sys/user/max_inotify_watches && exec \"$0\" \"$@\"";
-    d.launch_via_shell(&format!(
-        "exec unshare -U -r sh -c {} \"$0\" \"$@\"",
-        crate::util::sh_quote(limited)
-    ));
-    for id in ["p1", "p2", "p3"] {
-        d.install(id, &Script::new("v1"));
-    }
-    d.start();
-    for id in ["p1", "p2", "p3"] {
-        d.wait_started(id, "v1");
-        d.wait_state(id, "running");
-    }
+    // p3 and anything later cannot be watched.
+    d.start_with_three_inotify_watches();
     let log = d.stderr_text();
     assert!(
         log.contains("max_user_watches"),

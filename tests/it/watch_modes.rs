@@ -146,20 +146,7 @@ fn auto_polls_the_directories_inotify_has_no_watch_left_for() {
     }
     let config = Config::new().set("hot_reload.poll_interval_ms", json!(POLL_MS));
     let mut d = Daemon::with_config(&config);
-    // As in faults.rs: three watches (the plugins dir, p1, p2); p3 gets none.
-    let limited = "echo 3 >/proc/sys/user/max_inotify_watches && exec \"$0\" \"$@\"";
-    d.launch_via_shell(&format!(
-        "exec unshare -U -r sh -c {} \"$0\" \"$@\"",
-        sh_quote(limited)
-    ));
-    for id in ["p1", "p2", "p3"] {
-        d.install(id, &Script::new("v1"));
-    }
-    d.start();
-    for id in ["p1", "p2", "p3"] {
-        d.wait_started(id, "v1");
-        d.wait_state(id, "running");
-    }
+    d.start_with_three_inotify_watches();
     let status = d.status();
     assert_eq!(status["hot_reload"]["watch_mode"], "auto", "{status}");
     assert_eq!(status["hot_reload"]["polled_directories"], 1, "{status}");

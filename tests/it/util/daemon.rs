@@ -328,6 +328,25 @@ impl Daemon {
         self.launch.wrapper = Some(format!("{prelude}; exec \"$0\" \"$@\""));
     }
 
+    /// Starts the daemon in a user namespace of its own whose inotify allows three watches (the
+    /// plugins dir, p1 and p2; the machine's limits stay as they are), with plugins p1, p2 and p3
+    /// installed, and waits until all three run `v1`: p3's dir is the one with no watch left.
+    pub fn start_with_three_inotify_watches(&mut self) {
+        let limited = "echo 3 >/proc/sys/user/max_inotify_watches && exec \"$0\" \"$@\"";
+        self.launch_via_shell(&format!(
+            "exec unshare -U -r sh -c {} \"$0\" \"$@\"",
+            super::sh_quote(limited)
+        ));
+        for id in ["p1", "p2", "p3"] {
+            self.install(id, &Script::new("v1"));
+        }
+        self.start();
+        for id in ["p1", "p2", "p3"] {
+            self.wait_started(id, "v1");
+            self.wait_state(id, "running");
+        }
+    }
+
     /// Launches the daemon as `program args... hotreloadd <daemon args>` (e.g. through
     /// `systemd-socket-activate`), with the test environment.
     pub fn launch_via_program(&mut self, program: impl Into<OsString>, args: &[OsString]) {
