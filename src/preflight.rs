@@ -3,7 +3,8 @@
 //! A reload stops the running instance only after the new build has passed this check (SPEC §5),
 //! so a half-copied binary, a build for another architecture or a script whose interpreter is
 //! missing fails the reload while the old instance keeps serving. The check runs on the snapshot
-//! (the bytes that will be executed), not on the build in the plugin dir, which may change again.
+//! (the bytes that will be executed, on disk or staged to be written), not on the build in the
+//! plugin dir, which may change again.
 //!
 //! It reads only the headers: at most 257 bytes at the start, the program header table (which the
 //! kernel caps at 64 KiB) and, for dynamically linked binaries, the interpreter path. Section
@@ -244,22 +245,57 @@ pub fn check(path: &Path) -> Result<(), PreflightError> {
     })
 }
 
+/// [`check`] of a snapshot that is not written yet: `bytes` with permission bits `mode` are
+/// what the daemon will write at `path` (named in the error).
+pub fn check_staged(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PreflightError> {
+    check_content(&Staged(bytes), bytes.len() as u64, mode).map_err(|problem| PreflightError {
+        path: path.to_path_buf(),
+        problem,
+    })
+}
+
 fn check_file(path: &Path) -> Result<(), Problem> {
     // A snapshot is a file the daemon wrote: a symlink in its place was planted (SPEC §2).
     let (file, meta) = open_regular(path, libc::O_NOFOLLOW).map_err(open_problem)?;
-    let len = meta.len();
+    check_content(&file, meta.len(), meta.permissions().mode())
+}
+
+/// Where the checked bytes come from: the snapshot file, or the bytes about to be written to it.
+trait Content {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+}
+
+impl Content for File {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        FileExt::read_at(self, buf, offset)
+    }
+}
+
+/// The bytes of a staged snapshot.
+struct Staged<'a>(&'a [u8]);
+
+impl Content for Staged<'_> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let bytes = self.0;
+        let start = usize::try_from(offset).map_or(bytes.len(), |o| o.min(bytes.len()));
+        let n = buf.len().min(bytes.len() - start);
+        buf[..n].copy_from_slice(&bytes[start..start + n]);
+        Ok(n)
+    }
+}
+
+fn check_content(file: &dyn Content, len: u64, mode: u32) -> Result<(), Problem> {
     if len == 0 {
         return Err(Problem::Empty);
     }
-    let mode = meta.permissions().mode();
     if mode & 0o111 == 0 {
         return Err(Problem::NotExecutable {
             mode: mode & 0o7777,
         });
     }
-    let head = read_at_most(&file, 0, HEAD_LEN)?;
+    let head = read_at_most(file, 0, HEAD_LEN)?;
     if head.starts_with(ELF_MAGIC) {
-        check_elf(&file, &head, len)
+        check_elf(file, &head, len)
     } else if head.starts_with(b"#!") {
         check_script(&head)
     } else {
@@ -285,7 +321,7 @@ fn io_problem(e: io::Error) -> Problem {
 }
 
 /// Read up to `len` bytes at `offset`; fewer only at end of file.
-fn read_at_most(file: &File, offset: u64, len: usize) -> Result<Vec<u8>, Problem> {
+fn read_at_most(file: &dyn Content, offset: u64, len: usize) -> Result<Vec<u8>, Problem> {
     let mut buf = vec![0u8; len];
     let mut filled = 0;
     while filled < len {
@@ -302,7 +338,7 @@ fn read_at_most(file: &File, offset: u64, len: usize) -> Result<Vec<u8>, Problem
 
 /// Read exactly `len` bytes at `offset`; the caller has checked they lie within the file, so a
 /// short read means the file shrank under us.
-fn read_exact(file: &File, offset: u64, len: u64, what: &str) -> Result<Vec<u8>, Problem> {
+fn read_exact(file: &dyn Content, offset: u64, len: u64, what: &str) -> Result<Vec<u8>, Problem> {
     let want = usize::try_from(len)
         .map_err(|_| Problem::ElfMalformed(format!("{what} of {len} bytes is too large")))?;
     let buf = read_at_most(file, offset, want)?;
@@ -393,7 +429,7 @@ struct Segment {
     filesz: u64,
 }
 
-fn check_elf(file: &File, head: &[u8], len: u64) -> Result<(), Problem> {
+fn check_elf(file: &dyn Content, head: &[u8], len: u64) -> Result<(), Problem> {
     let layout = check_ident(head)?;
     if len < layout.header_size() {
         return Err(Problem::ElfTruncated(format!(
@@ -419,7 +455,7 @@ fn check_elf(file: &File, head: &[u8], len: u64) -> Result<(), Problem> {
 
 /// Check that the section header table, the program header table and every loadable segment lie
 /// within the file, and that a dynamic loader named in `PT_INTERP` exists.
-fn check_tables(file: &File, layout: Layout, head: &[u8], len: u64) -> Result<(), Problem> {
+fn check_tables(file: &dyn Content, layout: Layout, head: &[u8], len: u64) -> Result<(), Problem> {
     let header = parse_header(layout, head)?;
     let shnum = check_section_table(file, layout, &header, len)?;
     let segments = read_segments(file, layout, &header, shnum, len)?;
@@ -474,7 +510,7 @@ fn parse_header(layout: Layout, head: &[u8]) -> Result<Header, Problem> {
 /// Bounds-check the section header table and return the real section count (`e_shnum`, or section
 /// 0's `sh_size` under extended numbering).
 fn check_section_table(
-    file: &File,
+    file: &dyn Content,
     layout: Layout,
     header: &Header,
     len: u64,
@@ -507,7 +543,7 @@ fn check_section_table(
 
 /// Read the program header table (after bounds checks) and decode every entry.
 fn read_segments(
-    file: &File,
+    file: &dyn Content,
     layout: Layout,
     header: &Header,
     shnum: u64,
@@ -564,7 +600,7 @@ fn decode_segment(layout: Layout, entry: &[u8]) -> Result<Segment, Problem> {
 }
 
 /// Every loadable segment's file bytes must be in the file; a dynamic loader must exist.
-fn check_segments(file: &File, segments: &[Segment], len: u64) -> Result<(), Problem> {
+fn check_segments(file: &dyn Content, segments: &[Segment], len: u64) -> Result<(), Problem> {
     for segment in segments.iter().filter(|s| s.kind == PT_LOAD) {
         check_range("segment", segment.offset, segment.filesz, len)?;
     }
@@ -575,7 +611,7 @@ fn check_segments(file: &File, segments: &[Segment], len: u64) -> Result<(), Pro
     Ok(())
 }
 
-fn check_elf_interpreter(file: &File, segment: &Segment) -> Result<(), Problem> {
+fn check_elf_interpreter(file: &dyn Content, segment: &Segment) -> Result<(), Problem> {
     if segment.filesz < 2 || segment.filesz > MAX_INTERP_LEN {
         return Err(Problem::ElfMalformed(format!(
             "interpreter path of {} bytes",
@@ -1201,5 +1237,29 @@ mod tests {
             err.to_string().contains("truncated ELF: segment at offset"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn staged_bytes_get_the_same_verdict_as_the_file_they_become() {
+        let t = TestDir::new("preflight-staged");
+        let binary = native_binary();
+        let mut truncated = binary.clone();
+        truncated.truncate(binary.len() / 2);
+        let cases: [(&str, &[u8], u32); 7] = [
+            ("binary", &binary, 0o700),
+            ("truncated", &truncated, 0o700),
+            ("not-executable", &binary, 0o600),
+            ("empty", b"", 0o700),
+            ("script", b"#!/bin/sh\necho hi\n", 0o700),
+            ("dos-script", b"#!/bin/sh\r\necho hi\r\n", 0o700),
+            ("text", b"hello world\n", 0o700),
+        ];
+        for (name, bytes, mode) in cases {
+            let path = t.join(name);
+            write_mode(&path, bytes, mode);
+            let from_file = check(&path).map_err(|e| e.to_string());
+            let from_bytes = check_staged(&path, bytes, mode).map_err(|e| e.to_string());
+            assert_eq!(from_bytes, from_file, "{name}");
+        }
     }
 }

@@ -28,7 +28,7 @@ use crate::clock;
 use crate::config::RunAs;
 use crate::hooks::{self, HookContext, HookError, HookKind, HookRun};
 use crate::preflight::{self, PreflightError};
-use crate::snapshot::{self, Snapshot, SnapshotError};
+use crate::snapshot::{self, Snapshot, SnapshotError, Snapshotter};
 use crate::state_file::{self, PluginState, RuntimeRead, StateError};
 use crate::wheel::TimerId;
 
@@ -77,6 +77,17 @@ pub trait Host {
     // -- builds
     /// Copy the plugin's executable into its snapshot dir (`snapshot::take`).
     fn snapshot(&mut self, exec: &Path, dir: &Path) -> Result<Snapshot, SnapshotError>;
+    /// Like [`Host::snapshot`], but the copy may be only read, hashed and given its blocks
+    /// (`Snapshotter::stage`): [`Host::preflight`] checks those bytes, and the file is there
+    /// once [`Host::finish_snapshot`] has written it, while the old instance exits.
+    fn stage_snapshot(&mut self, exec: &Path, dir: &Path) -> Result<Snapshot, SnapshotError>;
+    /// Write the staged snapshot `path` (dropping any other); an earlier failure to write it
+    /// is reported again.
+    fn finish_snapshot(&mut self, path: &Path) -> Result<(), SnapshotError>;
+    /// Whether memory is held for staging snapshots.
+    fn snapshot_buffer_held(&self) -> bool;
+    /// Free the staging memory (after a while without reloads).
+    fn release_snapshot_buffer(&mut self);
     /// The content version of the executable, without copying it.
     fn version_of(&self, exec: &Path) -> Result<String, SnapshotError>;
     /// Remove the snapshots of a plugin but those named in `keep`.
@@ -158,6 +169,7 @@ pub trait Host {
 #[derive(Debug)]
 pub struct OsHost {
     contain: Containment,
+    snapshots: Snapshotter,
     /// Previous contents of state files exchanged out of the way by deferred writes, by state
     /// file: removed when its fsyncs are done (`sync_state`), off the reload's path.
     replaced: Vec<(PathBuf, PathBuf)>,
@@ -167,6 +179,7 @@ impl OsHost {
     pub fn new(runtime_dir: &Path, plugins_state: &Path) -> OsHost {
         OsHost {
             contain: Containment::new(runtime_dir, plugins_state),
+            snapshots: Snapshotter::new(),
             replaced: Vec::new(),
         }
     }
@@ -182,7 +195,24 @@ impl Host for OsHost {
     }
 
     fn snapshot(&mut self, exec: &Path, dir: &Path) -> Result<Snapshot, SnapshotError> {
+        self.snapshots.discard();
         snapshot::take(exec, dir)
+    }
+
+    fn stage_snapshot(&mut self, exec: &Path, dir: &Path) -> Result<Snapshot, SnapshotError> {
+        self.snapshots.stage(exec, dir)
+    }
+
+    fn finish_snapshot(&mut self, path: &Path) -> Result<(), SnapshotError> {
+        self.snapshots.finish(path)
+    }
+
+    fn snapshot_buffer_held(&self) -> bool {
+        self.snapshots.held() > 0
+    }
+
+    fn release_snapshot_buffer(&mut self) {
+        self.snapshots.release();
     }
 
     fn version_of(&self, exec: &Path) -> Result<String, SnapshotError> {
@@ -202,6 +232,9 @@ impl Host for OsHost {
     }
 
     fn preflight(&mut self, build: &Path) -> Result<(), PreflightError> {
+        if let Some((bytes, mode)) = self.snapshots.staged(build) {
+            return preflight::check_staged(build, bytes, mode);
+        }
         preflight::check(build)
     }
 

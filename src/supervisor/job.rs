@@ -68,7 +68,17 @@ impl Core {
         }
         let exec = p.exec_path();
         let snap_dir = self.snapshot_dir(id);
-        match self.host.snapshot(&exec, &snap_dir) {
+        // With an instance to stop first, the copy is only staged here and written while it
+        // exits (`finish_staged_snapshot`): the version and the pre-flight check, which must
+        // come before the stop, need the bytes, not the file.
+        let staged = p.instance.is_some();
+        let taken = if staged {
+            self.note_staging(ctx);
+            self.host.stage_snapshot(&exec, &snap_dir)
+        } else {
+            self.host.snapshot(&exec, &snap_dir)
+        };
+        match taken {
             Ok(s) => {
                 job.target = Snap {
                     version: s.version,
@@ -147,6 +157,18 @@ impl Core {
         } else {
             self.attempt(ctx, p);
         }
+        if staged {
+            self.finish_staged_snapshot(p);
+        }
+    }
+
+    /// The old instance has been asked to stop: write the staged copy while it exits. A failure
+    /// is remembered by the host and fails the attempt to start it (`try_start`).
+    fn finish_staged_snapshot(&mut self, p: &Plugin) {
+        let Some(job) = p.job.as_ref() else { return };
+        if let Err(e) = self.host.finish_snapshot(&job.target.path) {
+            log::debug!("[{}] {e}", p.id);
+        }
     }
 
     /// The build could not be copied (the runtime dir full, the file gone between the event and
@@ -211,6 +233,9 @@ impl Core {
 
     fn try_start(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin) -> Result<(), AttemptError> {
         let target = p.job.as_ref().ok_or("no job")?.target.clone();
+        self.host
+            .finish_snapshot(&target.path)
+            .map_err(|e| format!("cannot snapshot the build: {e}"))?;
         self.prepare_state(ctx, p, &target.version)?;
         let seq = self.spawn_instance(ctx, p, &target)?;
         if let Some(job) = p.job.as_mut() {

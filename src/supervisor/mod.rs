@@ -123,6 +123,8 @@ pub enum Timer {
     Watchdog,
     /// Look again for a missing plugins dir (not a plugin timer; routed by the daemon).
     PluginsDir,
+    /// Free the memory that stages snapshots, if no reload used it for a while.
+    ReleaseSnapshotBuffer,
 }
 
 /// What the supervisor produced for the outside world during one call.
@@ -204,6 +206,11 @@ pub(super) struct Core {
     next_seq: u64,
     totals: Totals,
     shutting_down: bool,
+    /// When a reload last staged a snapshot in memory, and the timer that frees that memory
+    /// once none has for `SNAPSHOT_BUFFER_KEEP_MS` (armed only while memory is held, so an
+    /// idle daemon has no timer for it).
+    last_staged_ms: u64,
+    release_timer: Option<TimerId>,
     snapshots_dir: PathBuf,
     notify_dir: PathBuf,
     state_dir: PathBuf,
@@ -211,9 +218,34 @@ pub(super) struct Core {
     host: Box<dyn Host>,
 }
 
+/// How long the memory that stages snapshots is kept after the last reload that used it: a
+/// build loop reloads every few seconds, and faulting the buffer in again costs as much as
+/// copying into it.
+const SNAPSHOT_BUFFER_KEEP_MS: u64 = 30_000;
+
 impl Core {
     fn snapshot_dir(&self, id: &str) -> PathBuf {
         self.snapshots_dir.join(id)
+    }
+
+    /// A reload stages a snapshot: keep the buffer for a while, and arm the timer that frees it.
+    fn note_staging(&mut self, ctx: &mut Ctx<'_>) {
+        self.last_staged_ms = ctx.now_ms;
+        if self.release_timer.is_none() {
+            let timer = ctx.arm(SNAPSHOT_BUFFER_KEEP_MS, Timer::ReleaseSnapshotBuffer);
+            self.release_timer = Some(timer);
+        }
+    }
+
+    fn on_release_timer(&mut self, ctx: &mut Ctx<'_>) {
+        self.release_timer = None;
+        let idle = ctx.now_ms.saturating_sub(self.last_staged_ms);
+        if idle < SNAPSHOT_BUFFER_KEEP_MS {
+            let timer = ctx.arm(SNAPSHOT_BUFFER_KEEP_MS - idle, Timer::ReleaseSnapshotBuffer);
+            self.release_timer = Some(timer);
+        } else {
+            self.host.release_snapshot_buffer();
+        }
     }
 
     fn new_token(&mut self) -> Token {
@@ -246,6 +278,8 @@ impl Supervisor {
             next_seq: 0,
             totals: Totals::default(),
             shutting_down: false,
+            last_staged_ms: 0,
+            release_timer: None,
             snapshots_dir: runtime_dir.join("snapshots"),
             notify_dir: runtime_dir.join("notify"),
             state_dir: state_dir.join("plugins"),
@@ -583,6 +617,7 @@ impl Supervisor {
                 }
             }
             Timer::HookTimeout(pid) => self.on_hook_timeout(ctx, Pid::from_raw(pid)),
+            Timer::ReleaseSnapshotBuffer => self.core.on_release_timer(ctx),
             Timer::Watchdog | Timer::PluginsDir => {}
         }
     }

@@ -301,7 +301,13 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
             found = Tree::new().subtree(&[me]);
         }
-        let env = crate::supervisor::procs::environ_var(pid, "HRTEST_MARK");
+        // `spawn` returns once the child's close-on-exec pipe closes, which is before the kernel
+        // has set up the new program's environment: until then `environ` reads empty.
+        let mut env = environ_var(pid, "HRTEST_MARK");
+        while env.is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            env = environ_var(pid, "HRTEST_MARK");
+        }
         let _ = child.kill();
         let _ = child.wait();
         assert!(found.contains(&pid), "{pid} in {found:?}");

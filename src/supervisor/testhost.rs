@@ -34,6 +34,8 @@ pub const FIRST_PID: i32 = 5_000_000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
     Snapshot(PathBuf),
+    /// The staged copy of this version was written.
+    SnapshotWritten(String),
     Preflight(String),
     Spawn {
         pid: i32,
@@ -70,6 +72,13 @@ pub struct World {
     pub builds: HashMap<PathBuf, String>,
     /// The next this many copies fail (the runtime dir full).
     pub copy_failures: u32,
+    /// Writes of a staged snapshot that fail (EIO) before one works.
+    pub write_failures: u32,
+    /// The snapshot staged and not yet written, and the one whose write failed.
+    pub staged: Option<PathBuf>,
+    pub failed_write: Option<PathBuf>,
+    /// Whether staging memory is held (stage_snapshot sets it, release clears it).
+    pub buffer_held: bool,
     /// Versions the pre-flight check refuses.
     pub refused: HashSet<String>,
     /// Versions whose spawn fails (exec error).
@@ -95,6 +104,10 @@ impl World {
             elapsed_ms: 0,
             builds: HashMap::new(),
             copy_failures: 0,
+            write_failures: 0,
+            staged: None,
+            failed_write: None,
+            buffer_held: false,
             refused: HashSet::new(),
             unspawnable: HashSet::new(),
             members_alive: HashSet::new(),
@@ -162,6 +175,49 @@ impl Host for FakeHost {
             version,
             len: 1,
         })
+    }
+
+    fn stage_snapshot(&mut self, exec: &Path, dir: &Path) -> Result<Snapshot, SnapshotError> {
+        let snapshot = self.snapshot(exec, dir)?;
+        let mut w = self.0.borrow_mut();
+        w.buffer_held = true;
+        w.staged = Some(snapshot.path.clone());
+        w.failed_write = None;
+        Ok(snapshot)
+    }
+
+    fn finish_snapshot(&mut self, path: &Path) -> Result<(), SnapshotError> {
+        let mut w = self.0.borrow_mut();
+        let eio = || SnapshotError::Write {
+            path: path.to_path_buf(),
+            dir: path.parent().unwrap_or(path).to_path_buf(),
+            source: io::Error::from_raw_os_error(libc::EIO),
+        };
+        match w.staged.take() {
+            Some(staged) if staged == path => {
+                if w.write_failures > 0 {
+                    w.write_failures -= 1;
+                    w.failed_write = Some(staged);
+                    return Err(eio());
+                }
+                let version = staged
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                w.calls.push(Call::SnapshotWritten(version));
+                Ok(())
+            }
+            _ if w.failed_write.as_deref() == Some(path) => Err(eio()),
+            _ => Ok(()),
+        }
+    }
+
+    fn snapshot_buffer_held(&self) -> bool {
+        self.0.borrow().buffer_held
+    }
+
+    fn release_snapshot_buffer(&mut self) {
+        self.0.borrow_mut().buffer_held = false;
     }
 
     fn version_of(&self, exec: &Path) -> Result<String, SnapshotError> {

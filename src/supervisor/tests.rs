@@ -2522,3 +2522,77 @@ fn a_failed_deferred_fsync_of_state_json_writes_it_again_durably() {
         .unwrap();
     assert!(spawn < rewrite, "{calls:?}");
 }
+
+#[test]
+fn a_reload_writes_its_staged_copy_after_asking_the_old_instance_to_stop() {
+    let mut r = Rig::new("");
+    let old = r.running("p1", "v1");
+    r.clear();
+    r.deploy("p1", "v2");
+    let calls = r.calls();
+    let at = |want: &dyn Fn(&Call) -> bool| calls.iter().position(want);
+    let preflight = at(&|c| *c == Call::Preflight("v2".into()));
+    let stop =
+        at(&|c| matches!(c, Call::SignalGroup { pgid, sig } if *pgid == old && *sig == SIGTERM));
+    let written = at(&|c| *c == Call::SnapshotWritten("v2".into()));
+    assert!(preflight.is_some() && preflight < stop, "{calls:?}");
+    assert!(stop.is_some() && stop < written, "{calls:?}");
+    r.terminated(old);
+    assert_eq!(r.spawned()[0].1, "v2");
+    r.advance(50);
+    assert_eq!(r.state("p1"), "running");
+}
+
+#[test]
+fn a_first_start_copies_its_build_at_once_and_holds_no_staging_memory() {
+    let mut r = Rig::new("");
+    r.running("p1", "v1");
+    assert!(!r.calls().contains(&Call::SnapshotWritten("v1".into())));
+    assert!(!r.world.borrow().buffer_held);
+}
+
+#[test]
+fn a_staged_copy_that_cannot_be_written_fails_the_attempts_and_rolls_back() {
+    let mut r = Rig::new("");
+    let old = r.running("p1", "v1");
+    r.world.borrow_mut().write_failures = 1;
+    r.deploy("p1", "v2");
+    r.terminated(old);
+    assert!(
+        r.spawned().iter().all(|(_, v)| v != "v2"),
+        "{:?}",
+        r.spawned()
+    );
+    assert!(
+        r.last_error("p1").contains("cannot snapshot the build"),
+        "{}",
+        r.last_error("p1")
+    );
+    // Each retry reports the same failed write; then the last good build runs again.
+    r.advance(100);
+    r.advance(200);
+    r.advance(50);
+    assert_eq!(r.version("p1").as_deref(), Some("v1"));
+    assert_eq!(r.state("p1"), "running");
+    assert_eq!(r.count("rolled_back"), 1, "{:?}", r.names());
+}
+
+#[test]
+fn the_staging_memory_is_freed_once_no_reload_used_it_for_thirty_seconds() {
+    let mut r = Rig::new("");
+    let old = r.running("p1", "v1");
+    r.deploy("p1", "v2");
+    r.terminated(old);
+    assert!(r.world.borrow().buffer_held);
+    r.advance(20_000);
+    let old = r.pid("p1").unwrap();
+    r.deploy("p1", "v3");
+    r.terminated(old);
+    r.advance(29_000);
+    assert!(
+        r.world.borrow().buffer_held,
+        "kept 30 s after the last reload"
+    );
+    r.advance(1_000);
+    assert!(!r.world.borrow().buffer_held);
+}
