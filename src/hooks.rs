@@ -224,6 +224,7 @@ fn spawn_with_environment(
             parent: parent.as_raw(),
             new_session: false,
             nofile_soft: 0,
+            signals: crate::sys::child::non_default_signals(),
         },
     );
     let child = command.spawn().map_err(|source| HookError::Spawn {

@@ -90,6 +90,8 @@ fn parent_pid() -> libc::pid_t {
 }
 
 pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
+    // Read in the parent: the child only looks the set up (`prepare_child`).
+    sys::child::non_default_signals();
     let fail = |source: io::Error| SpawnError {
         program: spec.program.to_path_buf(),
         source,
@@ -585,6 +587,7 @@ fn prepare_child(daemon: libc::pid_t, nofile_soft: u64) -> io::Result<()> {
         parent: daemon,
         new_session: true,
         nofile_soft,
+        signals: sys::child::non_default_signals_read(),
     }
     .apply()
 }

@@ -14,6 +14,7 @@
 use std::io;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
+use std::sync::OnceLock;
 
 /// What a child needs besides the common reset.
 #[derive(Clone, Copy, Debug)]
@@ -27,6 +28,43 @@ pub struct ChildReset {
     pub new_session: bool,
     /// The soft `RLIMIT_NOFILE` to restore (the daemon raised its own); 0 leaves it.
     pub nofile_soft: u64,
+    /// The signals to give back their default disposition: [`non_default_signals`], read in
+    /// the parent.
+    pub signals: SignalSet,
+}
+
+/// Classic signals (1-31) as bits.
+pub type SignalSet = u32;
+
+static NON_DEFAULT: OnceLock<SignalSet> = OnceLock::new();
+
+/// The classic signals whose disposition in the daemon is not `SIG_DFL`: those it catches
+/// (signal-hook's, Rust's stack-overflow handler) or ignores (SIGPIPE, anything inherited
+/// ignored). Read once, at the first spawn: the daemon sets its dispositions at start-up and
+/// never again. A child resets only these (the rest already are default), which spares a plugin
+/// start some 25 system calls on the path of every reload.
+pub fn non_default_signals() -> SignalSet {
+    *NON_DEFAULT.get_or_init(|| {
+        (1..32)
+            .filter(|&signal| signal != libc::SIGKILL && signal != libc::SIGSTOP)
+            .filter(|&signal| !has_default_disposition(signal))
+            .fold(0, |set, signal| set | (1 << signal))
+    })
+}
+
+/// [`non_default_signals`] as read already, for a child (which must not run the one-time
+/// initialisation in memory it shares with the daemon); every classic signal if it was not.
+pub fn non_default_signals_read() -> SignalSet {
+    NON_DEFAULT.get().copied().unwrap_or(SignalSet::MAX)
+}
+
+/// False also when the disposition cannot be read: resetting it costs one system call.
+fn has_default_disposition(signal: libc::c_int) -> bool {
+    // SAFETY: a zeroed sigaction is valid storage for the old action; no new action is set.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(signal, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_DFL
+    }
 }
 
 impl ChildReset {
@@ -57,7 +95,7 @@ impl ChildReset {
         if unsafe { libc::getppid() } != self.parent {
             return Err(io::Error::from_raw_os_error(libc::ESRCH));
         }
-        reset_signals();
+        reset_signals(self.signals);
         mark_inherited_fds_cloexec(3);
         Ok(())
     }
@@ -72,11 +110,13 @@ pub fn reset_before_exec(command: &mut Command, reset: ChildReset) {
     }
 }
 
-/// Default dispositions for the classic signals (caught ones are reset by `execve` itself; 32
-/// and up are glibc-internal or real-time) and an empty signal mask.
-fn reset_signals() {
+/// Default dispositions for the classic signals in `signals` and an empty signal mask. Caught
+/// signals are reset by `execve` too, but not before the mask is emptied here: a signal
+/// arriving then must not run the daemon's handler in a child that shares its memory. 32 and up
+/// are glibc-internal or real-time.
+fn reset_signals(signals: SignalSet) {
     for signal in 1..32 {
-        if signal != libc::SIGKILL && signal != libc::SIGSTOP {
+        if signals & (1 << signal) != 0 {
             // SAFETY: SIG_DFL installs no handler code; `signal` is async-signal-safe.
             unsafe { libc::signal(signal, libc::SIG_DFL) };
         }
