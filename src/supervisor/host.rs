@@ -233,7 +233,7 @@ impl Host for OsHost {
 
     fn preflight(&mut self, build: &Path) -> Result<(), PreflightError> {
         if let Some((bytes, mode)) = self.snapshots.staged(build) {
-            return preflight::check_staged(build, bytes, mode);
+            return preflight::check_staged(build, &[bytes], mode);
         }
         preflight::check(build)
     }

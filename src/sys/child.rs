@@ -63,7 +63,8 @@ fn has_default_disposition(signal: libc::c_int) -> bool {
     // SAFETY: a zeroed sigaction is valid storage for the old action; no new action is set.
     unsafe {
         let mut old: libc::sigaction = std::mem::zeroed();
-        libc::sigaction(signal, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_DFL
+        libc::sigaction(signal, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_DFL
     }
 }
 

@@ -50,6 +50,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::fsutil::{self, RemovalWords, create_private_dir_for};
 use crate::private_dir::UnsafeDir;
 
+mod stage;
+
+pub use stage::Snapshotter;
+#[cfg(test)]
+use stage::{STAGE_MAX, read_whole};
+
 /// Copy buffer: large enough for BLAKE3's SIMD paths to run at full speed and for few syscalls,
 /// small enough to stay in L2.
 const BUF_SIZE: usize = 128 * 1024;
@@ -234,239 +240,6 @@ fn take_open(
     copied
 }
 
-/// Create the snapshot dir `dir` if missing; refuse one that is not ours alone.
-fn create_snapshot_dir(dir: &Path) -> Result<(), SnapshotError> {
-    create_private_dir_for("snapshot directory", dir).map_err(|source| SnapshotError::CreateDir {
-        dir: dir.to_path_buf(),
-        source,
-    })
-}
-
-/// Builds up to this size are staged in memory by [`Snapshotter::stage`]; a larger one is
-/// copied at once, by [`take`].
-const STAGE_MAX: u64 = 16 << 20;
-
-/// From this size [`take`] copies with `copy_file_range` on a helper thread while the calling
-/// thread hashes what is already copied; below it one thread copying and hashing is faster (the
-/// helper costs more to start than it saves).
-const PARALLEL_MIN: u64 = 4 << 20;
-
-/// How much the helper copies between two reports of progress.
-const PARALLEL_CHUNK: usize = 1 << 20;
-
-/// Takes snapshots, and keeps what a reload needs between reading a build and writing its copy.
-///
-/// A reload must know a build's version (is it new?) and check it (pre-flight) before it may
-/// stop the running instance; it needs the copy on disk only to start the new one. So
-/// [`stage`](Snapshotter::stage) reads and hashes the build into memory and reserves the copy's
-/// blocks (`fallocate`: a full disk fails here, while nothing has been stopped), the pre-flight
-/// check runs on those bytes, and [`finish`](Snapshotter::finish) writes them while the old
-/// instance exits. The snapshot on disk is exactly the bytes that were hashed and checked: the
-/// build is read once.
-///
-/// The buffer stays allocated between reloads (its pages already faulted in, which on a VM
-/// costs as much as the copy) until [`release`](Snapshotter::release).
-#[derive(Default)]
-pub struct Snapshotter {
-    buf: Vec<u8>,
-    pending: Option<Pending>,
-    /// The last write that failed: what [`finish`](Snapshotter::finish) reports when it is
-    /// asked for that snapshot again.
-    failed: Option<Failed>,
-}
-
-/// A staged snapshot whose write failed.
-#[derive(Debug)]
-struct Failed {
-    path: PathBuf,
-    source: PathBuf,
-    dir: PathBuf,
-    error: String,
-}
-
-/// A staged snapshot whose bytes (the first `len` of the buffer) are not written yet.
-struct Pending {
-    source: PathBuf,
-    dir: PathBuf,
-    path: PathBuf,
-    temp: PathBuf,
-    file: File,
-    len: usize,
-    mode: u32,
-}
-
-impl Snapshotter {
-    pub fn new() -> Snapshotter {
-        Snapshotter::default()
-    }
-
-    /// Like [`take`], but a build of up to 16 MiB is only read, hashed and given its blocks:
-    /// the returned snapshot's file exists once [`finish`](Snapshotter::finish) has written it.
-    /// A snapshot staged earlier and not finished is dropped.
-    pub fn stage(&mut self, source: &Path, dir: &Path) -> Result<Snapshot, SnapshotError> {
-        self.discard();
-        self.failed = None;
-        let (mut input, meta) =
-            open_regular(source, 0).map_err(|e| SnapshotError::from_open(source, e))?;
-        if meta.len() > STAGE_MAX {
-            return take_open(input, &meta, source, dir);
-        }
-        create_snapshot_dir(dir)?;
-        let summary = read_and_hash(&mut input, &mut self.buf, meta.len()).map_err(|e| {
-            SnapshotError::Read {
-                path: source.to_path_buf(),
-                source: e,
-            }
-        })?;
-        let mode = snapshot_mode(&meta);
-        let path = dir.join(&summary.version);
-        let snapshot = Snapshot {
-            version: summary.version.clone(),
-            path: path.clone(),
-            len: summary.len,
-        };
-        if reusable(&path, &summary, mode) {
-            return Ok(snapshot);
-        }
-        let write_error = |e: io::Error| SnapshotError::Write {
-            path: source.to_path_buf(),
-            dir: dir.to_path_buf(),
-            source: e,
-        };
-        let (temp, file) = create_temp(dir).map_err(write_error)?;
-        if let Err(e) = reserve(&file, summary.len) {
-            let _ = fs::remove_file(&temp);
-            return Err(write_error(e));
-        }
-        self.pending = Some(Pending {
-            source: source.to_path_buf(),
-            dir: dir.to_path_buf(),
-            path,
-            temp,
-            file,
-            len: summary.len as usize,
-            mode,
-        });
-        Ok(snapshot)
-    }
-
-    /// The bytes and mode of the staged snapshot `path`, when it is staged and not yet written:
-    /// what the pre-flight check reads instead of the file.
-    pub fn staged(&self, path: &Path) -> Option<(&[u8], u32)> {
-        self.pending
-            .as_ref()
-            .filter(|p| p.path == path)
-            .map(|p| (&self.buf[..p.len], p.mode))
-    }
-
-    /// Make sure the snapshot `path` is on disk: write it if it is the staged one, else report
-    /// the failure of its earlier write, if any. A different staged snapshot is dropped.
-    pub fn finish(&mut self, path: &Path) -> Result<(), SnapshotError> {
-        match self.pending.take() {
-            Some(pending) if pending.path == path => {
-                let written = write_staged(&pending, &self.buf[..pending.len]);
-                if written.is_err() {
-                    let _ = fs::remove_file(&pending.temp);
-                }
-                written.map_err(|e| {
-                    self.failed = Some(Failed {
-                        path: pending.path.clone(),
-                        source: pending.source.clone(),
-                        dir: pending.dir.clone(),
-                        error: e.to_string(),
-                    });
-                    SnapshotError::Write {
-                        path: pending.source,
-                        dir: pending.dir,
-                        source: e,
-                    }
-                })
-            }
-            other => {
-                self.pending = other;
-                self.discard();
-                match &self.failed {
-                    Some(failed) if failed.path == path => Err(SnapshotError::Write {
-                        path: failed.source.clone(),
-                        dir: failed.dir.clone(),
-                        source: io::Error::other(failed.error.clone()),
-                    }),
-                    _ => Ok(()),
-                }
-            }
-        }
-    }
-
-    /// Drop a staged snapshot that will not be written (its build was refused).
-    pub fn discard(&mut self) {
-        if let Some(pending) = self.pending.take() {
-            let _ = fs::remove_file(&pending.temp);
-        }
-    }
-
-    /// Free the buffer (after a while without reloads): the next stage faults it in again.
-    pub fn release(&mut self) {
-        if self.pending.is_none() {
-            self.buf = Vec::new();
-        }
-    }
-
-    /// Bytes held by the buffer (0 once released).
-    pub fn held(&self) -> usize {
-        self.buf.capacity()
-    }
-}
-
-impl fmt::Debug for Snapshotter {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Snapshotter")
-            .field("held", &self.buf.capacity())
-            .field("pending", &self.pending.as_ref().map(|p| &p.path))
-            .field("failed", &self.failed)
-            .finish()
-    }
-}
-
-impl Drop for Snapshotter {
-    fn drop(&mut self) {
-        self.discard();
-    }
-}
-
-/// Read `input` to its end into the start of `buf`, hashing each window as soon as it is read,
-/// while it is still in the CPU's cache (hashing the whole buffer afterwards reads it from
-/// memory again: measured 480 µs instead of 360 µs for 1 MiB). `buf` only grows: its length
-/// is its capacity, so a reused buffer is neither zeroed nor faulted in again.
-fn read_and_hash(input: &mut File, buf: &mut Vec<u8>, expected: u64) -> io::Result<Summary> {
-    let expected = usize::try_from(expected).unwrap_or(usize::MAX);
-    // One byte more than expected: reading a file that did not grow then needs no growth.
-    let want = expected.saturating_add(1);
-    if buf.len() < want {
-        buf.resize(want, 0);
-    }
-    let mut hasher = blake3::Hasher::new();
-    let mut filled = 0;
-    loop {
-        if filled == buf.len() {
-            // The file grew while being read.
-            buf.resize(buf.len().saturating_mul(2), 0);
-        }
-        let end = buf.len().min(filled + BUF_SIZE);
-        let n = match input.read(&mut buf[filled..end]) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[filled..filled + n]);
-        filled += n;
-    }
-    Ok(Summary {
-        version: version_from_hash(&hasher.finalize()),
-        len: filled as u64,
-    })
-}
-
 /// Give the copy its blocks before anything is stopped: `ENOSPC` and `EDQUOT` surface here. A
 /// file system without `fallocate` just skips it (the write then reports a full disk).
 fn reserve(file: &File, len: u64) -> io::Result<()> {
@@ -483,17 +256,21 @@ fn reserve(file: &File, len: u64) -> io::Result<()> {
     }
 }
 
-/// Write a staged snapshot's bytes to its reserved temp file and move it to its version name.
-fn write_staged(pending: &Pending, bytes: &[u8]) -> io::Result<()> {
-    let mut file = &pending.file;
-    file.write_all(bytes)?;
-    file.set_permissions(Permissions::from_mode(pending.mode))?;
-    let summary = Summary {
-        version: String::new(),
-        len: bytes.len() as u64,
-    };
-    install(&pending.temp, &pending.path, &summary, pending.mode)
+/// Create the snapshot dir `dir` if missing; refuse one that is not ours alone.
+fn create_snapshot_dir(dir: &Path) -> Result<(), SnapshotError> {
+    create_private_dir_for("snapshot directory", dir).map_err(|source| SnapshotError::CreateDir {
+        dir: dir.to_path_buf(),
+        source,
+    })
 }
+
+/// From this size [`take`] copies with `copy_file_range` on a helper thread while the calling
+/// thread hashes what is already copied; below it one thread copying and hashing is faster (the
+/// helper costs more to start than it saves).
+const PARALLEL_MIN: u64 = 4 << 20;
+
+/// How much the helper copies between two reports of progress.
+const PARALLEL_CHUNK: usize = 1 << 20;
 
 /// Hash `path` with the same rules as [`take`] without copying it: for no-op detection and rescans.
 pub fn version_of(path: &Path) -> Result<String, SnapshotError> {
@@ -1165,11 +942,11 @@ pub(crate) mod tests {
         let t = TestDir::new("snap-grow");
         let content = patterned(BUF_SIZE * 3 + 7, 2);
         write_exec(&t.join("plugin"), &content);
-        let mut file = File::open(t.join("plugin")).unwrap();
+        let file = File::open(t.join("plugin")).unwrap();
         let mut buf = Vec::new();
 
         // Expecting fewer bytes than there are, as when the file grows after fstat.
-        let summary = read_and_hash(&mut file, &mut buf, 10).unwrap();
+        let summary = read_whole(&file, &mut buf, 10).unwrap();
 
         assert_eq!(summary.len, content.len() as u64);
         assert_eq!(summary.version, expected_version(&content));
@@ -1200,5 +977,31 @@ pub(crate) mod tests {
         assert!(staged.path.exists(), "written at once");
         assert_eq!(staged.version, expected_version(&big));
         assert_eq!(snapshotter.held(), 0, "no memory held for it");
+    }
+
+    #[test]
+    fn staged_versions_are_the_blake3_of_the_whole_build() {
+        let t = TestDir::new("snap-split");
+        let snaps = t.join("snaps");
+        let mut snapshotter = Snapshotter::new();
+        let sizes = [
+            256 << 10,
+            (256 << 10) + 1,
+            1 << 20,
+            (1 << 20) + 1,
+            (3 << 20) - 5,
+            (1 << 20) - 1,
+        ];
+        for (n, size) in sizes.into_iter().enumerate() {
+            let content = patterned(size, n as u32);
+            write_exec(&t.join("plugin"), &content);
+            let staged = snapshotter.stage(&t.join("plugin"), &snaps).unwrap();
+            assert_eq!(staged.version, expected_version(&content), "{size} bytes");
+            snapshotter.finish(&staged.path).unwrap();
+            assert!(
+                fs::read(&staged.path).unwrap() == content,
+                "{size} bytes written"
+            );
+        }
     }
 }
