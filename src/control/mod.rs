@@ -37,6 +37,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use mio::net::{UnixListener, UnixStream};
@@ -233,6 +234,16 @@ impl ControlError {
         }
     }
 
+    /// The path is in use, but the process that listens on it is gone (or none listens while
+    /// the lock is held): its descriptors live on in a child of its for a moment.
+    fn held_by_no_live_process(&self) -> bool {
+        match &self.kind {
+            ControlErrorKind::AddressInUse { pid: Some(pid), .. } => !process_alive(*pid),
+            ControlErrorKind::AddressInUse { pid: None, daemon } => *daemon,
+            _ => false,
+        }
+    }
+
     /// The socket path the error is about.
     pub fn path(&self) -> &Path {
         &self.path
@@ -336,8 +347,8 @@ impl ControlServer {
         token_base: usize,
     ) -> Result<Self, ControlError> {
         create_parent_dir(path)?;
-        let lock = lock_socket_path(path)?;
-        remove_stale_socket(path)?;
+        let lock = wait_for_dead_holder(path, lock_socket_path)?;
+        wait_for_dead_holder(path, remove_stale_socket)?;
         let gid = group.and_then(group_to_chown);
         let listener = create_socket(path, mode & 0o777, gid)?;
         let meta = fs::symlink_metadata(path)
@@ -1040,6 +1051,31 @@ fn create_parent_dir(path: &Path) -> Result<(), ControlError> {
         .map_err(|e| ControlError::io(dir, "create the control socket's directory", e))
 }
 
+/// How long [`wait_for_dead_holder`] waits for a dead daemon's lock and socket to be let go.
+const DEAD_HOLDER_WAIT: Duration = Duration::from_secs(2);
+
+/// `claim(path)`, tried again for up to [`DEAD_HOLDER_WAIT`] while the path is in use by no
+/// live process: a daemon killed (SIGKILL, the OOM killer) while it was starting a plugin
+/// leaves that child, between `clone` and `exec`, with copies of the daemon's descriptors, so
+/// the lock and the listening socket outlive the daemon until the child execs or exits
+/// (microseconds, or milliseconds on a loaded machine). A restart in that window must wait, not
+/// report "another hotreloadd (pid N)" for a pid that is gone. A live holder (another daemon
+/// really listening) is reported at once.
+fn wait_for_dead_holder<T>(
+    path: &Path,
+    claim: impl Fn(&Path) -> Result<T, ControlError>,
+) -> Result<T, ControlError> {
+    let deadline = Instant::now() + DEAD_HOLDER_WAIT;
+    loop {
+        match claim(path) {
+            Err(e) if e.held_by_no_live_process() && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// `<path>.lock`, held with an exclusive `flock` for the server's lifetime. The file itself is
 /// never removed: unlinking a lock file while others may have it open lets two holders coexist.
 fn lock_socket_path(path: &Path) -> Result<Flock<File>, ControlError> {
@@ -1070,6 +1106,17 @@ fn listener_pid(path: &Path) -> Option<i32> {
     UnixStream::connect(path)
         .ok()
         .and_then(|probe| peer_pid(&probe))
+}
+
+/// Whether `pid` is a process that still runs (a zombie does not: it holds no descriptors).
+fn process_alive(pid: i32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses and may contain any byte.
+    stat.rfind(") ")
+        .and_then(|end| stat[end + 2..].chars().next())
+        .is_some_and(|state| state != 'Z' && state != 'X')
 }
 
 fn peer_pid(stream: &UnixStream) -> Option<i32> {

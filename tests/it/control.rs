@@ -661,3 +661,80 @@ fn subscriber_filtered_by_plugin_gets_only_that_plugins_events() {
         "contract (SPEC §6): filtered by plugin; saw {foreign:?}"
     );
 }
+
+/// A stand-in for a daemon SIGKILLed while it was starting a plugin: a process that took
+/// `<socket>.lock` and listens on `socket`, then died, while a child of its (between fork and
+/// exec, with copies of its descriptors) holds both for `hold`. Returns the holder's pid.
+fn hold_like_a_killed_daemon(socket: &Path, hold: Duration) -> libc::pid_t {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let mut lock = socket.as_os_str().to_owned();
+    lock.push(".lock");
+    let lock = CString::new(lock.as_bytes()).unwrap();
+    // SAFETY: a zeroed sockaddr_un is valid; the path is copied in below.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in addr.sun_path.iter_mut().zip(socket.as_os_str().as_bytes()) {
+        *dst = *src as libc::c_char;
+    }
+    let pause = libc::timespec {
+        tv_sec: hold.as_secs() as libc::time_t,
+        tv_nsec: hold.subsec_nanos() as libc::c_long,
+    };
+    let mut fds = [0; 2];
+    // SAFETY: pipe fills the array.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let [from_child, to_parent] = fds;
+    // SAFETY: the children make only async-signal-safe system calls on data prepared before
+    // the fork, and leave with _exit.
+    unsafe {
+        let dead = libc::fork();
+        assert!(dead >= 0);
+        if dead == 0 {
+            let fd = libc::open(lock.as_ptr(), libc::O_RDWR | libc::O_CREAT, 0o600);
+            libc::flock(fd, libc::LOCK_EX);
+            let sock = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            libc::bind(sock, (&raw const addr).cast(), len);
+            libc::listen(sock, 16);
+            let holder = libc::fork();
+            if holder == 0 {
+                libc::nanosleep(&pause, std::ptr::null_mut());
+                libc::_exit(0);
+            }
+            libc::write(
+                to_parent,
+                (&raw const holder).cast(),
+                std::mem::size_of_val(&holder),
+            );
+            libc::_exit(0);
+        }
+        let mut holder: libc::pid_t = 0;
+        libc::read(
+            from_child,
+            (&raw mut holder).cast(),
+            std::mem::size_of_val(&holder),
+        );
+        libc::waitpid(dead, std::ptr::null_mut(), 0);
+        libc::close(from_child);
+        libc::close(to_parent);
+        holder
+    }
+}
+
+#[test]
+fn a_restart_while_a_killed_daemons_child_still_holds_its_socket_waits_for_it() {
+    let mut d = Daemon::new();
+    let hold = Duration::from_millis(400);
+    let started = Instant::now();
+    let holder = hold_like_a_killed_daemon(&d.socket, hold);
+    d.start();
+    let status = d.status();
+    assert_eq!(status["daemon"]["pid"], d.pid(), "the new daemon serves");
+    assert!(
+        started.elapsed() >= hold,
+        "test bug: the daemon cannot have bound before the holder let go"
+    );
+    // The holder is not our child (its parent died): it is the test process's to forget.
+    let _ = holder;
+}
