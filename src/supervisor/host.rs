@@ -119,6 +119,8 @@ pub trait Host {
     /// socket, or take them back for one that runs as the daemon (`credentials::prepare`).
     fn give_to_user(&mut self, run_as: Option<&RunAs>, paths: &PluginPaths<'_>) -> io::Result<()>;
     fn spawn(&mut self, spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError>;
+    /// Give the CPU to the instance just spawned (`sched_yield`).
+    fn let_new_instance_run(&mut self);
     fn signal_group(&mut self, pgid: Pid, sig: libc::c_int) -> io::Result<()>;
     fn signal_process(
         &mut self,
@@ -293,6 +295,10 @@ impl Host for OsHost {
 
     fn spawn(&mut self, spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
         spawn::spawn(spec)
+    }
+
+    fn let_new_instance_run(&mut self) {
+        std::thread::yield_now();
     }
 
     fn signal_group(&mut self, pgid: Pid, sig: libc::c_int) -> io::Result<()> {

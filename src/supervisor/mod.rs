@@ -211,6 +211,8 @@ pub(super) struct Core {
     /// idle daemon has no timer for it).
     last_staged_ms: u64,
     release_timer: Option<TimerId>,
+    /// An instance was spawned in this turn of the event loop (`spawn_instance`).
+    spawned_this_turn: bool,
     snapshots_dir: PathBuf,
     notify_dir: PathBuf,
     state_dir: PathBuf,
@@ -280,6 +282,7 @@ impl Supervisor {
             shutting_down: false,
             last_staged_ms: 0,
             release_timer: None,
+            spawned_this_turn: false,
             snapshots_dir: runtime_dir.join("snapshots"),
             notify_dir: runtime_dir.join("notify"),
             state_dir: state_dir.join("plugins"),
@@ -394,6 +397,7 @@ impl Supervisor {
     /// the same turn. Until then a crash of the daemon loses nothing (the file is whole and in
     /// place in the page cache); only a power loss in that window could (hotreloadd(8)).
     pub fn sync_state_dirs(&mut self) {
+        self.core.spawned_this_turn = false;
         // The instance record too: once per turn, however many instances came and went.
         self.flush_record();
         let plugins = &self.plugins;

@@ -177,12 +177,6 @@ fn spawn_vfork(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
     }
     set_nonblocking(&out_r)?;
     set_nonblocking(&err_r)?;
-    // The kernel ends the vfork wait in the middle of the child's exec (when the child lets go
-    // of our memory, before it has loaded the program), and the woken daemon preempts it on
-    // this CPU. Hand the CPU back: the new instance then finishes exec and runs now, not after
-    // the rest of this turn (fsyncs, the instance record): ~200 µs of a 1 MiB reload on a
-    // 2-core VM (issue 14).
-    std::thread::yield_now();
     Ok(Spawned {
         pid,
         pidfd: pidfd.or_else(|| pidfd_open(pid)),

@@ -49,6 +49,8 @@ pub enum Call {
         pgid: i32,
         sig: i32,
     },
+    /// The CPU handed to the instance just spawned.
+    Yield,
     KillMembers(String),
     SignalEscapees(String),
     WriteState {
@@ -354,6 +356,10 @@ impl Host for FakeHost {
         _paths: &super::credentials::PluginPaths<'_>,
     ) -> io::Result<()> {
         Ok(())
+    }
+
+    fn let_new_instance_run(&mut self) {
+        self.record(Call::Yield);
     }
 
     fn signal_group(&mut self, pgid: Pid, sig: libc::c_int) -> io::Result<()> {

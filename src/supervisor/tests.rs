@@ -2596,3 +2596,24 @@ fn the_staging_memory_is_freed_once_no_reload_used_it_for_thirty_seconds() {
     r.advance(1_000);
     assert!(!r.world.borrow().buffer_held);
 }
+
+#[test]
+fn only_the_first_start_of_a_loop_turn_hands_the_cpu_to_its_instance() {
+    let mut r = Rig::new("");
+    for id in ["p1", "p2"] {
+        r.install(id, "v1");
+        let dir = Path::new(PLUGINS).join(id);
+        r.turn(|s, c| s.add_plugin(c, id, dir));
+    }
+    r.clear();
+    r.turn(|s, c| s.start_pending(c, 100));
+    let yields = |r: &Rig| r.calls().iter().filter(|c| **c == Call::Yield).count();
+    assert_eq!(r.spawned().len(), 2, "{:?}", r.calls());
+    assert_eq!(yields(&r), 1, "{:?}", r.calls());
+    r.advance(50);
+    let old = r.pid("p1").unwrap();
+    r.clear();
+    r.deploy("p1", "v2");
+    r.terminated(old);
+    assert_eq!(yields(&r), 1, "a later turn's start: {:?}", r.calls());
+}
