@@ -1,6 +1,6 @@
 //! Recovery from what the daemon can get past on its own, and plugins that say why they are
 //! down (SPEC §4 PluginState, §5 "A failure the daemon can retry is retried", "No-op, always",
-//! states): a runtime dir full at a plugin's first start, `preserve_state = false` still handing
+//! states): a runtime dir full at a plugin's first start or at a reload, `preserve_state = false` still handing
 //! the plugin its state file, the build already running installed again after a rollback or
 //! during a start-stop retry, and a plugin dir that holds everything but its executable.
 
@@ -319,4 +319,58 @@ fn trigger_of_a_first_start_the_runtime_dir_has_no_room_for_is_answered_and_retr
         d.plugin_info("p1")
             .filter(|p| p["state"] == "running" && p["version"] == expected_version(&v1).as_str())
     });
+}
+
+#[test]
+fn a_reload_the_full_runtime_dir_has_no_room_for_stops_nothing_and_goes_on_once_space_is_freed() {
+    let mut d = Daemon::new();
+    let Some(filler) = start_with_a_full_runtime_dir(&mut d) else {
+        return skip(
+            "reload_into_a_full_runtime_dir",
+            "needs root and unshare -m",
+        );
+    };
+    // v1 found room before the filler took the rest.
+    fs::remove_file(&filler).unwrap();
+    let v1 = d.install("p1", &Script::new("v1"));
+    let pid = d.wait_started("p1", "v1");
+    d.wait_running("p1", &v1);
+    let mut file = File::create(&filler).unwrap();
+    let block = [0u8; 4096];
+    while file.write_all(&block).is_ok() {}
+    let _ = file.sync_all();
+    drop(file);
+    let mut sub = d.client();
+    sub.subscribe(json!({}));
+    let v2 = d.install("p1", &Script::new("v2"));
+    let failed = sub.wait_named("reload_failed", "p1");
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("No space left on device")),
+        "contract (SPEC §5): the reload fails on the copy, saying why; saw {failed}"
+    );
+    let info = d.plugin_info("p1").unwrap_or_default();
+    assert_eq!(
+        info["pid"], pid,
+        "contract (SPEC §5): the copy is reserved before anything is stopped; saw {info}"
+    );
+    // The reload retries the copy 1 + max_retries times, then gives up with v1 still serving;
+    // once there is room again, a trigger reloads.
+    sub.wait_event(RECOVERY_TIMEOUT, "the reload's last reload_failed", |e| {
+        is_event(e, "reload_failed", "p1") && e["retry_in_ms"].is_null()
+    });
+    assert_eq!(d.plugin_info("p1").unwrap_or_default()["pid"], pid);
+    fs::remove_file(&filler).unwrap();
+    let answer = d.request(&json!({"cmd": "trigger", "plugin": "p1"}));
+    assert_eq!(answer["result"]["ok"], true, "{answer}");
+    wait_until(
+        RECOVERY_TIMEOUT,
+        "p1 running v2 once space is freed",
+        || {
+            d.plugin_info("p1").filter(|p| {
+                p["state"] == "running" && p["version"] == expected_version(&v2).as_str()
+            })
+        },
+    );
 }
