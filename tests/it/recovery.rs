@@ -1,8 +1,9 @@
 //! Recovery from what the daemon can get past on its own, and plugins that say why they are
 //! down (SPEC §4 PluginState, §5 "A failure the daemon can retry is retried", "No-op, always",
-//! states): a runtime dir full at a plugin's first start or at a reload, `preserve_state = false` still handing
-//! the plugin its state file, the build already running installed again after a rollback or
-//! during a start-stop retry, and a plugin dir that holds everything but its executable.
+//! states): a runtime dir full at a plugin's first start or at a reload, `preserve_state =
+//! false` still handing the plugin its state file, the build already running installed again
+//! after a rollback or during a start-stop retry, and a plugin dir that holds everything but its
+//! executable.
 
 use std::fs::{self, File};
 use std::io::Write;
