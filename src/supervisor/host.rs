@@ -84,6 +84,8 @@ pub trait Host {
     /// Write the staged snapshot `path` (dropping any other); an earlier failure to write it
     /// is reported again.
     fn finish_snapshot(&mut self, path: &Path) -> Result<(), SnapshotError>;
+    /// Drop a staged snapshot nothing needs (its build was refused or unchanged).
+    fn discard_snapshot(&mut self);
     /// Whether memory is held for staging snapshots.
     fn snapshot_buffer_held(&self) -> bool;
     /// Free the staging memory (after a while without reloads).
@@ -207,6 +209,10 @@ impl Host for OsHost {
 
     fn finish_snapshot(&mut self, path: &Path) -> Result<(), SnapshotError> {
         self.snapshots.finish(path)
+    }
+
+    fn discard_snapshot(&mut self) {
+        self.snapshots.discard();
     }
 
     fn snapshot_buffer_held(&self) -> bool {

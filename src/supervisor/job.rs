@@ -59,19 +59,27 @@ impl Core {
     /// Snapshot, no-op check and pre-flight of the job's build; then stop the old instance
     /// (stop-start), or start the new one beside it (start-stop), or go straight to the first
     /// attempt.
-    fn prepare(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin, mut job: Job) {
-        let id = p.id.clone();
-        let id = id.as_str();
+    fn prepare(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin, job: Job) {
         if self.shutting_down {
-            answer_failure(ctx, id, &job.waiters, "the daemon is shutting down");
+            answer_failure(ctx, &p.id, &job.waiters, "the daemon is shutting down");
             return;
         }
+        // With an instance to stop first, the copy is only staged and written while it exits
+        // (`settle_staged_snapshot`): the version and the pre-flight check, which must come
+        // before the stop, need the bytes, not the file.
+        let staged = p.instance.is_some();
+        self.snapshot_and_go(ctx, p, job, staged);
+        if staged {
+            self.settle_staged_snapshot(p);
+        }
+    }
+
+    /// [`Core::prepare`] once the daemon may go on: the snapshot, the checks, the stop or start.
+    fn snapshot_and_go(&mut self, ctx: &mut Ctx<'_>, p: &mut Plugin, mut job: Job, staged: bool) {
+        let id = p.id.clone();
+        let id = id.as_str();
         let exec = p.exec_path();
         let snap_dir = self.snapshot_dir(id);
-        // With an instance to stop first, the copy is only staged here and written while it
-        // exits (`finish_staged_snapshot`): the version and the pre-flight check, which must
-        // come before the stop, need the bytes, not the file.
-        let staged = p.instance.is_some();
         let taken = if staged {
             self.note_staging(ctx);
             self.host.stage_snapshot(&exec, &snap_dir)
@@ -157,15 +165,16 @@ impl Core {
         } else {
             self.attempt(ctx, p);
         }
-        if staged {
-            self.finish_staged_snapshot(p);
-        }
     }
 
-    /// The old instance has been asked to stop: write the staged copy while it exits. A failure
-    /// is remembered by the host and fails the attempt to start it (`try_start`).
-    fn finish_staged_snapshot(&mut self, p: &Plugin) {
-        let Some(job) = p.job.as_ref() else { return };
+    /// After the stop was asked for, or the build refused: write the staged copy the job still
+    /// needs while the old instance exits (a failure is remembered by the host and fails the
+    /// attempt to start it, `try_start`), or drop one that nothing needs any more.
+    fn settle_staged_snapshot(&mut self, p: &Plugin) {
+        let Some(job) = p.job.as_ref() else {
+            self.host.discard_snapshot();
+            return;
+        };
         if let Err(e) = self.host.finish_snapshot(&job.target.path) {
             log::debug!("[{}] {e}", p.id);
         }

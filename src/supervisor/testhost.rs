@@ -214,6 +214,10 @@ impl Host for FakeHost {
         }
     }
 
+    fn discard_snapshot(&mut self) {
+        self.0.borrow_mut().staged = None;
+    }
+
     fn snapshot_buffer_held(&self) -> bool {
         self.0.borrow().buffer_held
     }

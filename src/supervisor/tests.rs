@@ -2617,3 +2617,15 @@ fn only_the_first_start_of_a_loop_turn_hands_the_cpu_to_its_instance() {
     r.terminated(old);
     assert_eq!(yields(&r), 1, "a later turn's start: {:?}", r.calls());
 }
+
+#[test]
+fn a_staged_copy_of_a_refused_build_is_dropped_not_written() {
+    let mut r = Rig::new("");
+    let old = r.running("p1", "v1");
+    r.world.borrow_mut().refused.insert("v2".into());
+    r.clear();
+    r.deploy("p1", "v2");
+    assert!(!r.signalled(old, SIGTERM), "{:?}", r.calls());
+    assert!(!r.calls().contains(&Call::SnapshotWritten("v2".into())));
+    assert_eq!(r.world.borrow().staged, None, "nothing left staged");
+}

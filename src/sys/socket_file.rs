@@ -202,6 +202,15 @@ mod tests {
         let me = std::process::id() as i32;
         assert!(matches!(probe(&path).unwrap(), Occupant::Live(Some(pid)) if pid == me));
         drop(listener);
+        // Another test thread's child, between its fork and its exec, may hold a copy of the
+        // listener for a moment (the same thing a killed daemon's child does, see
+        // `control::wait_for_dead_holder`): look again until a deadline.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !matches!(probe(&path).unwrap(), Occupant::Stale)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         assert!(matches!(probe(&path).unwrap(), Occupant::Stale));
         fs::remove_file(&path).unwrap();
         fs::write(&path, b"data").unwrap();
