@@ -86,8 +86,6 @@ pub trait Host {
     fn finish_snapshot(&mut self, path: &Path) -> Result<(), SnapshotError>;
     /// Drop a staged snapshot nothing needs (its build was refused or unchanged).
     fn discard_snapshot(&mut self);
-    /// Whether memory is held for staging snapshots.
-    fn snapshot_buffer_held(&self) -> bool;
     /// Free the staging memory (after a while without reloads).
     fn release_snapshot_buffer(&mut self);
     /// The content version of the executable, without copying it.
@@ -215,10 +213,6 @@ impl Host for OsHost {
         self.snapshots.discard();
     }
 
-    fn snapshot_buffer_held(&self) -> bool {
-        self.snapshots.held() > 0
-    }
-
     fn release_snapshot_buffer(&mut self) {
         self.snapshots.release();
     }
@@ -241,7 +235,7 @@ impl Host for OsHost {
 
     fn preflight(&mut self, build: &Path) -> Result<(), PreflightError> {
         if let Some((bytes, mode)) = self.snapshots.staged(build) {
-            return preflight::check_staged(build, &[bytes], mode);
+            return preflight::check_staged(build, bytes, mode);
         }
         preflight::check(build)
     }

@@ -218,10 +218,6 @@ impl Host for FakeHost {
         self.0.borrow_mut().staged = None;
     }
 
-    fn snapshot_buffer_held(&self) -> bool {
-        self.0.borrow().buffer_held
-    }
-
     fn release_snapshot_buffer(&mut self) {
         self.0.borrow_mut().buffer_held = false;
     }
