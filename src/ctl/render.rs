@@ -372,6 +372,7 @@ pub fn plugin_table(plugins: &[PluginInfo], style: &Style) -> String {
         "ID",
         "STATE",
         "PID",
+        "TASKS",
         "VERSION",
         "RESTARTS",
         "RELOADS",
@@ -380,7 +381,7 @@ pub fn plugin_table(plugins: &[PluginInfo], style: &Style) -> String {
         "LAST ERROR/STATUS",
     ];
     let rows: Vec<Vec<Cell>> = plugins.iter().map(|p| plugin_row(p, style)).collect();
-    table(&headers, &[2, 4, 5, 6], &rows, style)
+    table(&headers, &[2, 3, 5, 6, 7], &rows, style)
 }
 
 fn plugin_row(p: &PluginInfo, style: &Style) -> Vec<Cell> {
@@ -394,6 +395,7 @@ fn plugin_row(p: &PluginInfo, style: &Style) -> Vec<Cell> {
         Cell::plain(p.id.clone()),
         Cell::toned(p.state.clone(), state_tone(&p.state)),
         Cell::plain(p.pid.map_or_else(|| "-".to_string(), |pid| pid.to_string())),
+        Cell::plain(p.tasks.to_string()),
         Cell::plain(
             p.version
                 .as_deref()
@@ -418,6 +420,7 @@ pub fn plugin_detail(detail: &PluginDetail, style: &Style) -> String {
             "pid",
             p.pid.map_or_else(|| "-".to_string(), |pid| pid.to_string()),
         ),
+        ("tasks", usage(p)),
         ("version", or_dash(p.version.as_deref())),
         ("last good", or_dash(p.last_good_version.as_deref())),
         ("started", when(&as_json(&p.started_at), style)),
@@ -452,6 +455,18 @@ pub fn plugin_detail(detail: &PluginDetail, style: &Style) -> String {
     } else {
         s.push_str("history (newest first):\n");
         s.push_str(&history_table(&detail.history, style));
+    }
+    s
+}
+
+/// The plugin's processes now, with its memory and CPU time where its cgroup tells them.
+fn usage(p: &PluginInfo) -> String {
+    let mut s = p.tasks.to_string();
+    if let Some(bytes) = p.memory_bytes {
+        let _ = write!(s, ", memory {:.1} MiB", bytes as f64 / (1024.0 * 1024.0));
+    }
+    if let Some(ms) = p.cpu_usage_ms {
+        let _ = write!(s, ", cpu {}", humanise_ms(ms));
     }
     s
 }
@@ -791,9 +806,9 @@ plugins dir: /srv/plugins
         ];
         let out = plugin_table(&plugins, &plain());
         let want = "\
-ID                      STATE     PID  VERSION   RESTARTS  RELOADS  FAILED  STARTED    LAST ERROR/STATUS
-a                       running  4242  9f2c4e1a         0       12       1  5m 2s ago  -
-much_longer_transcoder  backoff  4242  9f2c4e1a         0       12       1  5m 2s ago  exited with code 3
+ID                      STATE     PID  TASKS  VERSION   RESTARTS  RELOADS  FAILED  STARTED    LAST ERROR/STATUS
+a                       running  4242      0  9f2c4e1a         0       12       1  5m 2s ago  -
+much_longer_transcoder  backoff  4242      0  9f2c4e1a         0       12       1  5m 2s ago  exited with code 3
 ";
         assert_eq!(out, want);
     }
@@ -806,15 +821,15 @@ much_longer_transcoder  backoff  4242  9f2c4e1a         0       12       1  5m 2
         let out = plugin_table(&[plugin("p", "running", Value::Null), wide], &plain());
         let lines: Vec<&str> = out.lines().collect();
         assert!(
-            lines[0].starts_with("ID  STATE          PID  VERSION     RESTARTS"),
+            lines[0].starts_with("ID  STATE          PID  TASKS  VERSION     RESTARTS"),
             "{out}"
         );
         assert!(
-            lines[1].starts_with("p   running       4242  9f2c4e1a           0"),
+            lines[1].starts_with("p   running       4242      0  9f2c4e1a           0"),
             "{out}"
         );
         assert!(
-            lines[2].starts_with("p   reloading  4194304  9f2c4e1a  1234567890"),
+            lines[2].starts_with("p   reloading  4194304      0  9f2c4e1a  1234567890"),
             "{out}"
         );
     }
@@ -894,6 +909,28 @@ much_longer_transcoder  backoff  4242  9f2c4e1a         0       12       1  5m 2
         );
         p.history.clear();
         assert!(plugin_detail(&p, &plain()).contains("history: no reloads yet"));
+    }
+
+    #[test]
+    fn plugin_detail_shows_tasks_and_what_cgroups_measure() {
+        let mut p = plugin_json("p1", "running", Value::Null);
+        p["state_file"] = json!({});
+        p["history"] = json!([]);
+        p["tasks"] = json!(3);
+        let without: PluginDetail = typed(p.clone());
+        assert!(
+            plugin_detail(&without, &plain()).contains("\ntasks:      3\n"),
+            "{}",
+            plugin_detail(&without, &plain())
+        );
+        p["memory_bytes"] = json!(5 * 1024 * 1024 + 512 * 1024);
+        p["cpu_usage_ms"] = json!(61_000);
+        let with: PluginDetail = typed(p);
+        let out = plugin_detail(&with, &plain());
+        assert!(
+            out.contains("\ntasks:      3, memory 5.5 MiB, cpu 1m 1s\n"),
+            "{out}"
+        );
     }
 
     #[test]
