@@ -61,7 +61,7 @@ pub struct Cli {
 pub enum Command {
     /// Show the daemon summary: hot reload on/off, reload counts, plugins, uptime
     Status,
-    /// List plugins with state, pid, version, restarts, reloads and last error
+    /// List plugins with state, pid, tasks, version, restarts, reloads and last error
     List,
     /// Show one plugin in detail, with its state file and reload history
     Plugin {

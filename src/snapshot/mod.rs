@@ -10,7 +10,9 @@
 //! - [`Snapshotter::stage`], for a reload with an instance to stop: read and hash the build
 //!   into memory and reserve the copy's blocks, so the version and the pre-flight check are
 //!   known before the stop; the copy is written from those bytes while the old instance exits.
-//!   That takes the write (a third of a 1 MiB snapshot's cost) off the reload's path.
+//!   The write (a third of a 1 MiB snapshot's cost) overlaps that exit where the two run on
+//!   different cores; on an idle 2-core VM the scheduler keeps them on one and the gain is small
+//!   (BENCHMARKS.md).
 //! - [`take`], for everything else: copy and hash in one pass; from 4 MiB a helper thread copies
 //!   with `copy_file_range` while this one hashes what is already copied (50 MiB: 12 ms instead
 //!   of 23 ms). Below that the thread costs more than it saves.

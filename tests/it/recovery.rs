@@ -7,7 +7,7 @@
 
 use std::fs::{self, File};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -30,11 +30,17 @@ fn start_with_a_full_runtime_dir(d: &mut Daemon) -> Option<PathBuf> {
     }
     d.start();
     let filler = in_daemon_ns(d, &d.runtime.join("filler"));
-    let mut file = File::create(&filler).unwrap();
+    fill_to_the_last_block(&filler);
+    Some(filler)
+}
+
+/// Write `filler` until its file system has no block left, and close it (an open file's blocks
+/// are not freed when it is removed).
+fn fill_to_the_last_block(filler: &Path) {
+    let mut file = File::create(filler).unwrap();
     let block = [0u8; 4096];
     while file.write_all(&block).is_ok() {}
     let _ = file.sync_all();
-    Some(filler)
 }
 
 #[test]
@@ -336,11 +342,7 @@ fn a_reload_the_full_runtime_dir_has_no_room_for_stops_nothing_and_goes_on_once_
     let v1 = d.install("p1", &Script::new("v1"));
     let pid = d.wait_started("p1", "v1");
     d.wait_running("p1", &v1);
-    let mut file = File::create(&filler).unwrap();
-    let block = [0u8; 4096];
-    while file.write_all(&block).is_ok() {}
-    let _ = file.sync_all();
-    drop(file);
+    fill_to_the_last_block(&filler);
     let mut sub = d.client();
     sub.subscribe(json!({}));
     let v2 = d.install("p1", &Script::new("v2"));
