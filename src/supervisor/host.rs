@@ -121,6 +121,9 @@ pub trait Host {
     fn spawn(&mut self, spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError>;
     /// Give the CPU to the instance just spawned (`sched_yield`).
     fn let_new_instance_run(&mut self);
+    /// Before its stop signal: let an instance exit on another CPU than the daemon's, beside
+    /// the daemon's work instead of after it (`sys::cpu`).
+    fn let_exit_run_elsewhere(&mut self, pid: Pid);
     fn signal_group(&mut self, pgid: Pid, sig: libc::c_int) -> io::Result<()>;
     fn signal_process(
         &mut self,
@@ -299,6 +302,10 @@ impl Host for OsHost {
 
     fn let_new_instance_run(&mut self) {
         std::thread::yield_now();
+    }
+
+    fn let_exit_run_elsewhere(&mut self, pid: Pid) {
+        crate::sys::cpu::move_off_this_cpu(pid);
     }
 
     fn signal_group(&mut self, pgid: Pid, sig: libc::c_int) -> io::Result<()> {

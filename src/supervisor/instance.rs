@@ -448,6 +448,7 @@ impl Core {
         };
         cancel_timer(ctx, &mut inst.phase.take_timer());
         log::info!("[{id}] stopping pid {} ({stop_signal})", inst.pid);
+        self.host.let_exit_run_elsewhere(inst.pid);
         if let Err(e) = self.host.signal_group(inst.pid, stop_signal.number()) {
             log::debug!("[{id}] {stop_signal} to group {}: {e}", inst.pid);
         }

@@ -51,6 +51,8 @@ pub enum Call {
     },
     /// The CPU handed to the instance just spawned.
     Yield,
+    /// The instance about to be stopped may exit on another CPU.
+    ExitElsewhere(i32),
     KillMembers(String),
     SignalEscapees(String),
     WriteState {
@@ -360,6 +362,10 @@ impl Host for FakeHost {
 
     fn let_new_instance_run(&mut self) {
         self.record(Call::Yield);
+    }
+
+    fn let_exit_run_elsewhere(&mut self, pid: Pid) {
+        self.record(Call::ExitElsewhere(pid.as_raw()));
     }
 
     fn signal_group(&mut self, pgid: Pid, sig: libc::c_int) -> io::Result<()> {

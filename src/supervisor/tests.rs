@@ -2544,6 +2544,29 @@ fn a_reload_writes_its_staged_copy_after_asking_the_old_instance_to_stop() {
 }
 
 #[test]
+fn an_instance_is_moved_off_the_daemons_cpu_just_before_its_stop_signal() {
+    let mut r = Rig::new("");
+    let old = r.running("p1", "v1");
+    r.clear();
+    r.deploy("p1", "v2");
+    let calls = r.calls();
+    let moved = calls.iter().position(|c| *c == Call::ExitElsewhere(old));
+    let stop = calls.iter().position(
+        |c| matches!(c, Call::SignalGroup { pgid, sig } if *pgid == old && *sig == SIGTERM),
+    );
+    assert!(moved.is_some() && stop.is_some(), "{calls:?}");
+    assert_eq!(moved.map(|m| m + 1), stop, "{calls:?}");
+    // Nothing else is moved: the new instance starts wherever the kernel puts it.
+    r.terminated(old);
+    let moves = r
+        .calls()
+        .iter()
+        .filter(|c| matches!(c, Call::ExitElsewhere(_)))
+        .count();
+    assert_eq!(moves, 1, "{:?}", r.calls());
+}
+
+#[test]
 fn a_first_start_copies_its_build_at_once_and_holds_no_staging_memory() {
     let mut r = Rig::new("");
     r.running("p1", "v1");

@@ -6,6 +6,7 @@
 //! | file             | owns                                                               |
 //! |------------------|--------------------------------------------------------------------|
 //! | `child.rs`       | the reset every child gets between fork and exec (plugins, hooks)  |
+//! | `cpu.rs`         | which CPU a stopped plugin exits on (scheduler affinity)           |
 //! | `creds.rs`       | a plugin child's switch to its `user`/`group` before exec          |
 //! | `process.rs`     | pids, signals, pidfds, subreaper, the descriptor limit, boot time  |
 //! | `fd.rs`          | pipes, descriptor flags and numbers, reads of raw descriptors      |
@@ -37,6 +38,7 @@ macro_rules! syscall {
 }
 
 pub mod child;
+pub mod cpu;
 pub mod creds;
 pub mod fd;
 pub mod fs;

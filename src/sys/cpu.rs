@@ -1,0 +1,162 @@
+//! Which CPU a stopped plugin exits on.
+//!
+//! A stop signal wakes the instance on the CPU of the daemon that sent it (the scheduler's
+//! wake-affine choice, even with another CPU idle), and the daemon keeps that CPU busy right
+//! after: a stop-start reload writes the new snapshot and state.json while the old instance
+//! exits. On a small machine the exit then runs after that work instead of beside it, and a
+//! reload waits for both. So before the stop signal the process is allowed every CPU it had
+//! but the daemon's current one: it exits on another CPU while the daemon works.
+//!
+//! Only the exiting leader is moved, and only when it has another CPU to go to (a plugin pinned
+//! to the daemon's CPU stays there). A failure changes nothing: the exit is merely slower.
+
+use std::io;
+use std::mem;
+
+use nix::unistd::Pid;
+
+/// Let `pid` run on any CPU of its mask except the calling thread's current one. Nothing is done
+/// when that would leave it no CPU, or when the masks cannot be read or changed (`pid` gone,
+/// another user's).
+pub fn move_off_this_cpu(pid: Pid) {
+    let Ok(mut mask) = affinity(pid.as_raw()) else {
+        return;
+    };
+    let Some(cpu) = current_cpu() else {
+        return;
+    };
+    // SAFETY: CPU_CLR and CPU_COUNT work on the local set; `current_cpu` is below CPU_SETSIZE.
+    let others = unsafe {
+        libc::CPU_CLR(cpu, &mut mask);
+        libc::CPU_COUNT(&mask)
+    };
+    if others > 0 {
+        let _ = set_affinity(pid.as_raw(), &mask);
+    }
+}
+
+/// The CPU the calling thread runs on, if the set type can name it.
+pub fn current_cpu() -> Option<usize> {
+    // SAFETY: sched_getcpu takes no arguments.
+    let cpu = usize::try_from(unsafe { libc::sched_getcpu() }).ok()?;
+    (cpu < libc::CPU_SETSIZE as usize).then_some(cpu)
+}
+
+/// The CPUs `pid` (0: the calling thread) may run on.
+pub fn affinity(pid: libc::pid_t) -> io::Result<libc::cpu_set_t> {
+    // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { mem::zeroed() };
+    // SAFETY: the kernel writes at most size_of::<cpu_set_t>() bytes into `set`.
+    syscall!(sched_getaffinity(
+        pid,
+        mem::size_of::<libc::cpu_set_t>(),
+        &mut set
+    ))?;
+    Ok(set)
+}
+
+/// Restrict `pid` (0: the calling thread) to `set`.
+pub fn set_affinity(pid: libc::pid_t, set: &libc::cpu_set_t) -> io::Result<()> {
+    // SAFETY: the kernel reads size_of::<cpu_set_t>() bytes from `set`.
+    syscall!(sched_setaffinity(
+        pid,
+        mem::size_of::<libc::cpu_set_t>(),
+        set
+    ))
+    .map(drop)
+}
+
+/// Whether `cpu` is in `set`.
+pub fn contains(set: &libc::cpu_set_t, cpu: usize) -> bool {
+    // SAFETY: CPU_ISSET reads the set; callers pass a CPU below CPU_SETSIZE.
+    cpu < libc::CPU_SETSIZE as usize && unsafe { libc::CPU_ISSET(cpu, set) }
+}
+
+/// How many CPUs `set` holds.
+pub fn count(set: &libc::cpu_set_t) -> usize {
+    // SAFETY: CPU_COUNT reads the set it is given.
+    usize::try_from(unsafe { libc::CPU_COUNT(set) }).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Child, Command};
+
+    struct Sleeper(Child);
+
+    impl Sleeper {
+        fn start() -> Sleeper {
+            Sleeper(
+                Command::new("sleep")
+                    .arg("30")
+                    .spawn()
+                    .expect("spawn sleep"),
+            )
+        }
+        fn pid(&self) -> libc::pid_t {
+            self.0.id() as libc::pid_t
+        }
+    }
+
+    impl Drop for Sleeper {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Runs `f` with the calling thread pinned to one CPU, so that "the current CPU" holds
+    /// still; the thread's mask is given back after.
+    fn pinned_to_one_cpu<T>(f: impl FnOnce(usize) -> T) -> Option<T> {
+        let saved = affinity(0).expect("own affinity");
+        let cpu = (0..libc::CPU_SETSIZE as usize).find(|&c| contains(&saved, c))?;
+        // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes a CPU below the size.
+        let mut one: libc::cpu_set_t = unsafe { mem::zeroed() };
+        // SAFETY: see above.
+        unsafe { libc::CPU_SET(cpu, &mut one) };
+        set_affinity(0, &one).expect("pin the test thread");
+        let out = f(cpu);
+        set_affinity(0, &saved).expect("unpin the test thread");
+        Some(out)
+    }
+
+    #[test]
+    fn a_stopped_process_may_run_anywhere_but_the_daemons_cpu() {
+        let own = affinity(0).expect("own affinity");
+        if count(&own) < 2 {
+            eprintln!("one CPU: nowhere else to go, nothing to check");
+            return;
+        }
+        let sleeper = Sleeper::start();
+        let before = affinity(sleeper.pid()).expect("sleeper's affinity");
+        pinned_to_one_cpu(|cpu| {
+            move_off_this_cpu(Pid::from_raw(sleeper.pid()));
+            let after = affinity(sleeper.pid()).expect("sleeper's affinity");
+            assert!(
+                !contains(&after, cpu),
+                "still allowed on the daemon's CPU {cpu}"
+            );
+            assert_eq!(
+                count(&after),
+                count(&before) - 1,
+                "only the daemon's CPU is taken away"
+            );
+        });
+    }
+
+    #[test]
+    fn a_process_pinned_to_the_daemons_cpu_stays_there() {
+        let sleeper = Sleeper::start();
+        pinned_to_one_cpu(|cpu| {
+            let only = affinity(0).expect("own affinity");
+            set_affinity(sleeper.pid(), &only).expect("pin the sleeper");
+            move_off_this_cpu(Pid::from_raw(sleeper.pid()));
+            let after = affinity(sleeper.pid()).expect("sleeper's affinity");
+            assert!(
+                contains(&after, cpu) && count(&after) == 1,
+                "the pinned process was moved"
+            );
+        });
+    }
+}
