@@ -125,6 +125,20 @@ pub fn swap_in(staged: &Path, exec: &Path) -> Outcome<()> {
     })
 }
 
+/// `rm EXEC && cp STAGED EXEC`: the executable disappears, then a new file is created there and
+/// filled (std's copy uses `copy_file_range`, as coreutils' `cp` does), with the staged file's
+/// mode. Watchers see it vanish, appear and be written; the build is complete at its close.
+pub fn remove_and_copy(staged: &Path, exec: &Path) -> Outcome<()> {
+    fs::remove_file(exec).map_err(|e| format!("failed to remove `{}`: {e}", exec.display()))?;
+    fs::copy(staged, exec).map(drop).map_err(|e| {
+        format!(
+            "failed to copy `{}` to `{}`: {e}",
+            staged.display(),
+            exec.display()
+        )
+    })
+}
+
 /// Checks of the build maker; run by `cargo test --bench daemon`.
 pub fn self_check() -> Result<(), String> {
     let elf = b"\x7fELF-a-program".to_vec();
