@@ -66,7 +66,7 @@ type Run = fn(&Bench) -> Outcome<Report>;
 type SelfCheck = fn() -> Outcome<()>;
 
 /// Every benchmark, in the order they run, with a one-line description for `--list`.
-const BENCHMARKS: [(&str, &str, Run); 10] = [
+const BENCHMARKS: [(&str, &str, Run); 12] = [
     (
         "reload_1mb",
         "rename of a 1 MiB build -> new process running",
@@ -91,6 +91,16 @@ const BENCHMARKS: [(&str, &str, Run); 10] = [
         "peers_50mb",
         "50 MiB builds: hotreloadd vs entr -r vs watchexec --restart",
         |b| peers::run(b, &peers::FIFTY_MB),
+    ),
+    (
+        "ab_1mb",
+        "two daemons (HOTRELOADD_BIN_B), interleaved: rename of 1 MiB builds",
+        |b| peers::ab(b, peers::Install::Rename),
+    ),
+    (
+        "ab_rm_cp_1mb",
+        "two daemons (HOTRELOADD_BIN_B), interleaved: rm + cp of 1 MiB builds",
+        |b| peers::ab(b, peers::Install::RemoveAndCopy),
     ),
     (
         "idle",

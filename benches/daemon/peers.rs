@@ -211,6 +211,97 @@ pub fn run(bench: &Bench, case: &Case) -> Outcome<Report> {
     Ok(report)
 }
 
+/// Rounds of an A/B comparison (`HOTRELOAD_BENCH_AB_ROUNDS`) and timed builds per round.
+const AB_ROUNDS: u64 = 8;
+const AB_PER_ROUND: u64 = 30;
+
+/// `ab_1mb`, `ab_rm_cp_1mb`: two daemon binaries, A (`HOTRELOADD_BIN` or cargo's build) and B
+/// (`HOTRELOADD_BIN_B`), through `peers_1mb`'s workload in alternating rounds of 30 builds
+/// (each round a fresh daemon). The machine's speed drifts by more than a change of 0.1 ms
+/// within minutes; interleaving spreads that drift over both binaries, which two separate runs
+/// cannot.
+pub fn ab(bench: &Bench, install: Install) -> Outcome<Report> {
+    if !probe::supported() {
+        return Err("the A/B benchmark's probe plugin is an x86-64 Linux program".into());
+    }
+    let name = match install {
+        Install::Rename => "ab_1mb",
+        Install::RemoveAndCopy => "ab_rm_cp_1mb",
+    };
+    let Some(other) = std::env::var_os("HOTRELOADD_BIN_B") else {
+        // Not an error: a plain `cargo bench` runs every benchmark, and this one needs a second
+        // binary to compare with.
+        let mut report = Report::new(name, "two daemons compared: not run");
+        report.note(
+            "set HOTRELOADD_BIN_B to the daemon binary to compare with (A is HOTRELOADD_BIN, or \
+             the one cargo built)",
+        );
+        return Ok(report);
+    };
+    let rounds = match std::env::var("HOTRELOAD_BENCH_AB_ROUNDS") {
+        Ok(text) => text.parse::<u64>().ok().filter(|&n| n > 0).ok_or(format!(
+            "HOTRELOAD_BENCH_AB_ROUNDS={text:?} is not a positive number"
+        ))?,
+        Err(_) => AB_ROUNDS,
+    };
+    let b = Bench {
+        daemon: other.into(),
+        root: bench.root.clone(),
+    };
+    let case = Case {
+        name,
+        warmup: 3,
+        reloads: AB_PER_ROUND,
+        install,
+        ..ONE_MB
+    };
+    let mut runs = [(bench, Vec::new(), 0u64), (&b, Vec::new(), 0u64)];
+    for _ in 0..rounds {
+        for (which, latency, faults) in &mut runs {
+            let outcomes = measure(which, &case, Contender::Hotreloadd, None, None)?;
+            if let Some(ended) = outcomes.ended {
+                return Err(format!("{}: {ended}", which.daemon.display()));
+            }
+            latency.extend(outcomes.latency_ms);
+            *faults += outcomes.missed + outcomes.extra;
+        }
+    }
+    let verb = install.verb();
+    let title = format!(
+        "two daemons, {rounds} alternating rounds of {AB_PER_ROUND} builds of 1 MiB, {verb} -> \
+         new process running"
+    );
+    let mut report = Report::new(case.name, &title);
+    let mut p50 = Vec::new();
+    for ((which, latency, faults), key) in runs.iter().zip(["a", "b"]) {
+        let label = format!("{}: {verb} -> running", key.to_uppercase());
+        if let Some(summary) =
+            report.distribution(&format!("{key}_latency_ms"), &label, "ms", latency)
+        {
+            p50.push(summary.p50);
+        }
+        report.value(
+            &format!("{key}_missed_extra"),
+            "  missed + extra restarts",
+            *faults as f64,
+            "",
+        );
+        report.note(format!(
+            "{}: {}",
+            key.to_uppercase(),
+            which.daemon.display()
+        ));
+    }
+    if let [a, b] = p50[..] {
+        report.value("b_minus_a_p50_ms", "B - A, p50", b - a, "ms");
+    }
+    report.note(
+        "each round starts a fresh daemon (state dir in the bench dir), installs 3 warm-up builds, \
+         then times 30; the rounds alternate A, B, A, B, ...",
+    );
+    Ok(report)
+}
+
 /// Runs all builds of `case` through one tool.
 fn measure(
     bench: &Bench,
