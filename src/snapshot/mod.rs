@@ -466,10 +466,17 @@ fn copy_parallel(
     let copied = AtomicU64::new(0);
     let finished = AtomicBool::new(false);
     let hashing = std::thread::current();
-    std::thread::scope(|scope| {
+    // Copier and hasher on different CPUs, or the scheduler has them take turns on one
+    // (`sys::cpu`); the hashing thread gets its mask back below.
+    let pinned = crate::sys::cpu::pin_to_this_cpu();
+    let copier_cpus = pinned.as_ref().and_then(crate::sys::cpu::Pinned::others);
+    let summary = std::thread::scope(|scope| {
         let copier = std::thread::Builder::new()
             .name("snapshot-copy".into())
             .spawn_scoped(scope, || {
+                if let Some(cpus) = &copier_cpus {
+                    crate::sys::cpu::run_on(cpus);
+                }
                 let result = copy_ranges(input, output, &copied, &hashing);
                 finished.store(true, Ordering::Release);
                 hashing.unpark();
@@ -488,7 +495,11 @@ fn copy_parallel(
         let summary = hashed.map_err(write_error)?;
         debug_assert_eq!(summary.len, len);
         Ok(summary)
-    })
+    });
+    if let Some(pinned) = pinned {
+        pinned.release();
+    }
+    summary
 }
 
 /// The helper's half of [`copy_parallel`]: copy to the end, publishing progress in `copied`.
@@ -979,6 +990,24 @@ pub(crate) mod tests {
         assert!(staged.path.exists(), "written at once");
         assert_eq!(staged.version, expected_version(&big));
         assert_eq!(snapshotter.held(), 0, "no memory held for it");
+    }
+
+    #[test]
+    fn a_large_copy_gives_the_daemons_thread_its_cpus_back() {
+        let t = TestDir::new("snap-cpus");
+        let content = patterned(PARALLEL_MIN as usize + PARALLEL_CHUNK, 5);
+        write_exec(&t.join("plugin"), &content);
+        let before = crate::sys::cpu::affinity(0).unwrap();
+
+        let snap = take(&t.join("plugin"), &t.join("snaps")).unwrap();
+
+        assert_eq!(snap.version, expected_version(&content));
+        let after = crate::sys::cpu::affinity(0).unwrap();
+        assert_eq!(
+            crate::sys::cpu::count(&after),
+            crate::sys::cpu::count(&before),
+            "the hashing thread stayed pinned after the copy"
+        );
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Which CPU a stopped plugin exits on.
+//! Which CPU a stopped plugin exits on, and which one the daemon's copy helper runs on.
 //!
 //! A stop signal wakes the instance on the CPU of the daemon that sent it (the scheduler's
 //! wake-affine choice, even with another CPU idle), and the daemon keeps that CPU busy right
@@ -9,6 +9,12 @@
 //!
 //! Only the exiting leader is moved, and only when it has another CPU to go to (a plugin pinned
 //! to the daemon's CPU stays there). A failure changes nothing: the exit is merely slower.
+//!
+//! The same placement undoes the large snapshot's parallel copy (`snapshot::copy_parallel`): a
+//! new thread starts on the busy CPU of the thread that made it, and each wake-up between the
+//! copier and the hasher pulls them together again, so the two take turns on one CPU. For the
+//! length of that copy the hashing thread stays on its CPU ([`pin_to_this_cpu`]) and the copier
+//! moves itself to the others ([`Pinned::others`], [`run_on`]).
 
 use std::io;
 use std::mem;
@@ -33,6 +39,61 @@ pub fn move_off_this_cpu(pid: Pid) {
     if others > 0 {
         let _ = set_affinity(pid.as_raw(), &mask);
     }
+}
+
+/// The calling thread pinned to the CPU it runs on, until [`Pinned::release`] gives it its mask
+/// back.
+pub struct Pinned {
+    saved: libc::cpu_set_t,
+    cpu: usize,
+}
+
+/// A set of CPUs to hand to another thread.
+#[derive(Clone, Copy)]
+pub struct CpuSet(libc::cpu_set_t);
+
+impl Pinned {
+    /// The pinned thread's own mask but its current CPU: where a helper it starts should run
+    /// (the helper inherits the one-CPU mask). `None` when that leaves nothing.
+    pub fn others(&self) -> Option<CpuSet> {
+        let mut set = self.saved;
+        // SAFETY: CPU_CLR works on the local copy; `cpu` came from `current_cpu`.
+        unsafe { libc::CPU_CLR(self.cpu, &mut set) };
+        (count(&set) > 0).then_some(CpuSet(set))
+    }
+
+    /// Give the thread its mask back. Should that fail (the CPUs it may use changed meanwhile,
+    /// a cpuset shrunk or a CPU went offline), every CPU is asked for, which the kernel narrows
+    /// to the allowed ones: never leave the thread pinned.
+    pub fn release(self) {
+        if set_affinity(0, &self.saved).is_err() {
+            // SAFETY: cpu_set_t is a plain bit array; all ones names every CPU.
+            let all: libc::cpu_set_t =
+                unsafe { mem::transmute([u8::MAX; mem::size_of::<libc::cpu_set_t>()]) };
+            let _ = set_affinity(0, &all);
+        }
+    }
+}
+
+/// Pin the calling thread to its current CPU. `None` (and nothing changed) with a single CPU to
+/// run on, or when the masks cannot be read or set.
+pub fn pin_to_this_cpu() -> Option<Pinned> {
+    let saved = affinity(0).ok()?;
+    let cpu = current_cpu()?;
+    if count(&saved) < 2 || !contains(&saved, cpu) {
+        return None;
+    }
+    // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
+    let mut one: libc::cpu_set_t = unsafe { mem::zeroed() };
+    // SAFETY: CPU_SET writes into the local set; `current_cpu` is below CPU_SETSIZE.
+    unsafe { libc::CPU_SET(cpu, &mut one) };
+    set_affinity(0, &one).ok()?;
+    Some(Pinned { saved, cpu })
+}
+
+/// Move the calling thread onto `set` (a failure leaves it where it is).
+pub fn run_on(set: &CpuSet) {
+    let _ = set_affinity(0, &set.0);
 }
 
 /// The CPU the calling thread runs on, if the set type can name it.
@@ -143,6 +204,45 @@ mod tests {
                 "only the daemon's CPU is taken away"
             );
         });
+    }
+
+    #[test]
+    fn a_pinned_thread_and_its_helper_run_apart_and_get_their_masks_back() {
+        let own = affinity(0).expect("own affinity");
+        let handle = std::thread::spawn(move || {
+            let Some(pinned) = pin_to_this_cpu() else {
+                assert!(
+                    count(&own) < 2,
+                    "a thread with several CPUs could not be pinned"
+                );
+                return;
+            };
+            let cpu = pinned.cpu;
+            let here = affinity(0).expect("pinned affinity");
+            assert!(
+                count(&here) == 1 && contains(&here, cpu),
+                "not pinned to CPU {cpu}"
+            );
+            let others = pinned.others().expect("another CPU");
+            let helper = std::thread::spawn(move || {
+                run_on(&others);
+                affinity(0).expect("helper's affinity")
+            });
+            let helpers = helper.join().expect("helper thread");
+            assert!(
+                !contains(&helpers, cpu),
+                "the helper may still run on CPU {cpu}"
+            );
+            assert!(count(&helpers) > 0, "the helper was left without a CPU");
+            pinned.release();
+            let after = affinity(0).expect("released affinity");
+            assert_eq!(
+                count(&after),
+                count(&own),
+                "the thread's mask did not come back"
+            );
+        });
+        handle.join().expect("test thread");
     }
 
     #[test]
