@@ -7,15 +7,16 @@
 //! `b3sum` prints, computed in the one pass that reads the build.
 //!
 //! Two ways to take one, both measured on a 2-core VM (issue 14):
-//! - [`Snapshotter::stage`], for a reload with an instance to stop: read and hash the build
-//!   into memory and reserve the copy's blocks, so the version and the pre-flight check are
-//!   known before the stop; the copy is written from those bytes while the old instance exits.
-//!   The write (a third of a 1 MiB snapshot's cost) overlaps that exit where the two run on
-//!   different cores; on an idle 2-core VM the scheduler keeps them on one and the gain is small
-//!   (BENCHMARKS.md).
-//! - [`take`], for everything else: copy and hash in one pass; from 4 MiB a helper thread copies
-//!   with `copy_file_range` while this one hashes what is already copied (50 MiB: 12 ms instead
-//!   of 23 ms). Below that the thread costs more than it saves.
+//! - [`Snapshotter::stage`], for a reload with an instance to stop and a build of up to
+//!   1.5 MiB: read and hash the build into memory and reserve the copy's blocks, so the version
+//!   and the pre-flight check are known before the stop; the copy is written from those bytes
+//!   while the old instance exits (on another CPU: `sys::cpu`).
+//! - [`take`], for everything else: copy and hash in one pass; from 1.5 MiB a helper thread on
+//!   another CPU copies with `copy_file_range` while this one hashes what is already copied.
+//!   Measured with interleaved reloads (BENCHMARKS.md, fourth session): 2 MiB 2.26 against
+//!   2.50 ms staged, 4 MiB 2.55 against 3.56, 8 MiB 4.2 against 7.1, 50 MiB 15-19 ms; at
+//!   1 MiB staging is 0.16 ms faster (the helper's CPU takes that long to wake), and at 1.5 MiB
+//!   the two are even.
 //!
 //! Why a copy and not a hard link, even of a build that was renamed in: a link shares the inode
 //! with the file in the plugin dir, so the next in-place build (`cp new plugins/foo/foo`, which
@@ -268,11 +269,14 @@ fn create_snapshot_dir(dir: &Path) -> Result<(), SnapshotError> {
 
 /// From this size [`take`] copies with `copy_file_range` on a helper thread while the calling
 /// thread hashes what is already copied; below it one thread copying and hashing is faster (the
-/// helper costs more to start than it saves).
-const PARALLEL_MIN: u64 = 4 << 20;
+/// helper's CPU takes longer to wake than the half it would take over). The same size as
+/// [`stage::STAGE_MAX`]: the two paths break even there (module documentation).
+const PARALLEL_MIN: u64 = 1536 << 10;
 
-/// How much the helper copies between two reports of progress.
-const PARALLEL_CHUNK: usize = 1 << 20;
+/// How much the helper copies between two reports of progress: small enough that the hasher
+/// starts early on a 2 MiB build (256 KiB: 2 MiB 2.28 against 2.58 ms with 1 MiB, 8 MiB 4.2
+/// against 4.5; 50 MiB the same).
+const PARALLEL_CHUNK: usize = 256 << 10;
 
 /// Hash `path` with the same rules as [`take`] without copying it: for no-op detection and rescans.
 pub fn version_of(path: &Path) -> Result<String, SnapshotError> {

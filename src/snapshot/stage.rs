@@ -8,10 +8,10 @@
 //! exits. The snapshot on disk is exactly the bytes that were hashed and checked, and the build
 //! is read once.
 //!
-//! It all happens on the event loop's thread. Splitting the read and hash of large builds with a
-//! helper thread on the other core was measured (issue 14) and made a 1 MiB reload slower on a
-//! 2-core VM: waking an idle vCPU costs ~130-200 µs, as much as the half it would take over,
-//! and the scheduler keeps the daemon, the old instance and the new one on one CPU anyway.
+//! It all happens on the event loop's thread. Splitting the read and hash of a 1 MiB build with a
+//! helper thread on the other CPU was measured (issue 14, BENCHMARKS.md) and gained nothing on a
+//! 2-core VM: the helper starts ~140 µs after it is woken and its half takes longer there (cold
+//! caches). From 1.5 MiB the copy on two CPUs (`take`) is faster, so larger builds go there.
 //!
 //! The buffer stays allocated between reloads (its pages already faulted in, which on a VM
 //! costs as much as the copy) until [`Snapshotter::release`].
@@ -27,8 +27,9 @@ use super::{
     open_regular, reserve, reusable, snapshot_mode, take_open, version_from_hash,
 };
 
-/// Builds up to this size are staged in memory; a larger one is copied at once, by `take`.
-pub(super) const STAGE_MAX: u64 = 16 << 20;
+/// Builds up to this size are staged in memory; a larger one is copied at once, by `take`, on
+/// two CPUs (where the two paths break even, see the `snapshot` module documentation).
+pub(super) const STAGE_MAX: u64 = 1536 << 10;
 
 /// Takes snapshots for reloads. See the module documentation.
 #[derive(Default)]
@@ -69,7 +70,7 @@ impl Snapshotter {
         Snapshotter::default()
     }
 
-    /// Like [`super::take`], but a build of up to 16 MiB is only read, hashed and given its
+    /// Like [`super::take`], but a build of up to 1.5 MiB is only read, hashed and given its
     /// blocks: the returned snapshot's file exists once [`Snapshotter::finish`] has written it.
     /// A snapshot staged earlier and not finished is dropped.
     pub fn stage(&mut self, source: &Path, dir: &Path) -> Result<Snapshot, SnapshotError> {
