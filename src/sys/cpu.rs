@@ -31,12 +31,9 @@ pub fn move_off_this_cpu(pid: Pid) {
     let Some(cpu) = current_cpu() else {
         return;
     };
-    // SAFETY: CPU_CLR and CPU_COUNT work on the local set; `current_cpu` is below CPU_SETSIZE.
-    let others = unsafe {
-        libc::CPU_CLR(cpu, &mut mask);
-        libc::CPU_COUNT(&mask)
-    };
-    if others > 0 {
+    // SAFETY: CPU_CLR works on the local set; `current_cpu` is below CPU_SETSIZE.
+    unsafe { libc::CPU_CLR(cpu, &mut mask) };
+    if count(&mask) > 0 {
         let _ = set_affinity(pid.as_raw(), &mask);
     }
 }

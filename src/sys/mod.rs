@@ -6,7 +6,7 @@
 //! | file             | owns                                                               |
 //! |------------------|--------------------------------------------------------------------|
 //! | `child.rs`       | the reset every child gets between fork and exec (plugins, hooks)  |
-//! | `cpu.rs`         | which CPU a stopped plugin exits on (scheduler affinity)           |
+//! | `cpu.rs`         | CPU affinity: a stopped plugin's exit, a large copy's two threads  |
 //! | `creds.rs`       | a plugin child's switch to its `user`/`group` before exec          |
 //! | `process.rs`     | pids, signals, pidfds, subreaper, the descriptor limit, boot time  |
 //! | `fd.rs`          | pipes, descriptor flags and numbers, reads of raw descriptors      |
