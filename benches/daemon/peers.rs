@@ -1,5 +1,7 @@
 //! `hotreloadd` beside `entr -r` and `watchexec --restart` on one workload: a new build renamed
-//! over a plugin's executable, over and over, and the time until the new build runs.
+//! over a plugin's executable (or, in `peers_rm_cp_1mb`, the executable removed and the build
+//! copied to it), over and over, and the time until the new build runs. `ab_*` run the same
+//! workload through two hotreloadd binaries in alternating rounds.
 //!
 //! "Running" is the same signal for every tool: the plugin is the probe of `probe.rs`, whose first
 //! instruction stamps `CLOCK_MONOTONIC` and which then reports that stamp and its build serial on
@@ -620,9 +622,9 @@ fn exec_floor(bench: &Bench) -> Outcome<Vec<f64>> {
 }
 
 /// What reading a build costs outside any tool, in the harness: BLAKE3 of it, and a copy of it
-/// with a 128 KiB buffer, no fsync, into the bench dir. hotreloadd does both on every reload, in
-/// one pass, the write (from 256 KiB on) on a helper thread while it hashes: its floor is about
-/// the larger of the two plus a read; entr and watchexec do neither.
+/// with a 128 KiB buffer, no fsync, into the bench dir. hotreloadd does both on every reload: up
+/// to 1.5 MiB read and hashed in one pass and written after the stop signal, above that copied
+/// on one CPU while the copy is hashed on another; entr and watchexec do neither.
 struct BuildCosts {
     hash_ms: Vec<f64>,
     copy_ms: Vec<f64>,

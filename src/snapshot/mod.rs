@@ -447,7 +447,8 @@ fn reusable(path: &Path, summary: &Summary, mode: u32) -> bool {
 /// Copy `input` into `output` (the temp file at `temp`) with `copy_file_range` on a helper
 /// thread, while this thread hashes each range as soon as it is in the copy, read back from the
 /// copy itself: the version names exactly the bytes on disk even if the build changes meanwhile.
-/// On two cores this halves a large snapshot (measured: 50 MiB in 12 ms instead of 23 ms).
+/// The two threads are kept on different CPUs (`sys::cpu`); a 50 MiB reload then takes about
+/// what one plain copy of the build does (BENCHMARKS.md, fourth session).
 fn copy_parallel(
     input: &File,
     output: &File,

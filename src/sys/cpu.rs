@@ -25,17 +25,22 @@ use nix::unistd::Pid;
 /// when that would leave it no CPU, or when the masks cannot be read or changed (`pid` gone,
 /// another user's).
 pub fn move_off_this_cpu(pid: Pid) {
-    let Ok(mut mask) = affinity(pid.as_raw()) else {
+    let (Ok(mask), Some(cpu)) = (affinity(pid.as_raw()), current_cpu()) else {
         return;
     };
-    let Some(cpu) = current_cpu() else {
-        return;
-    };
-    // SAFETY: CPU_CLR works on the local set; `current_cpu` is below CPU_SETSIZE.
-    unsafe { libc::CPU_CLR(cpu, &mut mask) };
-    if count(&mask) > 0 {
-        let _ = set_affinity(pid.as_raw(), &mask);
+    if let Some(others) = without(mask, cpu) {
+        let _ = set_affinity(pid.as_raw(), &others);
     }
+}
+
+/// `set` less `cpu`, or `None` when nothing would be left.
+fn without(mut set: libc::cpu_set_t, cpu: usize) -> Option<libc::cpu_set_t> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Some(set);
+    }
+    // SAFETY: CPU_CLR works on the local set; `cpu` is below CPU_SETSIZE (checked above).
+    unsafe { libc::CPU_CLR(cpu, &mut set) };
+    (count(&set) > 0).then_some(set)
 }
 
 /// The calling thread pinned to the CPU it runs on, until [`Pinned::release`] gives it its mask
@@ -53,10 +58,7 @@ impl Pinned {
     /// The pinned thread's own mask but its current CPU: where a helper it starts should run
     /// (the helper inherits the one-CPU mask). `None` when that leaves nothing.
     pub fn others(&self) -> Option<CpuSet> {
-        let mut set = self.saved;
-        // SAFETY: CPU_CLR works on the local copy; `cpu` came from `current_cpu`.
-        unsafe { libc::CPU_CLR(self.cpu, &mut set) };
-        (count(&set) > 0).then_some(CpuSet(set))
+        without(self.saved, self.cpu).map(CpuSet)
     }
 
     /// Give the thread its mask back. Should that fail (the CPUs it may use changed meanwhile,
