@@ -24,6 +24,11 @@
 //!   entr's figures are also printed less 50 ms ("minus debounce");
 //! - `watchexec --restart --debounce 0ms --shell=none --watch PLUGIN_DIR -- EXEC FIFO`, with no
 //!   ignore files. Its default debounce is 50 ms; 0 is accepted ("highly discouraged").
+//!
+//! Two floors are measured in the same run, without any tool: the harness spawning the probe
+//! (back to back), and the harness doing what any reload that runs a hashed copy must do before
+//! the copy's first instruction (read, BLAKE3, write the copy, spawn it), after the same quiet
+//! gap the tools get. A target below the second floor is said to be out of reach.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -204,7 +209,10 @@ pub fn run(bench: &Bench, case: &Case) -> Outcome<Report> {
             Err(e) => not_measured.push((contender, e)),
         }
     }
-    let floor = exec_floor(bench)?;
+    let floor = Floors {
+        exec_ms: exec_floor(bench)?,
+        snapshot_ms: snapshot_floor(bench, case)?,
+    };
     let costs = build_costs(bench, case)?;
     let mut report = report(case, &measured, &not_measured, &floor, &costs);
     for tool in [entr, watchexec].into_iter().flatten() {
@@ -621,6 +629,67 @@ fn exec_floor(bench: &Bench) -> Outcome<Vec<f64>> {
     Ok(floor)
 }
 
+/// What the harness measures of its own, with no tool in the way.
+struct Floors {
+    /// [`exec_floor`].
+    exec_ms: Vec<f64>,
+    /// [`snapshot_floor`].
+    snapshot_ms: Vec<f64>,
+}
+
+/// Builds timed by [`snapshot_floor`].
+const SNAPSHOT_FLOOR_ROUNDS: u64 = 30;
+
+/// The floor under any reload that runs a hashed copy of the build (SPEC §3: the version, a
+/// BLAKE3 of the content, is known before the old instance is touched and is in the new one's
+/// environment; the copy is what runs), done by the harness alone: read the build and hash it,
+/// write the copy, spawn the copy, on one thread, each build after the same quiet gap as the
+/// tools get. No inotify, no old instance to stop, no state file: a tool can come close to this
+/// only by spreading the copy and the hash over two CPUs.
+fn snapshot_floor(bench: &Bench, case: &Case) -> Outcome<Vec<f64>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = bench.root.join("peers-snapshot-floor");
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| format!("failed to create `{}`: {e}", dir.display()))?;
+    let source = dir.join("build");
+    let mut builds = ProbeBuilds::new(case.size);
+    let reports = Reports::create(&dir.join("starts.fifo"))?;
+    // One buffer for every build, its pages faulted in once, as a tool would keep it.
+    let mut bytes = vec![1u8; case.size];
+    let mut floor = Vec::new();
+    for serial in 0..SNAPSHOT_FLOOR_ROUNDS {
+        drop(plugin::write_executable(&source, builds.build(serial))?);
+        std::thread::sleep(GAP);
+        let copy = dir.join(format!("copy-{serial}"));
+        let before = probe::now_ns();
+        File::open(&source)
+            .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut bytes))
+            .map_err(|e| format!("failed to read `{}`: {e}", source.display()))?;
+        std::hint::black_box(blake3::hash(&bytes));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o700)
+            .open(&copy)
+            .and_then(|mut file| std::io::Write::write_all(&mut file, &bytes))
+            .map_err(|e| format!("failed to write `{}`: {e}", copy.display()))?;
+        let mut child = Command::new(&copy)
+            .arg(&reports.path)
+            .spawn()
+            .map_err(|e| format!("failed to run the probe `{}`: {e}", copy.display()))?;
+        let start = reports.next_before(Instant::now() + case.timeout);
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_file(&copy);
+        if let Some(start) = start {
+            floor.push(start.started_ns.saturating_sub(before) as f64 / 1e6);
+        }
+    }
+    drop(reports);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(floor)
+}
+
 /// What reading a build costs outside any tool, in the harness: BLAKE3 of it, and a copy of it
 /// with a 128 KiB buffer, no fsync, into the bench dir. hotreloadd does both on every reload: up
 /// to 1.5 MiB read and hashed in one pass and written after the stop signal, above that copied
@@ -681,7 +750,7 @@ fn report(
     case: &Case,
     measured: &[(Contender, Outcomes)],
     not_measured: &[(Contender, String)],
-    floor: &[f64],
+    floor: &Floors,
     costs: &BuildCosts,
 ) -> Report {
     let verb = case.install.verb();
@@ -761,7 +830,13 @@ fn report(
         "exec_floor_ms",
         "floor: harness spawns the probe itself",
         "ms",
-        floor,
+        &floor.exec_ms,
+    );
+    let snapshot_floor = report.distribution(
+        "snapshot_floor_ms",
+        "floor: harness reads, hashes, copies, spawns",
+        "ms",
+        &floor.snapshot_ms,
     );
     report.distribution(
         "build_read_hash_ms",
@@ -800,6 +875,21 @@ fn report(
                     Bound::AtMost(ratio * theirs),
                     "ms",
                 );
+            }
+            let bounds = [
+                case.p50_ms,
+                case.of_watchexec.zip(watchexec_p50).map(|(r, w)| r * w),
+            ];
+            if let (Some(lowest), Some(floor)) = (
+                bounds.into_iter().flatten().reduce(f64::min),
+                snapshot_floor.as_ref().map(|f| f.p50),
+            ) && lowest < floor
+            {
+                report.note(format!(
+                    "a p50 of {lowest:.3} ms is below the snapshot floor's p50 ({floor:.3} ms): \
+                     out of reach on this machine for any tool that runs a hashed copy of the \
+                     build, unless it spreads the copy and the hash over two CPUs"
+                ));
             }
         }
         if let Some(peers) = peers_worst_best {
