@@ -8,9 +8,10 @@
 //!
 //! Two ways to take one, both measured on a 2-core VM (issue 14):
 //! - [`Snapshotter::stage`], for a reload with an instance to stop and a build of up to
-//!   1.5 MiB: read and hash the build into memory and reserve the copy's blocks, so the version
-//!   and the pre-flight check are known before the stop; the copy is written from those bytes
-//!   while the old instance exits (on another CPU: `sys::cpu`).
+//!   1.5 MiB: reserve the copy's blocks, read and hash the build into memory, so the version
+//!   and the pre-flight check are known before the stop, while a thread on another CPU writes
+//!   the copy from those bytes as they are read (`writer.rs`); it is named once the old
+//!   instance is stopped.
 //! - [`take`], for everything else: copy and hash in one pass; from 1.5 MiB a helper thread on
 //!   another CPU copies with `copy_file_range` while this one hashes what is already copied.
 //!   Measured with interleaved reloads (BENCHMARKS.md, fourth session): 2 MiB 2.26 against
@@ -54,6 +55,7 @@ use crate::fsutil::{self, RemovalWords, create_private_dir_for};
 use crate::private_dir::UnsafeDir;
 
 mod stage;
+mod writer;
 
 pub use stage::Snapshotter;
 #[cfg(test)]
@@ -863,7 +865,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_staged_snapshot_is_written_only_by_finish() {
+    fn a_staged_snapshot_takes_its_name_only_at_finish() {
         let t = TestDir::new("snap-stage");
         let content = patterned(300_000, 1);
         write_exec(&t.join("plugin"), &content);
@@ -893,6 +895,47 @@ pub(crate) mod tests {
         );
         snapshotter.release();
         assert_eq!(snapshotter.held(), 0);
+    }
+
+    #[test]
+    fn a_staged_build_is_copied_while_it_is_read_not_at_finish() {
+        let t = TestDir::new("snap-stage-early");
+        let content = patterned(1 << 20, 3);
+        write_exec(&t.join("plugin"), &content);
+        let snaps = t.join("snaps");
+        let mut snapshotter = Snapshotter::new();
+
+        let staged = snapshotter.stage(&t.join("plugin"), &snaps).unwrap();
+
+        // The temp file fills up by itself: the writer thread copies the bytes as they are read.
+        let temps = || -> Vec<PathBuf> {
+            fs::read_dir(&snaps)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with(".tmp."))
+                })
+                .collect()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let filled = temps()
+                .first()
+                .is_some_and(|temp| fs::read(temp).is_ok_and(|bytes| bytes == content));
+            if filled {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the copy was not written before finish"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!staged.path.exists());
+        snapshotter.finish(&staged.path).unwrap();
+        assert_eq!(fs::read(&staged.path).unwrap(), content);
+        assert!(temps().is_empty());
     }
 
     #[test]

@@ -2,26 +2,30 @@
 //!
 //! A reload must know a build's version (is it new?) and check it (pre-flight) before it may
 //! stop the running instance; it needs the copy on disk only to start the new one. So
-//! [`Snapshotter::stage`] reads and hashes the build into memory and reserves the copy's
-//! blocks (`fallocate`: a full disk fails here, while nothing has been stopped), the pre-flight
-//! check runs on those bytes, and [`Snapshotter::finish`] writes them while the old instance
-//! exits. The snapshot on disk is exactly the bytes that were hashed and checked, and the build
-//! is read once.
+//! [`Snapshotter::stage`] reserves the copy's blocks (`fallocate`: a full disk fails here, while
+//! nothing has been stopped), reads and hashes the build into memory while the writer thread
+//! (`writer.rs`) copies each part read into the reserved file, and the pre-flight check runs on
+//! the bytes in memory; [`Snapshotter::finish`] waits for the writer (long done by then: the old
+//! instance was stopped and state.json written meanwhile) and gives the copy its version name.
+//! The snapshot on disk is exactly the bytes that were hashed and checked, and the build is read
+//! once.
 //!
-//! It all happens on the event loop's thread. Splitting the read and hash of a 1 MiB build with a
-//! helper thread on the other CPU was measured (issue 14, BENCHMARKS.md) and gained nothing on a
-//! 2-core VM: the helper starts ~140 µs after it is woken and its half takes longer there (cold
-//! caches). From 1.5 MiB the copy on two CPUs (`take`) is faster, so larger builds go there.
+//! The read and hash stay on the event loop's thread. Splitting them with a helper on the other
+//! CPU was measured (issue 14, BENCHMARKS.md) and gained nothing on a 2-core VM: the helper
+//! starts ~140 µs after it is woken and its half takes longer there (cold caches). The write has
+//! all that time to spare, so it is the part handed over. From 1.5 MiB the copy on two CPUs
+//! (`take`) is faster, so larger builds go there.
 //!
 //! The buffer stays allocated between reloads (its pages already faulted in, which on a VM
 //! costs as much as the copy) until [`Snapshotter::release`].
 
 use std::fmt;
 use std::fs::{self, File, Permissions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use super::writer::{Writer, WriterThread};
 use super::{
     BUF_SIZE, Snapshot, SnapshotError, Summary, create_snapshot_dir, create_temp, install,
     open_regular, reserve, reusable, snapshot_mode, take_open, version_from_hash,
@@ -41,6 +45,9 @@ pub struct Snapshotter {
     /// The last write that failed: what [`Snapshotter::finish`] reports when it is asked for
     /// that snapshot again.
     failed: Option<Failed>,
+    /// Writes staged bytes while they are read (`writer.rs`); started at the first stage, ended
+    /// with the buffer by [`Snapshotter::release`].
+    thread: Option<WriterThread>,
 }
 
 /// A staged snapshot whose bytes are not written yet.
@@ -54,6 +61,9 @@ struct Pending {
     /// The size `fallocate` gave the temp file.
     reserved: u64,
     mode: u32,
+    /// Writing the bytes to `file` since the read began (`writer.rs`); `None` when no thread
+    /// could be had, and [`Snapshotter::finish`] writes them all.
+    writer: Option<Writer>,
 }
 
 /// A staged snapshot whose write failed.
@@ -82,11 +92,22 @@ impl Snapshotter {
             return take_open(input, &meta, source, dir);
         }
         create_snapshot_dir(dir)?;
-        let summary =
-            read_whole(&input, &mut self.buf, meta.len()).map_err(|e| SnapshotError::Read {
-                path: source.to_path_buf(),
-                source: e,
-            })?;
+        // The copy's file and blocks come first, so that its writer can start with the read.
+        let (temp, file) = reserved_temp(dir, meta.len()).map_err(|e| SnapshotError::Write {
+            path: source.to_path_buf(),
+            dir: dir.to_path_buf(),
+            source: e,
+        })?;
+        let (summary, writer) = match self.read_while_writing(&input, &file, meta.len()) {
+            Ok(read) => read,
+            Err(e) => {
+                let _ = fs::remove_file(&temp);
+                return Err(SnapshotError::Read {
+                    path: source.to_path_buf(),
+                    source: e,
+                });
+            }
+        };
         let mode = snapshot_mode(&meta);
         let path = dir.join(&summary.version);
         let snapshot = Snapshot {
@@ -95,13 +116,10 @@ impl Snapshotter {
             len: summary.len,
         };
         if reusable(&path, &summary, mode) {
+            drop(writer);
+            let _ = fs::remove_file(&temp);
             return Ok(snapshot);
         }
-        let (temp, file) = reserved_temp(dir, summary.len).map_err(|e| SnapshotError::Write {
-            path: source.to_path_buf(),
-            dir: dir.to_path_buf(),
-            source: e,
-        })?;
         self.pending = Some(Pending {
             source: source.to_path_buf(),
             dir: dir.to_path_buf(),
@@ -109,10 +127,55 @@ impl Snapshotter {
             temp,
             file,
             len: usize::try_from(summary.len).unwrap_or(usize::MAX),
-            reserved: summary.len,
+            reserved: meta.len(),
             mode,
+            writer,
         });
         Ok(snapshot)
+    }
+
+    /// Read and hash `input` into the buffer while a [`Writer`] copies each window to `output`
+    /// as soon as it is read. A file that grew since its size was taken stops the writer (the
+    /// buffer must grow) and is read to its end here; [`Snapshotter::finish`] writes the rest.
+    fn read_while_writing(
+        &mut self,
+        input: &File,
+        output: &File,
+        expected: u64,
+    ) -> io::Result<(Summary, Option<Writer>)> {
+        size_for(&mut self.buf, expected);
+        let len = self.buf.len();
+        let base = self.buf.as_mut_ptr();
+        if self.thread.is_none() {
+            self.thread = WriterThread::start();
+        }
+        // SAFETY: the buffer is neither moved, resized nor freed while the writer has it: it is
+        // stopped below before the buffer may grow, and `Pending` (which then owns it) drops
+        // it, waiting for its report, before anything touches the buffer again (`discard`, on
+        // every `stage` and on drop; `release` only with nothing pending). `read_shared` writes
+        // only at or above the published length.
+        let mut writer = self
+            .thread
+            .as_ref()
+            .and_then(|thread| unsafe { thread.write(output, base, len) });
+        let mut hasher = blake3::Hasher::new();
+        let mut filled = 0;
+        if let Some(writer) = &writer {
+            filled = read_shared(input, base, len, writer, &mut hasher)?;
+            writer.close();
+        }
+        if filled == len {
+            // The file grew, or there is no writer: read on with the buffer to ourselves.
+            if let Some(writer) = writer.as_mut() {
+                writer.stop();
+            }
+            filled = read_rest(input, &mut self.buf, filled, &mut hasher)?;
+        }
+        let summary = Summary {
+            version: version_from_hash(&hasher.finalize()),
+            len: filled as u64,
+        };
+        Ok((summary, writer))
     }
 
     /// The bytes and mode of the staged snapshot `path`, when it is staged and not yet written:
@@ -128,8 +191,9 @@ impl Snapshotter {
     /// the failure of its earlier write, if any. A different staged snapshot is dropped.
     pub fn finish(&mut self, path: &Path) -> Result<(), SnapshotError> {
         match self.pending.take() {
-            Some(pending) if pending.path == path => {
-                let written = write_staged(&pending, &self.buf[..pending.len]);
+            Some(mut pending) if pending.path == path => {
+                let len = pending.len;
+                let written = write_staged(&mut pending, &self.buf[..len]);
                 if written.is_err() {
                     let _ = fs::remove_file(&pending.temp);
                 }
@@ -164,7 +228,9 @@ impl Snapshotter {
 
     /// Drop a staged snapshot that will not be written (its build was refused).
     pub fn discard(&mut self) {
-        if let Some(pending) = self.pending.take() {
+        if let Some(mut pending) = self.pending.take() {
+            // Joined before the buffer is used again.
+            drop(pending.writer.take());
             let _ = fs::remove_file(&pending.temp);
         }
     }
@@ -173,6 +239,7 @@ impl Snapshotter {
     pub fn release(&mut self) {
         if self.pending.is_none() {
             self.buf = Vec::new();
+            self.thread = None;
         }
     }
 
@@ -208,9 +275,16 @@ fn reserved_temp(dir: &Path, len: u64) -> io::Result<(PathBuf, File)> {
     Ok((path, file))
 }
 
-/// Write a staged snapshot's bytes to its reserved temp file and move it to its version name.
-fn write_staged(pending: &Pending, bytes: &[u8]) -> io::Result<()> {
-    (&pending.file).write_all(bytes)?;
+/// Finish writing a staged snapshot's bytes to its reserved temp file (whatever its writer did
+/// not) and move it to its version name.
+fn write_staged(pending: &mut Pending, bytes: &[u8]) -> io::Result<()> {
+    let done = match pending.writer.take() {
+        Some(writer) => writer.written()?,
+        None => 0,
+    };
+    if let Some(rest) = bytes.get(done..).filter(|rest| !rest.is_empty()) {
+        pending.file.write_all_at(rest, done as u64)?;
+    }
     let len = bytes.len() as u64;
     if len != pending.reserved {
         pending.file.set_len(len)?;
@@ -228,16 +302,65 @@ fn write_staged(pending: &Pending, bytes: &[u8]) -> io::Result<()> {
 /// Read `input` to its end into the start of `buf`, hashing each window as soon as it is read,
 /// while it is still in the CPU's cache (hashing the whole buffer afterwards reads it from memory
 /// again), expecting about `expected` bytes. `buf` only grows.
+#[cfg(test)]
 pub(super) fn read_whole(input: &File, buf: &mut Vec<u8>, expected: u64) -> io::Result<Summary> {
-    // One byte more than expected: reading a file that did not grow then needs no growth.
+    size_for(buf, expected);
+    let mut hasher = blake3::Hasher::new();
+    let filled = read_rest(input, buf, 0, &mut hasher)?;
+    Ok(Summary {
+        version: version_from_hash(&hasher.finalize()),
+        len: filled as u64,
+    })
+}
+
+/// Grow `buf` to one byte more than `expected`: reading a file that did not grow then needs no
+/// growth, and finds its end without a second pass.
+fn size_for(buf: &mut Vec<u8>, expected: u64) {
     let want = usize::try_from(expected)
         .unwrap_or(usize::MAX)
         .saturating_add(1);
     if buf.len() < want {
         buf.resize(want, 0);
     }
-    let mut hasher = blake3::Hasher::new();
+}
+
+/// Read the `len` bytes' buffer at `base` full from `input`, or to its end, publishing each
+/// window to `writer` as soon as it is read, then hashing it. How many bytes were read.
+fn read_shared(
+    input: &File,
+    base: *mut u8,
+    len: usize,
+    writer: &Writer,
+    hasher: &mut blake3::Hasher,
+) -> io::Result<usize> {
     let mut filled = 0;
+    while filled < len {
+        let end = len.min(filled + BUF_SIZE);
+        // SAFETY: `filled..end` lies within the buffer (valid for `len` bytes, see
+        // `read_while_writing`) and at or above the published length, which the writer never
+        // reads; nothing else refers to it.
+        let window = unsafe { std::slice::from_raw_parts_mut(base.add(filled), end - filled) };
+        let n = match input.read_at(window, filled as u64) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        writer.publish(filled + n);
+        hasher.update(&window[..n]);
+        filled += n;
+    }
+    Ok(filled)
+}
+
+/// Read `input` from `filled` to its end into `buf`, growing it as needed, hashing each window
+/// as soon as it is read. How many bytes `buf` then holds.
+fn read_rest(
+    input: &File,
+    buf: &mut Vec<u8>,
+    mut filled: usize,
+    hasher: &mut blake3::Hasher,
+) -> io::Result<usize> {
     loop {
         if filled == buf.len() {
             // The file grew while being read.
@@ -254,8 +377,40 @@ pub(super) fn read_whole(input: &File, buf: &mut Vec<u8>, expected: u64) -> io::
         hasher.update(&buf[filled..filled + n]);
         filled += n;
     }
-    Ok(Summary {
-        version: version_from_hash(&hasher.finalize()),
-        len: filled as u64,
-    })
+    Ok(filled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::tests::TestDir;
+
+    #[test]
+    fn a_build_that_grows_while_it_is_staged_and_copied_is_copied_whole() {
+        let t = TestDir::new("stage-grow-copy");
+        let content: Vec<u8> = (0..(BUF_SIZE * 5 + 11)).map(|i| (i % 253) as u8).collect();
+        fs::write(t.join("build"), &content).unwrap();
+        let input = File::open(t.join("build")).unwrap();
+        let output = File::create(t.join("copy")).unwrap();
+        let mut snapshotter = Snapshotter::new();
+
+        // Expecting a third of the bytes, as when the build grew after its fstat: the writer
+        // copies what fits the buffer, then stops while the rest is read.
+        let expected = content.len() / 3;
+        let (summary, writer) = snapshotter
+            .read_while_writing(&input, &output, expected as u64)
+            .unwrap();
+        let done = writer.map_or(Ok(0), Writer::written).unwrap();
+
+        assert_eq!(summary.len, content.len() as u64);
+        assert_eq!(summary.version, version_from_hash(&blake3::hash(&content)));
+        assert!(
+            done <= expected + 1,
+            "the writer stopped at the buffer's end: {done}"
+        );
+        output
+            .write_all_at(&snapshotter.buf[done..content.len()], done as u64)
+            .unwrap();
+        assert_eq!(fs::read(t.join("copy")).unwrap(), content);
+    }
 }

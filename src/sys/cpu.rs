@@ -1,4 +1,4 @@
-//! Which CPU a stopped plugin exits on, and which one the daemon's copy helper runs on.
+//! Which CPU a stopped plugin exits on, and which ones the daemon's copy helpers run on.
 //!
 //! A stop signal wakes the instance on the CPU of the daemon that sent it (the scheduler's
 //! wake-affine choice, even with another CPU idle), and the daemon keeps that CPU busy right
@@ -14,7 +14,9 @@
 //! new thread starts on the busy CPU of the thread that made it, and each wake-up between the
 //! copier and the hasher pulls them together again, so the two take turns on one CPU. For the
 //! length of that copy the hashing thread stays on its CPU ([`pin_to_this_cpu`]) and the copier
-//! moves itself to the others ([`Pinned::others`], [`run_on`]).
+//! moves itself to the others ([`Pinned::others`], [`run_on`]). The thread that writes a staged
+//! snapshot while the daemon reads it is moved off the daemon's CPU each time before it is woken
+//! ([`move_thread_off_this_cpu`]), which costs nothing while it waits.
 
 use std::io;
 use std::mem;
@@ -30,6 +32,27 @@ pub fn move_off_this_cpu(pid: Pid) {
     };
     if let Some(others) = without(mask, cpu) {
         let _ = set_affinity(pid.as_raw(), &others);
+    }
+}
+
+/// Let the thread of `handle` (just started by the calling thread, which it would otherwise
+/// wait on) run on any CPU of the caller's mask but the caller's current one. Nothing is done
+/// when that would leave it no CPU or the masks cannot be read or set.
+pub fn move_thread_off_this_cpu<T>(handle: &std::thread::JoinHandle<T>) {
+    use std::os::unix::thread::JoinHandleExt;
+    let (Ok(mask), Some(cpu)) = (affinity(0), current_cpu()) else {
+        return;
+    };
+    if let Some(others) = without(mask, cpu) {
+        // SAFETY: the handle's thread has not been joined, so its pthread_t is valid; the
+        // kernel reads size_of::<cpu_set_t>() bytes from `others`.
+        unsafe {
+            libc::pthread_setaffinity_np(
+                handle.as_pthread_t(),
+                mem::size_of::<libc::cpu_set_t>(),
+                &others,
+            );
+        }
     }
 }
 
