@@ -55,15 +55,46 @@ struct Pending {
     source: PathBuf,
     dir: PathBuf,
     path: PathBuf,
-    temp: PathBuf,
-    file: File,
+    copy: Copy,
     len: usize,
     /// The size `fallocate` gave the temp file.
     reserved: u64,
     mode: u32,
-    /// Writing the bytes to `file` since the read began (`writer.rs`); `None` when no thread
-    /// could be had, and [`Snapshotter::finish`] writes them all.
-    writer: Option<Writer>,
+}
+
+/// A staged snapshot's temp file, and who writes it.
+enum Copy {
+    /// The writer thread, since the read began (`writer.rs`).
+    Writing { temp: PathBuf, writer: Writer },
+    /// [`Snapshotter::finish`], when no thread could be had.
+    Own { temp: PathBuf, file: File },
+}
+
+impl Copy {
+    fn temp(&self) -> &Path {
+        match self {
+            Copy::Writing { temp, .. } | Copy::Own { temp, .. } => temp,
+        }
+    }
+
+    /// Drop the copy: its writer has stopped (it no longer reads the buffer) and its temp file
+    /// is gone when this returns.
+    fn abandon(self) {
+        let temp = match self {
+            Copy::Writing { temp, writer } => {
+                drop(writer);
+                temp
+            }
+            Copy::Own { temp, .. } => temp,
+        };
+        let _ = fs::remove_file(temp);
+    }
+}
+
+/// Why a staged read failed: the build could not be read, or its copy not created.
+enum Failure {
+    Read(io::Error),
+    Write(io::Error),
 }
 
 /// A staged snapshot whose write failed.
@@ -92,23 +123,20 @@ impl Snapshotter {
             return take_open(input, &meta, source, dir);
         }
         create_snapshot_dir(dir)?;
-        // The copy's file and blocks come first, so that its writer can start with the read.
-        let (temp, file) = reserved_temp(dir, meta.len()).map_err(|e| SnapshotError::Write {
-            path: source.to_path_buf(),
-            dir: dir.to_path_buf(),
-            source: e,
-        })?;
-        let (summary, writer) = match self.read_while_writing(&input, &file, meta.len()) {
-            Ok(read) => read,
-            Err(e) => {
-                let _ = fs::remove_file(&temp);
-                return Err(SnapshotError::Read {
-                    path: source.to_path_buf(),
-                    source: e,
-                });
-            }
-        };
         let mode = snapshot_mode(&meta);
+        let (summary, copy) =
+            self.read_and_copy(&input, dir, meta.len(), mode)
+                .map_err(|failure| match failure {
+                    Failure::Read(e) => SnapshotError::Read {
+                        path: source.to_path_buf(),
+                        source: e,
+                    },
+                    Failure::Write(e) => SnapshotError::Write {
+                        path: source.to_path_buf(),
+                        dir: dir.to_path_buf(),
+                        source: e,
+                    },
+                })?;
         let path = dir.join(&summary.version);
         let snapshot = Snapshot {
             version: summary.version.clone(),
@@ -116,33 +144,33 @@ impl Snapshotter {
             len: summary.len,
         };
         if reusable(&path, &summary, mode) {
-            drop(writer);
-            let _ = fs::remove_file(&temp);
+            copy.abandon();
             return Ok(snapshot);
         }
         self.pending = Some(Pending {
             source: source.to_path_buf(),
             dir: dir.to_path_buf(),
             path,
-            temp,
-            file,
+            copy,
             len: usize::try_from(summary.len).unwrap_or(usize::MAX),
             reserved: meta.len(),
             mode,
-            writer,
         });
         Ok(snapshot)
     }
 
-    /// Read and hash `input` into the buffer while a [`Writer`] copies each window to `output`
-    /// as soon as it is read. A file that grew since its size was taken stops the writer (the
-    /// buffer must grow) and is read to its end here; [`Snapshotter::finish`] writes the rest.
-    fn read_while_writing(
+    /// Read and hash `input` into the buffer while the writer thread creates the copy's temp
+    /// file in `dir` (`expected` bytes of blocks, `mode`) and writes each window to it as soon
+    /// as it is read. A file that grew since its size was taken stops the writer (the buffer
+    /// must grow) and is read to its end here; [`Snapshotter::finish`] writes the rest. Without
+    /// a writer thread, the temp file is made here and written by `finish`.
+    fn read_and_copy(
         &mut self,
         input: &File,
-        output: &File,
+        dir: &Path,
         expected: u64,
-    ) -> io::Result<(Summary, Option<Writer>)> {
+        mode: u32,
+    ) -> Result<(Summary, Copy), Failure> {
         size_for(&mut self.buf, expected);
         let len = self.buf.len();
         let base = self.buf.as_mut_ptr();
@@ -150,32 +178,47 @@ impl Snapshotter {
             self.thread = WriterThread::start();
         }
         // SAFETY: the buffer is neither moved, resized nor freed while the writer has it: it is
-        // stopped below before the buffer may grow, and `Pending` (which then owns it) drops
+        // stopped below before the buffer may grow, and `Pending` (which then owns it) stops
         // it, waiting for its report, before anything touches the buffer again (`discard`, on
         // every `stage` and on drop; `release` only with nothing pending). `read_shared` writes
         // only at or above the published length.
-        let mut writer = self
+        let writer = self
             .thread
             .as_ref()
-            .and_then(|thread| unsafe { thread.write(output, base, len) });
+            .and_then(|thread| unsafe { thread.write(dir, expected, mode, base, len) });
         let mut hasher = blake3::Hasher::new();
-        let mut filled = 0;
-        if let Some(writer) = &writer {
-            filled = read_shared(input, base, len, writer, &mut hasher)?;
-            writer.close();
-        }
-        if filled == len {
-            // The file grew, or there is no writer: read on with the buffer to ourselves.
-            if let Some(writer) = writer.as_mut() {
-                writer.stop();
-            }
-            filled = read_rest(input, &mut self.buf, filled, &mut hasher)?;
-        }
-        let summary = Summary {
-            version: version_from_hash(&hasher.finalize()),
-            len: filled as u64,
+        let Some(mut writer) = writer else {
+            let (temp, file) = reserved_temp(dir, expected).map_err(Failure::Write)?;
+            return match read_rest(input, &mut self.buf, 0, &mut hasher) {
+                Ok(filled) => Ok((summary_of(hasher, filled), Copy::Own { temp, file })),
+                Err(e) => {
+                    let _ = fs::remove_file(&temp);
+                    Err(Failure::Read(e))
+                }
+            };
         };
-        Ok((summary, writer))
+        let mut read = read_shared(input, base, len, &writer, &mut hasher);
+        writer.close();
+        if read.as_ref().is_ok_and(|&filled| filled == len) {
+            // The file grew: read on with the buffer to ourselves.
+            writer.stop();
+            read = read.and_then(|filled| read_rest(input, &mut self.buf, filled, &mut hasher));
+        }
+        // Created and given its blocks by the writer meanwhile; before the stop, a full runtime
+        // dir fails the reload here.
+        let temp = writer.temp();
+        let filled = match read {
+            Ok(filled) => filled,
+            Err(e) => {
+                drop(writer);
+                if let Ok(temp) = temp {
+                    let _ = fs::remove_file(temp);
+                }
+                return Err(Failure::Read(e));
+            }
+        };
+        let temp = temp.map_err(Failure::Write)?;
+        Ok((summary_of(hasher, filled), Copy::Writing { temp, writer }))
     }
 
     /// The bytes and mode of the staged snapshot `path`, when it is staged and not yet written:
@@ -191,22 +234,31 @@ impl Snapshotter {
     /// the failure of its earlier write, if any. A different staged snapshot is dropped.
     pub fn finish(&mut self, path: &Path) -> Result<(), SnapshotError> {
         match self.pending.take() {
-            Some(mut pending) if pending.path == path => {
-                let len = pending.len;
-                let written = write_staged(&mut pending, &self.buf[..len]);
+            Some(pending) if pending.path == path => {
+                let Pending {
+                    source,
+                    dir,
+                    path,
+                    copy,
+                    len,
+                    reserved,
+                    mode,
+                } = pending;
+                let temp = copy.temp().to_path_buf();
+                let written = write_staged(copy, &self.buf[..len], reserved, mode, &temp, &path);
                 if written.is_err() {
-                    let _ = fs::remove_file(&pending.temp);
+                    let _ = fs::remove_file(&temp);
                 }
                 written.map_err(|e| {
                     self.failed = Some(Failed {
-                        path: pending.path.clone(),
-                        source: pending.source.clone(),
-                        dir: pending.dir.clone(),
+                        path,
+                        source: source.clone(),
+                        dir: dir.clone(),
                         error: e.to_string(),
                     });
                     SnapshotError::Write {
-                        path: pending.source,
-                        dir: pending.dir,
+                        path: source,
+                        dir,
                         source: e,
                     }
                 })
@@ -228,10 +280,9 @@ impl Snapshotter {
 
     /// Drop a staged snapshot that will not be written (its build was refused).
     pub fn discard(&mut self) {
-        if let Some(mut pending) = self.pending.take() {
-            // Joined before the buffer is used again.
-            drop(pending.writer.take());
-            let _ = fs::remove_file(&pending.temp);
+        if let Some(pending) = self.pending.take() {
+            // The writer stops before the buffer is used again.
+            pending.copy.abandon();
         }
     }
 
@@ -275,28 +326,43 @@ fn reserved_temp(dir: &Path, len: u64) -> io::Result<(PathBuf, File)> {
     Ok((path, file))
 }
 
-/// Finish writing a staged snapshot's bytes to its reserved temp file (whatever its writer did
-/// not) and move it to its version name.
-fn write_staged(pending: &mut Pending, bytes: &[u8]) -> io::Result<()> {
-    let done = match pending.writer.take() {
-        Some(writer) => writer.written()?,
-        None => 0,
+/// Finish writing a staged snapshot's bytes to its temp file (whatever its writer did not), and
+/// move it to its version name `path`.
+fn write_staged(
+    copy: Copy,
+    bytes: &[u8],
+    reserved: u64,
+    mode: u32,
+    temp: &Path,
+    path: &Path,
+) -> io::Result<()> {
+    let (file, done) = match copy {
+        Copy::Writing { writer, .. } => writer.written()?,
+        Copy::Own { file, .. } => {
+            // The writer thread sets the mode when it creates the file.
+            file.set_permissions(Permissions::from_mode(mode))?;
+            (file, 0)
+        }
     };
     if let Some(rest) = bytes.get(done..).filter(|rest| !rest.is_empty()) {
-        pending.file.write_all_at(rest, done as u64)?;
+        file.write_all_at(rest, done as u64)?;
     }
     let len = bytes.len() as u64;
-    if len != pending.reserved {
-        pending.file.set_len(len)?;
+    if len != reserved {
+        file.set_len(len)?;
     }
-    pending
-        .file
-        .set_permissions(Permissions::from_mode(pending.mode))?;
     let summary = Summary {
         version: String::new(),
         len,
     };
-    install(&pending.temp, &pending.path, &summary, pending.mode)
+    install(temp, path, &summary, mode)
+}
+
+fn summary_of(hasher: blake3::Hasher, len: usize) -> Summary {
+    Summary {
+        version: version_from_hash(&hasher.finalize()),
+        len: len as u64,
+    }
 }
 
 /// Read `input` to its end into the start of `buf`, hashing each window as soon as it is read,
@@ -307,10 +373,7 @@ pub(super) fn read_whole(input: &File, buf: &mut Vec<u8>, expected: u64) -> io::
     size_for(buf, expected);
     let mut hasher = blake3::Hasher::new();
     let filled = read_rest(input, buf, 0, &mut hasher)?;
-    Ok(Summary {
-        version: version_from_hash(&hasher.finalize()),
-        len: filled as u64,
-    })
+    Ok(summary_of(hasher, filled))
 }
 
 /// Grow `buf` to one byte more than `expected`: reading a file that did not grow then needs no
@@ -391,16 +454,20 @@ mod tests {
         let content: Vec<u8> = (0..(BUF_SIZE * 5 + 11)).map(|i| (i % 253) as u8).collect();
         fs::write(t.join("build"), &content).unwrap();
         let input = File::open(t.join("build")).unwrap();
-        let output = File::create(t.join("copy")).unwrap();
         let mut snapshotter = Snapshotter::new();
 
         // Expecting a third of the bytes, as when the build grew after its fstat: the writer
         // copies what fits the buffer, then stops while the rest is read.
         let expected = content.len() / 3;
-        let (summary, writer) = snapshotter
-            .read_while_writing(&input, &output, expected as u64)
-            .unwrap();
-        let done = writer.map_or(Ok(0), Writer::written).unwrap();
+        let (summary, copy) = match snapshotter.read_and_copy(&input, &t.0, expected as u64, 0o700)
+        {
+            Ok(read) => read,
+            Err(Failure::Read(e) | Failure::Write(e)) => panic!("{e}"),
+        };
+        let Copy::Writing { temp, writer } = copy else {
+            panic!("no writer thread");
+        };
+        let (file, done) = writer.written().unwrap();
 
         assert_eq!(summary.len, content.len() as u64);
         assert_eq!(summary.version, version_from_hash(&blake3::hash(&content)));
@@ -408,9 +475,8 @@ mod tests {
             done <= expected + 1,
             "the writer stopped at the buffer's end: {done}"
         );
-        output
-            .write_all_at(&snapshotter.buf[done..content.len()], done as u64)
+        file.write_all_at(&snapshotter.buf[done..content.len()], done as u64)
             .unwrap();
-        assert_eq!(fs::read(t.join("copy")).unwrap(), content);
+        assert_eq!(fs::read(temp).unwrap(), content);
     }
 }

@@ -8,9 +8,11 @@
 //! gained nothing: a halted CPU takes ~0.15 ms to wake, and the loop then waited for the write.
 //! A thread started per reload cost the loop ~0.13 ms to create and move to another CPU. So one
 //! thread waits for work between reloads ([`WriterThread`]), is woken *before* the read, on
-//! another CPU (`sys::cpu`), and writes each window as soon as the loop's thread has read it; by
-//! the time the old instance is stopped and state.json written, the copy is done (BENCHMARKS.md,
-//! fifth session). The thread ends with the staging buffer, after a while without reloads.
+//! another CPU (`sys::cpu`), creates the copy's temp file and reserves its blocks there (another
+//! ~0.1 ms off the loop's thread), and writes each window as soon as the loop's thread has read
+//! it; by the time the old instance is stopped and state.json written, the copy is done
+//! (BENCHMARKS.md, fifth session). The thread ends with the staging buffer, after a while
+//! without reloads.
 //!
 //! The two threads share the one staging buffer without a lock. The reader publishes how far
 //! the buffer is filled (`ready`, a release store after the bytes are in place); the writer only
@@ -18,9 +20,10 @@
 //! buffer is neither moved nor freed before the writer has said it is done with it
 //! ([`Writer::stop`], also on drop). That is the whole safety argument of the `unsafe` below.
 
-use std::fs::File;
+use std::fs::{self, File, Permissions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -35,19 +38,28 @@ pub(super) struct WriterThread {
     handle: Option<JoinHandle<()>>,
 }
 
-/// One build for the thread to write.
+/// One build for the thread to copy.
 struct Job {
-    file: File,
+    /// The snapshot dir, checked by the caller, where the copy's temp file goes.
+    dir: PathBuf,
+    /// Blocks to reserve for it, and its mode.
+    reserve: u64,
+    mode: u32,
     buf: Shared,
     progress: Arc<Progress>,
 }
 
+/// What the thread made of a job: the copy's temp file and how many bytes it wrote there from
+/// offset 0.
+pub(super) type Written = (File, usize);
+
 /// The loop thread's side of one [`Job`]: publish, then collect what was written.
 pub(super) struct Writer {
     progress: Arc<Progress>,
-    /// What the thread reported, once it has (and `None` again once taken by `written`).
-    result: Option<io::Result<usize>>,
-    /// The thread has reported: it no longer touches the buffer.
+    /// What the thread reported at the end, once it has (and `None` again once taken by
+    /// `written`).
+    result: Option<io::Result<Written>>,
+    /// The thread has reported the end: it no longer touches the buffer.
     reported: bool,
 }
 
@@ -58,10 +70,19 @@ struct Progress {
     ready: AtomicUsize,
     /// No more bytes will be published: write what is ready and report.
     closed: AtomicBool,
-    /// The thread's report: bytes written from offset 0, or why it stopped. Once it is here the
-    /// thread no longer touches the buffer.
-    report: Mutex<Option<io::Result<usize>>>,
+    report: Mutex<Reports>,
+    /// Signalled with each report.
     reported: Condvar,
+}
+
+/// The thread's two reports on a job.
+#[derive(Default)]
+struct Reports {
+    /// The copy's temp file, created with its blocks reserved, or why it could not be.
+    temp: Option<io::Result<PathBuf>>,
+    /// The end: the copy and the bytes written, or why it stopped. Once it is here the thread no
+    /// longer touches the buffer.
+    done: Option<io::Result<Written>>,
 }
 
 /// The buffer as the writer sees it: an address and a length, valid until the job is reported.
@@ -89,23 +110,32 @@ impl WriterThread {
         })
     }
 
-    /// Have the thread write the `len` bytes at `buf` to `file` from offset 0, as far as
-    /// [`Writer::publish`] says they are ready, on a CPU other than the caller's. `None` when the
-    /// thread is gone or the file cannot be shared with it: the caller then writes the bytes.
+    /// Have the thread create a temp file in `dir` with `reserve` bytes of blocks and `mode`
+    /// ([`Writer::temp`] says which, or why not), and write the `len` bytes at `buf` to it from
+    /// offset 0 as far as [`Writer::publish`] says they are ready, on a CPU other than the
+    /// caller's. `None` when the thread is gone: the caller then does it all itself.
     ///
     /// # Safety
     ///
     /// `buf` must be valid for reads of `len` bytes until [`Writer::stop`] returns (or the
     /// writer is dropped): not moved, resized or freed meanwhile, and no byte below the last
     /// published length written again.
-    pub(super) unsafe fn write(&self, file: &File, buf: *const u8, len: usize) -> Option<Writer> {
+    pub(super) unsafe fn write(
+        &self,
+        dir: &Path,
+        reserve: u64,
+        mode: u32,
+        buf: *const u8,
+        len: usize,
+    ) -> Option<Writer> {
         let (jobs, handle) = (self.jobs.as_ref()?, self.handle.as_ref()?);
-        let file = file.try_clone().ok()?;
         let progress = Arc::new(Progress::default());
         // While it waits, moving it costs nothing; once woken it would wait on this busy CPU.
         crate::sys::cpu::move_thread_off_this_cpu(handle);
         let job = Job {
-            file,
+            dir: dir.to_path_buf(),
+            reserve,
+            mode,
             buf: Shared { ptr: buf, len },
             progress: Arc::clone(&progress),
         };
@@ -131,38 +161,81 @@ impl Drop for WriterThread {
 /// The thread: one job after the other until the queue is closed.
 fn serve(queue: &Receiver<Job>) {
     while let Ok(job) = queue.recv() {
-        let report = ReportOnDrop {
+        let mut report = ReportOnDrop {
             progress: &job.progress,
-            result: None,
+            done: None,
         };
-        run(job.file, &job.buf, report);
+        report.done = Some(run(&job, report.progress));
     }
 }
 
-fn run(file: File, buf: &Shared, mut report: ReportOnDrop<'_>) {
-    report.result = Some(write_as_ready(&file, buf, report.progress));
+/// One job: the temp file (reported at once: the loop's thread waits for it before the stop),
+/// then the bytes.
+fn run(job: &Job, progress: &Progress) -> io::Result<Written> {
+    let (temp, file) = match open_copy(&job.dir, job.reserve, job.mode) {
+        Ok(opened) => opened,
+        Err(e) => {
+            let error = io::Error::new(e.kind(), e.to_string());
+            progress.post(|reports| reports.temp = Some(Err(e)));
+            return Err(error);
+        }
+    };
+    progress.post(|reports| reports.temp = Some(Ok(temp)));
+    let written = write_as_ready(&file, &job.buf, progress)?;
+    Ok((file, written))
 }
 
-/// Posts the job's result when dropped, and an error if the write panicked: the loop's thread
-/// waits for a report, and must never wait forever.
+/// A fresh temp file in `dir` with `reserve` bytes of blocks and `mode`; none left on failure.
+fn open_copy(dir: &Path, reserve: u64, mode: u32) -> io::Result<(PathBuf, File)> {
+    let (temp, file) = super::create_temp(dir)?;
+    let ready = super::reserve(&file, reserve)
+        .and_then(|()| file.set_permissions(Permissions::from_mode(mode)));
+    if let Err(e) = ready {
+        let _ = fs::remove_file(&temp);
+        return Err(e);
+    }
+    Ok((temp, file))
+}
+
+impl Progress {
+    fn post(&self, update: impl FnOnce(&mut Reports)) {
+        let mut reports = self.report.lock().unwrap_or_else(PoisonError::into_inner);
+        update(&mut reports);
+        self.reported.notify_all();
+    }
+
+    /// Wait until `take` finds what it looks for in the reports.
+    fn wait_for<T>(&self, mut take: impl FnMut(&mut Reports) -> Option<T>) -> T {
+        let mut reports = self.report.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(found) = take(&mut reports) {
+                return found;
+            }
+            reports = self
+                .reported
+                .wait(reports)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// Posts the job's end when dropped (and a missing temp report), an error if the job panicked:
+/// the loop's thread waits for the reports, and must never wait forever.
 struct ReportOnDrop<'a> {
     progress: &'a Progress,
-    result: Option<io::Result<usize>>,
+    done: Option<io::Result<Written>>,
 }
 
 impl Drop for ReportOnDrop<'_> {
     fn drop(&mut self) {
-        let result = self
-            .result
-            .take()
-            .unwrap_or_else(|| Err(io::Error::other("the snapshot write thread panicked")));
-        let mut report = self
-            .progress
-            .report
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        *report = Some(result);
-        self.progress.reported.notify_all();
+        let panicked = || io::Error::other("the snapshot write thread panicked");
+        let done = self.done.take().unwrap_or_else(|| Err(panicked()));
+        self.progress.post(|reports| {
+            if reports.temp.is_none() {
+                reports.temp = Some(Err(panicked()));
+            }
+            reports.done = Some(done);
+        });
     }
 }
 
@@ -202,6 +275,16 @@ impl Writer {
         self.progress.closed.store(true, Ordering::Release);
     }
 
+    /// The copy's temp file, once the thread has created it and reserved its blocks, or why it
+    /// could not (that error is given once).
+    pub(super) fn temp(&self) -> io::Result<PathBuf> {
+        self.progress.wait_for(|reports| match &reports.temp {
+            Some(Ok(temp)) => Some(Ok(temp.clone())),
+            Some(Err(_)) => reports.temp.take(),
+            None => None,
+        })
+    }
+
     /// Let the writer finish what is published, and wait for its report: the buffer is the
     /// caller's again.
     pub(super) fn stop(&mut self) {
@@ -209,29 +292,17 @@ impl Writer {
             return;
         }
         self.close();
-        let mut report = self
-            .progress
-            .report
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        loop {
-            if let Some(result) = report.take() {
-                self.result = Some(result);
-                self.reported = true;
-                return;
-            }
-            report = self
-                .progress
-                .reported
-                .wait(report)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
+        self.result = Some(self.progress.wait_for(|reports| reports.done.take()));
+        self.reported = true;
     }
 
-    /// [`Writer::stop`], then how many bytes it wrote from offset 0, or its write error.
-    pub(super) fn written(mut self) -> io::Result<usize> {
+    /// [`Writer::stop`], then the copy and how many bytes were written to it from offset 0, or
+    /// why not.
+    pub(super) fn written(mut self) -> io::Result<Written> {
         self.stop();
-        self.result.take().unwrap_or(Ok(0))
+        self.result
+            .take()
+            .unwrap_or_else(|| Err(io::Error::other("the snapshot write was already collected")))
     }
 }
 
@@ -246,77 +317,83 @@ impl Drop for Writer {
 mod tests {
     use super::*;
     use crate::snapshot::tests::TestDir;
-    use std::fs;
+    use std::os::unix::fs::MetadataExt;
 
     fn patterned(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i % 251) as u8).collect()
     }
 
     #[test]
-    fn the_writer_writes_what_is_published_and_stops_at_close() {
+    fn the_thread_creates_the_copy_and_writes_what_is_published_until_closed() {
         let t = TestDir::new("writer-publish");
-        let path = t.join("copy");
-        let file = File::create(&path).unwrap();
         let buf = patterned(1 << 20);
         let thread = WriterThread::start().unwrap();
         // SAFETY: `buf` is not touched until `written` has the report.
-        let writer = unsafe { thread.write(&file, buf.as_ptr(), buf.len()) }.unwrap();
+        let writer =
+            unsafe { thread.write(&t.0, 1 << 20, 0o700, buf.as_ptr(), buf.len()) }.unwrap();
         for ready in (0..buf.len()).step_by(100_000) {
             writer.publish(ready);
         }
         writer.publish(700_001);
-        assert_eq!(writer.written().unwrap(), 700_001);
-        assert_eq!(fs::read(&path).unwrap(), buf[..700_001]);
+        let temp = writer.temp().unwrap();
+        let (file, written) = writer.written().unwrap();
+
+        assert_eq!(written, 700_001);
+        let meta = file.metadata().unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o700);
+        assert!(
+            meta.blocks() * 512 >= 1 << 20,
+            "blocks reserved: {}",
+            meta.blocks()
+        );
+        assert_eq!(fs::read(&temp).unwrap()[..700_001], buf[..700_001]);
     }
 
     #[test]
-    fn one_thread_writes_one_job_after_the_other() {
+    fn one_thread_copies_one_job_after_the_other() {
         let t = TestDir::new("writer-jobs");
         let thread = WriterThread::start().unwrap();
         for round in 0..3u8 {
-            let path = t.join(&format!("copy-{round}"));
-            let file = File::create(&path).unwrap();
             let buf = vec![round; 300_000];
             // SAFETY: `buf` is not touched until `written` has the report.
-            let writer = unsafe { thread.write(&file, buf.as_ptr(), buf.len()) }.unwrap();
+            let writer =
+                unsafe { thread.write(&t.0, 300_000, 0o600, buf.as_ptr(), buf.len()) }.unwrap();
             writer.publish(buf.len());
-            assert_eq!(writer.written().unwrap(), buf.len());
-            assert_eq!(fs::read(&path).unwrap(), buf);
+            let temp = writer.temp().unwrap();
+            assert_eq!(writer.written().unwrap().1, buf.len());
+            assert_eq!(fs::read(&temp).unwrap(), buf);
         }
     }
 
     #[test]
     fn a_writer_dropped_before_anything_is_ready_writes_nothing() {
         let t = TestDir::new("writer-empty");
-        let path = t.join("copy");
-        let file = File::create(&path).unwrap();
         let buf = vec![7u8; 4096];
         let thread = WriterThread::start().unwrap();
         // SAFETY: `buf` outlives the writer, which waits for the report on drop.
-        let writer = unsafe { thread.write(&file, buf.as_ptr(), buf.len()) }.unwrap();
+        let writer = unsafe { thread.write(&t.0, 0, 0o600, buf.as_ptr(), buf.len()) }.unwrap();
+        let temp = writer.temp().unwrap();
         drop(writer);
         drop(thread);
-        assert_eq!(fs::metadata(&path).unwrap().len(), 0);
+        assert_eq!(fs::metadata(&temp).unwrap().len(), 0);
     }
 
     #[test]
-    fn a_write_error_is_reported_not_lost() {
+    fn a_copy_that_cannot_be_created_is_reported_and_the_thread_goes_on() {
         let t = TestDir::new("writer-error");
-        let path = t.join("copy");
-        fs::write(&path, b"").unwrap();
-        // Read-only: every pwrite fails with EBADF.
-        let file = File::open(&path).unwrap();
         let buf = vec![1u8; 4096];
         let thread = WriterThread::start().unwrap();
+        let missing = t.join("no-such-dir");
         // SAFETY: `buf` outlives the writer, which `written` waits for.
-        let writer = unsafe { thread.write(&file, buf.as_ptr(), buf.len()) }.unwrap();
+        let writer = unsafe { thread.write(&missing, 4096, 0o600, buf.as_ptr(), 4096) }.unwrap();
         writer.publish(4096);
+        let error = writer.temp().unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::NotFound);
         assert!(writer.written().is_err());
         // The thread takes the next job after a failed one.
-        let ok = File::create(t.join("next")).unwrap();
         // SAFETY: as above.
-        let writer = unsafe { thread.write(&ok, buf.as_ptr(), buf.len()) }.unwrap();
+        let writer = unsafe { thread.write(&t.0, 4096, 0o600, buf.as_ptr(), 4096) }.unwrap();
         writer.publish(4096);
-        assert_eq!(writer.written().unwrap(), 4096);
+        assert_eq!(writer.written().unwrap().1, 4096);
     }
 }
