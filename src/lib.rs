@@ -7,7 +7,8 @@
 //! SIGTERM, SIGINT, SIGHUP), each plugin's stdout/stderr pipe, the control socket and its
 //! clients. Time is a hand-rolled timer wheel: the poll sleeps exactly until the next due timer
 //! (debounce, retry backoff, SIGKILL escalation, startup grace) and not at all when none is due,
-//! so an idle daemon never wakes up.
+//! so an idle daemon never wakes up. The only other threads write and copy snapshots during a
+//! reload (`snapshot`): they touch files and a buffer lent to them, never the loop's state.
 //!
 //! Subsystems own their state; the daemon owns them all and routes readiness events and
 //! expired timers between them. The control server hands complete requests to the daemon,

@@ -25,7 +25,6 @@ use std::io;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 
@@ -34,8 +33,23 @@ const STACK_SIZE: usize = 64 << 10;
 
 /// The thread that writes staged builds, waiting for the next one in between.
 pub(super) struct WriterThread {
-    jobs: Option<Sender<Job>>,
+    queue: Arc<Queue>,
     handle: Option<JoinHandle<()>>,
+}
+
+/// Where the loop's thread leaves a job for the writer thread: one at a time (a reload stages
+/// one build, and waits for its copy before it stages another).
+#[derive(Default)]
+struct Queue {
+    state: Mutex<Waiting>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct Waiting {
+    job: Option<Job>,
+    /// The thread is to end.
+    closed: bool,
 }
 
 /// One build for the thread to copy.
@@ -98,14 +112,15 @@ unsafe impl Send for Shared {}
 impl WriterThread {
     /// Start the thread; `None` when no thread can be had (the caller writes the bytes itself).
     pub(super) fn start() -> Option<WriterThread> {
-        let (jobs, queue) = mpsc::channel();
+        let queue = Arc::new(Queue::default());
+        let theirs = Arc::clone(&queue);
         let handle = thread::Builder::new()
             .name("snapshot-write".into())
             .stack_size(STACK_SIZE)
-            .spawn(move || serve(&queue))
+            .spawn(move || serve(&theirs))
             .ok()?;
         Some(WriterThread {
-            jobs: Some(jobs),
+            queue,
             handle: Some(handle),
         })
     }
@@ -128,7 +143,7 @@ impl WriterThread {
         buf: *const u8,
         len: usize,
     ) -> Option<Writer> {
-        let (jobs, handle) = (self.jobs.as_ref()?, self.handle.as_ref()?);
+        let handle = self.handle.as_ref()?;
         let progress = Arc::new(Progress::default());
         // While it waits, moving it costs nothing; once woken it would wait on this busy CPU.
         crate::sys::cpu::move_thread_off_this_cpu(handle);
@@ -139,7 +154,17 @@ impl WriterThread {
             buf: Shared { ptr: buf, len },
             progress: Arc::clone(&progress),
         };
-        jobs.send(job).ok()?;
+        let mut waiting = self
+            .queue
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if waiting.job.is_some() || handle.is_finished() {
+            // A job nobody took (the thread died): do not stack another on it.
+            return None;
+        }
+        waiting.job = Some(job);
+        self.queue.wake.notify_one();
         Some(Writer {
             progress,
             result: None,
@@ -150,8 +175,13 @@ impl WriterThread {
 
 impl Drop for WriterThread {
     fn drop(&mut self) {
-        // Closing the queue ends the thread once it has reported its last job.
-        drop(self.jobs.take());
+        // The thread ends once it has reported its last job.
+        self.queue
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .closed = true;
+        self.queue.wake.notify_one();
         if let Some(handle) = self.handle.take() {
             let _ = handle.join();
         }
@@ -159,13 +189,30 @@ impl Drop for WriterThread {
 }
 
 /// The thread: one job after the other until the queue is closed.
-fn serve(queue: &Receiver<Job>) {
-    while let Ok(job) = queue.recv() {
+fn serve(queue: &Queue) {
+    while let Some(job) = next_job(queue) {
         let mut report = ReportOnDrop {
             progress: &job.progress,
             done: None,
         };
         report.done = Some(run(&job, report.progress));
+    }
+}
+
+/// Wait for the next job; `None` once the queue is closed.
+fn next_job(queue: &Queue) -> Option<Job> {
+    let mut waiting = queue.state.lock().unwrap_or_else(PoisonError::into_inner);
+    loop {
+        if let Some(job) = waiting.job.take() {
+            return Some(job);
+        }
+        if waiting.closed {
+            return None;
+        }
+        waiting = queue
+            .wake
+            .wait(waiting)
+            .unwrap_or_else(PoisonError::into_inner);
     }
 }
 

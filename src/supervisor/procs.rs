@@ -116,7 +116,8 @@ fn read_children(path: &Path) -> Option<Vec<i32>> {
 
 /// The daemon's own children, from its main thread's `children` file alone: every fork of the
 /// daemon happens on its main thread (one event loop), and orphans are re-parented to that
-/// thread too (the kernel picks a live thread of the subreaper, and the daemon has one). One
+/// thread too (the kernel picks the subreaper's first live thread: its main thread, which lives
+/// as long as the daemon; the snapshot helpers never fork). One
 /// file read instead of a directory listing per look: this is on a reload's critical path.
 pub fn own_children(me: i32) -> Option<Vec<i32>> {
     if !children_files_supported() {
