@@ -27,9 +27,17 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 /// The thread's stack: it only loops over `pwrite`.
 const STACK_SIZE: usize = 64 << 10;
+
+/// How long the writer spins for the next window before it sleeps until woken. The reader
+/// publishes one every ~50 µs while it reads; spinning costs the reader nothing, waking a
+/// sleeper costs it a system call. A writer that would spin longer (the reader stalled, or the
+/// build is refused after the read) sleeps instead of burning a CPU, or yielding it in a loop
+/// to whatever else runs there (the context switches of a busy machine).
+const SPIN: Duration = Duration::from_micros(100);
 
 /// The thread that writes staged builds, waiting for the next one in between.
 pub(super) struct WriterThread {
@@ -84,6 +92,10 @@ struct Progress {
     ready: AtomicUsize,
     /// No more bytes will be published: write what is ready and report.
     closed: AtomicBool,
+    /// The writer waits on `more` (it spun for [`SPIN`] without news): a publish must wake it.
+    napping: AtomicBool,
+    nap: Mutex<()>,
+    more: Condvar,
     report: Mutex<Reports>,
     /// Signalled with each report.
     reported: Condvar,
@@ -289,6 +301,7 @@ impl Drop for ReportOnDrop<'_> {
 /// Write whatever is ready, until closed and all of it is written.
 fn write_as_ready(file: &File, buf: &Shared, progress: &Progress) -> io::Result<usize> {
     let mut written = 0;
+    let mut idle_since: Option<Instant> = None;
     loop {
         // `closed` first: once it is seen, the `ready` read after it is final.
         let closed = progress.closed.load(Ordering::Acquire);
@@ -301,12 +314,44 @@ fn write_as_ready(file: &File, buf: &Shared, progress: &Progress) -> io::Result<
                 unsafe { std::slice::from_raw_parts(buf.ptr.add(written), ready - written) };
             file.write_all_at(bytes, written as u64)?;
             written = ready;
+            idle_since = None;
         } else if closed {
             return Ok(written);
-        } else {
-            // The reader is at most a few hundred microseconds ahead of this.
+        } else if idle_since.get_or_insert_with(Instant::now).elapsed() < SPIN {
             std::hint::spin_loop();
-            thread::yield_now();
+        } else {
+            progress.nap_unless_news(written);
+            idle_since = None;
+        }
+    }
+}
+
+impl Progress {
+    /// Sleep until the reader publishes past `written` or closes, unless it already has.
+    fn nap_unless_news(&self, written: usize) {
+        let guard = self.nap.lock().unwrap_or_else(PoisonError::into_inner);
+        // SeqCst on both sides: either the reader's next load of `napping` sees it set (and
+        // wakes this thread), or the loads below see what the reader stored.
+        self.napping.store(true, Ordering::SeqCst);
+        let news =
+            self.ready.load(Ordering::SeqCst) > written || self.closed.load(Ordering::SeqCst);
+        if !news {
+            // A spurious wake-up only costs one more look.
+            drop(
+                self.more
+                    .wait(guard)
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
+        }
+        self.napping.store(false, Ordering::SeqCst);
+    }
+
+    /// After a publish or the close: wake the writer if it sleeps.
+    fn wake_writer(&self) {
+        if self.napping.load(Ordering::SeqCst) {
+            // Taking the lock waits until the writer is inside `wait`, or has decided not to.
+            let _guard = self.nap.lock().unwrap_or_else(PoisonError::into_inner);
+            self.more.notify_one();
         }
     }
 }
@@ -314,12 +359,14 @@ fn write_as_ready(file: &File, buf: &Shared, progress: &Progress) -> io::Result<
 impl Writer {
     /// The first `ready` bytes of the buffer are in place and will not change.
     pub(super) fn publish(&self, ready: usize) {
-        self.progress.ready.store(ready, Ordering::Release);
+        self.progress.ready.store(ready, Ordering::SeqCst);
+        self.progress.wake_writer();
     }
 
     /// Nothing more will be published: the writer ends once what is ready is written.
     pub(super) fn close(&self) {
-        self.progress.closed.store(true, Ordering::Release);
+        self.progress.closed.store(true, Ordering::SeqCst);
+        self.progress.wake_writer();
     }
 
     /// The copy's temp file, once the thread has created it and reserved its blocks, or why it
@@ -394,6 +441,26 @@ mod tests {
             meta.blocks()
         );
         assert_eq!(fs::read(&temp).unwrap()[..700_001], buf[..700_001]);
+    }
+
+    #[test]
+    fn a_writer_asleep_for_want_of_bytes_is_woken_by_the_next_publish_and_the_close() {
+        let t = TestDir::new("writer-nap");
+        let buf = patterned(300_000);
+        let thread = WriterThread::start().unwrap();
+        // SAFETY: `buf` is not touched until `written` has the report.
+        let writer =
+            unsafe { thread.write(&t.0, 300_000, 0o600, buf.as_ptr(), buf.len()) }.unwrap();
+        let temp = writer.temp().unwrap();
+        for ready in [100_000, 200_000, 300_000] {
+            // Long past SPIN: the writer has gone to sleep, and only a wake-up gets it the
+            // bytes (a lost one hangs `written` below).
+            thread::sleep(SPIN * 20);
+            writer.publish(ready);
+        }
+        thread::sleep(SPIN * 20);
+        assert_eq!(writer.written().unwrap().1, 300_000);
+        assert_eq!(fs::read(&temp).unwrap(), buf);
     }
 
     #[test]
