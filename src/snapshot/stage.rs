@@ -400,8 +400,8 @@ fn read_shared(
     while filled < len {
         let end = len.min(filled + BUF_SIZE);
         // SAFETY: `filled..end` lies within the buffer (valid for `len` bytes, see
-        // `read_while_writing`) and at or above the published length, which the writer never
-        // reads; nothing else refers to it.
+        // `read_and_copy`) and at or above the published length, which the writer never reads;
+        // nothing else refers to it, and this borrow ends before the bytes are published.
         let window = unsafe { std::slice::from_raw_parts_mut(base.add(filled), end - filled) };
         let n = match input.read_at(window, filled as u64) {
             Ok(0) => break,
@@ -409,8 +409,11 @@ fn read_shared(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
+        // SAFETY: the `n` bytes just read lie within the buffer and are never written again
+        // while the writer runs; from here on both threads only read them.
+        let read = unsafe { std::slice::from_raw_parts(base.add(filled), n) };
         writer.publish(filled + n);
-        hasher.update(&window[..n]);
+        hasher.update(read);
         filled += n;
     }
     Ok(filled)

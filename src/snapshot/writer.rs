@@ -207,7 +207,11 @@ fn serve(queue: &Queue) {
             progress: &job.progress,
             done: None,
         };
-        report.done = Some(run(&job, report.progress));
+        // A panic is reported as an error (a reload fails) and the thread goes on serving: a
+        // job left in the queue of a dead thread would be waited for forever.
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&job, report.progress)));
+        report.done = outcome.ok();
     }
 }
 
