@@ -268,6 +268,37 @@ mod tests {
     }
 
     #[test]
+    fn a_waiting_thread_is_moved_off_the_callers_cpu_and_nowhere_else() {
+        let own = affinity(0).expect("own affinity");
+        let (tell, told) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            // SAFETY: gettid takes no arguments and cannot fail.
+            let _ = tell.send(unsafe { libc::gettid() });
+            std::thread::park();
+        });
+        let tid = told.recv().expect("the waiter's tid");
+        move_thread_off_this_cpu(&waiter);
+        let after = affinity(tid).expect("the waiter's affinity");
+        waiter.thread().unpark();
+        waiter.join().expect("waiter thread");
+        // Which CPU the caller was on may have changed since; how many CPUs the waiter lost
+        // may not: one, or none when the caller had only one.
+        let expected = if count(&own) > 1 {
+            count(&own) - 1
+        } else {
+            count(&own)
+        };
+        assert_eq!(count(&after), expected, "the waiter's mask is wrong");
+        let lost: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| contains(&own, cpu) != contains(&after, cpu))
+            .collect();
+        assert!(
+            lost.len() <= 1,
+            "more than the caller's CPU changed: {lost:?}"
+        );
+    }
+
+    #[test]
     fn a_process_pinned_to_the_daemons_cpu_stays_there() {
         let sleeper = Sleeper::start();
         pinned_to_one_cpu(|cpu| {
