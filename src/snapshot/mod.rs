@@ -8,7 +8,7 @@
 //!
 //! Two ways to take one, both measured on a 2-core VM (issue 14):
 //! - [`Snapshotter::stage`], for a reload with an instance to stop and a build of up to
-//!   1.5 MiB: reserve the copy's blocks, read and hash the build into memory, so the version
+//!   3 MiB: reserve the copy's blocks, read and hash the build into memory, so the version
 //!   and the pre-flight check are known before the stop, while a thread on another CPU writes
 //!   the copy from those bytes as they are read (`writer.rs`); it is named once the old
 //!   instance is stopped.
@@ -17,7 +17,9 @@
 //!   Measured with interleaved reloads (BENCHMARKS.md, fourth session): 2 MiB 2.26 against
 //!   2.50 ms staged, 4 MiB 2.55 against 3.56, 8 MiB 4.2 against 7.1, 50 MiB 15-19 ms; at
 //!   1 MiB staging is 0.16 ms faster (the helper's CPU takes that long to wake), and at 1.5 MiB
-//!   the two are even.
+//!   the two are even. Since staging hands its write to a thread of its own (fifth session),
+//!   it is the faster up to 3 MiB for a reload; a first start (nothing to stop) still copies on
+//!   two CPUs from 1.5 MiB.
 //!
 //! Why a copy and not a hard link, even of a build that was renamed in: a link shares the inode
 //! with the file in the plugin dir, so the next in-place build (`cp new plugins/foo/foo`, which
@@ -271,8 +273,8 @@ fn create_snapshot_dir(dir: &Path) -> Result<(), SnapshotError> {
 
 /// From this size [`take`] copies with `copy_file_range` on a helper thread while the calling
 /// thread hashes what is already copied; below it one thread copying and hashing is faster (the
-/// helper's CPU takes longer to wake than the half it would take over). The same size as
-/// [`stage::STAGE_MAX`]: the two paths break even there (module documentation).
+/// helper's CPU takes longer to wake than the half it would take over). Reloads stage builds
+/// up to [`stage::STAGE_MAX`] instead (module documentation).
 const PARALLEL_MIN: u64 = 1536 << 10;
 
 /// How much the helper copies between two reports of progress: small enough that the hasher

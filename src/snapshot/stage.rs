@@ -13,7 +13,7 @@
 //! The read and hash stay on the event loop's thread. Splitting them with a helper on the other
 //! CPU was measured (issue 14, BENCHMARKS.md) and gained nothing on a 2-core VM: the helper
 //! starts ~140 µs after it is woken and its half takes longer there (cold caches). The write has
-//! all that time to spare, so it is the part handed over. From 1.5 MiB the copy on two CPUs
+//! all that time to spare, so it is the part handed over. Above 3 MiB the copy on two CPUs
 //! (`take`) is faster, so larger builds go there.
 //!
 //! The buffer stays allocated between reloads (its pages already faulted in, which on a VM
@@ -32,8 +32,10 @@ use super::{
 };
 
 /// Builds up to this size are staged in memory; a larger one is copied at once, by `take`, on
-/// two CPUs (where the two paths break even, see the `snapshot` module documentation).
-pub(super) const STAGE_MAX: u64 = 1536 << 10;
+/// two CPUs. With the write on the writer thread, staging is the faster of the two up to 3 MiB
+/// and the slower at 4 MiB (interleaved reloads, BENCHMARKS.md fifth session: 2 MiB 1.70
+/// against 1.83 ms, 3 MiB 2.21 against 2.37, 4 MiB 2.90 against 2.66).
+pub(super) const STAGE_MAX: u64 = 3 << 20;
 
 /// Takes snapshots for reloads. See the module documentation.
 #[derive(Default)]
@@ -111,7 +113,7 @@ impl Snapshotter {
         Snapshotter::default()
     }
 
-    /// Like [`super::take`], but a build of up to 1.5 MiB is only read, hashed and given its
+    /// Like [`super::take`], but a build of up to 3 MiB is only read, hashed and given its
     /// blocks: the returned snapshot's file exists once [`Snapshotter::finish`] has written it.
     /// A snapshot staged earlier and not finished is dropped.
     pub fn stage(&mut self, source: &Path, dir: &Path) -> Result<Snapshot, SnapshotError> {
