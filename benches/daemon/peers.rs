@@ -692,7 +692,7 @@ fn snapshot_floor(bench: &Bench, case: &Case) -> Outcome<Vec<f64>> {
 
 /// What reading a build costs outside any tool, in the harness: BLAKE3 of it, and a copy of it
 /// with a 128 KiB buffer, no fsync, into the bench dir. hotreloadd does both on every reload: up
-/// to 1.5 MiB read and hashed in one pass and written after the stop signal, above that copied
+/// to 3 MiB read and hashed in one pass while a second thread writes the copy, above that copied
 /// on one CPU while the copy is hashed on another; entr and watchexec do neither.
 struct BuildCosts {
     hash_ms: Vec<f64>,

@@ -77,12 +77,13 @@ pub trait Host {
     // -- builds
     /// Copy the plugin's executable into its snapshot dir (`snapshot::take`).
     fn snapshot(&mut self, exec: &Path, dir: &Path) -> Result<Snapshot, SnapshotError>;
-    /// Like [`Host::snapshot`], but the copy may be only read, hashed and given its blocks
-    /// (`Snapshotter::stage`): [`Host::preflight`] checks those bytes, and the file is there
-    /// once [`Host::finish_snapshot`] has written it, while the old instance exits.
+    /// Like [`Host::snapshot`], but the copy may be only staged: read and hashed into memory
+    /// while a helper thread writes it to a temp file (`Snapshotter::stage`). [`Host::preflight`]
+    /// checks those bytes, and the file has its version name once [`Host::finish_snapshot`] has
+    /// collected the helper, after the stop signal.
     fn stage_snapshot(&mut self, exec: &Path, dir: &Path) -> Result<Snapshot, SnapshotError>;
-    /// Write the staged snapshot `path` (dropping any other); an earlier failure to write it
-    /// is reported again.
+    /// Finish the staged snapshot `path` and give it its name (dropping any other); an earlier
+    /// failure to write it is reported again.
     fn finish_snapshot(&mut self, path: &Path) -> Result<(), SnapshotError>;
     /// Drop a staged snapshot nothing needs (its build was refused or unchanged).
     fn discard_snapshot(&mut self);

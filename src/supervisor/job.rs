@@ -64,9 +64,10 @@ impl Core {
             answer_failure(ctx, &p.id, &job.waiters, "the daemon is shutting down");
             return;
         }
-        // With an instance to stop first, the copy is only staged and written while it exits
-        // (`settle_staged_snapshot`): the version and the pre-flight check, which must come
-        // before the stop, need the bytes, not the file.
+        // With an instance to stop first, the copy is only staged (its helper thread writes it
+        // meanwhile) and finished once the stop is asked for (`settle_staged_snapshot`): the
+        // version and the pre-flight check, which must come before the stop, need the bytes,
+        // not the file.
         let staged = p.instance.is_some();
         self.snapshot_and_go(ctx, p, job, staged);
         if staged {
@@ -167,7 +168,7 @@ impl Core {
         }
     }
 
-    /// After the stop was asked for, or the build refused: write the staged copy the job still
+    /// After the stop was asked for, or the build refused: finish the staged copy the job still
     /// needs while the old instance exits (a failure is remembered by the host and fails the
     /// attempt to start it, `try_start`), or drop one that nothing needs any more.
     fn settle_staged_snapshot(&mut self, p: &Plugin) {
