@@ -647,7 +647,6 @@ const SNAPSHOT_FLOOR_ROUNDS: u64 = 30;
 /// tools get. No inotify, no old instance to stop, no state file: a tool can come close to this
 /// only by spreading the copy and the hash over two CPUs.
 fn snapshot_floor(bench: &Bench, case: &Case) -> Outcome<Vec<f64>> {
-    use std::os::unix::fs::OpenOptionsExt;
     let dir = bench.root.join("peers-snapshot-floor");
     std::fs::create_dir_all(&dir)
         .map_err(|e| format!("failed to create `{}`: {e}", dir.display()))?;
@@ -666,13 +665,7 @@ fn snapshot_floor(bench: &Bench, case: &Case) -> Outcome<Vec<f64>> {
             .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut bytes))
             .map_err(|e| format!("failed to read `{}`: {e}", source.display()))?;
         std::hint::black_box(blake3::hash(&bytes));
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o700)
-            .open(&copy)
-            .and_then(|mut file| std::io::Write::write_all(&mut file, &bytes))
-            .map_err(|e| format!("failed to write `{}`: {e}", copy.display()))?;
+        drop(plugin::write_executable(&copy, &bytes)?);
         let mut child = Command::new(&copy)
             .arg(&reports.path)
             .spawn()

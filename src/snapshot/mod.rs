@@ -426,6 +426,19 @@ fn create_temp(dir: &Path) -> io::Result<(PathBuf, File)> {
     fsutil::create_temp(dir, |pid, n| OsString::from(format!(".tmp.{pid}.{n}")))
 }
 
+/// A fresh temp file in `dir` with blocks for `len` bytes and `mode` (none left on failure): a
+/// staged snapshot's copy, made by its writer thread or, without one, by the loop's thread.
+fn reserved_temp(dir: &Path, len: u64, mode: u32) -> io::Result<(PathBuf, File)> {
+    let (temp, file) = create_temp(dir)?;
+    let ready =
+        reserve(&file, len).and_then(|()| file.set_permissions(Permissions::from_mode(mode)));
+    if let Err(e) = ready {
+        let _ = fs::remove_file(&temp);
+        return Err(e);
+    }
+    Ok((temp, file))
+}
+
 /// Move the finished temp file to its version name, or drop it if an identical snapshot is
 /// already there (keeping the inode of a snapshot that may be running).
 fn install(temp: &Path, path: &Path, summary: &Summary, mode: u32) -> io::Result<()> {

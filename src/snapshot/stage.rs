@@ -20,15 +20,15 @@
 //! costs as much as the copy) until [`Snapshotter::release`].
 
 use std::fmt;
-use std::fs::{self, File, Permissions};
+use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::writer::{Writer, WriterThread};
 use super::{
-    BUF_SIZE, Snapshot, SnapshotError, Summary, create_snapshot_dir, create_temp, install,
-    open_regular, reserve, reusable, snapshot_mode, take_open, version_from_hash,
+    BUF_SIZE, Snapshot, SnapshotError, Summary, create_snapshot_dir, install, open_regular,
+    reserved_temp, reusable, snapshot_mode, take_open, version_from_hash,
 };
 
 /// Builds up to this size are staged in memory; a larger one is copied at once, by `take`, on
@@ -190,7 +190,7 @@ impl Snapshotter {
             .and_then(|thread| unsafe { thread.write(dir, expected, mode, base, len) });
         let mut hasher = blake3::Hasher::new();
         let Some(mut writer) = writer else {
-            let (temp, file) = reserved_temp(dir, expected).map_err(Failure::Write)?;
+            let (temp, file) = reserved_temp(dir, expected, mode).map_err(Failure::Write)?;
             return match read_rest(input, &mut self.buf, 0, &mut hasher) {
                 Ok(filled) => Ok((summary_of(hasher, filled), Copy::Own { temp, file })),
                 Err(e) => {
@@ -318,16 +318,6 @@ impl Drop for Snapshotter {
     }
 }
 
-/// A fresh temp file in `dir` with blocks for `len` bytes (none left on failure).
-fn reserved_temp(dir: &Path, len: u64) -> io::Result<(PathBuf, File)> {
-    let (path, file) = create_temp(dir)?;
-    if let Err(e) = reserve(&file, len) {
-        let _ = fs::remove_file(&path);
-        return Err(e);
-    }
-    Ok((path, file))
-}
-
 /// Finish writing a staged snapshot's bytes to its temp file (whatever its writer did not), and
 /// move it to its version name `path`.
 fn write_staged(
@@ -340,11 +330,7 @@ fn write_staged(
 ) -> io::Result<()> {
     let (file, done) = match copy {
         Copy::Writing { writer, .. } => writer.written()?,
-        Copy::Own { file, .. } => {
-            // The writer thread sets the mode when it creates the file.
-            file.set_permissions(Permissions::from_mode(mode))?;
-            (file, 0)
-        }
+        Copy::Own { file, .. } => (file, 0),
     };
     if let Some(rest) = bytes.get(done..).filter(|rest| !rest.is_empty()) {
         file.write_all_at(rest, done as u64)?;

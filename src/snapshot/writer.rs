@@ -20,9 +20,9 @@
 //! buffer is neither moved nor freed before the writer has said it is done with it
 //! ([`Writer::stop`], also on drop). That is the whole safety argument of the `unsafe` below.
 
-use std::fs::{self, File, Permissions};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -235,7 +235,7 @@ fn next_job(queue: &Queue) -> Option<Job> {
 /// One job: the temp file (reported at once: the loop's thread waits for it before the stop),
 /// then the bytes.
 fn run(job: &Job, progress: &Progress) -> io::Result<Written> {
-    let (temp, file) = match open_copy(&job.dir, job.reserve, job.mode) {
+    let (temp, file) = match super::reserved_temp(&job.dir, job.reserve, job.mode) {
         Ok(opened) => opened,
         Err(e) => {
             let error = io::Error::new(e.kind(), e.to_string());
@@ -246,18 +246,6 @@ fn run(job: &Job, progress: &Progress) -> io::Result<Written> {
     progress.post(|reports| reports.temp = Some(Ok(temp)));
     let written = write_as_ready(&file, &job.buf, progress)?;
     Ok((file, written))
-}
-
-/// A fresh temp file in `dir` with `reserve` bytes of blocks and `mode`; none left on failure.
-fn open_copy(dir: &Path, reserve: u64, mode: u32) -> io::Result<(PathBuf, File)> {
-    let (temp, file) = super::create_temp(dir)?;
-    let ready = super::reserve(&file, reserve)
-        .and_then(|()| file.set_permissions(Permissions::from_mode(mode)));
-    if let Err(e) = ready {
-        let _ = fs::remove_file(&temp);
-        return Err(e);
-    }
-    Ok((temp, file))
 }
 
 impl Progress {
@@ -415,6 +403,7 @@ impl Drop for Writer {
 mod tests {
     use super::*;
     use crate::snapshot::tests::TestDir;
+    use std::fs;
     use std::os::unix::fs::MetadataExt;
 
     fn patterned(len: usize) -> Vec<u8> {
@@ -456,13 +445,20 @@ mod tests {
         let writer =
             unsafe { thread.write(&t.0, 300_000, 0o600, buf.as_ptr(), buf.len()) }.unwrap();
         let temp = writer.temp().unwrap();
+        // Once the writer sleeps, only a wake-up gets it the bytes (a lost one hangs `written`
+        // below).
+        let asleep = || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !writer.progress.napping.load(Ordering::SeqCst) {
+                assert!(Instant::now() < deadline, "the writer never went to sleep");
+                thread::sleep(SPIN);
+            }
+        };
         for ready in [100_000, 200_000, 300_000] {
-            // Long past SPIN: the writer has gone to sleep, and only a wake-up gets it the
-            // bytes (a lost one hangs `written` below).
-            thread::sleep(SPIN * 20);
+            asleep();
             writer.publish(ready);
         }
-        thread::sleep(SPIN * 20);
+        asleep();
         assert_eq!(writer.written().unwrap().1, 300_000);
         assert_eq!(fs::read(&temp).unwrap(), buf);
     }
