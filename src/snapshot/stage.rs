@@ -25,7 +25,11 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::writer::{Writer, WriterThread};
+use blake3::hazmat::{
+    ChainingValue, Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root,
+};
+
+use super::writer::{Leaf, LeafHash, Writer, WriterThread};
 use super::{
     BUF_SIZE, Snapshot, SnapshotError, Summary, create_snapshot_dir, install, open_regular,
     reserved_temp, reusable, snapshot_mode, take_open, version_from_hash,
@@ -161,11 +165,12 @@ impl Snapshotter {
         Ok(snapshot)
     }
 
-    /// Read and hash `input` into the buffer while the writer thread creates the copy's temp
-    /// file in `dir` (`expected` bytes of blocks, `mode`) and writes each window to it as soon
-    /// as it is read. A file that grew since its size was taken stops the writer (the buffer
-    /// must grow) and is read to its end here; [`Snapshotter::finish`] writes the rest. Without
-    /// a writer thread, the temp file is made here and written by `finish`.
+    /// Read and hash `input` into the buffer, helped by the writer thread, which also creates
+    /// the copy's temp file in `dir` (`expected` bytes of blocks, `mode`) and writes the bytes
+    /// to it once read. A file that grew since its size was taken stops the writer (the buffer
+    /// must grow) and is read to its end here, one that shrank is read again from its start;
+    /// [`Snapshotter::finish`] writes what the writer did not. Without a writer thread, the
+    /// temp file is made here and written by `finish`.
     fn read_and_copy(
         &mut self,
         input: &File,
@@ -174,23 +179,24 @@ impl Snapshotter {
         mode: u32,
     ) -> Result<(Summary, Copy), Failure> {
         size_for(&mut self.buf, expected);
-        let len = self.buf.len();
+        let len = usize::try_from(expected).unwrap_or(usize::MAX);
         let base = self.buf.as_mut_ptr();
         if self.thread.is_none() {
             self.thread = WriterThread::start();
         }
-        // SAFETY: the buffer is neither moved, resized nor freed while the writer has it: it is
-        // stopped below before the buffer may grow, and `Pending` (which then owns it) stops
-        // it, waiting for its report, before anything touches the buffer again (`discard`, on
-        // every `stage` and on drop; `release` only with nothing pending). `read_shared` writes
-        // only at or above the published length.
+        // SAFETY: the buffer (`len` + 1 bytes, `size_for`) is neither moved, resized nor freed
+        // while the writer has it: it is stopped below before the buffer may grow, and
+        // `Pending` (which then owns it) stops it, waiting for its report, before anything
+        // touches the buffer again (`discard`, on every `stage` and on drop; `release` only
+        // with nothing pending). Until then the buffer's first `len` bytes are accessed only
+        // through the writer (`read_windows`).
         let writer = self
             .thread
             .as_ref()
-            .and_then(|thread| unsafe { thread.write(dir, expected, mode, base, len) });
-        let mut hasher = blake3::Hasher::new();
+            .and_then(|thread| unsafe { thread.write(dir, expected, mode, input, base, len) });
         let Some(mut writer) = writer else {
             let (temp, file) = reserved_temp(dir, expected, mode).map_err(Failure::Write)?;
+            let mut hasher = blake3::Hasher::new();
             return match read_rest(input, &mut self.buf, 0, &mut hasher) {
                 Ok(filled) => Ok((summary_of(hasher, filled), Copy::Own { temp, file })),
                 Err(e) => {
@@ -199,18 +205,40 @@ impl Snapshotter {
                 }
             };
         };
-        let mut read = read_shared(input, base, len, &writer, &mut hasher);
+        let leaves = writer.read_windows(input, base);
+        let read = match root_of(&leaves, len) {
+            Err(e) => Err(e),
+            Ok(Some(root)) => match read_past(input, &mut self.buf, len) {
+                Ok(false) => Ok(Summary {
+                    version: version_from_hash(&root),
+                    len: len as u64,
+                }),
+                Ok(true) => {
+                    // The file grew: hash what is read again as one piece, and read on with
+                    // the buffer to ourselves.
+                    writer.stop();
+                    let mut hasher = blake3::Hasher::new();
+                    hasher.update(&self.buf[..len]);
+                    read_rest(input, &mut self.buf, len, &mut hasher)
+                        .map(|filled| summary_of(hasher, filled))
+                }
+                Err(e) => Err(e),
+            },
+            Ok(None) => {
+                // The file shrank while read: its windows may be from before and after. Read
+                // it again, whole, and have `finish` write all of it.
+                writer.stop_and_discard();
+                let mut hasher = blake3::Hasher::new();
+                read_rest(input, &mut self.buf, 0, &mut hasher)
+                    .map(|filled| summary_of(hasher, filled))
+            }
+        };
         writer.close();
-        if read.as_ref().is_ok_and(|&filled| filled == len) {
-            // The file grew: read on with the buffer to ourselves.
-            writer.stop();
-            read = read.and_then(|filled| read_rest(input, &mut self.buf, filled, &mut hasher));
-        }
         // Created and given its blocks by the writer meanwhile; before the stop, a full runtime
         // dir fails the reload here.
         let temp = writer.temp();
-        let filled = match read {
-            Ok(filled) => filled,
+        let summary = match read {
+            Ok(summary) => summary,
             Err(e) => {
                 drop(writer);
                 if let Ok(temp) = temp {
@@ -220,7 +248,7 @@ impl Snapshotter {
             }
         };
         let temp = temp.map_err(Failure::Write)?;
-        Ok((summary_of(hasher, filled), Copy::Writing { temp, writer }))
+        Ok((summary, Copy::Writing { temp, writer }))
     }
 
     /// The bytes and mode of the staged snapshot `path`, when it is staged and not yet written:
@@ -375,36 +403,62 @@ fn size_for(buf: &mut Vec<u8>, expected: u64) {
     }
 }
 
-/// Read the `len` bytes' buffer at `base` full from `input`, or to its end, publishing each
-/// window to `writer` as soon as it is read, then hashing it. How many bytes were read.
-fn read_shared(
-    input: &File,
-    base: *mut u8,
-    len: usize,
-    writer: &Writer,
-    hasher: &mut blake3::Hasher,
-) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < len {
-        let end = len.min(filled + BUF_SIZE);
-        // SAFETY: `filled..end` lies within the buffer (valid for `len` bytes, see
-        // `read_and_copy`) and at or above the published length, which the writer never reads;
-        // nothing else refers to it, and this borrow ends before the bytes are published.
-        let window = unsafe { std::slice::from_raw_parts_mut(base.add(filled), end - filled) };
-        let n = match input.read_at(window, filled as u64) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        // SAFETY: the `n` bytes just read lie within the buffer and are never written again
-        // while the writer runs; from here on both threads only read them.
-        let read = unsafe { std::slice::from_raw_parts(base.add(filled), n) };
-        writer.publish(filled + n);
-        hasher.update(read);
-        filled += n;
+/// The BLAKE3 hash of a build of `len` bytes from the leaves of its windows (each
+/// [`BUF_SIZE`] long but the last), joined the way BLAKE3's tree joins them. `None` when a
+/// window came up short: the file shrank while it was read.
+fn root_of(leaves: &[io::Result<Leaf>], len: usize) -> io::Result<Option<blake3::Hash>> {
+    let mut subtrees = Vec::with_capacity(leaves.len());
+    for (i, leaf) in leaves.iter().enumerate() {
+        let leaf = leaf
+            .as_ref()
+            .map_err(|e| io::Error::new(e.kind(), e.to_string()))?;
+        if leaf.read < len.min((i + 1) * BUF_SIZE) - i * BUF_SIZE {
+            return Ok(None);
+        }
+        match leaf.hash {
+            LeafHash::Root(root) => return Ok(Some(root)),
+            LeafHash::Subtree(cv) => subtrees.push(cv),
+            LeafHash::Empty => return Ok(None),
+        }
     }
-    Ok(filled)
+    if subtrees.len() < 2 {
+        // No window: an empty build.
+        return Ok(Some(blake3::hash(&[])));
+    }
+    let left = left_subtree_len(len as u64);
+    let split = usize::try_from(left).unwrap_or(usize::MAX) / BUF_SIZE;
+    Ok(Some(merge_subtrees_root(
+        &subtree(&subtrees[..split], left),
+        &subtree(&subtrees[split..], len as u64 - left),
+        Mode::Hash,
+    )))
+}
+
+/// The chaining value of the `len` bytes whose windows' chaining values are `leaves`.
+fn subtree(leaves: &[ChainingValue], len: u64) -> ChainingValue {
+    if leaves.len() == 1 {
+        return leaves[0];
+    }
+    // Every left subtree of more than one window is a power of two of windows.
+    let left = left_subtree_len(len);
+    let split = usize::try_from(left).unwrap_or(usize::MAX) / BUF_SIZE;
+    merge_subtrees_non_root(
+        &subtree(&leaves[..split], left),
+        &subtree(&leaves[split..], len - left),
+        Mode::Hash,
+    )
+}
+
+/// Whether `input` has a byte at `len` (it grew after its size was taken): one byte read into
+/// the spare byte after the windows (`size_for`).
+fn read_past(input: &File, buf: &mut [u8], len: usize) -> io::Result<bool> {
+    loop {
+        match input.read_at(&mut buf[len..=len], len as u64) {
+            Ok(n) => return Ok(n > 0),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Read `input` from `filled` to its end into `buf`, growing it as needed, hashing each window

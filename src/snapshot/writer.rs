@@ -1,24 +1,26 @@
-//! The thread that writes a staged build to its snapshot's temp file while the event loop's
-//! thread is still reading and hashing it.
+//! The thread that helps the event loop's thread read and hash a staged build, and writes the
+//! build's copy to its snapshot's temp file.
 //!
-//! A staged reload (`stage.rs`) reads a build into memory, hashing each window as it comes,
-//! and only then knows the version and may run the pre-flight check and stop the old instance.
-//! The copy on disk is needed later, at the start. Written by the loop's thread, the copy sat on
-//! the reload's path (~0.25 ms of a 1 MiB reload, issue 14). Handed to a helper once read, it
-//! gained nothing: a halted CPU takes ~0.15 ms to wake, and the loop then waited for the write.
-//! A thread started per reload cost the loop ~0.13 ms to create and move to another CPU. So one
-//! thread waits for work between reloads ([`WriterThread`]), is woken *before* the read, on
-//! another CPU (`sys::cpu`), creates the copy's temp file and reserves its blocks there (another
-//! ~0.1 ms off the loop's thread), and writes each window as soon as the loop's thread has read
-//! it; by the time the old instance is stopped and state.json written, the copy is done
-//! (BENCHMARKS.md, fifth session). The thread ends with the staging buffer, after a while
-//! without reloads.
+//! A staged reload (`stage.rs`) reads a build into memory and hashes it, and only then knows
+//! the version and may run the pre-flight check and stop the old instance; the copy on disk is
+//! needed later, at the start. So the read and hash are the reload's path and the write is not.
+//! A halted CPU takes ~0.15 ms to wake and a thread started per reload cost the loop ~0.13 ms,
+//! so one thread waits for work between reloads ([`WriterThread`]) and is woken *before* the
+//! read, on another CPU (`sys::cpu`). It creates the copy's temp file and reserves its blocks
+//! (a full disk fails the reload before anything is stopped), then takes its share of the read:
+//! the build is cut into 128 KiB windows, and each thread claims the next unread window, reads
+//! it into its place in the staging buffer and hashes it as a BLAKE3 subtree; the loop's thread
+//! joins the subtrees into the root hash, which is exactly `b3sum`'s. Once no window is left to
+//! claim, the writer writes the windows to the copy in order, while the loop's thread goes on
+//! to stop the old instance (BENCHMARKS.md, sixth session). The thread ends with the staging
+//! buffer, after a while without reloads.
 //!
-//! The two threads share the one staging buffer without a lock. The reader publishes how far
-//! the buffer is filled (`ready`, a release store after the bytes are in place); the writer only
-//! reads bytes below `ready` (an acquire load), the reader only writes at or above it, and the
-//! buffer is neither moved nor freed before the writer has said it is done with it
-//! ([`Writer::stop`], also on drop). That is the whole safety argument of the `unsafe` below.
+//! The two threads share the one staging buffer without a lock. A window is claimed by exactly
+//! one thread (an atomic counter), which alone writes its bytes and then marks it read (a
+//! release store); the other thread reads those bytes only after it has seen the mark (an
+//! acquire load), and nobody writes them again. The buffer is neither moved nor freed before
+//! the writer has said it is done with it ([`Writer::stop`], also on drop). That is the whole
+//! safety argument of the `unsafe` below.
 
 use std::fs::File;
 use std::io;
@@ -29,17 +31,21 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-/// The thread's stack: it only loops over `pwrite`.
-const STACK_SIZE: usize = 64 << 10;
+use blake3::hazmat::{ChainingValue, HasherExt};
 
-/// How long the writer spins for the next window before it sleeps until woken. The reader
-/// publishes one every ~50 µs while it reads; spinning costs the reader nothing, waking a
-/// sleeper costs it a system call. A writer that would spin longer (the reader stalled, or the
-/// build is refused after the read) sleeps instead of burning a CPU, or yielding it in a loop
-/// to whatever else runs there (the context switches of a busy machine).
+use super::BUF_SIZE;
+
+/// The thread's stack: it only reads, hashes and writes.
+const STACK_SIZE: usize = 256 << 10;
+
+/// How long either thread spins for the other's next window before it sleeps until woken. A
+/// window takes ~50 µs to read and hash; spinning costs the other thread nothing, waking a
+/// sleeper costs it a system call (and on a VM an interrupt to a halted CPU). A thread that
+/// would spin longer (the other stalled, or the build is refused after the read) sleeps instead
+/// of burning a CPU.
 const SPIN: Duration = Duration::from_micros(100);
 
-/// The thread that writes staged builds, waiting for the next one in between.
+/// The thread that helps stage builds, waiting for the next one in between.
 pub(super) struct WriterThread {
     queue: Arc<Queue>,
     handle: Option<JoinHandle<()>>,
@@ -60,13 +66,15 @@ struct Waiting {
     closed: bool,
 }
 
-/// One build for the thread to copy.
+/// One build for the thread to help read and to copy.
 struct Job {
     /// The snapshot dir, checked by the caller, where the copy's temp file goes.
     dir: PathBuf,
     /// Blocks to reserve for it, and its mode.
     reserve: u64,
     mode: u32,
+    /// The build (a descriptor of the thread's own).
+    input: File,
     buf: Shared,
     progress: Arc<Progress>,
 }
@@ -75,7 +83,8 @@ struct Job {
 /// offset 0.
 pub(super) type Written = (File, usize);
 
-/// The loop thread's side of one [`Job`]: publish, then collect what was written.
+/// The loop thread's side of one [`Job`]: read windows, collect their hashes, then what was
+/// written.
 pub(super) struct Writer {
     progress: Arc<Progress>,
     /// What the thread reported at the end, once it has (and `None` again once taken by
@@ -83,21 +92,49 @@ pub(super) struct Writer {
     result: Option<io::Result<Written>>,
     /// The thread has reported the end: it no longer touches the buffer.
     reported: bool,
+    /// What the thread wrote is not the staged bytes any more (they were read again).
+    discarded: bool,
+}
+
+/// One window as read: how many bytes (fewer than the window's size at the end of the file),
+/// and their hash.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Leaf {
+    pub(super) read: usize,
+    pub(super) hash: LeafHash,
+}
+
+/// A window's hash: the root when it is the build's only window, else its subtree's chaining
+/// value (none for a window found empty: the build shrank).
+#[derive(Clone, Copy, Debug)]
+pub(super) enum LeafHash {
+    Root(blake3::Hash),
+    Subtree(ChainingValue),
+    Empty,
+}
+
+/// The windows of one build: `len` bytes (its size when opened) cut at every [`BUF_SIZE`].
+struct Windows {
+    len: usize,
+    /// The next window nobody has claimed.
+    next: AtomicUsize,
+    /// Window `i` is read and hashed: its bytes will not change and `leaves[i]` is set.
+    read: Box<[AtomicBool]>,
+    leaves: Box<[Mutex<Option<io::Result<Leaf>>>]>,
 }
 
 /// What the two threads tell each other about one job.
-#[derive(Default)]
 struct Progress {
-    /// Bytes at the start of the buffer that are read and will not change.
-    ready: AtomicUsize,
-    /// No more bytes will be published: write what is ready and report.
+    windows: Windows,
+    /// No more windows will be read: write what is read and report.
     closed: AtomicBool,
-    /// The writer waits on `more` (it spun for [`SPIN`] without news): a publish must wake it.
+    /// The writer waits on `more` (it spun for [`SPIN`] without news): a window read must wake
+    /// it.
     napping: AtomicBool,
     nap: Mutex<()>,
     more: Condvar,
     report: Mutex<Reports>,
-    /// Signalled with each report.
+    /// Signalled with each report, and each window the writer reads.
     reported: Condvar,
 }
 
@@ -111,18 +148,21 @@ struct Reports {
     done: Option<io::Result<Written>>,
 }
 
-/// The buffer as the writer sees it: an address and a length, valid until the job is reported.
+/// The buffer as both threads see it: an address and a length, valid until the job is
+/// reported.
 struct Shared {
-    ptr: *const u8,
+    ptr: *mut u8,
     len: usize,
 }
 
-// SAFETY: the writer only reads the bytes below `Progress::ready`, which the reading thread has
-// finished writing and keeps alive and unmoved until the job is reported (module documentation).
+// SAFETY: each window of the buffer is written by the one thread that claimed it, and read by
+// the other only once marked read; the owner keeps the buffer alive and unmoved until the job
+// is reported (module documentation).
 unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
 
 impl WriterThread {
-    /// Start the thread; `None` when no thread can be had (the caller writes the bytes itself).
+    /// Start the thread; `None` when no thread can be had (the caller does it all itself).
     pub(super) fn start() -> Option<WriterThread> {
         let queue = Arc::new(Queue::default());
         let theirs = Arc::clone(&queue);
@@ -138,31 +178,35 @@ impl WriterThread {
     }
 
     /// Have the thread create a temp file in `dir` with `reserve` bytes of blocks and `mode`
-    /// ([`Writer::temp`] says which, or why not), and write the `len` bytes at `buf` to it from
-    /// offset 0 as far as [`Writer::publish`] says they are ready, on a CPU other than the
+    /// ([`Writer::temp`] says which, or why not), help read and hash the first `len` bytes of
+    /// `input` into the buffer at `buf` (windows claimed by [`Writer::read_windows`] are the
+    /// caller's), and write them to the temp file from offset 0, on a CPU other than the
     /// caller's. `None` when the thread is gone: the caller then does it all itself.
     ///
     /// # Safety
     ///
-    /// `buf` must be valid for reads of `len` bytes until [`Writer::stop`] returns (or the
-    /// writer is dropped): not moved, resized or freed meanwhile, and no byte below the last
-    /// published length written again.
+    /// `buf` must be valid for reads and writes of `len` bytes until [`Writer::stop`] returns
+    /// (or the writer is dropped): not moved, resized, freed or otherwise accessed meanwhile,
+    /// except through the [`Writer`].
     pub(super) unsafe fn write(
         &self,
         dir: &Path,
         reserve: u64,
         mode: u32,
-        buf: *const u8,
+        input: &File,
+        buf: *mut u8,
         len: usize,
     ) -> Option<Writer> {
         let handle = self.handle.as_ref()?;
-        let progress = Arc::new(Progress::default());
+        let input = input.try_clone().ok()?;
+        let progress = Arc::new(Progress::new(len));
         // While it waits, moving it costs nothing; once woken it would wait on this busy CPU.
         crate::sys::cpu::move_thread_off_this_cpu(handle);
         let job = Job {
             dir: dir.to_path_buf(),
             reserve,
             mode,
+            input,
             buf: Shared { ptr: buf, len },
             progress: Arc::clone(&progress),
         };
@@ -181,6 +225,7 @@ impl WriterThread {
             progress,
             result: None,
             reported: false,
+            discarded: false,
         })
     }
 }
@@ -233,7 +278,7 @@ fn next_job(queue: &Queue) -> Option<Job> {
 }
 
 /// One job: the temp file (reported at once: the loop's thread waits for it before the stop),
-/// then the bytes.
+/// then windows to read while any is left, then the bytes to the copy.
 fn run(job: &Job, progress: &Progress) -> io::Result<Written> {
     let (temp, file) = match super::reserved_temp(&job.dir, job.reserve, job.mode) {
         Ok(opened) => opened,
@@ -244,11 +289,114 @@ fn run(job: &Job, progress: &Progress) -> io::Result<Written> {
         }
     };
     progress.post(|reports| reports.temp = Some(Ok(temp)));
-    let written = write_as_ready(&file, &job.buf, progress)?;
+    while !progress.closed.load(Ordering::Acquire) {
+        let Some(i) = progress.windows.claim() else {
+            break;
+        };
+        progress.windows.fill(i, &job.input, &job.buf);
+        // The loop's thread may be waiting for this window's hash.
+        progress.post(|_| {});
+    }
+    let written = write_in_order(&file, &job.buf, progress)?;
     Ok((file, written))
 }
 
+impl Windows {
+    fn new(len: usize) -> Windows {
+        let count = len.div_ceil(BUF_SIZE);
+        Windows {
+            len,
+            next: AtomicUsize::new(0),
+            read: (0..count).map(|_| AtomicBool::new(false)).collect(),
+            leaves: (0..count).map(|_| Mutex::new(None)).collect(),
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.read.len()
+    }
+
+    /// The bytes of window `i`.
+    fn range(&self, i: usize) -> std::ops::Range<usize> {
+        let start = i * BUF_SIZE;
+        start..self.len.min(start + BUF_SIZE)
+    }
+
+    /// The next window nobody has claimed, now the caller's alone.
+    fn claim(&self) -> Option<usize> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        (i < self.count()).then_some(i)
+    }
+
+    /// Read window `i` (claimed by the caller) of `input` into its place in `buf` and hash it.
+    fn fill(&self, i: usize, input: &File, buf: &Shared) {
+        let range = self.range(i);
+        debug_assert!(range.end <= buf.len);
+        // SAFETY: the window lies within the buffer, valid until the job is reported
+        // (`WriterThread::write`'s contract), and is the caller's alone: claimed once, and not
+        // read by the other thread before it is marked read below; this borrow ends before.
+        let window =
+            unsafe { std::slice::from_raw_parts_mut(buf.ptr.add(range.start), range.len()) };
+        let leaf = read_full(input, window, range.start as u64).map(|read| Leaf {
+            read,
+            hash: self.hash(&window[..read], range.start),
+        });
+        *self.leaves[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(leaf);
+        self.read[i].store(true, Ordering::Release);
+    }
+
+    /// The hash of `bytes`, window `start / BUF_SIZE` of the build.
+    fn hash(&self, bytes: &[u8], start: usize) -> LeafHash {
+        if self.count() == 1 {
+            LeafHash::Root(blake3::hash(bytes))
+        } else if bytes.is_empty() {
+            LeafHash::Empty
+        } else {
+            let mut hasher = blake3::Hasher::new();
+            hasher.set_input_offset(start as u64);
+            hasher.update(bytes);
+            LeafHash::Subtree(hasher.finalize_non_root())
+        }
+    }
+
+    fn is_read(&self, i: usize) -> bool {
+        self.read[i].load(Ordering::Acquire)
+    }
+
+    fn all_read(&self) -> bool {
+        (0..self.count()).all(|i| self.is_read(i))
+    }
+}
+
+/// Read `window.len()` bytes at `offset`, or up to the end of the file.
+fn read_full(input: &File, window: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < window.len() {
+        match input.read_at(&mut window[filled..], offset + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
 impl Progress {
+    fn new(len: usize) -> Progress {
+        Progress {
+            windows: Windows::new(len),
+            closed: AtomicBool::new(false),
+            napping: AtomicBool::new(false),
+            nap: Mutex::new(()),
+            more: Condvar::new(),
+            report: Mutex::new(Reports::default()),
+            reported: Condvar::new(),
+        }
+    }
+
     fn post(&self, update: impl FnOnce(&mut Reports)) {
         let mut reports = self.report.lock().unwrap_or_else(PoisonError::into_inner);
         update(&mut reports);
@@ -290,43 +438,66 @@ impl Drop for ReportOnDrop<'_> {
     }
 }
 
-/// Write whatever is ready, until closed and all of it is written.
-fn write_as_ready(file: &File, buf: &Shared, progress: &Progress) -> io::Result<usize> {
+/// Write the windows to `file` in order as they are read, until one is short (the end of the
+/// file) or failed, or the job is closed with the next one unread. The bytes written from
+/// offset 0.
+fn write_in_order(file: &File, buf: &Shared, progress: &Progress) -> io::Result<usize> {
+    let windows = &progress.windows;
     let mut written = 0;
-    let mut idle_since: Option<Instant> = None;
-    loop {
-        // `closed` first: once it is seen, the `ready` read after it is final.
-        let closed = progress.closed.load(Ordering::Acquire);
-        let ready = progress.ready.load(Ordering::Acquire).min(buf.len);
-        if ready > written {
-            // SAFETY: `written..ready` lies within the buffer (`ready` is capped at its length)
-            // and below the published length, which the reader no longer writes and keeps alive
-            // until this job is reported (`WriterThread::write`'s contract).
-            let bytes =
-                unsafe { std::slice::from_raw_parts(buf.ptr.add(written), ready - written) };
-            file.write_all_at(bytes, written as u64)?;
-            written = ready;
-            idle_since = None;
-        } else if closed {
-            return Ok(written);
-        } else if idle_since.get_or_insert_with(Instant::now).elapsed() < SPIN {
-            std::hint::spin_loop();
-        } else {
-            progress.nap_unless_news(written);
-            idle_since = None;
+    for i in 0..windows.count() {
+        if !progress.wait_until_read(i) {
+            break;
+        }
+        let read = match *windows.leaves[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            Some(Ok(leaf)) => leaf.read,
+            _ => break,
+        };
+        let range = windows.range(i);
+        // SAFETY: window `i` lies within the buffer and is marked read: nobody writes it again,
+        // and the owner keeps it alive until this job is reported (`WriterThread::write`).
+        let bytes = unsafe { std::slice::from_raw_parts(buf.ptr.add(range.start), read) };
+        file.write_all_at(bytes, range.start as u64)?;
+        written += read;
+        if read < range.len() {
+            break;
         }
     }
+    Ok(written)
 }
 
 impl Progress {
-    /// Sleep until the reader publishes past `written` or closes, unless it already has.
-    fn nap_unless_news(&self, written: usize) {
+    /// Wait until window `i` is read; false when the job was closed before it was.
+    fn wait_until_read(&self, i: usize) -> bool {
+        let mut idle_since: Option<Instant> = None;
+        loop {
+            // `closed` first: once it is seen, a window not read after it never will be.
+            let closed = self.closed.load(Ordering::Acquire);
+            if self.windows.is_read(i) {
+                return true;
+            }
+            if closed {
+                return false;
+            }
+            if idle_since.get_or_insert_with(Instant::now).elapsed() < SPIN {
+                std::hint::spin_loop();
+            } else {
+                self.nap_unless_read(i);
+                idle_since = None;
+            }
+        }
+    }
+
+    /// Sleep until window `i` is read or the job closed, unless it already is.
+    fn nap_unless_read(&self, i: usize) {
         let guard = self.nap.lock().unwrap_or_else(PoisonError::into_inner);
         // SeqCst on both sides: either the reader's next load of `napping` sees it set (and
         // wakes this thread), or the loads below see what the reader stored.
         self.napping.store(true, Ordering::SeqCst);
         let news =
-            self.ready.load(Ordering::SeqCst) > written || self.closed.load(Ordering::SeqCst);
+            self.windows.read[i].load(Ordering::SeqCst) || self.closed.load(Ordering::SeqCst);
         if !news {
             // A spurious wake-up only costs one more look.
             drop(
@@ -338,7 +509,7 @@ impl Progress {
         self.napping.store(false, Ordering::SeqCst);
     }
 
-    /// After a publish or the close: wake the writer if it sleeps.
+    /// After a window read by the loop's thread, or the close: wake the writer if it sleeps.
     fn wake_writer(&self) {
         if self.napping.load(Ordering::SeqCst) {
             // Taking the lock waits until the writer is inside `wait`, or has decided not to.
@@ -349,13 +520,51 @@ impl Progress {
 }
 
 impl Writer {
-    /// The first `ready` bytes of the buffer are in place and will not change.
-    pub(super) fn publish(&self, ready: usize) {
-        self.progress.ready.store(ready, Ordering::SeqCst);
-        self.progress.wake_writer();
+    /// Claim, read and hash windows of the build until none is left to claim (the writer
+    /// thread takes some too), then wait for the ones the writer is still reading. Each
+    /// window's leaf, in order.
+    pub(super) fn read_windows(&self, input: &File, buf: *mut u8) -> Vec<io::Result<Leaf>> {
+        let windows = &self.progress.windows;
+        let shared = Shared {
+            ptr: buf,
+            len: windows.len,
+        };
+        while let Some(i) = windows.claim() {
+            windows.fill(i, input, &shared);
+            // The writer may be asleep waiting for this window.
+            self.progress.wake_writer();
+        }
+        self.wait_until_all_read();
+        windows
+            .leaves
+            .iter()
+            .map(|leaf| {
+                // Copied, not taken: the writer reads how much of each window to write.
+                match &*leaf.lock().unwrap_or_else(PoisonError::into_inner) {
+                    Some(Ok(leaf)) => Ok(*leaf),
+                    Some(Err(e)) => Err(io::Error::new(e.kind(), e.to_string())),
+                    None => Err(io::Error::other("a window of the build was not read")),
+                }
+            })
+            .collect()
     }
 
-    /// Nothing more will be published: the writer ends once what is ready is written.
+    /// The writer reads its last windows: spin a while (it is running on another CPU, one
+    /// window takes ~50 µs), then sleep until it reports each.
+    fn wait_until_all_read(&self) {
+        let windows = &self.progress.windows;
+        let start = Instant::now();
+        while start.elapsed() < SPIN * 4 {
+            if windows.all_read() {
+                return;
+            }
+            std::hint::spin_loop();
+        }
+        self.progress
+            .wait_for(|reports| (windows.all_read() || reports.done.is_some()).then_some(()));
+    }
+
+    /// Nothing more will be read: the writer ends once what is read is written.
     pub(super) fn close(&self) {
         self.progress.closed.store(true, Ordering::SeqCst);
         self.progress.wake_writer();
@@ -371,7 +580,7 @@ impl Writer {
         })
     }
 
-    /// Let the writer finish what is published, and wait for its report: the buffer is the
+    /// Let the writer finish what is read, and wait for its report: the buffer is the
     /// caller's again.
     pub(super) fn stop(&mut self) {
         if self.reported {
@@ -382,13 +591,21 @@ impl Writer {
         self.reported = true;
     }
 
+    /// [`Writer::stop`], and count nothing the writer wrote: the buffer's bytes are read again.
+    pub(super) fn stop_and_discard(&mut self) {
+        self.stop();
+        self.discarded = true;
+    }
+
     /// [`Writer::stop`], then the copy and how many bytes were written to it from offset 0, or
     /// why not.
     pub(super) fn written(mut self) -> io::Result<Written> {
         self.stop();
+        let discarded = self.discarded;
         self.result
             .take()
             .unwrap_or_else(|| Err(io::Error::other("the snapshot write was already collected")))
+            .map(|(file, written)| (file, if discarded { 0 } else { written }))
     }
 }
 
@@ -410,22 +627,52 @@ mod tests {
         (0..len).map(|i| (i % 251) as u8).collect()
     }
 
-    #[test]
-    fn the_thread_creates_the_copy_and_writes_what_is_published_until_closed() {
-        let t = TestDir::new("writer-publish");
-        let buf = patterned(1 << 20);
-        let thread = WriterThread::start().unwrap();
-        // SAFETY: `buf` is not touched until `written` has the report.
-        let writer =
-            unsafe { thread.write(&t.0, 1 << 20, 0o700, buf.as_ptr(), buf.len()) }.unwrap();
-        for ready in (0..buf.len()).step_by(100_000) {
-            writer.publish(ready);
+    /// A build of `content` in `t`, opened.
+    fn build(t: &TestDir, content: &[u8]) -> File {
+        fs::write(t.join("build"), content).unwrap();
+        File::open(t.join("build")).unwrap()
+    }
+
+    fn subtree_hash(leaf: &io::Result<Leaf>) -> ChainingValue {
+        match leaf.as_ref().unwrap().hash {
+            LeafHash::Subtree(cv) => cv,
+            other => panic!("not a subtree: {other:?}"),
         }
-        writer.publish(700_001);
+    }
+
+    #[test]
+    fn the_thread_reads_windows_nobody_claimed_and_writes_them_all_in_order() {
+        let t = TestDir::new("writer-steal");
+        let content = patterned(3 * BUF_SIZE + 100);
+        let input = build(&t, &content);
+        let mut buf = vec![0u8; content.len() + 1];
+        let thread = WriterThread::start().unwrap();
+        // SAFETY: `buf` is only touched through the writer until `written` has the report.
+        let writer = unsafe {
+            thread.write(
+                &t.0,
+                1 << 20,
+                0o700,
+                &input,
+                buf.as_mut_ptr(),
+                content.len(),
+            )
+        }
+        .unwrap();
+        // The loop's thread claims nothing here: every window is the writer's.
+        writer.wait_until_all_read();
+        let leaves = writer.read_windows(&input, buf.as_mut_ptr());
         let temp = writer.temp().unwrap();
         let (file, written) = writer.written().unwrap();
 
-        assert_eq!(written, 700_001);
+        assert_eq!(leaves.len(), 4);
+        assert_eq!(leaves[3].as_ref().unwrap().read, 100);
+        let mut expected = blake3::Hasher::new();
+        expected.set_input_offset(BUF_SIZE as u64);
+        expected.update(&content[BUF_SIZE..2 * BUF_SIZE]);
+        assert_eq!(subtree_hash(&leaves[1]), expected.finalize_non_root());
+        assert_eq!(written, content.len());
+        assert_eq!(buf[..content.len()], content[..]);
         let meta = file.metadata().unwrap();
         assert_eq!(meta.mode() & 0o777, 0o700);
         assert!(
@@ -433,81 +680,138 @@ mod tests {
             "blocks reserved: {}",
             meta.blocks()
         );
-        assert_eq!(fs::read(&temp).unwrap()[..700_001], buf[..700_001]);
+        assert_eq!(fs::read(&temp).unwrap()[..content.len()], content[..]);
     }
 
     #[test]
-    fn a_writer_asleep_for_want_of_bytes_is_woken_by_the_next_publish_and_the_close() {
-        let t = TestDir::new("writer-nap");
-        let buf = patterned(300_000);
+    fn the_only_window_of_a_small_build_has_the_root_hash() {
+        let t = TestDir::new("writer-root");
+        let content = patterned(5000);
+        let input = build(&t, &content);
+        let mut buf = vec![0u8; content.len() + 1];
         let thread = WriterThread::start().unwrap();
-        // SAFETY: `buf` is not touched until `written` has the report.
+        // SAFETY: as above.
         let writer =
-            unsafe { thread.write(&t.0, 300_000, 0o600, buf.as_ptr(), buf.len()) }.unwrap();
+            unsafe { thread.write(&t.0, 5000, 0o600, &input, buf.as_mut_ptr(), content.len()) }
+                .unwrap();
+        let leaves = writer.read_windows(&input, buf.as_mut_ptr());
+        match leaves[0].as_ref().unwrap().hash {
+            LeafHash::Root(root) => assert_eq!(root, blake3::hash(&content)),
+            other => panic!("not the root: {other:?}"),
+        }
+        assert_eq!(writer.written().unwrap().1, content.len());
+    }
+
+    #[test]
+    fn a_writer_asleep_for_want_of_windows_is_woken_by_the_next_one_read() {
+        let t = TestDir::new("writer-nap");
+        let content = patterned(3 * BUF_SIZE);
+        let input = build(&t, &content);
+        let mut buf = vec![0u8; content.len() + 1];
+        let thread = WriterThread::start().unwrap();
+        // SAFETY: as above.
+        let writer =
+            unsafe { thread.write(&t.0, 0, 0o600, &input, buf.as_mut_ptr(), content.len()) }
+                .unwrap();
+        // Every window claimed here before the writer can take one: it must wait for them.
+        let windows = &writer.progress.windows;
+        let claimed: Vec<usize> = std::iter::from_fn(|| windows.claim()).collect();
+        assert_eq!(claimed, [0, 1, 2]);
         let temp = writer.temp().unwrap();
-        // Once the writer sleeps, only a wake-up gets it the bytes (a lost one hangs `written`
-        // below).
-        let asleep = || {
+        let shared = Shared {
+            ptr: buf.as_mut_ptr(),
+            len: content.len(),
+        };
+        // Once the writer sleeps, only a wake-up gets it the window (a lost one hangs
+        // `written` below).
+        for i in claimed {
             let deadline = Instant::now() + Duration::from_secs(10);
             while !writer.progress.napping.load(Ordering::SeqCst) {
                 assert!(Instant::now() < deadline, "the writer never went to sleep");
                 thread::sleep(SPIN);
             }
-        };
-        for ready in [100_000, 200_000, 300_000] {
-            asleep();
-            writer.publish(ready);
+            windows.fill(i, &input, &shared);
+            writer.progress.wake_writer();
         }
-        asleep();
-        assert_eq!(writer.written().unwrap().1, 300_000);
-        assert_eq!(fs::read(&temp).unwrap(), buf);
+        assert_eq!(writer.written().unwrap().1, content.len());
+        assert_eq!(fs::read(&temp).unwrap(), content);
     }
 
     #[test]
-    fn one_thread_copies_one_job_after_the_other() {
+    fn one_thread_helps_with_one_job_after_the_other() {
         let t = TestDir::new("writer-jobs");
         let thread = WriterThread::start().unwrap();
         for round in 0..3u8 {
-            let buf = vec![round; 300_000];
-            // SAFETY: `buf` is not touched until `written` has the report.
-            let writer =
-                unsafe { thread.write(&t.0, 300_000, 0o600, buf.as_ptr(), buf.len()) }.unwrap();
-            writer.publish(buf.len());
+            let content = vec![round; 300_000];
+            let input = build(&t, &content);
+            let mut buf = vec![0u8; content.len() + 1];
+            // SAFETY: as above.
+            let writer = unsafe {
+                thread.write(
+                    &t.0,
+                    300_000,
+                    0o600,
+                    &input,
+                    buf.as_mut_ptr(),
+                    content.len(),
+                )
+            }
+            .unwrap();
+            let leaves = writer.read_windows(&input, buf.as_mut_ptr());
+            assert!(leaves.iter().all(|leaf| leaf.is_ok()));
             let temp = writer.temp().unwrap();
-            assert_eq!(writer.written().unwrap().1, buf.len());
-            assert_eq!(fs::read(&temp).unwrap(), buf);
+            assert_eq!(writer.written().unwrap().1, content.len());
+            assert_eq!(fs::read(&temp).unwrap(), content);
         }
     }
 
     #[test]
-    fn a_writer_dropped_before_anything_is_ready_writes_nothing() {
-        let t = TestDir::new("writer-empty");
-        let buf = vec![7u8; 4096];
+    fn a_writer_stopped_before_the_windows_are_read_leaves_the_buffer_alone() {
+        let t = TestDir::new("writer-stop");
+        let content = patterned(8 * BUF_SIZE);
+        let input = build(&t, &content);
+        let mut buf = vec![0u8; content.len() + 1];
         let thread = WriterThread::start().unwrap();
         // SAFETY: `buf` outlives the writer, which waits for the report on drop.
-        let writer = unsafe { thread.write(&t.0, 0, 0o600, buf.as_ptr(), buf.len()) }.unwrap();
+        let writer =
+            unsafe { thread.write(&t.0, 0, 0o600, &input, buf.as_mut_ptr(), content.len()) }
+                .unwrap();
         let temp = writer.temp().unwrap();
-        drop(writer);
-        drop(thread);
-        assert_eq!(fs::metadata(&temp).unwrap().len(), 0);
+        let claimed = writer.progress.windows.next.load(Ordering::SeqCst);
+        let mut writer = writer;
+        writer.stop_and_discard();
+        // Whatever the writer had read it wrote, in order; after the report it touches nothing.
+        let written = fs::read(&temp).unwrap();
+        assert_eq!(written[..], content[..written.len()]);
+        buf.fill(0);
+        assert!(claimed <= 8);
+        assert_eq!(writer.written().unwrap().1, 0, "discarded");
     }
 
     #[test]
     fn a_copy_that_cannot_be_created_is_reported_and_the_thread_goes_on() {
         let t = TestDir::new("writer-error");
-        let buf = vec![1u8; 4096];
+        let content = patterned(4096);
+        let input = build(&t, &content);
+        let mut buf = vec![0u8; content.len() + 1];
         let thread = WriterThread::start().unwrap();
         let missing = t.join("no-such-dir");
         // SAFETY: `buf` outlives the writer, which `written` waits for.
-        let writer = unsafe { thread.write(&missing, 4096, 0o600, buf.as_ptr(), 4096) }.unwrap();
-        writer.publish(4096);
+        let writer =
+            unsafe { thread.write(&missing, 4096, 0o600, &input, buf.as_mut_ptr(), 4096) }.unwrap();
+        let leaves = writer.read_windows(&input, buf.as_mut_ptr());
+        assert!(
+            leaves[0].is_ok(),
+            "the loop's thread read the window itself"
+        );
         let error = writer.temp().unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::NotFound);
         assert!(writer.written().is_err());
         // The thread takes the next job after a failed one.
         // SAFETY: as above.
-        let writer = unsafe { thread.write(&t.0, 4096, 0o600, buf.as_ptr(), 4096) }.unwrap();
-        writer.publish(4096);
+        let writer =
+            unsafe { thread.write(&t.0, 4096, 0o600, &input, buf.as_mut_ptr(), 4096) }.unwrap();
+        let _ = writer.read_windows(&input, buf.as_mut_ptr());
         assert_eq!(writer.written().unwrap().1, 4096);
     }
 }
