@@ -159,6 +159,7 @@ struct Shared {
 // the other only once marked read; the owner keeps the buffer alive and unmoved until the job
 // is reported (module documentation).
 unsafe impl Send for Shared {}
+// SAFETY: as for `Send`: shared references only hand out windows under the claim protocol.
 unsafe impl Sync for Shared {}
 
 impl WriterThread {
