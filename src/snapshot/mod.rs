@@ -9,9 +9,9 @@
 //! Two ways to take one, both measured on a 2-core VM (issue 14):
 //! - [`Snapshotter::stage`], for a reload with an instance to stop and a build of up to
 //!   3 MiB: reserve the copy's blocks, read and hash the build into memory, so the version
-//!   and the pre-flight check are known before the stop, while a thread on another CPU writes
-//!   the copy from those bytes as they are read (`writer.rs`); it is named once the old
-//!   instance is stopped.
+//!   and the pre-flight check are known before the stop, with a thread on another CPU that
+//!   reads and hashes part of it and then writes the copy from those bytes (`writer.rs`); it
+//!   is named once the old instance is stopped.
 //! - [`take`], for everything else: copy and hash in one pass; from 1.5 MiB a helper thread on
 //!   another CPU copies with `copy_file_range` while this one hashes what is already copied.
 //!   Measured with interleaved reloads (BENCHMARKS.md, fourth session): 2 MiB 2.26 against

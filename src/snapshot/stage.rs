@@ -3,18 +3,17 @@
 //! A reload must know a build's version (is it new?) and check it (pre-flight) before it may
 //! stop the running instance; it needs the copy on disk only to start the new one. So
 //! [`Snapshotter::stage`] reserves the copy's blocks (`fallocate`: a full disk fails here, while
-//! nothing has been stopped), reads and hashes the build into memory while the writer thread
-//! (`writer.rs`) copies each part read into the reserved file, and the pre-flight check runs on
-//! the bytes in memory; [`Snapshotter::finish`] waits for the writer (long done by then: the old
-//! instance was stopped and state.json written meanwhile) and gives the copy its version name.
-//! The snapshot on disk is exactly the bytes that were hashed and checked, and the build is read
-//! once.
+//! nothing has been stopped), and reads and hashes the build into memory together with the
+//! writer thread (`writer.rs`), 128 KiB windows each, which then writes the copy; the pre-flight
+//! check runs on the bytes in memory. [`Snapshotter::finish`] writes what the writer has not
+//! yet (the two then share the rest) and gives the copy its version name. The snapshot on disk
+//! is exactly the bytes that were hashed and checked, and the build is read once.
 //!
-//! The read and hash stay on the event loop's thread. Splitting them with a helper on the other
-//! CPU was measured (issue 14, BENCHMARKS.md) and gained nothing on a 2-core VM: the helper
-//! starts ~140 µs after it is woken and its half takes longer there (cold caches). The write has
-//! all that time to spare, so it is the part handed over. Above 3 MiB the copy on two CPUs
-//! (`take`) is faster, so larger builds go there.
+//! A static split of the read (half each) gained nothing on a 2-core VM (issue 14): the helper
+//! starts ~140 µs after it is woken and is slower there (cold caches). Windows claimed one at a
+//! time let each thread take what it can, and the writer no longer creates the copy's file on
+//! the reload's path (it prepares an unnamed one after each reload), so it joins the read early.
+//! Above 3 MiB the copy on two CPUs (`take`) is faster, so larger builds go there.
 //!
 //! The buffer stays allocated between reloads (its pages already faulted in, which on a VM
 //! costs as much as the copy) until [`Snapshotter::release`].
@@ -24,12 +23,13 @@ use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use blake3::hazmat::{
     ChainingValue, Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root,
 };
 
-use super::writer::{Leaf, LeafHash, Writer, WriterThread};
+use super::writer::{Leaf, LeafHash, Temp, Writer, WriterThread};
 use super::{
     BUF_SIZE, Snapshot, SnapshotError, Summary, create_snapshot_dir, install, open_regular,
     reserved_temp, reusable, snapshot_mode, take_open, version_from_hash,
@@ -70,30 +70,38 @@ struct Pending {
 
 /// A staged snapshot's temp file, and who writes it.
 enum Copy {
-    /// The writer thread, since the read began (`writer.rs`).
-    Writing { temp: PathBuf, writer: Writer },
+    /// The writer thread, since the read began (`writer.rs`), to a named temp file or to a
+    /// spare with no name yet.
+    Writing { temp: Temp, writer: Writer },
     /// [`Snapshotter::finish`], when no thread could be had.
     Own { temp: PathBuf, file: File },
 }
 
 impl Copy {
-    fn temp(&self) -> &Path {
+    /// The temp file's name, if it has one.
+    fn temp(&self) -> Option<&Path> {
         match self {
-            Copy::Writing { temp, .. } | Copy::Own { temp, .. } => temp,
+            Copy::Writing {
+                temp: Temp::Named(temp),
+                ..
+            }
+            | Copy::Own { temp, .. } => Some(temp),
+            Copy::Writing {
+                temp: Temp::Unnamed,
+                ..
+            } => None,
         }
     }
 
     /// Drop the copy: its writer has stopped (it no longer reads the buffer) and its temp file
     /// is gone when this returns.
     fn abandon(self) {
-        let temp = match self {
-            Copy::Writing { temp, writer } => {
-                drop(writer);
-                temp
-            }
-            Copy::Own { temp, .. } => temp,
-        };
-        let _ = fs::remove_file(temp);
+        let temp = self.temp().map(Path::to_path_buf);
+        // A writer stops before its temp file goes; an unnamed one goes with its descriptor.
+        drop(self);
+        if let Some(temp) = temp {
+            let _ = fs::remove_file(temp);
+        }
     }
 }
 
@@ -241,7 +249,7 @@ impl Snapshotter {
             Ok(summary) => summary,
             Err(e) => {
                 drop(writer);
-                if let Ok(temp) = temp {
+                if let Ok(Temp::Named(temp)) = temp {
                     let _ = fs::remove_file(temp);
                 }
                 return Err(Failure::Read(e));
@@ -274,10 +282,10 @@ impl Snapshotter {
                     reserved,
                     mode,
                 } = pending;
-                let temp = copy.temp().to_path_buf();
-                let written = write_staged(copy, &self.buf[..len], reserved, mode, &temp, &path);
-                if written.is_err() {
-                    let _ = fs::remove_file(&temp);
+                let temp = copy.temp().map(Path::to_path_buf);
+                let written = write_staged(copy, &self.buf[..len], reserved, mode, &dir, &path);
+                if let (Err(_), Some(temp)) = (&written, temp) {
+                    let _ = fs::remove_file(temp);
                 }
                 written.map_err(|e| {
                     self.failed = Some(Failed {
@@ -347,31 +355,78 @@ impl Drop for Snapshotter {
 }
 
 /// Finish writing a staged snapshot's bytes to its temp file (whatever its writer did not), and
-/// move it to its version name `path`.
+/// give it its version name `path` in `dir`.
 fn write_staged(
     copy: Copy,
     bytes: &[u8],
     reserved: u64,
     mode: u32,
-    temp: &Path,
+    dir: &Path,
     path: &Path,
 ) -> io::Result<()> {
-    let (file, done) = match copy {
-        Copy::Writing { writer, .. } => writer.written()?,
-        Copy::Own { file, .. } => (file, 0),
+    let (file, done, temp) = match copy {
+        Copy::Writing { writer, temp } => {
+            writer.help_write(bytes.as_ptr());
+            let (file, done) = writer.written()?;
+            (file, done, temp)
+        }
+        Copy::Own { file, temp } => (Arc::new(file), 0, Temp::Named(temp)),
     };
     if let Some(rest) = bytes.get(done..).filter(|rest| !rest.is_empty()) {
         file.write_all_at(rest, done as u64)?;
     }
     let len = bytes.len() as u64;
-    if len != reserved {
-        file.set_len(len)?;
-    }
     let summary = Summary {
         version: String::new(),
         len,
     };
-    install(temp, path, &summary, mode)
+    match temp {
+        Temp::Named(temp) => {
+            if len != reserved {
+                file.set_len(len)?;
+            }
+            install(&temp, path, &summary, mode)
+        }
+        Temp::Unnamed => {
+            // A spare has the blocks of whatever it was made for.
+            file.set_len(len)?;
+            name_unnamed(&file, bytes, mode, dir, path, &summary)
+        }
+    }
+}
+
+/// Give the unnamed copy `file` of `bytes` its version name `path`, unless an identical
+/// snapshot is there already. Where it cannot be linked there (another file system under
+/// `dir`, no `/proc`), the bytes are copied to a named temp file instead.
+fn name_unnamed(
+    file: &File,
+    bytes: &[u8],
+    mode: u32,
+    dir: &Path,
+    path: &Path,
+    summary: &Summary,
+) -> io::Result<()> {
+    if reusable(path, summary, mode) {
+        return Ok(());
+    }
+    let linked = match crate::sys::fs::link_unnamed(file, path) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            // Not this content, mode or owner (`reusable`): what rename would replace.
+            fs::remove_file(path).and_then(|()| crate::sys::fs::link_unnamed(file, path))
+        }
+        linked => linked,
+    };
+    if linked.is_ok() {
+        return linked;
+    }
+    let (temp, copy) = reserved_temp(dir, summary.len, mode)?;
+    let written = copy
+        .write_all_at(bytes, 0)
+        .and_then(|()| install(&temp, path, summary, mode));
+    if written.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    written
 }
 
 fn summary_of(hasher: blake3::Hasher, len: usize) -> Summary {
@@ -509,8 +564,12 @@ mod tests {
             Ok(read) => read,
             Err(Failure::Read(e) | Failure::Write(e)) => panic!("{e}"),
         };
-        let Copy::Writing { temp, writer } = copy else {
-            panic!("no writer thread");
+        let Copy::Writing {
+            temp: Temp::Named(temp),
+            writer,
+        } = copy
+        else {
+            panic!("no writer thread, or a spare on a first job");
         };
         let (file, done) = writer.written().unwrap();
 

@@ -23,8 +23,9 @@
 //! safety argument of the `unsafe` below.
 
 use std::fs::File;
+use std::fs::Permissions;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -57,7 +58,30 @@ pub(super) struct WriterThread {
 struct Queue {
     state: Mutex<Waiting>,
     wake: Condvar,
+    /// The next job's copy, made ahead of time ([`SPARE_AFTER`]).
+    spare: Mutex<Option<Spare>>,
 }
+
+/// A file with no name (`O_TMPFILE`) in a snapshot dir, with blocks for `reserved` bytes: the
+/// next copy, so that a reload does not wait for a file to be created (~0.1-0.2 ms on ext4,
+/// which the writer would otherwise spend before it can help read). Invisible in the dir, gone
+/// with the thread (or a crash) unless a copy in it is given its version name.
+struct Spare {
+    file: File,
+    reserved: u64,
+}
+
+/// Where a job's copy was written: a temp file by that name, or a spare with no name yet.
+#[derive(Clone, Debug)]
+pub(super) enum Temp {
+    Named(PathBuf),
+    Unnamed,
+}
+
+/// How long after a job the thread makes the next job's spare, unless a job comes first: by
+/// then the reload that job served has started its new instance, and the spare's file system
+/// work no longer competes with it.
+const SPARE_AFTER: Duration = Duration::from_millis(2);
 
 #[derive(Default)]
 struct Waiting {
@@ -79,9 +103,8 @@ struct Job {
     progress: Arc<Progress>,
 }
 
-/// What the thread made of a job: the copy's temp file and how many bytes it wrote there from
-/// offset 0.
-pub(super) type Written = (File, usize);
+/// What became of a job's copy: its file and how many bytes are in it from offset 0.
+pub(super) type Written = (Arc<File>, usize);
 
 /// The loop thread's side of one [`Job`]: read windows, collect their hashes, then what was
 /// written.
@@ -89,7 +112,7 @@ pub(super) struct Writer {
     progress: Arc<Progress>,
     /// What the thread reported at the end, once it has (and `None` again once taken by
     /// `written`).
-    result: Option<io::Result<Written>>,
+    result: Option<io::Result<Arc<File>>>,
     /// The thread has reported the end: it no longer touches the buffer.
     reported: bool,
     /// What the thread wrote is not the staged bytes any more (they were read again).
@@ -121,11 +144,17 @@ struct Windows {
     /// Window `i` is read and hashed: its bytes will not change and `leaves[i]` is set.
     read: Box<[AtomicBool]>,
     leaves: Box<[Mutex<Option<io::Result<Leaf>>>]>,
+    /// The next window nobody has claimed to write to the copy.
+    next_write: AtomicUsize,
+    /// Window `i` is in the copy.
+    copied: Box<[AtomicBool]>,
 }
 
 /// What the two threads tell each other about one job.
 struct Progress {
     windows: Windows,
+    /// The copy, once it has its blocks: for the loop's thread to help write.
+    file: Mutex<Option<Arc<File>>>,
     /// No more windows will be read: write what is read and report.
     closed: AtomicBool,
     /// The writer waits on `more` (it spun for [`SPIN`] without news): a window read must wake
@@ -142,10 +171,10 @@ struct Progress {
 #[derive(Default)]
 struct Reports {
     /// The copy's temp file, created with its blocks reserved, or why it could not be.
-    temp: Option<io::Result<PathBuf>>,
+    temp: Option<io::Result<Temp>>,
     /// The end: the copy and the bytes written, or why it stopped. Once it is here the thread no
     /// longer touches the buffer.
-    done: Option<io::Result<Written>>,
+    done: Option<io::Result<Arc<File>>>,
 }
 
 /// The buffer as both threads see it: an address and a length, valid until the job is
@@ -248,21 +277,26 @@ impl Drop for WriterThread {
 
 /// The thread: one job after the other until the queue is closed.
 fn serve(queue: &Queue) {
-    while let Some(job) = next_job(queue) {
+    let mut spare_for = None;
+    while let Some(job) = next_job(queue, &mut spare_for) {
         let mut report = ReportOnDrop {
             progress: &job.progress,
             done: None,
         };
         // A panic is reported as an error (a reload fails) and the thread goes on serving: a
         // job left in the queue of a dead thread would be waited for forever.
-        let outcome =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&job, report.progress)));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run(&job, report.progress, queue)
+        }));
         report.done = outcome.ok();
+        drop(report);
+        spare_for = Some((job.dir.clone(), job.reserve));
     }
 }
 
-/// Wait for the next job; `None` once the queue is closed.
-fn next_job(queue: &Queue) -> Option<Job> {
+/// Wait for the next job; `None` once the queue is closed. With `spare_for` (the dir and size
+/// of the last job), make a spare in that dir once [`SPARE_AFTER`] has passed without a job.
+fn next_job(queue: &Queue, spare_for: &mut Option<(PathBuf, u64)>) -> Option<Job> {
     let mut waiting = queue.state.lock().unwrap_or_else(PoisonError::into_inner);
     loop {
         if let Some(job) = waiting.job.take() {
@@ -271,25 +305,95 @@ fn next_job(queue: &Queue) -> Option<Job> {
         if waiting.closed {
             return None;
         }
-        waiting = queue
+        let Some((dir, reserve)) = spare_for.as_ref() else {
+            waiting = queue
+                .wake
+                .wait(waiting)
+                .unwrap_or_else(PoisonError::into_inner);
+            continue;
+        };
+        let (still, timeout) = queue
             .wake
-            .wait(waiting)
+            .wait_timeout(waiting, SPARE_AFTER)
             .unwrap_or_else(PoisonError::into_inner);
+        waiting = still;
+        if timeout.timed_out() && waiting.job.is_none() && !waiting.closed {
+            drop(waiting);
+            queue.make_spare(dir, *reserve);
+            *spare_for = None;
+            waiting = queue.state.lock().unwrap_or_else(PoisonError::into_inner);
+        }
     }
 }
 
-/// One job: the temp file (reported at once: the loop's thread waits for it before the stop),
-/// then windows to read while any is left, then the bytes to the copy.
-fn run(job: &Job, progress: &Progress) -> io::Result<Written> {
-    let (temp, file) = match super::reserved_temp(&job.dir, job.reserve, job.mode) {
-        Ok(opened) => opened,
-        Err(e) => {
-            let error = io::Error::new(e.kind(), e.to_string());
-            progress.post(|reports| reports.temp = Some(Err(e)));
-            return Err(error);
+impl Queue {
+    /// A spare in `dir` with blocks for `reserve` bytes, unless there is one. Where the file
+    /// system has no unnamed files or no room, there is none: the next job names its copy.
+    fn make_spare(&self, dir: &Path, reserve: u64) {
+        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
+        if spare.is_some() {
+            return;
         }
+        let made = crate::sys::fs::create_unnamed(dir)
+            .and_then(|file| super::reserve(&file, reserve).map(|()| file));
+        *spare = made.ok().map(|file| Spare {
+            file,
+            reserved: reserve,
+        });
+    }
+
+    fn take_spare(&self) -> Option<Spare> {
+        self.spare
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+}
+
+/// One job: the copy's file (reported at once when it has its blocks: the loop's thread
+/// waits for it before the stop), then windows to read while any is left, then the bytes to
+/// the copy.
+fn run(job: &Job, progress: &Progress, queue: &Queue) -> io::Result<Arc<File>> {
+    let mode = Permissions::from_mode(job.mode);
+    let spare = queue
+        .take_spare()
+        .filter(|spare| spare.file.set_permissions(mode).is_ok());
+    let (file, named, reserve_later) = match spare {
+        Some(spare) => (spare.file, false, spare.reserved < job.reserve),
+        None => match super::reserved_temp(&job.dir, job.reserve, job.mode) {
+            Ok((temp, file)) => {
+                progress.post(|reports| reports.temp = Some(Ok(Temp::Named(temp))));
+                (file, true, false)
+            }
+            Err(e) => return Err(report_no_temp(progress, e)),
+        },
     };
-    progress.post(|reports| reports.temp = Some(Ok(temp)));
+    if !named && !reserve_later {
+        progress.post(|reports| reports.temp = Some(Ok(Temp::Unnamed)));
+    }
+    help_read(job, progress);
+    if reserve_later {
+        // After the read: the loop's thread needs the blocks only before the stop.
+        if let Err(e) = super::reserve(&file, job.reserve) {
+            return Err(report_no_temp(progress, e));
+        }
+        progress.post(|reports| reports.temp = Some(Ok(Temp::Unnamed)));
+    }
+    let file = Arc::new(file);
+    *progress.file.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&file));
+    write_in_order(&file, &job.buf, progress)?;
+    Ok(file)
+}
+
+/// Report that the copy has no file (`e`), and return the error for the job's end.
+fn report_no_temp(progress: &Progress, e: io::Error) -> io::Error {
+    let error = io::Error::new(e.kind(), e.to_string());
+    progress.post(|reports| reports.temp = Some(Err(e)));
+    error
+}
+
+/// Claim, read and hash windows until none is left.
+fn help_read(job: &Job, progress: &Progress) {
     while !progress.closed.load(Ordering::Acquire) {
         let Some(i) = progress.windows.claim() else {
             break;
@@ -298,8 +402,6 @@ fn run(job: &Job, progress: &Progress) -> io::Result<Written> {
         // The loop's thread may be waiting for this window's hash.
         progress.post(|_| {});
     }
-    let written = write_in_order(&file, &job.buf, progress)?;
-    Ok((file, written))
 }
 
 impl Windows {
@@ -310,6 +412,8 @@ impl Windows {
             next: AtomicUsize::new(0),
             read: (0..count).map(|_| AtomicBool::new(false)).collect(),
             leaves: (0..count).map(|_| Mutex::new(None)).collect(),
+            next_write: AtomicUsize::new(0),
+            copied: (0..count).map(|_| AtomicBool::new(false)).collect(),
         }
     }
 
@@ -327,6 +431,55 @@ impl Windows {
     fn claim(&self) -> Option<usize> {
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         (i < self.count()).then_some(i)
+    }
+
+    /// The next window nobody has claimed to write, now the caller's to write.
+    fn claim_write(&self) -> Option<usize> {
+        let i = self.next_write.fetch_add(1, Ordering::Relaxed);
+        (i < self.count()).then_some(i)
+    }
+
+    /// How many bytes window `i` holds, once read without error.
+    fn bytes_read(&self, i: usize) -> Option<usize> {
+        match *self.leaves[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            Some(Ok(leaf)) => Some(leaf.read),
+            _ => None,
+        }
+    }
+
+    /// Write window `i` (read, and claimed to write by the caller) to `file`. False when it
+    /// was the last (short: the end of the file) or failed to read.
+    fn write(&self, i: usize, file: &File, buf: &Shared) -> io::Result<bool> {
+        let Some(read) = self.bytes_read(i) else {
+            return Ok(false);
+        };
+        let range = self.range(i);
+        // SAFETY: window `i` lies within the buffer and is marked read: nobody writes it again,
+        // and the owner keeps it alive until the job is reported (`WriterThread::write`).
+        let bytes = unsafe { std::slice::from_raw_parts(buf.ptr.add(range.start), read) };
+        file.write_all_at(bytes, range.start as u64)?;
+        self.copied[i].store(true, Ordering::Release);
+        Ok(read == range.len())
+    }
+
+    /// The bytes from offset 0 that are in the copy: the windows written, up to the first
+    /// that is not.
+    fn copied_prefix(&self) -> usize {
+        let mut prefix = 0;
+        for i in 0..self.count() {
+            if !self.copied[i].load(Ordering::Acquire) {
+                break;
+            }
+            let read = self.bytes_read(i).unwrap_or(0);
+            prefix += read;
+            if read < self.range(i).len() {
+                break;
+            }
+        }
+        prefix
     }
 
     /// Read window `i` (claimed by the caller) of `input` into its place in `buf` and hash it.
@@ -389,6 +542,7 @@ impl Progress {
     fn new(len: usize) -> Progress {
         Progress {
             windows: Windows::new(len),
+            file: Mutex::new(None),
             closed: AtomicBool::new(false),
             napping: AtomicBool::new(false),
             nap: Mutex::new(()),
@@ -423,7 +577,7 @@ impl Progress {
 /// the loop's thread waits for the reports, and must never wait forever.
 struct ReportOnDrop<'a> {
     progress: &'a Progress,
-    done: Option<io::Result<Written>>,
+    done: Option<io::Result<Arc<File>>>,
 }
 
 impl Drop for ReportOnDrop<'_> {
@@ -439,34 +593,21 @@ impl Drop for ReportOnDrop<'_> {
     }
 }
 
-/// Write the windows to `file` in order as they are read, until one is short (the end of the
-/// file) or failed, or the job is closed with the next one unread. The bytes written from
-/// offset 0.
-fn write_in_order(file: &File, buf: &Shared, progress: &Progress) -> io::Result<usize> {
+/// Write the windows to `file` in order as they are read (the loop's thread may take some of
+/// the last ones, [`Writer::help_write`]), until one is short (the end of the file) or failed,
+/// or the job is closed with the next one unread.
+fn write_in_order(file: &File, buf: &Shared, progress: &Progress) -> io::Result<()> {
     let windows = &progress.windows;
-    let mut written = 0;
-    for i in 0..windows.count() {
-        if !progress.wait_until_read(i) {
+    while let Some(i) = windows.claim_write() {
+        if !progress.wait_until_read(i) || !windows.write(i, file, buf)? {
             break;
         }
-        let read = match *windows.leaves[i]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-        {
-            Some(Ok(leaf)) => leaf.read,
-            _ => break,
-        };
-        let range = windows.range(i);
-        // SAFETY: window `i` lies within the buffer and is marked read: nobody writes it again,
-        // and the owner keeps it alive until this job is reported (`WriterThread::write`).
-        let bytes = unsafe { std::slice::from_raw_parts(buf.ptr.add(range.start), read) };
-        file.write_all_at(bytes, range.start as u64)?;
-        written += read;
-        if read < range.len() {
-            break;
-        }
+        // The loop's thread has usually stopped the old instance by now, which must exit on
+        // this CPU (`sys::cpu`): let it run first (measured: otherwise its exit waited for the
+        // whole write, ~0.3 ms). A yield with nothing else to run costs a system call.
+        thread::yield_now();
     }
-    Ok(written)
+    Ok(())
 }
 
 impl Progress {
@@ -573,7 +714,7 @@ impl Writer {
 
     /// The copy's temp file, once the thread has created it and reserved its blocks, or why it
     /// could not (that error is given once).
-    pub(super) fn temp(&self) -> io::Result<PathBuf> {
+    pub(super) fn temp(&self) -> io::Result<Temp> {
         self.progress.wait_for(|reports| match &reports.temp {
             Some(Ok(temp)) => Some(Ok(temp.clone())),
             Some(Err(_)) => reports.temp.take(),
@@ -598,15 +739,46 @@ impl Writer {
         self.discarded = true;
     }
 
-    /// [`Writer::stop`], then the copy and how many bytes were written to it from offset 0, or
-    /// why not.
+    /// Write windows to the copy alongside the writer while any is left to claim: at the
+    /// start, the copy is all the reload waits for. `buf` as given to [`WriterThread::write`].
+    pub(super) fn help_write(&self, buf: *const u8) {
+        if self.reported {
+            // Stopped early (the build grew or shrank while read): `finish` writes the rest.
+            return;
+        }
+        let file = self
+            .progress
+            .file
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(file) = file else { return };
+        let windows = &self.progress.windows;
+        // Only read through (`Windows::write`): every window is read by now.
+        let shared = Shared {
+            ptr: buf.cast_mut(),
+            len: windows.len,
+        };
+        while let Some(i) = windows.claim_write() {
+            // Every window is read before the copy is waited for; one that is not ends it.
+            if !windows.is_read(i) || !matches!(windows.write(i, &file, &shared), Ok(true)) {
+                break;
+            }
+        }
+    }
+
+    /// [`Writer::stop`], then the copy and how many bytes are in it from offset 0, or why not.
     pub(super) fn written(mut self) -> io::Result<Written> {
         self.stop();
-        let discarded = self.discarded;
+        let prefix = if self.discarded {
+            0
+        } else {
+            self.progress.windows.copied_prefix()
+        };
         self.result
             .take()
             .unwrap_or_else(|| Err(io::Error::other("the snapshot write was already collected")))
-            .map(|(file, written)| (file, if discarded { 0 } else { written }))
+            .map(|file| (file, prefix))
     }
 }
 
@@ -632,6 +804,18 @@ mod tests {
     fn build(t: &TestDir, content: &[u8]) -> File {
         fs::write(t.join("build"), content).unwrap();
         File::open(t.join("build")).unwrap()
+    }
+
+    /// What the copy holds, whether it has a name or not.
+    fn copied(temp: &Temp, file: &File) -> Vec<u8> {
+        match temp {
+            Temp::Named(path) => fs::read(path).unwrap(),
+            Temp::Unnamed => {
+                let mut bytes = vec![0u8; file.metadata().unwrap().len() as usize];
+                file.read_exact_at(&mut bytes, 0).unwrap();
+                bytes
+            }
+        }
     }
 
     fn subtree_hash(leaf: &io::Result<Leaf>) -> ChainingValue {
@@ -681,7 +865,7 @@ mod tests {
             "blocks reserved: {}",
             meta.blocks()
         );
-        assert_eq!(fs::read(&temp).unwrap()[..content.len()], content[..]);
+        assert_eq!(copied(&temp, &file)[..content.len()], content[..]);
     }
 
     #[test]
@@ -734,8 +918,9 @@ mod tests {
             windows.fill(i, &input, &shared);
             writer.progress.wake_writer();
         }
-        assert_eq!(writer.written().unwrap().1, content.len());
-        assert_eq!(fs::read(&temp).unwrap(), content);
+        let (file, written) = writer.written().unwrap();
+        assert_eq!(written, content.len());
+        assert_eq!(copied(&temp, &file)[..content.len()], content[..]);
     }
 
     #[test]
@@ -761,8 +946,9 @@ mod tests {
             let leaves = writer.read_windows(&input, buf.as_mut_ptr());
             assert!(leaves.iter().all(|leaf| leaf.is_ok()));
             let temp = writer.temp().unwrap();
-            assert_eq!(writer.written().unwrap().1, content.len());
-            assert_eq!(fs::read(&temp).unwrap(), content);
+            let (file, written) = writer.written().unwrap();
+            assert_eq!(written, content.len());
+            assert_eq!(copied(&temp, &file)[..content.len()], content[..]);
         }
     }
 
@@ -777,16 +963,89 @@ mod tests {
         let writer =
             unsafe { thread.write(&t.0, 0, 0o600, &input, buf.as_mut_ptr(), content.len()) }
                 .unwrap();
-        let temp = writer.temp().unwrap();
+        writer.temp().unwrap();
         let claimed = writer.progress.windows.next.load(Ordering::SeqCst);
         let mut writer = writer;
         writer.stop_and_discard();
-        // Whatever the writer had read it wrote, in order; after the report it touches nothing.
-        let written = fs::read(&temp).unwrap();
-        assert_eq!(written[..], content[..written.len()]);
+        // After the report the writer touches nothing.
         buf.fill(0);
         assert!(claimed <= 8);
         assert_eq!(writer.written().unwrap().1, 0, "discarded");
+    }
+
+    #[test]
+    fn the_next_job_copies_into_a_spare_made_after_the_last_and_nothing_shows_in_the_dir() {
+        let t = TestDir::new("writer-spare");
+        let snaps = t.join("snaps");
+        fs::create_dir(&snaps).unwrap();
+        let content = patterned(2 * BUF_SIZE);
+        let input = build(&t, &content);
+        let mut buf = vec![0u8; content.len() + 1];
+        let thread = WriterThread::start().unwrap();
+        let job = |buf: &mut Vec<u8>| {
+            // SAFETY: `buf` is only touched through the writer until `written` has the report.
+            let writer = unsafe {
+                thread.write(
+                    &snaps,
+                    1 << 20,
+                    0o700,
+                    &input,
+                    buf.as_mut_ptr(),
+                    content.len(),
+                )
+            }
+            .unwrap();
+            let _ = writer.read_windows(&input, buf.as_mut_ptr());
+            let temp = writer.temp().unwrap();
+            (temp, writer.written().unwrap())
+        };
+        let (first, _) = job(&mut buf);
+        assert!(matches!(first, Temp::Named(_)), "no spare yet: {first:?}");
+        fs::remove_file(snaps.join(match &first {
+            Temp::Named(path) => path.file_name().unwrap(),
+            Temp::Unnamed => unreachable!(),
+        }))
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while thread.queue.spare.lock().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "no spare was made");
+            thread::sleep(SPARE_AFTER);
+        }
+        let (second, (file, written)) = job(&mut buf);
+
+        assert!(matches!(second, Temp::Unnamed), "{second:?}");
+        assert_eq!(written, content.len());
+        assert_eq!(copied(&second, &file)[..content.len()], content[..]);
+        assert_eq!(file.metadata().unwrap().mode() & 0o777, 0o700);
+        assert_eq!(fs::read_dir(&snaps).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn the_loops_thread_may_write_windows_alongside_and_the_copy_is_whole() {
+        let t = TestDir::new("writer-help");
+        let content = patterned(6 * BUF_SIZE + 7);
+        let input = build(&t, &content);
+        let mut buf = vec![0u8; content.len() + 1];
+        let thread = WriterThread::start().unwrap();
+        // SAFETY: `buf` is only touched through the writer until `written` has the report.
+        let writer = unsafe {
+            thread.write(
+                &t.0,
+                1 << 20,
+                0o600,
+                &input,
+                buf.as_mut_ptr(),
+                content.len(),
+            )
+        }
+        .unwrap();
+        let leaves = writer.read_windows(&input, buf.as_mut_ptr());
+        assert!(leaves.iter().all(|leaf| leaf.is_ok()));
+        let temp = writer.temp().unwrap();
+        writer.help_write(buf.as_ptr());
+        let (file, written) = writer.written().unwrap();
+        assert_eq!(written, content.len());
+        assert_eq!(copied(&temp, &file)[..content.len()], content[..]);
     }
 
     #[test]

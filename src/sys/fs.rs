@@ -1,9 +1,13 @@
-//! File-system calls std does not offer: `renameat2(RENAME_EXCHANGE)` (state files) and the
-//! file-system type from `statfs` (which directories inotify cannot watch for remote changes).
+//! File-system calls std does not offer: `renameat2(RENAME_EXCHANGE)` (state files), the
+//! file-system type from `statfs` (which directories inotify cannot watch for remote changes),
+//! and unnamed files (`O_TMPFILE`) given a name later (snapshot copies made ahead of time).
 
 use std::ffi::CString;
+use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 fn c_path(path: &Path) -> io::Result<CString> {
@@ -40,6 +44,51 @@ pub fn fs_type(path: &Path) -> io::Result<i64> {
     Ok((buf.f_type as i64) & 0xFFFF_FFFF)
 }
 
+/// A new file in `dir` with no name (`O_TMPFILE`), owner-only, open for reading and writing:
+/// nobody else can reach it, and it vanishes with its last descriptor (a crash leaves nothing
+/// behind) unless [`link_unnamed`] gives it a name. EOPNOTSUPP/EISDIR where the file system or
+/// kernel has no unnamed files.
+pub fn create_unnamed(dir: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+}
+
+/// Give the unnamed `file` ([`create_unnamed`]) the name `path` on the same file system; EEXIST
+/// when `path` exists. `linkat(AT_EMPTY_PATH)` needs CAP_DAC_READ_SEARCH, so without it the
+/// file is linked through its `/proc/self/fd` entry instead.
+pub fn link_unnamed(file: &File, path: &Path) -> io::Result<()> {
+    let target = c_path(path)?;
+    // SAFETY: a live descriptor, an empty NUL-terminated string and a NUL-terminated path that
+    // outlive the call.
+    let direct = syscall!(linkat(
+        file.as_raw_fd(),
+        c"".as_ptr(),
+        libc::AT_FDCWD,
+        target.as_ptr(),
+        libc::AT_EMPTY_PATH,
+    ));
+    match direct {
+        Ok(_) => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EPERM)) => {
+            let proc = c_path(Path::new(&format!("/proc/self/fd/{}", file.as_raw_fd())))?;
+            // SAFETY: two NUL-terminated paths that outlive the call.
+            syscall!(linkat(
+                libc::AT_FDCWD,
+                proc.as_ptr(),
+                libc::AT_FDCWD,
+                target.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            ))
+            .map(drop)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,6 +106,21 @@ mod tests {
         let missing = rename_exchange(&a, &dir.join("nope")).unwrap_err();
         assert_eq!(missing.raw_os_error(), Some(libc::ENOENT));
         assert!(fs_type(&dir).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_unnamed_file_is_invisible_until_linked_and_then_keeps_its_bytes() {
+        use std::io::Write;
+        let dir = std::env::temp_dir().join(format!("hr-sysfs-unnamed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut file = create_unnamed(&dir).unwrap();
+        file.write_all(b"copy").unwrap();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        link_unnamed(&file, &dir.join("named")).unwrap();
+        assert_eq!(std::fs::read(dir.join("named")).unwrap(), b"copy");
+        let taken = link_unnamed(&file, &dir.join("named")).unwrap_err();
+        assert_eq!(taken.raw_os_error(), Some(libc::EEXIST));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
