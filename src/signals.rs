@@ -37,6 +37,22 @@ fn clear_signal_mask() -> io::Result<()> {
         .map_err(io::Error::from)
 }
 
+/// The daemon takes a read lease for a few microseconds to learn whether a build is still open
+/// for writing (`sys::fs::open_for_writing`); a writer opening the file in that window makes
+/// the kernel send the lease holder SIGIO, whose default action would end the daemon. Plugins
+/// get the default back in the spawn, like every disposition the daemon changes.
+fn ignore_lease_breaks() -> io::Result<()> {
+    // SAFETY: SIG_IGN installs no handler, so no code runs in signal context.
+    unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGIO,
+            nix::sys::signal::SigHandler::SigIgn,
+        )
+    }
+    .map(drop)
+    .map_err(io::Error::from)
+}
+
 pub struct SignalSource {
     signals: Signals,
 }
@@ -46,6 +62,7 @@ impl SignalSource {
         let mut signals = Signals::new(HANDLED)?;
         registry.register(&mut signals, token::SIGNALS, Interest::READABLE)?;
         clear_signal_mask()?;
+        ignore_lease_breaks()?;
         Ok(SignalSource { signals })
     }
 

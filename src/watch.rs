@@ -1415,10 +1415,16 @@ fn classify(
         };
     }
     if mask.contains(EventMask::ATTRIB) {
-        return if is_exec {
-            Ok(())
-        } else {
-            Err("attribute change of a file that is not the executable".into())
+        if !is_exec {
+            return Err("attribute change of a file that is not the executable".into());
+        }
+        // `chmod +x` after a write counts; a mode set while the file is still being written
+        // (Rust's `fs::copy` sets it before the bytes) counts at the close-write.
+        return match crate::sys::fs::open_for_writing(path) {
+            Some(true) => {
+                Err("attributes changed while open for writing (counts at close-write)".into())
+            }
+            _ => Ok(()),
         };
     }
     Err("event does not indicate a new build".into())

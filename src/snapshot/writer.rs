@@ -582,6 +582,15 @@ struct ReportOnDrop<'a> {
 
 impl Drop for ReportOnDrop<'_> {
     fn drop(&mut self) {
+        // The loop's thread executes the copy soon after the report: no descriptor open for
+        // writing may be left here by then (`ETXTBSY`), only the one in the report.
+        drop(
+            self.progress
+                .file
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
         let panicked = || io::Error::other("the snapshot write thread panicked");
         let done = self.done.take().unwrap_or_else(|| Err(panicked()));
         self.progress.post(|reports| {

@@ -89,6 +89,32 @@ pub fn link_unnamed(file: &File, path: &Path) -> io::Result<()> {
     }
 }
 
+/// Whether some process has `path` open for writing: a read lease (`F_SETLEASE`) can only be
+/// taken while nobody does, and is given back at once. `None` when it cannot be told (leases
+/// disabled, a file system without them, a file neither ours nor ours to lease). A writer that
+/// opens the file in the few microseconds the lease is held waits for it to be given back; the
+/// kernel's SIGIO to the lease holder is ignored by the daemon (`signals`).
+pub fn open_for_writing(path: &Path) -> Option<bool> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    // SAFETY: a live descriptor and integer arguments.
+    match syscall!(fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK)) {
+        Ok(_) => {
+            // SAFETY: as above. Closing the descriptor would drop the lease too.
+            let _ = syscall!(fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK));
+            Some(false)
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Some(true),
+        Err(_) => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +147,21 @@ mod tests {
         assert_eq!(std::fs::read(dir.join("named")).unwrap(), b"copy");
         let taken = link_unnamed(&file, &dir.join("named")).unwrap_err();
         assert_eq!(taken.raw_os_error(), Some(libc::EEXIST));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_open_for_writing_is_told_from_one_that_is_not() {
+        let dir = std::env::temp_dir().join(format!("hr-sysfs-writing-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("build");
+        let writer = File::create(&path).unwrap();
+        assert_eq!(open_for_writing(&path), Some(true));
+        drop(writer);
+        assert_eq!(open_for_writing(&path), Some(false));
+        let reader = File::open(&path).unwrap();
+        assert_eq!(open_for_writing(&path), Some(false), "readers do not count");
+        drop(reader);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

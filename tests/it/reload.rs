@@ -193,6 +193,46 @@ fn chmod_x_of_a_non_executable_build_reloads_it() {
 }
 
 #[test]
+fn a_build_whose_mode_is_set_before_its_bytes_starts_only_once_whole() {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Rust's `fs::copy` creates the file, sets its mode (IN_ATTRIB), then writes the bytes:
+    // even with a 0 ms debounce, the attribute change of a file still open for writing must
+    // not start what is there so far.
+    let mut d = Daemon::with_config(&Config::new().set("hot_reload.debounce_delay_ms", json!(0)));
+    let (_, old) = d.start_running("p1", &Script::new("v1"));
+    let mut sub = d.client();
+    sub.subscribe(json!({}));
+    let v2 = Script::new("v2").render(&d.root, "p1");
+    let exec = d.exec_path("p1");
+    fs::remove_file(&exec).unwrap();
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o755)
+        .open(&exec)
+        .unwrap();
+    let half = v2.len() / 2;
+    file.write_all(&v2[..half]).unwrap();
+    file.set_permissions(fs::Permissions::from_mode(0o755))
+        .unwrap();
+    d.prove_quiet();
+    assert_eq!(d.starts("p1", None), vec![old], "half a build started");
+    file.write_all(&v2[half..]).unwrap();
+    drop(file);
+    d.wait_started("p1", "v2");
+    d.wait_running("p1", &v2);
+    sub.wait_named("reload_succeeded", "p1");
+    sub.collect_events(Duration::from_millis(100));
+    assert_eq!(d.starts("p1", None).len(), 2, "one start for the one build");
+    assert!(
+        sub.all_named("reload_failed").is_empty(),
+        "the half build was not even tried: {:?}",
+        sub.all_named("reload_failed")
+    );
+}
+
+#[test]
 fn hard_link_install_like_cargo_reloads() {
     let mut d = Daemon::new();
     let (_, old) = d.start_running("p1", &Script::new("v1"));
