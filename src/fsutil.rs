@@ -78,6 +78,28 @@ pub(crate) fn create_temp(
     Err(last_error.unwrap_or_else(|| io::Error::other("no temp name available")))
 }
 
+/// Give the unnamed `file` (`sys::fs::create_unnamed`, made in `dir`) a fresh temp name in
+/// `dir`, `name(pid, n)` as [`create_temp`] names them: a name that exists (even a planted
+/// symlink: a link never follows its target name) is skipped. Its path.
+pub(crate) fn link_as_temp(
+    file: &File,
+    dir: &Path,
+    name: impl Fn(u32, u64) -> OsString,
+) -> io::Result<PathBuf> {
+    let pid = std::process::id();
+    let mut last_error = None;
+    for _ in 0..TEMP_NAME_ATTEMPTS {
+        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(name(pid, n));
+        match crate::sys::fs::link_unnamed(file, &path) {
+            Ok(()) => return Ok(path),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last_error = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| io::Error::other("no temp name available")))
+}
+
 /// fsync a directory so a rename inside it is durable.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     OpenOptions::new()

@@ -179,6 +179,8 @@ pub struct OsHost {
     /// Previous contents of state files exchanged out of the way by deferred writes, by state
     /// file: removed when its fsyncs are done (`sync_state`), off the reload's path.
     replaced: Vec<(PathBuf, PathBuf)>,
+    /// The next deferred state write's temp file, made after the last (`state_file::Spare`).
+    state_spare: Option<state_file::Spare>,
 }
 
 impl OsHost {
@@ -187,6 +189,7 @@ impl OsHost {
             contain: Containment::new(runtime_dir, plugins_state),
             snapshots: Snapshotter::new(),
             replaced: Vec::new(),
+            state_spare: None,
         }
     }
 }
@@ -253,7 +256,8 @@ impl Host for OsHost {
         match durability {
             Durability::Synced => state_file::write_state(path, state),
             Durability::Deferred => {
-                if let Some(old) = state_file::write_state_deferred(path, state)? {
+                let spare = self.state_spare.take();
+                if let Some(old) = state_file::write_state_deferred(path, state, spare)? {
                     self.replaced.push((path.to_path_buf(), old));
                 }
                 Ok(())
@@ -270,7 +274,17 @@ impl Host for OsHost {
             }
             !due
         });
-        state_file::sync_written(path)
+        let synced = state_file::sync_written(path);
+        // After the start this write served: the next reload of this plugin finds its temp
+        // file made (one spare, for the plugin reloaded last).
+        if self
+            .state_spare
+            .as_ref()
+            .is_none_or(|spare| !spare.serves(path))
+        {
+            self.state_spare = state_file::spare_for(path);
+        }
+        synced
     }
 
     fn read_state(&self, path: &Path) -> Result<Option<PluginState>, StateError> {

@@ -345,7 +345,13 @@ fn a_reload_the_full_runtime_dir_has_no_room_for_stops_nothing_and_goes_on_once_
     fill_to_the_last_block(&filler);
     let mut sub = d.client();
     sub.subscribe(json!({}));
-    let v2 = d.install("p1", &Script::new("v2"));
+    // Larger than v1: a spare copy file the daemon may have reserved in advance (after a
+    // staging of v1 that found nothing new) has room for a build of v1's size only.
+    let mut v2 = Script::new("v2").render(&d.root, "p1");
+    v2.extend_from_slice(b"\n# ");
+    v2.resize(v2.len() + 64 * 1024, b'#');
+    v2.push(b'\n');
+    install_atomic(&d.exec_path("p1"), &v2, 0o755);
     let failed = sub.wait_named("reload_failed", "p1");
     assert!(
         failed["error"]
