@@ -651,7 +651,7 @@ pub(crate) mod tests {
         blake3::hash(content).to_hex()[..16].to_string()
     }
 
-    fn write_exec(path: &Path, content: &[u8]) {
+    pub(crate) fn write_exec(path: &Path, content: &[u8]) {
         fs::write(path, content).unwrap();
         fs::set_permissions(path, Permissions::from_mode(0o755)).unwrap();
     }

@@ -388,8 +388,11 @@ fn write_staged(
             install(&temp, path, &summary, mode)
         }
         Temp::Unnamed => {
-            // A spare has the blocks of whatever it was made for.
-            file.set_len(len)?;
+            // A spare has the size of whatever it was made for (usually this build's: the
+            // `fstat` is cheaper than a truncate to the same size).
+            if file.metadata()?.len() != len {
+                file.set_len(len)?;
+            }
             name_unnamed(&file, bytes, mode, dir, path, &summary)
         }
     }
@@ -547,6 +550,43 @@ fn read_rest(
 mod tests {
     use super::*;
     use crate::snapshot::tests::TestDir;
+
+    #[test]
+    fn a_smaller_build_copied_into_a_larger_spare_is_cut_to_its_size() {
+        let t = TestDir::new("stage-spare-smaller");
+        let snaps = t.join("snaps");
+        let build = t.join("build");
+        let mut snapshotter = Snapshotter::new();
+        let big: Vec<u8> = (0..3 * BUF_SIZE).map(|i| (i % 241) as u8).collect();
+        crate::snapshot::tests::write_exec(&build, &big);
+        let first = snapshotter.stage(&build, &snaps).unwrap();
+        snapshotter.finish(&first.path).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !snapshotter
+            .thread
+            .as_ref()
+            .is_some_and(WriterThread::has_spare)
+        {
+            assert!(std::time::Instant::now() < deadline, "no spare was made");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let small: Vec<u8> = (0..BUF_SIZE + 5).map(|i| (i % 239) as u8).collect();
+        crate::snapshot::tests::write_exec(&build, &small);
+        let second = snapshotter.stage(&build, &snaps).unwrap();
+        snapshotter.finish(&second.path).unwrap();
+
+        assert_eq!(fs::read(&second.path).unwrap(), small);
+        assert_eq!(fs::read(&first.path).unwrap(), big);
+        let mut names: Vec<_> = fs::read_dir(&snaps)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        let mut expected: Vec<std::ffi::OsString> =
+            vec![first.version.clone().into(), second.version.clone().into()];
+        expected.sort();
+        assert_eq!(names, expected, "no temp file left beside the snapshots");
+    }
 
     #[test]
     fn a_build_that_grows_while_it_is_staged_and_copied_is_copied_whole() {

@@ -260,6 +260,18 @@ impl WriterThread {
     }
 }
 
+#[cfg(test)]
+impl WriterThread {
+    /// Whether the next job's spare is made.
+    pub(super) fn has_spare(&self) -> bool {
+        self.queue
+            .spare
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+}
+
 impl Drop for WriterThread {
     fn drop(&mut self) {
         // The thread ends once it has reported its last job.
