@@ -327,6 +327,8 @@ pub fn write_atomic_deferred(path: &Path, bytes: &[u8]) -> Result<Option<PathBuf
 pub struct Spare {
     dir: PathBuf,
     file: File,
+    /// The directory's owner it was given to (`None`: the daemon's own directory).
+    owner: Option<(u32, u32)>,
 }
 
 /// A [`Spare`] for the next write of the state file `path`; `None` where the file system has
@@ -341,6 +343,7 @@ pub fn spare_for(path: &Path) -> Option<Spare> {
     Some(Spare {
         dir: dir.to_path_buf(),
         file,
+        owner,
     })
 }
 
@@ -358,7 +361,12 @@ pub fn write_atomic_deferred_in(
     bytes: &[u8],
     spare: Option<Spare>,
 ) -> Result<Option<PathBuf>, StateError> {
-    let (temp, mut file) = match spare.filter(|spare| spare.serves(path)) {
+    // The directory is checked again, as for a temp file created now: it may have been made
+    // writable by others, or changed hands, since the spare was made.
+    let checked = |spare: &Spare| {
+        spare.serves(path) && prepare_dir(&spare.dir).is_ok_and(|owner| owner == spare.owner)
+    };
+    let (temp, mut file) = match spare.filter(checked) {
         Some(spare) => match name_spare(spare, path) {
             Some(named) => named,
             None => create_temp_for(path)?,
@@ -777,6 +785,20 @@ mod tests {
         let meta = fs::symlink_metadata(&path).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         sync_written(&path).unwrap();
+    }
+
+    #[test]
+    fn a_spare_in_a_directory_opened_to_others_since_is_not_used() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = TestDir::new("state-spare-opened");
+        let path = t.join("plugins").join("p").join("state.json");
+        assert_eq!(write_atomic_deferred(&path, b"old").unwrap(), None);
+        let spare = spare_for(&path).unwrap();
+        let dir = path.parent().unwrap();
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(write_atomic_deferred_in(&path, b"new", Some(spare)).is_err());
+        assert_eq!(fs::read(&path).unwrap(), b"old");
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).unwrap();
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //! The buffer stays allocated between reloads (its pages already faulted in, which on a VM
 //! costs as much as the copy) until [`Snapshotter::release`].
 
+use std::ffi::OsString;
 use std::fmt;
 use std::fs::{self, File};
 use std::io;
@@ -34,6 +35,7 @@ use super::{
     BUF_SIZE, Snapshot, SnapshotError, Summary, create_snapshot_dir, install, open_regular,
     reserved_temp, reusable, snapshot_mode, take_open, version_from_hash,
 };
+use crate::fsutil;
 
 /// Builds up to this size are staged in memory; a larger one is copied at once, by `take`, on
 /// two CPUs. With the write on the writer thread, staging is the faster of the two up to 3 MiB
@@ -216,7 +218,7 @@ impl Snapshotter {
         let leaves = writer.read_windows(input, base);
         let read = match root_of(&leaves, len) {
             Err(e) => Err(e),
-            Ok(Some(root)) => match read_past(input, &mut self.buf, len) {
+            Ok(Some(root)) => match read_past(input, len) {
                 Ok(false) => Ok(Summary {
                     version: version_from_hash(&root),
                     len: len as u64,
@@ -283,7 +285,17 @@ impl Snapshotter {
                     mode,
                 } = pending;
                 let temp = copy.temp().map(Path::to_path_buf);
-                let written = write_staged(copy, &self.buf[..len], reserved, mode, &dir, &path);
+                let unlinkable = || {
+                    if let Some(thread) = &self.thread {
+                        thread.stop_spares();
+                    }
+                };
+                let target = Target {
+                    dir: &dir,
+                    path: &path,
+                    unlinkable: &unlinkable,
+                };
+                let written = write_staged(copy, &self.buf[..len], reserved, mode, &target);
                 if let (Err(_), Some(temp)) = (&written, temp) {
                     let _ = fs::remove_file(temp);
                 }
@@ -354,15 +366,22 @@ impl Drop for Snapshotter {
     }
 }
 
+/// Where a staged snapshot goes: its version name `path` in `dir`, and what to do when an
+/// unnamed copy cannot be linked there (no more spares: the next copies are named files again).
+struct Target<'a> {
+    dir: &'a Path,
+    path: &'a Path,
+    unlinkable: &'a dyn Fn(),
+}
+
 /// Finish writing a staged snapshot's bytes to its temp file (whatever its writer did not), and
-/// give it its version name `path` in `dir`.
+/// give it its version name.
 fn write_staged(
     copy: Copy,
     bytes: &[u8],
     reserved: u64,
     mode: u32,
-    dir: &Path,
-    path: &Path,
+    target: &Target<'_>,
 ) -> io::Result<()> {
     let (file, done, temp) = match copy {
         Copy::Writing { writer, temp } => {
@@ -385,7 +404,7 @@ fn write_staged(
             if len != reserved {
                 file.set_len(len)?;
             }
-            install(&temp, path, &summary, mode)
+            install(&temp, target.path, &summary, mode)
         }
         Temp::Unnamed => {
             // A spare has the size of whatever it was made for (usually this build's: the
@@ -393,35 +412,47 @@ fn write_staged(
             if file.metadata()?.len() != len {
                 file.set_len(len)?;
             }
-            name_unnamed(&file, bytes, mode, dir, path, &summary)
+            name_unnamed(&file, bytes, mode, target, &summary)
         }
     }
 }
 
-/// Give the unnamed copy `file` of `bytes` its version name `path`, unless an identical
-/// snapshot is there already. Where it cannot be linked there (another file system under
-/// `dir`, no `/proc`), the bytes are copied to a named temp file instead.
+/// Give the unnamed copy `file` of `bytes` its version name, unless an identical snapshot is
+/// there already. Where it cannot be linked (no CAP_DAC_READ_SEARCH and no `/proc`, a security
+/// module that says no), the bytes are copied to a named temp file instead, and no more spares
+/// are made.
 fn name_unnamed(
     file: &File,
     bytes: &[u8],
     mode: u32,
-    dir: &Path,
-    path: &Path,
+    target: &Target<'_>,
     summary: &Summary,
 ) -> io::Result<()> {
+    let (dir, path) = (target.dir, target.path);
     if reusable(path, summary, mode) {
         return Ok(());
     }
     let linked = match crate::sys::fs::link_unnamed(file, path) {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            // Not this content, mode or owner (`reusable`): what rename would replace.
-            fs::remove_file(path).and_then(|()| crate::sys::fs::link_unnamed(file, path))
+            // Not this content, mode or owner (`reusable`): replaced atomically, as a rename
+            // of a named temp file would.
+            fsutil::link_as_temp(file, dir, |pid, n| {
+                OsString::from(format!(".tmp.{pid}.{n}"))
+            })
+            .and_then(|temp| {
+                let renamed = fs::rename(&temp, path);
+                if renamed.is_err() {
+                    let _ = fs::remove_file(&temp);
+                }
+                renamed
+            })
         }
         linked => linked,
     };
     if linked.is_ok() {
         return linked;
     }
+    (target.unlinkable)();
     let (temp, copy) = reserved_temp(dir, summary.len, mode)?;
     let written = copy
         .write_all_at(bytes, 0)
@@ -507,11 +538,12 @@ fn subtree(leaves: &[ChainingValue], len: u64) -> ChainingValue {
     )
 }
 
-/// Whether `input` has a byte at `len` (it grew after its size was taken): one byte read into
-/// the spare byte after the windows (`size_for`).
-fn read_past(input: &File, buf: &mut [u8], len: usize) -> io::Result<bool> {
+/// Whether `input` has a byte at `len` (it grew after its size was taken). Read into a byte of
+/// its own: the writer may still be reading the buffer.
+fn read_past(input: &File, len: usize) -> io::Result<bool> {
+    let mut byte = [0u8; 1];
     loop {
-        match input.read_at(&mut buf[len..=len], len as u64) {
+        match input.read_at(&mut byte, len as u64) {
             Ok(n) => return Ok(n > 0),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),

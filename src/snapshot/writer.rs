@@ -60,6 +60,8 @@ struct Queue {
     wake: Condvar,
     /// The next job's copy, made ahead of time ([`SPARE_AFTER`]).
     spare: Mutex<Option<Spare>>,
+    /// An unnamed copy could not be linked to its name: make no more spares.
+    no_spares: AtomicBool,
 }
 
 /// A file with no name (`O_TMPFILE`) in a snapshot dir, with blocks for `reserved` bytes: the
@@ -69,6 +71,9 @@ struct Queue {
 struct Spare {
     file: File,
     reserved: u64,
+    /// Where it was made: a job in another dir (another plugin's) does not use it, so that a
+    /// copy is never linked across file systems.
+    dir: PathBuf,
 }
 
 /// Where a job's copy was written: a temp file by that name, or a spare with no name yet.
@@ -218,6 +223,19 @@ impl WriterThread {
     /// `buf` must be valid for reads and writes of `len` bytes until [`Writer::stop`] returns
     /// (or the writer is dropped): not moved, resized, freed or otherwise accessed meanwhile,
     /// except through the [`Writer`].
+    /// An unnamed copy could not be given its name: make no more spares (every copy is a named
+    /// temp file from now on).
+    pub(super) fn stop_spares(&self) {
+        self.queue.no_spares.store(true, Ordering::Relaxed);
+        drop(
+            self.queue
+                .spare
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+    }
+
     pub(super) unsafe fn write(
         &self,
         dir: &Path,
@@ -343,7 +361,9 @@ impl Queue {
     /// system has no unnamed files or no room, there is none: the next job names its copy.
     fn make_spare(&self, dir: &Path, reserve: u64) {
         let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
-        if spare.is_some() {
+        if spare.as_ref().is_some_and(|spare| spare.dir == dir)
+            || self.no_spares.load(Ordering::Relaxed)
+        {
             return;
         }
         let made = crate::sys::fs::create_unnamed(dir)
@@ -351,14 +371,18 @@ impl Queue {
         *spare = made.ok().map(|file| Spare {
             file,
             reserved: reserve,
+            dir: dir.to_path_buf(),
         });
     }
 
-    fn take_spare(&self) -> Option<Spare> {
-        self.spare
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
+    /// The spare, when it was made in `dir`.
+    fn take_spare(&self, dir: &Path) -> Option<Spare> {
+        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
+        if spare.as_ref().is_some_and(|spare| spare.dir == dir) {
+            spare.take()
+        } else {
+            None
+        }
     }
 }
 
@@ -368,7 +392,7 @@ impl Queue {
 fn run(job: &Job, progress: &Progress, queue: &Queue) -> io::Result<Arc<File>> {
     let mode = Permissions::from_mode(job.mode);
     let spare = queue
-        .take_spare()
+        .take_spare(&job.dir)
         .filter(|spare| spare.file.set_permissions(mode).is_ok());
     let (file, named, reserve_later) = match spare {
         Some(spare) => (spare.file, false, spare.reserved < job.reserve),
@@ -510,7 +534,10 @@ impl Windows {
         *self.leaves[i]
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(leaf);
-        self.read[i].store(true, Ordering::Release);
+        // SeqCst, not just Release: paired with the SeqCst load of `napping` that follows in
+        // `wake_writer` and the writer's SeqCst store of it, so a sleeping writer is never
+        // missed.
+        self.read[i].store(true, Ordering::SeqCst);
     }
 
     /// The hash of `bytes`, window `start / BUF_SIZE` of the build.
@@ -1067,6 +1094,38 @@ mod tests {
         let (file, written) = writer.written().unwrap();
         assert_eq!(written, content.len());
         assert_eq!(copied(&temp, &file)[..content.len()], content[..]);
+    }
+
+    #[test]
+    fn a_spare_is_only_used_by_a_job_in_the_dir_it_was_made_in() {
+        let t = TestDir::new("writer-spare-dir");
+        let (a, b) = (t.join("a"), t.join("b"));
+        fs::create_dir(&a).unwrap();
+        fs::create_dir(&b).unwrap();
+        let content = patterned(BUF_SIZE + 1);
+        let input = build(&t, &content);
+        let mut buf = vec![0u8; content.len() + 1];
+        let thread = WriterThread::start().unwrap();
+        let mut job = |dir: &Path| {
+            // SAFETY: `buf` is only touched through the writer until `written` has the report.
+            let writer =
+                unsafe { thread.write(dir, 0, 0o600, &input, buf.as_mut_ptr(), content.len()) }
+                    .unwrap();
+            let _ = writer.read_windows(&input, buf.as_mut_ptr());
+            let temp = writer.temp().unwrap();
+            drop(writer.written().unwrap());
+            temp
+        };
+        job(&a);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !thread.has_spare() {
+            assert!(Instant::now() < deadline, "no spare was made");
+            thread::sleep(SPARE_AFTER);
+        }
+        assert!(
+            matches!(job(&b), Temp::Named(_)),
+            "a spare made in a/ used for b/"
+        );
     }
 
     #[test]

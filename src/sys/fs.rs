@@ -95,9 +95,14 @@ pub fn link_unnamed(file: &File, path: &Path) -> io::Result<()> {
 /// opens the file in the few microseconds the lease is held waits for it to be given back; the
 /// kernel's SIGIO to the lease holder is ignored by the daemon (`signals`).
 pub fn open_for_writing(path: &Path) -> Option<bool> {
+    // Only a regular file is opened (a FIFO's open would release a writer waiting for a
+    // reader), never as a controlling terminal; the descriptor is checked again.
+    if !std::fs::metadata(path).ok()?.is_file() {
+        return None;
+    }
     let file = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
         .ok()?;
     if !file.metadata().ok()?.is_file() {
