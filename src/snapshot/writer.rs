@@ -6,8 +6,9 @@
 //! needed later, at the start. So the read and hash are the reload's path and the write is not.
 //! A halted CPU takes ~0.15 ms to wake and a thread started per reload cost the loop ~0.13 ms,
 //! so one thread waits for work between reloads ([`WriterThread`]) and is woken *before* the
-//! read, on another CPU (`sys::cpu`). It creates the copy's temp file and reserves its blocks
-//! (a full disk fails the reload before anything is stopped), then takes its share of the read:
+//! read, on another CPU (`sys::cpu`). It takes the copy's file, made with its blocks reserved
+//! 2 ms after the last job ([`Spare`]: no name until the copy is complete), or creates one (a
+//! full disk fails the reload before anything is stopped), then takes its share of the read:
 //! the build is cut into 128 KiB windows, and each thread claims the next unread window, reads
 //! it into its place in the staging buffer and hashes it as a BLAKE3 subtree; the loop's thread
 //! joins the subtrees into the root hash, which is exactly `b3sum`'s. Once no window is left to
