@@ -867,6 +867,40 @@ mod tests {
         }
     }
 
+    /// What one whole job made of `input` (`len` bytes, copied into `dir`), with the loop's
+    /// thread reading its share: the windows' leaves, the copy and how much of it is written.
+    struct Done {
+        leaves: Vec<io::Result<Leaf>>,
+        temp: Temp,
+        file: Arc<File>,
+        written: usize,
+    }
+
+    fn run_job(thread: &WriterThread, dir: &Path, mode: u32, input: &File, len: usize) -> Done {
+        let mut buf = vec![0u8; len + 1];
+        // SAFETY: `buf` is only touched through the writer until `written` has the report.
+        let writer =
+            unsafe { thread.write(dir, len as u64, mode, input, buf.as_mut_ptr(), len) }.unwrap();
+        let leaves = writer.read_windows(input, buf.as_mut_ptr());
+        let temp = writer.temp().unwrap();
+        let (file, written) = writer.written().unwrap();
+        Done {
+            leaves,
+            temp,
+            file,
+            written,
+        }
+    }
+
+    /// Waits until the thread has made the next job's spare.
+    fn wait_for_spare(thread: &WriterThread) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !thread.has_spare() {
+            assert!(Instant::now() < deadline, "no spare was made");
+            thread::sleep(SPARE_AFTER);
+        }
+    }
+
     fn subtree_hash(leaf: &io::Result<Leaf>) -> ChainingValue {
         match leaf.as_ref().unwrap().hash {
             LeafHash::Subtree(cv) => cv,
@@ -922,18 +956,13 @@ mod tests {
         let t = TestDir::new("writer-root");
         let content = patterned(5000);
         let input = build(&t, &content);
-        let mut buf = vec![0u8; content.len() + 1];
         let thread = WriterThread::start().unwrap();
-        // SAFETY: as above.
-        let writer =
-            unsafe { thread.write(&t.0, 5000, 0o600, &input, buf.as_mut_ptr(), content.len()) }
-                .unwrap();
-        let leaves = writer.read_windows(&input, buf.as_mut_ptr());
-        match leaves[0].as_ref().unwrap().hash {
+        let done = run_job(&thread, &t.0, 0o600, &input, content.len());
+        match done.leaves[0].as_ref().unwrap().hash {
             LeafHash::Root(root) => assert_eq!(root, blake3::hash(&content)),
             other => panic!("not the root: {other:?}"),
         }
-        assert_eq!(writer.written().unwrap().1, content.len());
+        assert_eq!(done.written, content.len());
     }
 
     #[test]
@@ -979,25 +1008,10 @@ mod tests {
         for round in 0..3u8 {
             let content = vec![round; 300_000];
             let input = build(&t, &content);
-            let mut buf = vec![0u8; content.len() + 1];
-            // SAFETY: as above.
-            let writer = unsafe {
-                thread.write(
-                    &t.0,
-                    300_000,
-                    0o600,
-                    &input,
-                    buf.as_mut_ptr(),
-                    content.len(),
-                )
-            }
-            .unwrap();
-            let leaves = writer.read_windows(&input, buf.as_mut_ptr());
-            assert!(leaves.iter().all(|leaf| leaf.is_ok()));
-            let temp = writer.temp().unwrap();
-            let (file, written) = writer.written().unwrap();
-            assert_eq!(written, content.len());
-            assert_eq!(copied(&temp, &file)[..content.len()], content[..]);
+            let done = run_job(&thread, &t.0, 0o600, &input, content.len());
+            assert!(done.leaves.iter().all(|leaf| leaf.is_ok()));
+            assert_eq!(done.written, content.len());
+            assert_eq!(copied(&done.temp, &done.file)[..content.len()], content[..]);
         }
     }
 
@@ -1029,43 +1043,22 @@ mod tests {
         fs::create_dir(&snaps).unwrap();
         let content = patterned(2 * BUF_SIZE);
         let input = build(&t, &content);
-        let mut buf = vec![0u8; content.len() + 1];
         let thread = WriterThread::start().unwrap();
-        let job = |buf: &mut Vec<u8>| {
-            // SAFETY: `buf` is only touched through the writer until `written` has the report.
-            let writer = unsafe {
-                thread.write(
-                    &snaps,
-                    1 << 20,
-                    0o700,
-                    &input,
-                    buf.as_mut_ptr(),
-                    content.len(),
-                )
-            }
-            .unwrap();
-            let _ = writer.read_windows(&input, buf.as_mut_ptr());
-            let temp = writer.temp().unwrap();
-            (temp, writer.written().unwrap())
+        let first = run_job(&thread, &snaps, 0o700, &input, content.len());
+        let Temp::Named(first) = first.temp else {
+            panic!("no spare yet: {:?}", first.temp);
         };
-        let (first, _) = job(&mut buf);
-        assert!(matches!(first, Temp::Named(_)), "no spare yet: {first:?}");
-        fs::remove_file(snaps.join(match &first {
-            Temp::Named(path) => path.file_name().unwrap(),
-            Temp::Unnamed => unreachable!(),
-        }))
-        .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while thread.queue.spare.lock().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "no spare was made");
-            thread::sleep(SPARE_AFTER);
-        }
-        let (second, (file, written)) = job(&mut buf);
+        fs::remove_file(first).unwrap();
+        wait_for_spare(&thread);
+        let second = run_job(&thread, &snaps, 0o700, &input, content.len());
 
-        assert!(matches!(second, Temp::Unnamed), "{second:?}");
-        assert_eq!(written, content.len());
-        assert_eq!(copied(&second, &file)[..content.len()], content[..]);
-        assert_eq!(file.metadata().unwrap().mode() & 0o777, 0o700);
+        assert!(matches!(second.temp, Temp::Unnamed), "{:?}", second.temp);
+        assert_eq!(second.written, content.len());
+        assert_eq!(
+            copied(&second.temp, &second.file)[..content.len()],
+            content[..]
+        );
+        assert_eq!(second.file.metadata().unwrap().mode() & 0o777, 0o700);
         assert_eq!(fs::read_dir(&snaps).unwrap().count(), 0);
     }
 
@@ -1105,26 +1098,12 @@ mod tests {
         fs::create_dir(&b).unwrap();
         let content = patterned(BUF_SIZE + 1);
         let input = build(&t, &content);
-        let mut buf = vec![0u8; content.len() + 1];
         let thread = WriterThread::start().unwrap();
-        let mut job = |dir: &Path| {
-            // SAFETY: `buf` is only touched through the writer until `written` has the report.
-            let writer =
-                unsafe { thread.write(dir, 0, 0o600, &input, buf.as_mut_ptr(), content.len()) }
-                    .unwrap();
-            let _ = writer.read_windows(&input, buf.as_mut_ptr());
-            let temp = writer.temp().unwrap();
-            drop(writer.written().unwrap());
-            temp
-        };
-        job(&a);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !thread.has_spare() {
-            assert!(Instant::now() < deadline, "no spare was made");
-            thread::sleep(SPARE_AFTER);
-        }
+        run_job(&thread, &a, 0o600, &input, content.len());
+        wait_for_spare(&thread);
+        let other = run_job(&thread, &b, 0o600, &input, content.len());
         assert!(
-            matches!(job(&b), Temp::Named(_)),
+            matches!(other.temp, Temp::Named(_)),
             "a spare made in a/ used for b/"
         );
     }
