@@ -63,19 +63,7 @@ pub(crate) fn create_temp(
     dir: &Path,
     name: impl Fn(u32, u64) -> OsString,
 ) -> io::Result<(PathBuf, File)> {
-    let pid = std::process::id();
-    let mut last_error = None;
-    for _ in 0..TEMP_NAME_ATTEMPTS {
-        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = dir.join(name(pid, n));
-        match create_private_file(&path) {
-            Ok(file) => return Ok((path, file)),
-            // A leftover from an earlier process with the same pid: try the next name.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last_error = Some(e),
-            Err(e) => return Err(e),
-        }
-    }
-    Err(last_error.unwrap_or_else(|| io::Error::other("no temp name available")))
+    at_fresh_temp_name(dir, name, create_private_file)
 }
 
 /// Give the unnamed `file` (`sys::fs::create_unnamed`, made in `dir`) a fresh temp name in
@@ -86,13 +74,24 @@ pub(crate) fn link_as_temp(
     dir: &Path,
     name: impl Fn(u32, u64) -> OsString,
 ) -> io::Result<PathBuf> {
+    at_fresh_temp_name(dir, name, |path| crate::sys::fs::link_unnamed(file, path))
+        .map(|(path, ())| path)
+}
+
+/// `make` the first of the names `name(pid, n)` in `dir` that does not exist yet (EEXIST: a
+/// leftover from an earlier process with the same pid, or something planted; try the next).
+fn at_fresh_temp_name<T>(
+    dir: &Path,
+    name: impl Fn(u32, u64) -> OsString,
+    mut make: impl FnMut(&Path) -> io::Result<T>,
+) -> io::Result<(PathBuf, T)> {
     let pid = std::process::id();
     let mut last_error = None;
     for _ in 0..TEMP_NAME_ATTEMPTS {
         let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         let path = dir.join(name(pid, n));
-        match crate::sys::fs::link_unnamed(file, &path) {
-            Ok(()) => return Ok(path),
+        match make(&path) {
+            Ok(made) => return Ok((path, made)),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last_error = Some(e),
             Err(e) => return Err(e),
         }

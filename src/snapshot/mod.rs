@@ -423,7 +423,12 @@ fn snapshot_mode(source: &Metadata) -> u32 {
 
 /// Create a fresh temp file `<dir>/.tmp.<pid>.<n>` that nobody else can have opened.
 fn create_temp(dir: &Path) -> io::Result<(PathBuf, File)> {
-    fsutil::create_temp(dir, |pid, n| OsString::from(format!(".tmp.{pid}.{n}")))
+    fsutil::create_temp(dir, temp_name)
+}
+
+/// `.tmp.<pid>.<n>`: the name of a snapshot's temp file (`prune` removes leftovers).
+fn temp_name(pid: u32, n: u64) -> OsString {
+    OsString::from(format!(".tmp.{pid}.{n}"))
 }
 
 /// A fresh temp file in `dir` with blocks for `len` bytes and `mode` (none left on failure): a

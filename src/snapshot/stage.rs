@@ -18,7 +18,6 @@
 //! The buffer stays allocated between reloads (its pages already faulted in, which on a VM
 //! costs as much as the copy) until [`Snapshotter::release`].
 
-use std::ffi::OsString;
 use std::fmt;
 use std::fs::{self, File};
 use std::io;
@@ -33,7 +32,7 @@ use blake3::hazmat::{
 use super::writer::{Leaf, LeafHash, Temp, Writer, WriterThread};
 use super::{
     BUF_SIZE, Snapshot, SnapshotError, Summary, create_snapshot_dir, install, open_regular,
-    reserved_temp, reusable, snapshot_mode, take_open, version_from_hash,
+    reserved_temp, reusable, snapshot_mode, take_open, temp_name, version_from_hash,
 };
 use crate::fsutil;
 
@@ -216,7 +215,7 @@ impl Snapshotter {
             };
         };
         let leaves = writer.read_windows(input, base);
-        let read = match root_of(&leaves, len) {
+        let read = match root_of(leaves, len) {
             Err(e) => Err(e),
             Ok(Some(root)) => match read_past(input, len) {
                 Ok(false) => Ok(Summary {
@@ -436,10 +435,7 @@ fn name_unnamed(
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             // Not this content, mode or owner (`reusable`): replaced atomically, as a rename
             // of a named temp file would.
-            fsutil::link_as_temp(file, dir, |pid, n| {
-                OsString::from(format!(".tmp.{pid}.{n}"))
-            })
-            .and_then(|temp| {
+            fsutil::link_as_temp(file, dir, temp_name).and_then(|temp| {
                 let renamed = fs::rename(&temp, path);
                 if renamed.is_err() {
                     let _ = fs::remove_file(&temp);
@@ -495,12 +491,10 @@ fn size_for(buf: &mut Vec<u8>, expected: u64) {
 /// The BLAKE3 hash of a build of `len` bytes from the leaves of its windows (each
 /// [`BUF_SIZE`] long but the last), joined the way BLAKE3's tree joins them. `None` when a
 /// window came up short: the file shrank while it was read.
-fn root_of(leaves: &[io::Result<Leaf>], len: usize) -> io::Result<Option<blake3::Hash>> {
+fn root_of(leaves: Vec<io::Result<Leaf>>, len: usize) -> io::Result<Option<blake3::Hash>> {
     let mut subtrees = Vec::with_capacity(leaves.len());
-    for (i, leaf) in leaves.iter().enumerate() {
-        let leaf = leaf
-            .as_ref()
-            .map_err(|e| io::Error::new(e.kind(), e.to_string()))?;
+    for (i, leaf) in leaves.into_iter().enumerate() {
+        let leaf = leaf?;
         if leaf.read < len.min((i + 1) * BUF_SIZE) - i * BUF_SIZE {
             return Ok(None);
         }

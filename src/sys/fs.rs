@@ -1,6 +1,7 @@
 //! File-system calls std does not offer: `renameat2(RENAME_EXCHANGE)` (state files), the
 //! file-system type from `statfs` (which directories inotify cannot watch for remote changes),
-//! and unnamed files (`O_TMPFILE`) given a name later (snapshot copies made ahead of time).
+//! unnamed files (`O_TMPFILE`) given a name later (snapshot copies and state files' temp files
+//! made ahead of time), and whether anyone has a file open for writing (a read lease).
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
