@@ -206,6 +206,7 @@ impl Daemon {
                     log::error!("cannot restore the control socket: {e}");
                 }
             }
+            self.core.sup.close_ended_pipes(self.core.poll.registry());
             self.flush();
             self.core.sup.sync_state_dirs();
             self.core.publish_status();

@@ -391,10 +391,10 @@ mod spawning {
 
     fn spawn_true(procs: Option<std::os::fd::RawFd>) -> Duration {
         let spec = crate::supervisor::spawn::SpawnSpec {
-            program: Path::new("/bin/true"),
-            arg0: "true",
-            args: &[],
-            cwd: Path::new("/"),
+            program: "/bin/true".into(),
+            arg0: "true".to_string(),
+            args: Vec::new(),
+            cwd: "/".into(),
             env: Default::default(),
             pass_fds: Vec::new(),
             pid_vars: Vec::new(),
@@ -432,10 +432,10 @@ mod spawning {
             let fd = open_dir(&dir).unwrap();
             let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
             let spec = crate::supervisor::spawn::SpawnSpec {
-                program: Path::new("/bin/sh"),
-                arg0: "sh",
-                args: &["-c".to_string(), "cat /proc/self/cgroup".to_string()],
-                cwd: Path::new("/"),
+                program: "/bin/sh".into(),
+                arg0: "sh".to_string(),
+                args: vec!["-c".to_string(), "cat /proc/self/cgroup".to_string()],
+                cwd: "/".into(),
                 env: Default::default(),
                 pass_fds: Vec::new(),
                 pid_vars: Vec::new(),
@@ -447,7 +447,7 @@ mod spawning {
             let mut out = String::new();
             let _ = std::io::Read::read_to_string(&mut fs::File::from(child.stdout), &mut out);
             let missing = crate::supervisor::spawn::SpawnSpec {
-                program: Path::new("/nonexistent/program"),
+                program: "/nonexistent/program".into(),
                 ..spec
             };
             let err = crate::supervisor::spawn::spawn(&missing).unwrap_err();

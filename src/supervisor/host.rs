@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -23,7 +23,7 @@ use nix::unistd::Pid;
 use super::contain::{Containment, NewScope, Scope, Usage};
 use super::credentials::{self, PluginPaths};
 use super::plugin::{Instance, Plugin};
-use super::spawn::{self, SpawnError, SpawnSpec, Spawned};
+use super::spawn::{self, Prepared, SpawnError, SpawnSpec, Spawned};
 use crate::clock;
 use crate::config::RunAs;
 use crate::hooks::{self, HookContext, HookError, HookKind, HookRun};
@@ -119,7 +119,10 @@ pub trait Host {
     /// Before a start: give a plugin with `user`/`group` its state dir, snapshot and notify
     /// socket, or take them back for one that runs as the daemon (`credentials::prepare`).
     fn give_to_user(&mut self, run_as: Option<&RunAs>, paths: &PluginPaths<'_>) -> io::Result<()>;
-    fn spawn(&mut self, spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError>;
+    /// Make ready what a start of `spec` needs before its moment (`spawn::Prepared`).
+    fn prepare_spawn(&mut self, spec: SpawnSpec) -> Result<Prepared, SpawnError>;
+    /// Start `prepared`, in the cgroup whose directory is `cgroup` if any.
+    fn spawn(&mut self, prepared: Prepared, cgroup: Option<RawFd>) -> Result<Spawned, SpawnError>;
     /// Give the CPU to the instance just spawned (`sched_yield`).
     fn let_new_instance_run(&mut self);
     /// Before its stop signal: let an instance exit on another CPU than the daemon's, beside
@@ -311,8 +314,12 @@ impl Host for OsHost {
         credentials::prepare(run_as, paths)
     }
 
-    fn spawn(&mut self, spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
-        spawn::spawn(spec)
+    fn prepare_spawn(&mut self, spec: SpawnSpec) -> Result<Prepared, SpawnError> {
+        spawn::prepare(spec)
+    }
+
+    fn spawn(&mut self, prepared: Prepared, cgroup: Option<RawFd>) -> Result<Spawned, SpawnError> {
+        spawn::spawn_prepared(prepared, cgroup)
     }
 
     fn let_new_instance_run(&mut self) {

@@ -21,7 +21,9 @@ use nix::unistd::Pid;
 
 use super::credentials::{self, PluginPaths};
 use super::output::{LineReader, Stream};
-use super::plugin::{Instance, JobPhase, Leader, Phase, Plugin, Rest, Slot, Snap};
+use super::plugin::{
+    Instance, JobPhase, Leader, Phase, Plugin, PreparedStart, Rest, Slot, Snap, StartKey,
+};
 use super::reap::ExitKind;
 use super::state::DirSync;
 use super::{Core, Ctx, Pipe, Supervisor, Timer, cancel_timer, spawn};
@@ -250,6 +252,7 @@ impl Core {
         if !overlapping {
             // The last instance is gone: what it left in runtime.json is the state to keep.
             self.fold_runtime(ctx, p);
+            p.runtime_read_after_exit = true;
             if !next_start {
                 if let Err(e) = self.write_state(ctx, p, &inst.version, "stopped") {
                     log::warn!("[{id}] cannot write state file: {e}");
@@ -552,52 +555,26 @@ impl Core {
         p: &mut Plugin,
         target: &Snap,
     ) -> Result<u64, String> {
+        p.runtime_read_after_exit = false;
+        let key = self.start_key(p, target);
+        let notify_socket = key.notify_socket.clone();
+        let made_ahead = p.job.as_mut().and_then(|job| job.prepared.take());
+        let prepared = match made_ahead {
+            Some(made) if made.key == key => made.spawn,
+            _ => self.prepare_start(p, target, key)?.spawn,
+        };
         let id = p.id.as_str();
         let state_path = self.state_path(id);
-        let runtime_path = self.runtime_path(id);
-        let notify_path = self.notify_path_of(id);
-        let mut env = plugin_env(p, &target.version, &state_path, &runtime_path);
-        let mut pid_vars = Vec::new();
-        if let Some(path) = &notify_path {
-            env.insert("NOTIFY_SOCKET".into(), path.clone().into_os_string());
-        }
-        let (pass_fds, names) = passed_fds(p);
-        if !pass_fds.is_empty() {
-            env.insert("LISTEN_FDS".into(), pass_fds.len().to_string().into());
-            env.insert("LISTEN_FDNAMES".into(), names.join(":").into());
-            pid_vars.push("LISTEN_PID");
-        }
-        if p.settings.watchdog_ms > 0 {
-            let usec = p.settings.watchdog_ms.saturating_mul(1000);
-            env.insert("WATCHDOG_USEC".into(), usec.to_string().into());
-            pid_vars.push("WATCHDOG_PID");
-        }
-        if let Some(run_as) = &p.settings.run_as {
-            account_env(&mut env, run_as, &p.settings.env);
-        }
         let paths = PluginPaths {
             state_dir: state_path.parent().unwrap_or(&state_path),
             snapshot: &target.path,
-            notify_socket: notify_path.as_deref(),
+            notify_socket: notify_socket.as_deref(),
         };
         self.host
             .give_to_user(p.settings.run_as.as_ref(), &paths)
             .map_err(|e| e.to_string())?;
-        let creds = p.settings.run_as.as_ref().map(credentials::child_creds);
-        let arg0 = p.settings.exec.to_string_lossy().into_owned();
         let scope = self.host.new_scope(id)?;
-        let spec = spawn::SpawnSpec {
-            program: &target.path,
-            arg0: &arg0,
-            args: &p.settings.args,
-            cwd: &p.dir,
-            env,
-            pass_fds,
-            pid_vars,
-            cgroup: scope.dir_fd(),
-            creds: creds.as_ref(),
-        };
-        let spawned = match self.host.spawn(&spec) {
+        let spawned = match self.host.spawn(prepared, scope.dir_fd()) {
             Ok(s) => s,
             Err(e) => {
                 self.host.abandon_scope(scope);
@@ -683,6 +660,86 @@ impl Core {
             },
         ));
         Ok(seq)
+    }
+
+    /// The start of `target` made ready (see `spawn::Prepared`): the plugin's environment,
+    /// arguments and descriptors, as C strings and an exec plan, and the child's stdio.
+    fn prepare_start(
+        &mut self,
+        p: &Plugin,
+        target: &Snap,
+        key: StartKey,
+    ) -> Result<PreparedStart, String> {
+        let id = p.id.as_str();
+        let state_path = self.state_path(id);
+        let runtime_path = self.runtime_path(id);
+        let mut env = plugin_env(p, &target.version, &state_path, &runtime_path);
+        let mut pid_vars = Vec::new();
+        if let Some(path) = &key.notify_socket {
+            env.insert("NOTIFY_SOCKET".into(), path.clone().into_os_string());
+        }
+        if !key.fds.is_empty() {
+            env.insert("LISTEN_FDS".into(), key.fds.len().to_string().into());
+            env.insert("LISTEN_FDNAMES".into(), key.fd_names.join(":").into());
+            pid_vars.push("LISTEN_PID");
+        }
+        if p.settings.watchdog_ms > 0 {
+            let usec = p.settings.watchdog_ms.saturating_mul(1000);
+            env.insert("WATCHDOG_USEC".into(), usec.to_string().into());
+            pid_vars.push("WATCHDOG_PID");
+        }
+        if let Some(run_as) = &p.settings.run_as {
+            account_env(&mut env, run_as, &p.settings.env);
+        }
+        let spec = spawn::SpawnSpec {
+            program: target.path.clone(),
+            arg0: p.settings.exec.to_string_lossy().into_owned(),
+            args: p.settings.args.clone(),
+            cwd: p.dir.clone(),
+            env,
+            pass_fds: key.fds.clone(),
+            pid_vars,
+            cgroup: None,
+            creds: p.settings.run_as.as_ref().map(credentials::child_creds),
+        };
+        let spawn = self.host.prepare_spawn(spec).map_err(|e| e.to_string())?;
+        Ok(PreparedStart { key, spawn })
+    }
+
+    /// What a start made ahead depends on besides the plugin's settings (a config reload
+    /// drops it, `apply_config`): the build, the notify socket, the descriptors handed over
+    /// (the old instance may store more on its way out, `FDSTORE=1`).
+    fn start_key(&self, p: &Plugin, target: &Snap) -> StartKey {
+        let (fds, fd_names) = passed_fds(p);
+        StartKey {
+            program: target.path.clone(),
+            notify_socket: self.notify_path_of(&p.id),
+            fds,
+            fd_names,
+        }
+    }
+
+    /// A stop-start reload has asked the old instance to go: its successor's start is made
+    /// ready now, beside the snapshot's copy and the old instance's exit, so that only the
+    /// clone follows the reap. A failure here is not the start's: it is made again then.
+    pub(super) fn prepare_next_start(&mut self, p: &mut Plugin) {
+        let Some(job) = p.job.as_ref() else {
+            return;
+        };
+        let stopping_old = matches!(job.phase, JobPhase::StoppingOld);
+        if !stopping_old || job.prepared.is_some() || p.instance.is_none() {
+            return;
+        }
+        let target = job.target.clone();
+        let key = self.start_key(p, &target);
+        match self.prepare_start(p, &target, key) {
+            Ok(prepared) => {
+                if let Some(job) = p.job.as_mut() {
+                    job.prepared = Some(prepared);
+                }
+            }
+            Err(e) => log::debug!("[{}] start not made ready ahead: {e}", p.id),
+        }
     }
 
     /// What the plugin's `user` was given becomes the daemon's again (the plugin is removed or

@@ -71,6 +71,7 @@ impl Core {
         let staged = p.instance.is_some();
         self.snapshot_and_go(ctx, p, job, staged);
         if staged {
+            self.prepare_next_start(p);
             self.settle_staged_snapshot(p);
         }
     }
@@ -759,6 +760,7 @@ fn new_job(
         waiters,
         last_error: None,
         announced: false,
+        prepared: None,
     }
 }
 

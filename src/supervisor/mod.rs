@@ -191,6 +191,10 @@ pub(super) struct Core {
     hooks: HashMap<Pid, (HookRun, TimerId)>,
     /// Pipes whose read budget ran out: read again next turn.
     backlog: Vec<Token>,
+    /// Pipes read to their end this turn, closed at its end (`close_ended_pipes`): an old
+    /// instance's pipes end as it exits, and their close would otherwise sit between its reap
+    /// and its successor's start.
+    ended_pipes: Vec<Pipe>,
     /// Plugins found at start (or added) waiting for their first start.
     pending_starts: VecDeque<String>,
     /// State files renamed into place (plugin id, path) whose fsyncs are still due
@@ -272,6 +276,7 @@ impl Supervisor {
             notify: HashMap::new(),
             hooks: HashMap::new(),
             backlog: Vec::new(),
+            ended_pipes: Vec::new(),
             pending_starts: VecDeque::new(),
             dir_syncs: Vec::new(),
             dir_syncs_after_stop: Vec::new(),
@@ -658,10 +663,17 @@ impl Supervisor {
             PipeStatus::MoreLater => self.core.backlog.push(token),
             PipeStatus::Closed => {
                 if let Some(pipe) = self.core.pipes.remove(&token) {
-                    let raw = std::os::fd::AsRawFd::as_raw_fd(pipe.reader.fd());
-                    let _ = ctx.registry.deregister(&mut SourceFd(&raw));
+                    self.core.ended_pipes.push(pipe);
                 }
             }
+        }
+    }
+
+    /// Close the pipes that ended this turn (see `Core::ended_pipes`).
+    pub fn close_ended_pipes(&mut self, registry: &mio::Registry) {
+        for pipe in self.core.ended_pipes.drain(..) {
+            let raw = std::os::fd::AsRawFd::as_raw_fd(pipe.reader.fd());
+            let _ = registry.deregister(&mut SourceFd(&raw));
         }
     }
 
@@ -682,6 +694,10 @@ impl Supervisor {
             let Some((core, p)) = self.split(&id) else {
                 continue;
             };
+            // A start made ready ahead was made with the old settings.
+            if let Some(job) = p.job.as_mut() {
+                job.prepared = None;
+            }
             if p.settings.hot_reload != settings.hot_reload {
                 core.hot_reload_setting_changed(ctx, p, settings.hot_reload);
             }

@@ -247,6 +247,24 @@ pub struct Job {
     pub last_error: Option<String>,
     /// `reload_started` was emitted for it (or for the job it took over), so it owes an outcome.
     pub announced: bool,
+    /// The target's start, made ready while the old instance exits (`prepare_next_start`).
+    pub prepared: Option<PreparedStart>,
+}
+
+/// A start made ready ahead, and what it was made for.
+#[derive(Debug)]
+pub struct PreparedStart {
+    pub key: StartKey,
+    pub spawn: super::spawn::Prepared,
+}
+
+/// What a start made ahead depends on that may change before the start, besides settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartKey {
+    pub program: PathBuf,
+    pub notify_socket: Option<PathBuf>,
+    pub fds: Vec<std::os::fd::RawFd>,
+    pub fd_names: Vec<String>,
 }
 
 /// A reload asked for while another job runs: exactly one is kept, merged.
@@ -412,6 +430,9 @@ pub struct Plugin {
     pub history: VecDeque<HistoryEntry>,
     /// Last valid JSON the plugin left in runtime.json.
     pub runtime_data: Value,
+    /// runtime.json was read after the plugin's last process ended and no start came since:
+    /// the start that follows the reap needs not read it again (`prepare_state`).
+    pub runtime_read_after_exit: bool,
     /// What state.json holds, as far as we know (None: unknown, write next time).
     pub written: Option<Written>,
     pub status_text: Option<String>,
@@ -452,6 +473,7 @@ impl Plugin {
             last_error: None,
             history: VecDeque::new(),
             runtime_data: Value::Null,
+            runtime_read_after_exit: false,
             written: None,
             status_text: None,
             debounce: None,

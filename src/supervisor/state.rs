@@ -59,7 +59,10 @@ impl Core {
         version: &str,
     ) -> Result<(), AttemptError> {
         if ctx.config.hot_reload.preserve_state {
-            self.fold_runtime(ctx, p);
+            // Read already when the last instance was reaped, in this same turn as a rule.
+            if !std::mem::take(&mut p.runtime_read_after_exit) {
+                self.fold_runtime(ctx, p);
+            }
         } else {
             self.forget_runtime(ctx, p);
         }

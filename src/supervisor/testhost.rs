@@ -21,7 +21,7 @@ use serde_json::Value;
 use super::contain::{NewScope, Scope, Usage};
 use super::host::{Durability, Host, Procs};
 use super::plugin::{Instance, Plugin};
-use super::spawn::{SpawnError, SpawnSpec, Spawned};
+use super::spawn::{Prepared, SpawnError, SpawnSpec, Spawned};
 use crate::hooks::{HookContext, HookError, HookKind, HookRun};
 use crate::preflight::PreflightError;
 use crate::snapshot::{Snapshot, SnapshotError};
@@ -91,6 +91,10 @@ pub struct World {
     pub members_alive: HashSet<i32>,
     /// What the plugin left in runtime.json.
     pub runtime: Option<Value>,
+    /// How often runtime.json was read.
+    pub runtime_reads: u32,
+    /// The versions whose start was made ready (`prepare_spawn`), in order.
+    pub prepared: Vec<String>,
     /// state.json writes fail (read-only state dir).
     pub state_writes_fail: bool,
     /// The deferred fsyncs of state.json fail (EIO), once each.
@@ -104,6 +108,8 @@ impl World {
     pub fn new() -> World {
         World {
             calls: Vec::new(),
+            runtime_reads: 0,
+            prepared: Vec::new(),
             base: Instant::now(),
             elapsed_ms: 0,
             builds: HashMap::new(),
@@ -305,6 +311,7 @@ impl Host for FakeHost {
     }
 
     fn read_runtime(&self, _path: &Path, _max_bytes: u64) -> RuntimeRead {
+        self.0.borrow_mut().runtime_reads += 1;
         match &self.0.borrow().runtime {
             Some(v) => RuntimeRead::Valid(v.clone()),
             None => RuntimeRead::Missing,
@@ -317,7 +324,22 @@ impl Host for FakeHost {
         Ok(())
     }
 
-    fn spawn(&mut self, spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
+    fn prepare_spawn(&mut self, spec: SpawnSpec) -> Result<Prepared, SpawnError> {
+        let version = spec
+            .program
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.0.borrow_mut().prepared.push(version);
+        Ok(Prepared::unmade(spec))
+    }
+
+    fn spawn(
+        &mut self,
+        prepared: Prepared,
+        _cgroup: Option<std::os::fd::RawFd>,
+    ) -> Result<Spawned, SpawnError> {
+        let spec = prepared.spec();
         let version = spec
             .program
             .file_name()

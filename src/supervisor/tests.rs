@@ -550,6 +550,50 @@ fn a_reload_stops_the_old_instance_then_starts_and_verifies_the_new_build() {
 }
 
 #[test]
+fn a_reload_makes_the_new_start_ready_while_the_old_instance_exits_and_starts_from_it() {
+    let mut r = Rig::new("");
+    let old = r.running("p1", "v1");
+    r.clear();
+    r.world.borrow_mut().prepared.clear();
+    r.deploy("p1", "v2");
+    assert!(r.signalled(old, SIGTERM));
+    assert_eq!(
+        r.world.borrow().prepared,
+        ["v2"],
+        "made ready beside the old instance's exit"
+    );
+    r.terminated(old);
+    assert_eq!(r.spawned().len(), 1);
+    assert_eq!(r.spawned()[0].1, "v2");
+    assert_eq!(
+        r.world.borrow().prepared,
+        ["v2"],
+        "the start made ahead is the one used, not made again"
+    );
+}
+
+#[test]
+fn the_reap_before_a_reloads_start_reads_runtime_json_once_and_carries_it() {
+    let mut r = Rig::new("");
+    let old = r.running("p1", "v1");
+    r.clear();
+    r.deploy("p1", "v2");
+    r.world.borrow_mut().runtime = Some(serde_json::json!({"saved": "on the way out"}));
+    r.world.borrow_mut().runtime_reads = 0;
+    r.terminated(old);
+    assert_eq!(r.spawned().len(), 1);
+    assert_eq!(r.world.borrow().runtime_reads, 1);
+    let states = r.world.borrow().states.clone();
+    let state = states.values().next().expect("written");
+    assert_eq!(state.version, "v2");
+    assert_eq!(
+        state.runtime_data,
+        serde_json::json!({"saved": "on the way out"}),
+        "what the old instance saved as it exited reaches the new one"
+    );
+}
+
+#[test]
 fn a_reload_measures_its_duration_on_the_hosts_clock() {
     let mut r = Rig::new("");
     let old = r.running("p1", "v1");

@@ -58,6 +58,15 @@ def notify(text, fds=()):
         s.close()
 
 def on_term(signum, frame):
+    for step in CFG["steps"]:
+        if "store_on_stop" in step:
+            fd = os.memfd_create(step["store_on_stop"])
+            os.write(fd, step["content"].encode())
+            notify("FDSTORE=1\nFDNAME=" + step["store_on_stop"], [fd])
+            os.close(fd)
+            # Still busy a moment after parking it (flushing, say): the daemon reads the
+            # datagram before this instance is reaped.
+            time.sleep(step["linger_ms"] / 1000)
     log("stop")
     os._exit(0)
 
@@ -147,6 +156,12 @@ impl Py {
     /// A memfd holding `content`, sent with FDSTORE=1 and FDNAME=`name`.
     fn store_memfd(self, name: &str, content: &str) -> Py {
         self.step(json!({ "store": name, "content": content }))
+    }
+
+    /// On SIGTERM, before exiting: a memfd holding `content`, stored as `name`; then
+    /// `linger_ms` more before the exit.
+    fn store_memfd_on_stop(self, name: &str, content: &str, linger_ms: u64) -> Py {
+        self.step(json!({ "store_on_stop": name, "content": content, "linger_ms": linger_ms }))
     }
 
     fn render(&self, root: &Path, id: &str) -> Vec<u8> {
@@ -697,6 +712,29 @@ fn fdstore_memfd_survives_reloads_until_removed_and_listen_vars_name_the_instanc
             );
         }
     }
+}
+
+#[test]
+fn an_fd_stored_by_the_old_instance_on_its_way_out_reaches_the_new_one() {
+    let mut d = Daemon::new();
+    let config = Config::new().set("plugins.p1.ready", json!("notify"));
+    d.write_config(&config);
+    let marker = format!("parting-{}", random_hex(8));
+    let v1 = Py::new("v1")
+        .store_memfd_on_stop("parting", &marker, 100)
+        .ready();
+    start_running_py(&mut d, "p1", &v1);
+    let v2 = install_py(&d, "p1", &Py::new("v2").ready());
+    let pid2 = d.wait_started("p1", "v2");
+    d.wait_running("p1", &v2);
+    let listen = listen_record(&d, "p1", pid2);
+    assert_eq!(
+        listen["fds"]["parting"],
+        json!({"fd": 3, "content": marker}),
+        "contract (SPEC §3 fdstore): a descriptor the old instance stores after its stop \
+         signal, before it exits, is handed to the instance that replaces it (the start \
+         made ready while it exited is made again); saw {listen}"
+    );
 }
 
 #[test]
