@@ -51,6 +51,8 @@ const SPIN: Duration = Duration::from_micros(100);
 pub(super) struct WriterThread {
     queue: Arc<Queue>,
     handle: Option<JoinHandle<()>>,
+    /// Where the thread was last allowed to run (`sys::cpu::move_thread_off_this_cpu`).
+    placed: crate::sys::cpu::LastMove,
 }
 
 /// Where the loop's thread leaves a job for the writer thread: one at a time (a reload stages
@@ -210,6 +212,7 @@ impl WriterThread {
         Some(WriterThread {
             queue,
             handle: Some(handle),
+            placed: crate::sys::cpu::LastMove::default(),
         })
     }
 
@@ -250,7 +253,7 @@ impl WriterThread {
         let input = input.try_clone().ok()?;
         let progress = Arc::new(Progress::new(len));
         // While it waits, moving it costs nothing; once woken it would wait on this busy CPU.
-        crate::sys::cpu::move_thread_off_this_cpu(handle);
+        crate::sys::cpu::move_thread_off_this_cpu(handle, &self.placed);
         let job = Job {
             dir: dir.to_path_buf(),
             reserve,

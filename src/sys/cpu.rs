@@ -15,8 +15,9 @@
 //! copier and the hasher pulls them together again, so the two take turns on one CPU. For the
 //! length of that copy the hashing thread stays on its CPU ([`pin_to_this_cpu`]) and the copier
 //! moves itself to the others ([`Pinned::others`], [`run_on`]). The thread that writes a staged
-//! snapshot while the daemon reads it is moved off the daemon's CPU each time before it is woken
-//! ([`move_thread_off_this_cpu`]), which costs nothing while it waits.
+//! snapshot while the daemon reads it is moved off the daemon's CPU before it is woken, unless
+//! its mask keeps it off already ([`move_thread_off_this_cpu`]); a move costs little while it
+//! waits.
 
 use std::io;
 use std::mem;
@@ -35,25 +36,38 @@ pub fn move_off_this_cpu(pid: Pid) {
     }
 }
 
+/// The mask [`move_thread_off_this_cpu`] last gave a thread: the same move is not made twice
+/// (a `sched_setaffinity` on a reload's path, ~15 µs in a VM, for nothing).
+#[derive(Default)]
+pub struct LastMove(std::cell::Cell<Option<[u8; mem::size_of::<libc::cpu_set_t>()]>>);
+
 /// Let the thread of `handle` (just started by the calling thread, which it would otherwise
-/// wait on) run on any CPU of the caller's mask but the caller's current one. Nothing is done
-/// when that would leave it no CPU or the masks cannot be read or set.
-pub fn move_thread_off_this_cpu<T>(handle: &std::thread::JoinHandle<T>) {
+/// wait on) run on any CPU of the caller's mask but the caller's current one, unless `last`
+/// says it may already. Nothing is done when that would leave it no CPU or the masks cannot be
+/// read or set.
+pub fn move_thread_off_this_cpu<T>(handle: &std::thread::JoinHandle<T>, last: &LastMove) {
     use std::os::unix::thread::JoinHandleExt;
     let (Ok(mask), Some(cpu)) = (affinity(0), current_cpu()) else {
         return;
     };
-    if let Some(others) = without(mask, cpu) {
-        // SAFETY: the handle's thread has not been joined, so its pthread_t is valid; the
-        // kernel reads size_of::<cpu_set_t>() bytes from `others`.
-        unsafe {
-            libc::pthread_setaffinity_np(
-                handle.as_pthread_t(),
-                mem::size_of::<libc::cpu_set_t>(),
-                &others,
-            );
-        }
+    let Some(others) = without(mask, cpu) else {
+        return;
+    };
+    // SAFETY: cpu_set_t is a plain bit array of exactly this size.
+    let bits: [u8; mem::size_of::<libc::cpu_set_t>()] = unsafe { mem::transmute(others) };
+    if last.0.get() == Some(bits) {
+        return;
     }
+    // SAFETY: the handle's thread has not been joined, so its pthread_t is valid; the kernel
+    // reads size_of::<cpu_set_t>() bytes from `others`.
+    let set = unsafe {
+        libc::pthread_setaffinity_np(
+            handle.as_pthread_t(),
+            mem::size_of::<libc::cpu_set_t>(),
+            &others,
+        )
+    };
+    last.0.set((set == 0).then_some(bits));
 }
 
 /// `set` less `cpu`, or `None` when nothing would be left.
@@ -277,7 +291,7 @@ mod tests {
             std::thread::park();
         });
         let tid = told.recv().expect("the waiter's tid");
-        move_thread_off_this_cpu(&waiter);
+        move_thread_off_this_cpu(&waiter, &LastMove::default());
         let after = affinity(tid).expect("the waiter's affinity");
         waiter.thread().unpark();
         waiter.join().expect("waiter thread");
@@ -296,6 +310,47 @@ mod tests {
             lost.len() <= 1,
             "more than the caller's CPU changed: {lost:?}"
         );
+    }
+
+    #[test]
+    fn the_same_move_is_not_made_twice() {
+        let own = affinity(0).expect("own affinity");
+        if count(&own) < 2 {
+            eprintln!("one CPU: nowhere else to go, nothing to check");
+            return;
+        }
+        let (tell, told) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            // SAFETY: gettid takes no arguments and cannot fail.
+            let _ = tell.send(unsafe { libc::gettid() });
+            std::thread::park();
+        });
+        let tid = told.recv().expect("the waiter's tid");
+        // The caller may change CPUs between two moves (then the second is a new one): try
+        // until both were asked from the same CPU.
+        let mut checked = false;
+        for _ in 0..1000 {
+            let last = LastMove::default();
+            let cpu = current_cpu();
+            move_thread_off_this_cpu(&waiter, &last);
+            let moved = affinity(tid).expect("the waiter's affinity");
+            set_affinity(tid, &own).expect("the waiter's mask back");
+            move_thread_off_this_cpu(&waiter, &last);
+            let again = affinity(tid).expect("the waiter's affinity");
+            if cpu.is_some() && current_cpu() == cpu {
+                assert_eq!(count(&moved), count(&own) - 1, "the first move is made");
+                assert_eq!(
+                    count(&again),
+                    count(&own),
+                    "the same move is not made again"
+                );
+                checked = true;
+                break;
+            }
+        }
+        waiter.thread().unpark();
+        waiter.join().expect("waiter thread");
+        assert!(checked, "never twice on one CPU in 1000 tries");
     }
 
     #[test]
