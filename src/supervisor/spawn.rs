@@ -231,8 +231,6 @@ fn spawn_vfork(spec: &SpawnSpec, setup: Option<ChildSetup>) -> io::Result<Spawne
         let _ = nix::sys::wait::waitpid(pid, None);
         return Err(io::Error::from_raw_os_error(error));
     }
-    set_nonblocking(&out_r)?;
-    set_nonblocking(&err_r)?;
     Ok(Spawned {
         pid,
         pidfd: pidfd.or_else(|| pidfd_open(pid)),
@@ -271,6 +269,10 @@ impl ChildSetup {
         let devnull = high_fd(std::fs::File::open("/dev/null")?.into())?;
         let (out_r, out_w) = sys::fd::pipe()?;
         let (err_r, err_w) = sys::fd::pipe()?;
+        // The daemon's ends only (the child's stay blocking): done here, not after the clone,
+        // where it would delay the child (the daemon preempts it until its turn ends).
+        set_nonblocking(&out_r)?;
+        set_nonblocking(&err_r)?;
         Ok(ChildSetup {
             plan,
             stack: vec![0u8; CHILD_STACK],
@@ -572,8 +574,6 @@ fn spawn_into_cgroup(
         let _ = nix::sys::wait::waitpid(pid, None);
         return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(buf)));
     }
-    set_nonblocking(&out_r)?;
-    set_nonblocking(&err_r)?;
     Ok(Some(Spawned {
         pid,
         pidfd: pidfd_open(pid),
@@ -769,12 +769,19 @@ mod tests {
         let script = [
             "-c".to_string(),
             "echo $0 $GREETING $(pwd); grep -E '^(SigBlk|SigIgn)' /proc/self/status; \
+             grep '^flags' /proc/$$/fdinfo/1; \
              [ $(ps -o sid= -p $$) = $$ ] && echo own-session"
                 .to_string(),
         ];
         let spawned = spawn(&sh_spec(&script, Path::new("/tmp"))).unwrap();
         usr1.thread_unblock().unwrap();
         assert!(spawned.pidfd.is_some(), "a pidfd from clone");
+        // SAFETY: F_GETFL on a descriptor we own.
+        let ours = unsafe { libc::fcntl(spawned.stdout.as_raw_fd(), libc::F_GETFL) };
+        assert!(
+            ours & libc::O_NONBLOCK != 0,
+            "the daemon's end never blocks the loop"
+        );
         let out = read_all(spawned.stdout);
         let status = nix::sys::wait::waitpid(spawned.pid, None).unwrap();
         assert_eq!(
@@ -785,6 +792,16 @@ mod tests {
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines[0], "plugin-name hello /tmp", "{out}");
         assert!(out.contains("SigBlk:\t0000000000000000"), "{out}");
+        let flags = out
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:\t"))
+            .expect("the child's stdout flags");
+        let flags = i32::from_str_radix(flags, 8).unwrap();
+        assert_eq!(
+            flags & libc::O_NONBLOCK,
+            0,
+            "the plugin's stdout blocks: {out}"
+        );
         // The classic signals (1-31) are reset; real-time ones are left as inherited.
         let ignored = out
             .lines()
