@@ -5,7 +5,9 @@
 //! A start is on every reload's critical path, so it is posix_spawn-shaped: `clone(CLONE_VM |
 //! CLONE_VFORK)` (no copy of the daemon), every signal blocked across it, the child running only
 //! prepared, allocation-free code, and the exec's outcome known when `clone` returns
-//! ([`spawn_vfork`]). Into a cgroup it is `clone3(CLONE_INTO_CGROUP)`, a fork-like clone (glibc has
+//! ([`spawn_vfork`]). What the start needs that does not depend on its moment (the exec plan,
+//! the child's stdio and stack) can be made ahead ([`Prepared`]): a stop-start reload makes it
+//! while the old instance exits, so that only the clone follows the reap. Into a cgroup it is `clone3(CLONE_INTO_CGROUP)`, a fork-like clone (glibc has
 //! no clone3 wrapper that runs a function on a new stack), with the same child code.
 //!
 //! Every plugin starts from a clean slate whatever state the daemon was started in (under `nohup`,
