@@ -716,12 +716,23 @@ fn fdstore_memfd_survives_reloads_until_removed_and_listen_vars_name_the_instanc
 
 #[test]
 fn an_fd_stored_by_the_old_instance_on_its_way_out_reaches_the_new_one() {
+    fd_stored_on_the_way_out_reaches_the_new_instance(100);
+}
+
+/// The datagram is queued before the exit, and the exit follows it at once: the daemon reads it
+/// before the reap all the same (a reload may reap in the turn of its stop signal).
+#[test]
+fn an_fd_stored_just_before_the_old_instance_exits_reaches_the_new_one() {
+    fd_stored_on_the_way_out_reaches_the_new_instance(0);
+}
+
+fn fd_stored_on_the_way_out_reaches_the_new_instance(linger_ms: u64) {
     let mut d = Daemon::new();
     let config = Config::new().set("plugins.p1.ready", json!("notify"));
     d.write_config(&config);
     let marker = format!("parting-{}", random_hex(8));
     let v1 = Py::new("v1")
-        .store_memfd_on_stop("parting", &marker, 100)
+        .store_memfd_on_stop("parting", &marker, linger_ms)
         .ready();
     start_running_py(&mut d, "p1", &v1);
     let v2 = install_py(&d, "p1", &Py::new("v2").ready());
