@@ -201,7 +201,6 @@ impl Daemon {
             }
             self.core.read_backlog();
             self.core.fire_timers();
-            self.core.reap_stopped_this_turn();
             if std::mem::take(&mut self.core.check_socket) {
                 if let Err(e) = self.control.restore_socket_file(self.core.poll.registry()) {
                     log::error!("cannot restore the control socket: {e}");
@@ -403,21 +402,6 @@ impl Core {
                 }
             }
         }
-    }
-
-    /// An instance asked to stop in this turn may be gone already: its last output is read
-    /// and it is reaped now, as the next turn would (pipes first, as `epoll_wait` reports them
-    /// before the signal's self-pipe), and its successor starts in this turn. A wait with
-    /// nothing to reap costs one system call.
-    fn reap_stopped_this_turn(&mut self) {
-        let Some(pipes) = self.sup.take_stopped_this_turn() else {
-            return;
-        };
-        let (mut ctx, sup) = self.ctx();
-        for token in pipes {
-            sup.on_fd(&mut ctx, token);
-        }
-        self.reap();
     }
 
     fn reap(&mut self) {

@@ -462,16 +462,6 @@ impl Core {
             killed: false,
             failure: inst.phase.take_failure(),
         };
-        // Its notify socket too: what it sends on its way out (`FDSTORE=1`) comes before its
-        // reap, as its datagrams come before its exit.
-        let notify = self
-            .notify
-            .iter()
-            .filter(|(_, (owner, _))| owner == id)
-            .map(|(token, _)| *token);
-        self.stopped_this_turn
-            .get_or_insert_with(Vec::new)
-            .extend(inst.pipes.iter().copied().chain(notify));
         let reaped = inst.leader.is_reaped();
         // Processes that left the group (setsid, double fork) are asked to stop too.
         self.signal_escapees(id, inst, &[stop_signal.number(), libc::SIGCONT]);

@@ -217,9 +217,6 @@ pub(super) struct Core {
     release_timer: Option<TimerId>,
     /// An instance was spawned in this turn of the event loop (`spawn_instance`).
     spawned_this_turn: bool,
-    /// The output pipes and notify sockets of instances asked to stop in this turn
-    /// (`stop_instance`), for [`Supervisor::take_stopped_this_turn`].
-    stopped_this_turn: Option<Vec<Token>>,
     snapshots_dir: PathBuf,
     notify_dir: PathBuf,
     state_dir: PathBuf,
@@ -291,7 +288,6 @@ impl Supervisor {
             last_staged_ms: 0,
             release_timer: None,
             spawned_this_turn: false,
-            stopped_this_turn: None,
             snapshots_dir: runtime_dir.join("snapshots"),
             notify_dir: runtime_dir.join("notify"),
             state_dir: state_dir.join("plugins"),
@@ -671,15 +667,6 @@ impl Supervisor {
                 }
             }
         }
-    }
-
-    /// Whether an instance was asked to stop in this turn, with its output pipes and notify
-    /// socket. A reload
-    /// finishes its snapshot's copy after the stop signal, and a small plugin has exited by
-    /// then: the daemon reads what it wrote last and reaps it in the same turn (`Daemon::run`),
-    /// so that its successor starts without another trip through `epoll_wait`.
-    pub fn take_stopped_this_turn(&mut self) -> Option<Vec<Token>> {
-        self.core.stopped_this_turn.take()
     }
 
     /// Close the pipes that ended this turn (see `Core::ended_pipes`).

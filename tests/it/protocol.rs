@@ -720,7 +720,7 @@ fn an_fd_stored_by_the_old_instance_on_its_way_out_reaches_the_new_one() {
 }
 
 /// The datagram is queued before the exit, and the exit follows it at once: the daemon reads it
-/// before the reap all the same (a reload may reap in the turn of its stop signal).
+/// before the reap all the same.
 #[test]
 fn an_fd_stored_just_before_the_old_instance_exits_reaches_the_new_one() {
     fd_stored_on_the_way_out_reaches_the_new_instance(0);
