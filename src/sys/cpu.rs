@@ -281,9 +281,8 @@ mod tests {
         handle.join().expect("test thread");
     }
 
-    #[test]
-    fn a_waiting_thread_is_moved_off_the_callers_cpu_and_nowhere_else() {
-        let own = affinity(0).expect("own affinity");
+    /// A thread parked until unparked, and its tid.
+    fn parked_thread() -> (std::thread::JoinHandle<()>, libc::pid_t) {
         let (tell, told) = std::sync::mpsc::channel();
         let waiter = std::thread::spawn(move || {
             // SAFETY: gettid takes no arguments and cannot fail.
@@ -291,6 +290,13 @@ mod tests {
             std::thread::park();
         });
         let tid = told.recv().expect("the waiter's tid");
+        (waiter, tid)
+    }
+
+    #[test]
+    fn a_waiting_thread_is_moved_off_the_callers_cpu_and_nowhere_else() {
+        let own = affinity(0).expect("own affinity");
+        let (waiter, tid) = parked_thread();
         move_thread_off_this_cpu(&waiter, &LastMove::default());
         let after = affinity(tid).expect("the waiter's affinity");
         waiter.thread().unpark();
@@ -319,13 +325,7 @@ mod tests {
             eprintln!("one CPU: nowhere else to go, nothing to check");
             return;
         }
-        let (tell, told) = std::sync::mpsc::channel();
-        let waiter = std::thread::spawn(move || {
-            // SAFETY: gettid takes no arguments and cannot fail.
-            let _ = tell.send(unsafe { libc::gettid() });
-            std::thread::park();
-        });
-        let tid = told.recv().expect("the waiter's tid");
+        let (waiter, tid) = parked_thread();
         // The caller may change CPUs between two moves (then the second is a new one): try
         // until both were asked from the same CPU.
         let mut checked = false;
