@@ -1111,12 +1111,11 @@ mod tests {
             unsafe { thread.write(&t.0, 0, 0o600, &input, buf.as_mut_ptr(), content.len()) }
                 .unwrap();
         writer.temp().unwrap();
-        let claimed = writer.progress.windows.next.load(Ordering::SeqCst);
         let mut writer = writer;
         writer.stop_and_discard();
-        // After the report the writer touches nothing.
+        // After the report the writer touches nothing. (How many windows it read by then is up
+        // to the scheduler: on a busy machine, all of them.)
         buf.fill(0);
-        assert!(claimed <= 8);
         assert_eq!(writer.written().unwrap().1, 0, "discarded");
     }
 
